@@ -1,0 +1,574 @@
+"""The gpt-oss transformer, in reading order: RMSNorm, YaRN RoPE, attention with sinks and a sliding window,
+the MXFP4 mixture of experts, the blocks, the model.
+
+Module names equal the `original/` checkpoint keys (``block.N.attn.qkv``, ``block.N.mlp.mlp1_weight.blocks``),
+so loading is a rename-free assignment.
+
+**Batching.** A forward takes the flattened tokens of several sequences at once (``token_ids [T]``) with an
+:class:`AttentionMetadata` describing which tokens belong to which sequence and at which positions. Sequence
+``s`` contributes ``query_lens[s]`` consecutive tokens at positions ``context_lens[s] - query_lens[s]`` ..
+``context_lens[s] - 1``: a prefill, a chunk of one, or a single decode token are all the same case.
+
+**KV cache.** Attention asks a :class:`KVCache` to store the new keys and values and hand back, per sequence,
+the keys it may attend to together with their positions (:class:`KVView`). Masks are computed from positions,
+so a cache is free to return only what is needed (a sliding-window layer needs at most the last
+``window + query_len - 1`` keys) and to keep its memory in any layout (contiguous rows here; paged blocks in
+the engine). Without a cache, every sequence attends to its own tokens of this forward only.
+
+**Twins.** :func:`attention` and :meth:`MLPBlock.experts` are the fast paths; :func:`attention_reference` and
+:meth:`MLPBlock.experts_reference` are plain twins, written from the spec and compared with them in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.mxfp4 import dequantize, dequantize_reference
+from model.weights import CheckpointReader, open_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+# -- batching and the KV cache --
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Which of the flattened tokens belong to which sequence, and where they sit in it.
+
+    ``positions`` and ``seq_index``/``query_offset`` live on the model's device; the lengths are plain ints so
+    that shaping decisions never wait for the device.
+    """
+
+    query_lens: list[int]  # new tokens of each sequence in this forward
+    context_lens: list[int]  # tokens of each sequence once this forward is done (cached + new)
+    positions: torch.Tensor  # [T] int64: absolute position of every token
+    seq_index: torch.Tensor  # [T] int64: which sequence each token belongs to
+    query_offset: torch.Tensor  # [T] int64: index of each token among its sequence's new tokens
+    cache_slots: list[int] | None = (
+        None  # per sequence: its row in a ContiguousKVCache (other caches ignore it)
+    )
+
+    def __post_init__(self) -> None:
+        assert len(self.query_lens) == len(self.context_lens)
+        assert all(0 < q <= c for q, c in zip(self.query_lens, self.context_lens, strict=True))
+        assert self.positions.shape == (sum(self.query_lens),)
+        assert self.cache_slots is None or len(self.cache_slots) == len(self.query_lens)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int] | None = None,
+        *,
+        cache_slots: list[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for sequences that each add `query_lens[s]` tokens ending at `context_lens[s]` (default:
+        no earlier tokens, i.e. a fresh prefill)."""
+        context_lens = list(query_lens) if context_lens is None else list(context_lens)
+        positions, seq_index, offsets = [], [], []
+        for s, (q, c) in enumerate(zip(query_lens, context_lens, strict=True)):
+            positions.extend(range(c - q, c))
+            seq_index.extend([s] * q)
+            offsets.extend(range(q))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(
+            list(query_lens),
+            context_lens,
+            as_tensor(positions),
+            as_tensor(seq_index),
+            as_tensor(offsets),
+            cache_slots,
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+@dataclass(slots=True)
+class KVView:
+    """Per sequence, the keys and values one layer's queries may attend to, padded to a common length.
+
+    ``positions[s, j]`` is the absolute position of ``keys[s, j]``, or -1 for padding. Keys need not start at
+    position 0 nor be sorted; the attention mask is derived from these positions alone.
+    """
+
+    keys: torch.Tensor  # [S, L, kv_heads, head_dim]
+    values: torch.Tensor  # [S, L, kv_heads, head_dim]
+    positions: torch.Tensor  # [S, L] int64
+
+
+class KVCache(Protocol):
+    """Storage for past keys and values. The engine's paged cache implements the same method."""
+
+    def store_and_view(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int
+    ) -> KVView:
+        """Store the new `k`, `v` ([T, kv_heads, head_dim], at `meta.positions`) for `layer`; return what the
+        queries of this forward attend to. `window` is the layer's sliding window (0: full attention)."""
+        ...
+
+
+def _view_of_fresh_tokens(k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> KVView:
+    """Without a cache: each sequence attends to its own tokens of this forward."""
+    assert meta.query_lens == meta.context_lens, "sequences with earlier tokens need a KV cache"
+    width = max(meta.query_lens)
+    starts = [0]
+    for q in meta.query_lens[:-1]:
+        starts.append(starts[-1] + q)
+    device = k.device
+    offsets = torch.arange(width, device=device)
+    lens = torch.tensor(meta.query_lens, device=device)
+    valid = offsets[None, :] < lens[:, None]
+    index = (torch.tensor(starts, device=device)[:, None] + offsets[None, :]).where(valid, 0)
+    positions = (meta.positions[index]).where(valid, -1)
+    return KVView(k[index], v[index], positions)
+
+
+class ContiguousKVCache:
+    """One contiguous row of `max_len` positions per sequence slot and layer.
+
+    The simple cache for tests, benchmarks and single-request use; the engine's paged cache replaces it. For a
+    sliding-window layer it returns only the keys the window can reach, so decode reads O(window) there.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_slots: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (num_slots, max_len, config.num_key_value_heads, config.head_dim)
+        self.max_len = max_len
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    def store_and_view(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int
+    ) -> KVView:
+        assert meta.cache_slots is not None, "ContiguousKVCache needs AttentionMetadata.cache_slots"
+        assert max(meta.context_lens) <= self.max_len, "sequence longer than the cache"
+        device = k.device
+        slots = torch.tensor(meta.cache_slots, device=device)
+        self.k[layer][slots[meta.seq_index], meta.positions] = k
+        self.v[layer][slots[meta.seq_index], meta.positions] = v
+
+        # Oldest key any new query can see: the window of the first new token, or 0 for full attention.
+        firsts = [c - q for q, c in zip(meta.query_lens, meta.context_lens, strict=True)]
+        starts = [max(0, f - window + 1) if window else 0 for f in firsts]
+        width = max(c - s for c, s in zip(meta.context_lens, starts, strict=True))
+        offsets = torch.arange(width, device=device)
+        start_t = torch.tensor(starts, device=device)[:, None]
+        index = start_t + offsets[None, :]
+        valid = index < torch.tensor(meta.context_lens, device=device)[:, None]
+        index = index.where(valid, 0)
+        rows = slots[:, None]
+        return KVView(self.k[layer][rows, index], self.v[layer][rows, index], index.where(valid, -1))
+
+
+# -- the layers --
+
+
+class RMSNorm(nn.Module):
+    """Scale-only RMSNorm, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, num_features: int, eps: float, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(num_features, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (t * self.scale).to(x.dtype)
+
+
+def rope_parameters(config: ModelConfig) -> tuple[float, torch.Tensor]:
+    """YaRN (arXiv 2309.00071): the attention concentration and per-pair inverse frequencies.
+
+    Pairs rotating slower than `ntk_beta` turns over the original context are interpolated by the scaling
+    factor, those faster than `ntk_alpha` turns are kept, with a linear ramp between (NTK-by-parts).
+    """
+    half = config.head_dim // 2
+    freq = config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    if config.rope_scaling_factor <= 1.0:
+        return 1.0, 1.0 / freq
+    concentration = 0.1 * math.log(config.rope_scaling_factor) + 1.0
+    low, high = (
+        half * math.log(config.initial_context_length / (beta * 2 * math.pi)) / math.log(config.rope_theta)
+        for beta in (config.rope_ntk_beta, config.rope_ntk_alpha)
+    )
+    ramp = ((torch.arange(half, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    interpolation = 1.0 / (config.rope_scaling_factor * freq)
+    extrapolation = 1.0 / freq
+    inv_freq = interpolation * ramp + extrapolation * (1 - ramp)
+    return concentration, inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split (non-interleaved) rotation: pair j is (x[j], x[j + head_dim/2])."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        concentration, inv_freq = rope_parameters(config)
+        self.concentration = concentration
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return angles.cos() * self.concentration, angles.sin() * self.concentration
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim]; cos, sin [T, head_dim/2]."""
+        t = x.float()
+        x1, x2 = t.chunk(2, dim=-1)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def attention_reference(
+    q: torch.Tensor, kv: KVView, meta: AttentionMetadata, sinks: torch.Tensor, scale: float, window: int
+) -> torch.Tensor:
+    """Plain twin of :func:`attention`, one sequence and one query head at a time.
+
+    Query at position p sees the keys at positions k with k <= p and, on sliding layers, p - window < k.
+    Each head's learned sink is one extra logit in the softmax denominator whose probability is dropped.
+    q [T, heads, head_dim] → [T, heads · head_dim].
+    """
+    heads, head_dim = q.shape[1], q.shape[2]
+    group = heads // kv.keys.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    start = 0
+    for s, length in enumerate(meta.query_lens):
+        queries = q[start : start + length].float()
+        query_pos = meta.positions[start : start + length]
+        present = kv.positions[s] >= 0
+        keys, values, key_pos = (
+            kv.keys[s][present].float(),
+            kv.values[s][present].float(),
+            kv.positions[s][present],
+        )
+        allowed = key_pos[None, :] <= query_pos[:, None]
+        if window:
+            allowed &= key_pos[None, :] > query_pos[:, None] - window
+        for h in range(heads):
+            logits = queries[:, h] @ keys[:, h // group].T * scale
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            sink = sinks[h].float().expand(length, 1)
+            probs = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[:, :-1]
+            out[start : start + length, h] = probs @ values[:, h // group]
+        start += length
+    return out.reshape(q.shape[0], heads * head_dim).to(q.dtype)
+
+
+def attention(
+    q: torch.Tensor, kv: KVView, meta: AttentionMetadata, sinks: torch.Tensor, scale: float, window: int
+) -> torch.Tensor:
+    """Batched attention with sinks and sliding window through one `scaled_dot_product_attention` call.
+
+    Queries are padded per sequence to ``[S, heads, Lq, D]``. The sink becomes an extra key in front: its key
+    is zero, so its score is exactly the additive mask value, set to the head's sink logit; its value is zero,
+    so it only adds to the softmax denominator.
+    """
+    tokens, heads, head_dim = q.shape
+    seqs, width, kv_heads, _ = kv.keys.shape
+    q_width = max(meta.query_lens)
+    padded_q = q.new_zeros(seqs, q_width, heads, head_dim)
+    padded_q[meta.seq_index, meta.query_offset] = q
+    query_pos = torch.full((seqs, q_width), -1, dtype=torch.int64, device=q.device)
+    query_pos[meta.seq_index, meta.query_offset] = meta.positions
+
+    key_pos = kv.positions[:, None, :]  # [S, 1, L]
+    qp = query_pos[:, :, None]  # [S, Lq, 1]
+    allowed = (key_pos >= 0) & (key_pos <= qp)
+    if window:
+        allowed &= key_pos > qp - window
+    bias = torch.zeros(seqs, q_width, width, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(~allowed, float("-inf"))
+    sink_bias = sinks.to(q.dtype)[None, :, None, None].expand(seqs, heads, q_width, 1)
+    mask = torch.cat((sink_bias, bias[:, None].expand(seqs, heads, q_width, width)), dim=-1)
+
+    zero = kv.keys.new_zeros(seqs, 1, kv_heads, head_dim)
+    keys = torch.cat((zero, kv.keys), dim=1).transpose(1, 2)  # [S, kv_heads, 1 + L, D]
+    values = torch.cat((zero, kv.values), dim=1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads
+    )  # [S, heads, Lq, D]
+    return out.transpose(1, 2)[meta.seq_index, meta.query_offset].reshape(tokens, heads * head_dim)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.window = config.window(layer)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, device=device)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, device=device))
+        self.out = nn.Linear(config.q_size, config.hidden_size, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: KVCache | None,
+        reference: bool,
+    ) -> torch.Tensor:
+        t = self.norm(x)
+        q, k, v = self.qkv(t).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+        )
+        q = RotaryEmbedding.rotate(q.unflatten(-1, (self.heads, self.head_dim)), *cos_sin)
+        k = RotaryEmbedding.rotate(k.unflatten(-1, (self.kv_heads, self.head_dim)), *cos_sin)
+        v = v.unflatten(-1, (self.kv_heads, self.head_dim))
+        if cache is None:
+            view = _view_of_fresh_tokens(k, v, meta)
+        else:
+            view = cache.store_and_view(self.layer, k, v, meta, self.window)
+        impl = attention_reference if reference else attention
+        t = impl(q, view, meta, self.sinks, self.scale, self.window)
+        return x + self.out(t)
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over interleaved columns: gate = h[..., ::2], up = h[..., 1::2]."""
+    gate, up = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+class ExpertMode(StrEnum):
+    PACKED = "packed"  # MXFP4 in memory; each active expert is dequantized when used
+    DEQUANTIZED = "dequantized"  # dequantized once at load (CPU speed for small models)
+
+
+class MXFP4Weight(nn.Module):
+    """The stacked expert weights of one matmul: `blocks [E, out, in/32, 16]` and `scales [E, out, in/32]`."""
+
+    def __init__(self, experts: int, rows: int, cols: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.register_buffer(
+            "blocks", torch.zeros(experts, rows, cols // 32, 16, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.zeros(experts, rows, cols // 32, dtype=torch.uint8, device=device)
+        )
+        self.dense: torch.Tensor | None = None
+
+    def dequantize_all(self, dtype: torch.dtype) -> None:
+        """Switch to :attr:`ExpertMode.DEQUANTIZED`: keep a dense copy and drop the packed bytes."""
+        self.dense = dequantize(self.blocks, self.scales, dtype)
+        self.blocks = self.blocks.new_empty(0)
+        self.scales = self.scales.new_empty(0)
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `e`'s weight `[out, in]` in `dtype`."""
+        if self.dense is not None:
+            return self.dense[e].to(dtype)
+        return dequantize(self.blocks[e], self.scales[e], dtype)
+
+    def expert_reference(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense[e].to(dtype)
+        return dequantize_reference(self.blocks[e], self.scales[e], dtype)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.top_k = config.experts_per_token
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.norm = RMSNorm(h, config.rms_norm_eps, device)
+        self.gate = nn.Linear(h, e, device=device)
+        self.mlp1_weight = MXFP4Weight(e, 2 * i, h, device)
+        self.mlp1_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device))
+        self.mlp2_weight = MXFP4Weight(e, h, i, device)
+        self.mlp2_bias = nn.Parameter(torch.zeros(e, h, device=device))
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts per token and their weights: a softmax over the selected router logits only."""
+        top = torch.topk(self.gate(t), k=self.top_k, dim=-1, sorted=True)
+        return top.indices, torch.softmax(top.values.float(), dim=-1).to(t.dtype)
+
+    def experts(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Grouped by expert: each active expert is dequantized once and applied to all its tokens."""
+        flat = indices.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.mlp1_bias.shape[0]).tolist()
+        token_of = order // self.top_k
+        weight_of = weights.flatten()[order]
+        out = torch.zeros_like(t)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            h = F.linear(t[rows], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])
+            h = swiglu(h, self.alpha, self.limit)
+            y = F.linear(h, self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])
+            out.index_add_(0, rows, y * weight_of[start : start + count, None])
+            start += count
+        return out
+
+    def experts_reference(
+        self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Plain twin of :meth:`experts`: token by token, expert by expert, reference dequantization."""
+        out = torch.zeros_like(t)
+        for n in range(t.shape[0]):
+            for j in range(self.top_k):
+                e = int(indices[n, j])
+                h = self.mlp1_weight.expert_reference(e, t.dtype) @ t[n] + self.mlp1_bias[e]
+                h = swiglu(h, self.alpha, self.limit)
+                y = self.mlp2_weight.expert_reference(e, t.dtype) @ h + self.mlp2_bias[e]
+                out[n] += weights[n, j] * y
+        return out
+
+    def forward(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
+        t = self.norm(x)
+        indices, weights = self.route(t)
+        impl = self.experts_reference if reference else self.experts
+        return x + impl(t, indices, weights)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.attn = AttentionBlock(config, layer, device)
+        self.mlp = MLPBlock(config, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: KVCache | None,
+        reference: bool,
+    ) -> torch.Tensor:
+        return self.mlp(self.attn(x, cos_sin, meta, cache, reference), reference)
+
+
+class GptOss(nn.Module):
+    """The whole model. Build it with :meth:`from_checkpoint`; run it under ``torch.inference_mode()``."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
+        self.block = nn.ModuleList(
+            TransformerBlock(config, n, device) for n in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        self.rope = RotaryEmbedding(config, device)
+        # True: run the plain reference twins (attention, experts) instead of the fast paths. For tests.
+        self.reference = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache | None = None,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[T, vocab]` (float32) for the flattened tokens `token_ids [T]`, or only for the rows
+        `logits_indices` (e.g. each sequence's last token)."""
+        x = self.embedding(token_ids)
+        cos_sin = self.rope.cos_sin(meta.positions)
+        for block in self.block:
+            x = block(x, cos_sin, meta, cache, self.reference)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.unembedding(self.norm(x)).float()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        experts: ExpertMode | str = ExpertMode.PACKED,
+        progress: bool = True,
+    ) -> GptOss:
+        """Load a checkpoint directory of either layout straight onto `device`.
+
+        Weights other than the experts take `dtype`; norms and sinks stay float32 (they are tiny and used in
+        float32); expert blocks and scales stay packed uint8 unless `experts` is ``"dequantized"``.
+        """
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        device = torch.device(device)
+        experts = ExpertMode(experts)
+        started = time.perf_counter()
+        reader = open_checkpoint(path)
+        with torch.device("meta"):
+            model = cls(reader.files.config)
+        model.load_weights(reader, device=device, dtype=dtype, progress=progress)
+        if experts is ExpertMode.DEQUANTIZED:
+            for block in model.block:
+                block.mlp.mlp1_weight.dequantize_all(dtype)
+                block.mlp.mlp2_weight.dequantize_all(dtype)
+        model.rope = RotaryEmbedding(model.config, device)
+        model.eval().requires_grad_(False)
+        logger.info(
+            "loaded %s (%s layout, %.2f GB on disk) to %s %s with %s experts in %.1f s",
+            path,
+            reader.layout.value,
+            reader.nbytes / 1e9,
+            device,
+            dtype,
+            experts.value,
+            time.perf_counter() - started,
+        )
+        return model
+
+    def load_weights(
+        self, reader: CheckpointReader, *, device: torch.device, dtype: torch.dtype, progress: bool = True
+    ) -> None:
+        for name, tensor in reader.items(device, progress=progress):
+            module_name, attr = name.rsplit(".", 1)
+            module = self.get_submodule(module_name)
+            if tensor.dtype != torch.uint8:
+                keep_fp32 = name.endswith((".scale", "sinks"))
+                tensor = tensor.to(torch.float32 if keep_fp32 else dtype)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[attr] = tensor
+        missed = [n for n, t in self.state_dict().items() if t.is_meta]
+        assert not missed, f"not loaded: {missed}"

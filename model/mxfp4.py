@@ -1,0 +1,94 @@
+"""MXFP4: the OCP microscaling 4-bit format gpt-oss stores its expert weights in.
+
+A weight row of K values is cut into K/32 blocks. Each block is 16 bytes of e2m1 values (element 2j in the low
+nibble of byte j, element 2j+1 in the high nibble) plus one e8m0 scale byte: value = fp4 · 2^(scale − 127).
+Checkpoint tensors are ``blocks [..., G, 16]`` (uint8) and ``scales [..., G]`` (uint8); dequantized they are
+``[..., G·32]``.
+
+:func:`dequantize_reference` decodes nibble by nibble, exactly as the format is specified;
+:func:`dequantize` is the fast path used at run time (one 256-entry byte table and one scale table) and
+is compared with the reference in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_SIZE = 32
+BYTES_PER_BLOCK = BLOCK_SIZE // 2
+SCALE_BIAS = 127
+
+# e2m1: sign bit, two exponent bits, one mantissa bit. Index = the 4-bit code.
+FP4_VALUES: tuple[float, ...] = (
+    +0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+    -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+)  # fmt: skip
+
+
+def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[-1] != BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}: "
+            f"expected blocks = scales + ({BYTES_PER_BLOCK},)"
+        )
+
+
+def dequantize_reference(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Plain twin of :func:`dequantize`: split nibbles, look each code up, scale by 2^(e − 127)."""
+    _check(blocks, scales)
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    low = table[(blocks & 0x0F).long()]
+    high = table[(blocks >> 4).long()]
+    # Interleave so that byte j yields elements 2j (low nibble) then 2j+1 (high nibble).
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 32]
+    exponents = scales.to(torch.int32) - SCALE_BIAS
+    values = torch.ldexp(values, exponents.unsqueeze(-1).to(torch.float32))
+    return values.flatten(-2).to(dtype)
+
+
+_TABLES: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte → its two values [256, 2], scale byte → 2^(s − 127) [256]), built once per device and dtype."""
+    key = (device, dtype)
+    if key not in _TABLES:
+        fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        codes = torch.arange(256)
+        pairs = torch.stack((fp4[codes & 0x0F], fp4[codes >> 4]), dim=-1)
+        # e8m0 255 is NaN by the spec; 2^128 overflows float32 to inf, which is as unusable, so keep it.
+        powers = torch.exp2(torch.arange(256, dtype=torch.float64) - SCALE_BIAS).to(torch.float32)
+        # The products fp4 · 2^e are exact in bf16 as long as the power is a normal bf16 number, which covers
+        # every scale a trained checkpoint uses (bf16 shares float32's exponent range).
+        _TABLES[key] = (pairs.to(device=device, dtype=dtype), powers.to(device=device, dtype=dtype))
+    return _TABLES[key]
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fast dequantization: one gather from a byte table and one multiply by the block's power of two."""
+    _check(blocks, scales)
+    pairs, powers = _tables(blocks.device, dtype)
+    values = pairs[blocks.long()].flatten(-2)  # [..., G, 32]
+    values = values * powers[scales.long()].unsqueeze(-1)
+    return values.flatten(-2)
+
+
+def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``[..., K]`` values (K a multiple of 32) to MXFP4: returns (blocks [..., K/32, 16], scales).
+
+    The scale of a block is the smallest power of two that brings its largest magnitude within ±6, and each
+    value is rounded to the nearest e2m1 code. Used by the checkpoint writer and by tests.
+    """
+    if values.shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"last dimension {values.shape[-1]} is not a multiple of {BLOCK_SIZE}")
+    x = values.float().unflatten(-1, (-1, BLOCK_SIZE))
+    amax = x.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-SCALE_BIAS, 127)
+    scaled = x / torch.exp2(exponent).unsqueeze(-1)
+    fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32, device=values.device)
+    codes = (scaled.unsqueeze(-1) - fp4).abs().argmin(dim=-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exponent + SCALE_BIAS).to(torch.uint8)
+    return blocks, scales
