@@ -1,0 +1,218 @@
+"""Batching, the KV cache, the sliding window and sinks, and the fast paths against their reference twins."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.gpt_oss import (
+    AttentionMetadata,
+    ContiguousKVCache,
+    GptOss,
+    KVView,
+    attention,
+    attention_reference,
+    rope_parameters,
+    swiglu,
+)
+
+
+def tokens(seed: int, length: int) -> torch.Tensor:
+    return torch.randint(0, 201088, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def full(model: GptOss, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, AttentionMetadata.build([len(ids)]))
+
+
+def test_batched_sequences_of_different_lengths_equal_each_alone(model_fp32: GptOss) -> None:
+    seqs = [tokens(1, 37), tokens(2, 5), tokens(3, 1), tokens(4, 22)]
+    batched = model_fp32(torch.cat(seqs), AttentionMetadata.build([len(s) for s in seqs]))
+    alone = torch.cat([full(model_fp32, s) for s in seqs])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+def test_incremental_decoding_with_cache_equals_full_recomputation(model_fp32: GptOss) -> None:
+    ids = tokens(5, 60)  # well past the 16-token window
+    expected = full(model_fp32, ids)
+    cache = ContiguousKVCache(model_fp32.config, 1, 64, dtype=torch.float32)
+    prefill = 9
+    got = [model_fp32(ids[:prefill], AttentionMetadata.build([prefill], cache_slots=[0]), cache)]
+    for n in range(prefill, len(ids)):
+        meta = AttentionMetadata.build([1], [n + 1], cache_slots=[0])
+        got.append(model_fp32(ids[n : n + 1], meta, cache))
+    torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=1e-5)
+
+
+def test_mixed_batch_of_chunked_prefill_and_decode_through_cache(model_fp32: GptOss) -> None:
+    """Each step serves a different mix: chunks of various sizes and single decode tokens, in cache slots that
+    are not in sequence order, with only each sequence's last logits computed."""
+    seqs = {2: tokens(6, 50), 0: tokens(7, 21), 1: tokens(8, 33)}
+    expected = {slot: full(model_fp32, ids) for slot, ids in seqs.items()}
+    cache = ContiguousKVCache(model_fp32.config, 3, 64, dtype=torch.float32)
+    done = dict.fromkeys(seqs, 0)
+    chunk_plan = [7, 20, 1, 3, 17, 1, 1, 40]
+    step = 0
+    while any(done[s] < len(seqs[s]) for s in seqs):
+        slots = [s for s in seqs if done[s] < len(seqs[s])]
+        q_lens = [min(chunk_plan[(step + s) % len(chunk_plan)], len(seqs[s]) - done[s]) for s in slots]
+        ids = torch.cat([seqs[s][done[s] : done[s] + q] for s, q in zip(slots, q_lens, strict=True)])
+        ctx = [done[s] + q for s, q in zip(slots, q_lens, strict=True)]
+        meta = AttentionMetadata.build(q_lens, ctx, cache_slots=slots)
+        last = torch.tensor(q_lens).cumsum(0) - 1
+        logits = model_fp32(ids, meta, cache, logits_indices=last)
+        for row, (s, c) in enumerate(zip(slots, ctx, strict=True)):
+            torch.testing.assert_close(logits[row], expected[s][c - 1], rtol=0, atol=1e-5)
+            done[s] = c
+        step += 1
+
+
+def test_reference_twins_equal_fast_paths_in_the_whole_model(model_fp32: GptOss) -> None:
+    ids = tokens(9, 45)
+    fast = full(model_fp32, ids)
+    model_fp32.reference = True
+    try:
+        slow = full(model_fp32, ids)
+    finally:
+        model_fp32.reference = False
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+
+
+def test_dequantize_at_load_equals_packed(checkpoints: dict[str, Path], model_fp32: GptOss) -> None:
+    dense = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, experts="dequantized", progress=False
+    )
+    assert dense.block[0].mlp.mlp1_weight.blocks.numel() == 0
+    ids = tokens(10, 30)
+    torch.testing.assert_close(full(dense, ids), full(model_fp32, ids), rtol=0, atol=1e-5)
+
+
+def test_packed_experts_stay_packed_in_memory(model_fp32: GptOss, tiny_config: ModelConfig) -> None:
+    mlp = model_fp32.block[1].mlp
+    assert mlp.mlp1_weight.dense is None
+    assert mlp.mlp1_weight.blocks.dtype == torch.uint8
+    assert mlp.mlp1_weight.blocks.shape == (
+        tiny_config.num_experts,
+        2 * tiny_config.intermediate_size,
+        tiny_config.hidden_size // 32,
+        16,
+    )
+    assert all(t.dtype != torch.float32 or t.numel() < 10**6 for t in mlp.state_dict().values())
+
+
+def test_bfloat16_follows_float32(checkpoints: dict[str, Path], model_fp32: GptOss) -> None:
+    bf16 = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.bfloat16, progress=False)
+    ids = tokens(11, 40)
+    ref, got = full(model_fp32, ids), full(bf16, ids)
+    # bf16 has 8 bits of mantissa; through 4 layers the logits drift by a few percent of their scale.
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+# -- attention: window, sinks, fast vs reference --
+
+
+def random_attention_case(
+    seed: int, q_lens: list[int], ctx_lens: list[int], heads: int = 4, kv_heads: int = 2, dim: int = 16
+) -> tuple[torch.Tensor, KVView, AttentionMetadata, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    meta = AttentionMetadata.build(q_lens, ctx_lens)
+    width = max(ctx_lens)
+    q = torch.randn(sum(q_lens), heads, dim, generator=g)
+    keys = torch.randn(len(q_lens), width, kv_heads, dim, generator=g)
+    values = torch.randn(len(q_lens), width, kv_heads, dim, generator=g)
+    positions = torch.arange(width).expand(len(q_lens), width).clone()
+    positions[positions >= torch.tensor(ctx_lens)[:, None]] = -1
+    sinks = torch.randn(heads, generator=g)
+    return q, KVView(keys, values, positions), meta, sinks
+
+
+@pytest.mark.parametrize("window", [0, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_fast_equals_reference(window: int, dtype: torch.dtype) -> None:
+    q, kv, meta, sinks = random_attention_case(0, [5, 1, 12], [9, 20, 12])
+    q, kv = q.to(dtype), KVView(kv.keys.to(dtype), kv.values.to(dtype), kv.positions)
+    fast = attention(q, kv, meta, sinks, 0.25, window).float()
+    slow = attention_reference(q, kv, meta, sinks, 0.25, window).float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast, slow, rtol=0, atol=tol)
+
+
+def test_sliding_window_hides_keys_older_than_the_window() -> None:
+    q, kv, meta, sinks = random_attention_case(1, [1], [30])
+    window = 8
+    before = attention_reference(q, kv, meta, sinks, 0.25, window)
+    # The query sits at position 29 and sees positions 22..29; scrambling 0..21 must change nothing...
+    kv.keys[0, :22] = torch.randn(22, *kv.keys.shape[2:])
+    kv.values[0, :22] = torch.randn(22, *kv.values.shape[2:])
+    torch.testing.assert_close(attention(q, kv, meta, sinks, 0.25, window), before, rtol=0, atol=1e-6)
+    # ...while scrambling position 22 does, and full attention sees the old keys too.
+    kv.values[0, 22] += 1.0
+    assert not torch.allclose(attention(q, kv, meta, sinks, 0.25, window), before, atol=1e-3)
+    assert not torch.allclose(attention(q, kv, meta, sinks, 0.25, 0), before, atol=1e-3)
+
+
+def test_sinks_only_add_to_the_softmax_denominator() -> None:
+    q, kv, meta, sinks = random_attention_case(2, [6], [6], heads=2, kv_heads=2)
+    plain = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], kv.keys[:, :6].transpose(1, 2), kv.values[:, :6].transpose(1, 2),
+        is_causal=True, scale=0.25,
+    )[0].transpose(0, 1).reshape(6, -1)  # fmt: skip
+    no_sink = torch.full((2,), float("-inf"))
+    torch.testing.assert_close(attention(q, kv, meta, no_sink, 0.25, 0), plain, rtol=0, atol=1e-6)
+    # With a sink s, every attention weight of head h is scaled by Z / (Z + e^s), Z the plain denominator.
+    with_sink = attention(q, kv, meta, sinks, 0.25, 0).unflatten(-1, (2, -1))
+    k = kv.keys[0, :6]
+    logits = torch.einsum("thd,khd->thk", q, k) * 0.25
+    logits = logits.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1)[:, None, :], float("-inf"))
+    z = logits.exp().sum(-1, keepdim=True)
+    factor = z / (z + sinks.exp()[None, :, None])
+    torch.testing.assert_close(with_sink, plain.unflatten(-1, (2, -1)) * factor, rtol=0, atol=1e-5)
+
+
+# -- the MoE and its pieces --
+
+
+def test_experts_fast_equal_reference(model_fp32: GptOss) -> None:
+    mlp = model_fp32.block[0].mlp
+    t = torch.randn(13, model_fp32.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    indices, weights = mlp.route(t)
+    torch.testing.assert_close(mlp.experts(t, indices, weights), mlp.experts_reference(t, indices, weights))
+
+
+def test_router_softmax_is_over_the_selected_logits_only(model_fp32: GptOss) -> None:
+    mlp = model_fp32.block[0].mlp
+    t = torch.randn(5, model_fp32.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    indices, weights = mlp.route(t)
+    logits = mlp.gate(t)
+    assert indices.shape == (5, model_fp32.config.experts_per_token)
+    assert torch.equal(indices, logits.argsort(-1, descending=True)[:, : indices.shape[1]])
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+    picked = logits.gather(-1, indices)
+    torch.testing.assert_close(weights[:, 0] / weights[:, 1], (picked[:, 0] - picked[:, 1]).exp())
+
+
+def test_swiglu_clamps_and_interleaves() -> None:
+    h = torch.tensor([[10.0, -10.0, 1.0, 2.0]])  # (gate, up) pairs: (10, -10), (1, 2)
+    out = swiglu(h, alpha=1.702, limit=7.0)
+    expected = [
+        7.0 * torch.sigmoid(torch.tensor(1.702 * 7.0)) * (-7.0 + 1),
+        torch.sigmoid(torch.tensor(1.702)) * 3,
+    ]
+    torch.testing.assert_close(out[0], torch.stack(expected))
+
+
+def test_yarn_rope_matches_the_published_parameters() -> None:
+    config = ModelConfig(num_hidden_layers=24, num_experts=32)
+    concentration, inv_freq = rope_parameters(config)
+    assert concentration == pytest.approx(0.1 * math.log(32) + 1)
+    base = 150000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    # The fastest pairs are left alone (extrapolation) and the slowest are slowed 32x (interpolation).
+    assert inv_freq[0].item() == pytest.approx(base[0].item(), rel=1e-6)
+    assert inv_freq[-1].item() == pytest.approx(base[-1].item() / 32, rel=1e-5)
+    assert torch.all(inv_freq[1:] < inv_freq[:-1])
