@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
+import tiktoken.load
 
 logger = logging.getLogger(__name__)
 

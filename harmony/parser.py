@@ -119,13 +119,17 @@ def parse_header(text: str, role: Role | None, *, strict: bool) -> tuple[Header,
             word = parts[0]
             if word in _ROLES:
                 role = _ROLES[word]
-            elif len(parts) > 1 or word.startswith("to=") or not strict:
-                # `functions.get_weather to=assistant`: a tool result, named by its first word. Tolerantly, a
-                # lone word is read the same way (the renderer writes tool results without recipient so).
+                # As upstream: a tool role read from the header is named by that word (`tool`).
+                name = word if role is Role.TOOL else None
+            elif len(parts) > 1 or word.startswith("to="):
+                # `functions.get_weather to=assistant`: a tool result, named by its first word.
                 parts.pop(0)
                 role, name = Role.TOOL, word
             else:
                 problem(f"Unknown role: {word}")
+                # Tolerantly read as a tool name, as the renderer writes a tool result without recipient.
+                parts.pop(0)
+                role, name = Role.TOOL, word
     assert role is not None
     if parts and parts[0] == role.value:
         parts.pop(0)
@@ -313,6 +317,9 @@ class StreamParser:
                 return
             if tok.START_OF_TEXT <= token <= tok.MAX_TOKEN_ID:
                 self._anomaly(f"control token {token} inside a message; kept as its text")
+        self._append_content(token)
+
+    def _append_content(self, token: int) -> None:
         self._content_tokens.append(token)
         self._emit(self._decoder.decode(self._token_bytes(token)))
 
@@ -348,15 +355,26 @@ class StreamParser:
                 role, split = _ROLES[word], 1
         channel = None
         if tok.CHANNEL in tokens:
+            # The channel is the text after the marker up to whitespace or `<`; the tokens that spell it
+            # (including one that straddles that boundary) belong to the header, the rest is text.
             at = tokens.index(tok.CHANNEL)
-            if at + 1 < len(tokens):
-                value = self._decode_lossy(tokens[at + 1 : at + 2]).strip()
-                if value and not any(ch.isspace() or ch == "<" for ch in value):
-                    channel, split = value, at + 2
+            value = ""
+            for end in range(at + 1, len(tokens)):
+                piece = self._decode_lossy(tokens[end : end + 1])
+                stop = next((i for i, ch in enumerate(piece) if ch.isspace() or ch == "<"), None)
+                if tokens[end] >= tok.START_OF_TEXT or stop == 0:
+                    break
+                value += piece[:stop]
+                split = end + 1
+                if stop is not None:
+                    break
+            channel = value or None
+            if channel is None:
+                split = at + 1
         header_tokens, content_tokens = tokens[:split], tokens[split:]
         self._begin_content(Header(Author(role), channel=channel), header_tokens)
         for token in content_tokens:
-            self._in_content(token)
+            self._append_content(token)  # control tokens here are kept as their text
         if not keep_open:
             self._finish(end_token)
 

@@ -81,7 +81,7 @@ def test_the_reference_rendering_reads_as_documented(renderer: Renderer, enc: ti
 
 
 def test_tool_loop_prompt_extends_the_previous_prompt(renderer: Renderer) -> None:
-    """A tool loop's next prompt starts with the previous one (minus the trailing assistant start): prefix reuse."""
+    """A tool loop's next prompt extends the previous one (less `<|start|>assistant`): prefix reuse."""
     before = renderer.render_for_completion(SCENARIOS["weather_tool_loop"]()[:-2])
     after = renderer.render_for_completion(SCENARIOS["weather_tool_loop"]())
     assert after[: len(before) - 2] == before[:-2]
@@ -140,10 +140,8 @@ def test_response_formats_follow_the_tools(renderer: Renderer, oracle: oh.Harmon
     assert text.startswith(
         "# Instructions\n\nBe brief.\n\n# Tools\n\n## functions\n\n\n# Response Formats\n\n"
     )
-    assert (
-        '## shopping_list\n\n// entries\n{"type":"object","properties":{"items":{"type":"array"}}}\n\n## weather\n\n{'
-        in text
-    )
+    shopping = '{"type":"object","properties":{"items":{"type":"array"}}}'
+    assert f"## shopping_list\n\n// entries\n{shopping}\n\n## weather\n\n{{" in text
     as_text = Message(Author(Role.DEVELOPER), [TextContent(text)])
     ours = renderer.render_message(Message(Author(Role.DEVELOPER), [content]))
     assert ours == oracle.render(to_oracle(as_text))

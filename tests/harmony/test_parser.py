@@ -1,0 +1,437 @@
+"""The streaming parser: strict mode against the official parser, tolerant mode against its own promises."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import openai_harmony as oh
+import pytest
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harmony import encoding as tok
+from harmony.messages import Author, Message, Role, TextContent
+from harmony.parser import HarmonyParseError, StreamParser, StreamState, parse_completion_tokens, parse_header
+from harmony.render import Renderer
+from tests.harmony.conftest import from_oracle
+from tests.harmony.scenarios import SCENARIOS
+
+NAMES = sorted(SCENARIOS)
+_STATES = {
+    oh.StreamState.EXPECT_START: StreamState.EXPECT_START,
+    oh.StreamState.HEADER: StreamState.HEADER,
+    oh.StreamState.CONTENT: StreamState.CONTENT,
+}
+
+
+def _encode(enc: tiktoken.Encoding, text: str) -> list[int]:
+    return enc.encode(text, allowed_special="all")
+
+
+def _oracle_parse(oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None) -> list[Message] | type:
+    try:
+        parsed = oracle.parse_messages_from_completion_tokens(
+            tokens, None if role is None else oh.Role(role.value)
+        )
+    except oh.HarmonyError:
+        return HarmonyParseError
+    return [from_oracle(m) for m in parsed]
+
+
+def _ours_strict(enc: tiktoken.Encoding, tokens: list[int], role: Role | None) -> list[Message] | type:
+    try:
+        return parse_completion_tokens(enc, tokens, role, strict=True)
+    except HarmonyParseError:
+        return HarmonyParseError
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_strict_parse_of_rendered_conversations_matches_oracle(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    tokens = renderer.render_conversation(SCENARIOS[name](), auto_drop_analysis=False)
+    assert _ours_strict(enc, tokens, None) == _oracle_parse(oracle, tokens, None)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_streaming_state_matches_oracle_token_by_token(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    messages = [m for m in SCENARIOS[name]() if m.author.role is Role.ASSISTANT]
+    if not messages:
+        return
+    # A completion: the prompt ended in `<|start|>assistant`, so the first header comes without them.
+    tokens = renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
+    ours = StreamParser(enc, Role.ASSISTANT, strict=True)
+    theirs = oh.StreamableParser(oracle, oh.Role.ASSISTANT)
+    for token in tokens:
+        try:
+            theirs.process(token)
+        except oh.HarmonyError:
+            with pytest.raises(HarmonyParseError):
+                ours.process(token)
+            return
+        ours.process(token)
+        assert ours.state is _STATES[theirs.state]
+        assert (ours.current_role and ours.current_role.value) == (
+            theirs.current_role and theirs.current_role.value
+        )
+        assert ours.current_channel == theirs.current_channel
+        assert ours.current_recipient == theirs.current_recipient
+        assert ours.current_content_type == theirs.current_content_type
+        assert ours.last_content_delta == theirs.last_content_delta
+        assert ours.current_content == theirs.current_content
+    assert ours.messages == [from_oracle(m) for m in theirs.messages]
+
+
+def test_reference_trace(enc: tiktoken.Encoding) -> None:
+    """harmony.md 9.5: analysis then final, one delta per content token, None on header and stop tokens."""
+    text = (
+        '<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.<|end|>'
+        "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>"
+    )
+    tokens = _encode(enc, text)
+    parser = StreamParser(enc, Role.ASSISTANT, strict=True)
+    seen = []
+    for token in tokens:
+        parser.process(token)
+        seen.append((parser.state, parser.current_channel, parser.last_content_delta))
+    assert seen[0] == (StreamState.HEADER, None, None)
+    assert seen[2] == (StreamState.CONTENT, "analysis", None)
+    assert seen[3] == (StreamState.CONTENT, "analysis", "User")
+    end = tokens.index(tok.END)
+    assert seen[end] == (StreamState.EXPECT_START, None, None)
+    assert seen[-1] == (StreamState.EXPECT_START, None, None)
+    assert [m.channel for m in parser.messages] == ["analysis", "final"]
+    assert parser.messages[1].text == "2 + 2 = 4."
+    assert [p.end_token for p in parser.parsed] == [tok.END, tok.RETURN]
+
+
+HEADER_CASES = [
+    "assistant to=functions.X<|channel|>commentary <|constrain|>json",
+    "assistant<|channel|>commentary to=functions.X<|constrain|>json",
+    "assistant<|channel|>commentary json",
+    "assistant<|channel|>analysis code",
+    "assistant python",
+    "assistant<|channel|>commentary<|constrain|>json",
+    "assistant<|channel|>final extra words",
+    "assistant<|channel|>final three extra words",
+    "functions.get_weather to=assistant<|channel|>commentary",
+    "functions.lookup_weather",
+    "tool",
+    "user:alice",
+    "assistant<|channel|>final<|channel|>analysis",
+    "assistant<|channel|> final",
+    "",
+    "  assistant \u00a0<|channel|>final\t",
+    "system to=x y z",
+    "to=functions.f<|channel|>commentary",
+    "developer\u2003word",
+]
+
+
+@pytest.mark.parametrize("header", HEADER_CASES)
+@pytest.mark.parametrize("role", [None, Role.ASSISTANT, Role.USER])
+def test_header_quirks_match_oracle(
+    header: str, role: Role | None, enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding
+) -> None:
+    tokens = ([] if role is not None else [tok.START]) + _encode(enc, header + "<|message|>body<|end|>")
+    assert _ours_strict(enc, tokens, role) == _oracle_parse(oracle, tokens, role)
+
+
+def test_strict_errors_carry_the_official_messages(enc: tiktoken.Encoding) -> None:
+    with pytest.raises(HarmonyParseError, match="Unknown role: user:alice"):
+        parse_header("user:alice", None, strict=True)
+    with pytest.raises(
+        HarmonyParseError, match=r'unexpected tokens remaining in message header: Some\("I"\)'
+    ):
+        parse_completion_tokens(
+            enc,
+            _encode(enc, "I must refuse<|end|><|start|>assistant<|channel|>final<|message|>No."),
+            strict=True,
+        )
+    with pytest.raises(HarmonyParseError, match="Unexpected token 1 while expecting start token 200006"):
+        parse_completion_tokens(
+            enc, [tok.START, *_encode(enc, "user<|message|>x<|end|>"), 1], None, strict=True
+        )
+    with pytest.raises(HarmonyParseError, match="Unexpected EOS while waiting for message header"):
+        parse_completion_tokens(enc, _encode(enc, "<|channel|>final"), strict=True)
+    with pytest.raises(HarmonyParseError, match="no channel value"):
+        parse_header("assistant<|channel|> final", None, strict=True)
+
+
+# -- UTF-8 -----------------------------------------------------------------------------------------------
+
+
+def _deltas(
+    enc: tiktoken.Encoding, tokens: Sequence[int], *, strict: bool = False
+) -> tuple[list[str | None], StreamParser]:
+    parser = StreamParser(enc, Role.ASSISTANT, strict=strict)
+    out = []
+    for t in tokens:
+        parser.process(t)
+        out.append(parser.last_content_delta)
+    parser.process_eos()
+    return out, parser
+
+
+def test_a_delta_never_splits_a_character(enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding) -> None:
+    text = "💖 Ωμέγα 👩‍👩‍👧‍👦 漢字 🇫🇷"
+    body = enc.encode_ordinary(text)
+    assert any(
+        len(enc.decode_single_token_bytes(t).decode("utf-8", "replace")) != 1
+        or "\ufffd" in enc.decode_single_token_bytes(t).decode("utf-8", "replace")
+        for t in body
+    )
+    tokens = _encode(enc, "<|channel|>final<|message|>") + body + [tok.RETURN]
+    deltas, parser = _deltas(enc, tokens, strict=True)
+    texts = [d for d in deltas if d]
+    assert "".join(texts) == text == parser.messages[0].text
+    assert all("\ufffd" not in d for d in texts)
+    theirs = oh.StreamableParser(oracle, oh.Role.ASSISTANT)
+    for t, ours in zip(tokens, deltas, strict=True):
+        theirs.process(t)
+        assert ours == theirs.last_content_delta
+
+
+def test_invalid_utf8_is_replaced_and_deltas_still_add_up(
+    enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding
+) -> None:
+    # 9552 is the bytes [32, 240, 159]: a space and the first half of a 4-byte character.
+    tokens = [
+        *_encode(enc, "<|channel|>final<|message|>"),
+        9552,
+        9552,
+        *enc.encode_ordinary("worked"),
+        tok.END,
+    ]
+    deltas, parser = _deltas(enc, tokens)
+    assert parser.messages[0].text == " \ufffd \ufffdworked"
+    assert "".join(d for d in deltas if d) == parser.messages[0].text
+    assert parser.messages == [
+        from_oracle(m) for m in oracle.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
+    ]
+
+
+def test_incomplete_character_at_eos_is_flushed(enc: tiktoken.Encoding) -> None:
+    tokens = [*_encode(enc, "<|channel|>final<|message|>Hi"), 9552]
+    deltas, parser = _deltas(enc, tokens)
+    assert deltas[-1] == " "
+    assert parser.messages[0].text == "Hi \ufffd"
+    assert parser.parsed[0].end_token is None
+
+
+def test_out_of_vocab_ids_become_replacement_characters(enc: tiktoken.Encoding) -> None:
+    tokens = [*_encode(enc, "<|channel|>final<|message|>a"), 2**32 - 1, *enc.encode_ordinary("b"), tok.RETURN]
+    _, parser = _deltas(enc, tokens)
+    assert parser.messages[0].text == "a\ufffdb"
+    assert parser.anomalies == 1
+
+
+# -- tolerant mode ----------------------------------------------------------------------------------------
+
+
+def _tolerant(enc: tiktoken.Encoding, text: str, role: Role | None = Role.ASSISTANT) -> StreamParser:
+    return StreamParser(enc, role).process_all(_encode(enc, text)).process_eos()
+
+
+def _summary(parser: StreamParser) -> list[tuple[str, str | None, str | None, str]]:
+    return [(m.author.role.value, m.channel, m.recipient, m.text) for m in parser.messages]
+
+
+def test_well_formed_output_parses_the_same_in_both_modes(enc: tiktoken.Encoding, renderer: Renderer) -> None:
+    for name in NAMES:
+        # Well-formed: a channel, and a content type that is one word (the docs' `<|constrain|> json` is not).
+        messages = [
+            m
+            for m in SCENARIOS[name]()
+            if m.author.role is Role.ASSISTANT and m.channel and " " not in (m.content_type or "")
+        ]
+        if not messages:
+            continue
+        tokens = renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
+        strict = StreamParser(enc, Role.ASSISTANT, strict=True).process_all(tokens).process_eos()
+        tolerant = StreamParser(enc, Role.ASSISTANT).process_all(tokens).process_eos()
+        assert tolerant.messages == strict.messages, name
+        assert tolerant.anomalies == 0, name
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A missing <|message|>: the header's role and channel are kept, the rest is text.
+        (
+            "I must refuse<|end|><|start|>assistant<|channel|>final<|message|>No.<|return|>",
+            [("assistant", None, None, "I must refuse"), ("assistant", "final", None, "No.")],
+        ),
+        ("<|channel|>commentary Hello there<|end|>", [("assistant", "commentary", None, " Hello there")]),
+        # Text after a stop token without <|start|>: a new message of its own.
+        (
+            "<|channel|>final<|message|>A<|end|>stray text",
+            [("assistant", "final", None, "A"), ("assistant", None, None, "stray text")],
+        ),
+        # A new message begun without <|end|>.
+        (
+            "<|channel|>analysis<|message|>think<|start|>assistant<|channel|>final<|message|>ok<|return|>",
+            [("assistant", "analysis", None, "think"), ("assistant", "final", None, "ok")],
+        ),
+        (
+            "<|channel|>analysis<|message|>think<|channel|>final<|message|>ok<|return|>",
+            [("assistant", "analysis", None, "think"), ("assistant", "final", None, "ok")],
+        ),
+        # An unknown role word and leftover header words do not lose the message.
+        (
+            "<|channel|>final<|message|>A<|end|><|start|>asistant<|channel|>final<|message|>B<|return|>",
+            [("assistant", "final", None, "A"), ("tool", "final", None, "B")],
+        ),
+        ("<|channel|>final one two three<|message|>B<|return|>", [("assistant", "final", "two", "B")]),
+        # Stray control tokens between messages are dropped; text is kept.
+        (
+            "<|channel|>final<|message|>A<|end|><|end|><|message|><|start|>assistant<|channel|>final<|message|>B<|return|>",
+            [("assistant", "final", None, "A"), ("assistant", "final", None, "B")],
+        ),
+        # Control tokens inside content are kept as their text.
+        (
+            "<|channel|>final<|message|>x<|message|>y<|constrain|>z<|reserved_200100|><|return|>",
+            [("assistant", "final", None, "x<|message|>y<|constrain|>z<|reserved_200100|>")],
+        ),
+        # A header cut off by the end of the stream still yields its text.
+        ("<|channel|>final words never opened", [("assistant", "final", None, " words never opened")]),
+        ("<|channel|><|message|>x<|end|>", [("assistant", None, None, "x")]),
+    ],
+)
+def test_tolerant_mode_recovers(
+    enc: tiktoken.Encoding, text: str, expected: list[tuple[str, str | None, str | None, str]]
+) -> None:
+    parser = _tolerant(enc, text)
+    assert _summary(parser) == expected
+    assert parser.anomalies > 0
+
+
+def test_a_header_that_never_ends_becomes_text_after_the_limit(enc: tiktoken.Encoding) -> None:
+    body = enc.encode_ordinary(" word" * 100)
+    parser = StreamParser(enc, Role.ASSISTANT, max_header_tokens=16)
+    deltas = []
+    for t in [tok.CHANNEL, *enc.encode_ordinary("final"), *body]:
+        parser.process(t)
+        deltas.append(parser.last_content_delta)
+    # Text streams once the header limit is passed, not only at the end.
+    assert parser.state is StreamState.CONTENT
+    assert parser.current_channel == "final"
+    assert parser.current_content == " word" * (len(parser.current_content) // 5)
+    assert sum(1 for d in deltas if d) > 50
+    parser.process(tok.RETURN)
+    assert parser.messages[0].text == " word" * 100
+
+
+def test_tool_call_header_is_read_in_any_order(enc: tiktoken.Encoding) -> None:
+    for text in (
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"a":1}<|call|>',
+        ' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"a":1}<|call|>',
+    ):
+        parser = _tolerant(enc, text)
+        message = parser.messages[0]
+        assert (message.channel, message.recipient, message.content_type) == (
+            "commentary",
+            "functions.get_weather",
+            "<|constrain|>json",
+        )
+        assert parser.parsed[0].end_token == tok.CALL
+        assert parser.anomalies == 0
+
+
+# -- fuzz: the tolerant parser never raises and never loses text ------------------------------------------
+
+_CONTROL = [tok.START, tok.END, tok.MESSAGE, tok.CHANNEL, tok.RETURN, tok.CALL, tok.CONSTRAIN]
+_STRUCTURAL = {tok.START, tok.END, tok.MESSAGE, tok.CHANNEL, tok.RETURN, tok.CALL}
+
+token_ids = st.one_of(
+    st.integers(0, tok.VOCAB_SIZE - 1),
+    st.sampled_from(_CONTROL),
+    st.integers(tok.START_OF_TEXT, tok.MAX_TOKEN_ID),
+    st.integers(tok.N_VOCAB, 2**32 - 1),
+)
+
+
+@st.composite
+def mangled_outputs(draw: st.DrawFn, enc: tiktoken.Encoding, renderer: Renderer) -> list[int]:
+    """Well-formed assistant output, then cut, spliced and salted with random and control tokens."""
+    name = draw(st.sampled_from(NAMES))
+    messages = [m for m in SCENARIOS[name]() if m.author.role is Role.ASSISTANT]
+    tokens = renderer.render_conversation(messages, auto_drop_analysis=False)[2:] if messages else []
+    tokens = list(tokens)
+    for _ in range(draw(st.integers(0, 8))):
+        at = draw(st.integers(0, len(tokens)))
+        tokens[at:at] = draw(st.lists(token_ids, max_size=4))
+    if tokens and draw(st.booleans()):
+        tokens = tokens[: draw(st.integers(0, len(tokens)))]
+    if draw(st.booleans()):
+        tokens += draw(st.lists(token_ids, max_size=30))
+    return tokens
+
+
+def _token_bytes(enc: tiktoken.Encoding, token: int) -> bytes:
+    try:
+        return enc.decode_single_token_bytes(token)
+    except KeyError:
+        return "\ufffd".encode()
+
+
+def _check_accounting(
+    enc: tiktoken.Encoding, tokens: list[int], parser: StreamParser, deltas: list[str]
+) -> None:
+    accounted: Counter[int] = Counter(parser.dropped_tokens)
+    for p in parser.parsed:
+        accounted.update(p.header_tokens)
+        accounted.update(p.content_tokens)
+        if p.end_token is not None:
+            accounted[p.end_token] += 1
+    assert accounted == Counter(tokens), "every token is accounted for exactly once"
+    assert set(parser.dropped_tokens) <= _STRUCTURAL, "only control tokens are ever dropped"
+    for p in parser.parsed:
+        expected = b"".join(_token_bytes(enc, t) for t in p.content_tokens).decode("utf-8", "replace")
+        assert p.message.text == expected
+    assert "".join(deltas) == "".join(m.text for m in parser.messages)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), role=st.sampled_from([Role.ASSISTANT, None]))
+def test_fuzzed_streams_never_raise_and_never_lose_text(
+    data: st.DataObject, role: Role | None, enc: tiktoken.Encoding, renderer: Renderer
+) -> None:
+    tokens = data.draw(st.one_of(mangled_outputs(enc, renderer), st.lists(token_ids, max_size=60)))
+    parser = StreamParser(enc, role, max_header_tokens=data.draw(st.integers(1, 64)))
+    deltas = []
+    for t in tokens:
+        parser.process(t)
+        deltas.extend(text for _, text in parser.deltas)
+        assert parser.state in StreamState
+    parser.process_eos()
+    deltas.extend(text for _, text in parser.deltas)
+    assert parser.state is StreamState.EXPECT_START
+    _check_accounting(enc, tokens, parser, deltas)
+
+
+def test_process_returns_the_deltas_owner(enc: tiktoken.Encoding) -> None:
+    """Each delta names the header of the message it went to, even when that message just closed."""
+    parser = StreamParser(enc, Role.ASSISTANT)
+    parser.process_all(_encode(enc, "<|channel|>final<|message|>"))
+    parser.process(9552)
+    ((header, text),) = parser.deltas
+    assert (header.channel, text) == ("final", " ")
+    parser.process(tok.RETURN)
+    ((header, text),) = parser.deltas
+    assert (header.channel, text) == ("final", "\ufffd")
+
+
+def test_parsed_messages_keep_their_raw_tokens(enc: tiktoken.Encoding) -> None:
+    body = enc.encode_ordinary("Some reasoning here.")
+    tokens = [*_encode(enc, "<|channel|>analysis<|message|>"), *body, tok.END]
+    parser = StreamParser(enc, Role.ASSISTANT).process_all(tokens)
+    assert parser.parsed[0].content_tokens == body
+    assert parser.parsed[0].end_token == tok.END
+    assert parser.messages[0] == Message(
+        Author(Role.ASSISTANT), [TextContent("Some reasoning here.")], "analysis"
+    )
