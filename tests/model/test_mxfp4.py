@@ -1,0 +1,53 @@
+"""MXFP4: the fast dequantization against the nibble-by-nibble reference, and the format's bit layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.mxfp4 import FP4_VALUES, dequantize, dequantize_reference, quantize
+
+
+def test_bit_layout_low_nibble_first_and_scale_bias_127() -> None:
+    # Byte 0x71: low nibble 1 → +0.5 (element 0), high nibble 7 → +6 (element 1); byte 0xF8: -0 then -6.
+    blocks = torch.zeros(1, 16, dtype=torch.uint8)
+    blocks[0, 0], blocks[0, 1] = 0x71, 0xF8
+    for scale, factor in ((127, 1.0), (128, 2.0), (125, 0.25)):
+        values = dequantize_reference(blocks, torch.tensor([scale], dtype=torch.uint8), torch.float32)
+        assert values.shape == (32,)
+        assert values[:4].tolist() == [0.5 * factor, 6.0 * factor, -0.0, -6.0 * factor]
+        assert torch.equal(
+            values, dequantize(blocks, torch.tensor([scale], dtype=torch.uint8), torch.float32)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_equals_reference_on_every_byte_and_scale(dtype: torch.dtype) -> None:
+    # All 256 bytes in every position, with every scale a real checkpoint could use.
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 254, 4, 16), generator=g, dtype=torch.uint8)
+    blocks[0, :, :, :] = torch.arange(256, dtype=torch.uint8).repeat(64)[: 254 * 4 * 16].view(254, 4, 16)
+    scales = torch.arange(1, 255, dtype=torch.uint8)[None, :, None].expand(3, 254, 4).contiguous()
+    assert torch.equal(dequantize(blocks, scales, dtype), dequantize_reference(blocks, scales, dtype))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(100, 140), st.integers(0, 2**31))
+def test_quantize_round_trips_representable_values(rows: int, groups: int, scale: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (rows, groups * 32), generator=g)
+    codes[:, ::32] = 7  # each block holds a ±6 so its scale is the one chosen
+    values = torch.tensor(FP4_VALUES)[codes] * 2.0 ** (scale - 127)
+    blocks, scales = quantize(values)
+    assert blocks.shape == (rows, groups, 16)
+    assert scales.shape == (rows, groups)
+    assert torch.equal(dequantize(blocks, scales, torch.float32), values)
+
+
+def test_rejects_mismatched_shapes_and_dtypes() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        dequantize(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8), torch.float32)
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, dtype=torch.uint8), torch.float32)
