@@ -1,0 +1,101 @@
+"""The plain data that crosses the engine's boundary: what a request asks for and what a step gives back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+import torch
+
+# A per-request hook on the next token's logits: it gets the request's output token ids so far and the float32
+# logits row [vocab] and returns the row to sample from (constrained decoding; forcing tokens in tests).
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+MAX_TOP_LOGPROBS = 20
+
+
+class SamplingParamsError(ValueError):
+    """Sampling parameters out of range; the message names the field."""
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    # Sampling ends when one of these is produced (it is included in the output).
+    stop_token_ids: list[int] = field(default_factory=list)
+    # Sampling ends when the output text contains one of these (the engine needs a detokenizer for them).
+    stop: list[str] = field(default_factory=list)
+    # Number of top alternatives to report with each sampled token's logprob; None: no logprobs at all.
+    logprobs: int | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.temperature >= 0.0, "temperature", "must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                "logprobs",
+                f"must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise SamplingParamsError(f"{name} {why}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # a stop token or a stop string
+    LENGTH = "length"  # max_tokens, or the context limit
+    ABORT = "abort"
+
+
+class RequestStatus(IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED = 3
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    # The most likely alternatives, best first: (token id, logprob).
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    # For FinishReason.STOP: the stop token id or stop string that ended it.
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
