@@ -13,6 +13,7 @@ is compared with the reference in tests.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BLOCK_SIZE = 32
 BYTES_PER_BLOCK = BLOCK_SIZE // 2
@@ -70,8 +71,9 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     """Fast dequantization: one gather from a byte table and one multiply by the block's power of two."""
     _check(blocks, scales)
     pairs, powers = _tables(blocks.device, dtype)
-    values = pairs[blocks.long()].flatten(-2)  # [..., G, 32]
-    values = values * powers[scales.long()].unsqueeze(-1)
+    # `embedding` is the fastest gather torch has on CPU and takes int32 indices (half of int64's traffic).
+    values = F.embedding(blocks.int(), pairs).flatten(-2)  # [..., G, 32]
+    values = values * F.embedding(scales.int(), powers[:, None])
     return values.flatten(-2)
 
 
