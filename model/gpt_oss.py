@@ -158,28 +158,39 @@ class ContiguousKVCache:
         self.max_len = max_len
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # Index tensors depend only on the metadata and the window: built once per forward, not per layer.
+        self._plans: tuple[AttentionMetadata | None, dict[int, tuple[torch.Tensor, ...]]] = (None, {})
+
+    def _plan(self, meta: AttentionMetadata, window: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(slot of each token, slot of each sequence [S, 1], gather index [S, L], key positions [S, L])."""
+        if self._plans[0] is not meta:
+            self._plans = (meta, {})
+        plans = self._plans[1]
+        if window not in plans:
+            slots = torch.tensor(meta.cache_slots, device=device)
+            # Oldest key any new query can see: the window of the first new token, or 0 for full attention.
+            firsts = [c - q for q, c in zip(meta.query_lens, meta.context_lens, strict=True)]
+            starts = [max(0, f - window + 1) if window else 0 for f in firsts]
+            width = max(c - s for c, s in zip(meta.context_lens, starts, strict=True))
+            index = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)[None, :]
+            valid = index < torch.tensor(meta.context_lens, device=device)[:, None]
+            plans[window] = (
+                slots[meta.seq_index],
+                slots[:, None],
+                index.where(valid, 0),
+                index.where(valid, -1),
+            )
+        return plans[window]
 
     def store_and_view(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int
     ) -> KVView:
         assert meta.cache_slots is not None, "ContiguousKVCache needs AttentionMetadata.cache_slots"
         assert max(meta.context_lens) <= self.max_len, "sequence longer than the cache"
-        device = k.device
-        slots = torch.tensor(meta.cache_slots, device=device)
-        self.k[layer][slots[meta.seq_index], meta.positions] = k
-        self.v[layer][slots[meta.seq_index], meta.positions] = v
-
-        # Oldest key any new query can see: the window of the first new token, or 0 for full attention.
-        firsts = [c - q for q, c in zip(meta.query_lens, meta.context_lens, strict=True)]
-        starts = [max(0, f - window + 1) if window else 0 for f in firsts]
-        width = max(c - s for c, s in zip(meta.context_lens, starts, strict=True))
-        offsets = torch.arange(width, device=device)
-        start_t = torch.tensor(starts, device=device)[:, None]
-        index = start_t + offsets[None, :]
-        valid = index < torch.tensor(meta.context_lens, device=device)[:, None]
-        index = index.where(valid, 0)
-        rows = slots[:, None]
-        return KVView(self.k[layer][rows, index], self.v[layer][rows, index], index.where(valid, -1))
+        token_slots, rows, index, positions = self._plan(meta, window, k.device)
+        self.k[layer][token_slots, meta.positions] = k
+        self.v[layer][token_slots, meta.positions] = v
+        return KVView(self.k[layer][rows, index], self.v[layer][rows, index], positions)
 
 
 # -- the layers --

@@ -15,6 +15,10 @@ from model.make_checkpoint import write_checkpoint
 
 SEED = 1234
 
+# CI runs pytest with `-n 2` on 2 cores: two workers each spinning up 2 OpenMP threads oversubscribe the cores,
+# and every small op then waits out a scheduler slice (measured here: 8 ms instead of 0.1 ms per op).
+torch.set_num_threads(1)
+
 # The tiny preset with a 16-token window, so that prompts of a few dozen tokens already reach past the window
 # on the sliding layers while the full-attention layers see everything.
 SMALL_WINDOW = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
