@@ -1,0 +1,400 @@
+"""Sampling: one step's logits ``[B, V]`` in, one token per request out, with its logprobs when asked.
+
+Order of operations, for every row (the fast path and its reference twin follow the same steps):
+
+1. the request's logits processors, in order (constrained decoding; tests that force tokens);
+2. logit bias: ``logit[t] += bias[t]``;
+3. presence and frequency penalties as OpenAI defines them, counted over the request's *output* tokens only:
+   ``logit[t] -= presence · (count[t] > 0) + frequency · count[t]``;
+4. greedy rows (temperature 0) take the argmax of these processed logits, the lowest id among ties;
+5. other rows divide by the temperature, keep the tokens that pass every filter, renormalize and sample:
+
+   - top-k: logit >= the k-th largest logit;
+   - top-p, on the top-k survivors: rank them by probability, find the smallest prefix whose mass reaches
+     top_p (a token is in it when the mass ranked before it is < top_p); keep every token at least as likely
+     as the prefix's last one;
+   - min-p: ``p >= min_p · p_max``, both of the temperature-scaled distribution before top-k and top-p.
+
+Every filter is a threshold, so tokens tied at a boundary are kept or dropped together and the kept set never
+depends on how a sort breaks ties. ``top_k = 0``, ``top_p = 1`` and ``min_p = 0`` turn a filter off.
+
+Sampling is by inverse CDF with one uniform draw per row: the token whose float64 cumulative-probability
+interval holds ``u · total``. It needs no host sync, and the draw is one number per row rather than the V
+exponentials of the "exponential race" ``argmax(p / q)``, which on the CPU cost several times the whole
+inverse-CDF step at a 200k vocabulary (float64 keeps even 1e-8-probability tokens at their exact odds). A row
+whose request has its own generator (a seeded request, see :func:`make_generator`) draws its ``u`` from that
+generator alone, so, as every step before it is computed row by row, a seeded request gets the same tokens
+whatever else is in the batch and wherever its row is. Rows without one share the sampler's generator and
+draw in one batched call.
+
+Logprobs are those of the model's raw distribution: ``log_softmax`` of the logits as given, before processors,
+bias, penalties, temperature and filters (vLLM's default, "raw_logprobs"). They say what the model thinks,
+whatever the sampling settings; a token forced by a processor can therefore have a raw logprob of ``-inf``.
+
+:func:`process_logits` and :func:`filtered_probs` (steps 1-3 and 4-5) are public so tests can compare the
+distributions themselves, not only samples, with their plain twins :func:`process_logits_reference` and
+:func:`filtered_probs_reference`; :func:`sample_reference` is the twin of :meth:`Sampler.sample`. The twins
+are for tests only: they loop over rows and over the vocabulary in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from model.request import SamplingParams, SamplingParamsError, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+_SEED_MODULUS = 2**64
+# Above this k (and whenever a row has top-p) top-k takes the k-th value from a full sort rather than topk.
+_MAX_TOPK_WITHOUT_SORT = 1024
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A seeded request's own random stream. The engine makes one per request, once, on the logits' device,
+    and passes it with the request's row at every step (and keeps it across preemption)."""
+    generator = torch.Generator(device=device)
+    # torch accepts seeds in [-2**63, 2**64); any Python int maps into that range.
+    generator.manual_seed(seed % _SEED_MODULUS)
+    return generator
+
+
+def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """Refuse what SamplingParams cannot check alone because it does not know the vocabulary: logit_bias keys
+    outside ``[0, vocab_size)`` and NaN biases. The engine calls this at admission, not per step."""
+    bad_ids = sorted(t for t in params.logit_bias if not 0 <= t < vocab_size)
+    if bad_ids:
+        raise SamplingParamsError(
+            f"logit_bias token ids must be in [0, {vocab_size}), got {bad_ids[:5]}"
+            + (f" and {len(bad_ids) - 5} more" if len(bad_ids) > 5 else "")
+        )
+    if any(math.isnan(b) for b in params.logit_bias.values()):
+        raise SamplingParamsError("logit_bias values must be numbers, got NaN")
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    # One sampled token id per row.
+    token_ids: list[int]
+    # Per row: the sampled token's raw logprob and its top alternatives when params.logprobs is not None.
+    logprobs: list[TokenLogprob | None]
+
+
+def _check_batch(
+    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
+) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if not len(params) == len(output_token_ids) == logits.shape[0]:
+        raise ValueError(
+            f"{logits.shape[0]} logits rows, {len(params)} params and {len(output_token_ids)} output id lists"
+        )
+
+
+def _host_column(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-row settings as a ``[n, 1]`` column on the logits' device (a host-to-device copy, never a sync)."""
+    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast path: batched over rows, no Python loop over the vocabulary.
+
+
+def process_logits(
+    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
+) -> torch.Tensor:
+    """Steps 1-3 for the whole batch, into a new float32 ``[B, V]`` tensor; ``logits`` is not modified.
+
+    Processors must not modify the output id list they are given (it is the engine's)."""
+    _check_batch(logits, params, output_token_ids)
+    x = logits.to(torch.float32, copy=True)
+    vocab = x.shape[1]
+    device = x.device
+
+    for i, p in enumerate(params):
+        for processor in p.logits_processors:
+            row = processor(output_token_ids[i], x[i])
+            if row.shape != (vocab,):
+                raise ValueError(f"a logits processor returned shape {tuple(row.shape)}, expected ({vocab},)")
+            x[i] = row
+
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_values: list[float] = []
+    for i, p in enumerate(params):
+        bias_rows.extend([i] * len(p.logit_bias))
+        bias_ids.extend(p.logit_bias.keys())
+        bias_values.extend(p.logit_bias.values())
+    if bias_rows:
+        index = (
+            torch.tensor(bias_rows, dtype=torch.int64, device=device),
+            torch.tensor(bias_ids, dtype=torch.int64, device=device),
+        )
+        x.index_put_(index, torch.tensor(bias_values, dtype=torch.float32, device=device), accumulate=True)
+
+    penalized = [
+        i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and output_token_ids[i]
+    ]
+    if penalized:
+        # Counts per row via one scatter_add over the output ids padded with an extra column V, dropped after.
+        width = max(len(output_token_ids[i]) for i in penalized)
+        padded = [output_token_ids[i] + [vocab] * (width - len(output_token_ids[i])) for i in penalized]
+        ids = torch.tensor(padded, dtype=torch.int64, device=device)
+        counts = torch.zeros(len(penalized), vocab + 1, dtype=torch.float32, device=device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))
+        counts = counts[:, :vocab]
+        presence = _host_column([params[i].presence_penalty for i in penalized], torch.float32, device)
+        frequency = _host_column([params[i].frequency_penalty for i in penalized], torch.float32, device)
+        penalty = presence * (counts > 0) + frequency * counts
+        # (Rows are distinct, so a plain indexed update; index_add_ is needlessly slow on the CPU.)
+        x[torch.tensor(penalized, dtype=torch.int64, device=device)] -= penalty
+    return x
+
+
+def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Step 5's distributions for rows that sample (temperature > 0): float32 ``[n, V]`` probabilities."""
+    assert all(not p.greedy for p in params), "greedy rows take the argmax and are never filtered"
+    device = logits.device
+    vocab = logits.shape[1]
+    x = logits / _host_column([p.temperature for p in params], torch.float32, device)
+    keep = torch.ones_like(x, dtype=torch.bool)
+
+    top_k_on = [0 < p.top_k < vocab for p in params]
+    top_p_on = [p.top_p < 1.0 for p in params]
+    if any(top_k_on) or any(top_p_on):
+        # Both become a logit threshold applied to the unsorted row. Top-p needs the whole row sorted; top-k
+        # alone needs only its first k, and topk is much cheaper than a sort of a 200k vocabulary.
+        max_k = max(p.top_k for p, on in zip(params, top_k_on, strict=True) if on) if any(top_k_on) else 0
+        if any(top_p_on) or max_k > _MAX_TOPK_WITHOUT_SORT:
+            sorted_x = x.sort(dim=-1, descending=True).values
+        else:
+            sorted_x = x.topk(max_k, dim=-1).values
+        k = _host_column(
+            [p.top_k if on else 1 for p, on in zip(params, top_k_on, strict=True)], torch.int64, device
+        )
+        on = _host_column(top_k_on, torch.bool, device)
+        kth = torch.where(on, sorted_x.gather(1, k - 1), -math.inf)
+        keep &= x >= kth
+        if any(top_p_on):
+            sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
+            sorted_p = sorted_x.softmax(dim=-1)
+            # The mass ranked before each token, shifted rather than `cumsum - p` so it never decreases.
+            before = torch.cat((torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(dim=-1)[:, :-1]), dim=1)
+            # top_p = 1 is "off": a float cumsum may reach 1.0 before the tail and must not cut it.
+            top_p = _host_column(
+                [p.top_p if p.top_p < 1.0 else math.inf for p in params], torch.float32, device
+            )
+            last = (before < top_p).sum(dim=-1, keepdim=True) - 1
+            # The prefix can run past the top-k survivors when their mass rounds below top_p; kth bounds it.
+            keep &= x >= torch.maximum(kth, sorted_x.gather(1, last))
+
+    if any(p.min_p > 0.0 for p in params):
+        min_p = _host_column([p.min_p for p in params], torch.float32, device)
+        ratio = torch.exp(x - x.max(dim=-1, keepdim=True).values)  # p / p_max
+        keep &= ratio >= min_p
+
+    return x.masked_fill(~keep, -math.inf).softmax(dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Steps 4-5 on processed logits: float32 ``[B, V]``, each row the distribution that row samples from
+    (for greedy rows, one-hot at the argmax)."""
+    if logits.dim() != 2 or logits.shape[0] != len(params):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(params)} params")
+    logits = logits.to(torch.float32)
+    probs = torch.zeros_like(logits)
+    probs.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        index = torch.tensor(random_rows, dtype=torch.int64, device=logits.device)
+        probs[index] = _filter_random_rows(logits[index], [params[i] for i in random_rows])
+    return probs
+
+
+class Sampler:
+    """Turns a step's logits into tokens. Holds only the generator that rows without their own share."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # None: torch's default generator for the logits' device. Otherwise it must live on that device.
+        self.generator = generator
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+    ) -> SamplerOutput:
+        """Sample one token per row of ``logits`` ([B, V], float32 or any float dtype, which is upcast).
+
+        ``params[i]``, ``output_token_ids[i]`` (the request's output so far, for penalties and processors) and
+        ``generators[i]`` (the request's own generator, required when it has a seed) describe row i. The one
+        host sync is reading back the token ids (and the logprobs, when any row asks for them)."""
+        if len(generators) != len(params):
+            raise ValueError(f"{len(generators)} generators for {len(params)} params")
+        for p, g in zip(params, generators, strict=True):
+            if p.seed is not None and g is None:
+                raise ValueError(
+                    "a request with a seed needs its own generator (make_generator(seed, device))"
+                )
+
+        x = process_logits(logits, params, output_token_ids)
+        token_ids = x.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            index = torch.tensor(random_rows, dtype=torch.int64, device=x.device)
+            probs = _filter_random_rows(x[index], [params[i] for i in random_rows])
+            u = self._uniforms([generators[i] for i in random_rows], x.device)
+            token_ids[index] = _inverse_cdf(probs, u)
+        return SamplerOutput(token_ids.tolist(), _raw_logprobs(logits, params, token_ids))
+
+    def _uniforms(self, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+        """float64 ``[n, 1]`` uniforms in [0, 1): each own-generator row from its generator alone, the other
+        rows in one batched draw from the shared generator."""
+        u = torch.empty((len(generators), 1), dtype=torch.float64, device=device)
+        shared = [j for j, g in enumerate(generators) if g is None]
+        if len(shared) == len(generators):
+            u.uniform_(generator=self.generator)
+        elif shared:
+            draw = torch.empty((len(shared), 1), dtype=torch.float64, device=device)
+            u[torch.tensor(shared, dtype=torch.int64, device=device)] = draw.uniform_(
+                generator=self.generator
+            )
+        for j, g in enumerate(generators):
+            if g is not None:
+                u[j].uniform_(generator=g)
+        return u
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the token whose cumulative-probability interval holds ``u · total``: token t with probability
+    ``probs[t] / total``, and never a token of probability 0 (its interval is empty)."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    token = torch.searchsorted(cdf, u * total, right=True)
+    # u · total can round up to total: the last token with mass is where the cdf first reaches the total.
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(token, last).squeeze(1)
+
+
+def _raw_logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], token_ids: torch.Tensor
+) -> list[TokenLogprob | None]:
+    """The sampled tokens' logprobs and top alternatives under ``log_softmax(logits)``, for rows that ask."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return result
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].to(torch.float32), dim=-1)
+    chosen_ids = token_ids[index]
+    chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)
+    k = min(max(params[i].logprobs or 0 for i in rows), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    for i, token, value, values, ids in zip(
+        rows, chosen_ids.tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist(), strict=True
+    ):
+        n = params[i].logprobs or 0
+        result[i] = TokenLogprob(token, value, list(zip(ids[:n], values[:n], strict=True)))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference twins: plain, per row, in float64 Python; for tests only.
+
+
+def process_logits_reference(
+    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
+) -> torch.Tensor:
+    """Twin of :func:`process_logits`: one row at a time, bias and penalties token by token."""
+    _check_batch(logits, params, output_token_ids)
+    rows: list[list[float]] = []
+    for i, p in enumerate(params):
+        row = logits[i].to(torch.float32, copy=True)
+        for processor in p.logits_processors:
+            row = processor(output_token_ids[i], row)
+        values = row.tolist()
+        for token, bias in p.logit_bias.items():
+            values[token] += bias
+        if p.presence_penalty or p.frequency_penalty:
+            for token, count in Counter(output_token_ids[i]).items():
+                values[token] -= p.presence_penalty + p.frequency_penalty * count
+        rows.append(values)
+    return torch.tensor(rows, dtype=torch.float32, device=logits.device).reshape(logits.shape)
+
+
+def _filtered_row_reference(row: list[float], p: SamplingParams) -> list[float]:
+    vocab = len(row)
+    if p.greedy:
+        best = row.index(max(row))
+        return [1.0 if t == best else 0.0 for t in range(vocab)]
+    scaled = [v / p.temperature for v in row]
+    top = max(scaled)
+    assert top > -math.inf, "a row needs at least one finite logit"
+    ratio = [math.exp(s - top) for s in scaled]  # p / p_max
+    keep = [True] * vocab
+    if 0 < p.top_k < vocab:
+        kth = sorted(scaled, reverse=True)[p.top_k - 1]
+        keep = [s >= kth for s in scaled]
+    if p.top_p < 1.0:
+        survivors = [t for t in range(vocab) if keep[t]]
+        mass = sum(ratio[t] for t in survivors)
+        ranked = sorted(survivors, key=lambda t: -scaled[t])
+        before = 0.0
+        last = ranked[0]
+        for t in ranked:
+            if before >= p.top_p:
+                break
+            last = t
+            before += ratio[t] / mass
+        keep = [keep[t] and scaled[t] >= scaled[last] for t in range(vocab)]
+    if p.min_p > 0.0:
+        keep = [keep[t] and ratio[t] >= p.min_p for t in range(vocab)]
+    total = sum(ratio[t] for t in range(vocab) if keep[t])
+    return [ratio[t] / total if keep[t] else 0.0 for t in range(vocab)]
+
+
+def filtered_probs_reference(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Twin of :func:`filtered_probs`: float64 ``[B, V]``, filters written out with sorted lists."""
+    rows = [_filtered_row_reference(logits[i].tolist(), p) for i, p in enumerate(params)]
+    return torch.tensor(rows, dtype=torch.float64, device=logits.device).reshape(logits.shape)
+
+
+def sample_reference(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_token_ids: list[list[int]],
+    generators: list[torch.Generator | None],
+    generator: torch.Generator | None = None,
+) -> SamplerOutput:
+    """Twin of :meth:`Sampler.sample`: greedy rows take the first maximum; other rows draw by inverse CDF
+    (``torch.multinomial``) from their own generator or ``generator``. Same distributions as the fast path,
+    not the same draws."""
+    x = process_logits_reference(logits, params, output_token_ids)
+    probs = filtered_probs_reference(x, params)
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob | None] = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            row = x[i].tolist()
+            token = row.index(max(row))
+        else:
+            own = generators[i]
+            token = int(torch.multinomial(probs[i], 1, generator=own if own is not None else generator))
+        token_ids.append(token)
+        if p.logprobs is None:
+            logprobs.append(None)
+            continue
+        raw = logits[i].to(torch.float64).tolist()
+        top = max(raw)
+        log_z = top + math.log(sum(math.exp(v - top) for v in raw))
+        lp = [v - log_z for v in raw]
+        best = sorted(range(len(raw)), key=lambda t: (-lp[t], t))[: p.logprobs]
+        logprobs.append(TokenLogprob(token, lp[token], [(t, lp[t]) for t in best]))
+    return SamplerOutput(token_ids, logprobs)
