@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from typing import Any
@@ -30,6 +31,10 @@ from harmony.messages import (
     browser_tool_namespace,
     python_tool_namespace,
 )
+
+# The generators avoid the inputs of known, reported mismatches with the oracle (each is described where it is
+# avoided). HARMONY_SHOW_KNOWN_MISMATCHES=1 lifts every such guard, to check a fix before deleting the guard.
+SHOW_KNOWN_MISMATCHES = os.environ.get("HARMONY_SHOW_KNOWN_MISMATCHES", "") == "1"
 
 # -- text ----------------------------------------------------------------------------------------------------
 
@@ -198,8 +203,8 @@ SPECIAL_INTS = [
 # in 4 come out one ulp away from Python's value, and the oracle prints that neighbour. `serde_json_number`
 # replays serde_json's parser exactly (checked on 60,000 random floats and 10,000 big integers). Until
 # harmony/schema.py reproduces it, the generated numbers are limited to those serde_json parses exactly; set
-# ONLY_SERDE_EXACT_NUMBERS to False to see the mismatches.
-ONLY_SERDE_EXACT_NUMBERS = True
+# ONLY_SERDE_EXACT_NUMBERS to False (or HARMONY_SHOW_KNOWN_MISMATCHES=1) to see the mismatches.
+ONLY_SERDE_EXACT_NUMBERS = not SHOW_KNOWN_MISMATCHES
 
 _U64_MAX = 2**64 - 1
 _POW10 = [float(f"1e{i}") for i in range(309)]
@@ -450,7 +455,7 @@ dates = st.one_of(st.none(), st.sampled_from(["2024-06", "2025-06-28", "2021-01-
 # KNOWN MISMATCH (reported, not fixed yet): Rust's `str::lines()` keeps a bare `\r` at the very end of the
 # text ("a\r" is one line "a\r"); `harmony.render.rust_lines` strips it. Tool and namespace descriptions are
 # split into lines, so until that is fixed the generated ones do not end in "\r".
-AVOID_TRAILING_LONE_CR = True
+AVOID_TRAILING_LONE_CR = not SHOW_KNOWN_MISMATCHES
 
 
 def _line_split_safe(strategy: st.SearchStrategy[str | None]) -> st.SearchStrategy[str | None]:

@@ -32,7 +32,7 @@ from harmony.messages import (
 )
 from harmony.render import Renderer
 from tests.harmony.conftest import oracle_conversation, to_oracle
-from tests.harmony.strategies import conversations, text, texts, top_level_schemas
+from tests.harmony.strategies import SHOW_KNOWN_MISMATCHES, conversations, text, texts, top_level_schemas
 
 # Every test here runs against the oracle; the example counts are the point, so they are fixed, not profiles.
 # HARMONY_PROPERTY_SCALE=N multiplies them for a deeper local search (the default run stays at these counts).
@@ -64,8 +64,10 @@ def _trailing_final_call(messages: Sequence[Message]) -> bool:
 
     A conversation ending in an assistant message on the final channel WITH a recipient (even "all") ends in
     `<|call|>`; the oracle's training render turns that `<|call|>` into `<|return|>`, while ours fails its
-    `assert tokens[-1] == END`. Remove this guard once fixed.
+    `assert tokens[-1] == END`. Remove this guard once fixed (HARMONY_SHOW_KNOWN_MISMATCHES=1 lifts it).
     """
+    if SHOW_KNOWN_MISMATCHES:
+        return False
     last = messages[-1] if messages else None
     return (
         last is not None
@@ -184,7 +186,14 @@ token_ids = st.one_of(
 @settings(max_examples=N_TOKEN_LISTS, **_SETTINGS)
 @given(ids=st.lists(token_ids, max_size=40))
 def test_decoding_matches_oracle(ids: list[int], enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding) -> None:
-    assert enc.decode(ids) == oracle.decode(ids)
+    assert enc.decode(ids) == oracle.decode(ids)  # invalid UTF-8 replaced the same way
+    try:
+        strict = enc.decode_bytes(ids).decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(oh.HarmonyError):
+            oracle.decode_utf8(ids)
+    else:
+        assert oracle.decode_utf8(ids) == strict
 
 
 def test_every_special_id_decodes_like_the_oracle(enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding) -> None:
