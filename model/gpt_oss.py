@@ -393,7 +393,12 @@ class MXFP4Weight(nn.Module):
 
     def dequantize_all(self, dtype: torch.dtype) -> None:
         """Switch to :attr:`ExpertMode.DEQUANTIZED`: keep a dense copy and drop the packed bytes."""
-        self.dense = dequantize(self.blocks, self.scales, dtype)
+        dense = torch.empty(
+            *self.scales.shape[:2], self.scales.shape[2] * 32, dtype=dtype, device=self.blocks.device
+        )
+        for e in range(dense.shape[0]):  # one expert at a time: the temporaries stay one expert's size
+            dense[e] = dequantize(self.blocks[e], self.scales[e], dtype)
+        self.dense = dense
         self.blocks = self.blocks.new_empty(0)
         self.scales = self.scales.new_empty(0)
 
