@@ -15,7 +15,7 @@ from model.make_checkpoint import write_checkpoint
 
 SEED = 1234
 
-# CI runs pytest with `-n 2` on 2 cores: two workers each spinning up 2 OpenMP threads oversubscribe the cores,
+# CI runs pytest with `-n 2` on 2 cores: two workers each spinning up 2 OpenMP threads oversubscribe them,
 # and every small op then waits out a scheduler slice (measured here: 8 ms instead of 0.1 ms per op).
 torch.set_num_threads(1)
 

@@ -105,15 +105,6 @@ def test_packed_experts_stay_packed_in_memory(model_fp32: GptOss, tiny_config: M
     assert all(t.dtype != torch.float32 or t.numel() < 10**6 for t in mlp.state_dict().values())
 
 
-def test_bfloat16_follows_float32(checkpoints: dict[str, Path], model_fp32: GptOss) -> None:
-    bf16 = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.bfloat16, progress=False)
-    ids = tokens(11, 40)
-    ref, got = full(model_fp32, ids), full(bf16, ids)
-    # bf16 has 8 bits of mantissa; through 4 layers the logits drift by a few percent of their scale.
-    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
-
-
 # -- attention: window, sinks, fast vs reference --
 
 

@@ -103,3 +103,22 @@ def test_both_layouts_give_identical_logits(checkpoints: dict[str, Path]) -> Non
         for layout in ("hf", "original")
     ]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_bfloat16_drifts_from_float32_no_more_than_the_reference_does(checkpoints: dict[str, Path]) -> None:
+    """bf16 cannot match float32 to 1e-3; it must stay as close as the OpenAI reference's own bf16 run."""
+    ids = prompt(10, 120)
+    path = checkpoints["original"]
+    exact = Transformer.from_checkpoint(str(path), device=torch.device("cpu")).float()(ids)
+    reference_bf16 = Transformer.from_checkpoint(str(path), device=torch.device("cpu"))(ids).float()
+    ours_bf16 = GptOss.from_checkpoint(path, dtype=torch.bfloat16, progress=False)(
+        ids, AttentionMetadata.build([len(ids)])
+    )
+
+    def drift(x: torch.Tensor) -> tuple[float, float]:
+        return (x - exact).abs().mean().item(), (x.argmax(-1) == exact.argmax(-1)).float().mean().item()
+
+    (ours_err, ours_agree), (ref_err, ref_agree) = drift(ours_bf16), drift(reference_bf16)
+    logger.info("bf16 mean |diff|: ours %.4f, reference %.4f", ours_err, ref_err)
+    assert ours_err <= 1.25 * ref_err
+    assert ours_agree >= ref_agree - 0.05
