@@ -294,9 +294,11 @@ type_values = st.one_of(
 multi_line = st.lists(st.one_of(short_text, st.sampled_from(["\n", "\r\n", "\r", "\n\n"])), max_size=6).map(
     "".join
 )
-descriptions = st.one_of(multi_line, json_scalars)
+# A small pool makes equal descriptions (a property's and its first oneOf variant's) common.
+descriptions = st.one_of(st.sampled_from(["same", "", "two\nlines"]), multi_line, json_scalars)
+enum_strings = st.one_of(st.sampled_from(["a", "null", "nullish", "x y", '"q"', ""]), short_text)
 enums = st.one_of(
-    st.lists(short_text, max_size=4),  # string enums, sometimes empty
+    st.lists(enum_strings, max_size=4),  # string enums, sometimes empty
     st.lists(json_scalars, max_size=4),  # mixed
     st.just([]),
     json_scalars,  # not an array at all
@@ -412,13 +414,38 @@ FIXED_SCHEMAS: list[Any] = [
 small_schemas: st.SearchStrategy[Any] = st.one_of(st.sampled_from(FIXED_SCHEMAS), _node(non_dict_schemas))
 
 
+@st.composite
+def one_of_properties(draw: st.DrawFn) -> dict[str, Any]:
+    """A property holding a oneOf, its description often shared with (some of) its variants."""
+    description = draw(descriptions)
+    variants = draw(st.lists(schemas, max_size=3))
+    for i, variant in enumerate(variants):
+        shared = draw(st.integers(0, 2)) == 0 if i else draw(st.booleans())
+        if isinstance(variant, dict) and shared:
+            variants[i] = {**variant, "description": description}
+    prop: dict[str, Any] = {"oneOf": variants}
+    if draw(st.integers(0, 3)):
+        prop["description"] = description
+    for key, values in (
+        ("default", json_values),
+        ("title", descriptions),
+        ("examples", examples),
+        ("nullable", nullables),
+        ("enum", enums),
+        ("type", type_values),
+    ):
+        if draw(st.integers(0, 3)) == 0:
+            prop[key] = draw(values)
+    return prop
+
+
 def top_level_schemas() -> st.SearchStrategy[Any]:
     """What a tool's `parameters` may hold: mostly objects, sometimes a oneOf, sometimes not a dict at all."""
     return st.one_of(
         schemas,
         st.builds(
             lambda props, req, desc: {"type": "object", "properties": props, "required": req, **desc},
-            st.dictionaries(property_names, schemas, max_size=5),
+            st.dictionaries(property_names, st.one_of(schemas, one_of_properties()), max_size=5),
             st.lists(st.one_of(property_names, json_scalars), max_size=3),
             st.one_of(st.just({}), st.builds(lambda d: {"description": d}, descriptions)),
         ),
