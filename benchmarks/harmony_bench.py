@@ -785,7 +785,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeat", type=int, default=7, help="timings per figure; the median is printed")
+    parser.add_argument("--repeat", type=int, default=11, help="timings per figure; the median is printed")
     parser.add_argument("--quick", action="store_true", help="3 timings per figure")
     args = parser.parse_args()
     repeat = 3 if args.quick else args.repeat
