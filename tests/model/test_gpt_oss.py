@@ -207,3 +207,43 @@ def test_yarn_rope_matches_the_published_parameters() -> None:
     assert inv_freq[0].item() == pytest.approx(base[0].item(), rel=1e-6)
     assert inv_freq[-1].item() == pytest.approx(base[-1].item() / 32, rel=1e-5)
     assert torch.all(inv_freq[1:] < inv_freq[:-1])
+
+
+class ShuffledCache:
+    """A KVCache that hands back its keys permuted, with extra padding, to hold the model to the protocol:
+    masks come from the returned positions alone, as a paged cache's gathered blocks would require."""
+
+    def __init__(self, inner: ContiguousKVCache, seed: int) -> None:
+        self.inner = inner
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def store_and_view(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int
+    ) -> KVView:
+        view = self.inner.store_and_view(layer, k, v, meta, window)
+        seqs, width = view.positions.shape
+        pad = 3
+        keys = torch.cat(
+            (view.keys, torch.randn(seqs, pad, *view.keys.shape[2:], generator=self.generator)), 1
+        )
+        values = torch.cat(
+            (view.values, torch.randn(seqs, pad, *view.values.shape[2:], generator=self.generator)), 1
+        )
+        positions = torch.cat((view.positions, torch.full((seqs, pad), -1)), 1)
+        order = torch.stack([torch.randperm(width + pad, generator=self.generator) for _ in range(seqs)])
+        take = order[:, :, None, None].expand_as(keys)
+        return KVView(keys.gather(1, take), values.gather(1, take), positions.gather(1, order))
+
+
+def test_any_cache_honouring_the_protocol_gives_the_same_logits(model_fp32: GptOss) -> None:
+    seqs = [tokens(12, 40), tokens(13, 9)]
+    expected = torch.cat([full(model_fp32, s) for s in seqs])
+    cache = ShuffledCache(ContiguousKVCache(model_fp32.config, 2, 41, dtype=torch.float32), seed=0)
+    meta = AttentionMetadata.build([40, 9], cache_slots=[1, 0])
+    torch.testing.assert_close(model_fp32(torch.cat(seqs), meta, cache), expected, rtol=0, atol=1e-5)
+    # Decode one more token for each through the same cache.
+    nxt = torch.tensor([7, 8])
+    step = model_fp32(nxt, AttentionMetadata.build([1, 1], [41, 10], cache_slots=[1, 0]), cache)
+    for row, s in enumerate(seqs):
+        again = full(model_fp32, torch.cat((s, nxt[row : row + 1])))[-1]
+        torch.testing.assert_close(step[row], again, rtol=0, atol=1e-5)
