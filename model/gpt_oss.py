@@ -83,15 +83,8 @@ class AttentionMetadata:
             positions.extend(range(c - q, c))
             seq_index.extend([s] * q)
             offsets.extend(range(q))
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-        return cls(
-            list(query_lens),
-            context_lens,
-            as_tensor(positions),
-            as_tensor(seq_index),
-            as_tensor(offsets),
-            cache_slots,
-        )
+        indices = torch.tensor([positions, seq_index, offsets], dtype=torch.int64).to(device)
+        return cls(list(query_lens), context_lens, indices[0], indices[1], indices[2], cache_slots)
 
     @property
     def num_seqs(self) -> int:

@@ -62,7 +62,7 @@ def random_tensor(spec: TensorSpec, seed: int, norm_dtype: torch.dtype) -> torch
 
 
 def _tensors_in_layout(
-    config: ModelConfig, layout: Layout, seed: int, norm_dtype: torch.dtype
+    config: ModelConfig, layout: Layout, norm_dtype: torch.dtype
 ) -> list[tuple[str, int, TensorSpec]]:
     """(file tensor name, its byte size, the canonical spec it comes from) in checkpoint order."""
     out = []
@@ -99,7 +99,7 @@ def write_checkpoint(
     config_json = config.to_hf_json() if layout is Layout.HF else config.to_original_json()
     (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
 
-    entries = _tensors_in_layout(config, layout, seed, norm_dtype)
+    entries = _tensors_in_layout(config, layout, norm_dtype)
     shards: list[list[tuple[str, int, TensorSpec]]] = [[]]
     size = 0
     for entry in entries:

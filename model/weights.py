@@ -32,13 +32,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 
-# safetensors dtype names ↔ torch dtypes, for the ones gpt-oss uses.
-DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "U8": torch.uint8,
-}
+# Bytes per element of the safetensors dtypes gpt-oss uses.
 BYTES: dict[str, int] = {"BF16": 2, "F32": 4, "F16": 2, "U8": 1}
 
 
