@@ -95,7 +95,55 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # Set when the request was refused or the engine failed while running it.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One request's state inside the engine. The scheduler owns it; the runner only reads it.
+
+    The one scheduling rule works on two counters: `num_computed_tokens` (tokens whose KV is in the cache)
+    catches up with `num_tokens` (prompt plus output so far) a chunk at a time.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    # Output tokens may not run past this many tokens in all (the context limit, or prompt + max_tokens).
+    max_total_tokens: int
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    # Prompt tokens served from the prefix cache at first admission (reported as cached tokens).
+    num_cached_tokens: int = -1
+    num_preemptions: int = 0
+    # Chained hashes of the full blocks of `all_token_ids`, extended as blocks fill up.
+    block_hashes: list[bytes] = field(default_factory=list)
+    output_bytes: bytearray = field(default_factory=bytearray)
+    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

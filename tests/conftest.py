@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from harmony.encoding import VOCAB_FILE_NAME, VOCAB_SHA256
 
@@ -28,6 +29,11 @@ def _offline_vocab_dir() -> Path:
         tmp.replace(target)
     return folder
 
+
+# Under pytest-xdist every worker is a process of its own: one intra-op thread each, or the workers' thread
+# pools fight over the cores and small ops (the tiny models' MoE, the sampler) get many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # openai-harmony reads the variable inside `load_harmony_encoding`, and never downloads when it is set.
 VOCAB_DIR = _offline_vocab_dir()
