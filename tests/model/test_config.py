@@ -168,3 +168,13 @@ def test_invalid_json_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config\.json"):
         ModelConfig.from_file(tmp_path / "config.json")
+
+
+def test_a_config_saved_by_transformers_reads_back(
+    checkpoints: dict[str, Path], tiny_config: ModelConfig
+) -> None:
+    """transformers 5 rewrites `rope_scaling`/`rope_theta` as `rope_parameters`; both spellings must parse."""
+    from transformers import GptOssConfig
+
+    saved = GptOssConfig.from_pretrained(str(checkpoints["hf"])).to_dict()
+    assert ModelConfig.from_dict(saved) == tiny_config
