@@ -56,9 +56,9 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] int64: absolute position of every token
     seq_index: torch.Tensor  # [T] int64: which sequence each token belongs to
     query_offset: torch.Tensor  # [T] int64: index of each token among its sequence's new tokens
-    cache_slots: list[int] | None = (
-        None  # per sequence: its row in a ContiguousKVCache (other caches ignore it)
-    )
+    # Per sequence: its row in a ContiguousKVCache. Other caches may use it as their own per-sequence handle
+    # (e.g. an index into their block tables) or ignore it.
+    cache_slots: list[int] | None = None
 
     def __post_init__(self) -> None:
         assert len(self.query_lens) == len(self.context_lens)
