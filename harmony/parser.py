@@ -192,6 +192,11 @@ class StreamParser:
         return [p.message for p in self.parsed]
 
     @property
+    def current_header(self) -> Header | None:
+        """The header of the message being read; a new object for every message."""
+        return self._header
+
+    @property
     def current_role(self) -> Role | None:
         if self._header is not None:
             return self._header.author.role

@@ -32,11 +32,14 @@ class RenderError(ValueError):
 
 
 def rust_lines(text: str) -> list[str]:
-    """Rust's `str::lines()`: split on `\\n`, drop one trailing `\\r` per line and a final empty piece."""
+    r"""Rust's `str::lines()`: lines end at `\n` or `\r\n`; a final empty piece is dropped, and a lone `\r`
+    at the very end (not followed by `\n`) stays part of the last line."""
     pieces = text.split("\n")
-    if pieces[-1] == "":
-        pieces.pop()
-    return [p[:-1] if p.endswith("\r") else p for p in pieces]
+    last = pieces.pop()
+    lines = [p[:-1] if p.endswith("\r") else p for p in pieces]
+    if last:
+        lines.append(last)
+    return lines
 
 
 def tools_section(namespaces: dict[str, ToolNamespaceConfig]) -> str:
@@ -221,6 +224,6 @@ class Renderer:
         """The conversation as a training example: a trailing final answer ends in `<|return|>`."""
         tokens = self.render_conversation(messages, auto_drop_analysis=auto_drop_analysis)
         if messages and messages[-1].author.role is Role.ASSISTANT and messages[-1].channel == "final":
-            assert tokens[-1] == tok.END
+            # Whatever ended it (`<|call|>` too, for a final message with a recipient), as upstream.
             tokens[-1] = tok.RETURN
         return tokens

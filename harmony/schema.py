@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -73,7 +74,59 @@ def format_float(x: float) -> str:
 
 
 _U64_MAX = 2**64 - 1
-_I64_MIN = -(2**63)
+_POW10 = [float(f"1e{i}") for i in range(309)]
+_JSON_NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
+
+
+def _serde_float(positive: bool, significand: int, exponent: int) -> float:
+    """serde_json's fast (not correctly rounded) decimal-to-float step: significand times a power of ten."""
+    value = float(significand)
+    while True:
+        if abs(exponent) < len(_POW10):
+            value = value * _POW10[exponent] if exponent >= 0 else value / _POW10[-exponent]
+            if math.isinf(value):
+                raise ValueError("a number in the schema is out of range")
+            break
+        if value == 0.0:
+            break
+        if exponent >= 0:
+            raise ValueError("a number in the schema is out of range")
+        value /= 1e308
+        exponent += 308
+    return value if positive else -value
+
+
+def serde_json_number(value: int | float) -> int | float:
+    """The number the official renderer sees for a Python number.
+
+    The official Python package hands schemas to its Rust core as JSON text, and serde_json (without its
+    `float_roundtrip` feature) parses decimals with a fast method that is sometimes one unit in the last
+    place off, and turns integers beyond 64 bits into floats. The model was trained on what that printed, so
+    we print the same: about one float in ten would otherwise differ in its last digit.
+    """
+    match = _JSON_NUMBER.fullmatch(json.dumps(value))
+    assert match is not None
+    sign, integer, fraction, exp = match.groups()
+    significand, exponent, overflowed = 0, 0, False
+    for ch in integer:
+        if overflowed or significand * 10 + int(ch) > _U64_MAX:
+            overflowed = True
+            exponent += 1  # digits past u64 are dropped, each scaling by ten
+        else:
+            significand = significand * 10 + int(ch)
+    for ch in fraction or "":
+        if overflowed or significand * 10 + int(ch) > _U64_MAX:
+            overflowed = True  # dropped without scaling
+        else:
+            significand = significand * 10 + int(ch)
+            exponent -= 1
+    if exp is not None:
+        exponent += int(exp)
+    if not (overflowed or fraction is not None or exp is not None):
+        if not sign:
+            return significand
+        return -significand if significand <= 2**63 else -float(significand)
+    return _serde_float(not sign, significand, exponent)
 
 
 def json_compact(value: Any) -> str:
@@ -84,11 +137,12 @@ def json_compact(value: Any) -> str:
         return "true"
     if value is False:
         return "false"
-    if isinstance(value, int):
-        # serde_json keeps integers that fit u64 or i64; larger ones were parsed as floats.
-        return str(value) if _I64_MIN <= value <= _U64_MAX else format_float(float(value))
-    if isinstance(value, float):
-        return format_float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "null"  # serde_json serializes non-finite floats as null
+    if isinstance(value, int | float):
+        # Integers that fit u64 or i64 stay integers; the rest is parsed, and printed, as floats.
+        parsed = serde_json_number(value)
+        return str(parsed) if isinstance(parsed, int) else format_float(parsed)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):

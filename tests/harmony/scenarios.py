@@ -346,6 +346,35 @@ SCENARIOS: dict[str, Callable[[], list[Message]]] = {
         assistant("<|call|> and <|constrain|>json", "final"),
     ],
     "two_text_contents": lambda: [Message(Author(Role.USER), [TextContent("Hel"), TextContent("lo")])],
+    # Found by the property tests: a lone trailing \r stays in the line; numbers as serde_json parses them.
+    "lone_cr_and_inexact_numbers": lambda: [
+        developer(
+            tools={
+                "n": ToolNamespaceConfig("n", "a\r", []),
+                "functions": ToolNamespaceConfig(
+                    "functions",
+                    None,
+                    [
+                        ToolDescription(
+                            "f",
+                            "desc\r",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "x": {"type": "number", "default": 1e-39},
+                                    "y": {"type": "number", "default": 98086.13498954405},
+                                    "z": {"type": "integer", "default": 9700000000000000000001},
+                                    "w": {"type": "array", "default": [-(2**63) - 1, 0.1, 2**63]},
+                                },
+                            },
+                        )
+                    ],
+                ),
+            }
+        ),
+        user("hi"),
+    ],
+    "training_final_with_recipient": lambda: [user("x"), assistant("y", "final", recipient="all")],
     "unicode_crlf_emoji": lambda: [
         user("naïve café 👩‍👩‍👧‍👦 🇫🇷 Ωμέγα 漢字\r\n\ttabs  and   spaces\u2028line sep\u00a0nbsp"),
         assistant("“quotes” — dashes… 1234567 'll 're", "final"),

@@ -32,7 +32,7 @@ from harmony.messages import (
 )
 from harmony.render import Renderer
 from tests.harmony.conftest import oracle_conversation, to_oracle
-from tests.harmony.strategies import SHOW_KNOWN_MISMATCHES, conversations, text, texts, top_level_schemas
+from tests.harmony.strategies import conversations, text, texts, top_level_schemas
 
 # Every test here runs against the oracle; the example counts are the point, so they are fixed, not profiles.
 # HARMONY_PROPERTY_SCALE=N multiplies them for a deeper local search (the default run stays at these counts).
@@ -59,24 +59,6 @@ def _config(drop: bool) -> oh.RenderConversationConfig:
     return oh.RenderConversationConfig(auto_drop_analysis=drop)
 
 
-def _trailing_final_call(messages: Sequence[Message]) -> bool:
-    """KNOWN BUG (reported, not yet fixed in harmony/render.py).
-
-    A conversation ending in an assistant message on the final channel WITH a recipient (even "all") ends in
-    `<|call|>`; the oracle's training render turns that `<|call|>` into `<|return|>`, while ours fails its
-    `assert tokens[-1] == END`. Remove this guard once fixed (HARMONY_SHOW_KNOWN_MISMATCHES=1 lifts it).
-    """
-    if SHOW_KNOWN_MISMATCHES:
-        return False
-    last = messages[-1] if messages else None
-    return (
-        last is not None
-        and last.author.role is Role.ASSISTANT
-        and last.channel == "final"
-        and last.recipient is not None
-    )
-
-
 # -- conversations -------------------------------------------------------------------------------------------
 
 
@@ -101,12 +83,11 @@ def test_conversation_renders_match_oracle(
             renderer.render_conversation(messages, auto_drop_analysis=drop),
             oracle.render_conversation(conversation, _config(drop)),
         )
-        if not _trailing_final_call(messages):  # known bug, see `_trailing_final_call`
-            assert_same_tokens(
-                enc,
-                renderer.render_for_training(messages, auto_drop_analysis=drop),
-                oracle.render_conversation_for_training(conversation, _config(drop)),
-            )
+        assert_same_tokens(
+            enc,
+            renderer.render_for_training(messages, auto_drop_analysis=drop),
+            oracle.render_conversation_for_training(conversation, _config(drop)),
+        )
     for message in messages:
         theirs = to_oracle(message)
         for flag in (False, True):
