@@ -39,7 +39,6 @@ are for tests only: they loop over rows and over the vocabulary in Python.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ from dataclasses import dataclass
 import torch
 
 from model.request import SamplingParams, SamplingParamsError, TokenLogprob
-
-logger = logging.getLogger(__name__)
 
 _SEED_MODULUS = 2**64
 # Above this k (and whenever a row has top-p) top-k takes the k-th value from a full sort rather than topk.
@@ -96,7 +93,9 @@ def _check_batch(
         )
 
 
-def _host_column(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _host_column(
+    values: list[float] | list[int] | list[bool], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Per-row settings as a ``[n, 1]`` column on the logits' device (a host-to-device copy, never a sync)."""
     return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
@@ -127,6 +126,9 @@ def process_logits(
     bias_ids: list[int] = []
     bias_values: list[float] = []
     for i, p in enumerate(params):
+        if p.logit_bias:
+            # Checked here too, on the host: an id out of range would be a device-side assert on a GPU.
+            check_params_for_vocab(p, vocab)
         bias_rows.extend([i] * len(p.logit_bias))
         bias_ids.extend(p.logit_bias.keys())
         bias_values.extend(p.logit_bias.values())
@@ -161,8 +163,11 @@ def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
     assert all(not p.greedy for p in params), "greedy rows take the argmax and are never filtered"
     device = logits.device
     vocab = logits.shape[1]
-    x = logits / _host_column([p.temperature for p in params], torch.float32, device)
-    keep = torch.ones_like(x, dtype=torch.bool)
+    # Passes over [n, V] are what this costs on the CPU: each step below runs only when some row needs it.
+    x = logits
+    if any(p.temperature != 1.0 for p in params):
+        x = logits / _host_column([p.temperature for p in params], torch.float32, device)
+    keep: torch.Tensor | None = None
 
     top_k_on = [0 < p.top_k < vocab for p in params]
     top_p_on = [p.top_p < 1.0 for p in params]
@@ -179,7 +184,8 @@ def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
         )
         on = _host_column(top_k_on, torch.bool, device)
         kth = torch.where(on, sorted_x.gather(1, k - 1), -math.inf)
-        keep &= x >= kth
+        if any(top_k_on):
+            keep = x >= kth
         if any(top_p_on):
             sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
             sorted_p = sorted_x.softmax(dim=-1)
@@ -190,15 +196,18 @@ def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
                 [p.top_p if p.top_p < 1.0 else math.inf for p in params], torch.float32, device
             )
             last = (before < top_p).sum(dim=-1, keepdim=True) - 1
-            # The prefix can run past the top-k survivors when their mass rounds below top_p; kth bounds it.
-            keep &= x >= torch.maximum(kth, sorted_x.gather(1, last))
+            # If the survivors' mass rounds below top_p the prefix runs into the -inf tail; kth still holds.
+            reached = x >= sorted_x.gather(1, last)
+            keep = reached if keep is None else keep & reached
 
     if any(p.min_p > 0.0 for p in params):
         min_p = _host_column([p.min_p for p in params], torch.float32, device)
         ratio = torch.exp(x - x.max(dim=-1, keepdim=True).values)  # p / p_max
-        keep &= ratio >= min_p
+        keep = ratio >= min_p if keep is None else keep & (ratio >= min_p)
 
-    return x.masked_fill(~keep, -math.inf).softmax(dim=-1)
+    if keep is not None:
+        x = x.masked_fill(~keep, -math.inf)
+    return x.softmax(dim=-1)
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -245,9 +254,12 @@ class Sampler:
                 )
 
         x = process_logits(logits, params, output_token_ids)
-        token_ids = x.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
+        if len(random_rows) == len(params):
+            token_ids = _inverse_cdf(_filter_random_rows(x, params), self._uniforms(generators, x.device))
+        else:
+            token_ids = x.argmax(dim=-1)
+        if random_rows and len(random_rows) < len(params):
             index = torch.tensor(random_rows, dtype=torch.int64, device=x.device)
             probs = _filter_random_rows(x[index], [params[i] for i in random_rows])
             u = self._uniforms([generators[i] for i in random_rows], x.device)
@@ -275,7 +287,7 @@ class Sampler:
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row, the token whose cumulative-probability interval holds ``u · total``: token t with probability
     ``probs[t] / total``, and never a token of probability 0 (its interval is empty)."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     total = cdf[:, -1:].contiguous()
     token = torch.searchsorted(cdf, u * total, right=True)
     # u · total can round up to total: the last token with mass is where the cdf first reaches the total.

@@ -16,6 +16,7 @@ from model.request import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
 from model.sampler import (
     Sampler,
     SamplerOutput,
+    _inverse_cdf,
     check_params_for_vocab,
     filtered_probs,
     filtered_probs_reference,
@@ -150,6 +151,24 @@ def test_top_p_reached_exactly_stops_the_prefix() -> None:
     above = float(torch.nextafter(torch.tensor(mass_two), torch.tensor(1.0)))  # the next float32
     nudged = filtered_probs(logits, [SamplingParams(top_p=above)])[0]
     assert (nudged > 0).tolist() == [True, True, True, False]
+
+
+def test_top_p_just_below_one_keeps_the_top_k_exactly() -> None:
+    """The top-k survivors' float32 mass can round below a top_p just under 1; top-p must not then reach
+    past them into the tokens top-k dropped."""
+    logits = _randn(64, 50, seed=16)
+    just_below_one = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+    for k in (2, 3, 9):
+        probs = filtered_probs(logits, [SamplingParams(top_k=k, top_p=just_below_one)] * 64)
+        assert ((probs > 0).sum(dim=-1) == k).all()
+
+
+def test_inverse_cdf_never_lands_on_a_zero_probability_token() -> None:
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0, 0.0]] * 6)
+    u = torch.tensor([[0.0], [0.2499], [0.25], [0.7501], [0.9999], [1.0]], dtype=torch.float64)
+    cdf = [sum(probs[0, : t + 1].tolist()) for t in range(7)]
+    expected = [next(t for t in range(7) if cdf[t] > float(v) and probs[0, t] > 0) for v in u[:5, 0]]
+    assert _inverse_cdf(probs, u).tolist() == [*expected, 4]  # u = 1 (never drawn): the last token with mass
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -542,3 +561,6 @@ def test_check_params_for_vocab() -> None:
         check_params_for_vocab(SamplingParams(logit_bias={-1: 1.0}), 100)
     with pytest.raises(SamplingParamsError, match="NaN"):
         check_params_for_vocab(SamplingParams(logit_bias={3: math.nan}), 100)
+    # The sampler refuses them too rather than index out of range.
+    with pytest.raises(SamplingParamsError, match=r"\[0, 8\)"):
+        Sampler().sample(torch.zeros(1, 8), [SamplingParams(logit_bias={8: 1.0})], [[]], [None])
