@@ -1,0 +1,149 @@
+"""The FastAPI app. `create_app(engine, settings)` builds it around an engine; no module globals hold state.
+
+Routes are thin: they validate the body (pydantic), hand it to a service, and return what the service built.
+Errors from anywhere leave through `server.errors` in the OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import tiktoken
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from harmony.encoding import load_harmony_encoding
+from model.engine import Engine
+from server.async_engine import AsyncEngine
+from server.errors import APIError, bad_request, install_error_handlers
+from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.serving_chat import ChatService, ProcessorsHook
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes need, owned by the app: the engine bridge and the services built on it."""
+
+    def __init__(
+        self, settings: ServerSettings, encoding: tiktoken.Encoding, processors_hook: ProcessorsHook | None
+    ) -> None:
+        self.settings = settings
+        self.processors_hook = processors_hook
+        self.encoding = encoding
+        self.created = int(time.time())
+        self.engine: AsyncEngine | None = None
+        self.chat: ChatService | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = AsyncEngine(engine)
+        self.chat = ChatService(
+            self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
+        )
+
+    def ready_chat(self) -> ChatService:
+        if self.chat is None:
+            raise APIError(503, "the model is still loading", type="server_error", code="model_loading")
+        return self.chat
+
+
+def create_app(
+    engine: Engine | None,
+    settings: ServerSettings | None = None,
+    *,
+    encoding: tiktoken.Encoding | None = None,
+    processors_hook: ProcessorsHook | None = None,
+) -> FastAPI:
+    """The app around `engine`. With None, it answers 503 until `app.state.server.attach(engine)`.
+
+    `processors_hook`, if given, adds logits processors to each chat request's choices (the seam through
+    which tests make the real model say chosen harmony sequences).
+    """
+    state = ServerState(settings or ServerSettings(), encoding or load_harmony_encoding(), processors_hook)
+    if engine is not None:
+        state.attach(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "id": state.settings.served_model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "gpt-oss-server",
+        }
+        if state.settings.model_note:
+            entry["note"] = state.settings.model_note
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        chat = state.ready_chat()
+        if body.stream:
+            lines = await chat.stream(body)
+            return EventSourceResponse(({"data": line} async for line in lines), ping=15)
+        return await chat.complete(body)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            tokens = state.encoding.encode_ordinary(body.prompt)
+        else:
+            chat = state.ready_chat()
+            assert body.messages is not None
+            request = ChatCompletionRequest(
+                model=state.settings.served_model_name,
+                messages=body.messages,
+                tools=body.tools,
+                reasoning_effort=body.reasoning_effort,
+            )
+            tokens = chat.render(request)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": _max_len(state)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
+            raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
+        return {"prompt": state.encoding.decode(body.tokens)}
+
+    @app.middleware("http")
+    async def request_log(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        logger.info(
+            "%s %s %d %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    return app
+
+
+def _max_len(state: ServerState) -> int | None:
+    return state.chat.max_model_len if state.chat is not None else None

@@ -1,0 +1,64 @@
+"""The bridge between the asyncio server and the engine thread.
+
+Each request gets its own asyncio queue; the engine thread's callback hands outputs over with
+`loop.call_soon_threadsafe`, so the event loop never waits on the model. A consumer that goes away (a client
+disconnect cancels its task) aborts its request in the engine, which frees its blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+from model.engine import Engine, EngineThread
+from model.request import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailure(RuntimeError):
+    """The engine ended the request with an error (a failed step, or a refusal after queueing)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._thread = EngineThread(engine)
+        self._ids = itertools.count()
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise `RequestRejected` for a request that can never run, before a response starts."""
+        self.engine.check(prompt_token_ids, params)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as the engine produces them; the last one has a finish reason."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = request_id or f"req-{next(self._ids)}"
+
+        def deliver(output: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        self._thread.add_request(rid, prompt_token_ids, params, deliver)
+        finished = False
+        try:
+            while True:
+                output = await outputs.get()
+                if output.error is not None:
+                    finished = True
+                    raise EngineFailure(output.error)
+                yield output
+                if output.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                logger.info("request %s abandoned by its client; aborting it", rid)
+                self._thread.abort(rid)
+
+    def shutdown(self) -> None:
+        self._thread.stop()

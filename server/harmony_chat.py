@@ -1,0 +1,226 @@
+"""OpenAI chat messages to harmony prompts; harmony output tokens back to reasoning, content and tool calls.
+
+Rendering follows the official renderer's conventions so that a tool loop's prompt extends the previous one
+(the prefix cache then hits): assistant reasoning becomes an analysis message, an answer a final message, each
+tool call a commentary message to `functions.NAME` with content type `<|constrain|>json` (ending in
+`<|call|>`), and each tool result a message from `functions.NAME` to the assistant on the commentary channel.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import tiktoken
+
+from harmony.messages import (
+    Author,
+    DeveloperContent,
+    Message,
+    ReasoningEffort,
+    Role,
+    SystemContent,
+    TextContent,
+    ToolDescription,
+    function_tools_namespace,
+)
+from harmony.parser import Header, StreamParser
+from server.errors import bad_request
+from server.protocol import ChatMessage, Tool
+
+FUNCTIONS_PREFIX = "functions."
+
+
+def conversation_date(setting: str | None) -> str | None:
+    """The system message's `Current date:`: today in UTC for "today", a fixed date, or None for no line."""
+    if setting == "today":
+        return datetime.now(UTC).strftime("%Y-%m-%d")
+    return setting
+
+
+def system_message(effort: str | None, date_setting: str | None, default_effort: str = "medium") -> Message:
+    content = SystemContent(
+        reasoning_effort=ReasoningEffort(effort or default_effort),
+        conversation_start_date=conversation_date(date_setting),
+    )
+    return Message.from_role(Role.SYSTEM, content)
+
+
+def to_harmony(
+    messages: list[ChatMessage],
+    tools: list[Tool] | None,
+    *,
+    effort: str | None,
+    date_setting: str | None,
+    default_effort: str = "medium",
+) -> list[Message]:
+    """The harmony conversation for a chat request (raises a 400 `APIError` for an inconsistent history)."""
+    instructions = [m.text() for m in messages if m.role in ("system", "developer") and m.text()]
+    out = [system_message(effort, date_setting, default_effort)]
+    namespace = None
+    if tools:
+        namespace = function_tools_namespace(
+            [
+                ToolDescription(t.function.name, t.function.description or "", t.function.parameters)
+                for t in tools
+            ]
+        )
+    if instructions or namespace:
+        developer = DeveloperContent(
+            instructions="\n\n".join(instructions) if instructions else None, tools=namespace
+        )
+        out.append(Message.from_role(Role.DEVELOPER, developer))
+
+    call_names: dict[str, str] = {}
+    for i, m in enumerate(messages):
+        if m.role in ("system", "developer"):
+            continue
+        if m.role == "user":
+            out.append(Message.from_role(Role.USER, m.text()))
+        elif m.role == "assistant":
+            reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+            if reasoning:
+                out.append(Message.from_role(Role.ASSISTANT, reasoning, channel="analysis"))
+            if m.tool_calls:
+                if m.text():  # a preamble before the calls
+                    out.append(Message.from_role(Role.ASSISTANT, m.text(), channel="commentary"))
+                for call in m.tool_calls:
+                    call_names[call.id] = call.function.name
+                    out.append(
+                        Message.from_role(
+                            Role.ASSISTANT,
+                            call.function.arguments,
+                            channel="commentary",
+                            recipient=FUNCTIONS_PREFIX + call.function.name,
+                            content_type="<|constrain|>json",
+                        )
+                    )
+            elif m.content is not None or not reasoning:
+                out.append(Message.from_role(Role.ASSISTANT, m.text(), channel="final"))
+        else:  # tool
+            name = call_names.get(m.tool_call_id or "") or m.name
+            if name is None:
+                raise bad_request(
+                    f"messages[{i}]: tool_call_id {m.tool_call_id!r} matches no earlier assistant tool call",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            out.append(
+                Message(
+                    Author(Role.TOOL, FUNCTIONS_PREFIX + name),
+                    [TextContent(m.text())],
+                    "commentary",
+                    "assistant",
+                )
+            )
+    return out
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+class DeltaKind(StrEnum):
+    REASONING = "reasoning"
+    CONTENT = "content"
+    TOOL_CALL_START = "tool_call_start"
+    TOOL_CALL_ARGUMENTS = "tool_call_arguments"
+
+
+@dataclass(slots=True)
+class Delta:
+    kind: DeltaKind
+    text: str = ""
+    index: int = 0  # tool calls: their index among this choice's calls
+    call_id: str = ""
+    name: str = ""
+
+
+@dataclass(slots=True)
+class ToolCallOut:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class ChatOutput:
+    """What one choice said so far, and its deltas as they come."""
+
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
+    reasoning_tokens: int = 0
+    anomalies: int = 0
+
+
+def _kind_of(header: Header) -> DeltaKind:
+    recipient = header.recipient or ""
+    if recipient.startswith(FUNCTIONS_PREFIX):
+        return DeltaKind.TOOL_CALL_ARGUMENTS
+    if header.channel == "analysis":
+        return DeltaKind.REASONING
+    # final, commentary preambles, and anything the model wrote without a proper header: the answer.
+    return DeltaKind.CONTENT
+
+
+class ChatOutputParser:
+    """One per choice: feeds the sampled tokens to a tolerant harmony parser and sorts what comes out."""
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self.parser = StreamParser(encoding, Role.ASSISTANT)
+        self.output = ChatOutput()
+        self._calls: dict[int, ToolCallOut] = {}  # by id() of the message header
+
+    def feed(self, token: int) -> list[Delta]:
+        parser = self.parser
+        before = parser.current_header
+        parser.process(token)
+        deltas: list[Delta] = []
+        after = parser.current_header
+        if after is not None and after is not before:
+            self._opened(after, deltas)
+        for header, text in parser.deltas:
+            if id(header) not in self._calls and _kind_of(header) is DeltaKind.TOOL_CALL_ARGUMENTS:
+                self._opened(header, deltas)
+            self._text(header, text, deltas)
+        return deltas
+
+    def finish(self) -> list[Delta]:
+        """The stream ended: flush what the parser still holds."""
+        self.parser.process_eos()
+        deltas: list[Delta] = []
+        for header, text in self.parser.deltas:
+            self._text(header, text, deltas)
+        self.output.anomalies = self.parser.anomalies
+        # Every token of an analysis message counts as reasoning: header, `<|message|>`, text and its end.
+        self.output.reasoning_tokens = sum(
+            len(p.header_tokens) + 1 + len(p.content_tokens) + (p.end_token is not None)
+            for p in self.parser.parsed
+            if p.message.channel == "analysis"
+        )
+        return deltas
+
+    def _opened(self, header: Header, deltas: list[Delta]) -> None:
+        if _kind_of(header) is not DeltaKind.TOOL_CALL_ARGUMENTS or id(header) in self._calls:
+            return
+        call = ToolCallOut(new_call_id(), (header.recipient or "")[len(FUNCTIONS_PREFIX) :])
+        self._calls[id(header)] = call
+        self.output.tool_calls.append(call)
+        index = len(self.output.tool_calls) - 1
+        deltas.append(Delta(DeltaKind.TOOL_CALL_START, index=index, call_id=call.id, name=call.name))
+
+    def _text(self, header: Header, text: str, deltas: list[Delta]) -> None:
+        kind = _kind_of(header)
+        if kind is DeltaKind.TOOL_CALL_ARGUMENTS:
+            call = self._calls[id(header)]
+            call.arguments += text
+            index = self.output.tool_calls.index(call)
+            deltas.append(Delta(kind, text, index=index, call_id=call.id, name=call.name))
+        elif kind is DeltaKind.REASONING:
+            self.output.reasoning.append(text)
+            deltas.append(Delta(kind, text))
+        else:
+            self.output.content.append(text)
+            deltas.append(Delta(kind, text))

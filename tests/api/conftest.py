@@ -1,0 +1,99 @@
+"""The real app on the real engine (a tiny random checkpoint), served by uvicorn on localhost.
+
+The model has random weights, so to make it say a chosen harmony sequence the tests pass `test_force` (an
+extra body field the OpenAI SDK forwards): the app's processors hook turns it into a logits processor that
+forces those tokens through the engine's own sampling path. Nothing replaces the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import tiktoken
+import torch
+import uvicorn
+
+from harmony.encoding import load_harmony_encoding
+from model.config import PRESETS
+from model.engine import Engine, EngineConfig
+from model.gpt_oss import GptOss
+from model.make_checkpoint import write_checkpoint
+from model.request import LogitsProcessor
+from server.app import create_app
+from server.protocol import ChatCompletionRequest
+from server.settings import ServerSettings
+
+MODEL = "gpt-oss-test"
+
+
+def force_tokens(tokens: list[int]) -> LogitsProcessor:
+    """Make the model produce exactly `tokens`, one per step (the last one repeats if it keeps going)."""
+
+    def processor(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        row = torch.full_like(logits, float("-inf"))
+        row[tokens[min(len(output), len(tokens) - 1)]] = 0.0
+        return row
+
+    return processor
+
+
+def _hook(encoding: tiktoken.Encoding) -> Callable[[ChatCompletionRequest, int], list[LogitsProcessor]]:
+    def hook(request: ChatCompletionRequest, index: int) -> list[LogitsProcessor]:
+        script: Any = (request.model_extra or {}).get("test_force")
+        if script is None:
+            return []
+        if isinstance(script, list):
+            script = script[index % len(script)]
+        return [force_tokens(encoding.encode(script, allowed_special="all"))]
+
+    return hook
+
+
+@dataclasses.dataclass
+class Served:
+    base_url: str
+    engine: Engine
+    encoding: tiktoken.Encoding
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
+    path = write_checkpoint(config, tmp_path_factory.mktemp("api-model"), layout="hf", seed=11)
+    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
+    encoding = load_harmony_encoding()
+    engine = Engine(
+        model,
+        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
+        token_bytes=encoding.decode_single_token_bytes,
+    )
+    settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
+    app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield Served(base, engine, encoding)
+    server.should_exit = True
+    thread.join(10)
