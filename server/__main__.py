@@ -1,0 +1,5 @@
+"""`python -m server`."""
+
+from server.main import main
+
+main()

@@ -1,0 +1,60 @@
+"""The command line: flags and their environment variables, and the embedded demo checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.main import DEMO_NOTE, build, demo_checkpoint, parse_args
+
+
+def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = parse_args([])
+    assert (defaults.model, defaults.host, defaults.port, defaults.max_model_len) == (
+        None,
+        "127.0.0.1",
+        8000,
+        8192,
+    )
+    monkeypatch.setenv("GPT_OSS_PORT", "9001")
+    monkeypatch.setenv("GPT_OSS_MODEL", "/models/x")
+    from_env = parse_args([])
+    assert (from_env.port, from_env.model) == (9001, "/models/x")
+    flags = parse_args(["--port", "9002", "--served-model-name", "m", "--kv-cache-memory", "0.5"])
+    assert (flags.port, flags.served_model_name, flags.kv_cache_memory) == (9002, "m", 0.5)
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--model",
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--device",
+        "--dtype",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--kv-cache-memory",
+        "--log-level",
+    ):
+        assert flag in out
+
+
+def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) -> None:
+    first = demo_checkpoint(tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert demo_checkpoint(tmp_path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    engine, settings = build(
+        parse_args(["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"])
+    )
+    assert settings.served_model_name == "gpt-oss-demo"
+    assert settings.model_note == DEMO_NOTE
+    assert engine.max_model_len == 256
+    assert engine.token_bytes is not None
