@@ -107,10 +107,15 @@ def _host_column(
 def process_logits(
     logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
 ) -> torch.Tensor:
-    """Steps 1-3 for the whole batch, into a new float32 ``[B, V]`` tensor; ``logits`` is not modified.
+    """Steps 1-3 for the whole batch: float32 ``[B, V]``. ``logits`` is never modified: the result is a new
+    tensor, or, when no row has a processor, a bias or a penalty, ``logits`` itself (upcast if need be).
 
     Processors must not modify the output id list they are given (it is the engine's)."""
     _check_batch(logits, params, output_token_ids)
+    if not any(
+        p.logits_processors or p.logit_bias or p.presence_penalty or p.frequency_penalty for p in params
+    ):
+        return logits.to(torch.float32)
     x = logits.to(torch.float32, copy=True)
     vocab = x.shape[1]
     device = x.device
