@@ -23,6 +23,7 @@ from server.async_engine import AsyncEngine
 from server.errors import APIError, bad_request, install_error_handlers
 from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.serving_chat import ChatService, ProcessorsHook
+from server.serving_completions import CompletionService, register_completions_routes
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -40,17 +41,30 @@ class ServerState:
         self.created = int(time.time())
         self.engine: AsyncEngine | None = None
         self.chat: ChatService | None = None
+        self.completions: CompletionService | None = None
 
     def attach(self, engine: Engine) -> None:
         self.engine = AsyncEngine(engine)
         self.chat = ChatService(
             self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
         )
+        self.completions = CompletionService(
+            self.engine, self.encoding, self.settings.served_model_name, engine.max_model_len
+        )
 
     def ready_chat(self) -> ChatService:
         if self.chat is None:
-            raise APIError(503, "the model is still loading", type="server_error", code="model_loading")
+            raise _loading()
         return self.chat
+
+    def ready_completions(self) -> CompletionService:
+        if self.completions is None:
+            raise _loading()
+        return self.completions
+
+
+def _loading() -> APIError:
+    return APIError(503, "the model is still loading", type="server_error", code="model_loading")
 
 
 def create_app(
@@ -104,6 +118,8 @@ def create_app(
             lines = await chat.stream(body)
             return EventSourceResponse(({"data": line} async for line in lines), ping=15)
         return await chat.complete(body)
+
+    register_completions_routes(app, state.ready_completions)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

@@ -33,8 +33,9 @@ from server.tool_choice import tool_choice_processors
 
 logger = logging.getLogger(__name__)
 
-# Extra logits processors for a request's choices, by choice index (see `create_app`).
-ProcessorsHook = Callable[[ChatCompletionRequest, int], list[LogitsProcessor]]
+# Extra logits processors for a request's choices, given the request's unknown body fields (`model_extra`)
+# and the choice index (see `create_app`); chat and Responses requests go through the same hook.
+ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
 
 
 @dataclass(slots=True)
@@ -198,7 +199,11 @@ class ChatService:
                         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                         logits_processors=[
                             *processors,
-                            *(self.processors_hook(request, i) if self.processors_hook else []),
+                            *(
+                                self.processors_hook(request.model_extra or {}, i)
+                                if self.processors_hook
+                                else []
+                            ),
                         ],
                     )
                 )
@@ -215,7 +220,9 @@ class ChatService:
     def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
         def one(token: int, logprob: float) -> dict[str, Any]:
             raw = self.encoding.decode_single_token_bytes(token)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+            # A forced or banned token can have a logprob of -inf, which JSON cannot carry; OpenAI uses -9999.
+            value = max(logprob, -9999.0)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
 
         entry = one(lp.token_id, lp.logprob)
         entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
