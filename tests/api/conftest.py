@@ -27,7 +27,6 @@ from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from model.request import LogitsProcessor
 from server.app import create_app
-from server.protocol import ChatCompletionRequest
 from server.settings import ServerSettings
 
 MODEL = "gpt-oss-test"
@@ -44,9 +43,9 @@ def force_tokens(tokens: list[int]) -> LogitsProcessor:
     return processor
 
 
-def _hook(encoding: tiktoken.Encoding) -> Callable[[ChatCompletionRequest, int], list[LogitsProcessor]]:
-    def hook(request: ChatCompletionRequest, index: int) -> list[LogitsProcessor]:
-        script: Any = (request.model_extra or {}).get("test_force")
+def _hook(encoding: tiktoken.Encoding) -> Callable[[dict[str, Any], int], list[LogitsProcessor]]:
+    def hook(extra: dict[str, Any], index: int) -> list[LogitsProcessor]:
+        script: Any = extra.get("test_force")
         if script is None:
             return []
         if isinstance(script, list):
