@@ -1,0 +1,570 @@
+"""Engine benchmark: continuous batching, the prefix cache and the scheduler's overhead, against one-at-a-time
+serving and Hugging Face transformers' batched `generate`.
+
+    python benchmarks/engine_bench.py [--quick] [--device cpu|cuda] [--preset tiny,small | 20b-shaped]
+                                      [--threads N] [--requests N] [--no-hf]
+
+For each preset, writes once (under .cache/bench/, never committed) a random HF-layout checkpoint with
+`write_checkpoint` and loads it with `GptOss.from_checkpoint` (float32 on the CPU, bfloat16 on CUDA). Then:
+
+* **Throughput.** A deterministic workload of requests with mixed prompt lengths (16..512 tokens) and output
+  lengths (8..128 tokens), greedy, with no stop tokens, so every request produces exactly its `max_tokens`.
+  At concurrency c the driver keeps c requests in flight: it adds the next request through
+  `Engine.add_request` as soon as one finishes (continuous, not waves), and calls `Engine.step` until all
+  are done. Aggregate output tokens/s = all output tokens / wall time (prefill included). c = 1 serves the
+  same requests one at a time: that is the baseline. Every run gets a fresh engine (no prefix-cache reuse
+  between runs; the random prompts share no prefix within a run).
+* **transformers.** `GptOssForCausalLM` on the same checkpoint (float32, MXFP4 dequantized at load, eager
+  attention), the same requests in order, in batches of 16, left-padded, greedy `generate` with
+  `max_new_tokens` = the largest `max_tokens` of the batch. Only the tokens each request asked for count as
+  useful output (the extra tokens the shorter requests of a batch are dragged along for do not).
+* **Prefix cache.** A shared 1024-token prefix with distinct 16-token suffixes: one request warms the cache,
+  then the time to first token (add_request to the step that returns the token) of new requests with the
+  same prefix, one at a time, with `enable_prefix_caching` on and off; the median of a few.
+* **Scheduler overhead.** 64 requests (the workload's prompts, 32 output tokens each) all admitted at once;
+  `engine.scheduler.schedule()` and `engine.runner.prepare()` are wrapped with timers (thread CPU time and
+  wall time), averaged over the decode steps (one new token per request) with 64 running requests.
+* **TTFT of a 2k-token prompt** alone on an empty engine.
+
+On CUDA (`--device cuda --preset 20b-shaped`): the KV pool is sized from the free memory after a warm-up
+(`EngineConfig.kv_cache_memory=None`) and its size is printed; concurrency 1, 16 and 64; transformers is
+skipped unless `--hf` is given.
+
+Timings on a shared machine are noisy: the load average and the thread count are printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.config import PRESETS, ModelConfig  # noqa: E402
+from model.engine import Engine, EngineConfig  # noqa: E402
+from model.gpt_oss import GptOss  # noqa: E402
+from model.make_checkpoint import write_checkpoint  # noqa: E402
+from model.request import SamplingParams  # noqa: E402
+
+logger = logging.getLogger("engine_bench")
+
+# Bigger than tiny on every axis that costs compute, yet a full run stays in minutes on 2 CPU cores.
+SMALL = ModelConfig(
+    num_hidden_layers=8,
+    num_experts=32,
+    experts_per_token=4,
+    hidden_size=256,
+    intermediate_size=256,
+    head_dim=64,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
+CONFIGS: dict[str, ModelConfig] = {"tiny": PRESETS["tiny"], "small": SMALL, "20b-shaped": PRESETS["20b"]}
+
+PREFIX_LEN = 1024
+SUFFIX_LEN = 16
+LONG_PROMPT = 2048
+OVERHEAD_SEQS = 64
+OVERHEAD_TOKENS = 32
+HF_BATCH = 16
+
+TARGET_VS_BASELINE = 8.0
+TARGET_VS_HF = 2.0
+TARGET_PREFIX = 5.0
+TARGET_OVERHEAD_MS = 1.0
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# -- setup -------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(name: str, config: ModelConfig) -> Path:
+    """The HF-layout checkpoint of `config`, seed 0, written once (a `.done` marker guards partial writes)."""
+    path = ROOT / ".cache" / "bench" / f"{name}-seed0"
+    if not (path / ".done").is_file():
+        started = time.perf_counter()
+        write_checkpoint(config, path, layout="hf", seed=0)
+        (path / ".done").write_text("ok\n")
+        logger.info("wrote %s in %.1f s", path, time.perf_counter() - started)
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclasses.dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def make_workload(
+    n: int, vocab: int, seed: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int]
+) -> Workload:
+    rng = random.Random(seed)
+    prompts, max_tokens = [], []
+    for _ in range(n):
+        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(*prompt_lens))])
+        max_tokens.append(rng.randint(*output_lens))
+    return Workload(prompts, max_tokens)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)  # no stop tokens: exactly max_tokens
+
+
+def make_engine(model: GptOss, args: argparse.Namespace, **overrides: Any) -> Engine:
+    settings: dict[str, Any] = {"kv_cache_memory": args.kv_cache_memory, "max_model_len": args.max_model_len}
+    settings.update(overrides)
+    return Engine(model, EngineConfig(**settings))
+
+
+# -- measurements ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class RunResult:
+    seconds: float
+    output_tokens: int
+    steps: int
+    ttft: list[float]
+    preemptions: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def run_concurrency(engine: Engine, work: Workload, concurrency: int, tag: str) -> RunResult:
+    """Keep `concurrency` requests in flight: the next is added as soon as one finishes."""
+    pending = deque(range(len(work.prompts)))
+    in_flight = 0
+    tokens = 0
+    steps = 0
+    added: dict[str, float] = {}
+    ttft: list[float] = []
+    sync(engine.model.device)
+    started = time.perf_counter()
+    while pending or engine.has_unfinished():
+        while pending and in_flight < concurrency:
+            i = pending.popleft()
+            rid = f"{tag}-{i}"
+            added[rid] = time.perf_counter()
+            engine.add_request(rid, work.prompts[i], greedy(work.max_tokens[i]))
+            in_flight += 1
+        outputs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for output in outputs:
+            if output.new_token_ids and output.request_id in added:
+                ttft.append(now - added.pop(output.request_id))
+            tokens += len(output.new_token_ids)
+            if output.finished:
+                in_flight -= 1
+    seconds = time.perf_counter() - started
+    if tokens != work.num_output_tokens:
+        raise RuntimeError(f"expected {work.num_output_tokens} output tokens, got {tokens}")
+    return RunResult(seconds, tokens, steps, ttft, engine.stats().num_preemptions)
+
+
+def time_to_first_token(engine: Engine, rid: str, prompt: list[int]) -> float:
+    """Add one request to an idle engine and step until its first token; the request is then run out."""
+    sync(engine.model.device)
+    started = time.perf_counter()
+    engine.add_request(rid, prompt, greedy(1))
+    elapsed = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.request_id == rid and output.new_token_ids and elapsed is None:
+                elapsed = time.perf_counter() - started
+    assert elapsed is not None
+    return elapsed
+
+
+def prefix_ttft(model: GptOss, args: argparse.Namespace, caching: bool, repeats: int) -> float:
+    rng = random.Random(11)
+    vocab = model.config.vocab_size
+    prefix = [rng.randrange(vocab) for _ in range(PREFIX_LEN)]
+    suffixes = [[rng.randrange(vocab) for _ in range(SUFFIX_LEN)] for _ in range(repeats + 1)]
+    engine = make_engine(model, args, enable_prefix_caching=caching)
+    time_to_first_token(engine, "warm", prefix + suffixes[0])
+    times = [time_to_first_token(engine, f"p{i}", prefix + s) for i, s in enumerate(suffixes[1:])]
+    del engine
+    release(model.device)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass(slots=True)
+class Overhead:
+    schedule_cpu_ms: float
+    prepare_cpu_ms: float
+    schedule_wall_ms: float
+    prepare_wall_ms: float
+    steps: int
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.schedule_cpu_ms + self.prepare_cpu_ms
+
+    @property
+    def wall_ms(self) -> float:
+        return self.schedule_wall_ms + self.prepare_wall_ms
+
+
+def _timed(fn: Callable[..., Any], record: list[tuple[float, float, Any]]) -> Callable[..., Any]:
+    def wrapper(*a: Any, **k: Any) -> Any:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        result = fn(*a, **k)
+        record.append((time.thread_time() - cpu, time.perf_counter() - wall, result))
+        return result
+
+    return wrapper
+
+
+def scheduler_overhead(model: GptOss, args: argparse.Namespace, work: Workload) -> Overhead:
+    """Schedule and prepare times per decode step with OVERHEAD_SEQS running requests."""
+    engine = make_engine(model, args, max_num_seqs=OVERHEAD_SEQS)
+    schedules: list[tuple[float, float, Any]] = []
+    prepares: list[tuple[float, float, Any]] = []
+    engine.scheduler.schedule = _timed(engine.scheduler.schedule, schedules)  # type: ignore[method-assign]
+    engine.runner.prepare = _timed(engine.runner.prepare, prepares)  # type: ignore[method-assign]
+    for i in range(OVERHEAD_SEQS):
+        prompt = work.prompts[i % len(work.prompts)][: args.overhead_prompt_cap]
+        engine.add_request(f"o{i}", prompt, greedy(args.overhead_tokens))
+    decode: list[tuple[tuple[float, float, Any], tuple[float, float, Any]]] = []
+    while engine.has_unfinished():
+        engine.step()
+        plan = schedules[-1][2]
+        # A decode step: every one of the OVERHEAD_SEQS requests ran and added exactly one token.
+        if len(plan.scheduled) == OVERHEAD_SEQS and plan.num_tokens == OVERHEAD_SEQS:
+            decode.append((schedules[-1], prepares[-1]))
+    del engine, schedules, prepares
+    release(model.device)
+    if not decode:
+        raise RuntimeError("no decode step with all requests running")
+    n = len(decode)
+    return Overhead(
+        schedule_cpu_ms=1e3 * sum(s[0] for s, _ in decode) / n,
+        prepare_cpu_ms=1e3 * sum(p[0] for _, p in decode) / n,
+        schedule_wall_ms=1e3 * sum(s[1] for s, _ in decode) / n,
+        prepare_wall_ms=1e3 * sum(p[1] for _, p in decode) / n,
+        steps=n,
+    )
+
+
+def hf_generate(path: Path, work: Workload, device: torch.device, dtype: torch.dtype) -> RunResult:
+    """transformers' batched greedy generate, HF_BATCH requests at a time, left-padded."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    hf = GptOssForCausalLM.from_pretrained(
+        str(path),
+        dtype=dtype,
+        attn_implementation="eager",
+        quantization_config=Mxfp4Config(dequantize=True),
+    ).to(device)
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # lengths exactly as asked, as for our engine
+    hf.generation_config.pad_token_id = 0
+    useful = 0
+    seconds = 0.0
+    steps = 0
+    with torch.inference_mode():
+        # One small warm-up call, untimed.
+        hf.generate(torch.tensor([[1, 2, 3]], device=device), max_new_tokens=2, do_sample=False)
+        for start in range(0, len(work.prompts), HF_BATCH):
+            prompts = work.prompts[start : start + HF_BATCH]
+            wanted = work.max_tokens[start : start + HF_BATCH]
+            width = max(len(p) for p in prompts)
+            ids = torch.zeros(len(prompts), width, dtype=torch.int64)
+            mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+            for row, p in enumerate(prompts):
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            new = max(wanted)
+            sync(device)
+            started = time.perf_counter()
+            result = hf.generate(
+                ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False
+            )
+            sync(device)
+            seconds += time.perf_counter() - started
+            if result.shape[1] != width + new:
+                raise RuntimeError(f"transformers produced {result.shape[1] - width} tokens, not {new}")
+            useful += sum(wanted)
+            steps += new
+    del hf
+    release(device)
+    return RunResult(seconds, useful, steps, [], 0)
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Check:
+    name: str
+    figure: str
+    target: str
+    ok: bool | None  # None: informational
+
+
+def describe(config: ModelConfig) -> str:
+    return (
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, intermediate "
+        f"{config.intermediate_size}, {config.num_experts} experts top-{config.experts_per_token}, "
+        f"{config.num_attention_heads}x{config.head_dim} q heads / {config.num_key_value_heads} kv, "
+        f"vocab {config.vocab_size}"
+    )
+
+
+def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> list[Check]:
+    config = CONFIGS[name]
+    path = checkpoint_dir(name, config)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    experts = args.experts or ("dequantized" if device.type == "cpu" else "packed")
+    started = time.perf_counter()
+    model = GptOss.from_checkpoint(path, device=device, dtype=dtype, experts=experts, progress=False)
+    out(f"\n== {name}: {describe(config)}")
+    out(f"   {path} ({dtype}, {experts} experts, loaded in {time.perf_counter() - started:.1f} s)")
+
+    n = args.requests or (8 if args.quick else 64)
+    work = make_workload(
+        n, config.vocab_size, seed=1, prompt_lens=args.prompt_lens, output_lens=args.output_lens
+    )
+    out(
+        f"   workload: {n} requests, prompts {args.prompt_lens[0]}..{args.prompt_lens[1]} tokens "
+        f"({work.num_prompt_tokens} in all), outputs {args.output_lens[0]}..{args.output_lens[1]} tokens "
+        f"({work.num_output_tokens} in all), greedy, no stop tokens; c requests kept in flight"
+    )
+
+    # Warm-up (first-call costs), and the KV pool the engine chose.
+    engine = make_engine(model, args)
+    pool = engine.kv
+    kv_bytes = sum(t.numel() * t.element_size() for t in (*engine.runner.cache.k, *engine.runner.cache.v))
+    out(
+        f"   KV pool: {pool.full.num_blocks} full-attention + {pool.sliding.num_blocks} sliding-window "
+        f"blocks of {pool.block_size} tokens, {kv_bytes / 2**20:.0f} MiB "
+        f"({pool.full.num_blocks * pool.block_size} tokens of full-attention context)"
+    )
+    run_concurrency(engine, make_workload(4, config.vocab_size, 99, (8, 64), (2, 4)), 4, "warm")
+    del engine
+    release(device)
+
+    concurrencies = [1, 16, 64] if device.type == "cuda" else [1, 4, 16, 64]
+    results: dict[int, RunResult] = {}
+    out(f"   {'run':<26}{'seconds':>9}{'out tok/s':>11}{'steps':>8}{'median TTFT':>13}{'preempt':>9}")
+    for c in concurrencies:
+        engine = make_engine(model, args)
+        result = run_concurrency(engine, work, c, f"c{c}")
+        del engine
+        release(device)
+        results[c] = result
+        label = "c=1 (one at a time)" if c == 1 else f"c={c}"
+        out(
+            f"   {label:<26}{result.seconds:>9.2f}{result.tokens_per_s:>11.1f}{result.steps:>8}"
+            f"{1e3 * statistics.median(result.ttft):>10.0f} ms{result.preemptions:>9}"
+        )
+
+    hf_result = None
+    if args.hf if args.hf is not None else device.type == "cpu":
+        hf_result = hf_generate(path, work, device, dtype)
+        out(
+            f"   {'transformers batch 16':<26}{hf_result.seconds:>9.2f}{hf_result.tokens_per_s:>11.1f}"
+            f"{hf_result.steps:>8}{'':>13}{'':>9}   (useful tokens only)"
+        )
+
+    checks: list[Check] = []
+    base = results[1].tokens_per_s
+    for c in concurrencies[1:]:
+        ratio = results[c].tokens_per_s / base
+        if c == 16:
+            checks.append(
+                Check(
+                    f"{name}: c=16 vs one at a time",
+                    f"{ratio:.1f}x",
+                    f">= {TARGET_VS_BASELINE:g}x",
+                    ratio >= TARGET_VS_BASELINE,
+                )
+            )
+        else:
+            checks.append(Check(f"{name}: c={c} vs one at a time", f"{ratio:.1f}x", "", None))
+    if hf_result is not None:
+        ratio = results[16].tokens_per_s / hf_result.tokens_per_s
+        checks.append(
+            Check(
+                f"{name}: c=16 vs transformers batch 16",
+                f"{ratio:.1f}x",
+                f">= {TARGET_VS_HF:g}x",
+                ratio >= TARGET_VS_HF,
+            )
+        )
+
+    repeats = 2 if args.quick else 5
+    on = prefix_ttft(model, args, True, repeats)
+    off = prefix_ttft(model, args, False, repeats)
+    out(
+        f"   TTFT, {PREFIX_LEN}-token shared prefix + {SUFFIX_LEN}-token suffix (median of {repeats}): "
+        f"prefix cache on {1e3 * on:.1f} ms, off {1e3 * off:.1f} ms"
+    )
+    checks.append(
+        Check(
+            f"{name}: TTFT 1k prefix, cache off / on",
+            f"{off / on:.1f}x",
+            f">= {TARGET_PREFIX:g}x",
+            off / on >= TARGET_PREFIX,
+        )
+    )
+
+    engine = make_engine(model, args)
+    rng = random.Random(5)
+    long_ttft = time_to_first_token(
+        engine, "long", [rng.randrange(config.vocab_size) for _ in range(LONG_PROMPT)]
+    )
+    del engine
+    release(device)
+    out(f"   TTFT, one {LONG_PROMPT}-token prompt on an idle engine: {1e3 * long_ttft:.1f} ms")
+    checks.append(Check(f"{name}: TTFT {LONG_PROMPT}-token prompt", f"{1e3 * long_ttft:.0f} ms", "", None))
+
+    overhead = scheduler_overhead(model, args, work)
+    out(
+        f"   per decode step at {OVERHEAD_SEQS} running ({overhead.steps} steps): schedule "
+        f"{overhead.schedule_cpu_ms:.3f} ms CPU ({overhead.schedule_wall_ms:.3f} wall), prepare "
+        f"{overhead.prepare_cpu_ms:.3f} ms CPU ({overhead.prepare_wall_ms:.3f} wall)"
+    )
+    checks.append(
+        Check(
+            f"{name}: schedule+prepare CPU/step @64",
+            f"{overhead.cpu_ms:.3f} ms",
+            f"<= {TARGET_OVERHEAD_MS:g} ms",
+            overhead.cpu_ms <= TARGET_OVERHEAD_MS,
+        )
+    )
+    del model
+    release(device)
+    return checks
+
+
+def machine_info(device: torch.device) -> list[str]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    lines = [
+        f"python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}",
+        f"CPU: {cpu}, {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable; "
+        f"torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})",
+        "load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
+    ]
+    if device.type == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke test")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help=f"comma-separated, of {sorted(CONFIGS)}; default tiny,small on the CPU, 20b-shaped on CUDA",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    parser.add_argument("--requests", type=int, default=None, help="requests in the workload (default 64)")
+    parser.add_argument("--experts", choices=["packed", "dequantized"], default=None)
+    parser.add_argument(
+        "--hf",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run transformers (default: on the CPU only)",
+    )
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=None,
+        help="KV bytes (default: 1 GiB on the CPU, the free memory after a warm-up on CUDA)",
+    )
+    args = parser.parse_args(argv)
+    args.prompt_lens = (16, 512)
+    args.output_lens = (8, 64)
+    args.overhead_prompt_cap = 512
+    args.overhead_tokens = OVERHEAD_TOKENS
+    if args.quick:
+        args.output_lens = (8, 24)
+        args.overhead_prompt_cap = 32
+        args.overhead_tokens = 8
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    presets = (args.preset or ("tiny,small" if device.type == "cpu" else "20b-shaped")).split(",")
+    for name in presets:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown preset {name!r}; choose from {sorted(CONFIGS)}")
+    out("engine benchmark" + (" (--quick)" if args.quick else ""))
+    for line in machine_info(device):
+        out("  " + line)
+    if device.type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > os.cpu_count():
+        out(
+            "  warning: more runnable processes than cores; with several torch threads every parallel op "
+            "waits for its slowest thread (try --threads 1)"
+        )
+    started = time.perf_counter()
+    checks: list[Check] = []
+    for name in presets:
+        checks += bench_preset(name, args, device)
+    out(f"\n== summary ({time.perf_counter() - started:.0f} s in all)")
+    out(f"   {'check':<44}{'figure':>12}{'target':>12}  result")
+    for check in checks:
+        result = "-" if check.ok is None else ("PASS" if check.ok else "FAIL")
+        out(f"   {check.name:<44}{check.figure:>12}{check.target:>12}  {result}")
+    out("   load average now: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
