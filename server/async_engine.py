@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from model.engine import Engine, EngineThread
@@ -22,8 +23,14 @@ class EngineFailure(RuntimeError):
     """The engine ended the request with an error (a failed step, or a refusal after queueing)."""
 
 
+# The engine thread runs Python between torch calls; with the default 5 ms GIL switch interval the event loop
+# waits up to that long for every wake-up, which on a small model is as long as a whole decode step.
+GIL_SWITCH_INTERVAL = 0.0005
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.engine = engine
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
