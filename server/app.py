@@ -24,6 +24,7 @@ from server.errors import APIError, bad_request, install_error_handlers
 from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.serving_chat import ChatService, ProcessorsHook
 from server.serving_completions import CompletionService, register_completions_routes
+from server.serving_responses import ResponsesService, register_responses_routes
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,15 @@ class ServerState:
         self.created = int(time.time())
         self.engine: AsyncEngine | None = None
         self.chat: ChatService | None = None
+        self.responses: ResponsesService | None = None
         self.completions: CompletionService | None = None
 
     def attach(self, engine: Engine) -> None:
         self.engine = AsyncEngine(engine)
         self.chat = ChatService(
+            self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
+        )
+        self.responses = ResponsesService(
             self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
         )
         self.completions = CompletionService(
@@ -120,6 +125,8 @@ def create_app(
         return await chat.complete(body)
 
     register_completions_routes(app, state.ready_completions)
+
+    register_responses_routes(app, state)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

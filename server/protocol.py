@@ -117,3 +117,76 @@ class TokenizeRequest(_Lenient):
 class DetokenizeRequest(_Lenient):
     model: str | None = None
     tokens: list[int]
+
+
+# -- Responses API (`POST /v1/responses`) --------------------------------------------------------------------
+# Item and tool shapes are checked by `server.serving_responses`, which names the offending `param`.
+
+
+class ResponsesContentPart(_Lenient):
+    type: str = "input_text"
+    text: str | None = None
+
+
+class ResponsesInputItem(_Lenient):
+    """One `input` item: a message (the type may be left out), `reasoning`, `function_call`,
+    `function_call_output` or `item_reference`; which fields matter depends on `type`."""
+
+    type: str = "message"
+    id: str | None = None
+    role: str | None = None
+    content: str | list[ResponsesContentPart] | None = None
+    summary: list[ResponsesContentPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[ResponsesContentPart] | None = None
+
+
+class ResponsesTool(_Lenient):
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(_Lenient):
+    type: str
+    name: str | None = None
+
+
+class ResponsesReasoning(_Lenient):
+    effort: Literal["low", "medium", "high"] | None = None
+    summary: str | None = None
+
+
+class ResponsesTextFormat(_Lenient):
+    type: str = "text"
+
+
+class ResponsesText(_Lenient):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(_Lenient):
+    model: str
+    input: str | list[ResponsesInputItem]
+    instructions: str | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    reasoning: ResponsesReasoning | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    stream: bool = False
+    parallel_tool_calls: bool | None = None
+    background: bool | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    truncation: Literal["auto", "disabled"] | None = None
+    text: ResponsesText | None = None
+    user: str | None = None

@@ -2,7 +2,8 @@
 
 The model has random weights, so to make it say a chosen harmony sequence the tests pass `test_force` (an
 extra body field the OpenAI SDK forwards): the app's processors hook turns it into a logits processor that
-forces those tokens through the engine's own sampling path. Nothing replaces the engine.
+forces those tokens through the engine's own sampling path. Nothing replaces the engine. `test_fail_after: N`
+makes the engine's step raise once the request has N tokens (every request in flight then fails).
 """
 
 from __future__ import annotations
@@ -43,14 +44,28 @@ def force_tokens(tokens: list[int]) -> LogitsProcessor:
     return processor
 
 
+def fail_after(count: int) -> LogitsProcessor:
+    """Make the engine step fail once `count` tokens have been produced (an engine error, mid-request)."""
+
+    def processor(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output) >= count:
+            raise RuntimeError("test_fail_after: a forced engine failure")
+        return logits
+
+    return processor
+
+
 def _hook(encoding: tiktoken.Encoding) -> Callable[[dict[str, Any], int], list[LogitsProcessor]]:
     def hook(extra: dict[str, Any], index: int) -> list[LogitsProcessor]:
+        processors = []
         script: Any = extra.get("test_force")
-        if script is None:
-            return []
-        if isinstance(script, list):
-            script = script[index % len(script)]
-        return [force_tokens(encoding.encode(script, allowed_special="all"))]
+        if script is not None:
+            if isinstance(script, list):
+                script = script[index % len(script)]
+            processors.append(force_tokens(encoding.encode(script, allowed_special="all")))
+        if extra.get("test_fail_after") is not None:
+            processors.append(fail_after(int(extra["test_fail_after"])))
+        return processors
 
     return hook
 

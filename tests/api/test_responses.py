@@ -1,0 +1,559 @@
+"""/v1/responses through the official openai client, against the real engine.
+
+Every event and final object is also checked on the raw JSON with the SDK's own pydantic models (the client
+itself builds them without validation), so a missing required field fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import openai
+import pydantic
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+
+from server.serving_responses import ResponseStore, StoredResponse
+from tests.api.conftest import MODEL, Served
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Gets the weather.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": False,
+}
+REASON_AND_ANSWER = "<|channel|>analysis<|message|>User greets. Reply.<|end|><|start|>assistant<|channel|>final<|message|>Hi there!<|return|>"
+CALL_WEATHER = (
+    "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant to=functions.get_weather"
+    '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+)
+EVENT_ADAPTER: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+@pytest.fixture
+def client(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def aclient(served: Served) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _post(served: Served, **body: Any) -> httpx.Response:
+    return httpx.post(served.base_url + "/v1/responses", json={"model": MODEL, **body}, timeout=60)
+
+
+def _raw_events(served: Served, **body: Any) -> list[dict[str, Any]]:
+    """The SSE events of a streamed response as sent, each checked against the SDK's event models."""
+    events = []
+    with httpx.stream(
+        "POST", served.base_url + "/v1/responses", json={"model": MODEL, "stream": True, **body}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                event = json.loads(line[len("data: ") :])
+                assert event["type"] == name  # the SSE event name is the event's type
+                validated = EVENT_ADAPTER.validate_python(event)
+                assert validated.type == event["type"]
+                events.append(event)
+    return events
+
+
+def _check_numbering(events: list[dict[str, Any]]) -> None:
+    """sequence_number 0, 1, 2, ...; each item keeps one output_index; indexes are 0, 1, ... in order."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    index_of: dict[str, int] = {}
+    for e in events:
+        item_id = e.get("item_id") or (e.get("item") or {}).get("id")
+        if item_id is None:
+            continue
+        assert index_of.setdefault(item_id, e["output_index"]) == e["output_index"]
+    assert sorted(index_of.values()) == list(range(len(index_of)))
+
+
+def _collapse(types: list[str]) -> list[str]:
+    """Event types with runs of the same delta type folded into one."""
+    out: list[str] = []
+    for t in types:
+        if not (t.endswith(".delta") and out and out[-1] == t):
+            out.append(t)
+    return out
+
+
+def test_reasoning_then_answer(client: openai.OpenAI, served: Served) -> None:
+    response = client.responses.create(
+        model=MODEL, input="Hello", extra_body={"test_force": REASON_AND_ANSWER}
+    )
+    assert response.status == "completed"
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    reasoning, message = response.output
+    assert reasoning.content is not None  # type: ignore[union-attr]
+    assert [(c.type, c.text) for c in reasoning.content] == [("reasoning_text", "User greets. Reply.")]  # type: ignore[union-attr]
+    assert reasoning.id.startswith("rs_")
+    assert message.id.startswith("msg_")  # type: ignore[union-attr]
+    assert response.output_text == "Hi there!"
+    assert response.id.startswith("resp_")
+    usage = response.usage
+    assert usage is not None
+    assert usage.output_tokens == len(served.encoding.encode(REASON_AND_ANSWER, allowed_special="all"))
+    assert 0 < usage.output_tokens_details.reasoning_tokens < usage.output_tokens
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    raw = _post(served, input="Hello", test_force=REASON_AND_ANSWER)
+    assert raw.status_code == 200
+    validated = Response.model_validate(raw.json())
+    assert validated.tools == []
+    assert validated.tool_choice == "auto"
+    assert validated.incomplete_details is None
+
+
+def test_streamed_reasoning_and_answer_follow_the_recommended_sequence(
+    client: openai.OpenAI, served: Served
+) -> None:
+    events = _raw_events(served, input="Hello", test_force=REASON_AND_ANSWER)
+    _check_numbering(events)
+    assert _collapse([e["type"] for e in events]) == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[0]["response"]["status"] == "in_progress"
+    assert events[0]["response"]["output"] == []
+    reasoning = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert (reasoning, text) == ("User greets. Reply.", "Hi there!")
+    final = Response.model_validate(events[-1]["response"])
+    assert final.status == "completed"
+    assert final.id == events[0]["response"]["id"]
+    # The final output is exactly the items as their done events gave them.
+    assert events[-1]["response"]["output"] == [
+        e["item"] for e in events if e["type"] == "response.output_item.done"
+    ]
+    # The SDK's own stream parsing sees the same sequence.
+    stream = client.responses.create(
+        model=MODEL, input="Hello", stream=True, extra_body={"test_force": REASON_AND_ANSWER}
+    )
+    sdk_types = [event.type for event in stream]
+    assert _collapse(sdk_types) == _collapse([e["type"] for e in events])
+
+
+def test_streamed_function_call(aclient: openai.AsyncOpenAI, served: Served) -> None:
+    async def run() -> tuple[list[Any], Any]:
+        stream = await aclient.responses.create(
+            model=MODEL,
+            input="Weather?",
+            tools=[WEATHER_TOOL],
+            stream=True,
+            extra_body={"test_force": CALL_WEATHER},
+        )
+        events = [event async for event in stream]
+        plain = await aclient.responses.create(
+            model=MODEL, input="Weather?", tools=[WEATHER_TOOL], extra_body={"test_force": CALL_WEATHER}
+        )
+        return events, plain
+
+    events, plain = asyncio.run(run())
+    types = [e.type for e in events]
+    assert _collapse(types)[-6:] == [
+        "response.output_item.done",  # the reasoning item
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    added = [e for e in events if e.type == "response.output_item.added"][-1]
+    assert added.item.type == "function_call"
+    assert (added.item.name, added.item.arguments, added.item.status) == ("get_weather", "", "in_progress")
+    assert added.output_index == 1
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1
+    assert {(e.item_id, e.output_index) for e in deltas} == {(added.item.id, 1)}
+    assert json.loads("".join(e.delta for e in deltas)) == {"city": "Paris"}
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert (done.name, json.loads(done.arguments)) == ("get_weather", {"city": "Paris"})
+    final = events[-1].response
+    assert final.status == "completed"
+    assert [item.type for item in final.output] == ["reasoning", "function_call"]
+    call = final.output[1]
+    assert call.call_id.startswith("call_")
+    assert call.call_id == added.item.call_id
+    assert call.id == added.item.id
+    assert call.id.startswith("fc_")
+    assert call.status == "completed"
+    # The raw stream validates, numbered and indexed as it should be; not streamed, the call is the same.
+    _check_numbering(_raw_events(served, input="Weather?", tools=[WEATHER_TOOL], test_force=CALL_WEATHER))
+    assert [(i.type, getattr(i, "name", None)) for i in plain.output] == [
+        ("reasoning", None),
+        ("function_call", "get_weather"),
+    ]
+    assert json.loads(plain.output[1].arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+
+
+def test_tool_loop_via_previous_response_id_gives_the_same_prompt(client: openai.OpenAI) -> None:
+    first = client.responses.create(
+        model=MODEL,
+        input="Weather in Paris?",
+        instructions="Be brief.",
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        extra_body={"test_force": CALL_WEATHER},
+    )
+    call = first.output[-1]
+    assert call.type == "function_call"
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}
+    answer = "<|channel|>final<|message|>It is 21.<|return|>"
+    chained = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[result],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        extra_body={"test_force": answer},
+    )
+    assert chained.output_text == "It is 21."
+    assert chained.previous_response_id == first.id
+    assert chained.instructions is None
+    # The same conversation sent in full (instructions are per request, so none here either).
+    explicit = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            result,
+        ],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        extra_body={"test_force": answer},
+    )
+    assert chained.usage is not None
+    assert explicit.usage is not None
+    assert explicit.usage.input_tokens == chained.usage.input_tokens
+    # Same ids, not just the same count: the explicit request finds the chained prompt in the prefix cache.
+    assert explicit.usage.input_tokens_details.cached_tokens >= explicit.usage.input_tokens - 16
+    # Dropping the reasoning item changes the prompt (the comparison above can fail).
+    without_reasoning = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            first.output[-1].model_dump(exclude_none=True),
+            result,
+        ],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        extra_body={"test_force": answer},
+    )
+    assert without_reasoning.usage is not None
+    assert without_reasoning.usage.input_tokens < chained.usage.input_tokens
+    # The prompt of turn 1 is a prefix of turn 2's (the tool loop hits the cache).
+    assert chained.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_truncation_during_reasoning_is_incomplete_and_keeps_the_reasoning(
+    client: openai.OpenAI, served: Served
+) -> None:
+    script = "<|channel|>analysis<|message|>This is a long thought that goes on and on.<|end|>"
+    response = client.responses.create(
+        model=MODEL, input="Hello", max_output_tokens=8, extra_body={"test_force": script}
+    )
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.max_output_tokens == 8
+    (reasoning,) = response.output
+    assert reasoning.type == "reasoning"
+    assert reasoning.status == "incomplete"
+    text = reasoning.content[0].text  # type: ignore[index]
+    assert text
+    assert "This is a long thought".startswith(text) or text.startswith("This is")
+    assert response.usage is not None
+    assert response.usage.output_tokens == 8
+    events = _raw_events(served, input="Hello", max_output_tokens=8, test_force=script)
+    _check_numbering(events)
+    assert events[-1]["type"] == "response.incomplete"
+    assert not any(e["type"] == "response.completed" for e in events)
+    final = Response.model_validate(events[-1]["response"])
+    assert final.status == "incomplete"
+    assert final.incomplete_details is not None
+    assert final.incomplete_details.reason == "max_output_tokens"
+    item_done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["item"]["status"] for e in item_done] == ["incomplete"]
+    assert item_done[0]["item"]["content"][0]["text"] == text
+
+
+def test_unknown_previous_response_id_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_nope")
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+def test_retrieve_and_delete(client: openai.OpenAI, served: Served) -> None:
+    created = client.responses.create(
+        model=MODEL, input="Hello", metadata={"k": "v"}, extra_body={"test_force": REASON_AND_ANSWER}
+    )
+    fetched = client.responses.retrieve(created.id)
+    assert fetched.model_dump() == created.model_dump()
+    assert fetched.metadata == {"k": "v"}
+    raw = httpx.get(f"{served.base_url}/v1/responses/{created.id}")
+    Response.model_validate(raw.json())
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.retrieve(created.id)
+    assert caught.value.body["param"] == "response_id"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="Hi", previous_response_id=created.id)
+
+
+def test_store_false_is_not_retrievable_and_streams_are_stored(client: openai.OpenAI) -> None:
+    unstored = client.responses.create(
+        model=MODEL, input="Hello", store=False, extra_body={"test_force": REASON_AND_ANSWER}
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    stream = client.responses.create(
+        model=MODEL, input="Hello", stream=True, extra_body={"test_force": REASON_AND_ANSWER}
+    )
+    final = [event for event in stream][-1]
+    assert final.type == "response.completed"
+    assert client.responses.retrieve(final.response.id).output_text == "Hi there!"
+
+
+def test_input_items_of_every_kind_and_item_references(client: openai.OpenAI, served: Served) -> None:
+    first = client.responses.create(
+        model=MODEL,
+        input="Weather?",
+        tools=[WEATHER_TOOL],
+        extra_body={"test_force": CALL_WEATHER},  # type: ignore[list-item]
+    )
+    reasoning, call = first.output
+    items: list[Any] = [
+        {"type": "message", "role": "system", "content": "Be kind."},
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Really."}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        reasoning.model_dump(exclude_none=True),
+        call.model_dump(exclude_none=True),
+        {
+            "type": "function_call_output",
+            "call_id": call.call_id,
+            "output": '{"temp": 21}',
+            "status": "completed",
+        },
+        {
+            "type": "message",
+            "role": "assistant",
+            "id": "msg_x",
+            "content": [{"type": "output_text", "text": "21."}],
+        },
+        {"role": "user", "content": "Thanks"},
+    ]
+    script = "<|channel|>final<|message|>Welcome.<|return|>"
+    full = client.responses.create(
+        model=MODEL,
+        input=items,
+        tools=[WEATHER_TOOL],
+        extra_body={"test_force": script},  # type: ignore[list-item]
+    )
+    assert full.output_text == "Welcome."
+    # `item_reference` (what @ai-sdk/openai sends) names stored items by id: the same prompt.
+    referenced = [
+        *items[:3],
+        {"type": "item_reference", "id": reasoning.id},
+        {"type": "item_reference", "id": call.id},
+        *items[5:],
+    ]
+    by_reference = client.responses.create(
+        model=MODEL,
+        input=referenced,
+        tools=[WEATHER_TOOL],
+        extra_body={"test_force": script},  # type: ignore[list-item]
+    )
+    assert full.usage is not None
+    assert by_reference.usage is not None
+    assert by_reference.usage.input_tokens == full.usage.input_tokens
+    # Instructions and system/developer messages all become the developer message's instructions.
+    instructed = _post(served, input="Hi", instructions="Answer in French.", max_output_tokens=1).json()
+    plain = _post(served, input="Hi", max_output_tokens=1).json()
+    assert instructed["instructions"] == "Answer in French."
+    assert instructed["usage"]["input_tokens"] > plain["usage"]["input_tokens"]
+    assert instructed["status"] == "incomplete"
+    # reasoning.effort reaches the system message (a different prompt) and is echoed.
+    high = _post(served, input="Hi", reasoning={"effort": "high"}, max_output_tokens=1).json()
+    assert high["reasoning"]["effort"] == "high"
+    assert plain["reasoning"]["effort"] == "medium"
+
+
+def test_tool_choice_required_and_none(client: openai.OpenAI) -> None:
+    required = client.responses.create(
+        model=MODEL,
+        input="Hi",
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        max_output_tokens=40,
+        temperature=0,  # type: ignore[list-item]
+    )
+    assert required.output[0].type == "function_call"
+    assert required.output[0].name == "get_weather"  # type: ignore[union-attr]
+    named = client.responses.create(
+        model=MODEL,
+        input="Hi",
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=40,
+        temperature=0,
+    )
+    assert named.output[0].type == "function_call"
+    assert named.tool_choice.type == "function"  # type: ignore[union-attr]
+    none = client.responses.create(
+        model=MODEL,
+        input="Hi",
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        max_output_tokens=8,
+        temperature=0,  # type: ignore[list-item]
+    )
+    assert not any(item.type == "function_call" for item in none.output)
+    assert none.tool_choice == "none"
+
+
+def test_engine_failure_ends_the_stream_with_response_failed(client: openai.OpenAI, served: Served) -> None:
+    script = "<|channel|>final<|message|>one two three four five six seven<|return|>"
+    events = _raw_events(served, input="Hello", test_force=script, test_fail_after=4)
+    _check_numbering(events)
+    assert events[-1]["type"] == "response.failed"
+    failed = Response.model_validate(events[-1]["response"])
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error.code == "server_error"
+    assert "forced engine failure" in failed.error.message
+    # Every item that was opened is closed before the end.
+    added = {e["item"]["id"] for e in events if e["type"] == "response.output_item.added"}
+    done = {e["item"]["id"] for e in events if e["type"] == "response.output_item.done"}
+    assert added
+    assert added == done
+    not_streamed = _post(served, input="Hello", test_force=script, test_fail_after=4)
+    assert not_streamed.status_code == 500
+    assert not_streamed.json()["error"]["type"] == "server_error"
+    # The engine goes on serving.
+    after = client.responses.create(model=MODEL, input="Hello", extra_body={"test_force": REASON_AND_ANSWER})
+    assert after.output_text == "Hi there!"
+
+
+def test_concurrent_streams(aclient: openai.AsyncOpenAI) -> None:
+    async def one(i: int) -> str:
+        stream = await aclient.responses.create(
+            model=MODEL,
+            input="Hello",
+            stream=True,
+            extra_body={"test_force": f"<|channel|>final<|message|>reply {i}<|return|>"},
+        )
+        text = ""
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        return text
+
+    async def all_of_them() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    assert asyncio.run(all_of_them()) == [f"reply {i}" for i in range(12)]
+
+
+def test_the_store_is_bounded_and_forgets_the_oldest() -> None:
+    store = ResponseStore(capacity=3)
+    for i in range(5):
+        store.put(StoredResponse({"id": f"resp_{i}", "output": [{"id": f"msg_{i}"}]}, []))
+    assert len(store) == 3
+    assert store.get("resp_0") is None
+    assert store.get("resp_1") is None
+    assert store.get("resp_4") is not None
+    assert store.item("msg_2") == {"id": "msg_2"}
+    assert store.item("msg_0") is None
+    assert store.delete("resp_4")
+    assert not store.delete("resp_4")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"input": "Hi", "tools": [{"type": "web_search_preview"}]}, 400, "tools[0].type"),
+        ({"input": "Hi", "tools": [{"type": "function", "name": "bad name!"}]}, 400, "tools[0].name"),
+        ({"input": "Hi", "background": True}, 400, "background"),
+        ({"input": "Hi", "include": ["message.output_text.logprobs"]}, 400, "include"),
+        ({"input": "Hi", "top_logprobs": 3}, 400, "top_logprobs"),
+        ({"input": "Hi", "truncation": "auto"}, 400, "truncation"),
+        ({"input": "Hi", "text": {"format": {"type": "json_schema"}}}, 400, "text.format"),
+        ({"input": "Hi", "reasoning": {"effort": "extreme"}}, 400, "reasoning.effort"),
+        ({"input": "Hi", "temperature": 5}, 400, "temperature"),
+        ({"input": "Hi", "tool_choice": "required"}, 400, "tool_choice"),
+        (
+            {"input": "Hi", "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "name": "x"}},
+            400,
+            "tool_choice",
+        ),
+        ({"input": "Hi", "tool_choice": {"type": "web_search_preview"}}, 400, "tool_choice"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},
+            400,
+            "input[0].call_id",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            400,
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"role": "wizard", "content": "x"}]}, 400, "input[0].role"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, 400, "input[0].type"),
+        ({"input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]}, 400, "input[0].name"),
+        ({"input": [{"type": "item_reference", "id": "rs_nope"}]}, 404, "input[0].id"),
+        ({"input": "Hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+        ({"input": "x " * 5000}, 400, "input"),
+        ({"input": "Hi", "max_output_tokens": 10_000}, 400, "max_output_tokens"),
+        ({"input": "Hi", "model": "other"}, 404, "model"),
+        ({}, 400, "input"),
+    ],
+)
+def test_errors_use_the_openai_envelope(served: Served, body: dict, status: int, param: str) -> None:
+    response = _post(served, **body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_sdk_accepted_fields_are_accepted(client: openai.OpenAI) -> None:
+    response = client.responses.create(
+        model=MODEL,
+        input="Hi",
+        instructions="",
+        include=["reasoning.encrypted_content"],
+        truncation="disabled",
+        parallel_tool_calls=False,
+        temperature=0.5,
+        top_p=0.9,
+        user="u1",
+        text={"format": {"type": "text"}},
+        max_output_tokens=2,
+        extra_body={"some_future_field": 1},
+    )
+    assert response.status in ("completed", "incomplete")
+    assert (response.temperature, response.top_p, response.parallel_tool_calls) == (0.5, 0.9, False)
