@@ -124,6 +124,13 @@ def _text_of(
     return "".join(part.text or "" for part in parts)
 
 
+def _required(item: ResponsesInputItem, name: str, where: str) -> str:
+    value = getattr(item, name)
+    if value is None:
+        raise bad_request(f"{item.type} items need {name}", param=f"{where}.{name}")
+    return value
+
+
 def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) -> list[ChatMessage]:
     """The chat messages for Responses input items (item_references already resolved).
 
@@ -133,11 +140,6 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
     calls: set[str] = set()
     for i, item in enumerate(items):
         where = f"input[{i - first_own}]" if i >= first_own else "previous_response_id"
-
-        def need(value: str | None, name: str, where: str = where, item: ResponsesInputItem = item) -> str:
-            if value is None:
-                raise bad_request(f"{item.type} items need {name}", param=f"{where}.{name}")
-            return value
 
         if item.type == "message":
             role = item.role or "user"
@@ -150,15 +152,15 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
             if text:
                 messages.append(ChatMessage(role="assistant", reasoning=text))
         elif item.type == "function_call":
-            call_id = need(item.call_id, "call_id")
+            call_id = _required(item, "call_id", where)
             calls.add(call_id)
             call = ToolCall(
                 id=call_id,
-                function=FunctionCall(name=need(item.name, "name"), arguments=item.arguments or ""),
+                function=FunctionCall(name=_required(item, "name", where), arguments=item.arguments or ""),
             )
             messages.append(ChatMessage(role="assistant", tool_calls=[call]))
         elif item.type == "function_call_output":
-            call_id = need(item.call_id, "call_id")
+            call_id = _required(item, "call_id", where)
             if call_id not in calls:
                 raise bad_request(
                     f"call_id {call_id!r} matches no earlier function_call item", param=f"{where}.call_id"

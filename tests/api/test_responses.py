@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -557,3 +558,77 @@ def test_sdk_accepted_fields_are_accepted(client: openai.OpenAI) -> None:
     )
     assert response.status in ("completed", "incomplete")
     assert (response.temperature, response.top_p, response.parallel_tool_calls) == (0.5, 0.9, False)
+
+
+def test_chat_and_responses_render_a_tool_loop_alike(client: openai.OpenAI) -> None:
+    chat_tool = {
+        "type": "function",
+        "function": {k: WEATHER_TOOL[k] for k in ("name", "description", "parameters")},
+    }
+    answer = {"test_force": "<|channel|>final<|message|>21.<|return|>"}
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "reasoning": "Need weather.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },  # type: ignore[typeddict-unknown-key]
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+        ],
+        tools=[chat_tool],  # type: ignore[list-item]
+        extra_body=answer,
+    )
+    response = client.responses.create(
+        model=MODEL,
+        instructions="Be brief.",
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "Need weather."}],
+            },
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": '{"temp": 21}'},
+        ],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        extra_body=answer,
+    )
+    assert chat.usage is not None
+    assert response.usage is not None
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    # Same ids: the second request finds the whole prompt (all full blocks) in the prefix cache.
+    assert response.usage.input_tokens_details.cached_tokens >= response.usage.input_tokens - 16
+
+
+def test_a_client_that_disconnects_frees_its_blocks(served: Served) -> None:
+    script = "<|channel|>analysis<|message|>" + "word " * 400
+    with httpx.stream(
+        "POST",
+        served.base_url + "/v1/responses",
+        json={"model": MODEL, "input": "Hi", "stream": True, "max_output_tokens": 2000, "test_force": script},
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(12):
+            next(lines)
+    deadline = time.time() + 30
+    while time.time() < deadline and served.engine.requests:
+        time.sleep(0.05)
+    assert not served.engine.requests
+    assert served.engine.kv.full_tables == {}
