@@ -441,3 +441,58 @@ def test_tokenize_matches_what_chat_sends(client: openai.OpenAI, served: Served)
     )
     plain = httpx.post(served.base_url + "/tokenize", json={"prompt": "hello world"}).json()
     assert plain["tokens"] == [24912, 2375]
+
+
+def test_streamed_tool_loop_always_reaches_an_answer(client: openai.OpenAI) -> None:
+    """api.md 10.1: the turn after a tool result must not stop short; 20 streamed two-turn loops."""
+    call = (
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+    )
+    answer = "<|channel|>analysis<|message|>Got it.<|end|><|start|>assistant<|channel|>final<|message|>Sunny.<|return|>"
+    for _ in range(20):
+        first = _assemble(
+            _stream(client, messages=USER, tools=[WEATHER_TOOL], extra_body={"test_force": call})
+        )
+        (entry,) = first["calls"].values()  # type: ignore[union-attr]
+        history = [
+            *USER,
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": entry["id"],
+                        "type": "function",
+                        "function": {"name": entry["name"], "arguments": entry["arguments"]},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": entry["id"], "content": "sunny"},
+        ]
+        second = _assemble(
+            _stream(client, messages=history, tools=[WEATHER_TOOL], extra_body={"test_force": answer})
+        )
+        assert (second["content"], second["finish"]) == ("Sunny.", "stop")
+
+
+def test_soak_every_response_says_something(client: openai.OpenAI) -> None:
+    """api.md 10.22: free sampling from the random model; every response has content, a tool call or a
+    length finish, never an empty stop."""
+    for i in range(100):
+        choice = client.chat.completions.create(
+            model=MODEL, messages=USER, tools=[WEATHER_TOOL], max_tokens=6, seed=i
+        ).choices[0]
+        message = choice.message
+        said = bool(message.content) or bool(message.tool_calls) or bool(message.reasoning)  # type: ignore[attr-defined]
+        assert said or choice.finish_reason == "length", choice
+
+
+def test_while_loading_the_server_answers_503() -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    with TestClient(create_app(None)) as loading:
+        assert loading.get("/health").status_code == 503
+        response = loading.post("/v1/chat/completions", json={"model": "gpt-oss", "messages": USER})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_loading"
