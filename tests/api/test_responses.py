@@ -632,3 +632,23 @@ def test_a_client_that_disconnects_frees_its_blocks(served: Served) -> None:
         time.sleep(0.05)
     assert not served.engine.requests
     assert served.engine.kv.full_tables == {}
+
+
+def test_the_sdk_stream_helper_accepts_the_stream(client: openai.OpenAI) -> None:
+    # `client.responses.stream()` checks the event order strictly (items added before their deltas, all done).
+    with client.responses.stream(
+        model=MODEL,
+        input="Hi",
+        tools=[WEATHER_TOOL],
+        extra_body={"test_force": CALL_WEATHER},  # type: ignore[list-item]
+    ) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    assert [item.type for item in final.output] == ["reasoning", "function_call"]
+    assert json.loads(final.output[1].arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    with client.responses.stream(
+        model=MODEL, input="Hi", extra_body={"test_force": REASON_AND_ANSWER}
+    ) as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        assert stream.get_final_response().output_text == text == "Hi there!"
