@@ -26,7 +26,8 @@ from model.request import (
 )
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
-from server.harmony_chat import ChatOutputParser, Delta, DeltaKind, to_harmony
+from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
+from server.prompting import output_budget, render_prompt
 from server.protocol import ChatCompletionRequest, NamedToolChoice
 from server.settings import ServerSettings
 from server.tool_choice import tool_choice_processors
@@ -114,17 +115,9 @@ class ChatService:
 
     def render(self, request: ChatCompletionRequest) -> list[int]:
         tools = request.tools if request.tool_choice != "none" else None
-        messages = to_harmony(
-            request.messages,
-            tools,
-            effort=request.reasoning_effort,
-            date_setting=self.settings.conversation_date,
-            default_effort=self.settings.default_reasoning_effort,
+        return render_prompt(
+            self.renderer, self.settings, request.messages, tools, request.reasoning_effort, param="messages"
         )
-        try:
-            return self.renderer.render_for_completion(messages)
-        except ValueError as error:
-            raise bad_request(f"the conversation cannot be rendered: {error}", param="messages") from error
 
     def prepare(self, request: ChatCompletionRequest) -> Prepared:
         if request.model != self.settings.served_model_name:
@@ -151,23 +144,13 @@ class ChatService:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
 
         prompt = self.render(request)
-        room = self.max_model_len - len(prompt)
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt is {len(prompt)} tokens; this model's context is {self.max_model_len} tokens",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        max_tokens = request.max_completion_tokens or request.max_tokens or room
-        if max_tokens > room:
-            raise APIError(
-                400,
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-                f"context of {self.max_model_len} tokens",
-                param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
-                code="context_length_exceeded",
-            )
+        max_tokens = output_budget(
+            len(prompt),
+            request.max_completion_tokens or request.max_tokens,
+            self.max_model_len,
+            prompt_param="messages",
+            tokens_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
+        )
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if any(not s for s in stops):
             raise bad_request("stop sequences must not be empty", param="stop")

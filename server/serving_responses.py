@@ -33,7 +33,8 @@ from model.engine import RequestRejected
 from model.request import FinishReason, SamplingParams, SamplingParamsError
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
-from server.harmony_chat import ChatOutputParser, Delta, DeltaKind, to_harmony
+from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
+from server.prompting import output_budget, render_prompt
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -461,17 +462,8 @@ class ResponsesService:
 
     def _render(self, request: ResponsesRequest, tools: list[Tool], messages: list[ChatMessage]) -> list[int]:
         offered = tools if request.tool_choice != "none" else None
-        harmony_messages = to_harmony(
-            messages,
-            offered or None,
-            effort=request.reasoning.effort if request.reasoning else None,
-            date_setting=self.settings.conversation_date,
-            default_effort=self.settings.default_reasoning_effort,
-        )
-        try:
-            return self.renderer.render_for_completion(harmony_messages)
-        except ValueError as error:
-            raise bad_request(f"the conversation cannot be rendered: {error}", param="input") from error
+        effort = request.reasoning.effort if request.reasoning else None
+        return render_prompt(self.renderer, self.settings, messages, offered, effort, param="input")
 
     def prepare(self, request: ResponsesRequest) -> PreparedResponse:
         self._check_unsupported(request)
@@ -480,23 +472,13 @@ class ResponsesService:
         choice, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
         prompt = self._render(request, tools, messages)
-        room = self.max_model_len - len(prompt)
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt is {len(prompt)} tokens; this model's context is {self.max_model_len} tokens",
-                param="input",
-                code="context_length_exceeded",
-            )
-        max_tokens = request.max_output_tokens or room
-        if max_tokens > room:
-            raise APIError(
-                400,
-                f"the prompt ({len(prompt)} tokens) plus max_output_tokens ({max_tokens}) exceeds this "
-                f"model's context of {self.max_model_len} tokens",
-                param="max_output_tokens",
-                code="context_length_exceeded",
-            )
+        max_tokens = output_budget(
+            len(prompt),
+            request.max_output_tokens,
+            self.max_model_len,
+            prompt_param="input",
+            tokens_param="max_output_tokens",
+        )
         extra = request.model_extra or {}
         try:
             params = SamplingParams(
