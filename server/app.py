@@ -6,7 +6,9 @@ Errors from anywhere leave through `server.errors` in the OpenAI envelope.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,13 +16,16 @@ from typing import Any
 
 import tiktoken
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from harmony.encoding import load_harmony_encoding
 from model.engine import Engine
 from server.async_engine import AsyncEngine
 from server.errors import APIError, bad_request, install_error_handlers
+from server.logs import REQUEST_ID
+from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.serving_chat import ChatService, ProcessorsHook
 from server.serving_completions import CompletionService, register_completions_routes
@@ -44,9 +49,18 @@ class ServerState:
         self.chat: ChatService | None = None
         self.responses: ResponsesService | None = None
         self.completions: CompletionService | None = None
+        self.raw_engine: Engine | None = None
+        self.metrics = Metrics(lambda: self.raw_engine)
 
     def attach(self, engine: Engine) -> None:
-        self.engine = AsyncEngine(engine)
+        self.raw_engine = engine
+        self.engine = AsyncEngine(
+            engine,
+            max_in_flight=engine.config.max_num_seqs + self.settings.max_waiting_requests,
+            on_finished=lambda p, o, ttft, e2e: self.metrics.observe_request(
+                prompt_tokens=p, output_tokens=o, ttft=ttft, e2e=e2e
+            ),
+        )
         self.chat = ChatService(
             self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
         )
@@ -66,6 +80,25 @@ class ServerState:
         if self.completions is None:
             raise _loading()
         return self.completions
+
+
+def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
+    """A response refusing the request before any route runs, or None."""
+    if settings.api_key is not None and request.url.path.startswith("/v1/"):
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            error = APIError(
+                401, "a valid API key is required (Authorization: Bearer ...)", code="invalid_api_key"
+            )
+            return JSONResponse(error.body(), status_code=401)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+        error = APIError(
+            413, f"the request body is over {settings.max_request_bytes} bytes", code="request_too_large"
+        )
+        return JSONResponse(error.body(), status_code=413)
+    return None
 
 
 def _loading() -> APIError:
@@ -152,18 +185,30 @@ def create_app(
             raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
         return {"prompt": state.encoding.decode(body.tokens)}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.middleware("http")
-    async def request_log(request: Request, call_next: Any) -> Any:
+    async def guard(request: Request, call_next: Any) -> Any:
+        """Request ids, the API key, the body size limit, and the request log and count, in one place."""
+        token = REQUEST_ID.set(request.headers.get("x-request-id") or "req-" + secrets.token_hex(6))
         started = time.perf_counter()
-        response = await call_next(request)
-        logger.info(
-            "%s %s %d %.1f ms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.perf_counter() - started) * 1000,
-        )
-        return response
+        try:
+            response = _refusal(request, state.settings) or await call_next(request)
+            response.headers["x-request-id"] = REQUEST_ID.get()
+            endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
+            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            logger.info(
+                "%s %s %d %.1f ms",
+                request.method,
+                request.url.path,
+                response.status_code,
+                (time.perf_counter() - started) * 1000,
+            )
+            return response
+        finally:
+            REQUEST_ID.reset(token)
 
     return app
 

@@ -11,7 +11,8 @@ import asyncio
 import itertools
 import logging
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from model.engine import Engine, EngineThread
 from model.request import RequestOutput, SamplingParams
@@ -23,20 +24,37 @@ class EngineFailure(RuntimeError):
     """The engine ended the request with an error (a failed step, or a refusal after queueing)."""
 
 
+class QueueFull(RuntimeError):
+    """More requests are in flight than the server takes; the client should retry later."""
+
+
+# Called once per request that ran to its end: prompt tokens, output tokens, time to first token, end to end.
+FinishedObserver = Callable[[int, int, float | None, float], None]
+
+
 # The engine thread runs Python between torch calls; with the default 5 ms GIL switch interval the event loop
 # waits up to that long for every wake-up, which on a small model is as long as a whole decode step.
 GIL_SWITCH_INTERVAL = 0.0005
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, *, max_in_flight: int | None = None, on_finished: FinishedObserver | None = None
+    ) -> None:
+        """`max_in_flight` bounds the requests running or waiting (beyond it `check` raises `QueueFull`)."""
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.engine = engine
+        self.max_in_flight = max_in_flight
+        self.on_finished = on_finished
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
+        self.in_flight = 0  # touched only on the event loop's thread
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise `RequestRejected` for a request that can never run, before a response starts."""
+        """Before a response starts: `QueueFull` when the queue is at its bound, `RequestRejected` for a
+        request that can never run."""
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            raise QueueFull(f"{self.in_flight} requests are already in flight; retry shortly")
         self.engine.check(prompt_token_ids, params)
 
     async def generate(
@@ -51,6 +69,10 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, output)
 
         self._thread.add_request(rid, prompt_token_ids, params, deliver)
+        self.in_flight += 1
+        started = time.perf_counter()
+        first: float | None = None
+        produced = 0
         finished = False
         try:
             while True:
@@ -58,11 +80,19 @@ class AsyncEngine:
                 if output.error is not None:
                     finished = True
                     raise EngineFailure(output.error)
+                if first is None and output.new_token_ids:
+                    first = time.perf_counter() - started
+                produced += len(output.new_token_ids)
                 yield output
                 if output.finished:
                     finished = True
+                    if self.on_finished is not None:
+                        self.on_finished(
+                            len(prompt_token_ids), produced, first, time.perf_counter() - started
+                        )
                     return
         finally:
+            self.in_flight -= 1
             if not finished:
                 logger.info("request %s abandoned by its client; aborting it", rid)
                 self._thread.abort(rid)

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.async_engine import QueueFull
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,6 +65,11 @@ def _param_of(location: tuple[Any, ...]) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
+        body = APIError(429, str(error), type="rate_limit_error", code="queue_full").body()
+        return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

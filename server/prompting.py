@@ -54,3 +54,13 @@ def output_budget(
             code="context_length_exceeded",
         )
     return requested or room
+
+
+def check_sizes(settings: ServerSettings, messages: int, tools: int, *, messages_param: str) -> None:
+    """The per-request limits on messages (or input items) and tools."""
+    if messages > settings.max_messages:
+        raise bad_request(
+            f"at most {settings.max_messages} messages per request, got {messages}", messages_param
+        )
+    if tools > settings.max_tools:
+        raise bad_request(f"at most {settings.max_tools} tools per request, got {tools}", "tools")

@@ -27,7 +27,7 @@ from model.request import (
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
-from server.prompting import output_budget, render_prompt
+from server.prompting import check_sizes, output_budget, render_prompt
 from server.protocol import ChatCompletionRequest, NamedToolChoice
 from server.settings import ServerSettings
 from server.tool_choice import tool_choice_processors
@@ -131,6 +131,7 @@ class ChatService:
                 f"response_format {request.response_format.type!r} is not supported yet; use 'text'",
                 param="response_format",
             )
+        check_sizes(self.settings, len(request.messages), len(request.tools or []), messages_param="messages")
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None

@@ -34,7 +34,7 @@ from model.request import FinishReason, SamplingParams, SamplingParamsError
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
-from server.prompting import output_budget, render_prompt
+from server.prompting import check_sizes, output_budget, render_prompt
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -471,6 +471,7 @@ class ResponsesService:
         names = [t.function.name for t in tools]
         choice, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
+        check_sizes(self.settings, len(messages), len(tools), messages_param="input")
         prompt = self._render(request, tools, messages)
         max_tokens = output_budget(
             len(prompt),

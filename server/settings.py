@@ -18,3 +18,11 @@ class ServerSettings(BaseModel):
     default_top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # Said in /v1/models when the weights are the random demo checkpoint.
     model_note: str | None = None
+    # Required as `Authorization: Bearer ...` on /v1/* when set (/health and /metrics stay open).
+    api_key: str | None = None
+    # Limits, each refused with a clear error: request body bytes (413), messages or input items and tools
+    # per request (400), and requests queued beyond the running batch (429 with Retry-After).
+    max_request_bytes: int = Field(default=16 << 20, ge=1)
+    max_messages: int = Field(default=2048, ge=1)
+    max_tools: int = Field(default=256, ge=0)
+    max_waiting_requests: int = Field(default=512, ge=0)

@@ -20,6 +20,7 @@ import pytest
 import tiktoken
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from harmony.encoding import load_harmony_encoding
 from model.config import PRESETS
@@ -75,6 +76,7 @@ class Served:
     base_url: str
     engine: Engine
     encoding: tiktoken.Encoding
+    app: FastAPI
 
 
 def _free_port() -> int:
@@ -108,6 +110,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 break
         except httpx.TransportError:
             time.sleep(0.1)
-    yield Served(base, engine, encoding)
+    yield Served(base, engine, encoding, app)
     server.should_exit = True
     thread.join(10)

@@ -1,0 +1,95 @@
+"""Prometheus metrics, owned by the app (one registry per app, no module globals).
+
+Request counts by endpoint and status come from the HTTP middleware; latency histograms and token counters
+from the engine bridge, per request; the engine's state (running and waiting requests, KV-cache use,
+prefix-cache hit rate) is read when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from model.engine import Engine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        engine = self.engine()
+        if engine is None:
+            return
+        # Plain reads of counters the engine thread updates; a scrape never waits for a step.
+        kv = engine.kv
+        running = len(engine.scheduler.running)
+        waiting = len(engine.requests) - running
+        used = kv.full.num_used + kv.sliding.num_used
+        total = kv.full.num_blocks + kv.sliding.num_blocks
+        yield GaugeMetricFamily("gpt_oss_requests_running", "Requests in the running batch.", value=running)
+        yield GaugeMetricFamily("gpt_oss_requests_waiting", "Requests queued for the engine.", value=waiting)
+        yield GaugeMetricFamily(
+            "gpt_oss_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", value=used / total
+        )
+        yield GaugeMetricFamily(
+            "gpt_oss_prefix_cache_hit_ratio",
+            "Prompt tokens served from the prefix cache.",
+            value=kv.prefix_hit_rate,
+        )
+
+
+class Metrics:
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gpt_oss_http_requests",
+            "HTTP requests by endpoint and status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "gpt_oss_time_to_first_token_seconds",
+            "Time to the first output token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "gpt_oss_time_per_output_token_seconds",
+            "Mean time between output tokens, per request.",
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "gpt_oss_e2e_request_latency_seconds",
+            "Time from admission to the last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "gpt_oss_prompt_tokens", "Prompt tokens processed.", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "gpt_oss_generation_tokens", "Output tokens generated.", registry=self.registry
+        )
+        self.registry.register(_EngineCollector(engine))
+
+    def observe_request(
+        self, *, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float
+    ) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.e2e_latency.observe(e2e)
+        if ttft is not None:
+            self.time_to_first_token.observe(ttft)
+            if output_tokens > 1:
+                self.time_per_output_token.observe((e2e - ttft) / (output_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

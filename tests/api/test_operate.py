@@ -1,0 +1,111 @@
+"""Operating the server: API keys, metrics, limits and request ids."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import ServerSettings
+from tests.api.conftest import MODEL, Served
+
+USER = [{"role": "user", "content": "Hello"}]
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    pattern = "^" + re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?") + r" (\S+)$"
+    found = re.findall(pattern, text, re.MULTILINE)
+    return float(found[0]) if found else 0.0
+
+
+def test_api_key_is_required_on_v1_only() -> None:
+    app = create_app(None, ServerSettings(api_key="s3cret"))
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = client.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 503  # open (and still loading: no engine)
+        assert client.get("/metrics").status_code == 200
+
+
+def test_body_size_limit_is_a_413() -> None:
+    app = create_app(None, ServerSettings(max_request_bytes=200))
+    with TestClient(app) as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x" * 500}]}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_metrics_move_after_a_request(served: Served) -> None:
+    before = httpx.get(served.base_url + "/metrics").text
+    client = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4)
+    after = httpx.get(served.base_url + "/metrics").text
+    label = 'endpoint="/v1/chat/completions",status="200"'
+    assert (
+        _metric(after, "gpt_oss_http_requests_total", label)
+        == _metric(before, "gpt_oss_http_requests_total", label) + 1
+    )
+    assert _metric(after, "gpt_oss_prompt_tokens_total") > _metric(before, "gpt_oss_prompt_tokens_total")
+    assert (
+        _metric(after, "gpt_oss_generation_tokens_total")
+        >= _metric(before, "gpt_oss_generation_tokens_total") + 1
+    )
+    assert (
+        _metric(after, "gpt_oss_time_to_first_token_seconds_count")
+        == _metric(before, "gpt_oss_time_to_first_token_seconds_count") + 1
+    )
+    assert _metric(after, "gpt_oss_e2e_request_latency_seconds_count") >= 1
+    for gauge in (
+        "gpt_oss_requests_running",
+        "gpt_oss_requests_waiting",
+        "gpt_oss_kv_cache_usage_ratio",
+        "gpt_oss_prefix_cache_hit_ratio",
+    ):
+        assert re.search(rf"^{gauge} ", after, re.MULTILINE), gauge
+
+
+def test_a_full_queue_is_a_429_with_retry_after(served: Served) -> None:
+    bridge = served.app.state.server.engine
+    saved = bridge.max_in_flight
+    bridge.max_in_flight = 0
+    try:
+        response = httpx.post(
+            served.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": USER}
+        )
+    finally:
+        bridge.max_in_flight = saved
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize(
+    ("field", "count", "param"), [("messages", 2049, "messages"), ("tools", 257, "tools")]
+)
+def test_messages_and_tools_per_request_are_bounded(
+    served: Served, field: str, count: int, param: str
+) -> None:
+    body: dict = {"model": MODEL, "messages": USER}
+    if field == "messages":
+        body["messages"] = USER * count
+    else:
+        body["tools"] = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(count)]
+    response = httpx.post(served.base_url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_request_ids_are_echoed_or_made(served: Served) -> None:
+    given = httpx.get(served.base_url + "/v1/models", headers={"x-request-id": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = httpx.get(served.base_url + "/v1/models")
+    assert made.headers["x-request-id"].startswith("req-")
