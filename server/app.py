@@ -16,9 +16,9 @@ from typing import Any
 
 import tiktoken
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sse_starlette import EventSourceResponse
 
 from harmony.encoding import load_harmony_encoding
 from model.engine import Engine
@@ -31,6 +31,7 @@ from server.serving_chat import ChatService, ProcessorsHook
 from server.serving_completions import CompletionService, register_completions_routes
 from server.serving_responses import ResponsesService, register_responses_routes
 from server.settings import ServerSettings
+from server.streaming import data_events, sse
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,7 @@ class ServerState:
         self.responses = ResponsesService(
             self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
         )
-        self.completions = CompletionService(
-            self.engine, self.encoding, self.settings.served_model_name, engine.max_model_len
-        )
+        self.completions = CompletionService(self.engine, self.encoding, self.settings, engine.max_model_len)
 
     def ready_chat(self) -> ChatService:
         if self.chat is None:
@@ -84,7 +83,8 @@ class ServerState:
 
 def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
     """A response refusing the request before any route runs, or None."""
-    if settings.api_key is not None and request.url.path.startswith("/v1/"):
+    # CORS preflights carry no credentials; the CORS middleware answers them.
+    if settings.api_key is not None and request.url.path.startswith("/v1/") and request.method != "OPTIONS":
         given = request.headers.get("authorization", "")
         expected = f"Bearer {settings.api_key}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -130,6 +130,14 @@ def create_app(
     app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    if state.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -154,7 +162,7 @@ def create_app(
         chat = state.ready_chat()
         if body.stream:
             lines = await chat.stream(body)
-            return EventSourceResponse(({"data": line} async for line in lines), ping=15)
+            return sse(data_events(lines), state.settings)
         return await chat.complete(body)
 
     register_completions_routes(app, state.ready_completions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -101,6 +102,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cache-dir", default=env("GPT_OSS_CACHE_DIR"), help="where the demo checkpoint is built")
     p.add_argument(
+        "--api-key",
+        default=env("GPT_OSS_API_KEY"),
+        help="require Authorization: Bearer KEY on /v1/* (env GPT_OSS_API_KEY)",
+    )
+    p.add_argument(
+        "--cors-origins",
+        default=env("GPT_OSS_CORS_ORIGINS"),
+        help="comma-separated origins allowed by CORS, or * (env GPT_OSS_CORS_ORIGINS)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=int(env("GPT_OSS_MAX_WAITING_REQUESTS", "512")),
+        help="requests queued beyond the running batch before new ones get a 429",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=float(env("GPT_OSS_SHUTDOWN_GRACE", "30")),
+        help="seconds in-flight requests may take to finish after SIGTERM (env GPT_OSS_SHUTDOWN_GRACE)",
+    )
+    p.add_argument(
         "--log-level", default=env("GPT_OSS_LOG_LEVEL", "info"), help="debug, info, warning, error"
     )
     return p.parse_args(argv)
@@ -130,7 +153,14 @@ def build(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )
-    settings = ServerSettings(served_model_name=args.served_model_name or name, model_note=note)
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or name,
+        model_note=note,
+        api_key=args.api_key or None,
+        max_waiting_requests=args.max_waiting_requests,
+        shutdown_grace=args.shutdown_grace,
+        cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
+    )
     return engine, settings
 
 
@@ -143,7 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     engine, settings = build(args)
     app = create_app(engine, settings)
     logger.info("serving %s on http://%s:%d/v1", settings.served_model_name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    # uvicorn restores the handlers it found and re-raises the signal once it has shut down; with this one in
+    # place a SIGTERM ends the process with status 0, not as killed by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: logger.info("stopped on SIGTERM"))
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests (streams too) finish for the grace period,
+    # then cancels them (each cancel aborts its request in the engine) and runs the app's shutdown.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=args.shutdown_grace + 5,  # streams get the grace period, then cleanup
+    )
 
 
 if __name__ == "__main__":

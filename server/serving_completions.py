@@ -20,7 +20,6 @@ from typing import Any
 import tiktoken
 from fastapi import FastAPI
 from pydantic import Field
-from sse_starlette import EventSourceResponse
 
 from harmony import encoding as tok
 from model.engine import RequestRejected
@@ -29,6 +28,8 @@ from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
 from server.protocol import StreamOptions, _Lenient
 from server.serving_chat import StopTrimmer
+from server.settings import ServerSettings
+from server.streaming import data_events, sse
 
 END_TOKENS = sorted({tok.RETURN, tok.CALL, tok.END_OF_TEXT})
 
@@ -68,11 +69,12 @@ class _Choice:
 
 class CompletionService:
     def __init__(
-        self, engine: AsyncEngine, encoding: tiktoken.Encoding, model_name: str, max_model_len: int
+        self, engine: AsyncEngine, encoding: tiktoken.Encoding, settings: ServerSettings, max_model_len: int
     ) -> None:
         self.engine = engine
         self.encoding = encoding
-        self.model_name = model_name
+        self.settings = settings
+        self.model_name = settings.served_model_name
         self.max_model_len = max_model_len
 
     def _prompts(self, request: CompletionRequest) -> list[list[int]]:
@@ -288,5 +290,5 @@ def register_completions_routes(app: FastAPI, service: Any) -> None:
         completions_service: CompletionService = service()
         if body.stream:
             lines = await completions_service.stream(body)
-            return EventSourceResponse(({"data": line} async for line in lines), ping=15)
+            return sse(data_events(lines), completions_service.settings)
         return await completions_service.complete(body)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import tiktoken
 from fastapi import FastAPI
-from sse_starlette import EventSourceResponse
 
 from harmony import encoding as tok
 from harmony.render import Renderer
@@ -48,6 +47,7 @@ from server.protocol import (
 )
 from server.serving_chat import ProcessorsHook
 from server.settings import ServerSettings
+from server.streaming import sse
 from server.tool_choice import tool_choice_processors
 
 if TYPE_CHECKING:
@@ -654,7 +654,7 @@ def register_responses_routes(app: FastAPI, state: ServerState) -> None:
     async def create_response(body: ResponsesRequest) -> Any:
         service = ready()
         if body.stream:
-            return EventSourceResponse(await service.stream(body), ping=15)
+            return sse(await service.stream(body), service.settings)
         return await service.create(body)
 
     @app.get("/v1/responses/{response_id}")

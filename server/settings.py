@@ -20,6 +20,10 @@ class ServerSettings(BaseModel):
     model_note: str | None = None
     # Required as `Authorization: Bearer ...` on /v1/* when set (/health and /metrics stay open).
     api_key: str | None = None
+    # Seconds a stream may run on after SIGTERM before it is cancelled.
+    shutdown_grace: float = Field(default=30.0, ge=0.0)
+    # Origins browsers may call from (CORS); empty: no CORS headers.
+    cors_origins: list[str] = Field(default_factory=list)
     # Limits, each refused with a clear error: request body bytes (413), messages or input items and tools
     # per request (400), and requests queued beyond the running batch (429 with Retry-After).
     max_request_bytes: int = Field(default=16 << 20, ge=1)

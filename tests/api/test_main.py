@@ -58,3 +58,65 @@ def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) 
     assert settings.model_note == DEMO_NOTE
     assert engine.max_model_len == 256
     assert engine.token_bytes is not None
+
+
+def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
+    import json
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--max-model-len",
+            "512",
+            "--shutdown-grace",
+            "60",
+            "--log-level",
+            "warning",
+        ],
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {
+            "model": "gpt-oss-demo",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "stream": True,
+            "max_tokens": 40,
+            "temperature": 0,
+        }
+        events = []
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            events.append(next(lines))
+            process.send_signal(signal.SIGTERM)  # mid-stream
+            events.extend(lines)
+        data = [line[6:] for line in events if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        finishes = [c["choices"][0]["finish_reason"] for c in map(json.loads, data[:-1]) if c["choices"]]
+        assert finishes[-1] in ("stop", "length")
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

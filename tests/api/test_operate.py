@@ -17,7 +17,9 @@ USER = [{"role": "user", "content": "Hello"}]
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
-    pattern = "^" + re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?") + r" (\S+)$"
+    pattern = (
+        "^" + re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?") + r" (\S+)$"
+    )
     found = re.findall(pattern, text, re.MULTILINE)
     return float(found[0]) if found else 0.0
 
@@ -109,3 +111,22 @@ def test_request_ids_are_echoed_or_made(served: Served) -> None:
     assert given.headers["x-request-id"] == "abc-123"
     made = httpx.get(served.base_url + "/v1/models")
     assert made.headers["x-request-id"].startswith("req-")
+
+
+def test_cors_when_configured() -> None:
+    app = create_app(None, ServerSettings(cors_origins=["https://app.example"], api_key="k"))
+    with TestClient(app) as client:
+        preflight = client.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get(
+            "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"}
+        )
+        assert "access-control-allow-origin" not in other.headers
