@@ -11,7 +11,10 @@ import argparse
 import logging
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import uvicorn
@@ -49,84 +52,89 @@ def demo_checkpoint(cache_dir: Path) -> Path:
     return target
 
 
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, the environment variable that sets it when the flag is absent, and its help."""
+
+    flag: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return "GPT_OSS_" + self.flag.removeprefix("--").replace("-", "_").upper()
+
+
+OPTIONS = (
+    Option(
+        "--model",
+        str,
+        None,
+        "a local checkpoint directory or a Hugging Face id (openai/gpt-oss-20b); "
+        "default: a small random-weight demo built on first start",
+    ),
+    Option("--host", str, "127.0.0.1", "address to listen on"),
+    Option("--port", int, 8000, "port to listen on"),
+    Option(
+        "--served-model-name",
+        str,
+        None,
+        "the model id clients send (default: the model directory's name, or gpt-oss-demo)",
+    ),
+    Option("--device", str, None, "cpu or cuda (default: cuda when available)", ("cpu", "cuda")),
+    Option(
+        "--dtype",
+        str,
+        None,
+        "activation dtype (default: bfloat16 on cuda, float32 on cpu)",
+        ("bfloat16", "float32"),
+    ),
+    Option("--max-model-len", int, 8192, "longest prompt plus output, in tokens"),
+    Option("--max-num-seqs", int, 64, "most requests decoded together"),
+    Option("--max-num-batched-tokens", int, 2048, "most tokens computed in one engine step"),
+    Option(
+        "--kv-cache-memory",
+        float,
+        None,
+        "GiB of KV cache (default: on cuda what a warm-up leaves free, on cpu 1 GiB)",
+    ),
+    Option("--cache-dir", str, None, "where the demo checkpoint is built (default: ~/.cache/gpt-oss-server)"),
+    Option("--api-key", str, None, "require Authorization: Bearer KEY on /v1/*"),
+    Option("--cors-origins", str, None, "comma-separated origins allowed by CORS, or *"),
+    Option("--max-waiting-requests", int, 512, "requests queued beyond the running batch before a 429"),
+    Option("--max-request-bytes", int, 16 << 20, "largest request body accepted"),
+    Option("--shutdown-grace", float, 30.0, "seconds in-flight streams may take to finish after SIGTERM"),
+    Option(
+        "--log-level", str, "info", "debug, info, warning or error", ("debug", "info", "warning", "error")
+    ),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
-    p = argparse.ArgumentParser(
+    """Flags win over their GPT_OSS_* environment variables, which win over the defaults."""
+    parser = argparse.ArgumentParser(
         prog="gpt-oss-server", description="OpenAI-compatible server for gpt-oss models."
     )
-    p.add_argument(
-        "--model",
-        default=env("GPT_OSS_MODEL"),
-        help="a local checkpoint directory or a Hugging Face id (openai/gpt-oss-20b); "
-        "default: a small random-weight demo built on first start (env GPT_OSS_MODEL)",
-    )
-    p.add_argument(
-        "--host", default=env("GPT_OSS_HOST", "127.0.0.1"), help="address to listen on (env GPT_OSS_HOST)"
-    )
-    p.add_argument(
-        "--port", type=int, default=int(env("GPT_OSS_PORT", "8000")), help="port (env GPT_OSS_PORT)"
-    )
-    p.add_argument(
-        "--served-model-name",
-        default=env("GPT_OSS_SERVED_MODEL_NAME"),
-        help="the model id clients send (default: the model's directory name, or gpt-oss-demo)",
-    )
-    p.add_argument(
-        "--device",
-        default=env("GPT_OSS_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"),
-        help="cpu or cuda (env GPT_OSS_DEVICE)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float32"],
-        default=env("GPT_OSS_DTYPE"),
-        help="activation dtype (default: bfloat16 on cuda, float32 on cpu)",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=int(env("GPT_OSS_MAX_MODEL_LEN", "8192")),
-        help="longest prompt plus output, in tokens (env GPT_OSS_MAX_MODEL_LEN)",
-    )
-    p.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=int(env("GPT_OSS_MAX_NUM_SEQS", "64")),
-        help="most requests decoded together (env GPT_OSS_MAX_NUM_SEQS)",
-    )
-    p.add_argument(
-        "--kv-cache-memory",
-        type=float,
-        default=None,
-        help="GiB of KV cache (default: on cuda what a warm-up leaves free, on cpu 1 GiB)",
-    )
-    p.add_argument("--cache-dir", default=env("GPT_OSS_CACHE_DIR"), help="where the demo checkpoint is built")
-    p.add_argument(
-        "--api-key",
-        default=env("GPT_OSS_API_KEY"),
-        help="require Authorization: Bearer KEY on /v1/* (env GPT_OSS_API_KEY)",
-    )
-    p.add_argument(
-        "--cors-origins",
-        default=env("GPT_OSS_CORS_ORIGINS"),
-        help="comma-separated origins allowed by CORS, or * (env GPT_OSS_CORS_ORIGINS)",
-    )
-    p.add_argument(
-        "--max-waiting-requests",
-        type=int,
-        default=int(env("GPT_OSS_MAX_WAITING_REQUESTS", "512")),
-        help="requests queued beyond the running batch before new ones get a 429",
-    )
-    p.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=float(env("GPT_OSS_SHUTDOWN_GRACE", "30")),
-        help="seconds in-flight requests may take to finish after SIGTERM (env GPT_OSS_SHUTDOWN_GRACE)",
-    )
-    p.add_argument(
-        "--log-level", default=env("GPT_OSS_LOG_LEVEL", "info"), help="debug, info, warning, error"
-    )
-    return p.parse_args(argv)
+    for option in OPTIONS:
+        raw = os.environ.get(option.env)
+        default = option.default if raw is None else option.type(raw)
+        parser.add_argument(
+            option.flag,
+            type=option.type,
+            default=default,
+            choices=option.choices,
+            help=f"{option.help} (env {option.env})",
+        )
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for option in OPTIONS:  # a value from the environment is checked like a flag's
+        value = getattr(args, option.flag.removeprefix("--").replace("-", "_"))
+        if option.choices and value is not None and value not in option.choices:
+            parser.error(f"{option.env}={value!r} is not one of {', '.join(option.choices)}")
+    return args
 
 
 def build(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
@@ -149,7 +157,10 @@ def build(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
     engine = Engine(
         model,
         EngineConfig(
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, kv_cache_memory=kv_bytes
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory=kv_bytes,
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )
@@ -158,6 +169,7 @@ def build(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
         model_note=note,
         api_key=args.api_key or None,
         max_waiting_requests=args.max_waiting_requests,
+        max_request_bytes=args.max_request_bytes,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
     )

@@ -8,10 +8,40 @@ from pathlib import Path
 
 import pytest
 
-from server.main import DEMO_NOTE, build, demo_checkpoint, parse_args
+from server.main import DEMO_NOTE, OPTIONS, Option, build, demo_checkpoint, parse_args
 
 
-def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _dest(option: Option) -> str:
+    return option.flag.removeprefix("--").replace("-", "_")
+
+
+def _sample(option: Option) -> str:
+    if option.choices:
+        return option.choices[-1]
+    return {int: "4321", float: "2.5", str: "some-value"}[option.type]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.flag)
+def test_every_flag_and_its_environment_variable(option: Option, monkeypatch: pytest.MonkeyPatch) -> None:
+    for other in OPTIONS:
+        monkeypatch.delenv(other.env, raising=False)
+    expected = option.type(_sample(option))
+    assert getattr(parse_args([option.flag, _sample(option)]), _dest(option)) == expected
+    monkeypatch.setenv(option.env, _sample(option))
+    assert getattr(parse_args([]), _dest(option)) == expected
+    if option.choices:
+        with pytest.raises(SystemExit):
+            parse_args([option.flag, "nonsense"])
+        monkeypatch.setenv(option.env, "nonsense")
+        with pytest.raises(SystemExit):
+            parse_args([])
+
+
+def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPT_OSS_PORT", "9001")
+    assert parse_args([]).port == 9001
+    assert parse_args(["--port", "9002"]).port == 9002
+    monkeypatch.delenv("GPT_OSS_PORT")
     defaults = parse_args([])
     assert (defaults.model, defaults.host, defaults.port, defaults.max_model_len) == (
         None,
@@ -19,31 +49,15 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         8000,
         8192,
     )
-    monkeypatch.setenv("GPT_OSS_PORT", "9001")
-    monkeypatch.setenv("GPT_OSS_MODEL", "/models/x")
-    from_env = parse_args([])
-    assert (from_env.port, from_env.model) == (9001, "/models/x")
-    flags = parse_args(["--port", "9002", "--served-model-name", "m", "--kv-cache-memory", "0.5"])
-    assert (flags.port, flags.served_model_name, flags.kv_cache_memory) == (9002, "m", 0.5)
 
 
 def test_help_documents_every_flag() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for flag in (
-        "--model",
-        "--host",
-        "--port",
-        "--served-model-name",
-        "--device",
-        "--dtype",
-        "--max-model-len",
-        "--max-num-seqs",
-        "--kv-cache-memory",
-        "--log-level",
-    ):
-        assert flag in out
+    for option in OPTIONS:
+        assert option.flag in out
+        assert option.env in out
 
 
 def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) -> None:
