@@ -496,3 +496,25 @@ def test_while_loading_the_server_answers_503() -> None:
         response = loading.post("/v1/chat/completions", json={"model": "gpt-oss", "messages": USER})
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "model_loading"
+
+
+def test_an_engine_failure_mid_stream_ends_with_an_error_event_and_the_engine_goes_on(
+    client: openai.OpenAI, served: Served
+) -> None:
+    script = "<|channel|>final<|message|>" + "word " * 40 + "<|return|>"
+    body = {"model": MODEL, "messages": USER, "stream": True, "test_force": script, "test_fail_after": 5}
+    with httpx.stream("POST", served.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["type"] == "server_error"
+    assert "forced engine failure" in error["message"]
+    # Not streamed: a 500 in the envelope. And the engine still serves the next request.
+    failed = httpx.post(served.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error"
+    after = client.chat.completions.create(
+        model=MODEL, messages=USER, extra_body={"test_force": "<|channel|>final<|message|>ok<|return|>"}
+    )
+    assert after.choices[0].message.content == "ok"
