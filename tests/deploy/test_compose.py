@@ -122,3 +122,14 @@ def test_healthcheck_reads_health(server: dict, health_server) -> None:
     handler.status = 503
     assert run_healthcheck(command, port) != 0
     assert handler.paths == ["/health", "/health"]
+
+
+def test_stop_grace_covers_the_servers_drain(server: dict) -> None:
+    """`docker compose stop` must not SIGKILL the server while it drains: its shutdown grace + 5 s cleanup."""
+    from server.main import parse_args
+
+    grace = float(server["environment"].get("GPT_OSS_SHUTDOWN_GRACE", parse_args([]).shutdown_grace))
+    stop = server["stop_grace_period"]
+    assert stop.endswith("s")
+    assert stop[-2].isdigit(), f"write stop_grace_period in seconds: {stop}"
+    assert float(stop[:-1]) >= grace + 5

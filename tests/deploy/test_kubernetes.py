@@ -98,8 +98,18 @@ def test_the_hpa_owns_the_replica_count_and_updates_keep_capacity() -> None:
     deployment = manifest("Deployment")
     assert "replicas" not in deployment["spec"]
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    # Long enough for streams in flight to end after SIGTERM.
-    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+
+
+def test_termination_grace_covers_the_pause_and_the_servers_drain() -> None:
+    """The kubelet's SIGKILL must not cut the server's own drain: preStop pause + shutdown grace + 5 s cleanup."""
+    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    c = container()
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    from server.main import parse_args
+
+    drain = float(env(c).get("GPT_OSS_SHUTDOWN_GRACE") or parse_args([]).shutdown_grace)
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + drain + 5
 
 
 def test_model_cache_is_mounted_where_the_server_and_hugging_face_look() -> None:
