@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import uvicorn
 
-from harmony.encoding import load_harmony_encoding
+from harmony.encoding import VocabularyError, load_harmony_encoding
 from model.config import PRESETS
 from model.engine import Engine, EngineConfig
 from model.gpt_oss import GptOss
@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    load_harmony_encoding()  # a missing vocabulary fails here, at start-up, not on the first request
+    try:
+        load_harmony_encoding()  # a missing vocabulary fails here, at start-up, not on the first request
+    except VocabularyError as error:
+        logger.error("%s", error)
+        raise SystemExit(2) from error
     engine, settings = build(args)
     app = create_app(engine, settings)
     logger.info("serving %s on http://%s:%d/v1", settings.served_model_name, args.host, args.port)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -518,3 +519,104 @@ def test_an_engine_failure_mid_stream_ends_with_an_error_event_and_the_engine_go
         model=MODEL, messages=USER, extra_body={"test_force": "<|channel|>final<|message|>ok<|return|>"}
     )
     assert after.choices[0].message.content == "ok"
+
+
+def _prompt_text(served: Served, messages: list[dict], tools: list[dict] | None = None) -> str:
+    body: dict = {"messages": messages}
+    if tools:
+        body["tools"] = tools
+    response = httpx.post(served.base_url + "/tokenize", json=body)
+    assert response.status_code == 200, response.text
+    return served.encoding.decode(response.json()["tokens"])
+
+
+def test_history_shapes_other_servers_tripped_on(served: Served) -> None:
+    """api.md 10.16 and 10.18: reasoning under either name, content beside reasoning, an empty tool_calls
+    list, and arguments that must not be encoded twice."""
+    for field in ("reasoning", "reasoning_content"):
+        text = _prompt_text(
+            served,
+            [
+                *USER,
+                {
+                    "role": "assistant",
+                    field: "I thought.",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "cold"},
+            ],
+            [WEATHER_TOOL],
+        )
+        assert "<|channel|>analysis<|message|>I thought.<|end|>" in text
+        assert '<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}<|call|>' in text
+    text = _prompt_text(
+        served,
+        [
+            *USER,
+            {"role": "assistant", "content": "Done.", "reasoning_content": "Think.", "tool_calls": []},
+            *USER,
+        ],
+    )
+    assert "<|channel|>final<|message|>Done.<|end|>" in text
+    assert "Think." not in text  # analysis before a final answer is dropped, as harmony does
+
+
+def test_odd_tool_calls_from_the_model(client: openai.OpenAI) -> None:
+    """api.md 10.24 and 10.25: arguments that are not JSON pass through as a string; a built-in tool the
+    request did not offer is returned as text, not run; a call cut off by the end of the stream is flushed."""
+    not_json = (
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>print('hi')<|call|>"
+    )
+    call = (
+        client.chat.completions.create(
+            model=MODEL, messages=USER, tools=[WEATHER_TOOL], extra_body={"test_force": not_json}
+        )
+        .choices[0]
+        .message.tool_calls[0]
+    )  # type: ignore[index]
+    assert call.function.arguments == "print('hi')"
+    builtin = '<|channel|>analysis to=browser.search code<|message|>{"query": "x"}<|call|>'
+    message = (
+        client.chat.completions.create(model=MODEL, messages=USER, extra_body={"test_force": builtin})
+        .choices[0]
+        .message
+    )
+    assert message.tool_calls is None
+    assert '{"query": "x"}' in (message.reasoning or "")  # type: ignore[attr-defined]
+    cut = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Par'
+    streamed = _assemble(
+        _stream(
+            client,
+            messages=USER,
+            tools=[WEATHER_TOOL],
+            max_tokens=len(response_tokens(cut)),
+            extra_body={"test_force": cut},
+        )
+    )
+    (entry,) = streamed["calls"].values()  # type: ignore[union-attr]
+    assert entry["arguments"] == '{"city": "Par'
+    assert streamed["finish"] == "length"
+
+
+def test_a_missing_vocabulary_stops_the_server_at_start_up(tmp_path: Path) -> None:
+    """api.md 10.9: a clear error when the server starts, not a failure on the first request."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TIKTOKEN_ENCODINGS_BASE": str(tmp_path / "nowhere")}
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--cache-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "o200k_base.tiktoken does not exist" in result.stderr
