@@ -285,7 +285,47 @@ def attention_reference(
 def attention(
     q: torch.Tensor, kv: KVView, meta: AttentionMetadata, sinks: torch.Tensor, scale: float, window: int
 ) -> torch.Tensor:
-    """Batched attention with sinks and sliding window through one `scaled_dot_product_attention` call.
+    """Batched attention with sinks and sliding window.
+
+    One padded call pads every sequence to the longest query and the longest key list of the batch, so a
+    decode step that shares the batch with a prompt chunk would pay the chunk's length on every decode row.
+    The single-token queries (decodes) therefore go in one call, trimmed to the keys they use, and each longer
+    query (a prompt chunk) in a call of its own.
+    """
+    if max(meta.query_lens) == 1 or len(meta.query_lens) == 1:
+        return _attention_padded(q, kv, meta, sinks, scale, window)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    starts = [0]
+    for length in meta.query_lens:
+        starts.append(starts[-1] + length)
+    decodes = [s for s, length in enumerate(meta.query_lens) if length == 1]
+    groups = [decodes] if decodes else []
+    groups += [[s] for s, length in enumerate(meta.query_lens) if length > 1]
+    for group in groups:
+        rows = torch.tensor(group, device=q.device)
+        positions = kv.positions[rows]
+        # Only the key columns some sequence of the group uses (a host sync, once per group).
+        columns = (positions >= 0).any(0).nonzero().squeeze(1)
+        view = KVView(kv.keys[rows][:, columns], kv.values[rows][:, columns], positions[:, columns])
+        token_index = torch.cat([torch.arange(starts[s], starts[s + 1], device=q.device) for s in group])
+        lens = [meta.query_lens[s] for s in group]
+        sub = AttentionMetadata(
+            lens,
+            [meta.context_lens[s] for s in group],
+            meta.positions[token_index],
+            torch.repeat_interleave(
+                torch.arange(len(group), device=q.device), torch.tensor(lens, device=q.device)
+            ),
+            meta.query_offset[token_index],
+        )
+        out[token_index] = _attention_padded(q[token_index], view, sub, sinks, scale, window)
+    return out
+
+
+def _attention_padded(
+    q: torch.Tensor, kv: KVView, meta: AttentionMetadata, sinks: torch.Tensor, scale: float, window: int
+) -> torch.Tensor:
+    """Attention with sinks and sliding window through one `scaled_dot_product_attention` call.
 
     Queries are padded per sequence to ``[S, heads, Lq, D]``. The sink becomes an extra key in front: its key
     is zero, so its score is exactly the additive mask value, set to the head's sink logit; its value is zero,
