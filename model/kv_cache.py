@@ -332,29 +332,44 @@ def build_group_step(
     window: int,
     device: torch.device,
 ) -> GroupStep:
-    """Slot mapping and gather indices for one group, computed with a few tensor ops (no per-token Python)."""
-    starts = [
-        max(0, c - q - window + 1) if window else 0
-        for q, c in zip(meta.query_lens, meta.context_lens, strict=True)
-    ]
-    width = max(c - s for c, s in zip(meta.context_lens, starts, strict=True))
+    """Slot mapping and gather indices for one group, computed with a few tensor ops (no per-token Python).
+
+    Sequences read whole blocks, from the block of the first key their window can reach to the block of their
+    last token; positions outside a sequence's range in those blocks are either padding (marked -1) or older
+    than the window, which the attention mask excludes by position. Built on the CPU (every torch call here
+    costs microseconds of Python, so the per-sequence numbers go in with few calls) and copied to `device`
+    without waiting.
+    """
+    seqs = len(tables)
+    first_blocks, block_counts = [], []
+    for q, c in zip(meta.query_lens, meta.context_lens, strict=True):
+        first = (max(0, c - q - window + 1) if window else 0) // block_size
+        first_blocks.append(first)
+        block_counts.append(-(-c // block_size) - first)
+    width = max(block_counts)
     num_cols = max(len(t) for t in tables)
-    padded = torch.tensor([t + [0] * (num_cols - len(t)) for t in tables], dtype=torch.int64)
-    # Positions each sequence reads: [start, context_len).
-    start_t = torch.tensor(starts, dtype=torch.int64)[:, None]
-    grid = start_t + torch.arange(width, dtype=torch.int64)[None, :]
-    valid = grid < torch.tensor(meta.context_lens, dtype=torch.int64)[:, None]
-    grid = grid.where(valid, start_t)
-    blocks = padded.gather(1, grid // block_size)
-    gather_index = (blocks * block_size + grid % block_size).where(valid, 0)
+    flat: list[int] = []
+    for table in tables:
+        flat += table
+        flat += [0] * (num_cols - len(table))
+    padded = torch.tensor(flat, dtype=torch.int64).view(seqs, num_cols)
+    numbers = torch.tensor([first_blocks, block_counts, meta.context_lens], dtype=torch.int64)
+    offsets = torch.arange(width, dtype=torch.int64)
+    block_grid = numbers[0, :, None] + offsets  # [S, W] block index of each block read
+    real = offsets < numbers[1, :, None]
+    blocks = padded.gather(1, torch.where(real, block_grid, numbers[0, :, None]))
+    in_block = torch.arange(block_size, dtype=torch.int64)
+    gather_index = (blocks[:, :, None] * block_size + in_block).view(seqs, width * block_size)
+    positions = (block_grid[:, :, None] * block_size + in_block).view(seqs, width * block_size)
+    invalid = positions >= numbers[2, :, None]
+    gather_index.masked_fill_(invalid, 0)
+    positions.masked_fill_(invalid, -1)
     # The new tokens' slots: the last query_len positions of each sequence.
-    positions = meta.positions.cpu()
-    seq_index = meta.seq_index.cpu()
-    new_blocks = padded[seq_index, positions // block_size]
-    slot_mapping = new_blocks * block_size + positions % block_size
-    assert bool((new_blocks >= 0).all()), "a new token's block was released"
+    new_positions = meta.positions.cpu()
+    new_blocks = padded[meta.seq_index.cpu(), new_positions // block_size]
+    slot_mapping = new_blocks * block_size + new_positions % block_size
     return GroupStep(
         slot_mapping.to(device, non_blocking=True),
         gather_index.to(device, non_blocking=True),
-        grid.where(valid, -1).to(device, non_blocking=True),
+        positions.to(device, non_blocking=True),
     )
