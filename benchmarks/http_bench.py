@@ -6,9 +6,9 @@ Both sides run the same tiny random checkpoint, the same prompt and the same for
 processor makes every request produce the same `--tokens` answer tokens, so lengths do not depend on the
 random weights). "Engine alone" drives `AsyncEngine.generate` in this process; "HTTP" starts the real app
 under uvicorn on localhost and streams `/v1/chat/completions` with httpx from a separate client process,
-counting content chunks. Printed per
-concurrency: time to first token and time per output token (mean over streams of the mean gap between
-tokens), and the HTTP overhead on time per token against the target (at most 10% at 32 streams).
+counting content chunks. Printed per concurrency: time to first token and time per output token (mean over
+streams of the mean gap between tokens), and the HTTP overhead on time per token against the target (at most
+10% at 32 streams).
 """
 
 from __future__ import annotations
