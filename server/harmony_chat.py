@@ -171,7 +171,9 @@ class ChatOutputParser:
     def __init__(self, encoding: tiktoken.Encoding) -> None:
         self.parser = StreamParser(encoding, Role.ASSISTANT)
         self.output = ChatOutput()
-        self._calls: dict[int, ToolCallOut] = {}  # by id() of the message header
+        # By id() of the message header: the header (kept, so no later header can reuse its id), the call and
+        # its index among this choice's calls.
+        self._calls: dict[int, tuple[Header, ToolCallOut, int]] = {}
 
     def feed(self, token: int) -> list[Delta]:
         parser = self.parser
@@ -206,17 +208,16 @@ class ChatOutputParser:
         if _kind_of(header) is not DeltaKind.TOOL_CALL_ARGUMENTS or id(header) in self._calls:
             return
         call = ToolCallOut(new_call_id(), (header.recipient or "")[len(FUNCTIONS_PREFIX) :])
-        self._calls[id(header)] = call
+        index = len(self.output.tool_calls)
+        self._calls[id(header)] = (header, call, index)
         self.output.tool_calls.append(call)
-        index = len(self.output.tool_calls) - 1
         deltas.append(Delta(DeltaKind.TOOL_CALL_START, index=index, call_id=call.id, name=call.name))
 
     def _text(self, header: Header, text: str, deltas: list[Delta]) -> None:
         kind = _kind_of(header)
         if kind is DeltaKind.TOOL_CALL_ARGUMENTS:
-            call = self._calls[id(header)]
+            _, call, index = self._calls[id(header)]
             call.arguments += text
-            index = self.output.tool_calls.index(call)
             deltas.append(Delta(kind, text, index=index, call_id=call.id, name=call.name))
         elif kind is DeltaKind.REASONING:
             self.output.reasoning.append(text)

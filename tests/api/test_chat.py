@@ -620,3 +620,22 @@ def test_a_missing_vocabulary_stops_the_server_at_start_up(tmp_path: Path) -> No
     )
     assert result.returncode != 0
     assert "o200k_base.tiktoken does not exist" in result.stderr
+
+
+def test_two_calls_in_one_answer_keep_their_own_index_and_id(client: openai.OpenAI) -> None:
+    script = (
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "A"}<|end|>'
+        "<|start|>assistant to=functions.get_time<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+    )
+    body = {"messages": USER, "tools": [WEATHER_TOOL, TIME_TOOL], "extra_body": {"test_force": script}}
+    calls = client.chat.completions.create(model=MODEL, **body).choices[0].message.tool_calls or []  # type: ignore[arg-type]
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_weather", '{"city": "A"}'),
+        ("get_time", "{}"),
+    ]
+    assert calls[0].id != calls[1].id
+    streamed = _assemble(_stream(client, **body))["calls"]
+    assert [(e["name"], e["arguments"]) for e in streamed.values()] == [
+        ("get_weather", '{"city": "A"}'),
+        ("get_time", "{}"),
+    ]  # type: ignore[union-attr]
