@@ -146,26 +146,8 @@ class ModelConfig:
         """The `original/config.json` dict (the OpenAI reference `ModelConfig` fields)."""
         if list(self.layer_sliding) != [i % 2 == 0 for i in range(self.num_hidden_layers)]:
             raise ConfigError("layer_types: the original layout can only express alternating layers")
-        keys = (
-            "num_hidden_layers",
-            "num_experts",
-            "experts_per_token",
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "swiglu_limit",
-            "head_dim",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "sliding_window",
-            "initial_context_length",
-            "rope_theta",
-            "rope_scaling_factor",
-            "rope_ntk_alpha",
-            "rope_ntk_beta",
-        )
         values = asdict(self)
-        return {key: values[key] for key in keys}
+        return {key: values[key] for key in ORIGINAL_KEYS}
 
     def to_hf_json(self) -> dict[str, Any]:
         """The Hugging Face `config.json` dict, shaped like the published openai/gpt-oss-20b one."""
