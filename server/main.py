@@ -7,17 +7,17 @@ on a laptop CPU with no download. It says plainly (log and `/v1/models`) that th
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 import uvicorn
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from harmony.encoding import VocabularyError, load_harmony_encoding
 from model.config import PRESETS
@@ -25,11 +25,13 @@ from model.engine import Engine, EngineConfig
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from model.weights import resolve_model
+from server import logs
 from server.app import create_app
 from server.settings import ServerSettings
 
 logger = logging.getLogger("gpt_oss_server")
 
+ENV_PREFIX = "GPT_OSS_"
 DEMO_PRESET = "tiny"
 DEMO_SEED = 0
 DEMO_NOTE = "demo checkpoint with random weights: its output is noise; pass --model for a real gpt-oss model"
@@ -52,92 +54,76 @@ def demo_checkpoint(cache_dir: Path) -> Path:
     return target
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
-    """One setting: its flag, the environment variable that sets it when the flag is absent, and its help."""
+class CliSettings(BaseSettings):
+    """Every setting of the command line. Each flag (`--max-model-len`) also reads its environment variable
+    (`GPT_OSS_MAX_MODEL_LEN`); a flag wins over the variable, which wins over the default."""
 
-    flag: str
-    type: Callable[[str], Any]
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-
-    @property
-    def env(self) -> str:
-        return "GPT_OSS_" + self.flag.removeprefix("--").replace("-", "_").upper()
-
-
-OPTIONS = (
-    Option(
-        "--model",
-        str,
-        None,
-        "a local checkpoint directory or a Hugging Face id (openai/gpt-oss-20b); "
-        "default: a small random-weight demo built on first start",
-    ),
-    Option("--host", str, "127.0.0.1", "address to listen on"),
-    Option("--port", int, 8000, "port to listen on"),
-    Option(
-        "--served-model-name",
-        str,
-        None,
-        "the model id clients send (default: the model directory's name, or gpt-oss-demo)",
-    ),
-    Option("--device", str, None, "cpu or cuda (default: cuda when available)", ("cpu", "cuda")),
-    Option(
-        "--dtype",
-        str,
-        None,
-        "activation dtype (default: bfloat16 on cuda, float32 on cpu)",
-        ("bfloat16", "float32"),
-    ),
-    Option("--max-model-len", int, 8192, "longest prompt plus output, in tokens"),
-    Option("--max-num-seqs", int, 64, "most requests decoded together"),
-    Option("--max-num-batched-tokens", int, 2048, "most tokens computed in one engine step"),
-    Option(
-        "--kv-cache-memory",
-        float,
-        None,
-        "GiB of KV cache (default: on cuda what a warm-up leaves free, on cpu 1 GiB)",
-    ),
-    Option("--cache-dir", str, None, "where the demo checkpoint is built (default: ~/.cache/gpt-oss-server)"),
-    Option("--api-key", str, None, "require Authorization: Bearer KEY on /v1/*"),
-    Option("--cors-origins", str, None, "comma-separated origins allowed by CORS, or *"),
-    Option("--max-waiting-requests", int, 512, "requests queued beyond the running batch before a 429"),
-    Option("--max-request-bytes", int, 16 << 20, "largest request body accepted"),
-    Option("--shutdown-grace", float, 30.0, "seconds in-flight streams may take to finish after SIGTERM"),
-    Option(
-        "--log-level", str, "info", "debug, info, warning or error", ("debug", "info", "warning", "error")
-    ),
-)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags win over their GPT_OSS_* environment variables, which win over the defaults."""
-    parser = argparse.ArgumentParser(
-        prog="gpt-oss-server", description="OpenAI-compatible server for gpt-oss models."
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        cli_prog_name="gpt-oss-server",
+        cli_kebab_case=True,
+        cli_implicit_flags=False,
+        cli_exit_on_error=True,
     )
-    for option in OPTIONS:
-        raw = os.environ.get(option.env)
-        default = option.default if raw is None else option.type(raw)
-        parser.add_argument(
-            option.flag,
-            type=option.type,
-            default=default,
-            choices=option.choices,
-            help=f"{option.help} (env {option.env})",
-        )
-    args = parser.parse_args(argv)
+
+    model: str | None = Field(
+        None,
+        description="a local checkpoint directory or a Hugging Face id (openai/gpt-oss-20b); default: a "
+        "small random-weight demo built on first start",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    served_model_name: str | None = Field(
+        None, description="the model id clients send (default: the model directory's name, or gpt-oss-demo)"
+    )
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="cpu or cuda (default: cuda when available)"
+    )
+    dtype: Literal["bfloat16", "float32"] | None = Field(
+        None, description="activation dtype (default: bfloat16 on cuda, float32 on cpu)"
+    )
+    max_model_len: int = Field(8192, ge=2, description="longest prompt plus output, in tokens")
+    max_num_seqs: int = Field(64, ge=1, description="most requests decoded together")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens computed in one engine step")
+    kv_cache_memory: float | None = Field(
+        None, gt=0, description="GiB of KV cache (default: on cuda what a warm-up leaves free, on cpu 1 GiB)"
+    )
+    cache_dir: str | None = Field(
+        None, description="where the demo checkpoint is built (default: ~/.cache/gpt-oss-server)"
+    )
+    api_key: str | None = Field(None, description="require Authorization: Bearer KEY on /v1/*")
+    cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS, or *")
+    max_waiting_requests: int = Field(
+        512, ge=0, description="requests queued beyond the running batch before a 429"
+    )
+    max_request_bytes: int = Field(16 << 20, ge=1, description="largest request body accepted")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="seconds in-flight streams may take to finish after SIGTERM"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
+
+
+# The help names each setting's variable too.
+for _name, _field in CliSettings.model_fields.items():
+    _field.description = f"{_field.description} (env {ENV_PREFIX}{_name.upper()})"
+CliSettings.model_rebuild(force=True)
+
+
+def parse_args(argv: list[str] | None = None) -> CliSettings:
+    """The settings from `argv` (default: the process's arguments) and the environment; exits with a message
+    on a bad value."""
+    try:
+        args = CliApp.run(CliSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        sys.stderr.write(f"gpt-oss-server: invalid settings: {problems}\n")
+        raise SystemExit(2) from error
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    for option in OPTIONS:  # a value from the environment is checked like a flag's
-        value = getattr(args, option.flag.removeprefix("--").replace("-", "_"))
-        if option.choices and value is not None and value not in option.choices:
-            parser.error(f"{option.env}={value!r} is not one of {', '.join(option.choices)}")
     return args
 
 
-def build(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
+def build(args: CliSettings) -> tuple[Engine, ServerSettings]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     note = None
     if args.model is None:
@@ -178,9 +164,7 @@ def build(args: argparse.Namespace) -> tuple[Engine, ServerSettings]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level)
     try:
         load_harmony_encoding()  # a missing vocabulary fails here, at start-up, not on the first request
     except VocabularyError as error:

@@ -2,42 +2,58 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from server.main import DEMO_NOTE, OPTIONS, Option, build, demo_checkpoint, parse_args
+from server.main import DEMO_NOTE, CliSettings, build, demo_checkpoint, parse_args
+
+FIELDS = sorted(CliSettings.model_fields)
 
 
-def _dest(option: Option) -> str:
-    return option.flag.removeprefix("--").replace("-", "_")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _sample(option: Option) -> str:
-    if option.choices:
-        return option.choices[-1]
-    return {int: "4321", float: "2.5", str: "some-value"}[option.type]
+def _env(name: str) -> str:
+    return "GPT_OSS_" + name.upper()
 
 
-@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.flag)
-def test_every_flag_and_its_environment_variable(option: Option, monkeypatch: pytest.MonkeyPatch) -> None:
-    for other in OPTIONS:
-        monkeypatch.delenv(other.env, raising=False)
-    expected = option.type(_sample(option))
-    assert getattr(parse_args([option.flag, _sample(option)]), _dest(option)) == expected
-    monkeypatch.setenv(option.env, _sample(option))
-    assert getattr(parse_args([]), _dest(option)) == expected
-    if option.choices:
+def _sample(name: str) -> tuple[str, object]:
+    """A value to pass for the setting, and what it parses to."""
+    annotation = str(CliSettings.model_fields[name].annotation)
+    if "Literal" in annotation:
+        choice = re.findall(r"'([^']+)'", annotation)[-1]
+        return choice, choice
+    if "int" in annotation:
+        return "4321", 4321
+    if "float" in annotation:
+        return "2.5", 2.5
+    return "some-value", "some-value"
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_every_flag_and_its_environment_variable(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for other in FIELDS:
+        monkeypatch.delenv(_env(other), raising=False)
+    raw, expected = _sample(name)
+    assert getattr(parse_args([_flag(name), raw]), name) == expected
+    monkeypatch.setenv(_env(name), raw)
+    assert getattr(parse_args([]), name) == expected
+    if "Literal" in str(CliSettings.model_fields[name].annotation) or raw == "4321":
         with pytest.raises(SystemExit):
-            parse_args([option.flag, "nonsense"])
-        monkeypatch.setenv(option.env, "nonsense")
+            parse_args([_flag(name), "nonsense"])
+        monkeypatch.setenv(_env(name), "nonsense")
         with pytest.raises(SystemExit):
             parse_args([])
 
 
 def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for other in FIELDS:
+        monkeypatch.delenv(_env(other), raising=False)
     monkeypatch.setenv("GPT_OSS_PORT", "9001")
     assert parse_args([]).port == 9001
     assert parse_args(["--port", "9002"]).port == 9002
@@ -55,9 +71,9 @@ def test_help_documents_every_flag() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for option in OPTIONS:
-        assert option.flag in out
-        assert option.env in out
+    for name in FIELDS:
+        assert _flag(name) in out
+        assert _env(name) in out
 
 
 def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) -> None:

@@ -120,15 +120,12 @@ def manifest(kind: str) -> dict:
 
 
 def server_env_vars() -> set[str]:
-    """Every GPT_OSS_* variable the server reads: those its source names, and GPT_OSS_<FLAG> for each --flag
-    (each flag reads its matching variable, however the CLI is built)."""
+    """Every GPT_OSS_* variable the server reads: those its source names, and one per command-line setting."""
+    from server.main import ENV_PREFIX, CliSettings
+
     source = "\n".join(p.read_text() for p in sorted((ROOT / "server").rglob("*.py")))
     named = set(re.findall(r"""["'](GPT_OSS_[A-Z0-9_]+)["']""", source))
-    flags = {
-        "GPT_OSS_" + f.upper().replace("-", "_")
-        for f in re.findall(r"""["']--([a-z][a-z0-9-]+)["']""", source)
-    }
-    return named | flags
+    return named | {ENV_PREFIX + name.upper() for name in CliSettings.model_fields}
 
 
 def arg_defaults(instructions: list[Instruction]) -> dict[str, str]:
