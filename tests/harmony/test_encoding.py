@@ -21,6 +21,7 @@ from harmony.encoding import (
     find_vocabulary,
     load_harmony_encoding,
     parse_ranks,
+    write_vocabulary,
 )
 
 
@@ -205,3 +206,14 @@ def test_an_explicit_path_builds_a_working_encoding(
 def test_a_short_vocabulary_is_refused(vocab_bytes: bytes) -> None:
     with pytest.raises(VocabularyError, match="199997 ranks, expected 199998"):
         parse_ranks(vocab_bytes.rsplit(b"\n", 2)[0])
+
+
+def test_write_vocabulary_exports_the_verified_file_once(tmp_path: Path, vocab_bytes: bytes) -> None:
+    target = write_vocabulary(tmp_path / "export")
+    assert target == tmp_path / "export" / VOCAB_FILE_NAME
+    assert target.read_bytes() == vocab_bytes
+    stamp = target.stat().st_mtime_ns
+    assert write_vocabulary(tmp_path / "export") == target
+    assert target.stat().st_mtime_ns == stamp  # not rewritten
+    target.write_bytes(b"corrupt")
+    assert write_vocabulary(tmp_path / "export").read_bytes() == vocab_bytes  # a bad copy is replaced

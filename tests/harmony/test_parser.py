@@ -15,7 +15,7 @@ from harmony import encoding as tok
 from harmony.messages import Author, Message, Role, TextContent
 from harmony.parser import HarmonyParseError, StreamParser, StreamState, parse_completion_tokens, parse_header
 from harmony.render import Renderer
-from tests.harmony.conftest import from_oracle
+from tests.harmony.oracle import from_oracle
 from tests.harmony.scenarios import SCENARIOS
 
 NAMES = sorted(SCENARIOS)

@@ -17,7 +17,7 @@ from harmony.messages import (
     function_tools_namespace,
 )
 from harmony.render import Renderer, RenderError, developer_text, has_function_tools, rust_lines
-from tests.harmony.conftest import oracle_conversation, to_oracle
+from tests.harmony.oracle import oracle_conversation, to_oracle
 from tests.harmony.scenarios import SCENARIOS, WEATHER_PARAMETERS, system, user
 
 NAMES = sorted(SCENARIOS)

@@ -31,7 +31,7 @@ from harmony.messages import (
     python_tool_namespace,
 )
 from harmony.render import Renderer
-from tests.harmony.conftest import oracle_conversation, to_oracle
+from tests.harmony.oracle import oracle_conversation, to_oracle
 from tests.harmony.strategies import conversations, text, texts, top_level_schemas
 
 # Every test here runs against the oracle; the example counts are the point, so they are fixed, not profiles.
