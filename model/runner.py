@@ -84,10 +84,9 @@ class ModelRunner:
         logits_indices = ends[sample_rows].to(self.device)
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
-        if not sample_rows:
-            self.model(token_ids, meta, step_kv, logits_indices)
-            return RunnerOutput(out_tokens, out_logprobs)
         logits = self.model(token_ids, meta, step_kv, logits_indices)
+        if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
+            return RunnerOutput(out_tokens, out_logprobs)
         requests = [scheduled[i].request for i in sample_rows]
         sampled = self.sampler.sample(
             logits,

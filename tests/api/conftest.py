@@ -79,6 +79,13 @@ class Served:
     app: FastAPI
 
 
+def wait_until_idle(served: Served, timeout: float = 30.0) -> None:
+    """Wait for the engine to hold no request (an abandoned stream is aborted at its next step)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and served.engine.requests:
+        time.sleep(0.05)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from harmony import encoding as tok
-from tests.api.conftest import MODEL, Served
+from tests.api.conftest import MODEL, Served, wait_until_idle
 
 WEATHER_TOOL = {
     "type": "function",
@@ -330,9 +329,7 @@ def test_a_client_that_disconnects_frees_its_blocks(served: Served) -> None:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
-    deadline = time.time() + 30
-    while time.time() < deadline and served.engine.requests:
-        time.sleep(0.05)
+    wait_until_idle(served)
     assert not served.engine.requests
     assert served.engine.kv.full_tables == {}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
 from server.serving_responses import ResponseStore, StoredResponse
-from tests.api.conftest import MODEL, Served
+from tests.api.conftest import MODEL, Served, wait_until_idle
 
 WEATHER_TOOL = {
     "type": "function",
@@ -627,9 +626,7 @@ def test_a_client_that_disconnects_frees_its_blocks(served: Served) -> None:
         lines = response.iter_lines()
         for _ in range(12):
             next(lines)
-    deadline = time.time() + 30
-    while time.time() < deadline and served.engine.requests:
-        time.sleep(0.05)
+    wait_until_idle(served)
     assert not served.engine.requests
     assert served.engine.kv.full_tables == {}
 
