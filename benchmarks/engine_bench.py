@@ -353,12 +353,12 @@ def describe(config: ModelConfig) -> str:
 
 
 def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> list[Check]:
-    config = CONFIGS[name]
-    path = checkpoint_dir(name, config)
+    path = Path(args.checkpoint) if args.checkpoint else checkpoint_dir(name, CONFIGS[name])
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     experts = args.experts or ("dequantized" if device.type == "cpu" else "packed")
     started = time.perf_counter()
     model = GptOss.from_checkpoint(path, device=device, dtype=dtype, experts=experts, progress=False)
+    config = model.config
     out(f"\n== {name}: {describe(config)}")
     out(f"   {path} ({dtype}, {experts} experts, loaded in {time.perf_counter() - started:.1f} s)")
 
@@ -508,6 +508,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated, of {sorted(CONFIGS)}; default tiny,small on the CPU, 20b-shaped on CUDA",
     )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an existing checkpoint to run (one preset, named by --preset) instead of writing one",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
     parser.add_argument("--requests", type=int, default=None, help="requests in the workload (default 64)")
     parser.add_argument("--experts", choices=["packed", "dequantized"], default=None)
@@ -546,6 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in presets:
         if name not in CONFIGS:
             raise SystemExit(f"unknown preset {name!r}; choose from {sorted(CONFIGS)}")
+    if args.checkpoint and len(presets) != 1:
+        raise SystemExit("--checkpoint runs one checkpoint: name its preset alone with --preset")
     out("engine benchmark" + (" (--quick)" if args.quick else ""))
     for line in machine_info(device):
         out("  " + line)

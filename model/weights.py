@@ -284,6 +284,9 @@ class CheckpointReader:
 
     def _raw(self, name: str, device: torch.device) -> torch.Tensor:
         # safe_open memory-maps the file; only the requested tensor's bytes are read and placed on `device`.
+        # It is given an explicit index ("cuda:0"), which every safetensors release parses.
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, getattr(torch, device.type).current_device())
         with safe_open(str(self._where[name]), framework="pt", device=str(device)) as f:
             return f.get_tensor(name)
 
