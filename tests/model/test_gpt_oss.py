@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import gpt_oss
 from model.config import ModelConfig
 from model.gpt_oss import (
     AttentionMetadata,
@@ -174,6 +175,35 @@ def test_experts_fast_equal_reference(model_fp32: GptOss) -> None:
     t = torch.randn(13, model_fp32.config.hidden_size, generator=torch.Generator().manual_seed(3))
     indices, weights = mlp.route(t)
     torch.testing.assert_close(mlp.experts(t, indices, weights), mlp.experts_reference(t, indices, weights))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 13, 300])
+@pytest.mark.parametrize("per_call", [32, 3])
+def test_experts_batched_equal_reference(
+    model_fp32: GptOss, num_tokens: int, per_call: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path (all active experts in two batched matmuls), here run on the CPU: with the experts in one
+    call, and in calls of 3 (the tiny model has 8 experts, so assignments are split between calls)."""
+    monkeypatch.setattr(gpt_oss, "EXPERTS_PER_CALL", per_call)
+    mlp = model_fp32.block[1].mlp
+    t = torch.randn(num_tokens, model_fp32.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    indices, weights = mlp.route(t)
+    torch.testing.assert_close(
+        mlp.experts_batched(t, indices, weights), mlp.experts_reference(t, indices, weights)
+    )
+
+
+def test_batched_experts_in_the_whole_model_packed_and_dequantized(
+    checkpoints: dict[str, Path], model_fp32: GptOss, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = tokens(12, 40)
+    expected = full(model_fp32, ids)
+    dense = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, experts="dequantized", progress=False
+    )
+    monkeypatch.setattr(gpt_oss.MLPBlock, "experts", gpt_oss.MLPBlock.experts_batched)
+    for model in (model_fp32, dense):
+        torch.testing.assert_close(full(model, ids), expected, rtol=0, atol=1e-5)
 
 
 def test_router_softmax_is_over_the_selected_logits_only(model_fp32: GptOss) -> None:
