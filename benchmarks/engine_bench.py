@@ -385,7 +385,12 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
     del engine
     release(device)
 
-    concurrencies = [1, 16, 64] if device.type == "cuda" else [1, 4, 16, 64]
+    checks: list[Check] = []
+    if args.latency_first:
+        checks += latency_checks(name, model, args, work)
+    concurrencies = args.concurrency
+    if concurrencies is None:
+        concurrencies = [1, 16, 64] if device.type == "cuda" else [1, 4, 16, 64]
     results: dict[int, RunResult] = {}
     out(f"   {'run':<26}{'seconds':>9}{'out tok/s':>11}{'steps':>8}{'median TTFT':>13}{'preempt':>9}")
     for c in concurrencies:
@@ -408,9 +413,10 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
             f"{hf_result.steps:>8}{'':>13}{'':>9}   (useful tokens only)"
         )
 
-    checks: list[Check] = []
-    base = results[1].tokens_per_s
-    for c in concurrencies[1:]:
+    base = results[1].tokens_per_s if 1 in results else None
+    for c in concurrencies:
+        if c == 1 or base is None:
+            continue
         ratio = results[c].tokens_per_s / base
         if c == 16:
             checks.append(
@@ -423,7 +429,7 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
             )
         else:
             checks.append(Check(f"{name}: c={c} vs one at a time", f"{ratio:.1f}x", "", None))
-    if hf_result is not None:
+    if hf_result is not None and 16 in results:
         ratio = results[16].tokens_per_s / hf_result.tokens_per_s
         checks.append(
             Check(
@@ -434,6 +440,17 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
             )
         )
 
+    if not args.latency_first:
+        checks += latency_checks(name, model, args, work)
+    del model
+    release(device)
+    return checks
+
+
+def latency_checks(name: str, model: GptOss, args: argparse.Namespace, work: Workload) -> list[Check]:
+    """The prefix cache's effect on TTFT, the TTFT of a long prompt and the scheduler's overhead."""
+    config, device = model.config, model.device
+    checks: list[Check] = []
     repeats = 2 if args.quick else 5
     on = prefix_ttft(model, args, True, repeats)
     off = prefix_ttft(model, args, False, repeats)
@@ -474,8 +491,6 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
             overhead.cpu_ms <= TARGET_OVERHEAD_MS,
         )
     )
-    del model
-    release(device)
     return checks
 
 
@@ -516,6 +531,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
     parser.add_argument("--requests", type=int, default=None, help="requests in the workload (default 64)")
     parser.add_argument("--experts", choices=["packed", "dequantized"], default=None)
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(c) for c in text.split(",") if c],
+        default=None,
+        help="comma-separated (default 1,4,16,64 on CPUs, 1,16,64 on CUDA; 1 is the baseline; '' runs none)",
+    )
+    parser.add_argument(
+        "--latency-first",
+        action="store_true",
+        help="run the prefix-cache, long-prompt and overhead checks before the throughput runs",
+    )
     parser.add_argument(
         "--hf",
         action=argparse.BooleanOptionalAction,

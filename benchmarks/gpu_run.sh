@@ -5,9 +5,10 @@
 #
 # 1. machine facts; 2. benchmarks/model_gpu_check.py (writes the 20b-shaped checkpoint, CUDA vs CPU on a
 # tiny checkpoint, packed memory, prefill and decode timings, then the same with experts dequantized at
-# load); 3. benchmarks/engine_bench.py on that checkpoint (KV pool from free memory, c = 1, 16, 64, prefix
-# cache, 2k-token TTFT, scheduler overhead). Each step has its own time limit and its own log, so a step that
-# fails or runs long still leaves the others' figures.
+# load); 3. benchmarks/engine_bench.py on that checkpoint (KV pool from free memory; the prefix cache, the
+# 2k-token TTFT and the scheduler overhead first, then c = 16, 64 and the one-at-a-time baseline, the longest,
+# last). Each step has its own time limit and its own log, so a step that fails or runs long still leaves the
+# others' figures.
 set -u
 out=${1:-${OUT:-/tmp/gpu-out}}
 work=${GPU_WORKDIR:-/tmp/gpu-check}
@@ -27,5 +28,5 @@ timeout "${MODEL_LIMIT:-270}" "$py" benchmarks/model_gpu_check.py --workdir "$wo
 echo "model_gpu_check: exit ${PIPESTATUS[0]} after ${SECONDS} s" | tee -a "$out/model_gpu_check.txt"
 SECONDS=0
 timeout "${ENGINE_LIMIT:-240}" "$py" benchmarks/engine_bench.py --device cuda --preset 20b-shaped \
-    --checkpoint "$work/20b" 2>&1 | tee "$out/engine_bench.txt"
+    --checkpoint "$work/20b" --latency-first --concurrency 16,64,1 2>&1 | tee "$out/engine_bench.txt"
 echo "engine_bench: exit ${PIPESTATUS[0]} after ${SECONDS} s" | tee -a "$out/engine_bench.txt"
