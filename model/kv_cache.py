@@ -396,13 +396,44 @@ class StepKV:
 
 @dataclass(slots=True)
 class StepShape:
-    """The per-sequence numbers of one step, as numpy arrays: what every group's indices are built from."""
+    """The numbers of one step that every group's indices are built from, as numpy int64 arrays."""
 
     rows: np.ndarray  # [S] each sequence's row in the block-table arrays
     query_lens: np.ndarray  # [S]
     context_lens: np.ndarray  # [S]
-    positions: np.ndarray  # [T] absolute position of every new token
-    seq_index: np.ndarray  # [T] its sequence
+    last_blocks: np.ndarray  # [S] index of each sequence's last block
+    seq_index: np.ndarray  # [T] the sequence of every new token
+    query_offset: np.ndarray  # [T] its index among its sequence's new tokens
+    positions: np.ndarray  # [T] its absolute position
+    token_blocks: np.ndarray  # [T] the index of its block in its sequence's table (positions // block_size)
+    token_offsets: np.ndarray  # [T] its slot in that block (positions % block_size)
+
+    @classmethod
+    def build(
+        cls, rows: list[int], query_lens: list[int], context_lens: list[int], block_size: int
+    ) -> StepShape:
+        q = np.array(query_lens, dtype=np.int64)
+        c = np.array(context_lens, dtype=np.int64)
+        seqs, num_tokens = len(query_lens), int(q.sum())
+        if num_tokens == seqs:  # all decodes: one token per sequence
+            seq_index = np.arange(seqs)
+            query_offset = np.zeros(seqs, dtype=np.int64)
+        else:
+            seq_index = np.repeat(np.arange(seqs), q)
+            query_offset = np.arange(num_tokens) - (np.cumsum(q) - q)[seq_index]
+        positions = (c - q)[seq_index] + query_offset
+        token_blocks, token_offsets = np.divmod(positions, block_size)
+        return cls(
+            np.array(rows, dtype=np.int64),
+            q,
+            c,
+            (c - 1) // block_size,
+            seq_index,
+            query_offset,
+            positions,
+            token_blocks,
+            token_offsets,
+        )
 
 
 @dataclass(slots=True)
@@ -421,21 +452,17 @@ def plan_group(table: np.ndarray, step: StepShape, block_size: int, window: int)
     last token; positions outside a sequence's range in those blocks are either padding or older than the
     window, which the attention mask excludes by position (see :func:`group_step`).
     """
-    c = step.context_lens
-    ends = -(-c // block_size)  # one past each sequence's last block
+    last = step.last_blocks
+    # Padding columns repeat the sequence's last block: a real block, whose keys the mask ignores there.
     if window:
-        first = np.maximum(c - step.query_lens - window + 1, 0) // block_size
-        columns = first[:, None] + np.arange(int((ends - first).max()))
-        # Padding columns repeat the sequence's last block: a real block, whose keys the mask ignores there.
-        columns = np.minimum(columns, (ends - 1)[:, None])
+        first = np.maximum(step.context_lens - step.query_lens - window + 1, 0) // block_size
+        columns = np.minimum(first[:, None] + np.arange(int((last - first).max()) + 1), last[:, None])
+        starts = first * block_size
     else:
-        first = np.zeros_like(c)
-        columns = np.minimum(np.arange(int(ends.max())), (ends - 1)[:, None])
-    slot_mapping = (
-        table[step.rows[step.seq_index], step.positions // block_size] * block_size
-        + step.positions % block_size
-    )
-    return GroupPlan(slot_mapping, table[step.rows[:, None], columns], first * block_size)
+        columns = np.minimum(np.arange(int(last.max()) + 1), last[:, None])
+        starts = np.zeros_like(last)
+    slot_mapping = table[step.rows[step.seq_index], step.token_blocks] * block_size + step.token_offsets
+    return GroupPlan(slot_mapping, table[step.rows[:, None], columns], starts)
 
 
 def group_step(

@@ -65,26 +65,23 @@ class ModelRunner:
             rows.append(kv_rows[request.request_id])
             if end == request.num_tokens:
                 sample_rows.append(i)
-        q = np.array(query_lens, dtype=np.int64)
-        c = np.array(context_lens, dtype=np.int64)
-        num_tokens = len(tokens)
-        ends = np.cumsum(q)
-        if num_tokens == len(scheduled):  # all decodes: one token per sequence
-            seq_index = np.arange(num_tokens)
-            query_offset = np.zeros(num_tokens, dtype=np.int64)
-        else:
-            seq_index = np.repeat(np.arange(len(scheduled)), q)
-            query_offset = np.arange(num_tokens) - (ends - q)[seq_index]
-        positions = (c - q)[seq_index] + query_offset
-        step = StepShape(np.array(rows, dtype=np.int64), q, c, positions, seq_index)
         bs = self.kv.block_size
+        step = StepShape.build(rows, query_lens, context_lens, bs)
         plans = []
         if self.has_full:
             plans.append(plan_group(self.kv.full_array.array, step, bs, 0))
         if self.has_sliding:
             plans.append(plan_group(self.kv.sliding_array.array, step, bs, self.window))
         # Everything the device needs in one host-to-device copy, split there into views.
-        pieces = [tokens, positions, seq_index, query_offset, ends[sample_rows] - 1, c]
+        ends = np.cumsum(step.query_lens)
+        pieces = [
+            tokens,
+            step.positions,
+            step.seq_index,
+            step.query_offset,
+            ends[sample_rows] - 1,
+            step.context_lens,
+        ]
         for plan in plans:
             pieces += [plan.slot_mapping, plan.blocks.ravel(), plan.starts]
         packed = torch.from_numpy(np.concatenate(pieces, dtype=np.int64)).to(self.device, non_blocking=True)

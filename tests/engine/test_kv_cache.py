@@ -138,16 +138,22 @@ def test_step_indices_match_the_slot_by_slot_reference() -> None:
         array = np.full((10, 40), NULL_BLOCK, dtype=np.int64)
         for row, table in zip(rows, tables, strict=True):
             array[row, : len(table)] = table
-        q, c = np.array(query_lens), np.array(context_lens)
-        seq_index = np.repeat(np.arange(seqs), q)
-        positions = np.concatenate([np.arange(c_ - q_, c_) for q_, c_ in zip(q, c, strict=True)])
-        plan = plan_group(array, StepShape(np.array(rows), q, c, positions, seq_index), bs, window)
+        shape = StepShape.build(rows, query_lens, context_lens, bs)
+        plan = plan_group(array, shape, bs, window)
         step = group_step(
-            *(torch.from_numpy(x) for x in (plan.slot_mapping, plan.blocks.ravel(), plan.starts, c)),
+            *(
+                torch.from_numpy(x)
+                for x in (plan.slot_mapping, plan.blocks.ravel(), plan.starts, shape.context_lens)
+            ),
             offsets,
             bs,
         )
         slots, gather, key_positions = group_step_reference(tables, query_lens, context_lens, bs, window)
+        assert shape.positions.tolist() == [
+            p for q, c in zip(query_lens, context_lens, strict=True) for p in range(c - q, c)
+        ], trial
+        assert shape.seq_index.tolist() == [s for s, q in enumerate(query_lens) for _ in range(q)], trial
+        assert shape.query_offset.tolist() == [i for q in query_lens for i in range(q)], trial
         assert step.slot_mapping.tolist() == slots, trial
         assert step.gather_positions.tolist() == key_positions, trial
         # Slots read: block b's slots are b * bs + 0..bs-1; padding reads a real block, whatever it holds.
