@@ -415,12 +415,23 @@ class StepShape:
         q = np.array(query_lens, dtype=np.int64)
         c = np.array(context_lens, dtype=np.int64)
         seqs, num_tokens = len(query_lens), int(q.sum())
-        if num_tokens == seqs:  # all decodes: one token per sequence
+        if num_tokens == seqs:  # all decodes, the common step: one token per sequence, its last
             seq_index = np.arange(seqs)
-            query_offset = np.zeros(seqs, dtype=np.int64)
-        else:
-            seq_index = np.repeat(np.arange(seqs), q)
-            query_offset = np.arange(num_tokens) - (np.cumsum(q) - q)[seq_index]
+            positions = c - 1
+            token_blocks, token_offsets = np.divmod(positions, block_size)
+            return cls(
+                np.array(rows, dtype=np.int64),
+                q,
+                c,
+                token_blocks,
+                seq_index,
+                np.zeros(seqs, dtype=np.int64),
+                positions,
+                token_blocks,
+                token_offsets,
+            )
+        seq_index = np.repeat(np.arange(seqs), q)
+        query_offset = np.arange(num_tokens) - (np.cumsum(q) - q)[seq_index]
         positions = (c - q)[seq_index] + query_offset
         token_blocks, token_offsets = np.divmod(positions, block_size)
         return cls(
