@@ -407,6 +407,7 @@ class StepShape:
     positions: np.ndarray  # [T] its absolute position
     token_blocks: np.ndarray  # [T] the index of its block in its sequence's table (positions // block_size)
     token_offsets: np.ndarray  # [T] its slot in that block (positions % block_size)
+    token_rows: np.ndarray  # [T] its sequence's row in the block-table arrays
 
     @classmethod
     def build(
@@ -416,26 +417,28 @@ class StepShape:
         c = np.array(context_lens, dtype=np.int64)
         seqs, num_tokens = len(query_lens), int(q.sum())
         if num_tokens == seqs:  # all decodes, the common step: one token per sequence, its last
-            seq_index = np.arange(seqs)
             positions = c - 1
             token_blocks, token_offsets = np.divmod(positions, block_size)
+            row_array = np.array(rows, dtype=np.int64)
             return cls(
-                np.array(rows, dtype=np.int64),
+                row_array,
                 q,
                 c,
                 token_blocks,
-                seq_index,
+                np.arange(seqs),
                 np.zeros(seqs, dtype=np.int64),
                 positions,
                 token_blocks,
                 token_offsets,
+                row_array,
             )
         seq_index = np.repeat(np.arange(seqs), q)
         query_offset = np.arange(num_tokens) - (np.cumsum(q) - q)[seq_index]
         positions = (c - q)[seq_index] + query_offset
         token_blocks, token_offsets = np.divmod(positions, block_size)
+        row_array = np.array(rows, dtype=np.int64)
         return cls(
-            np.array(rows, dtype=np.int64),
+            row_array,
             q,
             c,
             (c - 1) // block_size,
@@ -444,6 +447,7 @@ class StepShape:
             positions,
             token_blocks,
             token_offsets,
+            row_array[seq_index],
         )
 
 
@@ -472,7 +476,7 @@ def plan_group(table: np.ndarray, step: StepShape, block_size: int, window: int)
     else:
         columns = np.minimum(np.arange(int(last.max()) + 1), last[:, None])
         starts = np.zeros_like(last)
-    slot_mapping = table[step.rows[step.seq_index], step.token_blocks] * block_size + step.token_offsets
+    slot_mapping = table[step.token_rows, step.token_blocks] * block_size + step.token_offsets
     return GroupPlan(slot_mapping, table[step.rows[:, None], columns], starts)
 
 

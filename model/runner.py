@@ -73,15 +73,11 @@ class ModelRunner:
         if self.has_sliding:
             plans.append(plan_group(self.kv.sliding_array.array, step, bs, self.window))
         # Everything the device needs in one host-to-device copy, split there into views.
-        ends = np.cumsum(step.query_lens)
-        pieces = [
-            tokens,
-            step.positions,
-            step.seq_index,
-            step.query_offset,
-            ends[sample_rows] - 1,
-            step.context_lens,
-        ]
+        if len(sample_rows) == len(tokens):  # all decodes, each sampling from its one row
+            logits_rows = step.seq_index
+        else:
+            logits_rows = np.cumsum(step.query_lens)[sample_rows] - 1
+        pieces = [tokens, step.positions, step.seq_index, step.query_offset, logits_rows, step.context_lens]
         for plan in plans:
             pieces += [plan.slot_mapping, plan.blocks.ravel(), plan.starts]
         packed = torch.from_numpy(np.concatenate(pieces, dtype=np.int64)).to(self.device, non_blocking=True)
