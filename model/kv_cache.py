@@ -15,6 +15,11 @@ owners all finished stays in the free queue with its contents and hash until it 
 freed first), so a later request with the same prefix takes it instead of recomputing. A prefix hit needs
 the full blocks of the prefix and, for the sliding group, only the blocks inside the window before the first
 new token; the last prompt token is always recomputed, so there is always a token to sample from.
+
+**Block-table arrays.** The tables are Python lists (the books), and each group also keeps them as one numpy
+array with a row per request holding blocks (:class:`BlockTableArray`), written as the lists change: only the
+entries that changed, a few per step at most. The runner builds a step's slot indices from the array with a
+handful of vectorised operations instead of walking every table.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.config import ModelConfig
@@ -98,6 +104,27 @@ class BlockPool:
         return self.cached.get(key)
 
 
+class BlockTableArray:
+    """One group's block tables as an int64 array ``[rows, columns]``: row r holds the table of the request
+    given row r, and NULL_BLOCK past its length. A mirror of the lists, written by the manager only."""
+
+    def __init__(self) -> None:
+        self.array = np.full((8, 64), NULL_BLOCK, dtype=np.int64)
+
+    def write(self, row: int, start: int, blocks: list[int]) -> None:
+        """Set entries ``start, start + 1, ...`` of `row` to `blocks`."""
+        rows, columns = self.array.shape
+        end = start + len(blocks)
+        if row >= rows or end > columns:  # grow by doubling: rare, and amortised
+            grown = np.full((max(rows, 2 * row + 1), max(columns, 2 * end)), NULL_BLOCK, dtype=np.int64)
+            grown[:rows, :columns] = self.array
+            self.array = grown
+        self.array[row, start:end] = blocks
+
+    def clear(self, row: int) -> None:
+        self.array[row] = NULL_BLOCK
+
+
 @dataclass(slots=True)
 class CachedPrefix:
     """A prefix-cache hit: its length in tokens and the blocks to take, per group."""
@@ -127,6 +154,14 @@ class KVCacheManager:
         self.full_tables: dict[str, list[int]] = {}
         self.sliding_tables: dict[str, list[int]] = {}
         self.num_registered: dict[str, int] = {}  # per request: its leading blocks already indexed
+        # Per request: its leading sliding-table entries already released (NULL_BLOCK), so each step looks
+        # only at the entries the window has just left.
+        self.num_released: dict[str, int] = {}
+        # Per request holding blocks: its row in both groups' table arrays.
+        self.rows: dict[str, int] = {}
+        self._free_rows: list[int] = []
+        self.full_array = BlockTableArray()
+        self.sliding_array = BlockTableArray()
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found in the cache
 
@@ -198,14 +233,25 @@ class KVCacheManager:
         """
         rid = request.request_id
         bs = self.block_size
+        if prefix is None and rid in self.full_tables:
+            # The common decode step, first and cheap: the token fits the last block and the window has left
+            # no block behind (a negative floor quotient counts as block 0).
+            end = request.num_computed_tokens + num_new_tokens
+            behind = (request.num_computed_tokens - self.window + 1) // bs if self.window else 0
+            if len(self.full_tables[rid]) * bs >= end and behind <= self.num_released[rid]:
+                return True
+        taking_prefix = prefix is not None and prefix.num_tokens > 0
+        num_computed = (
+            prefix.num_tokens if prefix is not None and taking_prefix else request.num_computed_tokens
+        )
+        total_blocks = -(-(num_computed + num_new_tokens) // bs)
+        # Sliding blocks below the window of the first new token are released before allocating.
+        first_needed = self._sliding_range(num_computed).start if self.window else 0
+        released = self.num_released.get(rid, 0)
         full_table = self.full_tables.get(rid, [])
         sliding_table = self.sliding_tables.get(rid, [])
-        num_computed = request.num_computed_tokens
-        if prefix is not None and prefix.num_tokens:
+        if taking_prefix:
             assert not full_table, "a prefix is taken only on admission"
-            num_computed = prefix.num_tokens
-        total_blocks = -(-(num_computed + num_new_tokens) // bs)
-
         held_full = len(full_table) + (len(prefix.full_blocks or []) if prefix else 0)
         new_full = total_blocks - held_full
         # Cached blocks taken from the free queue are no longer available for new allocations.
@@ -215,10 +261,10 @@ class KVCacheManager:
         prefix_sliding = [b for b in (prefix.sliding_blocks or []) if b != NULL_BLOCK] if prefix else []
         reclaimed_sliding = sum(1 for b in prefix_sliding if self.sliding.ref_counts[b] == 0)
         sliding_len = len(sliding_table) + (len(prefix.sliding_blocks or []) if prefix else 0)
-        # Sliding blocks below the window of the first new token are released before allocating.
-        first_needed = self._sliding_range(num_computed).start if self.window else 0
         releasable = sum(
-            1 for b in sliding_table[:first_needed] if b != NULL_BLOCK and self.sliding.ref_counts[b] == 1
+            1
+            for b in sliding_table[released:first_needed]
+            if b != NULL_BLOCK and self.sliding.ref_counts[b] == 1
         )
         new_sliding = total_blocks - sliding_len
         if new_full > self.full.num_free - reclaimed_full:
@@ -226,7 +272,7 @@ class KVCacheManager:
         if new_sliding > self.sliding.num_free - reclaimed_sliding + releasable:
             return False
 
-        if prefix is not None and prefix.num_tokens:
+        if prefix is not None and taking_prefix:
             assert prefix.full_blocks is not None
             assert prefix.sliding_blocks is not None
             for b in prefix.full_blocks:
@@ -235,7 +281,9 @@ class KVCacheManager:
                 self.sliding.touch(b)
             full_table = list(prefix.full_blocks)
             sliding_table = list(prefix.sliding_blocks)
-        for i in range(min(first_needed, len(sliding_table))):
+        written_full = len(full_table) if rid in self.rows else 0
+        written_sliding = min(released, len(sliding_table)) if rid in self.rows else 0
+        for i in range(released, min(first_needed, len(sliding_table))):
             if sliding_table[i] != NULL_BLOCK:
                 self.sliding.release(sliding_table[i])
                 sliding_table[i] = NULL_BLOCK
@@ -245,11 +293,24 @@ class KVCacheManager:
             sliding_table = sliding_table + self.sliding.allocate(new_sliding)
         self.full_tables[rid] = full_table
         self.sliding_tables[rid] = sliding_table
+        self.num_released[rid] = max(released, min(first_needed, len(sliding_table)))
+        row = self.rows.get(rid)
+        if row is None:
+            row = self._free_rows.pop() if self._free_rows else len(self.rows)
+            self.rows[rid] = row
+        self.full_array.write(row, written_full, full_table[written_full:])
+        self.sliding_array.write(row, written_sliding, sliding_table[written_sliding:])
         return True
 
     def free(self, request: Request) -> None:
         """Give back every block of the request (tail first, so its last blocks are evicted first)."""
         self.num_registered.pop(request.request_id, None)
+        self.num_released.pop(request.request_id, None)
+        row = self.rows.pop(request.request_id, None)
+        if row is not None:
+            self.full_array.clear(row)
+            self.sliding_array.clear(row)
+            self._free_rows.append(row)
         for block in reversed(self.full_tables.pop(request.request_id, [])):
             self.full.release(block)
         for block in reversed(self.sliding_tables.pop(request.request_id, [])):
@@ -300,11 +361,11 @@ class PagedKVCache:
 
 @dataclass(slots=True)
 class GroupStep:
-    """Where one group's layers write this step's keys and which slots each sequence reads."""
+    """Where one group's layers write this step's keys and which blocks each sequence reads."""
 
     slot_mapping: torch.Tensor  # [T] slot of each new token
-    gather_index: torch.Tensor  # [S, L] slots each sequence attends to (0 where padded)
-    gather_positions: torch.Tensor  # [S, L] their positions, -1 where padded
+    block_index: torch.Tensor  # [S, W] blocks each sequence reads, in order (padding repeats a real block)
+    gather_positions: torch.Tensor  # [S, W * block_size] the positions of their slots, -1 where padded
 
 
 class StepKV:
@@ -320,56 +381,140 @@ class StepKV:
         group = self.groups[window > 0]
         assert group is not None
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[group.slot_mapping] = k.to(k_cache.dtype)
-        v_cache[group.slot_mapping] = v.to(v_cache.dtype)
-        return KVView(k_cache[group.gather_index], v_cache[group.gather_index], group.gather_positions)
+        k_cache.index_copy_(0, group.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, group.slot_mapping, v.to(v_cache.dtype))
+        # Whole blocks, each one contiguous row of the cache seen as [blocks, block_size * heads * dim].
+        index = group.block_index
+        shape = (index.shape[0], group.gather_positions.shape[1], *k_cache.shape[1:])
+        row = self.cache.block_size * k_cache.shape[1] * k_cache.shape[2]
+        return KVView(
+            k_cache.view(-1, row).index_select(0, index.view(-1)).view(shape),
+            v_cache.view(-1, row).index_select(0, index.view(-1)).view(shape),
+            group.gather_positions,
+        )
 
 
-def build_group_step(
-    tables: list[list[int]],
-    meta: AttentionMetadata,
-    block_size: int,
-    window: int,
-    device: torch.device,
-) -> GroupStep:
-    """Slot mapping and gather indices for one group, computed with a few tensor ops (no per-token Python).
+@dataclass(slots=True)
+class StepShape:
+    """The numbers of one step that every group's indices are built from, as numpy int64 arrays."""
+
+    rows: np.ndarray  # [S] each sequence's row in the block-table arrays
+    query_lens: np.ndarray  # [S]
+    context_lens: np.ndarray  # [S]
+    last_blocks: np.ndarray  # [S] index of each sequence's last block
+    seq_index: np.ndarray  # [T] the sequence of every new token
+    query_offset: np.ndarray  # [T] its index among its sequence's new tokens
+    positions: np.ndarray  # [T] its absolute position
+    token_blocks: np.ndarray  # [T] the index of its block in its sequence's table (positions // block_size)
+    token_offsets: np.ndarray  # [T] its slot in that block (positions % block_size)
+    token_rows: np.ndarray  # [T] its sequence's row in the block-table arrays
+
+    @classmethod
+    def build(
+        cls, rows: list[int], query_lens: list[int], context_lens: list[int], block_size: int
+    ) -> StepShape:
+        q = np.array(query_lens, dtype=np.int64)
+        c = np.array(context_lens, dtype=np.int64)
+        seqs, num_tokens = len(query_lens), int(q.sum())
+        if num_tokens == seqs:  # all decodes, the common step: one token per sequence, its last
+            positions = c - 1
+            token_blocks, token_offsets = np.divmod(positions, block_size)
+            row_array = np.array(rows, dtype=np.int64)
+            return cls(
+                row_array,
+                q,
+                c,
+                token_blocks,
+                np.arange(seqs),
+                np.zeros(seqs, dtype=np.int64),
+                positions,
+                token_blocks,
+                token_offsets,
+                row_array,
+            )
+        seq_index = np.repeat(np.arange(seqs), q)
+        query_offset = np.arange(num_tokens) - (np.cumsum(q) - q)[seq_index]
+        positions = (c - q)[seq_index] + query_offset
+        token_blocks, token_offsets = np.divmod(positions, block_size)
+        row_array = np.array(rows, dtype=np.int64)
+        return cls(
+            row_array,
+            q,
+            c,
+            (c - 1) // block_size,
+            seq_index,
+            query_offset,
+            positions,
+            token_blocks,
+            token_offsets,
+            row_array[seq_index],
+        )
+
+
+@dataclass(slots=True)
+class GroupPlan:
+    """One group's step on the host: a few numbers per sequence and per new token (numpy int64)."""
+
+    slot_mapping: np.ndarray  # [T] slot of each new token
+    blocks: np.ndarray  # [S, W] blocks each sequence reads (padding repeats its last block)
+    starts: np.ndarray  # [S] position of the first slot each sequence reads
+
+
+def plan_group(table: np.ndarray, step: StepShape, block_size: int, window: int) -> GroupPlan:
+    """Slot mapping and blocks read for one group, from its block-table array, with a few numpy operations.
 
     Sequences read whole blocks, from the block of the first key their window can reach to the block of their
-    last token; positions outside a sequence's range in those blocks are either padding (marked -1) or older
-    than the window, which the attention mask excludes by position. Built on the CPU (every torch call here
-    costs microseconds of Python, so the per-sequence numbers go in with few calls) and copied to `device`
-    without waiting.
+    last token; positions outside a sequence's range in those blocks are either padding or older than the
+    window, which the attention mask excludes by position (see :func:`group_step`).
     """
-    seqs = len(tables)
-    first_blocks, block_counts = [], []
-    for q, c in zip(meta.query_lens, meta.context_lens, strict=True):
-        first = (max(0, c - q - window + 1) if window else 0) // block_size
-        first_blocks.append(first)
-        block_counts.append(-(-c // block_size) - first)
-    width = max(block_counts)
-    num_cols = max(len(t) for t in tables)
-    flat: list[int] = []
-    for table in tables:
-        flat += table
-        flat += [0] * (num_cols - len(table))
-    padded = torch.tensor(flat, dtype=torch.int64).view(seqs, num_cols)
-    numbers = torch.tensor([first_blocks, block_counts, meta.context_lens], dtype=torch.int64)
-    offsets = torch.arange(width, dtype=torch.int64)
-    block_grid = numbers[0, :, None] + offsets  # [S, W] block index of each block read
-    real = offsets < numbers[1, :, None]
-    blocks = padded.gather(1, torch.where(real, block_grid, numbers[0, :, None]))
-    in_block = torch.arange(block_size, dtype=torch.int64)
-    gather_index = (blocks[:, :, None] * block_size + in_block).view(seqs, width * block_size)
-    positions = (block_grid[:, :, None] * block_size + in_block).view(seqs, width * block_size)
-    invalid = positions >= numbers[2, :, None]
-    gather_index.masked_fill_(invalid, 0)
-    positions.masked_fill_(invalid, -1)
-    # The new tokens' slots: the last query_len positions of each sequence.
-    new_positions = meta.positions.cpu()
-    new_blocks = padded[meta.seq_index.cpu(), new_positions // block_size]
-    slot_mapping = new_blocks * block_size + new_positions % block_size
-    return GroupStep(
-        slot_mapping.to(device, non_blocking=True),
-        gather_index.to(device, non_blocking=True),
-        positions.to(device, non_blocking=True),
-    )
+    last = step.last_blocks
+    # Padding columns repeat the sequence's last block: a real block, whose keys the mask ignores there.
+    if window:
+        first = np.maximum(step.context_lens - step.query_lens - window + 1, 0) // block_size
+        columns = np.minimum(first[:, None] + np.arange(int((last - first).max()) + 1), last[:, None])
+        starts = first * block_size
+    else:
+        columns = np.minimum(np.arange(int(last.max()) + 1), last[:, None])
+        starts = np.zeros_like(last)
+    slot_mapping = table[step.token_rows, step.token_blocks] * block_size + step.token_offsets
+    return GroupPlan(slot_mapping, table[step.rows[:, None], columns], starts)
+
+
+def group_step(
+    slot_mapping: torch.Tensor,
+    blocks: torch.Tensor,
+    starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    offsets: torch.Tensor,
+    block_size: int,
+) -> GroupStep:
+    """A :class:`GroupPlan` once on the device (`blocks` flattened; `offsets` is 0, 1, 2, ..., at least
+    W * block_size long). The positions of the slots read are computed there, one per slot, from each
+    sequence's first position and length (-1 past its last token), so only the plan's few numbers cross from
+    the host."""
+    seqs = starts.shape[0]
+    width = blocks.shape[0] // seqs
+    positions = offsets[: width * block_size] + starts[:, None]
+    positions.masked_fill_(positions >= context_lens[:, None], -1)
+    return GroupStep(slot_mapping, blocks.view(seqs, width), positions)
+
+
+def group_step_reference(
+    table: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int, window: int
+) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """Plain twin of :func:`plan_group` and :func:`group_step`, from the list tables, slot by slot: the slot
+    mapping, the slots each sequence reads (0 where padded) and their positions (-1 there), as lists. For
+    tests."""
+    starts = []
+    for q, c in zip(query_lens, context_lens, strict=True):
+        starts.append((max(0, c - q - window + 1) if window else 0) // block_size * block_size)
+    width = max(-(-c // block_size) * block_size - s for c, s in zip(context_lens, starts, strict=True))
+    slots: list[int] = []
+    gather: list[list[int]] = []
+    positions: list[list[int]] = []
+    for blocks, q, c, start in zip(table, query_lens, context_lens, starts, strict=True):
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(c - q, c)]
+        row = [p if p < c else -1 for p in range(start, start + width)]
+        positions.append(row)
+        gather.append([blocks[p // block_size] * block_size + p % block_size if p >= 0 else 0 for p in row])
+    return slots, gather, positions

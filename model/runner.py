@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.gpt_oss import AttentionMetadata, GptOss
-from model.kv_cache import KVCacheManager, PagedKVCache, StepKV, build_group_step
+from model.kv_cache import KVCacheManager, PagedKVCache, StepKV, StepShape, group_step, plan_group
 from model.request import TokenLogprob
 from model.sampler import Sampler
 from model.scheduler import ScheduledRequest
@@ -37,51 +38,66 @@ class ModelRunner:
         self.has_full = not all(config.layer_sliding)
         self.has_sliding = any(config.layer_sliding)
         self.window = config.sliding_window
+        # 0, 1, 2, ... on the device: the slot offsets of the widest KV view so far (grown on demand).
+        self._offsets = torch.arange(0, device=self.device)
 
     def prepare(
         self, scheduled: list[ScheduledRequest]
-    ) -> tuple[torch.Tensor, AttentionMetadata, StepKV, list[int]]:
-        """Inputs of the forward: token ids, attention metadata, the cache view and the rows to sample."""
+    ) -> tuple[torch.Tensor, AttentionMetadata, StepKV, list[int], torch.Tensor]:
+        """Inputs of the forward: token ids, attention metadata, the cache view, the scheduled requests that
+        sample (their indices in `scheduled`) and the logits rows they sample from.
+
+        Per request only a few list operations; the per-token and per-block indices come from numpy operations
+        over the KV manager's block-table arrays, and reach the device as a few host-to-device copies."""
         tokens: list[int] = []
-        query_lens, context_lens, sample_rows = [], [], []
+        query_lens, context_lens, rows, sample_rows = [], [], [], []
+        kv_rows = self.kv.rows
         for i, item in enumerate(scheduled):
             request = item.request
             start = request.num_computed_tokens
             end = start + item.num_new_tokens
-            tokens.extend(request.all_token_ids[start:end])
+            if item.num_new_tokens == 1:
+                tokens.append(request.all_token_ids[start])
+            else:
+                tokens.extend(request.all_token_ids[start:end])
             query_lens.append(item.num_new_tokens)
             context_lens.append(end)
+            rows.append(kv_rows[request.request_id])
             if end == request.num_tokens:
                 sample_rows.append(i)
-        meta = AttentionMetadata.build(query_lens, context_lens, device="cpu")
         bs = self.kv.block_size
-        ids = [s.request.request_id for s in scheduled]
-        full = (
-            build_group_step([self.kv.full_tables[r] for r in ids], meta, bs, 0, self.device)
-            if self.has_full
-            else None
-        )
-        sliding = (
-            build_group_step([self.kv.sliding_tables[r] for r in ids], meta, bs, self.window, self.device)
-            if self.has_sliding
-            else None
-        )
-        device_meta = AttentionMetadata(
-            meta.query_lens,
-            meta.context_lens,
-            meta.positions.to(self.device, non_blocking=True),
-            meta.seq_index.to(self.device, non_blocking=True),
-            meta.query_offset.to(self.device, non_blocking=True),
-        )
-        token_tensor = torch.tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True)
-        return token_tensor, device_meta, StepKV(self.cache, full, sliding), sample_rows
+        step = StepShape.build(rows, query_lens, context_lens, bs)
+        plans = []
+        if self.has_full:
+            plans.append(plan_group(self.kv.full_array.array, step, bs, 0))
+        if self.has_sliding:
+            plans.append(plan_group(self.kv.sliding_array.array, step, bs, self.window))
+        # Everything the device needs in one host-to-device copy, split there into views.
+        if len(sample_rows) == len(tokens):  # all decodes, each sampling from its one row
+            logits_rows = step.seq_index
+        else:
+            logits_rows = np.cumsum(step.query_lens)[sample_rows] - 1
+        pieces = [tokens, step.positions, step.seq_index, step.query_offset, logits_rows, step.context_lens]
+        for plan in plans:
+            pieces += [plan.slot_mapping, plan.blocks.ravel(), plan.starts]
+        packed = torch.from_numpy(np.concatenate(pieces, dtype=np.int64)).to(self.device, non_blocking=True)
+        parts = packed.split([len(piece) for piece in pieces])
+        token_ids, positions_t, seq_index_t, query_offset_t, logits_indices, context_t = parts[:6]
+        width = max(plan.blocks.shape[1] for plan in plans) * bs
+        if self._offsets.shape[0] < width:
+            self._offsets = torch.arange(2 * width, device=self.device)
+        groups = []
+        for i in range(len(plans)):
+            slots, blocks, starts = parts[6 + 3 * i : 9 + 3 * i]
+            groups.append(group_step(slots, blocks, starts, context_t, self._offsets, bs))
+        full = groups[0] if self.has_full else None
+        sliding = groups[-1] if self.has_sliding else None
+        meta = AttentionMetadata(query_lens, context_lens, positions_t, seq_index_t, query_offset_t)
+        return token_ids, meta, StepKV(self.cache, full, sliding), sample_rows, logits_indices
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
-        token_ids, meta, step_kv, sample_rows = self.prepare(scheduled)
-        # Each sampling sequence's last token is the row its next token is predicted from.
-        ends = torch.tensor(meta.query_lens).cumsum(0) - 1
-        logits_indices = ends[sample_rows].to(self.device)
+        token_ids, meta, step_kv, sample_rows, logits_indices = self.prepare(scheduled)
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
         logits = self.model(token_ids, meta, step_kv, logits_indices)

@@ -52,18 +52,20 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
+        # Runs once per running request per step: the names it uses are bound locally.
+        running, scheduled, allocate = self.running, out.scheduled, self.kv.allocate_slots
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()
+        while index < len(running) and budget > 0:
+            request = running[index]
+            num_new = min(len(request.all_token_ids) - request.num_computed_tokens, budget)
+            while not allocate(request, num_new):
+                victim = running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
                 index += 1
                 continue

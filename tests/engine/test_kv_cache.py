@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from model.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager
+import random
+
+import numpy as np
+import torch
+
+from model.kv_cache import (
+    NULL_BLOCK,
+    BlockPool,
+    KVCacheManager,
+    StepShape,
+    group_step,
+    group_step_reference,
+    plan_group,
+)
 from model.request import Request, SamplingParams
 
 
@@ -103,3 +116,48 @@ def test_sliding_blocks_behind_the_window_are_released() -> None:
     assert len(live) == 3
     assert len(kv.full_tables["a"]) == 25
     assert kv.sliding.num_used == 3
+
+
+def test_step_indices_match_the_slot_by_slot_reference() -> None:
+    """plan_group + group_step (numpy on the host, positions on the device) against the plain twin, on random
+    tables and steps mixing decodes, prompt chunks and prefills, with and without a sliding window."""
+    rng = random.Random(5)
+    bs = 4
+    offsets = torch.arange(1024)
+    for trial in range(200):
+        window = rng.choice([0, 0, 5, 8, 16])
+        seqs = rng.randint(1, 6)
+        query_lens = [rng.choice([1, 1, rng.randint(1, 30)]) for _ in range(seqs)]
+        context_lens = [q + rng.choice([0, rng.randint(0, 60)]) for q in query_lens]
+        tables = [rng.sample(range(500), -(-c // bs)) for c in context_lens]
+        if window:  # blocks that fell out of the first new token's window were released
+            for table, q, c in zip(tables, query_lens, context_lens, strict=True):
+                for i in range(max(0, c - q - window + 1) // bs):
+                    table[i] = NULL_BLOCK
+        rows = rng.sample(range(10), seqs)
+        array = np.full((10, 40), NULL_BLOCK, dtype=np.int64)
+        for row, table in zip(rows, tables, strict=True):
+            array[row, : len(table)] = table
+        shape = StepShape.build(rows, query_lens, context_lens, bs)
+        plan = plan_group(array, shape, bs, window)
+        step = group_step(
+            *(
+                torch.from_numpy(x)
+                for x in (plan.slot_mapping, plan.blocks.ravel(), plan.starts, shape.context_lens)
+            ),
+            offsets,
+            bs,
+        )
+        slots, gather, key_positions = group_step_reference(tables, query_lens, context_lens, bs, window)
+        assert shape.positions.tolist() == [
+            p for q, c in zip(query_lens, context_lens, strict=True) for p in range(c - q, c)
+        ], trial
+        assert shape.seq_index.tolist() == [s for s, q in enumerate(query_lens) for _ in range(q)], trial
+        assert shape.query_offset.tolist() == [i for q in query_lens for i in range(q)], trial
+        assert step.slot_mapping.tolist() == slots, trial
+        assert step.gather_positions.tolist() == key_positions, trial
+        # Slots read: block b's slots are b * bs + 0..bs-1; padding reads a real block, whatever it holds.
+        read = (step.block_index[:, :, None] * bs + torch.arange(bs)).view(seqs, -1)
+        present = step.gather_positions >= 0
+        assert torch.equal(read[present], torch.tensor(gather)[present]), trial
+        assert bool((step.block_index >= 0).all()), trial

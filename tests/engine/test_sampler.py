@@ -20,6 +20,7 @@ from model.sampler import (
     check_params_for_vocab,
     filtered_probs,
     filtered_probs_reference,
+    greedy_argmax,
     make_generator,
     process_logits,
     process_logits_reference,
@@ -526,6 +527,25 @@ def test_ties_are_kept_together_and_greedy_takes_the_lowest_id() -> None:
             logits.expand(300, 6), [params] * 300, [[]] * 300, [None] * 300
         )
         assert set(draws.token_ids) == set(tied)
+
+
+@pytest.mark.parametrize("vocab", [2048, 3000, 4096, 5121, 201_088])
+def test_chunked_greedy_argmax_equals_argmax(vocab: int) -> None:
+    """The CPU's chunked argmax against torch's: the first maximum, wherever it lies, ties and NaN included."""
+    logits = _randn(12, vocab, seed=vocab)
+    logits[0, -1] = 100.0  # the maximum in the last (possibly short) chunk
+    logits[1, 0] = 100.0  # ... in the first column
+    logits[2, [5, vocab - 2]] = 100.0  # tied across chunks: the first wins
+    logits[3, [1030, 1031]] = 100.0  # tied inside a chunk
+    logits[4] = -math.inf  # nothing finite: index 0
+    logits[5, [7, vocab - 3]] = math.nan  # NaN counts as the maximum, the first one
+    logits[6, vocab - 1] = math.nan
+    logits[7] = logits[7].round()  # many ties at the maximum
+    logits[8, : vocab - 1] = -math.inf  # only the last column is finite
+    logits[9, 1024:] = -math.inf  # only the first chunk is finite
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
+    assert torch.equal(greedy_argmax(logits[:, :-3]), logits[:, :-3].argmax(dim=-1))  # a strided view
+    assert torch.equal(greedy_argmax(logits[10:11]), logits[10:11].argmax(dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------------

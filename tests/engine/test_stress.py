@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
+
 from model.engine import Engine
 from model.gpt_oss import GptOss
 from model.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager
@@ -47,6 +49,22 @@ def check_invariants(engine: Engine) -> None:
         assert request.num_computed_tokens == 0
         assert request.request_id not in kv.full_tables
     assert len(engine.scheduler.running) <= engine.config.max_num_seqs
+    _check_table_arrays(kv)
+
+
+def _check_table_arrays(kv: KVCacheManager) -> None:
+    """The incrementally written block-table arrays equal arrays rebuilt from the lists: one row per request
+    holding blocks, no row shared, NULL_BLOCK past each table and in every unused row."""
+    assert set(kv.rows) == set(kv.full_tables)
+    assert len(set(kv.rows.values())) == len(kv.rows)
+    for books, mirror in ((kv.full_tables, kv.full_array.array), (kv.sliding_tables, kv.sliding_array.array)):
+        rebuilt = np.full(mirror.shape, NULL_BLOCK, dtype=np.int64)
+        for rid, table in books.items():
+            rebuilt[kv.rows[rid], : len(table)] = table
+        assert np.array_equal(mirror, rebuilt)
+    for rid, table in kv.sliding_tables.items():
+        released = kv.num_released[rid]
+        assert all(b == NULL_BLOCK for b in table[:released])
 
 
 def test_a_thousand_random_requests_keep_the_books_straight(small_vocab_model: GptOss) -> None:
