@@ -489,36 +489,24 @@ class MLPBlock(nn.Module):
         return top.indices, torch.softmax(top.values.float(), dim=-1).to(t.dtype)
 
     def experts(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Grouped by expert: each active expert is dequantized once and applied to all its tokens.
-
-        Only the matmuls run per expert; SwiGLU, the routing weights and the scatter back to the tokens run
-        once over all (token, expert) pairs, since at decode dozens of experts each get a row or two.
-        """
+        """Grouped by expert: each active expert is dequantized once and applied to all its tokens."""
         flat = indices.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.mlp1_bias.shape[0]).tolist()
         token_of = order // self.top_k
-        x = t[token_of]  # [pairs, hidden], grouped by expert
-        groups = []  # (expert, its first pair, its last pair + 1)
+        weight_of = weights.flatten()[order]
+        out = torch.zeros_like(t)
         start = 0
         for e, count in enumerate(counts):
-            if count:
-                groups.append((e, start, start + count))
-                start += count
-        h = torch.cat(
-            [
-                prepacked.linear(x[a:b], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])
-                for e, a, b in groups
-            ]
-        )
-        h = swiglu(h, self.alpha, self.limit)
-        y = torch.cat(
-            [
-                prepacked.linear(h[a:b], self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])
-                for e, a, b in groups
-            ]
-        )
-        return torch.zeros_like(t).index_add_(0, token_of, y * weights.flatten()[order, None])
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            h = prepacked.linear(t[rows], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])
+            h = swiglu(h, self.alpha, self.limit)
+            y = prepacked.linear(h, self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])
+            out.index_add_(0, rows, y * weight_of[start : start + count, None])
+            start += count
+        return out
 
     def experts_reference(
         self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
