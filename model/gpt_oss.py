@@ -657,5 +657,5 @@ class GptOss(nn.Module):
         A prepacked weight replaces the plain one (same bytes): its parameter holds an opaque oneDNN tensor.
         """
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and prepacked.applies(module.weight):
                 module.weight = nn.Parameter(prepacked.prepack(module.weight.data), requires_grad=False)
