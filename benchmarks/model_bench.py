@@ -13,8 +13,9 @@ implementation in its own process, so that peak memory is that implementation's 
   `--decode-steps` steps (other load on a shared machine only ever adds time) and their median.
 
 `ours-packed` keeps experts as MXFP4 and dequantizes each active expert per step (memory);
-`ours-dequantized` dequantizes once at load (CPU speed); `hf` is transformers' GptOssForCausalLM, which on CPU
-dequantizes the experts to bf16 at load.
+`ours-dequantized` dequantizes once at load (CPU speed); both prepack their bf16 matrices for oneDNN on the
+CPU (model/prepacked.py). `hf` is transformers' GptOssForCausalLM, which on CPU dequantizes the experts to
+bf16 at load.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def bench_ours(path: Path, mode: str, args: argparse.Namespace) -> dict[str, flo
     started = time.perf_counter()
     model = GptOss.from_checkpoint(path, device=device, dtype=torch.bfloat16, experts=mode, progress=False)
     load_s = time.perf_counter() - started
+    # Prepacked (oneDNN) weights report their logical size, numel × element size, which is what they hold.
     weights = sum(t.nbytes for t in model.state_dict().values())
-    weights += sum(b.mlp.mlp1_weight.dense.nbytes + b.mlp.mlp2_weight.dense.nbytes for b in model.block
-                   if b.mlp.mlp1_weight.dense is not None)  # fmt: skip
+    weights += sum(w.nbytes for b in model.block for m in (b.mlp.mlp1_weight, b.mlp.mlp2_weight)
+                   for w in m.dense or ())  # fmt: skip
     resident = rss_bytes() - before
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

@@ -17,6 +17,10 @@ the engine). Without a cache, every sequence attends to its own tokens of this f
 
 **Twins.** :func:`attention` and :meth:`MLPBlock.experts` are the fast paths; :func:`attention_reference` and
 :meth:`MLPBlock.experts_reference` are plain twins, written from the spec and compared with them in tests.
+
+**CPU weights.** On the CPU, bf16 matrices (the linears and dequantized experts) are reordered once at load
+into oneDNN's blocked layout (:mod:`model.prepacked`); every matmul goes through
+:func:`model.prepacked.linear`, which runs plain weights exactly as ``F.linear`` does.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import prepacked
 from model.config import ModelConfig
 from model.mxfp4 import dequantize, dequantize_reference
 from model.weights import CheckpointReader, open_checkpoint
@@ -187,6 +192,13 @@ class ContiguousKVCache:
 
 
 # -- the layers --
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weight may be prepacked for the CPU (:func:`GptOss.prepack_weights`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return prepacked.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -370,9 +382,9 @@ class AttentionBlock(nn.Module):
         self.window = config.window(layer)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
-        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, device=device)
+        self.qkv = Linear(config.hidden_size, config.qkv_size, device=device)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, device=device))
-        self.out = nn.Linear(config.q_size, config.hidden_size, device=device)
+        self.out = Linear(config.q_size, config.hidden_size, device=device)
 
     def forward(
         self,
@@ -408,7 +420,7 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 
 class ExpertMode(StrEnum):
     PACKED = "packed"  # MXFP4 in memory; each active expert is dequantized when used
-    DEQUANTIZED = "dequantized"  # dequantized once at load (CPU speed for small models)
+    DEQUANTIZED = "dequantized"  # dequantized once at load, prepacked on the CPU (CPU speed for small models)
 
 
 class MXFP4Weight(nn.Module):
@@ -422,23 +434,33 @@ class MXFP4Weight(nn.Module):
         self.register_buffer(
             "scales", torch.zeros(experts, rows, cols // 32, dtype=torch.uint8, device=device)
         )
-        self.dense: torch.Tensor | None = None
+        # ExpertMode.DEQUANTIZED: each expert's dense `[out, in]` weight, prepacked where that applies.
+        self.dense: list[torch.Tensor] | None = None
 
-    def dequantize_all(self, dtype: torch.dtype) -> None:
-        """Switch to :attr:`ExpertMode.DEQUANTIZED`: keep a dense copy and drop the packed bytes."""
-        dense = torch.empty(
-            *self.scales.shape[:2], self.scales.shape[2] * 32, dtype=dtype, device=self.blocks.device
-        )
-        for e in range(dense.shape[0]):  # one expert at a time: the temporaries stay one expert's size
-            dense[e] = dequantize(self.blocks[e], self.scales[e], dtype)
-        self.dense = dense
+    def dequantize_all(self, dtype: torch.dtype, prepack: bool) -> None:
+        """Switch to :attr:`ExpertMode.DEQUANTIZED`: keep dense weights and drop the packed bytes.
+
+        One expert at a time, so that the temporaries stay one expert's size. A prepack copies the expert, so
+        the next one is dequantized into the same buffer: a fresh buffer per expert, freed after its prepack,
+        left glibc's heap full of expert-sized holes (about 2 GB of RSS in the model benchmark).
+        """
+        self.dense = []
+        scratch = None
+        for e in range(self.blocks.shape[0]):
+            weight = dequantize(self.blocks[e], self.scales[e], dtype, out=scratch)
+            if prepack and prepacked.applies(weight):
+                self.dense.append(prepacked.prepack(weight))
+                scratch = weight
+            else:
+                self.dense.append(weight)
         self.blocks = self.blocks.new_empty(0)
         self.scales = self.scales.new_empty(0)
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert `e`'s weight `[out, in]` in `dtype`."""
+        """Expert `e`'s weight `[out, in]` in `dtype`, for :func:`model.prepacked.linear`."""
         if self.dense is not None:
-            return self.dense[e].to(dtype)
+            assert self.dense[e].dtype == dtype, "dequantized experts are kept in the model's dtype"
+            return self.dense[e]
         return dequantize(self.blocks[e], self.scales[e], dtype)
 
     def experts(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -448,8 +470,9 @@ class MXFP4Weight(nn.Module):
         return dequantize(self.blocks[ids], self.scales[ids], dtype)
 
     def expert_reference(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `e`'s plain weight `[out, in]` in `dtype`."""
         if self.dense is not None:
-            return self.dense[e].to(dtype)
+            return prepacked.plain(self.dense[e]).to(dtype)
         return dequantize_reference(self.blocks[e], self.scales[e], dtype)
 
 
@@ -463,7 +486,7 @@ class MLPBlock(nn.Module):
         self.top_k = config.experts_per_token
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.norm = RMSNorm(h, config.rms_norm_eps, device)
-        self.gate = nn.Linear(h, e, device=device)
+        self.gate = Linear(h, e, device=device)
         self.mlp1_weight = MXFP4Weight(e, 2 * i, h, device)
         self.mlp1_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device))
         self.mlp2_weight = MXFP4Weight(e, h, i, device)
@@ -487,9 +510,9 @@ class MLPBlock(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            h = F.linear(t[rows], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])
+            h = prepacked.linear(t[rows], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])
             h = swiglu(h, self.alpha, self.limit)
-            y = F.linear(h, self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])
+            y = prepacked.linear(h, self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])
             out.index_add_(0, rows, y * weight_of[start : start + count, None])
             start += count
         return out
@@ -589,7 +612,7 @@ class GptOss(nn.Module):
             TransformerBlock(config, n, device) for n in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
-        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         self.rope = RotaryEmbedding(config, device)
         # True: run the plain reference twins (attention, experts) instead of the fast paths. For tests.
         self.reference = False
@@ -627,12 +650,15 @@ class GptOss(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         experts: ExpertMode | str = ExpertMode.PACKED,
+        prepack: bool = True,
         progress: bool = True,
     ) -> GptOss:
         """Load a checkpoint directory of either layout straight onto `device`.
 
         Weights other than the experts take `dtype`; norms and sinks stay float32 (they are tiny and used in
-        float32); expert blocks and scales stay packed uint8 unless `experts` is ``"dequantized"``.
+        float32); expert blocks and scales stay packed uint8 unless `experts` is ``"dequantized"``. With
+        `prepack` the bf16 matrices are reordered for the CPU where :func:`model.prepacked.applies` (a no-op
+        elsewhere); without it they stay plain, which is the reference the fast path is tested against.
         """
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
@@ -643,20 +669,23 @@ class GptOss(nn.Module):
         with torch.device("meta"):
             model = cls(reader.files.config)
         model.load_weights(reader, device=device, dtype=dtype, progress=progress)
+        if prepack:  # first: while the experts are still packed, a linear's transient copy costs least
+            model.prepack_weights()
         if experts is ExpertMode.DEQUANTIZED:
             for block in model.block:
-                block.mlp.mlp1_weight.dequantize_all(dtype)
-                block.mlp.mlp2_weight.dequantize_all(dtype)
+                block.mlp.mlp1_weight.dequantize_all(dtype, prepack)
+                block.mlp.mlp2_weight.dequantize_all(dtype, prepack)
         model.rope = RotaryEmbedding(model.config, device)
         model.eval().requires_grad_(False)
         logger.info(
-            "loaded %s (%s layout, %.2f GB on disk) to %s %s with %s experts in %.1f s",
+            "loaded %s (%s layout, %.2f GB on disk) to %s %s with %s experts%s in %.1f s",
             path,
             reader.layout.value,
             reader.nbytes / 1e9,
             device,
             dtype,
             experts.value,
+            ", weights prepacked for oneDNN" if model.unembedding.weight.is_mkldnn else "",
             time.perf_counter() - started,
         )
         return model
@@ -676,3 +705,12 @@ class GptOss(nn.Module):
                 module._buffers[attr] = tensor
         missed = [n for n, t in self.state_dict().items() if t.is_meta]
         assert not missed, f"not loaded: {missed}"
+
+    def prepack_weights(self) -> None:
+        """Reorder every :class:`Linear` weight for the CPU where :func:`model.prepacked.applies`.
+
+        A prepacked weight replaces the plain one (same bytes): its parameter holds an opaque oneDNN tensor.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear) and prepacked.applies(module.weight):
+                module.weight = nn.Parameter(prepacked.prepack(module.weight.data), requires_grad=False)

@@ -70,13 +70,23 @@ def _tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 _CPU_CHUNK = 8192  # MXFP4 blocks dequantized per step on the CPU
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Fast dequantization: one gather from a byte table and one multiply by the block's power of two."""
+def dequantize(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fast dequantization: one gather from a byte table and one multiply by the block's power of two.
+
+    `out`, if given, is a contiguous ``[..., G·32]`` tensor of `dtype` to write into and return.
+    """
     _check(blocks, scales)
     pairs, powers = _tables(blocks.device, dtype)
     groups = blocks.shape[-2]
     flat_blocks, flat_scales = blocks.reshape(-1, groups, BYTES_PER_BLOCK), scales.reshape(-1, groups)
-    out = torch.empty(flat_blocks.shape[0], groups, BLOCK_SIZE, dtype=dtype, device=blocks.device)
+    shape = (*blocks.shape[:-2], groups * BLOCK_SIZE)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=blocks.device)
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)}")
+    flat_out = out.view(-1, groups, BLOCK_SIZE)
     # On the CPU, work through a few rows at a time: whole-matrix int32 index and gather temporaries (tens of
     # MB per expert) are kept by the C allocator after use and inflated peak RSS by about 2 GB in the model
     # benchmark. On a GPU the caching allocator reuses them, and one launch beats many.
@@ -85,9 +95,9 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
         # `embedding` is torch's fastest CPU gather and takes int32 indices (half of int64's traffic).
         values = F.embedding(flat_blocks[r : r + rows].int(), pairs).flatten(-2)  # [rows, G, 32]
         torch.mul(
-            values, F.embedding(flat_scales[r : r + rows].int(), powers[:, None]), out=out[r : r + rows]
+            values, F.embedding(flat_scales[r : r + rows].int(), powers[:, None]), out=flat_out[r : r + rows]
         )
-    return out.view(*blocks.shape[:-2], groups * BLOCK_SIZE)
+    return out
 
 
 def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,21 @@ def test_fast_equals_reference_on_every_byte_and_scale(dtype: torch.dtype) -> No
     assert torch.equal(dequantize(blocks, scales, dtype), dequantize_reference(blocks, scales, dtype))
 
 
+def test_dequantize_into_a_given_buffer() -> None:
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (2, 5, 3, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(110, 140, (2, 5, 3), generator=g, dtype=torch.uint8)
+    out = torch.full((2, 5, 96), float("nan"), dtype=torch.bfloat16)
+    assert dequantize(blocks, scales, torch.bfloat16, out=out) is out
+    assert torch.equal(out, dequantize_reference(blocks, scales, torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(blocks, scales, torch.float32, out=out)
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(
+            blocks, scales, torch.bfloat16, out=torch.empty(2, 96, 5, dtype=torch.bfloat16).transpose(1, 2)
+        )
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(100, 140), st.integers(0, 2**31))
 def test_quantize_round_trips_representable_values(rows: int, groups: int, scale: int, seed: int) -> None:
