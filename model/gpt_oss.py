@@ -463,11 +463,12 @@ class MXFP4Weight(nn.Module):
             return self.dense[e]
         return dequantize(self.blocks[e], self.scales[e], dtype)
 
-    def experts(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weights `[len(ids), out, in]` of experts `ids` in `dtype`, dequantized in one call."""
+    def experts(self, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The plain weights `[len(ids), out, in]` of experts `ids` in `dtype`, dequantized in one call."""
         if self.dense is not None:
-            return self.dense[ids].to(dtype)
-        return dequantize(self.blocks[ids], self.scales[ids], dtype)
+            return torch.stack([prepacked.plain(self.dense[e]) for e in ids]).to(dtype)
+        index = torch.tensor(ids, device=self.blocks.device)
+        return dequantize(self.blocks[index], self.scales[index], dtype)
 
     def expert_reference(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert `e`'s plain weight `[out, in]` in `dtype`."""
@@ -553,11 +554,11 @@ class MLPBlock(nn.Module):
             x = t.new_zeros(len(chunk), width, t.shape[1])
             x[g, rows] = t[tok]
             h = torch.baddbmm(
-                self.mlp1_bias[ids].unsqueeze(1), x, self.mlp1_weight.experts(ids, t.dtype).transpose(1, 2)
+                self.mlp1_bias[ids].unsqueeze(1), x, self.mlp1_weight.experts(chunk, t.dtype).transpose(1, 2)
             )
             h = swiglu(h, self.alpha, self.limit)
             y = torch.baddbmm(
-                self.mlp2_bias[ids].unsqueeze(1), h, self.mlp2_weight.experts(ids, t.dtype).transpose(1, 2)
+                self.mlp2_bias[ids].unsqueeze(1), h, self.mlp2_weight.experts(chunk, t.dtype).transpose(1, 2)
             )
             out.index_add_(0, tok, y[g, rows] * w[:, None])
         return out
