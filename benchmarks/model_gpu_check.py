@@ -187,10 +187,10 @@ def main() -> None:
             )
             held = sum(t.nbytes for t in model.state_dict().values())
             held += sum(
-                w.dense.nbytes
+                d.numel() * d.element_size()
                 for block in model.block
                 for w in (block.mlp.mlp1_weight, block.mlp.mlp2_weight)
-                if w.dense is not None
+                for d in w.dense or []
             )
             logger.info("dequantized: weights %.2f GB = %.2fx the checkpoint", held / 1e9, held / disk)
             time_steps(model, device, args.prefill, "dequantized")
