@@ -15,8 +15,10 @@ so a cache is free to return only what is needed (a sliding-window layer needs a
 ``window + query_len - 1`` keys) and to keep its memory in any layout (contiguous rows here; paged blocks in
 the engine). Without a cache, every sequence attends to its own tokens of this forward only.
 
-**Twins.** :func:`attention` and :meth:`MLPBlock.experts` are the fast paths; :func:`attention_reference` and
-:meth:`MLPBlock.experts_reference` are plain twins, written from the spec and compared with them in tests.
+**Twins.** :func:`attention` and the experts (:meth:`MLPBlock.experts`, a loop over active experts, on CPUs;
+:meth:`MLPBlock.experts_batched`, a fixed number of launches, on GPUs) are the fast paths;
+:func:`attention_reference` and :meth:`MLPBlock.experts_reference` are plain twins, written from the spec and
+compared with them in tests.
 
 **CPU weights.** On the CPU, bf16 matrices (the linears and dequantized experts) are reordered once at load
 into oneDNN's blocked layout (:mod:`model.prepacked`); every matmul goes through
