@@ -82,6 +82,11 @@ class CliSettings(BaseSettings):
     dtype: Literal["bfloat16", "float32"] | None = Field(
         None, description="activation dtype (default: bfloat16 on cuda, float32 on cpu)"
     )
+    experts: Literal["packed", "dequantized"] = Field(
+        "packed",
+        description="expert weights kept as MXFP4 and dequantized when used (least memory), or dequantized "
+        "once at load (faster on a CPU; about 4x the experts' memory in bfloat16, 8x in float32)",
+    )
     max_model_len: int = Field(8192, ge=2, description="longest prompt plus output, in tokens")
     max_num_seqs: int = Field(64, ge=1, description="most requests decoded together")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens computed in one engine step")
@@ -137,7 +142,7 @@ def build(args: CliSettings) -> tuple[Engine, ServerSettings]:
         if args.dtype
         else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     )
-    model = GptOss.from_checkpoint(path, device=args.device, dtype=dtype)
+    model = GptOss.from_checkpoint(path, device=args.device, dtype=dtype, experts=args.experts)
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     engine = Engine(

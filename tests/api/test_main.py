@@ -88,6 +88,15 @@ def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) 
     assert settings.model_note == DEMO_NOTE
     assert engine.max_model_len == 256
     assert engine.token_bytes is not None
+    assert engine.model.block[0].mlp.mlp1_weight.dense is None  # packed by default
+
+
+def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
+    engine, _ = build(parse_args([*args, "--experts", "dequantized"]))
+    mlp = engine.model.block[0].mlp
+    assert mlp.mlp1_weight.dense is not None
+    assert mlp.mlp1_weight.blocks.numel() == 0
 
 
 def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
