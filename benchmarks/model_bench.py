@@ -89,9 +89,7 @@ def bench_ours(path: Path, mode: str, args: argparse.Namespace) -> dict[str, flo
     model = GptOss.from_checkpoint(path, device=device, dtype=torch.bfloat16, experts=mode, progress=False)
     load_s = time.perf_counter() - started
     # Prepacked (oneDNN) weights report their logical size, numel × element size, which is what they hold.
-    weights = sum(t.nbytes for t in model.state_dict().values())
-    weights += sum(w.nbytes for b in model.block for m in (b.mlp.mlp1_weight, b.mlp.mlp2_weight)
-                   for w in m.dense or ())  # fmt: skip
+    weights = model.weight_nbytes()
     resident = rss_bytes() - before
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

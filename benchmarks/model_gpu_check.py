@@ -168,7 +168,7 @@ def main() -> None:
         started = time.perf_counter()
         model = GptOss.from_checkpoint(path, device=device, dtype=torch.bfloat16, progress=False)
         load_s = time.perf_counter() - started
-        held = sum(t.nbytes for t in model.state_dict().values())
+        held = model.weight_nbytes()
         line = f"packed: loaded in {load_s:.1f} s; weights {held / 1e9:.2f} GB = {held / disk:.3f}x the disk"
         if device.type == "cuda":
             line += f"; torch.cuda.memory_allocated {torch.cuda.memory_allocated(device) / 1e9:.2f} GB"
@@ -185,13 +185,7 @@ def main() -> None:
             model = GptOss.from_checkpoint(
                 path, device=device, dtype=torch.bfloat16, experts="dequantized", progress=False
             )
-            held = sum(t.nbytes for t in model.state_dict().values())
-            held += sum(
-                d.numel() * d.element_size()
-                for block in model.block
-                for w in (block.mlp.mlp1_weight, block.mlp.mlp2_weight)
-                for d in w.dense or []
-            )
+            held = model.weight_nbytes()
             logger.info("dequantized: weights %.2f GB = %.2fx the checkpoint", held / 1e9, held / disk)
             time_steps(model, device, args.prefill, "dequantized")
 

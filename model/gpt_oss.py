@@ -709,6 +709,14 @@ class GptOss(nn.Module):
         missed = [n for n, t in self.state_dict().items() if t.is_meta]
         assert not missed, f"not loaded: {missed}"
 
+    def weight_nbytes(self) -> int:
+        """Bytes the weights hold: the state dict plus dequantized experts, which live outside it."""
+        held = sum(t.nbytes for t in self.state_dict().values())
+        for block in self.block:
+            for weight in (block.mlp.mlp1_weight, block.mlp.mlp2_weight):
+                held += sum(d.nbytes for d in weight.dense or ())
+        return held
+
     def prepack_weights(self) -> None:
         """Reorder every :class:`Linear` weight for the CPU where :func:`model.prepacked.applies`.
 

@@ -106,6 +106,19 @@ def test_packed_experts_stay_packed_in_memory(model_fp32: GptOss, tiny_config: M
     assert all(t.dtype != torch.float32 or t.numel() < 10**6 for t in mlp.state_dict().values())
 
 
+def test_weight_nbytes_counts_dequantized_experts_too(
+    checkpoints: dict[str, Path], model_fp32: GptOss, tiny_config: ModelConfig
+) -> None:
+    c = tiny_config
+    assert model_fp32.weight_nbytes() == sum(t.nbytes for t in model_fp32.state_dict().values())
+    dense = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, experts="dequantized", progress=False
+    )
+    values = c.num_experts * 3 * c.intermediate_size * c.hidden_size  # mlp1 (2 I x H) and mlp2 (H x I)
+    per_layer = values * 4 - values // 32 * 17  # float32 values in, MXFP4 blocks (16 bytes + scale) out
+    assert dense.weight_nbytes() - model_fp32.weight_nbytes() == c.num_hidden_layers * per_layer
+
+
 # -- attention: window, sinks, fast vs reference --
 
 
