@@ -165,3 +165,16 @@ def run_healthcheck(command: list[str], port: int) -> int:
     assert command[0] == "python", command
     env = {**os.environ, "GPT_OSS_PORT": str(port)}
     return subprocess.run([sys.executable, *command[1:]], env=env, timeout=30, capture_output=True).returncode
+
+
+def assert_healthcheck_follows_health(
+    command: list[str], health_server: tuple[int, type[HealthHandler]]
+) -> None:
+    """The check needs no curl (the image has none), passes on /health's 200 and fails on its 503."""
+    assert "curl" not in " ".join(command)
+    port, handler = health_server
+    handler.status = 200
+    assert run_healthcheck(command, port) == 0
+    handler.status = 503
+    assert run_healthcheck(command, port) != 0
+    assert handler.paths == ["/health", "/health"]

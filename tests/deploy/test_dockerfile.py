@@ -21,11 +21,11 @@ from tests.deploy.deployfiles import (
     HealthHandler,
     Instruction,
     arg_defaults,
+    assert_healthcheck_follows_health,
     env_values,
     parse_dockerfile,
     pip_install_segments,
     readme_install_command,
-    run_healthcheck,
     split_pip_args,
 )
 
@@ -152,14 +152,7 @@ def test_healthcheck_reads_health_without_curl(
     dockerfile: list[Instruction], health_server: tuple[int, type[HealthHandler]]
 ) -> None:
     """The image's own check, run here: healthy on 200, unhealthy on /health's 503 while loading."""
-    command = dockerfile_healthcheck(dockerfile)
-    assert "curl" not in " ".join(command)
-    port, handler = health_server
-    handler.status = 200
-    assert run_healthcheck(command, port) == 0
-    handler.status = 503
-    assert run_healthcheck(command, port) != 0
-    assert handler.paths == ["/health", "/health"]
+    assert_healthcheck_follows_health(dockerfile_healthcheck(dockerfile), health_server)
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
