@@ -86,6 +86,17 @@ def wait_until_idle(served: Served, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def assert_disconnect_frees_blocks(served: Served, path: str, body: dict[str, Any], lines: int) -> None:
+    """Read `lines` lines of a long stream, hang up, and check the engine dropped the request and its KV."""
+    with httpx.stream("POST", served.base_url + path, json=body, timeout=60) as response:
+        received = response.iter_lines()
+        for _ in range(lines):
+            next(received)
+    wait_until_idle(served)
+    assert not served.engine.requests
+    assert served.engine.kv.full_tables == {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

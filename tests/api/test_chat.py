@@ -13,7 +13,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from harmony import encoding as tok
-from tests.api.conftest import MODEL, Served, wait_until_idle
+from tests.api.conftest import MODEL, Served, assert_disconnect_frees_blocks
 
 WEATHER_TOOL = {
     "type": "function",
@@ -320,18 +320,8 @@ def test_logprobs(client: openai.OpenAI) -> None:
 
 def test_a_client_that_disconnects_frees_its_blocks(served: Served) -> None:
     script = "<|channel|>analysis<|message|>" + "word " * 400
-    with httpx.stream(
-        "POST",
-        served.base_url + "/v1/chat/completions",
-        json={"model": MODEL, "messages": USER, "stream": True, "max_tokens": 2000, "test_force": script},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
-        for _ in range(5):
-            next(lines)
-    wait_until_idle(served)
-    assert not served.engine.requests
-    assert served.engine.kv.full_tables == {}
+    body = {"model": MODEL, "messages": USER, "stream": True, "max_tokens": 2000, "test_force": script}
+    assert_disconnect_frees_blocks(served, "/v1/chat/completions", body, lines=5)
 
 
 def test_fifty_concurrent_streams(aclient: openai.AsyncOpenAI) -> None:

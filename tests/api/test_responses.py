@@ -17,7 +17,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
 from server.serving_responses import ResponseStore, StoredResponse
-from tests.api.conftest import MODEL, Served, wait_until_idle
+from tests.api.conftest import MODEL, Served, assert_disconnect_frees_blocks
 
 WEATHER_TOOL = {
     "type": "function",
@@ -617,18 +617,8 @@ def test_chat_and_responses_render_a_tool_loop_alike(client: openai.OpenAI) -> N
 
 def test_a_client_that_disconnects_frees_its_blocks(served: Served) -> None:
     script = "<|channel|>analysis<|message|>" + "word " * 400
-    with httpx.stream(
-        "POST",
-        served.base_url + "/v1/responses",
-        json={"model": MODEL, "input": "Hi", "stream": True, "max_output_tokens": 2000, "test_force": script},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
-        for _ in range(12):
-            next(lines)
-    wait_until_idle(served)
-    assert not served.engine.requests
-    assert served.engine.kv.full_tables == {}
+    body = {"model": MODEL, "input": "Hi", "stream": True, "max_output_tokens": 2000, "test_force": script}
+    assert_disconnect_frees_blocks(served, "/v1/responses", body, lines=12)
 
 
 def test_the_sdk_stream_helper_accepts_the_stream(client: openai.OpenAI) -> None:
