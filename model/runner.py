@@ -40,6 +40,9 @@ class ModelRunner:
         self.window = config.sliding_window
         # 0, 1, 2, ... on the device: the slot offsets of the widest KV view so far (grown on demand).
         self._offsets = torch.arange(0, device=self.device)
+        # The logits of every step are written here (see GptOss.forward): rows for the most sampling
+        # requests of a step so far, grown on demand.
+        self._logits = torch.empty(0, config.vocab_size, dtype=torch.float32, device=self.device)
 
     def prepare(
         self, scheduled: list[ScheduledRequest]
@@ -100,7 +103,9 @@ class ModelRunner:
         token_ids, meta, step_kv, sample_rows, logits_indices = self.prepare(scheduled)
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
-        logits = self.model(token_ids, meta, step_kv, logits_indices)
+        if self._logits.shape[0] < len(sample_rows):
+            self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
+        logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits)
         if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
             return RunnerOutput(out_tokens, out_logprobs)
         requests = [scheduled[i].request for i in sample_rows]

@@ -50,6 +50,25 @@ def test_incremental_decoding_with_cache_equals_full_recomputation(model_fp32: G
     torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_written_into_a_buffer_equal_the_returned_ones(
+    checkpoints: dict[str, Path], dtype: torch.dtype
+) -> None:
+    """`logits_out`: the same values in the buffer's leading rows (float32 through the matmul's `out=`, bf16 and
+    its prepacked weight through a copy), the rows past them untouched."""
+    model = GptOss.from_checkpoint(checkpoints["hf"], dtype=dtype, progress=False)
+    ids = tokens(12, 30)
+    meta = AttentionMetadata.build([20, 10])
+    last = torch.tensor([19, 29])
+    buffer = torch.full((5, model.config.vocab_size), 7.0)
+    expected = model(ids, meta, logits_indices=last)
+    got = model(ids, meta, logits_indices=last, logits_out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert got.shape == (2, model.config.vocab_size)
+    assert torch.equal(got, expected)
+    assert torch.all(buffer[2:] == 7.0)
+
+
 def test_mixed_batch_of_chunked_prefill_and_decode_through_cache(model_fp32: GptOss) -> None:
     """Each step serves a different mix: chunks of various sizes and single decode tokens, in cache slots that
     are not in sequence order, with only each sequence's last logits computed."""
