@@ -2,19 +2,23 @@
 serving and Hugging Face transformers' batched `generate`.
 
     python benchmarks/engine_bench.py [--quick] [--device cpu|cuda] [--preset tiny,small | 20b-shaped]
-                                      [--threads N] [--requests N] [--no-hf]
+                                      [--threads N] [--requests N] [--no-hf] [--dtype float32|bfloat16]
 
 For each preset, writes once (under .cache/bench/, never committed) a random HF-layout checkpoint with
-`write_checkpoint` and loads it with `GptOss.from_checkpoint` (float32 on the CPU, bfloat16 on CUDA). Then:
+`write_checkpoint` and loads it with `GptOss.from_checkpoint` (float32 on the CPU, bfloat16 on CUDA, or
+`--dtype`). Then:
 
 * **Throughput.** A deterministic workload of requests with mixed prompt lengths (16..512 tokens) and output
-  lengths (8..128 tokens), greedy, with no stop tokens, so every request produces exactly its `max_tokens`.
+  lengths (8..64 tokens), greedy, with no stop tokens, so every request produces exactly its `max_tokens`.
   At concurrency c the driver keeps c requests in flight: it adds the next request through
   `Engine.add_request` as soon as one finishes (continuous, not waves), and calls `Engine.step` until all
   are done. Aggregate output tokens/s = all output tokens / wall time (prefill included). c = 1 serves the
   same requests one at a time: that is the baseline. Every run gets a fresh engine (no prefix-cache reuse
-  between runs; the random prompts share no prefix within a run).
-* **transformers.** `GptOssForCausalLM` on the same checkpoint (float32, MXFP4 dequantized at load, eager
+  between runs; the random prompts share no prefix within a run). Each run also splits its wall time into
+  decode-only steps (one token per scheduled request: their count, mean batch and time per step) and steps
+  that carry prompt tokens; the summary's "decode-only steps" line is batching's gain per decoded token in
+  the former, where the prompts' prefill (the same work at any concurrency) plays no part.
+* **transformers.** `GptOssForCausalLM` on the same checkpoint (same dtype, MXFP4 dequantized at load, eager
   attention), the same requests in order, in batches of 16, left-padded, greedy `generate` with
   `max_new_tokens` = the largest `max_tokens` of the batch. Only the tokens each request asked for count as
   useful output (the extra tokens the shorter requests of a batch are dragged along for do not).
@@ -164,6 +168,14 @@ class RunResult:
     steps: int
     ttft: list[float]
     preemptions: int
+    # The steps that ran decodes only (one token per scheduled request), against those with prompt tokens.
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def prompt_step_seconds(self) -> float:
+        return self.seconds - self.decode_seconds
 
     @property
     def tokens_per_s(self) -> float:
@@ -178,6 +190,9 @@ def run_concurrency(engine: Engine, work: Workload, concurrency: int, tag: str) 
     steps = 0
     added: dict[str, float] = {}
     ttft: list[float] = []
+    plans: list[Any] = []
+    engine.scheduler.schedule = _timed(engine.scheduler.schedule, plans)  # type: ignore[method-assign]
+    decode_steps, decode_seconds, decode_tokens = 0, 0.0, 0
     sync(engine.model.device)
     started = time.perf_counter()
     while pending or engine.has_unfinished():
@@ -187,9 +202,15 @@ def run_concurrency(engine: Engine, work: Workload, concurrency: int, tag: str) 
             added[rid] = time.perf_counter()
             engine.add_request(rid, work.prompts[i], greedy(work.max_tokens[i]))
             in_flight += 1
+        step_started = time.perf_counter()
         outputs = engine.step()
         steps += 1
         now = time.perf_counter()
+        plan = plans.pop()[2]
+        if plan.scheduled and plan.num_tokens == len(plan.scheduled):
+            decode_steps += 1
+            decode_seconds += now - step_started
+            decode_tokens += plan.num_tokens
         for output in outputs:
             if output.new_token_ids and output.request_id in added:
                 ttft.append(now - added.pop(output.request_id))
@@ -199,7 +220,16 @@ def run_concurrency(engine: Engine, work: Workload, concurrency: int, tag: str) 
     seconds = time.perf_counter() - started
     if tokens != work.num_output_tokens:
         raise RuntimeError(f"expected {work.num_output_tokens} output tokens, got {tokens}")
-    return RunResult(seconds, tokens, steps, ttft, engine.stats().num_preemptions)
+    return RunResult(
+        seconds,
+        tokens,
+        steps,
+        ttft,
+        engine.stats().num_preemptions,
+        decode_steps,
+        decode_seconds,
+        decode_tokens,
+    )
 
 
 def time_to_first_token(engine: Engine, rid: str, prompt: list[int]) -> float:
@@ -354,7 +384,8 @@ def describe(config: ModelConfig) -> str:
 
 def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> list[Check]:
     path = Path(args.checkpoint) if args.checkpoint else checkpoint_dir(name, CONFIGS[name])
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype] if args.dtype else None
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     experts = args.experts or ("dequantized" if device.type == "cpu" else "packed")
     started = time.perf_counter()
     model = GptOss.from_checkpoint(path, device=device, dtype=dtype, experts=experts, progress=False)
@@ -392,7 +423,10 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
     if concurrencies is None:
         concurrencies = [1, 16, 64] if device.type == "cuda" else [1, 4, 16, 64]
     results: dict[int, RunResult] = {}
-    out(f"   {'run':<26}{'seconds':>9}{'out tok/s':>11}{'steps':>8}{'median TTFT':>13}{'preempt':>9}")
+    out(
+        f"   {'run':<26}{'seconds':>9}{'out tok/s':>11}{'steps':>8}{'median TTFT':>13}{'preempt':>9}"
+        f"   decode-only steps: n, mean batch, ms/step; seconds in steps with prompt tokens"
+    )
     for c in concurrencies:
         engine = make_engine(model, args)
         result = run_concurrency(engine, work, c, f"c{c}")
@@ -403,6 +437,9 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
         out(
             f"   {label:<26}{result.seconds:>9.2f}{result.tokens_per_s:>11.1f}{result.steps:>8}"
             f"{1e3 * statistics.median(result.ttft):>10.0f} ms{result.preemptions:>9}"
+            f"   {result.decode_steps:>6}{result.decode_tokens / max(result.decode_steps, 1):>6.1f}"
+            f"{1e3 * result.decode_seconds / max(result.decode_steps, 1):>8.1f}"
+            f"{result.prompt_step_seconds:>8.2f}"
         )
 
     hf_result = None
@@ -429,6 +466,11 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
             )
         else:
             checks.append(Check(f"{name}: c={c} vs one at a time", f"{ratio:.1f}x", "", None))
+        one, many = results[1], results[c]
+        if one.decode_steps and many.decode_steps:
+            # Seconds per decoded token in decode-only steps: batching's gain where prompts play no part.
+            gain = (one.decode_seconds / one.decode_tokens) / (many.decode_seconds / many.decode_tokens)
+            checks.append(Check(f"{name}:   decode-only steps, c={c} vs one", f"{gain:.1f}x", "", None))
     if hf_result is not None and 16 in results:
         ratio = results[16].tokens_per_s / hf_result.tokens_per_s
         checks.append(
@@ -531,6 +573,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
     parser.add_argument("--requests", type=int, default=None, help="requests in the workload (default 64)")
     parser.add_argument("--experts", choices=["packed", "dequantized"], default=None)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="weights and activations, ours and transformers' (default float32 on the CPU, bfloat16 on CUDA)",
+    )
     parser.add_argument(
         "--concurrency",
         type=lambda text: [int(c) for c in text.split(",") if c],
