@@ -167,6 +167,39 @@ def test_attention_fast_equals_reference(window: int, dtype: torch.dtype) -> Non
     torch.testing.assert_close(fast, slow, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("impl", ["sdpa_sink_as_key", "sdpa_sink_from_lse"])
+@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_ways_of_adding_the_sinks_equal_reference(
+    monkeypatch: pytest.MonkeyPatch, impl: str, window: int, dtype: torch.dtype
+) -> None:
+    """The sink as an extra zero key (CUDA) and as a rescaling by the log-sum-exp (CPU), each forced in turn:
+    prompt chunks, decodes, grouped query heads, and a sink of -inf (no sink at all)."""
+    monkeypatch.setattr(gpt_oss, "sdpa_with_sinks", getattr(gpt_oss, impl))
+    q, kv, meta, sinks = random_attention_case(3, [7, 1, 1, 15], [11, 30, 4, 15], heads=8, kv_heads=2)
+    q, kv = q.to(dtype), KVView(kv.keys.to(dtype), kv.values.to(dtype), kv.positions)
+    sinks[1] = float("-inf")
+    fast = attention(q, kv, meta, sinks, 0.25, window).float()
+    slow = attention_reference(q, kv, meta, sinks, 0.25, window).float()
+    assert torch.isfinite(fast).all()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast, slow, rtol=0, atol=tol)
+
+
+def test_cpu_attention_adds_the_sinks_from_the_log_sum_exp(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    original = gpt_oss.sdpa_sink_from_lse
+
+    def spy(*args: torch.Tensor | float) -> torch.Tensor:
+        calls.append("lse")
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gpt_oss, "sdpa_sink_from_lse", spy)
+    q, kv, meta, sinks = random_attention_case(4, [3], [3])
+    attention(q, kv, meta, sinks, 0.25, 0)
+    assert calls == ["lse"]
+
+
 def test_sliding_window_hides_keys_older_than_the_window() -> None:
     q, kv, meta, sinks = random_attention_case(1, [1], [30])
     window = 8
