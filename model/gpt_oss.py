@@ -390,7 +390,7 @@ def sdpa_sink_from_lse(
     log-sum-exp `lse` per row too, and a sink `s` turns the softmax denominator `Z = e^lse` into `Z + e^s`,
     so every output row is scaled by `Z / (Z + e^s) = sigmoid(lse - s)`. The mask stays one `[Lq, L]` per
     sequence (a 2048-token prompt chunk of 8 heads built a 134 MB float32 mask per layer the other way) and
-    the keys and values are not copied again. Rows whose every key is masked come out NaN (the caller
+    the keys and values are not copied again. Rows whose every key is masked may come out NaN (the caller
     drops them: they are padding).
 
     Grouped query heads (H = group x KVH): with one query per sequence (decodes) the group's heads become the
@@ -419,7 +419,8 @@ _HAS_CPU_FLASH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attentio
 def sdpa_with_sinks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """The two implementations above agree to rounding (tested against each other and the reference)."""
+    """Attention with sinks: from the log-sum-exp on the CPU, where torch has the kernel that returns it, as
+    an extra key elsewhere. The two agree to rounding (the tests force each in turn against the reference)."""
     if q.device.type == "cpu" and _HAS_CPU_FLASH_LSE:
         return sdpa_sink_from_lse(q, k, v, bias, sinks, scale)
     return sdpa_sink_as_key(q, k, v, bias, sinks, scale)
