@@ -303,7 +303,7 @@ def attention(
 
     One padded call pads every sequence to the longest query and the longest key list of the batch, so a
     decode step that shares the batch with a prompt chunk would pay the chunk's length on every decode row.
-    The single-token queries (decodes) therefore go in one call, trimmed to the keys they use, and each longer
+    The single-token queries (decodes) therefore go in one call, cut to the keys they use, and each longer
     query (a prompt chunk) in a call of its own.
     """
     if max(meta.query_lens) == 1 or len(meta.query_lens) == 1:
@@ -316,11 +316,18 @@ def attention(
     groups = [decodes] if decodes else []
     groups += [[s] for s, length in enumerate(meta.query_lens) if length > 1]
     for group in groups:
-        rows = torch.tensor(group, device=q.device)
-        positions = kv.positions[rows]
-        # Only the key columns some sequence of the group uses (a host sync, once per group).
-        columns = (positions >= 0).any(0).nonzero().squeeze(1)
-        view = KVView(kv.keys[rows][:, columns], kv.values[rows][:, columns], positions[:, columns])
+        if group[-1] - group[0] + 1 == len(group):  # consecutive sequences (the usual case): views
+            span = slice(group[0], group[-1] + 1)
+            keys, values, positions = kv.keys[span], kv.values[span], kv.positions[span]
+        else:
+            rows = torch.tensor(group, device=q.device)
+            keys, values, positions = (t.index_select(0, rows) for t in (kv.keys, kv.values, kv.positions))
+        # The key columns up to the last one some sequence of the group uses (a host sync, once per group): a
+        # slice, not a copy; masked columns before it only cost their share of the attention. (Gathering the
+        # used columns alone, with advanced indexing or index_select along dim 1, took 0.7 ms per call on the
+        # CPU for 15 decodes over 600 keys.)
+        width = int((positions >= 0).any(0).nonzero().max()) + 1
+        view = KVView(keys[:, :width], values[:, :width], positions[:, :width])
         token_index = torch.cat([torch.arange(starts[s], starts[s + 1], device=q.device) for s in group])
         lens = [meta.query_lens[s] for s in group]
         sub = AttentionMetadata(

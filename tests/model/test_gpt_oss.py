@@ -174,9 +174,10 @@ def test_both_ways_of_adding_the_sinks_equal_reference(
     monkeypatch: pytest.MonkeyPatch, impl: str, window: int, dtype: torch.dtype
 ) -> None:
     """The sink as an extra zero key (CUDA) and as a rescaling by the log-sum-exp (CPU), each forced in turn:
-    prompt chunks, decodes, grouped query heads, and a sink of -inf (no sink at all)."""
+    prompt chunks, decodes (sequences 0, 2 and 3: not consecutive), grouped query heads, and a sink of -inf
+    (no sink at all)."""
     monkeypatch.setattr(gpt_oss, "sdpa_with_sinks", getattr(gpt_oss, impl))
-    q, kv, meta, sinks = random_attention_case(3, [7, 1, 1, 15], [11, 30, 4, 15], heads=8, kv_heads=2)
+    q, kv, meta, sinks = random_attention_case(3, [1, 7, 1, 1, 15], [30, 11, 4, 9, 15], heads=8, kv_heads=2)
     q, kv = q.to(dtype), KVView(kv.keys.to(dtype), kv.values.to(dtype), kv.positions)
     sinks[1] = float("-inf")
     fast = attention(q, kv, meta, sinks, 0.25, window).float()
