@@ -199,8 +199,8 @@ class ContiguousKVCache:
 class Linear(nn.Linear):
     """``nn.Linear`` whose weight may be prepacked for the CPU (:func:`GptOss.prepack_weights`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return prepacked.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return prepacked.linear(x, self.weight, self.bias, out)
 
 
 class RMSNorm(nn.Module):
@@ -715,12 +715,7 @@ class GptOss(nn.Module):
         if logits_out is None:
             return self.unembedding(x).float()
         assert logits_out.dtype == torch.float32
-        assert logits_out.shape[1] == self.config.vocab_size
-        out = logits_out[: x.shape[0]]
-        weight = self.unembedding.weight
-        if weight.dtype == torch.float32 and not weight.is_mkldnn:
-            return torch.matmul(x, weight.t(), out=out)
-        return out.copy_(self.unembedding(x))
+        return self.unembedding(x, out=logits_out[: x.shape[0]])
 
     @classmethod
     def from_checkpoint(

@@ -49,11 +49,23 @@ def plain(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_dense() if weight.is_mkldnn else weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a plain or a prepacked `weight`."""
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a plain or a prepacked `weight`.
+
+    With `out` (a contiguous ``[rows, out_features]`` tensor, of `x`'s dtype or wider) the result is written
+    there and `out` returned: straight from the matmul for a plain weight of `out`'s dtype, through a copy
+    otherwise (a prepacked weight, or bf16 into float32)."""
+    if out is None:
+        if weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+    if weight.is_mkldnn or weight.dtype != out.dtype:
+        return out.copy_(linear(x, weight, bias))
+    if bias is None:
+        return torch.matmul(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -65,6 +65,24 @@ def test_plain_weights_run_plain_f_linear() -> None:
     assert torch.equal(prepacked.linear(x, w, b), F.linear(x, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("pack", [True, False])
+def test_linear_into_out_equals_the_returned_result(dtype: torch.dtype, bias: bool, pack: bool) -> None:
+    """`out=`: float32 rows of a wider buffer, written in place, equal to the plain call's result upcast;
+    rows past them untouched. Plain and (where bf16 allows it) prepacked weights."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 24, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype) if bias else None
+    weight = prepacked.prepack(w) if pack else w
+    x = torch.randn(3, 24, generator=g).to(dtype)
+    buffer = torch.full((5, 40), 7.0)
+    got = prepacked.linear(x, weight, b, out=buffer[:3])
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(got, prepacked.linear(x, weight, b).float())
+    assert torch.all(buffer[3:] == 7.0)
+
+
 @needs_prepack
 @pytest.mark.parametrize("experts", ["dequantized", "packed"])
 def test_prepacked_bf16_model_equals_plain_bf16_model(checkpoints: dict[str, Path], experts: str) -> None:
