@@ -384,8 +384,7 @@ def describe(config: ModelConfig) -> str:
 
 def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> list[Check]:
     path = Path(args.checkpoint) if args.checkpoint else checkpoint_dir(name, CONFIGS[name])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype] if args.dtype else None
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     experts = args.experts or ("dequantized" if device.type == "cpu" else "packed")
     started = time.perf_counter()
     model = GptOss.from_checkpoint(path, device=device, dtype=dtype, experts=experts, progress=False)
