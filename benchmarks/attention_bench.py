@@ -7,7 +7,9 @@ Each case calls :func:`model.gpt_oss.attention` (the engine's entry: decodes bat
 chunk in its own) with `sdpa_with_sinks` set to one implementation, then the other, alternating, and prints
 the best time of each and the ratio. Shapes are the engine benchmark's `small` preset (8 query heads of 64 on
 2 key heads) and gpt-oss's (64 on 8), float32, full attention and a 128-token window. Both results are
-compared before timing (they agree to rounding; the tests check each against the reference).
+compared before timing (they agree to rounding; the tests check each against the reference). The calls and
+masks (`attention_plan`) are built once per metadata, as in a forward's first layer of each kind; the timed
+calls reuse them, as the other layers do.
 """
 
 from __future__ import annotations

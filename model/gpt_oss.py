@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -66,6 +66,11 @@ class AttentionMetadata:
     # Per sequence: its row in a ContiguousKVCache. Other caches may use it as their own per-sequence handle
     # (e.g. an index into their block tables) or ignore it.
     cache_slots: list[int] | None = None
+    # Filled by attention(): its calls and masks, which depend on the positions only, built in the first layer
+    # of each kind (window, dtype) and reused by the others. Lives as long as this forward's metadata.
+    attention_plans: dict[tuple[int, torch.dtype], tuple[torch.Tensor, list[PaddedCall]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         assert len(self.query_lens) == len(self.context_lens)
@@ -296,80 +301,119 @@ def attention_reference(
     return out.reshape(q.shape[0], heads * head_dim).to(q.dtype)
 
 
+@dataclass(slots=True)
+class PaddedCall:
+    """One fused attention call of :func:`attention`: the sequences and tokens it covers, how many key columns
+    it reads, and the mask, all from positions alone, so the same in every layer of a kind."""
+
+    seqs: slice | torch.Tensor  # its sequences: rows of the KV view (a slice when consecutive)
+    tokens: slice | torch.Tensor  # its tokens: rows of q
+    width: int  # key columns read, from the first
+    seq_index: torch.Tensor  # [t] each token's sequence within the call
+    query_offset: torch.Tensor  # [t] its index among that sequence's new tokens
+    bias: torch.Tensor  # [s, 1, Lq, width] additive mask: 0 where allowed, -inf elsewhere
+
+
 def attention(
     q: torch.Tensor, kv: KVView, meta: AttentionMetadata, sinks: torch.Tensor, scale: float, window: int
 ) -> torch.Tensor:
-    """Batched attention with sinks and sliding window.
+    """Batched attention with sinks and sliding window: the calls of :func:`attention_plan`, each padded."""
+    calls = attention_plan(meta, kv.positions, window, q.dtype)
+    if len(calls) == 1:  # it covers every token
+        call = calls[0]
+        return _attention_padded(q, kv.keys[call.seqs], kv.values[call.seqs], call, sinks, scale)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for call in calls:
+        if isinstance(call.seqs, slice):
+            keys, values = kv.keys[call.seqs], kv.values[call.seqs]
+        else:
+            keys, values = kv.keys.index_select(0, call.seqs), kv.values.index_select(0, call.seqs)
+        out[call.tokens] = _attention_padded(q[call.tokens], keys, values, call, sinks, scale)
+    return out
+
+
+def attention_plan(
+    meta: AttentionMetadata, positions: torch.Tensor, window: int, dtype: torch.dtype
+) -> list[PaddedCall]:
+    """The calls :func:`attention` makes for keys at `positions` ([S, L]), memoised on `meta`.
 
     One padded call pads every sequence to the longest query and the longest key list of the batch, so a
     decode step that shares the batch with a prompt chunk would pay the chunk's length on every decode row.
     The single-token queries (decodes) therefore go in one call, cut to the keys they use, and each longer
-    query (a prompt chunk) in a call of its own.
+    query (a prompt chunk) in a call of its own. Consecutive sequences are taken as slices (the scheduler puts
+    running decodes first and new prompts last), so their keys are views, not copies.
     """
+    cached = meta.attention_plans.get((window, dtype))
+    if cached is not None and cached[0] is positions:
+        return cached[1]
+    device = positions.device
     if max(meta.query_lens) == 1 or len(meta.query_lens) == 1:
-        return _attention_padded(q, kv, meta, sinks, scale, window)
-    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        groups = [list(range(meta.num_seqs))]
+    else:
+        decodes = [s for s, length in enumerate(meta.query_lens) if length == 1]
+        groups = [decodes] if decodes else []
+        groups += [[s] for s, length in enumerate(meta.query_lens) if length > 1]
     starts = [0]
     for length in meta.query_lens:
         starts.append(starts[-1] + length)
-    decodes = [s for s, length in enumerate(meta.query_lens) if length == 1]
-    groups = [decodes] if decodes else []
-    groups += [[s] for s, length in enumerate(meta.query_lens) if length > 1]
+    calls = []
     for group in groups:
-        if group[-1] - group[0] + 1 == len(group):  # consecutive sequences (the usual case): views
-            span = slice(group[0], group[-1] + 1)
-            keys, values, positions = kv.keys[span], kv.values[span], kv.positions[span]
+        if group[-1] - group[0] + 1 == len(group):
+            seqs: slice | torch.Tensor = slice(group[0], group[-1] + 1)
+            tokens: slice | torch.Tensor = slice(starts[group[0]], starts[group[-1] + 1])
+            key_pos = positions[seqs]
+            seq_index = meta.seq_index[tokens] - group[0]
         else:
-            rows = torch.tensor(group, device=q.device)
-            keys, values, positions = (t.index_select(0, rows) for t in (kv.keys, kv.values, kv.positions))
-        # The key columns up to the last one some sequence of the group uses (a host sync, once per group): a
-        # slice, not a copy; masked columns before it only cost their share of the attention. (Gathering the
-        # used columns alone, with advanced indexing or index_select along dim 1, took 0.7 ms per call on the
-        # CPU for 15 decodes over 600 keys.)
-        width = int((positions >= 0).any(0).nonzero().max()) + 1
-        view = KVView(keys[:, :width], values[:, :width], positions[:, :width])
-        token_index = torch.cat([torch.arange(starts[s], starts[s + 1], device=q.device) for s in group])
-        lens = [meta.query_lens[s] for s in group]
-        sub = AttentionMetadata(
-            lens,
-            [meta.context_lens[s] for s in group],
-            meta.positions[token_index],
-            torch.repeat_interleave(
-                torch.arange(len(group), device=q.device), torch.tensor(lens, device=q.device)
-            ),
-            meta.query_offset[token_index],
-        )
-        out[token_index] = _attention_padded(q[token_index], view, sub, sinks, scale, window)
-    return out
+            seqs = torch.tensor(group, device=device)
+            tokens = torch.cat([torch.arange(starts[s], starts[s + 1], device=device) for s in group])
+            key_pos = positions.index_select(0, seqs)
+            lens = torch.tensor([meta.query_lens[s] for s in group], device=device)
+            seq_index = torch.repeat_interleave(torch.arange(len(group), device=device), lens)
+        width = key_pos.shape[1]
+        if len(groups) > 1:
+            # The key columns up to the last one some sequence of the call uses (a host sync, once per call
+            # and forward): a slice of the keys; masked columns before it only cost their share of the work.
+            width = int((key_pos >= 0).any(0).nonzero().max()) + 1
+            key_pos = key_pos[:, :width]
+        query_offset = meta.query_offset[tokens]
+        q_width = max(meta.query_lens[s] for s in group)
+        query_pos = torch.full((len(group), q_width), -1, dtype=torch.int64, device=device)
+        query_pos[seq_index, query_offset] = meta.positions[tokens]
+        kp, qp = key_pos[:, None, :], query_pos[:, :, None]  # [s, 1, L], [s, Lq, 1]
+        allowed = (kp >= 0) & (kp <= qp)
+        if window:
+            allowed &= kp > qp - window
+        bias = torch.zeros(len(group), 1, q_width, width, dtype=dtype, device=device)
+        bias.masked_fill_(~allowed[:, None], float("-inf"))
+        calls.append(PaddedCall(seqs, tokens, width, seq_index, query_offset, bias))
+    meta.attention_plans[(window, dtype)] = (positions, calls)
+    return calls
 
 
 def _attention_padded(
-    q: torch.Tensor, kv: KVView, meta: AttentionMetadata, sinks: torch.Tensor, scale: float, window: int
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    call: PaddedCall,
+    sinks: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
-    """Attention with sinks and sliding window through one fused attention call.
-
-    Queries are padded per sequence to ``[S, heads, Lq, D]``; the mask, an additive ``[S, 1, Lq, L]`` bias
-    shared by all heads, comes from the positions alone. The sinks are added by :func:`sdpa_with_sinks`.
-    """
+    """One call's attention with sinks through one fused attention call: queries padded per sequence to
+    ``[s, heads, Lq, D]``, keys and values ``[s, L, kv_heads, D]`` cut to the call's width, its mask shared by
+    all heads; the sinks are added by :func:`sdpa_with_sinks`."""
     tokens, heads, head_dim = q.shape
-    seqs, width = kv.keys.shape[:2]
-    q_width = max(meta.query_lens)
+    seqs, _, q_width, width = call.bias.shape
     padded_q = q.new_zeros(seqs, q_width, heads, head_dim)
-    padded_q[meta.seq_index, meta.query_offset] = q
-    query_pos = torch.full((seqs, q_width), -1, dtype=torch.int64, device=q.device)
-    query_pos[meta.seq_index, meta.query_offset] = meta.positions
-
-    key_pos = kv.positions[:, None, :]  # [S, 1, L]
-    qp = query_pos[:, :, None]  # [S, Lq, 1]
-    allowed = (key_pos >= 0) & (key_pos <= qp)
-    if window:
-        allowed &= key_pos > qp - window
-    bias = torch.zeros(seqs, 1, q_width, width, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~allowed[:, None], float("-inf"))
+    padded_q[call.seq_index, call.query_offset] = q
     out = sdpa_with_sinks(
-        padded_q.transpose(1, 2), kv.keys.transpose(1, 2), kv.values.transpose(1, 2), bias, sinks, scale
-    )  # [S, heads, Lq, D]
-    return out.transpose(1, 2)[meta.seq_index, meta.query_offset].reshape(tokens, heads * head_dim)
+        padded_q.transpose(1, 2),
+        keys[:, :width].transpose(1, 2),
+        values[:, :width].transpose(1, 2),
+        call.bias,
+        sinks,
+        scale,
+    )  # [s, heads, Lq, D]
+    return out.transpose(1, 2)[call.seq_index, call.query_offset].reshape(tokens, heads * head_dim)
 
 
 def sdpa_sink_as_key(
