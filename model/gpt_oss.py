@@ -834,10 +834,14 @@ class GptOss(nn.Module):
         return held
 
     def prepack_weights(self) -> None:
-        """Reorder every :class:`Linear` weight for the CPU where :func:`model.prepacked.applies`.
+        """Reorder every :class:`Linear` weight for the CPU where :func:`model.prepacked.applies`, and store a
+        float32 unembedding on the CPU transposed (:func:`model.prepacked.column_major`).
 
         A prepacked weight replaces the plain one (same bytes): its parameter holds an opaque oneDNN tensor.
         """
         for module in self.modules():
             if isinstance(module, Linear) and prepacked.applies(module.weight):
                 module.weight = nn.Parameter(prepacked.prepack(module.weight.data), requires_grad=False)
+        weight = self.unembedding.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+            self.unembedding.weight = nn.Parameter(prepacked.column_major(weight.data), requires_grad=False)

@@ -44,6 +44,16 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
 
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [out, in]` with the same values stored transposed (``weight.t()`` contiguous), for a float32
+    matrix with a very long output side on the CPU: the vocabulary projection. ``F.linear`` and :func:`linear`
+    run it unchanged, and MKL then reads it in the layout its no-transpose path streams fastest. Measured with
+    a decode loop through the engine (float32, 1 thread): batch 1, tiny preset 13.7 -> 6.9 ms a step, small
+    42.0 -> 29.6 ms; batch 16 unchanged; batch 64 (tiny) 77.8 -> 68.2 ms. Every float32 linear and expert
+    stored this way was no better at decode, so only the projection is."""
+    return weight.t().contiguous().t()
+
+
 def plain(weight: torch.Tensor) -> torch.Tensor:
     """The plain `[out, in]` weight of a prepacked one (a new tensor), or `weight` itself if it is plain."""
     return weight.to_dense() if weight.is_mkldnn else weight

@@ -130,3 +130,19 @@ def test_prepacked_experts_equal_reference_twin(checkpoints: dict[str, Path]) ->
     indices, weights = mlp.route(t)
     fast, slow = mlp.experts(t, indices, weights), mlp.experts_reference(t, indices, weights)
     torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=2e-2 * slow.abs().max().item())
+
+
+def test_float32_unembedding_is_stored_transposed_with_the_same_logits(checkpoints: dict[str, Path]) -> None:
+    """A float32 model on the CPU keeps its vocabulary projection column-major (same values, same logits to
+    rounding); without `prepack` it stays row-major, and the other float32 weights stay as they were."""
+    path = checkpoints["hf"]
+    fast = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
+    plain_model = GptOss.from_checkpoint(path, dtype=torch.float32, prepack=False, progress=False)
+    vocab, hidden = fast.unembedding.weight.shape
+    assert fast.unembedding.weight.stride() == (1, vocab)
+    assert plain_model.unembedding.weight.stride() == (hidden, 1)
+    assert fast.block[0].attn.qkv.weight.is_contiguous()
+    assert torch.equal(fast.unembedding.weight, plain_model.unembedding.weight)
+    ids = torch.randint(0, vocab, (19,), generator=torch.Generator().manual_seed(5))
+    meta = AttentionMetadata.build([12, 7])
+    torch.testing.assert_close(fast(ids, meta), plain_model(ids, meta), rtol=0, atol=1e-5)
