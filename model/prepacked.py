@@ -47,10 +47,11 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 def column_major(weight: torch.Tensor) -> torch.Tensor:
     """`weight [out, in]` with the same values stored transposed (``weight.t()`` contiguous), for a float32
     matrix with a very long output side on the CPU: the vocabulary projection. ``F.linear`` and :func:`linear`
-    run it unchanged, and MKL then reads it in the layout its no-transpose path streams fastest. Measured with
-    a decode loop through the engine (float32, 1 thread): batch 1, tiny preset 13.7 -> 6.9 ms a step, small
-    42.0 -> 29.6 ms; batch 16 unchanged; batch 64 (tiny) 77.8 -> 68.2 ms. Every float32 linear and expert
-    stored this way was no better at decode, so only the projection is."""
+    run it unchanged. A trade, measured on the projection alone (one thread, best of 30, 201088 rows, hidden
+    64 / 256): one row 5.5 -> 2.3 ms / 16.8 -> 11.9 ms, 64 rows 22.6 -> 19.1 / 65.8 -> 53.2 ms, but 13-16 rows
+    10.0 -> 11.3 / 31.7 -> 37.8 ms. Taken for the single-request step (first token of a cached prefix, every
+    decode of a lone request), which it makes about twice as fast on the tiny preset; every float32 linear
+    and expert stored this way was no better at decode, so only the projection is."""
     return weight.t().contiguous().t()
 
 
