@@ -236,11 +236,29 @@ def test_sinks_only_add_to_the_softmax_denominator() -> None:
 # -- the MoE and its pieces --
 
 
-def test_experts_fast_equal_reference(model_fp32: GptOss) -> None:
+@pytest.mark.parametrize("num_tokens", [1, 13, 300])
+@pytest.mark.parametrize("group_bytes", [256 << 10, 3 * 128 * 4])
+def test_experts_fast_equal_reference(
+    model_fp32: GptOss, num_tokens: int, group_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path against the token-by-token twin: with the default grouping (all of a decode's experts in
+    one SwiGLU), and groups of at most 3 rows (the tiny model's first matmul is 128 wide), so most experts
+    of the longer inputs hold more rows than a group and go alone."""
+    monkeypatch.setattr(gpt_oss, "MOE_GROUP_BYTES", group_bytes)
     mlp = model_fp32.block[0].mlp
-    t = torch.randn(13, model_fp32.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    t = torch.randn(num_tokens, model_fp32.config.hidden_size, generator=torch.Generator().manual_seed(3))
     indices, weights = mlp.route(t)
     torch.testing.assert_close(mlp.experts(t, indices, weights), mlp.experts_reference(t, indices, weights))
+
+
+def test_expert_spans_and_groups() -> None:
+    spans = gpt_oss._spans([2, 0, 1, 0, 0, 5, 1])
+    assert spans == [(0, 0, 2), (2, 2, 3), (5, 3, 8), (6, 8, 9)]
+    assert gpt_oss._groups(spans, 3) == [[(0, 0, 2), (2, 2, 3)], [(5, 3, 8)], [(6, 8, 9)]]
+    assert gpt_oss._groups(spans, 9) == [spans]
+    assert gpt_oss._groups(spans, 1) == [[span] for span in spans]
+    assert gpt_oss._spans([0, 0]) == []
+    assert gpt_oss._groups([], 4) == []
 
 
 @pytest.mark.parametrize("num_tokens", [1, 13, 300])
