@@ -187,6 +187,37 @@ def test_both_ways_of_adding_the_sinks_equal_reference(
     torch.testing.assert_close(fast, slow, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("impl", ["sdpa_sink_as_key", "sdpa_sink_from_lse"])
+def test_fresh_prompt_in_full_attention_runs_causal_without_a_mask(
+    monkeypatch: pytest.MonkeyPatch, impl: str
+) -> None:
+    """A fresh prompt's call in a full-attention layer carries no mask (the kernels' causal mode); a prompt
+    alone and one beside a decode and a later chunk, each way of adding the sinks, against the reference.
+    Windowed layers, chunks with earlier tokens and decodes keep their masks."""
+    monkeypatch.setattr(gpt_oss, "sdpa_with_sinks", getattr(gpt_oss, impl))
+    for q_lens, ctx_lens, fresh in (([9], [9], 0), ([1, 6, 9], [20, 11, 9], 2)):
+        q, kv, meta, sinks = random_attention_case(5, q_lens, ctx_lens, heads=8, kv_heads=2)
+        for window in (0, 4):
+            calls = gpt_oss.attention_plan(meta, kv.positions, window, q.dtype)
+            causal = [c for c in calls if c.bias is None]
+            assert [c.seqs for c in causal] == ([slice(fresh, fresh + 1)] if window == 0 else [])
+            fast = attention(q, kv, meta, sinks, 0.25, window)
+            slow = attention_reference(q, kv, meta, sinks, 0.25, window)
+            torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+
+
+def test_fresh_prompt_with_keys_out_of_order_keeps_its_mask() -> None:
+    """The KV view may hand a prompt's keys in any order: the plan looks at their positions, and keys not
+    at 0, 1, ... in order keep the mask (causal mode would let early queries see later keys)."""
+    q, kv, meta, sinks = random_attention_case(6, [9], [9])
+    order = torch.tensor([1, 0, 2, 3, 4, 5, 6, 8, 7])
+    shuffled = KVView(kv.keys[:, order], kv.values[:, order], kv.positions[:, order])
+    (call,) = gpt_oss.attention_plan(meta, shuffled.positions, 0, q.dtype)
+    assert call.bias is not None
+    fast = attention(q, shuffled, meta, sinks, 0.25, 0)
+    torch.testing.assert_close(fast, attention_reference(q, kv, meta, sinks, 0.25, 0), rtol=0, atol=1e-5)
+
+
 def test_cpu_attention_adds_the_sinks_from_the_log_sum_exp(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     original = gpt_oss.sdpa_sink_from_lse
