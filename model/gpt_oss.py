@@ -310,7 +310,8 @@ class PaddedCall:
     tokens: slice | torch.Tensor  # its tokens: rows of q
     num_seqs: int  # s
     q_width: int  # Lq: the longest query of the call, which the others are padded to
-    width: int  # key columns read, from the first
+    key_start: int  # the first key column read
+    width: int  # key columns read, from key_start
     seq_index: torch.Tensor  # [t] each token's sequence within the call
     query_offset: torch.Tensor  # [t] its index among that sequence's new tokens
     # [s, 1, Lq, width] additive mask: 0 where allowed, -inf elsewhere. None for a causal call: one sequence
@@ -351,7 +352,9 @@ def attention_plan(
     A fresh prompt (no earlier tokens) in a full-attention layer is plainly causal: if its keys are its own
     tokens in order (checked on the positions, since the cache may hand them in any order) its call takes the
     kernels' causal mode and builds no mask. On the CPU that skips the blocks above the diagonal: measured
-    ad hoc, a 2048-token prompt of 8 heads took about 106 ms a layer with the mask, 64 causal.
+    ad hoc, a 2048-token prompt of 8 heads took about 106 ms a layer with the mask, 64 causal. A long query
+    in a sliding-window layer is cut into blocks that read only the keys their window reaches
+    (:func:`_windowed_calls`).
     """
     cached = meta.attention_plans.get((window, dtype))
     if cached is not None and cached[0] is positions:
@@ -383,7 +386,11 @@ def attention_plan(
         query_offset = meta.query_offset[tokens]
         if _is_causal(meta, group, tokens, key_pos, window):
             q_len = meta.query_lens[group[0]]
-            calls.append(PaddedCall(seqs, tokens, 1, q_len, q_len, seq_index, query_offset, None))
+            calls.append(PaddedCall(seqs, tokens, 1, q_len, 0, q_len, seq_index, query_offset, None))
+            continue
+        if window and len(group) == 1 and meta.query_lens[group[0]] > 2 * WINDOW_QUERY_BLOCK:
+            token_range = range(starts[group[0]], starts[group[0] + 1])
+            calls += _windowed_calls(meta, seqs, token_range, key_pos, window, dtype)
             continue
         if len(groups) > 1:
             # The key columns up to the last one some sequence of the call uses (a host sync, once per call
@@ -399,8 +406,44 @@ def attention_plan(
             allowed &= kp > qp - window
         bias = torch.zeros(len(group), 1, q_width, width, dtype=dtype, device=device)
         bias.masked_fill_(~allowed[:, None], float("-inf"))
-        calls.append(PaddedCall(seqs, tokens, len(group), q_width, width, seq_index, query_offset, bias))
+        calls.append(PaddedCall(seqs, tokens, len(group), q_width, 0, width, seq_index, query_offset, bias))
     meta.attention_plans[(window, dtype)] = (positions, calls)
+    return calls
+
+
+# A long query in a sliding-window layer is cut into blocks of this many tokens, each reading only the keys
+# its window reaches.
+WINDOW_QUERY_BLOCK = 256
+
+
+def _windowed_calls(
+    meta: AttentionMetadata,
+    seqs: slice | torch.Tensor,
+    tokens: range,
+    key_pos: torch.Tensor,
+    window: int,
+    dtype: torch.dtype,
+) -> list[PaddedCall]:
+    """The calls of one sequence's long query (its tokens `tokens`, its keys at `key_pos [1, L]`) in a
+    sliding-window layer: one per block of :data:`WINDOW_QUERY_BLOCK` queries, over the key columns from the
+    first to the last one its queries may see. A single call reads every key for every query and masks all
+    but a window's worth, for a 2048-token prompt and a 128-token window most of the work. The columns come
+    from the positions (a host sync per block), so keys in any order stay correct; in order (as the caches
+    hand them) each block reads about its own length plus the window."""
+    device = key_pos.device
+    calls = []
+    for lo in range(tokens.start, tokens.stop, WINDOW_QUERY_BLOCK):
+        hi = min(lo + WINDOW_QUERY_BLOCK, tokens.stop)
+        qp = meta.positions[lo:hi, None]  # [q, 1]
+        allowed = (key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - window)  # [q, L]
+        used = allowed.any(0).nonzero()
+        first, last = torch.stack((used.min(), used.max())).tolist()
+        width = last + 1 - first
+        bias = torch.zeros(1, 1, hi - lo, width, dtype=dtype, device=device)
+        bias.masked_fill_(~allowed[None, None, :, first : first + width], float("-inf"))
+        seq_index = torch.zeros(hi - lo, dtype=torch.int64, device=device)
+        offsets = torch.arange(hi - lo, device=device)
+        calls.append(PaddedCall(seqs, slice(lo, hi), 1, hi - lo, first, width, seq_index, offsets, bias))
     return calls
 
 
@@ -444,8 +487,8 @@ def _attention_padded(
         padded_q[call.seq_index, call.query_offset] = q
     out = sdpa_with_sinks(
         padded_q.transpose(1, 2),
-        keys[:, : call.width].transpose(1, 2),
-        values[:, : call.width].transpose(1, 2),
+        keys[:, call.key_start : call.key_start + call.width].transpose(1, 2),
+        values[:, call.key_start : call.key_start + call.width].transpose(1, 2),
         call.bias,
         sinks,
         scale,

@@ -218,6 +218,33 @@ def test_fresh_prompt_with_keys_out_of_order_keeps_its_mask() -> None:
     torch.testing.assert_close(fast, attention_reference(q, kv, meta, sinks, 0.25, 0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["sdpa_sink_as_key", "sdpa_sink_from_lse"])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_long_query_in_a_window_layer_is_cut_into_blocks_reading_their_keys_only(
+    monkeypatch: pytest.MonkeyPatch, impl: str, shuffle: bool
+) -> None:
+    """Blocks of 4 queries, a window of 3: a fresh 13-token prompt and a 10-token chunk after 15 earlier
+    tokens (beside a decode) each run as calls of at most 4 queries over at most 4 + 3 - 1 key columns, and
+    agree with the reference; with the keys handed out of order the blocks still find theirs."""
+    monkeypatch.setattr(gpt_oss, "sdpa_with_sinks", getattr(gpt_oss, impl))
+    monkeypatch.setattr(gpt_oss, "WINDOW_QUERY_BLOCK", 4)
+    window = 3
+    for q_lens, ctx_lens in (([13], [13]), ([1, 10], [7, 25])):
+        q, kv, meta, sinks = random_attention_case(7, q_lens, ctx_lens)
+        slow = attention_reference(q, kv, meta, sinks, 0.25, window)
+        if shuffle:
+            order = torch.randperm(kv.keys.shape[1], generator=torch.Generator().manual_seed(8))
+            kv = KVView(kv.keys[:, order], kv.values[:, order], kv.positions[:, order])
+        calls = gpt_oss.attention_plan(meta, kv.positions, window, q.dtype)
+        blocks = [c for c in calls if c.seqs == slice(len(q_lens) - 1, len(q_lens))]
+        total = sum(q_lens)
+        first = total - q_lens[-1]  # the long query is the last sequence's
+        assert [c.tokens for c in blocks] == [slice(t, min(t + 4, total)) for t in range(first, total, 4)]
+        if not shuffle:
+            assert all(c.width <= 4 + window - 1 for c in blocks)
+        torch.testing.assert_close(attention(q, kv, meta, sinks, 0.25, window), slow, rtol=0, atol=1e-5)
+
+
 def test_cpu_attention_adds_the_sinks_from_the_log_sum_exp(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     original = gpt_oss.sdpa_sink_from_lse
