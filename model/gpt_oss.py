@@ -435,12 +435,15 @@ def _windowed_calls(
     for lo in range(tokens.start, tokens.stop, WINDOW_QUERY_BLOCK):
         hi = min(lo + WINDOW_QUERY_BLOCK, tokens.stop)
         qp = meta.positions[lo:hi, None]  # [q, 1]
-        allowed = (key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - window)  # [q, L]
-        used = allowed.any(0).nonzero()
+        # Columns some query of the block may see lie within the block's positions, less the window.
+        reach = (key_pos[0] >= 0) & (key_pos[0] <= qp.max()) & (key_pos[0] > qp.min() - window)
+        used = reach.nonzero()
         first, last = torch.stack((used.min(), used.max())).tolist()
         width = last + 1 - first
+        kp = key_pos[:, first : last + 1]  # [1, width]
+        allowed = (kp >= 0) & (kp <= qp) & (kp > qp - window)  # [q, width]
         bias = torch.zeros(1, 1, hi - lo, width, dtype=dtype, device=device)
-        bias.masked_fill_(~allowed[None, None, :, first : first + width], float("-inf"))
+        bias.masked_fill_(~allowed[None, None], float("-inf"))
         seq_index = torch.zeros(hi - lo, dtype=torch.int64, device=device)
         offsets = torch.arange(hi - lo, device=device)
         calls.append(PaddedCall(seqs, slice(lo, hi), 1, hi - lo, first, width, seq_index, offsets, bias))
