@@ -501,13 +501,12 @@ def _attention_padded(
     return out.transpose(1, 2)[call.seq_index, call.query_offset].reshape(tokens, heads * head_dim)
 
 
+# An additive attention mask [S, 1, Lq, L] (0 where allowed, -inf elsewhere), or None for the causal one.
+Mask = torch.Tensor | None
+
+
 def sdpa_sink_as_key(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    sinks: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Mask, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Attention `q [S, H, Lq, D]` over `k`, `v` `[S, KVH, L, D]` with the additive `bias [S, 1, Lq, L]`
     (None: causal, Lq = L), each head's sink an extra key in front: its key is zero, so its score is exactly
@@ -530,12 +529,7 @@ def sdpa_sink_as_key(
 
 
 def sdpa_sink_from_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    sinks: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Mask, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """:func:`sdpa_sink_as_key` without the extra key, for the CPU: attention over the real keys returns its
     log-sum-exp `lse` per row too, and a sink `s` turns the softmax denominator `Z = e^lse` into `Z + e^s`,
@@ -568,12 +562,7 @@ _HAS_CPU_FLASH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attentio
 
 
 def sdpa_with_sinks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    sinks: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Mask, sinks: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Attention with sinks: from the log-sum-exp on the CPU, where torch has the kernel that returns it, as
     an extra key elsewhere. The two agree to rounding (the tests force each in turn against the reference).
