@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model import gpt_oss  # noqa: E402
-from model.gpt_oss import AttentionMetadata, KVView, attention  # noqa: E402
+from model.gpt_oss import attention  # noqa: E402
+from model.testing import random_attention_case  # noqa: E402
 
 logger = logging.getLogger("attention_bench")
 
@@ -39,20 +40,6 @@ logger = logging.getLogger("attention_bench")
 def out(line: str = "") -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def make_case(
-    query_lens: list[int], context_lens: list[int], heads: int, kv_heads: int, dim: int, seed: int
-) -> tuple[torch.Tensor, KVView, AttentionMetadata, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    meta = AttentionMetadata.build(query_lens, context_lens)
-    width = max(context_lens)
-    q = torch.randn(sum(query_lens), heads, dim, generator=g)
-    keys = torch.randn(len(query_lens), width, kv_heads, dim, generator=g)
-    values = torch.randn(len(query_lens), width, kv_heads, dim, generator=g)
-    positions = torch.arange(width).expand(len(query_lens), width).clone()
-    positions[positions >= torch.tensor(context_lens)[:, None]] = -1
-    return q, KVView(keys, values, positions), meta, torch.randn(heads, generator=g)
 
 
 def best_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -92,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, query_lens, context_lens in cases:
                 if heads == 64 and name.startswith("2048"):
                     continue  # minutes per call at 64 heads on one core: the 8-head row makes the point
-                q, kv, meta, sinks = make_case(query_lens, context_lens, heads, kv_heads, 64, seed=1)
+                q, kv, meta, sinks = random_attention_case(1, query_lens, context_lens, heads, kv_heads, 64)
                 for window in (0, 128):
                     results, times = {}, {k: float("inf") for k in impls}
                     for _ in range(2):  # alternate, so a slow spell of the machine hits both

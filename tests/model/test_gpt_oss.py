@@ -21,6 +21,7 @@ from model.gpt_oss import (
     rope_parameters,
     swiglu,
 )
+from model.testing import random_attention_case
 
 
 def tokens(seed: int, length: int) -> torch.Tensor:
@@ -139,21 +140,6 @@ def test_weight_nbytes_counts_dequantized_experts_too(
 
 
 # -- attention: window, sinks, fast vs reference --
-
-
-def random_attention_case(
-    seed: int, q_lens: list[int], ctx_lens: list[int], heads: int = 4, kv_heads: int = 2, dim: int = 16
-) -> tuple[torch.Tensor, KVView, AttentionMetadata, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    meta = AttentionMetadata.build(q_lens, ctx_lens)
-    width = max(ctx_lens)
-    q = torch.randn(sum(q_lens), heads, dim, generator=g)
-    keys = torch.randn(len(q_lens), width, kv_heads, dim, generator=g)
-    values = torch.randn(len(q_lens), width, kv_heads, dim, generator=g)
-    positions = torch.arange(width).expand(len(q_lens), width).clone()
-    positions[positions >= torch.tensor(ctx_lens)[:, None]] = -1
-    sinks = torch.randn(heads, generator=g)
-    return q, KVView(keys, values, positions), meta, sinks
 
 
 @pytest.mark.parametrize("window", [0, 4, 16])
