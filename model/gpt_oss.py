@@ -308,8 +308,6 @@ class PaddedCall:
 
     seqs: slice | torch.Tensor  # its sequences: rows of the KV view (a slice when consecutive)
     tokens: slice | torch.Tensor  # its tokens: rows of q
-    num_seqs: int  # s
-    q_width: int  # Lq: the longest query of the call, which the others are padded to
     key_start: int  # the first key column read
     width: int  # key columns read, from key_start
     seq_index: torch.Tensor  # [t] each token's sequence within the call
@@ -386,7 +384,7 @@ def attention_plan(
         query_offset = meta.query_offset[tokens]
         if _is_causal(meta, group, tokens, key_pos, window):
             q_len = meta.query_lens[group[0]]
-            calls.append(PaddedCall(seqs, tokens, 1, q_len, 0, q_len, seq_index, query_offset, None))
+            calls.append(PaddedCall(seqs, tokens, 0, q_len, seq_index, query_offset, None))
             continue
         if window and len(group) == 1 and meta.query_lens[group[0]] > 2 * WINDOW_QUERY_BLOCK:
             token_range = range(starts[group[0]], starts[group[0] + 1])
@@ -406,7 +404,7 @@ def attention_plan(
             allowed &= kp > qp - window
         bias = torch.zeros(len(group), 1, q_width, width, dtype=dtype, device=device)
         bias.masked_fill_(~allowed[:, None], float("-inf"))
-        calls.append(PaddedCall(seqs, tokens, len(group), q_width, 0, width, seq_index, query_offset, bias))
+        calls.append(PaddedCall(seqs, tokens, 0, width, seq_index, query_offset, bias))
     meta.attention_plans[(window, dtype)] = (positions, calls)
     return calls
 
@@ -446,7 +444,7 @@ def _windowed_calls(
         bias.masked_fill_(~allowed[None, None], float("-inf"))
         seq_index = torch.zeros(hi - lo, dtype=torch.int64, device=device)
         offsets = torch.arange(hi - lo, device=device)
-        calls.append(PaddedCall(seqs, slice(lo, hi), 1, hi - lo, first, width, seq_index, offsets, bias))
+        calls.append(PaddedCall(seqs, slice(lo, hi), first, width, seq_index, offsets, bias))
     return calls
 
 
@@ -486,7 +484,8 @@ def _attention_padded(
     if call.bias is None:  # causal: one sequence, its queries in order, nothing to pad
         padded_q = q[None]
     else:
-        padded_q = q.new_zeros(call.num_seqs, call.q_width, heads, head_dim)
+        seqs, _, q_width, _ = call.bias.shape
+        padded_q = q.new_zeros(seqs, q_width, heads, head_dim)
         padded_q[call.seq_index, call.query_offset] = q
     out = sdpa_with_sinks(
         padded_q.transpose(1, 2),
