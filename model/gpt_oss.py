@@ -398,15 +398,20 @@ def attention_plan(
         q_width = max(meta.query_lens[s] for s in group)
         query_pos = torch.full((len(group), q_width), -1, dtype=torch.int64, device=device)
         query_pos[seq_index, query_offset] = meta.positions[tokens]
-        kp, qp = key_pos[:, None, :], query_pos[:, :, None]  # [s, 1, L], [s, Lq, 1]
-        allowed = (kp >= 0) & (kp <= qp)
-        if window:
-            allowed &= kp > qp - window
-        bias = torch.zeros(len(group), 1, q_width, width, dtype=dtype, device=device)
-        bias.masked_fill_(~allowed[:, None], float("-inf"))
+        bias = _mask(key_pos[:, None, :], query_pos[:, :, None], window, dtype)
         calls.append(PaddedCall(seqs, tokens, 0, width, seq_index, query_offset, bias))
     meta.attention_plans[(window, dtype)] = (positions, calls)
     return calls
+
+
+def _mask(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask `[s, 1, Lq, L]` for keys at `key_pos [s, 1, L]` and queries at `query_pos [s, Lq, 1]`
+    (-1: padding): 0 where a query may see a key (not padding, not after it, within `window` if set)."""
+    allowed = (key_pos >= 0) & (key_pos <= query_pos)
+    if window:
+        allowed &= key_pos > query_pos - window
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 # A long query in a sliding-window layer is cut into blocks of this many tokens, each reading only the keys
@@ -438,10 +443,7 @@ def _windowed_calls(
         used = reach.nonzero()
         first, last = torch.stack((used.min(), used.max())).tolist()
         width = last + 1 - first
-        kp = key_pos[:, first : last + 1]  # [1, width]
-        allowed = (kp >= 0) & (kp <= qp) & (kp > qp - window)  # [q, width]
-        bias = torch.zeros(1, 1, hi - lo, width, dtype=dtype, device=device)
-        bias.masked_fill_(~allowed[None, None], float("-inf"))
+        bias = _mask(key_pos[:, None, first : last + 1], qp[None], window, dtype)
         seq_index = torch.zeros(hi - lo, dtype=torch.int64, device=device)
         offsets = torch.arange(hi - lo, device=device)
         calls.append(PaddedCall(seqs, slice(lo, hi), first, width, seq_index, offsets, bias))
