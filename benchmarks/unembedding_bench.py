@@ -1,0 +1,83 @@
+"""The float32 vocabulary projection on the CPU in three weight layouts, same inputs, same run.
+
+    python benchmarks/unembedding_bench.py [--threads N] [--repeats N] [--hidden 64,256] [--rows 1,4,16,64]
+
+`x [rows, hidden] @ W.T` with `W [201088, hidden]` (gpt-oss's vocabulary; hidden 64 and 256 are the engine
+benchmark's tiny and small presets), written into a preallocated float32 output as the runner does:
+
+* **row-major**: `W` as loaded;
+* **column-major**: `W` stored transposed (:func:`model.prepacked.column_major`, what the model keeps for a
+  float32 projection on the CPU);
+* **oneDNN packed**: `W` reordered for oneDNN's float32 matmul (`torch.ops.mkldnn._reorder_linear_weight`),
+  the alternative measured and not kept (faster at a few rows, slower at one and at many).
+
+All three run through :func:`model.prepacked.linear`, as the model's projection does.
+
+Checks that the three agree, then prints per layout the best of `--repeats` calls in a row, over two rounds
+of the three layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model import prepacked  # noqa: E402
+
+VOCAB = 201088
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--hidden", default="64,256", help="hidden sizes, comma-separated")
+    parser.add_argument("--rows", default="1,4,16,64", help="rows (tokens projected), comma-separated")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out(f"float32 vocabulary projection ({VOCAB} rows), torch {torch.__version__}, {args.threads} thread(s)")
+    out(f"   {'hidden':>6}{'rows':>6}{'row-major':>12}{'column-major':>15}{'oneDNN packed':>16}")
+    g = torch.Generator().manual_seed(0)
+    for hidden in (int(h) for h in args.hidden.split(",")):
+        weight = torch.randn(VOCAB, hidden, generator=g)
+        layouts = {
+            "row": weight,
+            "column": prepacked.column_major(weight),
+            # (prepacked.prepack applies to bfloat16 only; this is its float32 counterpart)
+            "onednn": torch.ops.mkldnn._reorder_linear_weight(weight),
+        }
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, hidden, generator=g)
+            buffer = torch.empty(rows, VOCAB)
+            reference = prepacked.linear(x, layouts["row"], out=buffer).clone()
+            for name, w in layouts.items():
+                torch.testing.assert_close(
+                    prepacked.linear(x, w, out=buffer), reference, rtol=1e-4, atol=1e-4, msg=name
+                )
+            best = dict.fromkeys(layouts, float("inf"))
+            for _ in range(2):  # two rounds, so a slow spell of the machine hits every layout
+                for name, w in layouts.items():
+                    for _ in range(args.repeats):  # back to back, as the same weight is used step after step
+                        started = time.perf_counter()
+                        prepacked.linear(x, w, out=buffer)
+                        best[name] = min(best[name], time.perf_counter() - started)
+            ms = {name: f"{1e3 * b:.2f} ms" for name, b in best.items()}
+            out(f"   {hidden:>6}{rows:>6}{ms['row']:>12}{ms['column']:>15}{ms['onednn']:>16}")
+
+
+if __name__ == "__main__":
+    main()
