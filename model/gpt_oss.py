@@ -349,10 +349,11 @@ def attention_plan(
 
     A fresh prompt (no earlier tokens) in a full-attention layer is plainly causal: if its keys are its own
     tokens in order (checked on the positions, since the cache may hand them in any order) its call takes the
-    kernels' causal mode and builds no mask. On the CPU that skips the blocks above the diagonal: measured
-    ad hoc, a 2048-token prompt of 8 heads took about 106 ms a layer with the mask, 64 causal. A long query
-    in a sliding-window layer is cut into blocks that read only the keys their window reaches
-    (:func:`_windowed_calls`).
+    kernels' causal mode and builds no mask. On the CPU that skips the blocks above the diagonal. A long
+    query in a sliding-window layer is cut into blocks that read only the keys their window reaches
+    (:func:`_windowed_calls`). ``python benchmarks/attention_bench.py --repeats 3`` on 7788c28 and on this
+    code, back to back (2048-token prompt, 8 query heads on 2, a later layer's call): full attention 140.5
+    ms with the mask, 53.0 ms causal; 128-token window 124.3 ms in one masked call, 29.9 ms in blocks.
     """
     cached = meta.attention_plans.get((window, dtype))
     if cached is not None and cached[0] is positions:
@@ -734,8 +735,10 @@ class MLPBlock(nn.Module):
         contiguous slice and writes its matmuls into slices of two shared buffers. The SwiGLU runs once per
         group of experts (:data:`MOE_GROUP_BYTES`), the routing weights and the sum back into tokens once over
         all pairs; the loop itself is the two matmuls of each active expert. Some fifteen small ops per
-        expert were run in the loop before: at 16 tokens the MoE layers of the benchmark's small preset took
-        about 31 ms, now about 22 (float32, one thread). Each token's terms are still added in the order of
+        expert were run in the loop before. ``python benchmarks/moe_bench.py`` (float32, one thread), run on
+        that loop (7788c28) and on this one, alternately, twice: the small preset's MoE layers at 16 tokens
+        46.9 / 32.1 ms before, 32.1 / 23.3 ms after; against :meth:`experts_batched` in the same runs (not
+        changed), 1.0 / 1.1x before and 1.4 / 1.5x after. Each token's terms are still added in the order of
         their experts (the pairs are sorted stably), and the results came out the same to the bit in float32.
         """
         flat = indices.flatten()

@@ -47,11 +47,11 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 def column_major(weight: torch.Tensor) -> torch.Tensor:
     """`weight [out, in]` with the same values stored transposed (``weight.t()`` contiguous), for a float32
     matrix with a very long output side on the CPU: the vocabulary projection. ``F.linear`` and :func:`linear`
-    run it unchanged. A trade, measured on the projection alone (one thread, best of 30, 201088 rows, hidden
-    64 / 256): one row 5.5 -> 2.3 ms / 16.8 -> 11.9 ms, 64 rows 22.6 -> 19.1 / 65.8 -> 53.2 ms, but 13-16 rows
-    10.0 -> 11.3 / 31.7 -> 37.8 ms. Taken for the single-request step (first token of a cached prefix, every
-    decode of a lone request), which it makes about twice as fast on the tiny preset; every float32 linear
-    and expert stored this way was no better at decode, so only the projection is."""
+    run it unchanged. A trade: ``python benchmarks/unembedding_bench.py --rows 1,16,64 --repeats 20`` (one
+    thread, 201088 rows, hidden 64 / 256, row-major -> column-major) read one row 7.2 -> 2.7 ms / 22.8 -> 13.4
+    ms, 64 rows 20.2 -> 19.3 / 80.7 -> 74.0 ms, but 16 rows 9.9 -> 10.9 / 39.9 -> 48.3 ms. Taken for the
+    single-request step (first token of a cached prefix, every decode of a lone request); every float32
+    linear and expert stored this way was no better at decode, so only the projection is."""
     return weight.t().contiguous().t()
 
 
