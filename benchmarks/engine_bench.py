@@ -11,8 +11,8 @@ For each preset, writes once (under .cache/bench/, never committed) a random HF-
 * **Throughput.** A deterministic workload of requests with mixed prompt lengths (16..512 tokens) and output
   lengths (8..64 tokens), greedy, with no stop tokens, so every request produces exactly its `max_tokens`.
   At concurrency c the driver keeps c requests in flight: it adds the next request through
-  `Engine.add_request` as soon as one finishes (continuous, not waves), and calls `Engine.step` until all
-  are done. Aggregate output tokens/s = all output tokens / wall time (prefill included). c = 1 serves the
+  `EngineCore.add_request` as soon as one finishes (continuous, not waves), and calls `EngineCore.step` until
+  all are done. Aggregate output tokens/s = all output tokens / wall time (prefill included). c = 1 serves the
   same requests one at a time: that is the baseline. Every run gets a fresh engine (no prefix-cache reuse
   between runs; the random prompts share no prefix within a run). Each run also splits its wall time into
   decode-only steps (one token per scheduled request: their count, mean batch and time per step) and steps
@@ -59,11 +59,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.config import EngineConfig  # noqa: E402
+from engine.core import EngineCore  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
 from model.config import PRESETS, ModelConfig  # noqa: E402
-from model.engine import Engine, EngineConfig  # noqa: E402
 from model.gpt_oss import GptOss  # noqa: E402
 from model.make_checkpoint import write_checkpoint  # noqa: E402
-from model.request import SamplingParams  # noqa: E402
 
 logger = logging.getLogger("engine_bench")
 
@@ -152,10 +153,10 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens)  # no stop tokens: exactly max_tokens
 
 
-def make_engine(model: GptOss, args: argparse.Namespace, **overrides: Any) -> Engine:
+def make_engine(model: GptOss, args: argparse.Namespace, **overrides: Any) -> EngineCore:
     settings: dict[str, Any] = {"kv_cache_memory": args.kv_cache_memory, "max_model_len": args.max_model_len}
     settings.update(overrides)
-    return Engine(model, EngineConfig(**settings))
+    return EngineCore(model, EngineConfig(**settings))
 
 
 # -- measurements ------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class RunResult:
         return self.output_tokens / self.seconds
 
 
-def run_concurrency(engine: Engine, work: Workload, concurrency: int, tag: str) -> RunResult:
+def run_concurrency(engine: EngineCore, work: Workload, concurrency: int, tag: str) -> RunResult:
     """Keep `concurrency` requests in flight: the next is added as soon as one finishes."""
     pending = deque(range(len(work.prompts)))
     in_flight = 0
@@ -232,7 +233,7 @@ def run_concurrency(engine: Engine, work: Workload, concurrency: int, tag: str) 
     )
 
 
-def time_to_first_token(engine: Engine, rid: str, prompt: list[int]) -> float:
+def time_to_first_token(engine: EngineCore, rid: str, prompt: list[int]) -> float:
     """Add one request to an idle engine and step until its first token; the request is then run out."""
     sync(engine.model.device)
     started = time.perf_counter()
@@ -404,7 +405,7 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
 
     # Warm-up (first-call costs), and the KV pool the engine chose.
     engine = make_engine(model, args)
-    pool = engine.kv
+    pool = engine.scheduler.kv
     kv_bytes = sum(t.numel() * t.element_size() for t in (*engine.runner.cache.k, *engine.runner.cache.v))
     out(
         f"   KV pool: {pool.full.num_blocks} full-attention + {pool.sliding.num_blocks} sliding-window "

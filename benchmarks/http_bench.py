@@ -32,12 +32,13 @@ import httpx
 import torch
 import uvicorn
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.request import LogitsProcessor, SamplingParams
 from harmony.encoding import load_harmony_encoding
 from model.config import PRESETS
-from model.engine import Engine, EngineConfig
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
-from model.request import LogitsProcessor, SamplingParams
 from server.app import create_app
 from server.async_engine import AsyncEngine
 from server.settings import ServerSettings
@@ -145,7 +146,7 @@ def main() -> None:
     if not (folder / "config.json").is_file():
         write_checkpoint(dataclasses.replace(PRESETS["tiny"], sliding_window=16), folder, layout="hf", seed=3)
     model = GptOss.from_checkpoint(folder, dtype=torch.float32, progress=False)
-    engine = Engine(
+    engine = EngineCore(
         model,
         EngineConfig(max_model_len=2048, max_num_seqs=64, kv_cache_memory=256 << 20),
         token_bytes=encoding.decode_single_token_bytes,

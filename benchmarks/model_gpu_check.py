@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.request import SamplingParams
 from model.config import PRESETS
-from model.engine import Engine, EngineConfig
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss
 from model.make_checkpoint import write_checkpoint
-from model.request import SamplingParams
 
 logger = logging.getLogger("model_gpu_check")
 
@@ -54,7 +55,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> fl
 
 def engine_greedy(model: GptOss, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
     """Greedy outputs of `prompts` served together by an engine over `model` (a fixed 64 MiB KV pool)."""
-    engine = Engine(model, EngineConfig(kv_cache_memory=64 * 2**20, max_num_batched_tokens=256))
+    engine = EngineCore(model, EngineConfig(kv_cache_memory=64 * 2**20, max_num_batched_tokens=256))
     outputs: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens))

@@ -1,4 +1,4 @@
-"""The gpt-oss model (this half) and the serving engine (issue 4) built on it.
+"""The gpt-oss model: the network, its weights and its checkpoints.
 
 * :mod:`model.config` — :class:`~model.config.ModelConfig` from either published ``config.json`` layout.
 * :mod:`model.weights` — finding (local dir or Hugging Face id), validating and loading safetensors.
@@ -6,4 +6,6 @@
 * :mod:`model.gpt_oss` — the transformer, :class:`~model.gpt_oss.AttentionMetadata` and the
   :class:`~model.gpt_oss.KVCache` protocol a paged cache implements.
 * :mod:`model.make_checkpoint` — random checkpoints in the published formats, for tests and benchmarks.
+
+The serving engine built on it is the :mod:`engine` package.
 """

@@ -20,8 +20,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from engine.core import EngineCore
 from harmony.encoding import load_harmony_encoding
-from model.engine import Engine
 from server.async_engine import AsyncEngine
 from server.errors import APIError, bad_request, install_error_handlers
 from server.logs import REQUEST_ID
@@ -50,10 +50,10 @@ class ServerState:
         self.chat: ChatService | None = None
         self.responses: ResponsesService | None = None
         self.completions: CompletionService | None = None
-        self.raw_engine: Engine | None = None
+        self.raw_engine: EngineCore | None = None
         self.metrics = Metrics(lambda: self.raw_engine)
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: EngineCore) -> None:
         self.raw_engine = engine
         self.engine = AsyncEngine(
             engine,
@@ -106,7 +106,7 @@ def _loading() -> APIError:
 
 
 def create_app(
-    engine: Engine | None,
+    engine: EngineCore | None,
     settings: ServerSettings | None = None,
     *,
     encoding: tiktoken.Encoding | None = None,

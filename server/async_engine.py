@@ -11,11 +11,11 @@ import asyncio
 import itertools
 import logging
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 
-from model.engine import Engine, EngineThread
-from model.request import RequestOutput, SamplingParams
+from engine.core import EngineCore
+from engine.request import RequestOutput, SamplingParams
+from engine.thread import EngineThread
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class QueueFull(RuntimeError):
     """More requests are in flight than the server takes; the client should retry later."""
 
 
-# Called once per request that ran to its end: prompt tokens, output tokens, time to first token, end to end.
+# Called once per request that ran to its end: prompt tokens, output tokens, and the engine's measures of the
+# time to the first token and to the end.
 FinishedObserver = Callable[[int, int, float | None, float], None]
 
 
@@ -39,7 +40,11 @@ GIL_SWITCH_INTERVAL = 0.0005
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, *, max_in_flight: int | None = None, on_finished: FinishedObserver | None = None
+        self,
+        engine: EngineCore,
+        *,
+        max_in_flight: int | None = None,
+        on_finished: FinishedObserver | None = None,
     ) -> None:
         """`max_in_flight` bounds the requests running or waiting (beyond it `check` raises `QueueFull`)."""
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
@@ -70,8 +75,6 @@ class AsyncEngine:
 
         self._thread.add_request(rid, prompt_token_ids, params, deliver)
         self.in_flight += 1
-        started = time.perf_counter()
-        first: float | None = None
         produced = 0
         finished = False
         try:
@@ -80,15 +83,13 @@ class AsyncEngine:
                 if output.error is not None:
                     finished = True
                     raise EngineFailure(output.error)
-                if first is None and output.new_token_ids:
-                    first = time.perf_counter() - started
                 produced += len(output.new_token_ids)
                 yield output
                 if output.finished:
                     finished = True
-                    if self.on_finished is not None:
+                    if self.on_finished is not None and output.latency is not None:
                         self.on_finished(
-                            len(prompt_token_ids), produced, first, time.perf_counter() - started
+                            len(prompt_token_ids), produced, output.time_to_first_token, output.latency
                         )
                     return
         finally:

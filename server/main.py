@@ -19,9 +19,10 @@ import uvicorn
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
 from harmony.encoding import VocabularyError, load_harmony_encoding
 from model.config import PRESETS
-from model.engine import Engine, EngineConfig
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from model.weights import resolve_model
@@ -128,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> CliSettings:
     return args
 
 
-def build(args: CliSettings) -> tuple[Engine, ServerSettings]:
+def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     note = None
     if args.model is None:
@@ -145,7 +146,7 @@ def build(args: CliSettings) -> tuple[Engine, ServerSettings]:
     model = GptOss.from_checkpoint(path, device=args.device, dtype=dtype, experts=args.experts)
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
-    engine = Engine(
+    engine = EngineCore(
         model,
         EngineConfig(
             max_model_len=args.max_model_len,

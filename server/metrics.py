@@ -13,40 +13,40 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from model.engine import Engine
+from engine.core import EngineCore
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Callable[[], EngineCore | None]) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         engine = self.engine()
         if engine is None:
             return
-        # Plain reads of counters the engine thread updates; a scrape never waits for a step.
-        kv = engine.kv
-        running = len(engine.scheduler.running)
-        waiting = len(engine.requests) - running
-        used = kv.full.num_used + kv.sliding.num_used
-        total = kv.full.num_blocks + kv.sliding.num_blocks
-        yield GaugeMetricFamily("gpt_oss_requests_running", "Requests in the running batch.", value=running)
-        yield GaugeMetricFamily("gpt_oss_requests_waiting", "Requests queued for the engine.", value=waiting)
+        # The engine's last snapshot: a scrape never waits for a step nor reads the engine's live state.
+        stats = engine.stats()
         yield GaugeMetricFamily(
-            "gpt_oss_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", value=used / total
+            "gpt_oss_requests_running", "Requests in the running batch.", value=stats.num_running
+        )
+        yield GaugeMetricFamily(
+            "gpt_oss_requests_waiting", "Requests queued for the engine.", value=stats.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "gpt_oss_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", value=stats.kv_cache_usage
         )
         yield GaugeMetricFamily(
             "gpt_oss_prefix_cache_hit_ratio",
             "Prompt tokens served from the prefix cache.",
-            value=kv.prefix_hit_rate,
+            value=stats.prefix_cache_hit_rate,
         )
 
 
 class Metrics:
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, engine: Callable[[], EngineCore | None]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "gpt_oss_http_requests",

@@ -13,17 +13,17 @@ from typing import Any
 
 import tiktoken
 
-from harmony import encoding as tok
-from harmony.render import Renderer
-from model.engine import RequestRejected
-from model.request import (
+from engine.request import (
     FinishReason,
     LogitsProcessor,
     RequestOutput,
+    RequestRejected,
     SamplingParams,
     SamplingParamsError,
     TokenLogprob,
 )
+from harmony import encoding as tok
+from harmony.render import Renderer
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind

@@ -21,9 +21,8 @@ import tiktoken
 from fastapi import FastAPI
 from pydantic import Field
 
+from engine.request import FinishReason, RequestOutput, RequestRejected, SamplingParams, SamplingParamsError
 from harmony import encoding as tok
-from model.engine import RequestRejected
-from model.request import FinishReason, RequestOutput, SamplingParams, SamplingParamsError
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
 from server.protocol import StreamOptions, _Lenient

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING, Any
 import tiktoken
 from fastapi import FastAPI
 
+from engine.request import FinishReason, RequestRejected, SamplingParams, SamplingParamsError
 from harmony import encoding as tok
 from harmony.render import Renderer
-from model.engine import RequestRejected
-from model.request import FinishReason, SamplingParams, SamplingParamsError
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, bad_request, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind

@@ -1,4 +1,4 @@
-"""What the server is configured with (the engine's own settings live in `model.engine.EngineConfig`)."""
+"""What the server is configured with (the engine's own settings live in `engine.config.EngineConfig`)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import tiktoken
 import torch
 
+from engine.request import LogitsProcessor
 from harmony import encoding as tok
-from model.request import LogitsProcessor
 
 # Inside forced arguments nothing but `<|call|>` may end or restructure the message.
 _BANNED_IN_ARGUMENTS = [tok.END, tok.RETURN, tok.START, tok.CHANNEL, tok.MESSAGE]

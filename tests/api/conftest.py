@@ -22,12 +22,13 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.request import LogitsProcessor
 from harmony.encoding import load_harmony_encoding
 from model.config import PRESETS
-from model.engine import Engine, EngineConfig
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
-from model.request import LogitsProcessor
 from server.app import create_app
 from server.settings import ServerSettings
 
@@ -74,7 +75,7 @@ def _hook(encoding: tiktoken.Encoding) -> Callable[[dict[str, Any], int], list[L
 @dataclasses.dataclass
 class Served:
     base_url: str
-    engine: Engine
+    engine: EngineCore
     encoding: tiktoken.Encoding
     app: FastAPI
 
@@ -82,7 +83,7 @@ class Served:
 def wait_until_idle(served: Served, timeout: float = 30.0) -> None:
     """Wait for the engine to hold no request (an abandoned stream is aborted at its next step)."""
     deadline = time.time() + timeout
-    while time.time() < deadline and served.engine.requests:
+    while time.time() < deadline and served.engine.scheduler.requests:
         time.sleep(0.05)
 
 
@@ -93,8 +94,8 @@ def assert_disconnect_frees_blocks(served: Served, path: str, body: dict[str, An
         for _ in range(lines):
             next(received)
     wait_until_idle(served)
-    assert not served.engine.requests
-    assert served.engine.kv.full_tables == {}
+    assert not served.engine.scheduler.requests
+    assert served.engine.scheduler.kv.full_tables == {}
 
 
 def _free_port() -> int:
@@ -109,7 +110,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     path = write_checkpoint(config, tmp_path_factory.mktemp("api-model"), layout="hf", seed=11)
     model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
     encoding = load_harmony_encoding()
-    engine = Engine(
+    engine = EngineCore(
         model,
         EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
         token_bytes=encoding.decode_single_token_bytes,

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
 from model.config import PRESETS, ModelConfig
-from model.engine import Engine, EngineConfig
 from model.gpt_oss import AttentionMetadata, GptOss
 from model.make_checkpoint import write_checkpoint
 
@@ -40,10 +41,10 @@ def _inference_mode() -> Iterator[None]:
         yield
 
 
-def make_engine(model: GptOss, **overrides: object) -> Engine:
+def make_engine(model: GptOss, **overrides: object) -> EngineCore:
     settings: dict[str, object] = {"block_size": 4, "kv_cache_memory": 4 << 20, "max_model_len": 512}
     settings.update(overrides)
-    return Engine(model, EngineConfig(**settings))  # type: ignore[arg-type]
+    return EngineCore(model, EngineConfig(**settings))  # type: ignore[arg-type]
 
 
 def greedy_reference(

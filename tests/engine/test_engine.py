@@ -9,9 +9,10 @@ import threading
 import pytest
 import torch
 
-from model.engine import Engine, EngineThread, RequestRejected
+from engine.core import EngineCore
+from engine.request import FinishReason, RequestOutput, RequestRejected, SamplingParams
+from engine.thread import EngineThread
 from model.gpt_oss import GptOss
-from model.request import FinishReason, RequestOutput, SamplingParams
 from tests.engine.conftest import greedy_reference, make_engine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -22,7 +23,9 @@ def _prompts(n: int, seed: int, vocab: int = 200_000, lengths: tuple[int, int] =
     return [[rng.randrange(vocab) for _ in range(rng.randint(*lengths))] for _ in range(n)]
 
 
-def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> dict[str, RequestOutput]:
+def _run(
+    engine: EngineCore, prompts: list[list[int]], params: list[SamplingParams]
+) -> dict[str, RequestOutput]:
     """All requests at once; returns each request's tokens gathered into one output."""
     merged: dict[str, RequestOutput] = {}
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
@@ -68,18 +71,18 @@ def test_preempted_requests_resume_with_the_same_output(tiny_model: GptOss) -> N
     _assert_all_free(engine)
 
 
-def _with_blocks(model: GptOss, *, full_blocks: int, **overrides: object) -> Engine:
+def _with_blocks(model: GptOss, *, full_blocks: int, **overrides: object) -> EngineCore:
     """An engine whose full-attention pool has exactly `full_blocks` blocks of 4 tokens."""
     engine = make_engine(model, num_kv_blocks=full_blocks, **overrides)
-    assert engine.kv.full.num_blocks == full_blocks
+    assert engine.scheduler.kv.full.num_blocks == full_blocks
     return engine
 
 
-def _assert_all_free(engine: Engine) -> None:
-    assert engine.kv.full.num_free == engine.kv.full.num_blocks
-    assert engine.kv.sliding.num_free == engine.kv.sliding.num_blocks
-    assert not engine.kv.full_tables
-    assert not engine.kv.sliding_tables
+def _assert_all_free(engine: EngineCore) -> None:
+    assert engine.scheduler.kv.full.num_free == engine.scheduler.kv.full.num_blocks
+    assert engine.scheduler.kv.sliding.num_free == engine.scheduler.kv.sliding.num_blocks
+    assert not engine.scheduler.kv.full_tables
+    assert not engine.scheduler.kv.sliding_tables
 
 
 def test_prefix_cache_hits_and_changes_nothing(tiny_model: GptOss) -> None:
@@ -161,7 +164,7 @@ def test_stop_strings_match_across_token_boundaries(tiny_model: GptOss) -> None:
 
     # The stop string spans the end of one token and the start of the next.
     stop = f"{reference[2]}><{reference[3]}"
-    engine = Engine(tiny_model, make_engine(tiny_model).config, token_bytes=token_bytes)
+    engine = EngineCore(tiny_model, make_engine(tiny_model).config, token_bytes=token_bytes)
     engine.add_request("s", prompt, SamplingParams(temperature=0.0, stop=[stop], max_tokens=8))
     tokens: list[int] = []
     final = None
@@ -229,17 +232,21 @@ def test_stats_follow_the_work(tiny_model: GptOss) -> None:
         engine.add_request(f"s{i}", prompt, SamplingParams(max_tokens=4))
     before = engine.stats()
     assert (before.num_waiting, before.num_running, before.kv_blocks_used) == (3, 0, 0)
-    engine.step()
+    finished = [o for o in engine.step() if o.finished]
     during = engine.stats()
     assert during.num_running == 3
     assert during.kv_blocks_used > 0
     while engine.has_unfinished():
-        engine.step()
+        finished += [o for o in engine.step() if o.finished]
     after = engine.stats()
     assert after.kv_blocks_used == 0
-    assert len(after.time_to_first_token) == 3
-    assert len(after.time_per_output_token) == 3
     assert after.tokens_per_step > 1
+    # Each request's times come once, with its last output.
+    assert len(finished) == 3
+    for out in finished:
+        assert out.time_to_first_token is not None
+        assert out.latency is not None
+        assert 0 < out.time_to_first_token < out.latency
 
 
 def test_engine_thread_serves_callers_from_other_threads(tiny_model: GptOss) -> None:

@@ -7,16 +7,9 @@ import random
 import numpy as np
 import torch
 
-from model.kv_cache import (
-    NULL_BLOCK,
-    BlockPool,
-    KVCacheManager,
-    StepShape,
-    group_step,
-    group_step_reference,
-    plan_group,
-)
-from model.request import Request, SamplingParams
+from engine.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager
+from engine.paged_kv import StepShape, group_step, group_step_reference, plan_group
+from engine.request import Request, SamplingParams
 
 
 def _request(rid: str, tokens: list[int]) -> Request:

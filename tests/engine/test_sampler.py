@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.request import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
-from model.sampler import (
+from engine.request import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
+from engine.sampler import (
     Sampler,
     SamplerOutput,
     _inverse_cdf,

@@ -7,10 +7,10 @@ from collections import Counter
 
 import numpy as np
 
-from model.engine import Engine
+from engine.core import EngineCore
+from engine.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager
+from engine.request import FinishReason, RequestStatus, SamplingParams
 from model.gpt_oss import GptOss
-from model.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager
-from model.request import FinishReason, RequestStatus, SamplingParams
 from tests.engine.conftest import make_engine
 
 
@@ -24,8 +24,8 @@ def _check_pool(pool: BlockPool, tables: list[list[int]]) -> None:
         assert pool.hash_of[block] == key
 
 
-def check_invariants(engine: Engine) -> None:
-    kv: KVCacheManager = engine.kv
+def check_invariants(engine: EngineCore) -> None:
+    kv: KVCacheManager = engine.scheduler.kv
     bs = kv.block_size
     _check_pool(kv.full, list(kv.full_tables.values()))
     _check_pool(kv.sliding, list(kv.sliding_tables.values()))
@@ -117,6 +117,6 @@ def test_a_thousand_random_requests_keep_the_books_straight(small_vocab_model: G
     stats = engine.stats()
     assert stats.num_preemptions > 0, "the pool was meant to be too small for everyone at once"
     assert stats.prefix_cache_hit_rate > 0
-    assert engine.kv.full.num_free == engine.kv.full.num_blocks
-    assert engine.kv.sliding.num_free == engine.kv.sliding.num_blocks
+    assert engine.scheduler.kv.full.num_free == engine.scheduler.kv.full.num_blocks
+    assert engine.scheduler.kv.sliding.num_free == engine.scheduler.kv.sliding.num_blocks
     assert stats.kv_blocks_used == 0

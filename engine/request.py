@@ -15,8 +15,24 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 MAX_TOP_LOGPROBS = 20
 
 
-class SamplingParamsError(ValueError):
-    """Sampling parameters out of range; the message names the field."""
+class RequestError(ValueError):
+    """A request the engine cannot take, and the field of the request that is at fault.
+
+    `field` uses the engine's names (``prompt``, ``max_tokens``, a :class:`SamplingParams` field,
+    ``request_id``); an API maps them onto its own parameter names.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class SamplingParamsError(RequestError):
+    """Sampling parameters out of range (or not valid for the model's vocabulary)."""
+
+
+class RequestRejected(RequestError):
+    """A request that can never run: too long for the context or the cache, bad token ids, a reused id."""
 
 
 @dataclass(slots=True)
@@ -55,7 +71,7 @@ class SamplingParams:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise SamplingParamsError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise SamplingParamsError(f"{name} {why}, got {getattr(self, name)!r}", name)
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +113,10 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set when the request was refused or the engine failed while running it.
     error: str | None = None
+    # On the last output of a request that was admitted: seconds from its arrival to its first token (None if
+    # it had none) and to its end. The engine measures these once, for every consumer.
+    time_to_first_token: float | None = None
+    latency: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.request import SamplingParams, SamplingParamsError, TokenLogprob
+from engine.request import SamplingParams, SamplingParamsError, TokenLogprob
 
 _SEED_MODULUS = 2**64
 # Above this k (and whenever a row has top-p) top-k takes the k-th value from a full sort rather than topk.
@@ -70,10 +70,11 @@ def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
     if bad_ids:
         raise SamplingParamsError(
             f"logit_bias token ids must be in [0, {vocab_size}), got {bad_ids[:5]}"
-            + (f" and {len(bad_ids) - 5} more" if len(bad_ids) > 5 else "")
+            + (f" and {len(bad_ids) - 5} more" if len(bad_ids) > 5 else ""),
+            "logit_bias",
         )
     if any(math.isnan(b) for b in params.logit_bias.values()):
-        raise SamplingParamsError("logit_bias values must be numbers, got NaN")
+        raise SamplingParamsError("logit_bias values must be numbers, got NaN", "logit_bias")
 
 
 @dataclass(slots=True)

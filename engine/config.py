@@ -1,0 +1,22 @@
+"""How the engine is set up: its limits and the KV cache's size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: on CUDA the free memory after a warm-up, else 1 GiB
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    # Full-attention blocks, overriding the memory budget (tests and tuning).
+    num_kv_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")

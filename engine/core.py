@@ -1,0 +1,182 @@
+"""The engine: requests come and go at any step and share one batched forward.
+
+:class:`EngineCore` is synchronous and single-owner: `add_request`, `abort` and `step` are called from one
+thread (:mod:`engine.thread` runs it on a thread of its own for the server). A step is schedule, execute,
+update: the scheduler decides and keeps the books, the runner computes, the scheduler applies the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestOutput, RequestRejected, SamplingParams
+from engine.runner import ModelRunner
+from engine.sampler import check_params_for_vocab, make_generator
+from engine.scheduler import Scheduler
+from model.gpt_oss import GptOss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine's state after a step: a frozen snapshot that any thread may read without a lock."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float
+    num_steps: int
+    num_preemptions: int
+    tokens_per_step: float  # mean over the recent steps
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: GptOss,
+        config: EngineConfig | None = None,
+        *,
+        token_bytes: Callable[[int], bytes] | None = None,
+    ) -> None:
+        """`token_bytes` maps a token id to its bytes; it is needed only for stop strings."""
+        self.config = config or EngineConfig()
+        self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
+        self.vocab_size = model.config.vocab_size
+        self.token_bytes = token_bytes
+        self.runner = ModelRunner(model, self.config, self.max_model_len)
+        kv = KVCacheManager(
+            block_size=self.config.block_size,
+            num_full_blocks=self.runner.blocks.num_full,
+            num_sliding_blocks=self.runner.blocks.num_sliding,
+            window=model.config.sliding_window,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            kv,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            token_bytes=token_bytes,
+        )
+        self._aborted: list[str] = []
+        self._step_tokens: deque[int] = deque(maxlen=100)
+        self._stats = self._snapshot()
+
+    @property
+    def model(self) -> GptOss:
+        return self.runner.model
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse what can never run; safe to call from any thread (reads only configuration)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestRejected("the prompt is empty", "prompt")
+        if n >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens, "
+                "and at least one must be left for the output",
+                "prompt",
+            )
+        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        need = min(self.max_model_len, n + params.max_tokens)
+        if -(-need // self.config.block_size) > self.runner.blocks.num_full:
+            raise RequestRejected(
+                f"the request needs {need} tokens of KV cache, more than the whole cache holds", "max_tokens"
+            )
+        if params.stop and self.token_bytes is None:
+            raise RequestRejected("stop strings need an engine built with token_bytes", "stop")
+        check_params_for_vocab(params, self.vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.scheduler.requests:
+            raise RequestRejected(f"request id {request_id!r} is already in use", "request_id")
+        self.check(prompt_token_ids, params)
+        generator = make_generator(params.seed, self.model.device) if params.seed is not None else None
+        request = Request(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            arrival_time=time.perf_counter(),
+            max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens),
+            generator=generator,
+        )
+        self.scheduler.add(request)
+        self._stats = self._snapshot()
+
+    def abort(self, request_id: str) -> None:
+        """End a request at the next step (its output then says `abort`). Unknown ids are ignored."""
+        self._aborted.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drain_aborts()
+        plan = self.scheduler.schedule()
+        if plan.scheduled:
+            outputs += self.scheduler.update(plan, self.runner.execute(plan))
+            self._step_tokens.append(plan.num_tokens)
+        self._stats = self._snapshot()
+        return outputs
+
+    def _drain_aborts(self) -> list[RequestOutput]:
+        ids, self._aborted = self._aborted, []
+        outputs = [self.scheduler.abort(rid) for rid in dict.fromkeys(ids)]
+        return [o for o in outputs if o is not None]
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request in flight with `abort` and `message` (after a failed step)."""
+        outputs = self.scheduler.fail_all(message)
+        self._stats = self._snapshot()
+        return outputs
+
+    # -- statistics and conveniences ------------------------------------------------------------------------
+
+    def _snapshot(self) -> EngineStats:
+        kv, scheduler, steps = self.scheduler.kv, self.scheduler, self._step_tokens
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_blocks_used=kv.full.num_used + kv.sliding.num_used,
+            kv_blocks_total=kv.full.num_blocks + kv.sliding.num_blocks,
+            prefix_cache_hit_rate=kv.prefix_hit_rate,
+            num_steps=scheduler.num_steps,
+            num_preemptions=scheduler.num_preemptions,
+            tokens_per_step=sum(steps) / len(steps) if steps else 0.0,
+        )
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the last step (any thread)."""
+        return self._stats
+
+    def generate(
+        self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Run prompts to completion (all queued at once) and return their output token ids, in order."""
+        prompts = list(prompts)
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{self.scheduler.num_steps}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, all_params, strict=True):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id].extend(out.new_token_ids)
+        return [tokens[rid] for rid in ids]

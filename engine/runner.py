@@ -1,0 +1,197 @@
+"""Turns a scheduled step into one batched forward and the sampled tokens.
+
+The runner owns the model, the KV tensors (sized here, after a warm-up forward on a GPU), the step's index
+tensors, the logits buffer and the sampler. It reads the scheduler's plan and the requests in it, and
+changes neither: what a step produced goes back to the scheduler as a :class:`RunnerOutput`.
+
+Every scheduled request contributes its next `num_new_tokens` tokens to one flattened batch. Requests whose
+computed tokens reach the end of their known tokens this step (a decode, or the last chunk of a prompt)
+get a logits row and a sampled token; the others (prompt chunks still in progress) only fill the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.paged_kv import PagedKVCache, StepKV, StepShape, bytes_per_block, group_step, plan_group
+from engine.request import TokenLogprob
+from engine.sampler import Sampler
+from engine.scheduler import RunnerOutput, SchedulerOutput
+from model.gpt_oss import AttentionMetadata, GptOss
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_MEMORY = 1 << 30  # bytes of KV cache on a CPU unless configured
+
+
+@dataclass(slots=True)
+class KVBlocks:
+    """How many blocks of each group the KV tensors hold."""
+
+    num_full: int
+    num_sliding: int
+
+
+def kv_blocks(model: GptOss, config: EngineConfig, budget: int | None) -> KVBlocks:
+    """Split a memory budget (bytes) between the two block groups, or take `config.num_kv_blocks`.
+
+    The sliding group needs at most (window + one step's tokens) per running request, and gets at least an
+    eighth of the budget so that windows survive for prefix reuse; the rest is full-attention."""
+    mc, bs = model.config, config.block_size
+    window_blocks = -(-(mc.sliding_window - 1) // bs) + 2
+    min_sliding = config.max_num_seqs * window_blocks + -(-config.max_num_batched_tokens // bs)
+    full_bytes = bytes_per_block(mc, bs, model.dtype, sliding=False)
+    sliding_bytes = bytes_per_block(mc, bs, model.dtype, sliding=True)
+    if config.num_kv_blocks is not None:
+        num_full = config.num_kv_blocks
+        num_sliding = max(min_sliding, num_full // 8)
+    else:
+        assert budget is not None
+        num_sliding = max(min_sliding, budget // 8 // max(sliding_bytes, 1)) if sliding_bytes else 1
+        num_full = (budget - num_sliding * sliding_bytes) // full_bytes if full_bytes else 1
+    if num_full < 1:
+        raise ValueError(
+            f"the KV cache budget leaves no full-attention blocks beside {num_sliding} sliding ones; "
+            "raise kv_cache_memory or lower max_num_seqs / max_num_batched_tokens"
+        )
+    return KVBlocks(num_full, num_sliding)
+
+
+class ModelRunner:
+    def __init__(self, model: GptOss, config: EngineConfig, max_model_len: int) -> None:
+        self.model = model
+        self.config = config
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.device = model.device
+        budget = None if config.num_kv_blocks is not None else self._kv_budget()
+        self.blocks = kv_blocks(model, config, budget)
+        self.cache = PagedKVCache(
+            model.config,
+            block_size=config.block_size,
+            num_full_blocks=self.blocks.num_full,
+            num_sliding_blocks=self.blocks.num_sliding,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        self.sampler = Sampler()
+        logger.info(
+            "KV cache: %d full-attention and %d sliding-window blocks of %d tokens (%.0f MiB), context %d",
+            self.blocks.num_full,
+            self.blocks.num_sliding,
+            config.block_size,
+            self.cache.nbytes / 2**20,
+            max_model_len,
+        )
+        layers = model.config.layer_sliding
+        self.has_full = not all(layers)
+        self.has_sliding = any(layers)
+        self.window = model.config.sliding_window
+        # 0, 1, 2, ... on the device: the slot offsets of the widest KV view so far (grown on demand).
+        self._offsets = torch.arange(0, device=self.device)
+        # The logits of every step are written here (see GptOss.forward): rows for the most sampling
+        # requests of a step so far, grown on demand.
+        self._logits = torch.empty(0, model.config.vocab_size, dtype=torch.float32, device=self.device)
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if self.device.type != "cuda":
+            return CPU_KV_CACHE_MEMORY
+        # What a warm-up forward leaves free, less a safety margin.
+        self._warm_up()
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserve = total * (1 - self.config.gpu_memory_utilization)
+        return max(0, int(free - reserve))
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One forward of a full token budget without a cache, so its activations are counted as used."""
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        meta = AttentionMetadata.build([n], device=self.device)
+        self.model(torch.zeros(n, dtype=torch.int64, device=self.device), meta)
+        torch.cuda.synchronize(self.device)
+
+    def prepare(
+        self, plan: SchedulerOutput
+    ) -> tuple[torch.Tensor, AttentionMetadata, StepKV, list[int], torch.Tensor]:
+        """Inputs of the forward: token ids, attention metadata, the cache view, the scheduled requests that
+        sample (their indices in `plan.scheduled`) and the logits rows they sample from.
+
+        Per request only a few list operations; the per-token and per-block indices come from numpy operations
+        over the plan's block-table arrays, and reach the device as a few host-to-device copies."""
+        scheduled = plan.scheduled
+        tokens: list[int] = []
+        query_lens, context_lens, rows, sample_rows = [], [], [], []
+        for i, item in enumerate(scheduled):
+            request = item.request
+            start = request.num_computed_tokens
+            end = start + item.num_new_tokens
+            if item.num_new_tokens == 1:
+                tokens.append(request.all_token_ids[start])
+            else:
+                tokens.extend(request.all_token_ids[start:end])
+            query_lens.append(item.num_new_tokens)
+            context_lens.append(end)
+            rows.append(item.row)
+            if end == request.num_tokens:
+                sample_rows.append(i)
+        bs = self.block_size
+        step = StepShape.build(rows, query_lens, context_lens, bs)
+        plans = []
+        if self.has_full:
+            assert plan.full_tables is not None
+            plans.append(plan_group(plan.full_tables, step, bs, 0))
+        if self.has_sliding:
+            assert plan.sliding_tables is not None
+            plans.append(plan_group(plan.sliding_tables, step, bs, self.window))
+        # Everything the device needs in one host-to-device copy, split there into views.
+        if len(sample_rows) == len(tokens):  # all decodes, each sampling from its one row
+            logits_rows = step.seq_index
+        else:
+            logits_rows = np.cumsum(step.query_lens)[sample_rows] - 1
+        pieces = [tokens, step.positions, step.seq_index, step.query_offset, logits_rows, step.context_lens]
+        for plan in plans:
+            pieces += [plan.slot_mapping, plan.blocks.ravel(), plan.starts]
+        packed = torch.from_numpy(np.concatenate(pieces, dtype=np.int64)).to(self.device, non_blocking=True)
+        parts = packed.split([len(piece) for piece in pieces])
+        token_ids, positions_t, seq_index_t, query_offset_t, logits_indices, context_t = parts[:6]
+        width = max(plan.blocks.shape[1] for plan in plans) * bs
+        if self._offsets.shape[0] < width:
+            self._offsets = torch.arange(2 * width, device=self.device)
+        groups = []
+        for i in range(len(plans)):
+            slots, blocks, starts = parts[6 + 3 * i : 9 + 3 * i]
+            groups.append(group_step(slots, blocks, starts, context_t, self._offsets, bs))
+        full = groups[0] if self.has_full else None
+        sliding = groups[-1] if self.has_sliding else None
+        meta = AttentionMetadata(query_lens, context_lens, positions_t, seq_index_t, query_offset_t)
+        return token_ids, meta, StepKV(self.cache, full, sliding), sample_rows, logits_indices
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        scheduled = plan.scheduled
+        token_ids, meta, step_kv, sample_rows, logits_indices = self.prepare(plan)
+        out_tokens: list[int | None] = [None] * len(scheduled)
+        out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
+        if self._logits.shape[0] < len(sample_rows):
+            self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
+        logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits)
+        if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
+            return RunnerOutput(out_tokens, out_logprobs)
+        requests = [scheduled[i].request for i in sample_rows]
+        sampled = self.sampler.sample(
+            logits,
+            [r.params for r in requests],
+            [r.output_token_ids for r in requests],
+            [r.generator for r in requests],
+        )
+        for row, token, logprob in zip(sample_rows, sampled.token_ids, sampled.logprobs, strict=True):
+            out_tokens[row] = token
+            out_logprobs[row] = logprob
+        return RunnerOutput(out_tokens, out_logprobs)

@@ -1,0 +1,90 @@
+"""The engine on a thread of its own, for the server: any thread adds or aborts requests through a queue, and
+each request's outputs go to that request's callback."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from engine.core import EngineCore
+from engine.request import FinishReason, RequestOutput, RequestRejected, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+class EngineThread:
+    """Runs an `EngineCore` on its own thread. Thread-safe: any thread may add or abort requests.
+
+    Each request's outputs are handed to its callback on the engine thread (the callback must be quick and
+    must not block: an asyncio server passes `loop.call_soon_threadsafe`-based callbacks). If a step raises,
+    every request in flight ends with `abort` and the error text, and the engine goes on serving.
+    """
+
+    def __init__(self, engine: EngineCore) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[str, tuple]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, callback: OutputCallback
+    ) -> None:
+        """Queue a request; raises `RequestRejected` at once for one that can never run."""
+        self.engine.check(prompt_token_ids, params)
+        self._commands.put(("add", (request_id, prompt_token_ids, params, callback)))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", (request_id,)))
+        self._wake.set()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._apply_commands()
+            if not engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as error:  # a failed step must not take the server down with it
+                logger.exception("engine step failed; aborting %d requests", len(engine.scheduler.requests))
+                outputs = engine.fail_all(f"engine error: {error}")
+            for output in outputs:
+                callback = self._callbacks.get(output.request_id)
+                if output.finished:
+                    self._callbacks.pop(output.request_id, None)
+                if callback is not None:
+                    callback(output)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, args = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt, params, callback = args
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except RequestRejected as error:
+                    callback(
+                        RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error))
+                    )
+                    continue
+                self._callbacks[request_id] = callback
+            else:
+                self.engine.abort(args[0])
