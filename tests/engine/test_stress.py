@@ -3,68 +3,11 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
 
-import numpy as np
-
-from engine.core import EngineCore
-from engine.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager
-from engine.request import FinishReason, RequestStatus, SamplingParams
+from engine.request import FinishReason, SamplingParams
 from model.gpt_oss import GptOss
 from tests.engine.conftest import make_engine
-
-
-def _check_pool(pool: BlockPool, tables: list[list[int]]) -> None:
-    owners = Counter(b for table in tables for b in table if b != NULL_BLOCK)
-    for block in range(pool.num_blocks):
-        assert pool.ref_counts[block] == owners.get(block, 0), f"block {block}: refs vs owners"
-    assert set(pool.free) == {b for b in range(pool.num_blocks) if pool.ref_counts[b] == 0}
-    assert len(pool.free) == len(set(pool.free))
-    for key, block in pool.cached.items():
-        assert pool.hash_of[block] == key
-
-
-def check_invariants(engine: EngineCore) -> None:
-    kv: KVCacheManager = engine.scheduler.kv
-    bs = kv.block_size
-    _check_pool(kv.full, list(kv.full_tables.values()))
-    _check_pool(kv.sliding, list(kv.sliding_tables.values()))
-    running = {r.request_id for r in engine.scheduler.running}
-    assert set(kv.full_tables) == running == set(kv.sliding_tables)
-    for request in engine.scheduler.running:
-        assert request.status is RequestStatus.RUNNING
-        assert 0 < request.num_computed_tokens <= request.num_tokens
-        full = kv.full_tables[request.request_id]
-        sliding = kv.sliding_tables[request.request_id]
-        # Blocks match tokens: exactly the blocks the computed tokens fill.
-        assert len(full) == len(sliding) == -(-request.num_computed_tokens // bs)
-        # The blocks still being written are the request's own; only full blocks are shared.
-        for i in range(request.num_computed_tokens // bs, len(full)):
-            assert kv.full.ref_counts[full[i]] == 1
-            assert kv.sliding.ref_counts[sliding[i]] == 1
-        # The window of the next token is all present on the sliding layers.
-        needed = range(max(0, request.num_computed_tokens - kv.window + 1) // bs, len(sliding))
-        assert all(sliding[i] != NULL_BLOCK for i in needed)
-    for request in engine.scheduler.waiting:
-        assert request.num_computed_tokens == 0
-        assert request.request_id not in kv.full_tables
-    assert len(engine.scheduler.running) <= engine.config.max_num_seqs
-    _check_table_arrays(kv)
-
-
-def _check_table_arrays(kv: KVCacheManager) -> None:
-    """The incrementally written block-table arrays equal arrays rebuilt from the lists: one row per request
-    holding blocks, no row shared, NULL_BLOCK past each table and in every unused row."""
-    assert set(kv.rows) == set(kv.full_tables)
-    assert len(set(kv.rows.values())) == len(kv.rows)
-    for books, mirror in ((kv.full_tables, kv.full_array.array), (kv.sliding_tables, kv.sliding_array.array)):
-        rebuilt = np.full(mirror.shape, NULL_BLOCK, dtype=np.int64)
-        for rid, table in books.items():
-            rebuilt[kv.rows[rid], : len(table)] = table
-        assert np.array_equal(mirror, rebuilt)
-    for rid, table in kv.sliding_tables.items():
-        released = kv.num_released[rid]
-        assert all(b == NULL_BLOCK for b in table[:released])
+from tests.engine.invariants import check_invariants
 
 
 def test_a_thousand_random_requests_keep_the_books_straight(small_vocab_model: GptOss) -> None:
@@ -104,7 +47,7 @@ def test_a_thousand_random_requests_keep_the_books_straight(small_vocab_model: G
                 finished[out.request_id] = out.finish_reason  # type: ignore[assignment]
                 live.remove(out.request_id)
         steps += 1
-        check_invariants(engine)
+        check_invariants(engine.scheduler)
         assert steps < 20_000, "the engine stopped making progress"
 
     assert len(finished) == total
