@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -146,7 +146,7 @@ class EngineCore:
         self._stats = self._snapshot()
         return outputs
 
-    # -- statistics and conveniences ------------------------------------------------------------------------
+    # -- statistics ----------------------------------------------------------------------------------------------
 
     def _snapshot(self) -> EngineStats:
         kv, scheduler, steps = self.scheduler.kv, self.scheduler, self._step_tokens
@@ -164,19 +164,3 @@ class EngineCore:
     def stats(self) -> EngineStats:
         """The snapshot taken after the last step (any thread)."""
         return self._stats
-
-    def generate(
-        self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
-    ) -> list[list[int]]:
-        """Run prompts to completion (all queued at once) and return their output token ids, in order."""
-        prompts = list(prompts)
-        all_params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"generate-{self.scheduler.num_steps}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, all_params, strict=True):
-            self.add_request(rid, prompt, p)
-        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.request_id in tokens:
-                    tokens[out.request_id].extend(out.new_token_ids)
-        return [tokens[rid] for rid in ids]
