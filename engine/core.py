@@ -77,7 +77,7 @@ class EngineCore:
     def model(self) -> GptOss:
         return self.runner.model
 
-    # -- requests -------------------------------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------------------------
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run; safe to call from any thread (reads only configuration)."""
@@ -124,7 +124,7 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    # -- the step -------------------------------------------------------------------------------------------
+    # -- the step --------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_aborts()
@@ -146,7 +146,7 @@ class EngineCore:
         self._stats = self._snapshot()
         return outputs
 
-    # -- statistics ----------------------------------------------------------------------------------------------
+    # -- statistics ------------------------------------------------------------------------------------------
 
     def _snapshot(self) -> EngineStats:
         kv, scheduler, steps = self.scheduler.kv, self.scheduler, self._step_tokens
