@@ -47,6 +47,7 @@ RUN python3 -m venv /opt/venv \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY harmony/ harmony/
+COPY engine/ engine/
 COPY model/ model/
 COPY server/ server/
 # ... then the project itself exactly as the README does; torch is already satisfied, so nothing else of
