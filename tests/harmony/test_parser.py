@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -55,35 +56,89 @@ def test_strict_parse_of_rendered_conversations_matches_oracle(
     assert _ours_strict(enc, tokens, None) == _oracle_parse(oracle, tokens, None)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_streaming_state_matches_oracle_token_by_token(
-    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
-) -> None:
-    messages = [m for m in SCENARIOS[name]() if m.author.role is Role.ASSISTANT]
-    if not messages:
-        return
-    # A completion: the prompt ended in `<|start|>assistant`, so the first header comes without them.
-    tokens = renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
-    ours = StreamParser(enc, Role.ASSISTANT, strict=True)
-    theirs = oh.StreamableParser(oracle, oh.Role.ASSISTANT)
-    for token in tokens:
+def _assert_same_stream_state(ours: StreamParser, theirs: oh.StreamableParser) -> None:
+    assert ours.state is _STATES[theirs.state]
+    assert (ours.current_role and ours.current_role.value) == (
+        theirs.current_role and theirs.current_role.value
+    )
+    assert ours.current_channel == theirs.current_channel
+    assert ours.current_recipient == theirs.current_recipient
+    assert ours.current_content_type == theirs.current_content_type
+    assert ours.last_content_delta == theirs.last_content_delta
+    assert ours.current_content == theirs.current_content
+
+
+def _stream_against_oracle(
+    enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None
+) -> int | None:
+    """Feeds both streaming parsers the same tokens and compares them after each one.
+
+    Returns the index of the token the official parser refused, or None when it read them all. A refusal is
+    compared too: ours must refuse that same token with the same words, and both must agree on the messages
+    read before it.
+    """
+    ours = StreamParser(enc, role, strict=True)
+    theirs = oh.StreamableParser(oracle, None if role is None else oh.Role(role.value))
+    refused = None
+    for at, token in enumerate(tokens):
         try:
             theirs.process(token)
-        except oh.HarmonyError:
-            with pytest.raises(HarmonyParseError):
+        except oh.HarmonyError as error:
+            with pytest.raises(HarmonyParseError, match=re.escape(str(error))):
                 ours.process(token)
-            return
+            refused = at
+            break
         ours.process(token)
-        assert ours.state is _STATES[theirs.state]
-        assert (ours.current_role and ours.current_role.value) == (
-            theirs.current_role and theirs.current_role.value
-        )
-        assert ours.current_channel == theirs.current_channel
-        assert ours.current_recipient == theirs.current_recipient
-        assert ours.current_content_type == theirs.current_content_type
-        assert ours.last_content_delta == theirs.last_content_delta
-        assert ours.current_content == theirs.current_content
+        _assert_same_stream_state(ours, theirs)
+    else:
+        theirs.process_eos()
+        ours.process_eos()
+        _assert_same_stream_state(ours, theirs)
     assert ours.messages == [from_oracle(m) for m in theirs.messages]
+    return refused
+
+
+def _completion(renderer: Renderer, name: str) -> list[int]:
+    """The scenario's assistant messages as the model would generate them: the prompt ended in
+    `<|start|>assistant`, so the first header comes without those two tokens."""
+    messages = [m for m in SCENARIOS[name]() if m.author.role is Role.ASSISTANT]
+    return renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
+
+
+SPEAKING = sorted(name for name in NAMES if any(m.author.role is Role.ASSISTANT for m in SCENARIOS[name]()))
+
+
+@pytest.mark.parametrize("name", SPEAKING)
+def test_streamed_completion_matches_oracle_token_by_token(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    _stream_against_oracle(enc, oracle, _completion(renderer, name), Role.ASSISTANT)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_streamed_conversation_matches_oracle_token_by_token(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    """Every message of every scenario, system and developer ones included, read with no role given."""
+    tokens = renderer.render_conversation(SCENARIOS[name](), auto_drop_analysis=False)
+    _stream_against_oracle(enc, oracle, tokens, None)
+
+
+def test_streaming_comparisons_cover_completions_and_refusals(
+    enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    """The completion cases are the scenarios that have assistant messages, and the refusal branch runs,
+    after complete messages: the official parser refuses a header with words left over in a completion, and
+    a tool result's header without a recipient when it reads a whole conversation."""
+    assert {"weather_tool_loop", "python_call", "browser_call", "header_quirks"} <= set(SPEAKING)
+    assert "simple_convo" not in SPEAKING
+    for tokens, role in [
+        (_completion(renderer, "header_quirks"), Role.ASSISTANT),
+        (renderer.render_conversation(SCENARIOS["ongoing_analysis"](), auto_drop_analysis=False), None),
+    ]:
+        refused = _stream_against_oracle(enc, oracle, tokens, role)
+        assert refused is not None
+        assert {tok.END, tok.CALL, tok.RETURN} & set(tokens[:refused]), "a message ends before the refusal"
 
 
 def test_reference_trace(enc: tiktoken.Encoding) -> None:
