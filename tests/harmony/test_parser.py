@@ -141,8 +141,8 @@ def test_streaming_comparisons_cover_completions_and_refusals(
         assert {tok.END, tok.CALL, tok.RETURN} & set(tokens[:refused]), "a message ends before the refusal"
 
 
-def test_reference_trace(enc: tiktoken.Encoding) -> None:
-    """harmony.md 9.5: analysis then final, one delta per content token, None on header and stop tokens."""
+def test_delta_trace_of_analysis_then_final(enc: tiktoken.Encoding) -> None:
+    """Analysis then final: one delta per content token, None on header and stop tokens."""
     text = (
         '<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.<|end|>'
         "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>"

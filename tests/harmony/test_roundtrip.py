@@ -12,12 +12,12 @@ from tests.harmony.scenarios import SCENARIOS
 
 
 def _round_trippable(message: Message) -> bool:
-    """Headers the format itself cannot read back (documented upstream quirks) are left out."""
+    """Headers that do not read back as written, by our parser or the official one, are left out."""
     return (
         message.author.role is Role.ASSISTANT
         and message.recipient != "all"  # "all" is not printed
         and message.channel != ""  # `<|channel|>` with no value does not parse
-        and " " not in (message.content_type or "")  # the docs' `<|constrain|> json` reads back as `json`
+        and " " not in (message.content_type or "")  # `<|constrain|> json` (a space) reads back as `json`
         # A content type without a recipient reads back as the recipient (a lone header word is a recipient).
         and (message.content_type is None or message.recipient is not None)
     )
