@@ -31,21 +31,23 @@ def _encode(enc: tiktoken.Encoding, text: str) -> list[int]:
     return enc.encode(text, allowed_special="all")
 
 
-def _oracle_parse(oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None) -> list[Message] | type:
+def _oracle_parse(oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None) -> list[Message] | str:
+    """The official parser's messages, or its error's text when it refuses the tokens."""
     try:
         parsed = oracle.parse_messages_from_completion_tokens(
             tokens, None if role is None else oh.Role(role.value)
         )
-    except oh.HarmonyError:
-        return HarmonyParseError
+    except oh.HarmonyError as error:
+        return str(error)
     return [from_oracle(m) for m in parsed]
 
 
-def _ours_strict(enc: tiktoken.Encoding, tokens: list[int], role: Role | None) -> list[Message] | type:
+def _ours_strict(enc: tiktoken.Encoding, tokens: list[int], role: Role | None) -> list[Message] | str:
+    """Our strict parser's messages, or its error's text, to compare with `_oracle_parse`."""
     try:
         return parse_completion_tokens(enc, tokens, role, strict=True)
-    except HarmonyParseError:
-        return HarmonyParseError
+    except HarmonyParseError as error:
+        return str(error)
 
 
 @pytest.mark.parametrize("name", NAMES)
