@@ -1,9 +1,9 @@
 """JSON Schema to the TypeScript-like signatures gpt-oss saw in training, quirks included.
 
 The model was trained on the official renderer's output, so every oddity of that renderer is reproduced on
-purpose (descriptions printed twice for nested objects, unescaped string defaults, oneOf layouts, ...);
-`../shared/reference/harmony.md` section 6 lists them. Values that are not JSON objects behave as the official
-renderer's `serde_json::Value::get` does: every key lookup on them finds nothing.
+purpose (descriptions printed twice for nested objects, unescaped string defaults, oneOf layouts, ...): a
+signature printed any other way is text the model never saw. Values that are not JSON objects behave as the
+official renderer's `serde_json::Value::get` does: every key lookup on them finds nothing.
 """
 
 from __future__ import annotations

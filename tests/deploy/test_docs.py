@@ -15,7 +15,9 @@ def deployment_section() -> str:
 
 def test_paths_named_in_the_deployment_docs_exist() -> None:
     for text in (deployment_section(), (DEPLOY / "README.md").read_text()):
-        for path in re.findall(r"`((?:deploy/|\.\./)?[\w./-]+\.(?:ya?ml|env|md)|Dockerfile)`", text):
+        paths = re.findall(r"`((?:deploy/|\.\./)?[\w./-]+\.(?:ya?ml|env|md)|Dockerfile)`", text)
+        assert paths, "no file names found: the pattern does not match how the docs write them"
+        for path in paths:
             candidates = [ROOT / path, DEPLOY / path, DEPLOY / "kubernetes" / path]
             assert any(p.exists() for p in candidates), f"the docs name {path}, which does not exist"
 

@@ -44,7 +44,9 @@ def test_kustomization_lists_every_manifest() -> None:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_manifests_validate_strictly(version: str) -> None:
-    for doc in manifests():
+    docs = manifests()
+    assert docs
+    for doc in docs:
         # Raises ValidationError on a bad field, SchemaNotFoundError on a kind Kubernetes does not have.
         kv.validate(doc, version, strict=True)
 
@@ -136,7 +138,9 @@ def test_runs_as_the_images_non_root_user() -> None:
 
 def test_settings_are_ones_the_server_reads() -> None:
     known = server_env_vars()
-    for name in env(container()):
+    names = env(container())
+    assert "GPT_OSS_PORT" in names
+    for name in names:
         assert name in known or name.startswith("HF_"), (
             f"{name} is read by neither the server nor Hugging Face"
         )
@@ -197,5 +201,7 @@ def test_pods_are_scraped_where_the_server_serves_metrics() -> None:
 
 
 def test_yaml_files_parse() -> None:
-    for path in [*KUBERNETES.glob("*.yaml"), DEPLOY / "prometheus-adapter-values.yaml"]:
+    paths = [*KUBERNETES.glob("*.yaml"), DEPLOY / "prometheus-adapter-values.yaml"]
+    assert len(paths) > 1, "the kubernetes folder holds no YAML files"
+    for path in paths:
         assert load_yaml_documents(path), path

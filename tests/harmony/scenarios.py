@@ -1,4 +1,4 @@
-"""The conversations of the harmony reference (and the upstream test data), built with our types.
+"""Conversations that cover the harmony format and the official renderer's corner cases, built with our types.
 
 Each scenario is rendered by us and by the official renderer in the tests; none carries an expected output.
 """
@@ -346,7 +346,7 @@ SCENARIOS: dict[str, Callable[[], list[Message]]] = {
         assistant("<|call|> and <|constrain|>json", "final"),
     ],
     "two_text_contents": lambda: [Message(Author(Role.USER), [TextContent("Hel"), TextContent("lo")])],
-    # Found by the property tests: a lone trailing \r stays in the line; numbers as serde_json parses them.
+    # A lone trailing \r stays in the line; numbers are printed as serde_json parses them.
     "lone_cr_and_inexact_numbers": lambda: [
         developer(
             tools={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -30,21 +31,23 @@ def _encode(enc: tiktoken.Encoding, text: str) -> list[int]:
     return enc.encode(text, allowed_special="all")
 
 
-def _oracle_parse(oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None) -> list[Message] | type:
+def _oracle_parse(oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None) -> list[Message] | str:
+    """The official parser's messages, or its error's text when it refuses the tokens."""
     try:
         parsed = oracle.parse_messages_from_completion_tokens(
             tokens, None if role is None else oh.Role(role.value)
         )
-    except oh.HarmonyError:
-        return HarmonyParseError
+    except oh.HarmonyError as error:
+        return str(error)
     return [from_oracle(m) for m in parsed]
 
 
-def _ours_strict(enc: tiktoken.Encoding, tokens: list[int], role: Role | None) -> list[Message] | type:
+def _ours_strict(enc: tiktoken.Encoding, tokens: list[int], role: Role | None) -> list[Message] | str:
+    """Our strict parser's messages, or its error's text, to compare with `_oracle_parse`."""
     try:
         return parse_completion_tokens(enc, tokens, role, strict=True)
-    except HarmonyParseError:
-        return HarmonyParseError
+    except HarmonyParseError as error:
+        return str(error)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -55,39 +58,93 @@ def test_strict_parse_of_rendered_conversations_matches_oracle(
     assert _ours_strict(enc, tokens, None) == _oracle_parse(oracle, tokens, None)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_streaming_state_matches_oracle_token_by_token(
-    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
-) -> None:
-    messages = [m for m in SCENARIOS[name]() if m.author.role is Role.ASSISTANT]
-    if not messages:
-        return
-    # A completion: the prompt ended in `<|start|>assistant`, so the first header comes without them.
-    tokens = renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
-    ours = StreamParser(enc, Role.ASSISTANT, strict=True)
-    theirs = oh.StreamableParser(oracle, oh.Role.ASSISTANT)
-    for token in tokens:
+def _assert_same_stream_state(ours: StreamParser, theirs: oh.StreamableParser) -> None:
+    assert ours.state is _STATES[theirs.state]
+    assert (ours.current_role and ours.current_role.value) == (
+        theirs.current_role and theirs.current_role.value
+    )
+    assert ours.current_channel == theirs.current_channel
+    assert ours.current_recipient == theirs.current_recipient
+    assert ours.current_content_type == theirs.current_content_type
+    assert ours.last_content_delta == theirs.last_content_delta
+    assert ours.current_content == theirs.current_content
+
+
+def _stream_against_oracle(
+    enc: tiktoken.Encoding, oracle: oh.HarmonyEncoding, tokens: list[int], role: Role | None
+) -> int | None:
+    """Feeds both streaming parsers the same tokens and compares them after each one.
+
+    Returns the index of the token the official parser refused, or None when it read them all. A refusal is
+    compared too: ours must refuse that same token with the same words, and both must agree on the messages
+    read before it.
+    """
+    ours = StreamParser(enc, role, strict=True)
+    theirs = oh.StreamableParser(oracle, None if role is None else oh.Role(role.value))
+    refused = None
+    for at, token in enumerate(tokens):
         try:
             theirs.process(token)
-        except oh.HarmonyError:
-            with pytest.raises(HarmonyParseError):
+        except oh.HarmonyError as error:
+            with pytest.raises(HarmonyParseError, match=re.escape(str(error))):
                 ours.process(token)
-            return
+            refused = at
+            break
         ours.process(token)
-        assert ours.state is _STATES[theirs.state]
-        assert (ours.current_role and ours.current_role.value) == (
-            theirs.current_role and theirs.current_role.value
-        )
-        assert ours.current_channel == theirs.current_channel
-        assert ours.current_recipient == theirs.current_recipient
-        assert ours.current_content_type == theirs.current_content_type
-        assert ours.last_content_delta == theirs.last_content_delta
-        assert ours.current_content == theirs.current_content
+        _assert_same_stream_state(ours, theirs)
+    else:
+        theirs.process_eos()
+        ours.process_eos()
+        _assert_same_stream_state(ours, theirs)
     assert ours.messages == [from_oracle(m) for m in theirs.messages]
+    return refused
 
 
-def test_reference_trace(enc: tiktoken.Encoding) -> None:
-    """harmony.md 9.5: analysis then final, one delta per content token, None on header and stop tokens."""
+def _completion(renderer: Renderer, name: str) -> list[int]:
+    """The scenario's assistant messages as the model would generate them: the prompt ended in
+    `<|start|>assistant`, so the first header comes without those two tokens."""
+    messages = [m for m in SCENARIOS[name]() if m.author.role is Role.ASSISTANT]
+    return renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
+
+
+SPEAKING = sorted(name for name in NAMES if any(m.author.role is Role.ASSISTANT for m in SCENARIOS[name]()))
+
+
+@pytest.mark.parametrize("name", SPEAKING)
+def test_streamed_completion_matches_oracle_token_by_token(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    _stream_against_oracle(enc, oracle, _completion(renderer, name), Role.ASSISTANT)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_streamed_conversation_matches_oracle_token_by_token(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    """Every message of every scenario, system and developer ones included, read with no role given."""
+    tokens = renderer.render_conversation(SCENARIOS[name](), auto_drop_analysis=False)
+    _stream_against_oracle(enc, oracle, tokens, None)
+
+
+def test_streaming_comparisons_cover_completions_and_refusals(
+    enc: tiktoken.Encoding, renderer: Renderer, oracle: oh.HarmonyEncoding
+) -> None:
+    """The completion cases are the scenarios that have assistant messages, and the refusal branch runs,
+    after complete messages: the official parser refuses a header with words left over in a completion, and
+    a tool result's header without a recipient when it reads a whole conversation."""
+    assert {"weather_tool_loop", "python_call", "browser_call", "header_quirks"} <= set(SPEAKING)
+    assert "simple_convo" not in SPEAKING
+    for tokens, role in [
+        (_completion(renderer, "header_quirks"), Role.ASSISTANT),
+        (renderer.render_conversation(SCENARIOS["ongoing_analysis"](), auto_drop_analysis=False), None),
+    ]:
+        refused = _stream_against_oracle(enc, oracle, tokens, role)
+        assert refused is not None
+        assert {tok.END, tok.CALL, tok.RETURN} & set(tokens[:refused]), "a message ends before the refusal"
+
+
+def test_delta_trace_of_analysis_then_final(enc: tiktoken.Encoding) -> None:
+    """Analysis then final: one delta per content token, None on header and stop tokens."""
     text = (
         '<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.<|end|>'
         "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>"
@@ -241,21 +298,35 @@ def _summary(parser: StreamParser) -> list[tuple[str, str | None, str | None, st
     return [(m.author.role.value, m.channel, m.recipient, m.text) for m in parser.messages]
 
 
-def test_well_formed_output_parses_the_same_in_both_modes(enc: tiktoken.Encoding, renderer: Renderer) -> None:
-    for name in NAMES:
-        # Well-formed: a channel, and a content type that is one word (the docs' `<|constrain|> json` is not).
-        messages = [
-            m
-            for m in SCENARIOS[name]()
-            if m.author.role is Role.ASSISTANT and m.channel and " " not in (m.content_type or "")
-        ]
-        if not messages:
-            continue
-        tokens = renderer.render_conversation(messages, auto_drop_analysis=False)[2:]
-        strict = StreamParser(enc, Role.ASSISTANT, strict=True).process_all(tokens).process_eos()
-        tolerant = StreamParser(enc, Role.ASSISTANT).process_all(tokens).process_eos()
-        assert tolerant.messages == strict.messages, name
-        assert tolerant.anomalies == 0, name
+def _well_formed(name: str) -> list[Message]:
+    """The scenario's assistant messages with a channel, and a content type that is one word (the
+    `<|constrain|> json` spelling with a space reads back differently, so it is not well-formed output)."""
+    return [
+        m
+        for m in SCENARIOS[name]()
+        if m.author.role is Role.ASSISTANT and m.channel and " " not in (m.content_type or "")
+    ]
+
+
+WELL_FORMED = [name for name in NAMES if _well_formed(name)]
+
+
+@pytest.mark.parametrize("name", WELL_FORMED)
+def test_well_formed_output_parses_the_same_in_both_modes(
+    name: str, enc: tiktoken.Encoding, renderer: Renderer
+) -> None:
+    tokens = renderer.render_conversation(_well_formed(name), auto_drop_analysis=False)[2:]
+    strict = StreamParser(enc, Role.ASSISTANT, strict=True).process_all(tokens).process_eos()
+    tolerant = StreamParser(enc, Role.ASSISTANT).process_all(tokens).process_eos()
+    assert strict.messages
+    assert tolerant.messages == strict.messages
+    assert tolerant.anomalies == 0
+
+
+def test_well_formed_cases_cover_the_assistant_scenarios() -> None:
+    assert {"weather_tool_loop", "python_call", "browser_call", "keep_analysis_between_finals"} <= set(
+        WELL_FORMED
+    )
 
 
 @pytest.mark.parametrize(

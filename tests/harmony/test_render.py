@@ -1,4 +1,4 @@
-"""Prompt token ids, byte-identical with the official renderer on every reference scenario."""
+"""Prompt token ids, byte-identical with the official renderer on every scenario."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def test_single_messages_match_oracle(name: str, renderer: Renderer, oracle: oh.
             assert renderer.render_message(message, conversation_has_function_tools=flag) == expected
 
 
-def test_the_reference_rendering_reads_as_documented(renderer: Renderer, enc: tiktoken.Encoding) -> None:
-    """The 347-token reference prompt of harmony.md 9.4, checked as text as well as against the oracle."""
+def test_the_weather_tool_loop_prompt_reads_as_expected(renderer: Renderer, enc: tiktoken.Encoding) -> None:
+    """The tool loop's 347-token prompt, read as text: what the model sees, spelled out where the oracle
+    comparisons only compare ids."""
     tokens = renderer.render_for_completion(SCENARIOS["weather_tool_loop"]())
     text = enc.decode(tokens)
     assert len(tokens) == 347
