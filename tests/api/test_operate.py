@@ -76,7 +76,7 @@ def test_metrics_move_after_a_request(served: Served) -> None:
 
 
 def test_a_full_queue_is_a_429_with_retry_after(served: Served) -> None:
-    bridge = served.app.state.server.engine
+    bridge = served.app.state.server.services.engine
     saved = bridge.max_in_flight
     bridge.max_in_flight = 0
     try:
