@@ -432,7 +432,8 @@ def test_tokenize_matches_what_chat_sends(client: openai.OpenAI, served: Served)
 
 
 def test_streamed_tool_loop_always_reaches_an_answer(client: openai.OpenAI) -> None:
-    """api.md 10.1: the turn after a tool result must not stop short; 20 streamed two-turn loops."""
+    """Other servers' streamed tool calls have stopped short on the turn after the tool result, at random:
+    20 streamed two-turn loops, each must end with the final answer."""
     call = (
         '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
     )
@@ -554,8 +555,9 @@ def _prompt_text(served: Served, messages: list[dict], tools: list[dict] | None 
 
 
 def test_history_shapes_other_servers_tripped_on(served: Served) -> None:
-    """api.md 10.16 and 10.18: reasoning under either name, content beside reasoning, an empty tool_calls
-    list, and arguments that must not be encoded twice."""
+    """History shapes other servers lost or crashed on: reasoning under either name (`reasoning`,
+    `reasoning_content`), content beside reasoning, an empty tool_calls list, and arguments that must not be
+    encoded twice."""
     for field in ("reasoning", "reasoning_content"):
         text = _prompt_text(
             served,
@@ -591,8 +593,9 @@ def test_history_shapes_other_servers_tripped_on(served: Served) -> None:
 
 
 def test_odd_tool_calls_from_the_model(client: openai.OpenAI) -> None:
-    """api.md 10.24 and 10.25: arguments that are not JSON pass through as a string; a built-in tool the
-    request did not offer is returned as text, not run; a call cut off by the end of the stream is flushed."""
+    """Tool calls other servers failed to parse or ran when not offered: arguments that are not JSON pass
+    through as a string; a built-in tool the request did not offer is returned as text, not run; a call cut
+    off by the end of the stream is flushed."""
     not_json = (
         "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>print('hi')<|call|>"
     )
@@ -628,7 +631,8 @@ def test_odd_tool_calls_from_the_model(client: openai.OpenAI) -> None:
 
 
 def test_a_missing_vocabulary_stops_the_server_at_start_up(tmp_path: Path) -> None:
-    """api.md 10.9: a clear error when the server starts, not a failure on the first request."""
+    """Without network access other servers failed on the first request, loading the vocabulary late: ours
+    refuses to start with a clear error."""
     import os
     import subprocess
     import sys
