@@ -375,6 +375,8 @@ def test_special_token_text_from_users_stays_text(client: openai.OpenAI, served:
         ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400, "messages"),
         ({"model": MODEL, "messages": USER, "max_tokens": 10_000}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": USER, "max_completion_tokens": 10_000}, 400, "max_completion_tokens"),
+        ({"model": MODEL, "messages": USER, "stop": ["", "x"]}, 400, "stop"),
         ({"model": MODEL, "messages": USER, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ],
 )
