@@ -6,9 +6,9 @@ both APIs alike and a Responses tool loop's prompt extends the previous one just
 
 One async generator produces the Responses event sequence (created, in_progress, each item's added / part /
 delta / done events, then completed, incomplete or failed); a streamed request sends it as SSE, a plain one
-keeps only the final response. Stored responses keep their whole conversation (the chain's input
-items, then their output items), so `previous_response_id` rebuilds exactly the prompt the client would get by
-sending everything itself; `instructions` apply to one request only, as with OpenAI.
+keeps only the final response. Stored responses keep their whole conversation (the chain's input items, then
+their output items), so `previous_response_id` rebuilds exactly the prompt the client would get by sending
+everything itself; `instructions` apply to one request only, as with OpenAI.
 """
 
 from __future__ import annotations
@@ -458,7 +458,6 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
             processors=tool_choice_processors(self.encoding, choice, names),
         )
-        admission = self.engine.admit([(prompt, params)])
         tool_dicts = [
             {
                 "type": "function",
@@ -472,6 +471,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
+        admission = self.engine.admit([(prompt, params)])
         return PreparedResponse(
             request, prompt, params, input_items, tool_dicts, choice_echo, effort, admission
         )

@@ -29,6 +29,9 @@ class Services:
 
 
 class ServerState:
+    """What the routes reach, owned by the app (`app.state.server`); `services` is None until an engine is
+    attached, and the model-serving routes answer 503 until then."""
+
     def __init__(
         self, settings: ServerSettings, encoding: tiktoken.Encoding, processors_hook: ProcessorsHook | None
     ) -> None:
