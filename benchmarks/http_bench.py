@@ -161,7 +161,7 @@ def main() -> None:
 
     settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
     app = create_app(engine, settings, encoding=encoding, processors_hook=hook)
-    state = app.state.server
+    bridge = app.state.server.services.engine
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -183,8 +183,8 @@ def main() -> None:
     say(" ".join(f"{h:>15}" for h in header))
     verdicts = []
     for c in args.concurrency:
-        asyncio.run(engine_alone(state.engine, prompt, script, args.tokens, min(c, 4)))  # warm-up
-        alone = asyncio.run(engine_alone(state.engine, prompt, script, args.tokens, c)).summary()
+        asyncio.run(engine_alone(bridge, prompt, script, args.tokens, min(c, 4)))  # warm-up
+        alone = asyncio.run(engine_alone(bridge, prompt, script, args.tokens, c)).summary()
         http = http_in_another_process(base, c).summary()
         overhead = http[1] / alone[1] - 1
         row = [str(c), f"{alone[0] * 1e3:.1f}", f"{http[0] * 1e3:.1f}", f"{alone[1] * 1e3:.2f}"]

@@ -1,7 +1,8 @@
 """The FastAPI app. `create_app(engine, settings)` builds it around an engine; no module globals hold state.
 
-Routes are thin: they validate the body (pydantic), hand it to a service, and return what the service built.
-Errors from anywhere leave through `server.errors` in the OpenAI envelope.
+The routes are in `server.routes`, what they reach in `server.state`; here are the middleware (request ids,
+the API key, the body limit, the request log and count) and the error handlers, through which errors from
+anywhere leave in the OpenAI envelope.
 """
 
 from __future__ import annotations
@@ -17,68 +18,18 @@ from typing import Any
 import tiktoken
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse
 
 from engine.core import EngineCore
 from harmony.encoding import load_harmony_encoding
-from server.async_engine import AsyncEngine
-from server.errors import APIError, bad_request, install_error_handlers
+from server.errors import APIError, install_error_handlers
 from server.logs import REQUEST_ID
-from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.serving_chat import ChatService, ProcessorsHook
-from server.serving_completions import CompletionService, register_completions_routes
-from server.serving_responses import ResponsesService, register_responses_routes
+from server.routes import router
+from server.serving import ProcessorsHook
 from server.settings import ServerSettings
-from server.streaming import data_events, sse
+from server.state import ServerState
 
 logger = logging.getLogger(__name__)
-
-
-class ServerState:
-    """What the routes need, owned by the app: the engine bridge and the services built on it."""
-
-    def __init__(
-        self, settings: ServerSettings, encoding: tiktoken.Encoding, processors_hook: ProcessorsHook | None
-    ) -> None:
-        self.settings = settings
-        self.processors_hook = processors_hook
-        self.encoding = encoding
-        self.created = int(time.time())
-        self.engine: AsyncEngine | None = None
-        self.chat: ChatService | None = None
-        self.responses: ResponsesService | None = None
-        self.completions: CompletionService | None = None
-        self.raw_engine: EngineCore | None = None
-        self.metrics = Metrics(lambda: self.raw_engine)
-
-    def attach(self, engine: EngineCore) -> None:
-        self.raw_engine = engine
-        self.engine = AsyncEngine(
-            engine,
-            max_in_flight=engine.config.max_num_seqs + self.settings.max_waiting_requests,
-            on_finished=lambda p, o, ttft, e2e: self.metrics.observe_request(
-                prompt_tokens=p, output_tokens=o, ttft=ttft, e2e=e2e
-            ),
-        )
-        self.chat = ChatService(
-            self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
-        )
-        self.responses = ResponsesService(
-            self.engine, self.encoding, self.settings, engine.max_model_len, self.processors_hook
-        )
-        self.completions = CompletionService(self.engine, self.encoding, self.settings, engine.max_model_len)
-
-    def ready_chat(self) -> ChatService:
-        if self.chat is None:
-            raise _loading()
-        return self.chat
-
-    def ready_completions(self) -> CompletionService:
-        if self.completions is None:
-            raise _loading()
-        return self.completions
 
 
 def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
@@ -101,10 +52,6 @@ def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
     return None
 
 
-def _loading() -> APIError:
-    return APIError(503, "the model is still loading", type="server_error", code="model_loading")
-
-
 def create_app(
     engine: EngineCore | None,
     settings: ServerSettings | None = None,
@@ -114,8 +61,8 @@ def create_app(
 ) -> FastAPI:
     """The app around `engine`. With None, it answers 503 until `app.state.server.attach(engine)`.
 
-    `processors_hook`, if given, adds logits processors to each chat request's choices (the seam through
-    which tests make the real model say chosen harmony sequences).
+    `processors_hook`, if given, adds logits processors to each request's choices (the seam through which
+    tests make the real model say chosen harmony sequences).
     """
     state = ServerState(settings or ServerSettings(), encoding or load_harmony_encoding(), processors_hook)
     if engine is not None:
@@ -124,8 +71,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if state.engine is not None:
-            state.engine.shutdown()
+        if state.services is not None:
+            state.services.engine.shutdown()
 
     app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
     app.state.server = state
@@ -139,63 +86,7 @@ def create_app(
             expose_headers=["x-request-id"],
         )
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if state.engine is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "id": state.settings.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "gpt-oss-server",
-        }
-        if state.settings.model_note:
-            entry["note"] = state.settings.model_note
-        return {"object": "list", "data": [entry]}
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
-        chat = state.ready_chat()
-        if body.stream:
-            lines = await chat.stream(body)
-            return sse(data_events(lines), state.settings)
-        return await chat.complete(body)
-
-    register_completions_routes(app, state.ready_completions)
-
-    register_responses_routes(app, state)
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        if (body.prompt is None) == (body.messages is None):
-            raise bad_request("give exactly one of prompt and messages", param="prompt")
-        if body.prompt is not None:
-            tokens = state.encoding.encode_ordinary(body.prompt)
-        else:
-            chat = state.ready_chat()
-            assert body.messages is not None
-            request = ChatCompletionRequest(
-                model=state.settings.served_model_name,
-                messages=body.messages,
-                tools=body.tools,
-                reasoning_effort=body.reasoning_effort,
-            )
-            tokens = chat.render(request)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": _max_len(state)}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
-            raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
-        return {"prompt": state.encoding.decode(body.tokens)}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    app.include_router(router)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
@@ -219,7 +110,3 @@ def create_app(
             REQUEST_ID.reset(token)
 
     return app
-
-
-def _max_len(state: ServerState) -> int | None:
-    return state.chat.max_model_len if state.chat is not None else None

@@ -3,6 +3,10 @@
 Each request gets its own asyncio queue; the engine thread's callback hands outputs over with
 `loop.call_soon_threadsafe`, so the event loop never waits on the model. A consumer that goes away (a client
 disconnect cancels its task) aborts its request in the engine, which frees its blocks at the next step.
+
+The bound on requests in flight is kept by admission: `admit` checks the bound and takes the slots in one go
+on the event loop (no await in between, so concurrent requests cannot all pass the check before any is
+counted), and the `Admission` gives them back when its response ends, whether or not it ever started.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ FinishedObserver = Callable[[int, int, float | None, float], None]
 GIL_SWITCH_INTERVAL = 0.0005
 
 
+class Admission:
+    """Slots of the in-flight bound held by one HTTP response (one per choice); `release` is idempotent."""
+
+    def __init__(self, engine: AsyncEngine, slots: int) -> None:
+        self._engine = engine
+        self._slots = slots
+
+    def release(self) -> None:
+        self._engine.in_flight -= self._slots
+        self._slots = 0
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -46,26 +62,31 @@ class AsyncEngine:
         max_in_flight: int | None = None,
         on_finished: FinishedObserver | None = None,
     ) -> None:
-        """`max_in_flight` bounds the requests running or waiting (beyond it `check` raises `QueueFull`)."""
+        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`)."""
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.engine = engine
         self.max_in_flight = max_in_flight
         self.on_finished = on_finished
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
-        self.in_flight = 0  # touched only on the event loop's thread
+        self.in_flight = 0  # slots held by admissions; touched only on the event loop's thread
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Before a response starts: `QueueFull` when the queue is at its bound, `RequestRejected` for a
-        request that can never run."""
-        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+    def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admission:
+        """Before a response starts, for all of its engine requests: `RequestRejected` for one that can never
+        run, `QueueFull` when they do not fit under the bound; else their slots, taken now."""
+        for prompt_token_ids, params in requests:
+            self.engine.check(prompt_token_ids, params)
+        if self.max_in_flight is not None and self.in_flight + len(requests) > self.max_in_flight:
             raise QueueFull(f"{self.in_flight} requests are already in flight; retry shortly")
-        self.engine.check(prompt_token_ids, params)
+        self.in_flight += len(requests)
+        return Admission(self, len(requests))
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as the engine produces them; the last one has a finish reason."""
+        """Yield the request's outputs as the engine produces them; the last one has a finish reason.
+
+        The caller holds the request's `Admission` (the engine alone, as benchmarks drive it, needs none)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
@@ -74,7 +95,6 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, output)
 
         self._thread.add_request(rid, prompt_token_ids, params, deliver)
-        self.in_flight += 1
         produced = 0
         finished = False
         try:
@@ -93,7 +113,6 @@ class AsyncEngine:
                         )
                     return
         finally:
-            self.in_flight -= 1
             if not finished:
                 logger.info("request %s abandoned by its client; aborting it", rid)
                 self._thread.abort(rid)

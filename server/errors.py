@@ -1,13 +1,18 @@
 """Every error leaves the server in the OpenAI envelope: `{"error": {"message", "type", "param", "code"}}`.
 
-Routes and services raise `APIError`; FastAPI's own validation errors (a 422 `{"detail": ...}` by default)
-become 400 `invalid_request_error` with `param` naming the field. Nothing else is turned into a response here:
-an unexpected exception is logged and answered with a plain 500 in the same envelope.
+Routes and services raise `APIError`, which carries its status and `param`. A request the engine (or a
+service, in the engine's terms) refuses is a `RequestError` naming an engine-level field; `request_error`
+turns it into an `APIError` through the API's table of parameter names, so each API names its own fields
+(chat's prompt is `messages`, Responses' is `input`). FastAPI's own validation errors (a 422 `{"detail": ...}`
+by default) become 400 `invalid_request_error` with `param` naming the field; a full queue is a 429 with
+`Retry-After`; an engine failure is a 500 `server_error`, or, once a stream has started, the same error object
+in the stream. Anything else is logged and answered with a plain 500 in the same envelope.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -16,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.async_engine import QueueFull
+from engine.request import RequestError, RequestRejected
+from server.async_engine import EngineFailure, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,30 @@ def not_found(message: str, param: str | None = None) -> APIError:
     return APIError(404, message, type="not_found_error", param=param, code="not_found")
 
 
+def model_loading() -> APIError:
+    return APIError(503, "the model is still loading", type="server_error", code="model_loading")
+
+
+class ContextLengthExceeded(RequestRejected):
+    """The prompt, or the prompt plus the output asked for, does not fit the model's context."""
+
+
+# An API's names for the engine-level fields of `RequestError.field` (a field missing here keeps its name).
+ParamNames = Mapping[str, str]
+
+
+def request_error(error: RequestError, names: ParamNames) -> APIError:
+    """The 400 for a request refused in the engine's terms, naming the field as the API calls it."""
+    param = None if error.field is None else names.get(error.field, error.field)
+    code = "context_length_exceeded" if isinstance(error, ContextLengthExceeded) else None
+    return APIError(400, str(error), param=param, code=code)
+
+
+def engine_failure(error: EngineFailure) -> APIError:
+    """The engine failed while running the request: the client's request was fine."""
+    return APIError(500, str(error), type="server_error")
+
+
 def _param_of(location: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "role")` -> `messages[0].role`."""
     parts = [p for p in location if p != "body"]
@@ -69,6 +99,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
         body = APIError(429, str(error), type="rate_limit_error", code="queue_full").body()
         return JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineFailure)
+    async def failed(request: Request, error: EngineFailure) -> JSONResponse:
+        return JSONResponse(engine_failure(error).body(), status_code=500)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:

@@ -77,32 +77,42 @@ class ResponseFormat(_Lenient):
     type: str = "text"
 
 
-class ChatCompletionRequest(_Lenient):
+class GenerationRequest(_Lenient):
+    """What every generating API takes: the model, sampling (None: the server's default), streaming."""
+
     model: str
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+
+
+class ChoicesRequest(GenerationRequest):
+    """The fields of the APIs that sample `n` choices per prompt (chat and the legacy completions)."""
+
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=8)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(ChoicesRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=8)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
     metadata: dict[str, str] | None = None
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None
+    user: str | None = None
 
 
 class TokenizeRequest(_Lenient):
@@ -169,24 +179,33 @@ class ResponsesText(_Lenient):
     format: ResponsesTextFormat | None = None
 
 
-class ResponsesRequest(_Lenient):
-    model: str
+class ResponsesRequest(GenerationRequest):
     input: str | list[ResponsesInputItem]
     instructions: str | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
     reasoning: ResponsesReasoning | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
-    stream: bool = False
     parallel_tool_calls: bool | None = None
     background: bool | None = None
     include: list[str] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     truncation: Literal["auto", "disabled"] | None = None
     text: ResponsesText | None = None
+    user: str | None = None
+
+
+# -- Completions API (`POST /v1/completions`) ----------------------------------------------------------------
+
+
+class CompletionRequest(ChoicesRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # None: the API's default of 16 tokens.
+    max_tokens: int | None = Field(default=None, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    return_token_ids: bool = False
     user: str | None = None

@@ -2,84 +2,34 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import tiktoken
+from sse_starlette import EventSourceResponse
 
-from engine.request import (
-    FinishReason,
-    LogitsProcessor,
-    RequestOutput,
-    RequestRejected,
-    SamplingParams,
-    SamplingParamsError,
-    TokenLogprob,
-)
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
-from harmony.render import Renderer
-from server.async_engine import AsyncEngine, EngineFailure
-from server.errors import APIError, bad_request, not_found
+from server.async_engine import Admission
+from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
-from server.prompting import check_sizes, output_budget, render_prompt
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.settings import ServerSettings
+from server.serving import Serving, StopTrimmer, output_budget
+from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
-
-logger = logging.getLogger(__name__)
-
-# Extra logits processors for a request's choices, given the request's unknown body fields (`model_extra`)
-# and the choice index (see `create_app`); chat and Responses requests go through the same hook.
-ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
 
 
 @dataclass(slots=True)
 class Prepared:
-    """A validated request: its prompt and one set of sampling parameters per choice."""
+    """An admitted request: its prompt and one set of sampling parameters per choice."""
 
     prompt: list[int]
     params: list[SamplingParams]
     named_tool: str | None
     logprobs: bool
-
-
-class StopTrimmer:
-    """Holds back answer text that may be the start of a stop string, and cuts the answer at one.
-
-    The engine ends the request on the token that completes a stop string; the text the client sees ends
-    before the stop string, as with the OpenAI API, streamed or not.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.keep = max((len(s) for s in stops), default=1) - 1
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return text
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            out, self.pending = self.pending[:cut], ""
-            return out
-        split = max(len(self.pending) - self.keep, 0)
-        out, self.pending = self.pending[:split], self.pending[split:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
+    admission: Admission
 
 
 @dataclass(slots=True)
@@ -95,43 +45,28 @@ class ChoiceState:
     cached_tokens: int = 0
 
 
-class ChatService:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        encoding: tiktoken.Encoding,
-        settings: ServerSettings,
-        max_model_len: int,
-        processors_hook: ProcessorsHook | None = None,
-    ) -> None:
-        self.engine = engine
-        self.processors_hook = processors_hook
-        self.encoding = encoding
-        self.renderer = Renderer(encoding)
-        self.settings = settings
-        self.max_model_len = max_model_len
-
+class ChatService(Serving[ChatCompletionRequest, Prepared]):
     # -- preparing ------------------------------------------------------------------------------------------
 
-    def render(self, request: ChatCompletionRequest) -> list[int]:
-        tools = request.tools if request.tool_choice != "none" else None
-        return render_prompt(
-            self.renderer, self.settings, request.messages, tools, request.reasoning_effort, param="messages"
-        )
+    def param_names(self, request: ChatCompletionRequest) -> ParamNames:
+        budget = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        return {"prompt": "messages", "max_tokens": budget, "logprobs": "top_logprobs"}
 
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
-        if request.model != self.settings.served_model_name:
-            raise not_found(
-                f"the model {request.model!r} does not exist; this server serves "
-                f"{self.settings.served_model_name!r}",
-                param="model",
-            )
+    def prompt(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt token ids the engine gets for `request` (what `/tokenize` counts)."""
+        with self.in_api_terms(request):
+            return self._prompt(request)
+
+    def _prompt(self, request: ChatCompletionRequest) -> list[int]:
+        tools = request.tools if request.tool_choice != "none" else None
+        return self.render(request.messages, tools, request.reasoning_effort)
+
+    def _prepare(self, request: ChatCompletionRequest) -> Prepared:
         if request.response_format is not None and request.response_format.type != "text":
             raise bad_request(
                 f"response_format {request.response_format.type!r} is not supported yet; use 'text'",
                 param="response_format",
             )
-        check_sizes(self.settings, len(request.messages), len(request.tools or []), messages_param="messages")
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
@@ -144,60 +79,33 @@ class ChatService:
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
 
-        prompt = self.render(request)
+        prompt = self._prompt(request)
         max_tokens = output_budget(
-            len(prompt),
-            request.max_completion_tokens or request.max_tokens,
-            self.max_model_len,
-            prompt_param="messages",
-            tokens_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
+            len(prompt), request.max_completion_tokens or request.max_tokens, self.max_model_len
         )
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        if any(not s for s in stops):
-            raise bad_request("stop sequences must not be empty", param="stop")
         try:
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
-            raise bad_request("logit_bias keys must be token ids", param="logit_bias") from error
+            raise RequestError("logit_bias keys must be token ids", "logit_bias") from error
         processors = tool_choice_processors(
             self.encoding, named or (choice if isinstance(choice, str) else None), names
         )
-        params = []
-        for i in range(request.n):
-            try:
-                params.append(
-                    SamplingParams(
-                        max_tokens=max_tokens,
-                        temperature=self.settings.default_temperature
-                        if request.temperature is None
-                        else request.temperature,
-                        top_p=self.settings.default_top_p if request.top_p is None else request.top_p,
-                        top_k=max(request.top_k or 0, 0),
-                        min_p=request.min_p or 0.0,
-                        presence_penalty=request.presence_penalty,
-                        frequency_penalty=request.frequency_penalty,
-                        logit_bias=logit_bias,
-                        seed=None if request.seed is None else request.seed + i,
-                        stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-                        stop=stops,
-                        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-                        logits_processors=[
-                            *processors,
-                            *(
-                                self.processors_hook(request.model_extra or {}, i)
-                                if self.processors_hook
-                                else []
-                            ),
-                        ],
-                    )
-                )
-            except SamplingParamsError as error:
-                raise bad_request(str(error), param=str(error).split(" ", 1)[0]) from error
-        try:
-            self.engine.check(prompt, params[0])
-        except RequestRejected as error:
-            raise bad_request(str(error), param="messages") from error
-        return Prepared(prompt, params, named, request.logprobs)
+        params = [
+            self.sampling_params(
+                request,
+                max_tokens,
+                index=i,
+                stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
+                processors=processors,
+                logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                top_k=max(request.top_k or 0, 0),
+                min_p=request.min_p or 0.0,
+                logit_bias=logit_bias,
+            )
+            for i in range(request.n)
+        ]
+        admission = self.engine.admit([(prompt, p) for p in params])
+        return Prepared(prompt, params, named, request.logprobs, admission)
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -239,10 +147,6 @@ class ChatService:
                 out.append(Delta(DeltaKind.CONTENT, tail))
         return out
 
-    @staticmethod
-    def _content(state: ChoiceState, deltas: list[Delta]) -> None:
-        state.content.extend(d.text for d in deltas if d.kind is DeltaKind.CONTENT)
-
     def _choice(self, prepared: Prepared, index: int) -> ChoiceState:
         return ChoiceState(index, ChatOutputParser(self.encoding), StopTrimmer(prepared.params[index].stop))
 
@@ -266,20 +170,27 @@ class ChatService:
             },
         }
 
-    async def _run_choice(self, prepared: Prepared, state: ChoiceState, request_id: str) -> None:
-        async for output in self.engine.generate(prepared.prompt, prepared.params[state.index], request_id):
-            self._content(state, self._consume(state, output, prepared))
+    def _outputs(self, prepared: Prepared, completion_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice's outputs as they come, tagged with the choice's index."""
+        return fan_in(
+            [
+                self.engine.generate(prepared.prompt, p, f"{completion_id}-{i}")
+                for i, p in enumerate(prepared.params)
+            ]
+        )
 
     async def complete(self, request: ChatCompletionRequest) -> dict[str, Any]:
         prepared = self.prepare(request)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         states = [self._choice(prepared, i) for i in range(request.n)]
         try:
-            await asyncio.gather(
-                *(self._run_choice(prepared, s, f"{completion_id}-{s.index}") for s in states)
-            )
-        except EngineFailure as error:
-            raise APIError(500, str(error), type="server_error") from error
+            async for index, output in self._outputs(prepared, completion_id):
+                state = states[index]
+                state.content.extend(
+                    d.text for d in self._consume(state, output, prepared) if d.kind is DeltaKind.CONTENT
+                )
+        finally:
+            prepared.admission.release()
         choices = []
         for state in states:
             out = state.parser.output
@@ -310,107 +221,42 @@ class ChatService:
             "usage": self._usage(prepared.prompt, states),
         }
 
-    async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
-        """Validates first (errors raise before any byte is sent), then returns the SSE data lines."""
+    def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
+        """Validates first (errors raise before any byte is sent), then streams the chunks."""
         prepared = self.prepare(request)
-        return self._stream(request, prepared)
+        return sse(data_events(self._chunks(request, prepared)), self.settings, prepared.admission.release)
 
-    async def _stream(self, request: ChatCompletionRequest, prepared: Prepared) -> AsyncIterator[str]:
+    async def _chunks(
+        self, request: ChatCompletionRequest, prepared: Prepared
+    ) -> AsyncIterator[dict[str, Any]]:
         completion_id = "chatcmpl-" + secrets.token_hex(12)
-        created = int(time.time())
-        model = self.settings.served_model_name
+        head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.settings.served_model_name,
+        }
         states = [self._choice(prepared, i) for i in range(request.n)]
 
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-            }
-            body["choices"] = choices
-            body.update(extra)
-            return json.dumps(body, ensure_ascii=False)
+        def chunk(
+            index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
+        ) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return {**head, "choices": [choice]}
 
         for state in states:
-            yield chunk(
-                [
-                    {
-                        "index": state.index,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
-
-        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-        async def pump(state: ChoiceState) -> None:
-            try:
-                async for output in self.engine.generate(
-                    prepared.prompt, prepared.params[state.index], f"{completion_id}-{state.index}"
-                ):
-                    await queue.put((state.index, output))
-            except EngineFailure as error:
-                await queue.put((state.index, error))
-            finally:
-                await queue.put((state.index, None))
-
-        tasks = [asyncio.create_task(pump(s)) for s in states]
-        try:
-            remaining = len(states)
-            while remaining:
-                index, item = await queue.get()
-                state = states[index]
-                if item is None:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    error = APIError(500, str(item), type="server_error")
-                    yield json.dumps(error.body())
-                    yield "[DONE]"
-                    return
-                logprobs_before = len(state.logprobs)
-                for delta in self._consume(state, item, prepared):
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": _delta_json(delta),
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-                if prepared.logprobs and len(state.logprobs) > logprobs_before:
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": {},
-                                "finish_reason": None,
-                                "logprobs": {"content": state.logprobs[logprobs_before:], "refusal": None},
-                            }
-                        ]
-                    )
-                if item.finished:
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": self._finish_reason(state, prepared),
-                            }
-                        ]
-                    )
-            if request.stream_options is not None and request.stream_options.include_usage:
-                yield chunk([], usage=self._usage(prepared.prompt, states))
-            yield "[DONE]"
-        finally:
-            for task in tasks:
-                task.cancel()
+            yield chunk(state.index, {"role": "assistant", "content": ""})
+        async for index, output in self._outputs(prepared, completion_id):
+            state = states[index]
+            logprobs_before = len(state.logprobs)
+            for delta in self._consume(state, output, prepared):
+                yield chunk(index, _delta_json(delta))
+            if prepared.logprobs and len(state.logprobs) > logprobs_before:
+                yield chunk(index, {}, {"content": state.logprobs[logprobs_before:], "refusal": None})
+            if output.finished:
+                yield chunk(index, {}, finish=self._finish_reason(state, prepared))
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": self._usage(prepared.prompt, states)}
 
 
 def _delta_json(delta: Delta) -> dict[str, Any]:

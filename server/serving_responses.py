@@ -4,11 +4,11 @@ Input items become the same chat messages the chat endpoint takes (a `function_c
 call, a `function_call_output` a tool result, a `reasoning` item assistant reasoning), so `to_harmony` renders
 both APIs alike and a Responses tool loop's prompt extends the previous one just as a chat loop's does.
 
-One async generator produces the event sequence of api.md section 9.1 (created, in_progress, each item's
-added / part / delta / done events, then completed, incomplete or failed); a streamed request sends it as SSE,
-a plain one keeps only the final response. Stored responses keep their whole conversation (the chain's input
-items, then their output items), so `previous_response_id` rebuilds exactly the prompt the client would get by
-sending everything itself; `instructions` apply to one request only, as with OpenAI.
+One async generator produces the Responses event sequence (created, in_progress, each item's added / part /
+delta / done events, then completed, incomplete or failed); a streamed request sends it as SSE, a plain one
+keeps only the final response. Stored responses keep their whole conversation (the chain's input items, then
+their output items), so `previous_response_id` rebuilds exactly the prompt the client would get by sending
+everything itself; `instructions` apply to one request only, as with OpenAI.
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tiktoken
-from fastapi import FastAPI
+from sse_starlette import EventSourceResponse
 
-from engine.request import FinishReason, RequestRejected, SamplingParams, SamplingParamsError
+from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
-from harmony.render import Renderer
-from server.async_engine import AsyncEngine, EngineFailure
-from server.errors import APIError, bad_request, not_found
+from server.async_engine import Admission, AsyncEngine, EngineFailure
+from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
-from server.prompting import check_sizes, output_budget, render_prompt
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -44,13 +42,10 @@ from server.protocol import (
     Tool,
     ToolCall,
 )
-from server.serving_chat import ProcessorsHook
+from server.serving import ProcessorsHook, Serving, output_budget
 from server.settings import ServerSettings
 from server.streaming import sse
 from server.tool_choice import tool_choice_processors
-
-if TYPE_CHECKING:
-    from server.app import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +180,7 @@ class PreparedResponse:
     tools: list[dict[str, Any]]
     tool_choice: Any
     effort: str
+    admission: Admission
 
 
 @dataclass(slots=True)
@@ -196,7 +192,7 @@ class _OpenItem:
 
 
 class OutputBuilder:
-    """Turns one generation's deltas into output items and the section 9.1 events that build them.
+    """Turns one generation's deltas into output items and the stream events that build them.
 
     Events are fresh dicts (items deep-copied) without `sequence_number`; the caller numbers them.
     """
@@ -323,7 +319,7 @@ def _part(item_type: str, text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-class ResponsesService:
+class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     def __init__(
         self,
         engine: AsyncEngine,
@@ -333,23 +329,15 @@ class ResponsesService:
         processors_hook: ProcessorsHook | None = None,
         store_size: int = DEFAULT_STORE_SIZE,
     ) -> None:
-        self.engine = engine
-        self.encoding = encoding
-        self.renderer = Renderer(encoding)
-        self.settings = settings
-        self.max_model_len = max_model_len
-        self.processors_hook = processors_hook
+        super().__init__(engine, encoding, settings, max_model_len, processors_hook)
         self.store = ResponseStore(store_size)
 
     # -- preparing ------------------------------------------------------------------------------------------
 
+    def param_names(self, request: ResponsesRequest) -> ParamNames:
+        return {"prompt": "input", "max_tokens": "max_output_tokens", "logprobs": "top_logprobs"}
+
     def _check_unsupported(self, request: ResponsesRequest) -> None:
-        if request.model != self.settings.served_model_name:
-            raise not_found(
-                f"the model {request.model!r} does not exist; this server serves "
-                f"{self.settings.served_model_name!r}",
-                param="model",
-            )
         if request.background:
             raise bad_request("background responses are not supported", param="background")
         for value in request.include or []:
@@ -455,50 +443,21 @@ class ResponsesService:
         stored = chain + [item.model_dump(exclude_none=True) for item in own]
         return messages, stored
 
-    def render(self, request: ResponsesRequest) -> list[int]:
-        """The prompt token ids the engine gets for `request`."""
-        return self._render(request, self._tools(request), self.conversation(request)[0])
-
-    def _render(self, request: ResponsesRequest, tools: list[Tool], messages: list[ChatMessage]) -> list[int]:
-        offered = tools if request.tool_choice != "none" else None
-        effort = request.reasoning.effort if request.reasoning else None
-        return render_prompt(self.renderer, self.settings, messages, offered, effort, param="input")
-
-    def prepare(self, request: ResponsesRequest) -> PreparedResponse:
+    def _prepare(self, request: ResponsesRequest) -> PreparedResponse:
         self._check_unsupported(request)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
         choice, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
-        check_sizes(self.settings, len(messages), len(tools), messages_param="input")
-        prompt = self._render(request, tools, messages)
-        max_tokens = output_budget(
-            len(prompt),
-            request.max_output_tokens,
-            self.max_model_len,
-            prompt_param="input",
-            tokens_param="max_output_tokens",
+        offered = tools if request.tool_choice != "none" else None
+        prompt = self.render(messages, offered, request.reasoning.effort if request.reasoning else None)
+        max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
+        params = self.sampling_params(
+            request,
+            max_tokens,
+            stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
+            processors=tool_choice_processors(self.encoding, choice, names),
         )
-        extra = request.model_extra or {}
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=self.settings.default_temperature
-                if request.temperature is None
-                else request.temperature,
-                top_p=self.settings.default_top_p if request.top_p is None else request.top_p,
-                stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-                logits_processors=[
-                    *tool_choice_processors(self.encoding, choice, names),
-                    *(self.processors_hook(extra, 0) if self.processors_hook else []),
-                ],
-            )
-        except SamplingParamsError as error:
-            raise bad_request(str(error), param=str(error).split(" ", 1)[0]) from error
-        try:
-            self.engine.check(prompt, params)
-        except RequestRejected as error:
-            raise bad_request(str(error), param="input") from error
         tool_dicts = [
             {
                 "type": "function",
@@ -512,7 +471,10 @@ class ResponsesService:
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
-        return PreparedResponse(request, prompt, params, input_items, tool_dicts, choice_echo, effort)
+        admission = self.engine.admit([(prompt, params)])
+        return PreparedResponse(
+            request, prompt, params, input_items, tool_dicts, choice_echo, effort, admission
+        )
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -549,7 +511,7 @@ class ResponsesService:
         }
 
     async def events(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, Any]]:
-        """The section 9.1 events of one response, unnumbered; the last is completed, incomplete or failed.
+        """The stream events of one response, unnumbered; the last is completed, incomplete or failed.
 
         A stored response is saved before its terminal event is handed out.
         """
@@ -563,7 +525,7 @@ class ResponsesService:
         tokens = 0
         cached = 0
         finish: FinishReason | None = None
-        failure: str | None = None
+        failure: APIError | None = None
         try:
             async for output in self.engine.generate(prepared.prompt, prepared.params, response_id):
                 deltas = [d for t in output.new_token_ids for d in parser.feed(t)]
@@ -577,7 +539,7 @@ class ResponsesService:
                         yield event
         except EngineFailure as error:
             logger.error("response %s failed: %s", response_id, error)
-            failure = str(error)
+            failure = engine_failure(error)
 
         truncated = finish is FinishReason.LENGTH
         for event in builder.close("incomplete" if truncated or failure else "completed"):
@@ -592,7 +554,7 @@ class ResponsesService:
         }
         if failure is not None:
             response["status"] = "failed"
-            response["error"] = {"code": "server_error", "message": failure}
+            response["error"] = {"code": failure.type, "message": failure.message}
             terminal = "response.failed"
         elif truncated:
             response["status"] = "incomplete"
@@ -609,19 +571,22 @@ class ResponsesService:
     async def create(self, request: ResponsesRequest) -> dict[str, Any]:
         prepared = self.prepare(request)
         final: dict[str, Any] | None = None
-        async for event in self.events(prepared):
-            final = event
+        try:
+            async for event in self.events(prepared):
+                final = event
+        finally:
+            prepared.admission.release()
         assert final is not None
         if final["type"] == "response.failed":
-            raise APIError(500, final["response"]["error"]["message"], type="server_error")
+            raise EngineFailure(final["response"]["error"]["message"])
         return final["response"]
 
-    async def stream(self, request: ResponsesRequest) -> AsyncIterator[dict[str, str]]:
-        """Validates first (errors raise before any byte is sent), then returns the SSE messages."""
+    def stream(self, request: ResponsesRequest) -> EventSourceResponse:
+        """Validates first (errors raise before any byte is sent), then streams the events."""
         prepared = self.prepare(request)
-        return self._stream(prepared)
+        return sse(self._sse_events(prepared), self.settings, prepared.admission.release)
 
-    async def _stream(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, str]]:
+    async def _sse_events(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, str]]:
         sequence = 0
         async for event in self.events(prepared):
             event["sequence_number"] = sequence
@@ -638,28 +603,3 @@ class ResponsesService:
         if not self.store.delete(response_id):
             raise not_found(f"Response with id {response_id!r} not found.", param="response_id")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
-
-
-def register_responses_routes(app: FastAPI, state: ServerState) -> None:
-    """`POST /v1/responses`, `GET` and `DELETE /v1/responses/{response_id}` on `app`."""
-
-    def ready() -> ResponsesService:
-        service = state.responses
-        if service is None:
-            raise APIError(503, "the model is still loading", type="server_error", code="model_loading")
-        return service
-
-    @app.post("/v1/responses", response_model=None)
-    async def create_response(body: ResponsesRequest) -> Any:
-        service = ready()
-        if body.stream:
-            return sse(await service.stream(body), service.settings)
-        return await service.create(body)
-
-    @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str) -> dict[str, Any]:
-        return ready().retrieve(response_id)
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str) -> dict[str, Any]:
-        return ready().delete(response_id)

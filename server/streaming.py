@@ -1,23 +1,89 @@
-"""The one SSE response every streaming endpoint returns."""
+"""Streaming: merging a response's choices as they come, and the one SSE response every stream returns."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
+from server.async_engine import EngineFailure
+from server.errors import engine_failure
 from server.settings import ServerSettings
 
+T = TypeVar("T")
 
-def sse(events: AsyncIterator[Mapping[str, str]], settings: ServerSettings) -> EventSourceResponse:
-    """Stream `events` ({"data": ...}, or with an "event" name); keep-alive pings every 15 s.
+
+async def fan_in(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """The items of `streams` as each arrives, with the index of its stream.
+
+    One task per stream feeds a shared queue, so a slow choice never holds back the others. An exception in
+    one stream is raised here; leaving early (an error, or the consumer going away) cancels every stream's
+    task, which aborts its request in the engine.
+    """
+    done = object()
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except Exception as error:  # handed to the consumer, which raises it
+            await queue.put((index, error))
+        else:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def data_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, str]]:
+    """The chat and completions stream: each chunk as a data event, then `[DONE]`. An engine failure after the
+    stream started ends it with the error object (the envelope's body) before `[DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield {"data": json.dumps(chunk, ensure_ascii=False)}
+    except EngineFailure as error:
+        yield {"data": json.dumps(engine_failure(error).body())}
+    yield {"data": "[DONE]"}
+
+
+class _EventStream(EventSourceResponse):
+    def __init__(
+        self, events: AsyncIterator[Mapping[str, str]], settings: ServerSettings, on_close: Callable[[], None]
+    ) -> None:
+        super().__init__(events, ping=15, shutdown_grace_period=settings.shutdown_grace)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def sse(
+    events: AsyncIterator[Mapping[str, str]], settings: ServerSettings, on_close: Callable[[], None]
+) -> EventSourceResponse:
+    """Stream `events` ({"data": ...}, or with an "event" name); keep-alive pings every 15 s. `on_close` runs
+    when the response ends, however it ends (even if its events were never asked for).
 
     On shutdown a stream may run on for `settings.shutdown_grace` seconds to finish before it is cancelled
     (which aborts its request in the engine); without that, SIGTERM would cut every stream at once.
     """
-    return EventSourceResponse(events, ping=15, shutdown_grace_period=settings.shutdown_grace)
-
-
-async def data_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, str]]:
-    async for line in lines:
-        yield {"data": line}
+    return _EventStream(events, settings, on_close)

@@ -375,6 +375,8 @@ def test_special_token_text_from_users_stays_text(client: openai.OpenAI, served:
         ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400, "messages"),
         ({"model": MODEL, "messages": USER, "max_tokens": 10_000}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": USER, "max_completion_tokens": 10_000}, 400, "max_completion_tokens"),
+        ({"model": MODEL, "messages": USER, "stop": ["", "x"]}, 400, "stop"),
         ({"model": MODEL, "messages": USER, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ],
 )
@@ -432,7 +434,8 @@ def test_tokenize_matches_what_chat_sends(client: openai.OpenAI, served: Served)
 
 
 def test_streamed_tool_loop_always_reaches_an_answer(client: openai.OpenAI) -> None:
-    """api.md 10.1: the turn after a tool result must not stop short; 20 streamed two-turn loops."""
+    """Other servers' streamed tool calls have stopped short on the turn after the tool result, at random:
+    20 streamed two-turn loops, each must end with the final answer."""
     call = (
         '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
     )
@@ -462,16 +465,52 @@ def test_streamed_tool_loop_always_reaches_an_answer(client: openai.OpenAI) -> N
         assert (second["content"], second["finish"]) == ("Sunny.", "stop")
 
 
-def test_soak_every_response_says_something(client: openai.OpenAI) -> None:
-    """api.md 10.22: free sampling from the random model; every response has content, a tool call or a
-    length finish, never an empty stop."""
-    for i in range(100):
-        choice = client.chat.completions.create(
-            model=MODEL, messages=USER, tools=[WEATHER_TOOL], max_tokens=6, seed=i
-        ).choices[0]
-        message = choice.message
-        said = bool(message.content) or bool(message.tool_calls) or bool(message.reasoning)  # type: ignore[attr-defined]
-        assert said or choice.finish_reason == "length", choice
+def test_soak_free_sampling_agrees_with_the_engine_and_with_streaming(
+    client: openai.OpenAI, served: Served
+) -> None:
+    """Free sampling from the random model, tools offered: for each seed the response accounts for exactly the
+    tokens the engine sampled (the completions API, given the same prompt ids and seed, returns them), a
+    random output with no harmony markup comes back whole as the answer, and the stream carries the same
+    answer, finish and usage as the plain response."""
+    max_tokens = 16
+    prompt = httpx.post(
+        served.base_url + "/tokenize", json={"messages": USER, "tools": [WEATHER_TOOL]}
+    ).json()
+    specials = {served.encoding.encode_single_token(name) for name in served.encoding.special_tokens_set}
+    for seed in range(12):
+        body = {"messages": USER, "tools": [WEATHER_TOOL], "max_tokens": max_tokens, "seed": seed}
+        plain = client.chat.completions.create(model=MODEL, **body)  # type: ignore[call-overload]
+        raw = httpx.post(
+            served.base_url + "/v1/completions",
+            json={"model": MODEL, "prompt": prompt["tokens"], "max_tokens": max_tokens, "seed": seed}
+            | {"return_token_ids": True},
+        ).json()["choices"][0]
+        tokens = raw["token_ids"]
+        assert plain.usage is not None
+        assert plain.usage.completion_tokens == len(tokens), seed
+        choice = plain.choices[0]
+        assert (choice.finish_reason == "length") == (len(tokens) == max_tokens), seed
+        if not specials.intersection(tokens):
+            assert choice.message.content == served.encoding.decode(tokens), seed
+            assert not choice.message.tool_calls
+
+        chunks = _stream(client, stream_options={"include_usage": True}, **body)
+        streamed = _assemble(chunks)
+        calls = [
+            {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+            for c in choice.message.tool_calls or []
+        ]
+        assert streamed["content"] == (choice.message.content or ""), seed
+        assert streamed["reasoning"] == (getattr(choice.message, "reasoning", None) or ""), seed
+        assert list(streamed["calls"].values()) == calls, seed  # type: ignore[union-attr]
+        assert streamed["finish"] == choice.finish_reason, seed
+        usage = chunks[-1].usage
+        assert usage is not None
+        # Cached prompt tokens may differ: the plain request has just filled the prefix cache.
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            plain.usage.prompt_tokens,
+            plain.usage.completion_tokens,
+        ), seed
 
 
 def test_while_loading_the_server_answers_503() -> None:
@@ -518,8 +557,9 @@ def _prompt_text(served: Served, messages: list[dict], tools: list[dict] | None 
 
 
 def test_history_shapes_other_servers_tripped_on(served: Served) -> None:
-    """api.md 10.16 and 10.18: reasoning under either name, content beside reasoning, an empty tool_calls
-    list, and arguments that must not be encoded twice."""
+    """History shapes other servers lost or crashed on: reasoning under either name (`reasoning`,
+    `reasoning_content`), content beside reasoning, an empty tool_calls list, and arguments that must not be
+    encoded twice."""
     for field in ("reasoning", "reasoning_content"):
         text = _prompt_text(
             served,
@@ -555,8 +595,9 @@ def test_history_shapes_other_servers_tripped_on(served: Served) -> None:
 
 
 def test_odd_tool_calls_from_the_model(client: openai.OpenAI) -> None:
-    """api.md 10.24 and 10.25: arguments that are not JSON pass through as a string; a built-in tool the
-    request did not offer is returned as text, not run; a call cut off by the end of the stream is flushed."""
+    """Tool calls other servers failed to parse or ran when not offered: arguments that are not JSON pass
+    through as a string; a built-in tool the request did not offer is returned as text, not run; a call cut
+    off by the end of the stream is flushed."""
     not_json = (
         "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>print('hi')<|call|>"
     )
@@ -592,7 +633,8 @@ def test_odd_tool_calls_from_the_model(client: openai.OpenAI) -> None:
 
 
 def test_a_missing_vocabulary_stops_the_server_at_start_up(tmp_path: Path) -> None:
-    """api.md 10.9: a clear error when the server starts, not a failure on the first request."""
+    """Without network access other servers failed on the first request, loading the vocabulary late: ours
+    refuses to start with a clear error."""
     import os
     import subprocess
     import sys

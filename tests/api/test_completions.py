@@ -63,6 +63,22 @@ def test_streamed_text_equals_the_whole(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
 
 
+def test_sampling_defaults_come_from_the_settings(client: openai.OpenAI, served: Served) -> None:
+    """A request that leaves temperature out samples with the server's default, as chat and Responses do:
+    with a default of 0 (greedy), unseeded requests agree."""
+    settings = served.app.state.server.settings
+    saved = settings.default_temperature
+    settings.default_temperature = 0.0
+    try:
+        texts = {
+            client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8).choices[0].text
+            for _ in range(3)
+        }
+    finally:
+        settings.default_temperature = saved
+    assert len(texts) == 1
+
+
 def test_errors(served: Served) -> None:
     cases = [
         ({"model": MODEL, "prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
@@ -70,6 +86,7 @@ def test_errors(served: Served) -> None:
         ({"model": MODEL, "prompt": []}, 400, "prompt"),
         ({"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
         ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "stop": ["", "y"]}, 400, "stop"),
     ]
     for body, status, param in cases:
         response = httpx.post(served.base_url + "/v1/completions", json=body)

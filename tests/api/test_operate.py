@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import httpx
 import openai
@@ -11,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served
+from tests.api.conftest import MODEL, Served, wait_until_idle
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -76,7 +78,7 @@ def test_metrics_move_after_a_request(served: Served) -> None:
 
 
 def test_a_full_queue_is_a_429_with_retry_after(served: Served) -> None:
-    bridge = served.app.state.server.engine
+    bridge = served.app.state.server.services.engine
     saved = bridge.max_in_flight
     bridge.max_in_flight = 0
     try:
@@ -88,6 +90,40 @@ def test_a_full_queue_is_a_429_with_retry_after(served: Served) -> None:
     assert response.status_code == 429
     assert response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_streams_started_at_once_are_admitted_up_to_the_bound(served: Served) -> None:
+    """Many streams arriving together: exactly the bound starts, every other one is a 429 with Retry-After,
+    and every slot comes back once the streams end. Counting a request only when its stream starts would let
+    the whole burst pass the check before any was counted."""
+    bridge = served.app.state.server.services.engine
+    bound, burst = 3, 10
+    script = "<|channel|>final<|message|>" + "word " * 300 + "<|return|>"
+    body = {"model": MODEL, "messages": USER, "stream": True, "test_force": script}
+
+    async def start_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as client:
+            requests = [client.build_request("POST", "/v1/chat/completions", json=body) for _ in range(burst)]
+            responses = await asyncio.gather(*(client.send(r, stream=True) for r in requests))
+            for response in responses:
+                await response.aclose()
+            return responses
+
+    saved = bridge.max_in_flight
+    bridge.max_in_flight = bound
+    try:
+        responses = asyncio.run(start_all())
+    finally:
+        bridge.max_in_flight = saved
+    assert sorted(r.status_code for r in responses) == [200] * bound + [429] * (burst - bound)
+    assert [r.headers.get("retry-after") for r in responses if r.status_code == 429] == ["1"] * (
+        burst - bound
+    )
+    wait_until_idle(served)
+    deadline = time.time() + 10
+    while bridge.in_flight and time.time() < deadline:
+        time.sleep(0.05)
+    assert bridge.in_flight == 0
 
 
 @pytest.mark.parametrize(

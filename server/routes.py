@@ -1,0 +1,118 @@
+"""Every route of the server, on one router. Routes are thin: they validate the body (pydantic), hand it to a
+service reached through the `services` dependency (a 503 while the model loads), and return what it built."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from sse_starlette import EventSourceResponse
+
+from server.errors import bad_request
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+)
+from server.state import ServerState, Services
+
+router = APIRouter()
+
+
+async def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def services(state: Annotated[ServerState, Depends(server_state)]) -> Services:
+    return state.ready()
+
+
+State = Annotated[ServerState, Depends(server_state)]
+Ready = Annotated[Services, Depends(services)]
+
+
+@router.get("/health")
+async def health(state: State) -> JSONResponse:
+    if state.services is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/v1/models")
+async def models(state: State) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": state.settings.served_model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "gpt-oss-server",
+    }
+    if state.settings.model_note:
+        entry["note"] = state.settings.model_note
+    return {"object": "list", "data": [entry]}
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+    if body.stream:
+        return ready.chat.stream(body)
+    return await ready.chat.complete(body)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+    if body.stream:
+        return ready.completions.stream(body)
+    return await ready.completions.complete(body)
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(body: ResponsesRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+    if body.stream:
+        return ready.responses.stream(body)
+    return await ready.responses.create(body)
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(response_id: str, ready: Ready) -> dict[str, Any]:
+    return ready.responses.retrieve(response_id)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, ready: Ready) -> dict[str, Any]:
+    return ready.responses.delete(response_id)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: State) -> dict[str, Any]:
+    """Plain text works while the model loads; messages are rendered as chat renders them."""
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of prompt and messages", param="prompt")
+    if body.prompt is not None:
+        tokens = state.encoding.encode_ordinary(body.prompt)
+    else:
+        assert body.messages is not None
+        request = ChatCompletionRequest(
+            model=state.settings.served_model_name,
+            messages=body.messages,
+            tools=body.tools,
+            reasoning_effort=body.reasoning_effort,
+        )
+        tokens = state.ready().chat.prompt(request)
+    max_model_len = state.services.chat.max_model_len if state.services is not None else None
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: State) -> dict[str, Any]:
+    if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
+        raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
+    return {"prompt": state.encoding.decode(body.tokens)}
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,201 @@
+"""What every serving class shares: the engine and encoding, the model check, the prompt and output budget,
+the sampling parameters, and the one place where a refused request becomes the API's 400.
+
+Each API's service subclasses `Serving` and writes `_prepare` (body to engine requests) in the engine's terms:
+a field at fault raises `RequestError` naming the engine-level field ("prompt", "max_tokens", "stop", a
+`SamplingParams` field), and `prepare` names it as the API does through the service's `param_names`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
+
+import tiktoken
+
+from engine.request import LogitsProcessor, RequestError, SamplingParams
+from harmony.render import Renderer
+from server.async_engine import AsyncEngine
+from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
+from server.harmony_chat import to_harmony
+from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool
+from server.settings import ServerSettings
+
+# Extra logits processors for a request's choices, given the request's unknown body fields (`model_extra`)
+# and the choice index (see `create_app`): the seam through which tests make the real model say chosen tokens.
+ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
+RequestT = TypeVar("RequestT", bound=GenerationRequest)
+PreparedT = TypeVar("PreparedT")
+
+
+def output_budget(
+    prompt_len: int, requested: int | None, max_model_len: int, default: int | None = None
+) -> int:
+    """The output token limit of every API: what was asked for, else the API's default, else all the context
+    left (a default never asks for more than is left). `ContextLengthExceeded` when the prompt leaves no room
+    or the request asks for more than is left."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"the prompt is {prompt_len} tokens; this model's context is {max_model_len} tokens", "prompt"
+        )
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise ContextLengthExceeded(
+            f"the prompt ({prompt_len} tokens) plus {requested} output tokens exceeds this model's context "
+            f"of {max_model_len} tokens",
+            "max_tokens",
+        )
+    return requested
+
+
+class StopTrimmer:
+    """Holds back answer text that may be the start of a stop string, and cuts the answer at one.
+
+    The engine ends the request on the token that completes a stop string; the text the client sees ends
+    before the stop string, as with the OpenAI API, streamed or not.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.keep = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        split = max(len(self.pending) - self.keep, 0)
+        out, self.pending = self.pending[:split], self.pending[split:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+class Serving(ABC, Generic[RequestT, PreparedT]):
+    """A serving class: turns one API's request bodies into admitted engine requests and their outputs into
+    the API's responses."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        encoding: tiktoken.Encoding,
+        settings: ServerSettings,
+        max_model_len: int,
+        processors_hook: ProcessorsHook | None = None,
+    ) -> None:
+        self.engine = engine
+        self.encoding = encoding
+        self.renderer = Renderer(encoding)
+        self.settings = settings
+        self.max_model_len = max_model_len
+        self.processors_hook = processors_hook
+
+    @abstractmethod
+    def param_names(self, request: RequestT) -> ParamNames:
+        """This API's names for the engine-level fields a `RequestError` may name."""
+
+    @abstractmethod
+    def _prepare(self, request: RequestT) -> PreparedT:
+        """Validate `request` and admit its engine requests (`AsyncEngine.admit`, last: nothing may refuse the
+        request once its slots are taken); a field at fault raises `RequestError`."""
+
+    def prepare(self, request: RequestT) -> PreparedT:
+        """Everything that can refuse a request happens here, before any byte of the response is sent."""
+        if request.model != self.settings.served_model_name:
+            raise not_found(
+                f"the model {request.model!r} does not exist; this server serves "
+                f"{self.settings.served_model_name!r}",
+                param="model",
+            )
+        with self.in_api_terms(request):
+            return self._prepare(request)
+
+    @contextmanager
+    def in_api_terms(self, request: RequestT) -> Iterator[None]:
+        """A `RequestError` raised inside becomes the API's 400, naming the field as `request`'s API does."""
+        try:
+            yield
+        except RequestError as error:
+            raise request_error(error, self.param_names(request)) from error
+
+    # -- shared pieces of `_prepare` ----------------------------------------------------------------------
+
+    def render(self, messages: list[ChatMessage], tools: list[Tool] | None, effort: str | None) -> list[int]:
+        """The prompt ids for a conversation, within the per-request limits on messages and tools."""
+        if len(messages) > self.settings.max_messages:
+            raise RequestError(
+                f"at most {self.settings.max_messages} messages per request, got {len(messages)}", "prompt"
+            )
+        if len(tools or []) > self.settings.max_tools:
+            raise RequestError(
+                f"at most {self.settings.max_tools} tools per request, got {len(tools or [])}", "tools"
+            )
+        conversation = to_harmony(
+            messages,
+            tools or None,
+            effort=effort,
+            date_setting=self.settings.conversation_date,
+            default_effort=self.settings.default_reasoning_effort,
+        )
+        try:
+            return self.renderer.render_for_completion(conversation)
+        except ValueError as error:
+            raise RequestError(f"the conversation cannot be rendered: {error}", "prompt") from error
+
+    def sampling_params(
+        self,
+        request: RequestT,
+        max_tokens: int,
+        *,
+        index: int = 0,
+        stop_token_ids: list[int],
+        processors: list[LogitsProcessor] | None = None,
+        logprobs: int | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+    ) -> SamplingParams:
+        """The engine's parameters for choice `index` of `request`: the settings' defaults for what it leaves
+        out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions."""
+        choices = request if isinstance(request, ChoicesRequest) else None
+        stops = _stop_strings(choices.stop) if choices is not None else []
+        hooked = self.processors_hook(request.model_extra or {}, index) if self.processors_hook else []
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.settings.default_temperature
+            if request.temperature is None
+            else request.temperature,
+            top_p=self.settings.default_top_p if request.top_p is None else request.top_p,
+            top_k=top_k,
+            min_p=min_p,
+            presence_penalty=choices.presence_penalty if choices is not None else 0.0,
+            frequency_penalty=choices.frequency_penalty if choices is not None else 0.0,
+            logit_bias=logit_bias or {},
+            seed=None if choices is None or choices.seed is None else choices.seed + index,
+            stop_token_ids=stop_token_ids,
+            stop=stops,
+            logprobs=logprobs,
+            logits_processors=[*(processors or []), *hooked],
+        )
+
+
+def _stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise RequestError("stop sequences must not be empty", "stop")
+    return stops
