@@ -21,8 +21,8 @@ the engine). Without a cache, every sequence attends to its own tokens of this f
 compared with them in tests.
 
 **CPU weights.** On the CPU, bf16 matrices (the linears and dequantized experts) are reordered once at load
-into oneDNN's blocked layout (:mod:`model.prepacked`); every matmul goes through
-:func:`model.prepacked.linear`, which runs plain weights exactly as ``F.linear`` does.
+into oneDNN's blocked layout (:mod:`model.kernels.prepacked`); every matmul goes through
+:func:`model.kernels.prepacked.linear`, which runs plain weights exactly as ``F.linear`` does.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import prepacked
 from model.config import ModelConfig
-from model.mxfp4 import dequantize, dequantize_reference
+from model.kernels import prepacked
+from model.kernels.mxfp4 import dequantize, dequantize_reference
 from model.weights import CheckpointReader, open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -661,7 +661,7 @@ class MXFP4Weight(nn.Module):
         self.scales = self.scales.new_empty(0)
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert `e`'s weight `[out, in]` in `dtype`, for :func:`model.prepacked.linear`."""
+        """Expert `e`'s weight `[out, in]` in `dtype`, for :func:`model.kernels.prepacked.linear`."""
         if self.dense is not None:
             assert self.dense[e].dtype == dtype, "dequantized experts are kept in the model's dtype"
             return self.dense[e]
@@ -912,8 +912,8 @@ class GptOss(nn.Module):
 
         Weights other than the experts take `dtype`; norms and sinks stay float32 (they are tiny and used in
         float32); expert blocks and scales stay packed uint8 unless `experts` is ``"dequantized"``. With
-        `prepack` the bf16 matrices are reordered for the CPU where :func:`model.prepacked.applies` (a no-op
-        elsewhere); without it they stay plain, which is the reference the fast path is tested against.
+        `prepack` the bf16 matrices are reordered for the CPU where :func:`model.kernels.prepacked.applies` (a
+        no-op elsewhere); without it they stay plain, which is the reference the fast path is tested against.
         """
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
@@ -970,8 +970,8 @@ class GptOss(nn.Module):
         return held
 
     def prepack_weights(self) -> None:
-        """Reorder every :class:`Linear` weight for the CPU where :func:`model.prepacked.applies`, and store a
-        float32 unembedding on the CPU transposed (:func:`model.prepacked.column_major`).
+        """Reorder every :class:`Linear` weight for the CPU where :func:`model.kernels.prepacked.applies`, and
+        store a float32 unembedding on the CPU transposed (:func:`model.kernels.prepacked.column_major`).
 
         A prepacked weight replaces the plain one (same bytes): its parameter holds an opaque oneDNN tensor.
         """

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import prepacked
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss
+from model.kernels import prepacked
 
 # Whether this machine's torch can prepack bf16 weights at all: the model tests below only mean something where
 # it can, and everything must fall back to plain weights where it cannot.

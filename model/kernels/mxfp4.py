@@ -104,7 +104,7 @@ def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``[..., K]`` values (K a multiple of 32) to MXFP4: returns (blocks [..., K/32, 16], scales).
 
     The scale of a block is the smallest power of two that brings its largest magnitude within ±6, and each
-    value is rounded to the nearest e2m1 code. Used by the checkpoint writer and by tests.
+    value is rounded to the nearest e2m1 code. The tests round-trip values through it.
     """
     if values.shape[-1] % BLOCK_SIZE:
         raise ValueError(f"last dimension {values.shape[-1]} is not a multiple of {BLOCK_SIZE}")
