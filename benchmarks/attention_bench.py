@@ -1,5 +1,5 @@
 """Attention with sinks on the CPU: the log-sum-exp way (what the CPU runs) against the extra-key way (what
-CUDA runs, and what the CPU ran before), on the same inputs in the same run.
+CUDA runs), on the same inputs in the same run.
 
     python benchmarks/attention_bench.py [--threads N] [--repeats N]
 

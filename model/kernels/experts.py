@@ -56,7 +56,7 @@ class MXFP4Weight(nn.Module):
 
         One expert at a time, so that the temporaries stay one expert's size. A prepack copies the expert, so
         the next one is dequantized into the same buffer: a fresh buffer per expert, freed after its prepack,
-        left glibc's heap full of expert-sized holes (about 2 GB of RSS in the model benchmark).
+        left glibc's heap full of expert-sized holes that the model benchmark's peak RSS showed.
         """
         self.dense = []
         scratch = None
@@ -122,8 +122,8 @@ def experts_reference(
 
 
 # experts_grouped: the SwiGLU runs over groups of experts whose first-matmul outputs fit in this many bytes,
-# so that its passes stay in the cache (one pass over all the pairs of a long prompt was slower than the
-# per-expert loop it replaced).
+# so that its passes stay in the cache: one pass over all the pairs of a long prompt leaves it, and costs
+# more than a SwiGLU per expert.
 MOE_GROUP_BYTES = 256 << 10
 
 
@@ -157,10 +157,10 @@ def experts_grouped(
     The token-expert pairs are sorted by expert and their inputs gathered once, so each expert reads a
     contiguous slice and writes its matmuls into slices of two shared buffers. The SwiGLU runs once per
     group of experts (:data:`MOE_GROUP_BYTES`), the routing weights and the sum back into tokens once over
-    all pairs; the loop itself is the two matmuls of each active expert, where a loop doing the whole
-    expert's work per iteration issued some fifteen small ops each (``benchmarks/moe_bench.py`` times the
-    two against :func:`experts_batched`). Each token's terms are still added in the order of its experts
-    (the pairs are sorted stably), as the reference adds them.
+    all pairs; the loop itself is only the two matmuls of each active expert, not the fifteen-odd small ops
+    of an expert's whole work (``benchmarks/moe_bench.py`` times it against :func:`experts_batched`). Each
+    token's terms are added in the order of its experts (the pairs are sorted stably), as the reference
+    adds them.
     """
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)

@@ -88,8 +88,8 @@ def dequantize(
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)}")
     flat_out = out.view(-1, groups, BLOCK_SIZE)
     # On the CPU, work through a few rows at a time: whole-matrix int32 index and gather temporaries (tens of
-    # MB per expert) are kept by the C allocator after use and inflated peak RSS by about 2 GB in the model
-    # benchmark. On a GPU the caching allocator reuses them, and one launch beats many.
+    # MB per expert) are kept by the C allocator after use and inflate peak RSS (the model benchmark prints
+    # it). On a GPU the caching allocator reuses them, and one launch beats many.
     rows = max(1, _CPU_CHUNK // groups if blocks.device.type == "cpu" else flat_blocks.shape[0])
     for r in range(0, flat_blocks.shape[0], rows):
         # `embedding` is torch's fastest CPU gather and takes int32 indices (half of int64's traffic).
