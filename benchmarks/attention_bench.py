@@ -5,13 +5,12 @@ CUDA runs), on the same inputs in the same run.
 
 Each case calls :meth:`model.kernels.attention.TorchAttention.attend` (what every layer runs once its keys
 are gathered: decodes batched in one call, each prompt chunk in its own) with one way of adding the sinks,
-then the other, alternating, and prints
-the best time of each and the ratio. Shapes are the engine benchmark's `small` preset (8 query heads of 64 on
-2 key heads) and gpt-oss's (64 on 8), float32, full attention and a 128-token window. Both results are
-compared before timing (they agree to rounding; the tests check each against the reference). The calls and
-masks (`attention_plan`) are built once per metadata, as in a forward's first layer of each kind; the two
-timed columns reuse them, as the other layers do, and the last column times the lse way with the plan built
-in the call, as in the first layer.
+then the other, alternating, and prints the best time of each and the ratio. Shapes are the engine
+benchmark's `small` preset (8 query heads of 64 on 2 key heads) and gpt-oss's (64 on 8), float32, full
+attention and a 128-token window. Both results are compared before timing (they agree to rounding; the tests
+check each against the reference). The calls and masks (`attention_plan`) are built once per metadata, as in
+a forward's first layer of each kind; the two timed columns reuse them, as the other layers do, and the last
+column times the lse way with the plan built in the call, as in the first layer.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ def attention_reference(
     """Plain twin of :class:`TorchAttention`: the new keys stored slot by slot, each sequence's slots read
     block by block from its table, then :func:`attend_reference`."""
     if kv is None:
+        assert meta.query_lens == meta.context_lens, "sequences with earlier tokens need a KV cache"
         width = max(meta.query_lens)
         view = KVView(
             k.new_zeros(meta.num_seqs, width, *k.shape[1:]),
