@@ -22,8 +22,11 @@ def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBloc
     return model.block[1].mlp
 
 
-def routed(mlp: MLPBlock, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = torch.randn(num_tokens, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+def routed(
+    mlp: MLPBlock, num_tokens: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = torch.randn(num_tokens, mlp.mlp2_bias.shape[1], generator=torch.Generator().manual_seed(seed))
+    t = t.to(dtype)
     return t, *mlp.route(t)
 
 
@@ -61,8 +64,7 @@ def test_on_cuda_equal_reference(checkpoints: dict[str, Path], impl: str, dtype:
     """Both fast paths on CUDA weights against the reference on the same weights on the CPU."""
     cpu = GptOss.from_checkpoint(checkpoints["hf"], dtype=dtype, progress=False).block[1].mlp
     cuda = GptOss.from_checkpoint(checkpoints["hf"], device="cuda", dtype=dtype, progress=False).block[1].mlp
-    t, indices, weights = routed(cpu, 37, 5)
-    t, weights = t.to(dtype), weights.to(dtype)
+    t, indices, weights = routed(cpu, 37, 5, dtype)
     expected = experts_reference(cpu, t, indices, weights).float()
     got = FAST[impl](cuda, t.cuda(), indices.cuda(), weights.cuda()).float().cpu()
     tol = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
