@@ -271,7 +271,9 @@ class GptOss(nn.Module):
         float32); expert blocks and scales stay packed uint8 unless `experts` is ``"dequantized"``. With
         `prepack` the bf16 matrices are reordered for the CPU where :func:`model.kernels.prepacked.applies` (a
         no-op elsewhere); without it they stay plain, which is the reference the fast path is tested against.
-        `kernels` defaults to the fast paths for `device` (:meth:`Kernels.for_device`).
+        `experts` says how the expert weights are stored; the code that computes with them comes with
+        `kernels` (the attention and experts implementations), by default the fast paths for `device`
+        (:meth:`Kernels.for_device`).
         """
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
