@@ -1,16 +1,16 @@
 """Attention with sinks on the CPU: the log-sum-exp way (what the CPU runs) against the extra-key way (what
-CUDA runs, and what the CPU ran before), on the same inputs in the same run.
+CUDA runs), on the same inputs in the same run.
 
     python benchmarks/attention_bench.py [--threads N] [--repeats N]
 
-Each case calls :func:`model.gpt_oss.attention` (the engine's entry: decodes batched in one call, each prompt
-chunk in its own) with `sdpa_with_sinks` set to one implementation, then the other, alternating, and prints
-the best time of each and the ratio. Shapes are the engine benchmark's `small` preset (8 query heads of 64 on
-2 key heads) and gpt-oss's (64 on 8), float32, full attention and a 128-token window. Both results are
-compared before timing (they agree to rounding; the tests check each against the reference). The calls and
-masks (`attention_plan`) are built once per metadata, as in a forward's first layer of each kind; the two
-timed columns reuse them, as the other layers do, and the last column times the lse way with the plan built
-in the call, as in the first layer.
+Each case calls :meth:`model.kernels.attention.TorchAttention.attend` (what every layer runs once its keys
+are gathered: decodes batched in one call, each prompt chunk in its own) with one way of adding the sinks,
+then the other, alternating, and prints the best time of each and the ratio. Shapes are the engine
+benchmark's `small` preset (8 query heads of 64 on 2 key heads) and gpt-oss's (64 on 8), float32, full
+attention and a 128-token window. Both results are compared before timing (they agree to rounding; the tests
+check each against the reference). The calls and masks (`attention_plan`) are built once per metadata, as in
+a forward's first layer of each kind; the two timed columns reuse them, as the other layers do, and the last
+column times the lse way with the plan built in the call, as in the first layer.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model import gpt_oss  # noqa: E402
-from model.gpt_oss import attention  # noqa: E402
+from model.kernels.attention import TorchAttention, sdpa_sink_as_key, sdpa_sink_from_lse  # noqa: E402
 from model.testing import random_attention_case  # noqa: E402
 
 logger = logging.getLogger("attention_bench")
@@ -67,43 +66,37 @@ def main(argv: list[str] | None = None) -> None:
         ("280-token chunk + 15 decodes", [280] + [1] * 15, [280, *contexts[:15]]),
         ("2048-token prompt", [2048], [2048]),
     ]
-    impls = {"lse": gpt_oss.sdpa_sink_from_lse, "key": gpt_oss.sdpa_sink_as_key}
+    impls = {"lse": TorchAttention(sdpa_sink_from_lse), "key": TorchAttention(sdpa_sink_as_key)}
     out(f"attention benchmark, float32, torch {torch.__version__}, {args.threads} thread(s)")
     out(
         f"   {'case':<32}{'heads':>7}{'window':>8}{'sink via lse':>14}{'sink as key':>13}{'ratio':>8}"
         f"{'lse, plan built too':>22}"
     )
-    original = gpt_oss.sdpa_with_sinks
-    try:
-        for heads, kv_heads in ((8, 2), (64, 8)):
-            for name, query_lens, context_lens in cases:
-                if heads == 64 and name.startswith("2048"):
-                    continue  # minutes per call at 64 heads on one core: the 8-head row makes the point
-                q, kv, meta, sinks = random_attention_case(1, query_lens, context_lens, heads, kv_heads, 64)
-                for window in (0, 128):
-                    results, times = {}, {k: float("inf") for k in impls}
-                    for _ in range(2):  # alternate, so a slow spell of the machine hits both
-                        for key, impl in impls.items():
-                            gpt_oss.sdpa_with_sinks = impl  # type: ignore[assignment]
-                            call = functools.partial(attention, q, kv, meta, sinks, 0.125, window)
-                            results[key] = call()
-                            repeats = max(1, args.repeats // (10 if name.startswith("2048") else 1))
-                            times[key] = min(times[key], best_ms(call, repeats))
-                    torch.testing.assert_close(results["lse"], results["key"], rtol=0, atol=1e-4)
-                    # A first layer's call: fresh metadata, so the plan is built inside the timed call.
-                    gpt_oss.sdpa_with_sinks = impls["lse"]  # type: ignore[assignment]
-                    first = best_ms(
-                        lambda q=q, kv=kv, m=meta, s=sinks, w=window: attention(
-                            q, kv, dataclasses.replace(m, attention_plans={}), s, 0.125, w
-                        ),
-                        repeats,
-                    )
-                    out(
-                        f"   {name:<32}{f'{heads}/{kv_heads}':>7}{window:>8}{times['lse']:>11.2f} ms"
-                        f"{times['key']:>10.2f} ms{times['key'] / times['lse']:>7.1f}x{first:>19.2f} ms"
-                    )
-    finally:
-        gpt_oss.sdpa_with_sinks = original
+    for heads, kv_heads in ((8, 2), (64, 8)):
+        for name, query_lens, context_lens in cases:
+            if heads == 64 and name.startswith("2048"):
+                continue  # minutes per call at 64 heads on one core: the 8-head row makes the point
+            q, kv, meta, sinks = random_attention_case(1, query_lens, context_lens, heads, kv_heads, 64)
+            for window in (0, 128):
+                results, times = {}, {k: float("inf") for k in impls}
+                for _ in range(2):  # alternate, so a slow spell of the machine hits both
+                    for key, impl in impls.items():
+                        call = functools.partial(impl.attend, q, kv, meta, sinks, 0.125, window)
+                        results[key] = call()
+                        repeats = max(1, args.repeats // (10 if name.startswith("2048") else 1))
+                        times[key] = min(times[key], best_ms(call, repeats))
+                torch.testing.assert_close(results["lse"], results["key"], rtol=0, atol=1e-4)
+                # A first layer's call: fresh metadata, so the plan is built inside the timed call.
+                first = best_ms(
+                    lambda q=q, kv=kv, m=meta, s=sinks, w=window: impls["lse"].attend(
+                        q, kv, dataclasses.replace(m, attention_plans={}), s, 0.125, w
+                    ),
+                    repeats,
+                )
+                out(
+                    f"   {name:<32}{f'{heads}/{kv_heads}':>7}{window:>8}{times['lse']:>11.2f} ms"
+                    f"{times['key']:>10.2f} ms{times['key'] / times['lse']:>7.1f}x{first:>19.2f} ms"
+                )
 
 
 if __name__ == "__main__":

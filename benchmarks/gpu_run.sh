@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU run for issues 3 and 4, in one command (a lent GPU's time is short and counted):
+# The prepared GPU run, in one command (a lent GPU's time is short and counted): whether the CUDA path computes
+# what the CPU path does, and how fast the model and the engine run on the GPU:
 #
 #     bash benchmarks/gpu_run.sh [OUTDIR]        (OUTDIR defaults to $OUT, else /tmp/gpu-out)
 #

@@ -14,8 +14,8 @@ implementation in its own process, so that peak memory is that implementation's 
 
 `ours-packed` keeps experts as MXFP4 and dequantizes each active expert per step (memory);
 `ours-dequantized` dequantizes once at load (CPU speed); both prepack their bf16 matrices for oneDNN on the
-CPU (model/prepacked.py). `hf` is transformers' GptOssForCausalLM, which on CPU dequantizes the experts to
-bf16 at load.
+CPU (model/kernels/prepacked.py). `hf` is transformers' GptOssForCausalLM, which on CPU dequantizes the
+experts to bf16 at load.
 """
 
 from __future__ import annotations

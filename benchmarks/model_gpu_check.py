@@ -1,4 +1,5 @@
-"""One prepared GPU check for the model (issue 3): run it as is on a GPU machine.
+"""One prepared GPU check for the model: the CUDA path against the CPU path, and its memory and step times.
+Run it as is on a GPU machine.
 
     python benchmarks/model_gpu_check.py [--workdir /tmp/gpu-check] [--preset 20b] [--device cuda]
 

@@ -1,5 +1,5 @@
-"""The MoE layers of the engine benchmark's presets on the CPU: `MLPBlock.experts` (the CPU path) over every
-layer, for a few token counts, against `MLPBlock.experts_batched` (the GPU path) on the same inputs.
+"""The MoE layers of the engine benchmark's presets on the CPU: `experts_grouped` (the CPU path) over every
+layer, for a few token counts, against `experts_batched` (the GPU path) on the same inputs.
 
     python benchmarks/moe_bench.py [--threads N] [--repeats N] [--dtype float32|bfloat16]
                                    [--tokens 1,16,64,264]
@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from engine_bench import CONFIGS, checkpoint_dir  # noqa: E402
 
-from model.gpt_oss import GptOss, MLPBlock  # noqa: E402
+from model.gpt_oss import GptOss  # noqa: E402
+from model.kernels.experts import experts_batched, experts_grouped  # noqa: E402
 
 
 def out(line: str = "") -> None:
@@ -44,9 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    out(f"MoE layers (MLPBlock.experts), {args.dtype}, torch {torch.__version__}, {args.threads} thread(s)")
+    out(f"MoE layers (experts), {args.dtype}, torch {torch.__version__}, {args.threads} thread(s)")
     out(f"   {'preset':<8}{'tokens':>8}{'CPU path':>12}{'GPU path':>12}{'GPU/CPU':>9}   (all layers, best)")
-    paths = {"cpu": MLPBlock.experts, "gpu": MLPBlock.experts_batched}
+    paths = {"cpu": experts_grouped, "gpu": experts_batched}
     for name in ("tiny", "small"):
         model = GptOss.from_checkpoint(
             checkpoint_dir(name, CONFIGS[name]), dtype=dtype, experts="dequantized", progress=False

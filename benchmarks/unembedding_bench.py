@@ -6,12 +6,12 @@
 benchmark's tiny and small presets), written into a preallocated float32 output as the runner does:
 
 * **row-major**: `W` as loaded;
-* **column-major**: `W` stored transposed (:func:`model.prepacked.column_major`, what the model keeps for a
-  float32 projection on the CPU);
+* **column-major**: `W` stored transposed (:func:`model.kernels.prepacked.column_major`, what the model keeps
+  for a float32 projection on the CPU);
 * **oneDNN packed**: `W` reordered for oneDNN's float32 matmul (`torch.ops.mkldnn._reorder_linear_weight`),
   the alternative measured and not kept (faster at a few rows, slower at one and at many).
 
-All three run through :func:`model.prepacked.linear`, as the model's projection does.
+All three run through :func:`model.kernels.prepacked.linear`, as the model's projection does.
 
 Checks that the three agree, then prints per layout the best of `--repeats` calls in a row, over two rounds
 of the three layouts.
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model import prepacked  # noqa: E402
+from model.kernels import prepacked  # noqa: E402
 
 VOCAB = 201088
 

@@ -3,7 +3,8 @@
 Every layer keeps its keys and values as one flat array of token slots, `num_blocks * block_size` long, in the
 blocks of its group (:mod:`engine.kv_cache` says which block belongs to whom). A step turns the block-table
 arrays into a slot per new token and, per sequence, the blocks it reads (:func:`plan_group` on the host,
-:func:`group_step` on the device); :class:`StepKV` is what the model's attention stores into and reads from.
+:func:`group_step` on the device, giving the model's :class:`~model.batch.BlockTables`); :class:`StepKV` hands
+each layer its tensors and its group's tables, and the model's attention stores and reads through them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.batch import AttentionMetadata, BlockTables, LayerKV
 from model.config import ModelConfig
-from model.gpt_oss import AttentionMetadata, KVView
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, sliding: bool) -> int:
@@ -51,39 +52,18 @@ class PagedKVCache:
         return sum(t.nbytes for t in (*self.k, *self.v))
 
 
-@dataclass(slots=True)
-class GroupStep:
-    """Where one group's layers write this step's keys and which blocks each sequence reads."""
-
-    slot_mapping: torch.Tensor  # [T] slot of each new token
-    block_index: torch.Tensor  # [S, W] blocks each sequence reads, in order (padding repeats a real block)
-    gather_positions: torch.Tensor  # [S, W * block_size] the positions of their slots, -1 where padded
-
-
 class StepKV:
-    """The model's view of the paged cache for one forward (implements the model's `KVCache` protocol)."""
+    """The paged cache for one forward (implements the model's `KVCache` protocol): every layer's tensors with
+    the tables of its group."""
 
-    def __init__(self, cache: PagedKVCache, full: GroupStep | None, sliding: GroupStep | None) -> None:
+    def __init__(self, cache: PagedKVCache, full: BlockTables | None, sliding: BlockTables | None) -> None:
         self.cache = cache
         self.groups = {False: full, True: sliding}
 
-    def store_and_view(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int
-    ) -> KVView:
-        group = self.groups[window > 0]
-        assert group is not None
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache.index_copy_(0, group.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, group.slot_mapping, v.to(v_cache.dtype))
-        # Whole blocks, each one contiguous row of the cache seen as [blocks, block_size * heads * dim].
-        index = group.block_index
-        shape = (index.shape[0], group.gather_positions.shape[1], *k_cache.shape[1:])
-        row = self.cache.block_size * k_cache.shape[1] * k_cache.shape[2]
-        return KVView(
-            k_cache.view(-1, row).index_select(0, index.view(-1)).view(shape),
-            v_cache.view(-1, row).index_select(0, index.view(-1)).view(shape),
-            group.gather_positions,
-        )
+    def layer(self, layer: int, window: int, meta: AttentionMetadata) -> LayerKV:
+        tables = self.groups[window > 0]
+        assert tables is not None
+        return LayerKV(self.cache.k[layer], self.cache.v[layer], tables)
 
 
 @dataclass(slots=True)
@@ -179,7 +159,7 @@ def group_step(
     context_lens: torch.Tensor,
     offsets: torch.Tensor,
     block_size: int,
-) -> GroupStep:
+) -> BlockTables:
     """A :class:`GroupPlan` once on the device (`blocks` flattened; `offsets` is 0, 1, 2, ..., at least
     W * block_size long). The positions of the slots read are computed there, one per slot, from each
     sequence's first position and length (-1 past its last token), so only the plan's few numbers cross from
@@ -188,7 +168,7 @@ def group_step(
     width = blocks.shape[0] // seqs
     positions = offsets[: width * block_size] + starts[:, None]
     positions.masked_fill_(positions >= context_lens[:, None], -1)
-    return GroupStep(slot_mapping, blocks.view(seqs, width), positions)
+    return BlockTables(slot_mapping, blocks.view(seqs, width), positions, block_size)
 
 
 def group_step_reference(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from model.gpt_oss import AttentionMetadata, KVView
+from model.batch import AttentionMetadata, BlockTables, LayerKV
+from model.kernels.attention import KVView
 
 
 def random_attention_case(
     seed: int, q_lens: list[int], ctx_lens: list[int], heads: int = 4, kv_heads: int = 2, dim: int = 16
 ) -> tuple[torch.Tensor, KVView, AttentionMetadata, torch.Tensor]:
-    """Queries, a KV view, metadata and sinks for sequences that add `q_lens[s]` tokens ending at
+    """Queries, a gathered KV view, metadata and sinks for sequences that add `q_lens[s]` tokens ending at
     `ctx_lens[s]`: every sequence's keys at positions 0.. in order, padded with -1 to the longest context."""
     g = torch.Generator().manual_seed(seed)
     meta = AttentionMetadata.build(q_lens, ctx_lens)
@@ -23,3 +24,64 @@ def random_attention_case(
     positions[positions >= torch.tensor(ctx_lens)[:, None]] = -1
     sinks = torch.randn(heads, generator=g)
     return q, KVView(keys, values, positions), meta, sinks
+
+
+def random_paged_case(
+    seed: int,
+    q_lens: list[int],
+    ctx_lens: list[int],
+    window: int,
+    *,
+    block_size: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    dim: int = 16,
+    shuffle: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, LayerKV, torch.Tensor]:
+    """Queries, new keys and values, metadata, a paged layer cache and sinks: sequences that add `q_lens[s]`
+    tokens ending at `ctx_lens[s]`, their earlier keys already in randomly drawn blocks of a random cache.
+
+    The tables are what the engine builds: each sequence reads whole blocks, from the one holding the oldest
+    key its first new token's `window` reaches (0: from its first block) to its last, padded by repeating its
+    last block; positions past its last token are -1. With `shuffle` each sequence's blocks come in a random
+    order (their positions with them), which the masks must not depend on."""
+    g = torch.Generator().manual_seed(seed)
+    meta = AttentionMetadata.build(q_lens, ctx_lens)
+    blocks_of = [-(-c // block_size) for c in ctx_lens]
+    pool = torch.randperm(sum(blocks_of) + 3, generator=g).tolist()  # a few blocks nobody owns
+    tables = []
+    for count in blocks_of:
+        tables.append(pool[:count])
+        pool = pool[count:]
+    num_slots = (sum(blocks_of) + 3) * block_size
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    firsts = [
+        (max(0, c - q - window + 1) if window else 0) // block_size
+        for q, c in zip(q_lens, ctx_lens, strict=True)
+    ]
+    width = max(n - f for n, f in zip(blocks_of, firsts, strict=True))
+    block_index = torch.zeros(len(q_lens), width, dtype=torch.int64)
+    key_positions = torch.full((len(q_lens), width * block_size), -1, dtype=torch.int64)
+    for s, (table, first, c) in enumerate(zip(tables, firsts, ctx_lens, strict=True)):
+        columns = [min(first + j, len(table) - 1) for j in range(width)]
+        if shuffle:
+            columns = [columns[j] for j in torch.randperm(width, generator=g).tolist()]
+        block_index[s] = torch.tensor([table[j] for j in columns])
+        for j, column in enumerate(columns):
+            for i in range(block_size):
+                p = column * block_size + i
+                if p < c and columns.index(column) == j:  # a repeated block is padding
+                    key_positions[s, j * block_size + i] = p
+    slot_mapping = torch.tensor(
+        [
+            tables[s][p // block_size] * block_size + p % block_size
+            for s, p in zip(meta.seq_index.tolist(), meta.positions.tolist(), strict=True)
+        ]
+    )
+    q = torch.randn(sum(q_lens), heads, dim, generator=g)
+    k = torch.randn(sum(q_lens), kv_heads, dim, generator=g)
+    v = torch.randn(sum(q_lens), kv_heads, dim, generator=g)
+    sinks = torch.randn(heads, generator=g)
+    kv = LayerKV(k_cache, v_cache, BlockTables(slot_mapping, block_index, key_positions, block_size))
+    return q, k, v, meta, kv, sinks

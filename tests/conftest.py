@@ -30,3 +30,15 @@ os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(VOCAB_DIR))
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return VOCAB_DIR
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is present; elsewhere they are deselected, not skipped, so that a CPU
+    run's summary lists no skip that stands for nothing but the missing device (it counts them as
+    "deselected"). `-m gpu` on a GPU machine runs only them."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]

@@ -148,9 +148,9 @@ def test_step_indices_match_the_slot_by_slot_reference() -> None:
         assert shape.seq_index.tolist() == [s for s, q in enumerate(query_lens) for _ in range(q)], trial
         assert shape.query_offset.tolist() == [i for q in query_lens for i in range(q)], trial
         assert step.slot_mapping.tolist() == slots, trial
-        assert step.gather_positions.tolist() == key_positions, trial
+        assert step.key_positions.tolist() == key_positions, trial
         # Slots read: block b's slots are b * bs + 0..bs-1; padding reads a real block, whatever it holds.
         read = (step.block_index[:, :, None] * bs + torch.arange(bs)).view(seqs, -1)
-        present = step.gather_positions >= 0
+        present = step.key_positions >= 0
         assert torch.equal(read[present], torch.tensor(gather)[present]), trial
         assert bool((step.block_index >= 0).all()), trial

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from model.config import PRESETS, ModelConfig
+from model.kernels.mxfp4 import dequantize
 from model.make_checkpoint import main, write_checkpoint
-from model.mxfp4 import dequantize
 from model.weights import expected_tensors, hf_specs
 
 

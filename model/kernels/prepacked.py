@@ -3,9 +3,8 @@
 On the CPU, ``F.linear`` with a plain row-major bf16 weight runs oneDNN's AMX matmul on that layout
 (``ONEDNN_VERBOSE`` shows ``wei:bf16::blocked:ba``), which repacks the weight into the blocked VNNI layout the
 AMX tiles need as part of every call. Reordered once, at load time, into the layout the kernel wants
-(``AB16b32a2b``), the weight is read straight from memory. Measured here (1 thread, bf16, weights cycling
-through more than the 300 MB L3): a 5760×2880 expert matmul at 1-8 rows went from about 10.5 to 13 GB/s, and
-the decode step of a 4-layer, 32-expert model of real widths at batch 16 from about 750 to 600 ms.
+(``AB16b32a2b``), the weight is read straight from memory, which matters most where decode is bound by
+reading weights that do not fit in the cache.
 
 :func:`prepack` does that reorder. Its result is an opaque oneDNN tensor with the weight's shape and byte size
 that *replaces* the plain weight, so no second copy is kept. :func:`linear` runs a weight of either kind;
@@ -14,8 +13,8 @@ compared with it in tests.
 
 The fast path applies only where :func:`applies` says so: a 2-D bfloat16 weight on the CPU, with oneDNN built
 in, enabled and able to do bf16 on this CPU. Every other weight (CUDA, float32) is returned unchanged by
-:func:`prepack` and runs ``F.linear`` exactly as before. float32 is left out on purpose: prepacking a float32
-weight was measured slower here at 1-2 rows per matmul, the usual per-expert row count at decode.
+:func:`prepack` and runs ``F.linear``. float32 is left out on purpose: a prepacked float32 weight is slower
+at 1-2 rows per matmul, the usual per-expert row count at decode.
 """
 
 from __future__ import annotations
@@ -47,11 +46,10 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 def column_major(weight: torch.Tensor) -> torch.Tensor:
     """`weight [out, in]` with the same values stored transposed (``weight.t()`` contiguous), for a float32
     matrix with a very long output side on the CPU: the vocabulary projection. ``F.linear`` and :func:`linear`
-    run it unchanged. A trade: ``python benchmarks/unembedding_bench.py --rows 1,16,64 --repeats 20`` (one
-    thread, 201088 rows, hidden 64 / 256, row-major -> column-major) read one row 7.2 -> 2.7 ms / 22.8 -> 13.4
-    ms, 64 rows 20.2 -> 19.3 / 80.7 -> 74.0 ms, but 16 rows 9.9 -> 10.9 / 39.9 -> 48.3 ms. Taken for the
-    single-request step (first token of a cached prefix, every decode of a lone request); every float32
-    linear and expert stored this way was no better at decode, so only the projection is."""
+    run it unchanged. A trade (``benchmarks/unembedding_bench.py``; figures in benchmarks/README.md): much
+    faster for one row, a little for many, slower around 16. Taken for the single-request step (first token
+    of a cached prefix, every decode of a lone request); every float32 linear and expert stored this way was
+    no better at decode, so only the projection is."""
     return weight.t().contiguous().t()
 
 

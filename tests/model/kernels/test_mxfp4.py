@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.mxfp4 import FP4_VALUES, dequantize, dequantize_reference, quantize
+from model.kernels.mxfp4 import FP4_VALUES, dequantize, dequantize_reference, quantize
 
 
 def test_bit_layout_low_nibble_first_and_scale_bias_127() -> None:

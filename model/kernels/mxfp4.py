@@ -88,8 +88,8 @@ def dequantize(
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)}")
     flat_out = out.view(-1, groups, BLOCK_SIZE)
     # On the CPU, work through a few rows at a time: whole-matrix int32 index and gather temporaries (tens of
-    # MB per expert) are kept by the C allocator after use and inflated peak RSS by about 2 GB in the model
-    # benchmark. On a GPU the caching allocator reuses them, and one launch beats many.
+    # MB per expert) are kept by the C allocator after use and inflate peak RSS (the model benchmark prints
+    # it). On a GPU the caching allocator reuses them, and one launch beats many.
     rows = max(1, _CPU_CHUNK // groups if blocks.device.type == "cpu" else flat_blocks.shape[0])
     for r in range(0, flat_blocks.shape[0], rows):
         # `embedding` is torch's fastest CPU gather and takes int32 indices (half of int64's traffic).
@@ -104,7 +104,7 @@ def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``[..., K]`` values (K a multiple of 32) to MXFP4: returns (blocks [..., K/32, 16], scales).
 
     The scale of a block is the smallest power of two that brings its largest magnitude within ±6, and each
-    value is rounded to the nearest e2m1 code. Used by the checkpoint writer and by tests.
+    value is rounded to the nearest e2m1 code. The tests round-trip values through it.
     """
     if values.shape[-1] % BLOCK_SIZE:
         raise ValueError(f"last dimension {values.shape[-1]} is not a multiple of {BLOCK_SIZE}")

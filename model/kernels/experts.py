@@ -1,0 +1,234 @@
+"""The experts of the MoE block: the MXFP4 weight storage and three ways to compute the routed sum.
+
+Every implementation takes the block's weights (:class:`ExpertWeights`), the normed tokens ``t [T, H]``, each
+token's experts ``indices [T, k]`` and their routing weights ``[T, k]``, and returns
+``sum_j weights[n, j] * mlp2_e(swiglu(mlp1_e(t[n])))`` per token, ``e = indices[n, j]``:
+
+* :func:`experts_reference` — token by token, expert by expert, reference dequantization: the spec.
+* :func:`experts_grouped` — the CPU path: each active expert dequantized once and applied to all its tokens.
+* :func:`experts_batched` — the GPU path: a fixed number of launches, the active experts in batched matmuls.
+
+All three run on a CPU, so all are tested against the reference there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from model.kernels import prepacked
+from model.kernels.mxfp4 import dequantize, dequantize_reference
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over interleaved columns: gate = h[..., ::2], up = h[..., 1::2]."""
+    gate, up = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+class ExpertMode(StrEnum):
+    PACKED = "packed"  # MXFP4 in memory; each active expert is dequantized when used
+    DEQUANTIZED = "dequantized"  # dequantized once at load, prepacked on the CPU (CPU speed for small models)
+
+
+class MXFP4Weight(nn.Module):
+    """The stacked expert weights of one matmul: `blocks [E, out, in/32, 16]` and `scales [E, out, in/32]`."""
+
+    def __init__(self, experts: int, rows: int, cols: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.register_buffer(
+            "blocks", torch.zeros(experts, rows, cols // 32, 16, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.zeros(experts, rows, cols // 32, dtype=torch.uint8, device=device)
+        )
+        # ExpertMode.DEQUANTIZED: each expert's dense `[out, in]` weight, prepacked where that applies.
+        self.dense: list[torch.Tensor] | None = None
+
+    def dequantize_all(self, dtype: torch.dtype, prepack: bool) -> None:
+        """Switch to :attr:`ExpertMode.DEQUANTIZED`: keep dense weights and drop the packed bytes.
+
+        One expert at a time, so that the temporaries stay one expert's size. A prepack copies the expert, so
+        the next one is dequantized into the same buffer: a fresh buffer per expert, freed after its prepack,
+        left glibc's heap full of expert-sized holes that the model benchmark's peak RSS showed.
+        """
+        self.dense = []
+        scratch = None
+        for e in range(self.blocks.shape[0]):
+            weight = dequantize(self.blocks[e], self.scales[e], dtype, out=scratch)
+            if prepack and prepacked.applies(weight):
+                self.dense.append(prepacked.prepack(weight))
+                scratch = weight
+            else:
+                self.dense.append(weight)
+        self.blocks = self.blocks.new_empty(0)
+        self.scales = self.scales.new_empty(0)
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `e`'s weight `[out, in]` in `dtype`, for :func:`model.kernels.prepacked.linear`."""
+        if self.dense is not None:
+            assert self.dense[e].dtype == dtype, "dequantized experts are kept in the model's dtype"
+            return self.dense[e]
+        return dequantize(self.blocks[e], self.scales[e], dtype)
+
+    def experts(self, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The plain weights `[len(ids), out, in]` of experts `ids` in `dtype`, dequantized in one call."""
+        if self.dense is not None:
+            return torch.stack([prepacked.plain(self.dense[e]) for e in ids]).to(dtype)
+        index = torch.tensor(ids, device=self.blocks.device)
+        return dequantize(self.blocks[index], self.scales[index], dtype)
+
+    def expert_reference(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `e`'s plain weight `[out, in]` in `dtype`."""
+        if self.dense is not None:
+            return prepacked.plain(self.dense[e]).to(dtype)
+        return dequantize_reference(self.blocks[e], self.scales[e], dtype)
+
+
+class ExpertWeights(Protocol):
+    """What the experts read of an MoE block (:class:`model.gpt_oss.MLPBlock`)."""
+
+    mlp1_weight: MXFP4Weight  # [E, 2I, H]: gate and up columns interleaved
+    mlp1_bias: torch.Tensor  # [E, 2I]
+    mlp2_weight: MXFP4Weight  # [E, H, I]
+    mlp2_bias: torch.Tensor  # [E, H]
+    swiglu_alpha: float
+    swiglu_limit: float
+
+
+# The signature every implementation has: (weights, t, indices, routing weights) -> the routed sum [T, H].
+Experts = Callable[[ExpertWeights, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def experts_reference(
+    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Token by token, expert by expert, reference dequantization."""
+    out = torch.zeros_like(t)
+    for n in range(t.shape[0]):
+        for j in range(indices.shape[1]):
+            e = int(indices[n, j])
+            h = mlp.mlp1_weight.expert_reference(e, t.dtype) @ t[n] + mlp.mlp1_bias[e]
+            h = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
+            y = mlp.mlp2_weight.expert_reference(e, t.dtype) @ h + mlp.mlp2_bias[e]
+            out[n] += weights[n, j] * y
+    return out
+
+
+# experts_grouped: the SwiGLU runs over groups of experts whose first-matmul outputs fit in this many bytes,
+# so that its passes stay in the cache: one pass over all the pairs of a long prompt leaves it, and costs
+# more than a SwiGLU per expert.
+MOE_GROUP_BYTES = 256 << 10
+
+
+def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """`(i, lo, hi)` for each nonzero `counts[i]`: the rows `lo:hi` that item `i` holds when the items' rows
+    are laid end to end in order."""
+    spans, lo = [], 0
+    for i, count in enumerate(counts):
+        if count:
+            spans.append((i, lo, lo + count))
+            lo += count
+    return spans
+
+
+def _groups(spans: list[tuple[int, int, int]], rows: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive `spans` (from :func:`_spans`) in groups of at most `rows` rows (a longer span alone)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for span in spans:
+        if groups and span[2] - groups[-1][0][1] <= rows:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return groups
+
+
+def experts_grouped(
+    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Grouped by expert, for CPUs: each active expert is dequantized once and applied to all its tokens.
+
+    The token-expert pairs are sorted by expert and their inputs gathered once, so each expert reads a
+    contiguous slice and writes its matmuls into slices of two shared buffers. The SwiGLU runs once per
+    group of experts (:data:`MOE_GROUP_BYTES`), the routing weights and the sum back into tokens once over
+    all pairs; the loop itself is only the two matmuls of each active expert, not the fifteen-odd small ops
+    of an expert's whole work (``benchmarks/moe_bench.py`` times it against :func:`experts_batched`). Each
+    token's terms are added in the order of its experts (the pairs are sorted stably), as the reference
+    adds them.
+    """
+    flat = indices.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=mlp.mlp1_bias.shape[0]).tolist()
+    token_of = order // indices.shape[1]
+    x = t[token_of]
+    h = t.new_empty(flat.numel(), mlp.mlp1_bias.shape[1])
+    y = t.new_empty(flat.numel(), t.shape[1])
+    rows_per_group = max(1, MOE_GROUP_BYTES // (h.shape[1] * h.element_size()))
+    for group in _groups(_spans(counts), rows_per_group):
+        start, end = group[0][1], group[-1][2]
+        for e, lo, hi in group:
+            w, b = mlp.mlp1_weight.expert(e, t.dtype), mlp.mlp1_bias[e]
+            prepacked.linear(x[lo:hi], w, b, out=h[lo:hi])
+        a = swiglu(h[start:end], mlp.swiglu_alpha, mlp.swiglu_limit)
+        for e, lo, hi in group:
+            w, b = mlp.mlp2_weight.expert(e, t.dtype), mlp.mlp2_bias[e]
+            prepacked.linear(a[lo - start : hi - start], w, b, out=y[lo:hi])
+    y *= weights.flatten()[order, None]
+    return torch.zeros_like(t).index_add_(0, token_of, y)
+
+
+EXPERTS_PER_CALL = 32  # experts dequantized together by experts_batched
+
+
+def experts_batched(
+    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The same sums with a fixed number of kernel launches, for GPUs.
+
+    The loop of :func:`experts_grouped` issues its matmuls (and their bias copies) expert by expert, which on
+    a GPU takes longer to issue than the work takes to run. Here the active experts' weights are dequantized
+    together and their tokens go through two batched matmuls, padded to the busiest expert's count; experts
+    are taken :data:`EXPERTS_PER_CALL` at a time so the dequantized weights stay bounded (about 1.6 GB in
+    bf16 at gpt-oss widths).
+    """
+    flat = indices.flatten()
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    token_of = order // indices.shape[1]
+    weight_of = weights.flatten()[order]
+    counts = torch.bincount(flat, minlength=mlp.mlp1_bias.shape[0])
+    # Each assignment's row within its expert's group: its rank among the assignments sorted before it.
+    slot = torch.arange(flat.numel(), device=t.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    counts_host = counts.tolist()  # the one host sync: which experts are active and the padded width
+    active = [e for e, c in enumerate(counts_host) if c]
+    out = torch.zeros_like(t)
+    for first in range(0, len(active), EXPERTS_PER_CALL):
+        chunk = active[first : first + EXPERTS_PER_CALL]
+        width = max(counts_host[e] for e in chunk)
+        ids = torch.tensor(chunk, device=t.device)
+        compact = torch.full_like(counts, -1)
+        compact[ids] = torch.arange(len(chunk), device=t.device)
+        group = compact[sorted_experts]
+        taken = (group >= 0).nonzero().squeeze(1) if len(chunk) < len(active) else None
+        g, rows, tok, w = (
+            (group, slot, token_of, weight_of)
+            if taken is None
+            else (group[taken], slot[taken], token_of[taken], weight_of[taken])
+        )
+        x = t.new_zeros(len(chunk), width, t.shape[1])
+        x[g, rows] = t[tok]
+        h = torch.baddbmm(
+            mlp.mlp1_bias[ids].unsqueeze(1), x, mlp.mlp1_weight.experts(chunk, t.dtype).transpose(1, 2)
+        )
+        h = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
+        y = torch.baddbmm(
+            mlp.mlp2_bias[ids].unsqueeze(1), h, mlp.mlp2_weight.experts(chunk, t.dtype).transpose(1, 2)
+        )
+        out.index_add_(0, tok, y[g, rows] * w[:, None])
+    return out
