@@ -388,7 +388,7 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> l
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     experts = args.experts or ("dequantized" if device.type == "cpu" else "packed")
     started = time.perf_counter()
-    model = GptOss.from_checkpoint(path, device=device, dtype=dtype, experts=experts, progress=False)
+    model = GptOss.from_checkpoint(path, device=device, dtype=dtype, expert_mode=experts, progress=False)
     config = model.config
     out(f"\n== {name}: {describe(config)}")
     out(f"   {path} ({dtype}, {experts} experts, loaded in {time.perf_counter() - started:.1f} s)")

@@ -86,7 +86,9 @@ def bench_ours(path: Path, mode: str, args: argparse.Namespace) -> dict[str, flo
     device = torch.device(args.device)
     before = rss_bytes()
     started = time.perf_counter()
-    model = GptOss.from_checkpoint(path, device=device, dtype=torch.bfloat16, experts=mode, progress=False)
+    model = GptOss.from_checkpoint(
+        path, device=device, dtype=torch.bfloat16, expert_mode=mode, progress=False
+    )
     load_s = time.perf_counter() - started
     # Prepacked (oneDNN) weights report their logical size, numel × element size, which is what they hold.
     weights = model.weight_nbytes()

@@ -71,7 +71,7 @@ def check_tiny(work: Path, device: torch.device) -> None:
     """The CUDA path against the CPU float32 path on a tiny checkpoint."""
     tiny = write_checkpoint(PRESETS["tiny"], work / "tiny", layout="hf", seed=1)
     ids = torch.randint(0, PRESETS["tiny"].vocab_size, (300,), generator=torch.Generator().manual_seed(0))
-    cpu = GptOss.from_checkpoint(tiny, dtype=torch.float32, experts="packed", progress=False)
+    cpu = GptOss.from_checkpoint(tiny, dtype=torch.float32, expert_mode="packed", progress=False)
     ref = cpu(ids, AttentionMetadata.build([300]))
     scale = ref.abs().max().item()
     for dtype in (torch.float32, torch.bfloat16):
@@ -185,7 +185,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             model = GptOss.from_checkpoint(
-                path, device=device, dtype=torch.bfloat16, experts="dequantized", progress=False
+                path, device=device, dtype=torch.bfloat16, expert_mode="dequantized", progress=False
             )
             held = model.weight_nbytes()
             logger.info("dequantized: weights %.2f GB = %.2fx the checkpoint", held / 1e9, held / disk)

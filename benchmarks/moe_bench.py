@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = {"cpu": experts_grouped, "gpu": experts_batched}
     for name in ("tiny", "small"):
         model = GptOss.from_checkpoint(
-            checkpoint_dir(name, CONFIGS[name]), dtype=dtype, experts="dequantized", progress=False
+            checkpoint_dir(name, CONFIGS[name]), dtype=dtype, expert_mode="dequantized", progress=False
         )
         mlps = [block.mlp for block in model.block]
         g = torch.Generator().manual_seed(0)

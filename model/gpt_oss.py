@@ -260,7 +260,7 @@ class GptOss(nn.Module):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
-        experts: ExpertMode | str = ExpertMode.PACKED,
+        expert_mode: ExpertMode | str = ExpertMode.PACKED,
         prepack: bool = True,
         progress: bool = True,
         kernels: Kernels | None = None,
@@ -268,17 +268,16 @@ class GptOss(nn.Module):
         """Load a checkpoint directory of either layout straight onto `device`.
 
         Weights other than the experts take `dtype`; norms and sinks stay float32 (they are tiny and used in
-        float32); expert blocks and scales stay packed uint8 unless `experts` is ``"dequantized"``. With
+        float32); expert blocks and scales stay packed uint8 unless `expert_mode` is ``"dequantized"``. With
         `prepack` the bf16 matrices are reordered for the CPU where :func:`model.kernels.prepacked.applies` (a
         no-op elsewhere); without it they stay plain, which is the reference the fast path is tested against.
-        `experts` says how the expert weights are stored; the code that computes with them comes with
-        `kernels` (the attention and experts implementations), by default the fast paths for `device`
-        (:meth:`Kernels.for_device`).
+        The code that computes with the weights comes with `kernels` (the attention and experts
+        implementations), by default the fast paths for `device` (:meth:`Kernels.for_device`).
         """
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         device = torch.device(device)
-        experts = ExpertMode(experts)
+        expert_mode = ExpertMode(expert_mode)
         started = time.perf_counter()
         reader = open_checkpoint(path)
         kernels = Kernels.for_device(device) if kernels is None else kernels
@@ -287,7 +286,7 @@ class GptOss(nn.Module):
         model.load_weights(reader, device=device, dtype=dtype, progress=progress)
         if prepack:  # first: while the experts are still packed, a linear's transient copy costs least
             model.prepack_weights()
-        if experts is ExpertMode.DEQUANTIZED:
+        if expert_mode is ExpertMode.DEQUANTIZED:
             for block in model.block:
                 block.mlp.mlp1_weight.dequantize_all(dtype, prepack)
                 block.mlp.mlp2_weight.dequantize_all(dtype, prepack)
@@ -300,7 +299,7 @@ class GptOss(nn.Module):
             reader.nbytes / 1e9,
             device,
             dtype,
-            experts.value,
+            expert_mode.value,
             ", weights prepacked for oneDNN" if model.unembedding.weight.is_mkldnn else "",
             time.perf_counter() - started,
         )

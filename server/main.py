@@ -143,7 +143,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         if args.dtype
         else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     )
-    model = GptOss.from_checkpoint(path, device=args.device, dtype=dtype, experts=args.experts)
+    model = GptOss.from_checkpoint(path, device=args.device, dtype=dtype, expert_mode=args.experts)
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     engine = EngineCore(

@@ -105,7 +105,7 @@ def test_reference_twins_equal_fast_paths_in_the_whole_model(
 
 def test_dequantize_at_load_equals_packed(checkpoints: dict[str, Path], model_fp32: GptOss) -> None:
     dense = GptOss.from_checkpoint(
-        checkpoints["hf"], dtype=torch.float32, experts="dequantized", progress=False
+        checkpoints["hf"], dtype=torch.float32, expert_mode="dequantized", progress=False
     )
     assert dense.block[0].mlp.mlp1_weight.blocks.numel() == 0
     ids = tokens(10, 30)
@@ -131,7 +131,7 @@ def test_weight_nbytes_counts_dequantized_experts_too(
     c = tiny_config
     assert model_fp32.weight_nbytes() == sum(t.nbytes for t in model_fp32.state_dict().values())
     dense = GptOss.from_checkpoint(
-        checkpoints["hf"], dtype=torch.float32, experts="dequantized", progress=False
+        checkpoints["hf"], dtype=torch.float32, expert_mode="dequantized", progress=False
     )
     values = c.num_experts * 3 * c.intermediate_size * c.hidden_size  # mlp1 (2 I x H) and mlp2 (H x I)
     per_layer = values * 4 - values // 32 * 17  # float32 values in, MXFP4 blocks (16 bytes + scale) out
@@ -150,7 +150,7 @@ def test_batched_experts_in_the_whole_model_packed_and_dequantized(
     kernels = Kernels(cpu.attention, experts_batched)
     for mode in ("packed", "dequantized"):
         model = GptOss.from_checkpoint(
-            checkpoints["hf"], dtype=torch.float32, experts=mode, kernels=kernels, progress=False
+            checkpoints["hf"], dtype=torch.float32, expert_mode=mode, kernels=kernels, progress=False
         )
         torch.testing.assert_close(full(model, ids), expected, rtol=0, atol=1e-5)
 

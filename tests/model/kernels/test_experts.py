@@ -18,7 +18,7 @@ FAST: dict[str, Experts] = {"grouped": experts_grouped, "batched": experts_batch
 
 @pytest.fixture(scope="module", params=["packed", "dequantized"])
 def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBlock:
-    model = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, experts=request.param, progress=False)
+    model = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, expert_mode=request.param, progress=False)
     return model.block[1].mlp
 
 

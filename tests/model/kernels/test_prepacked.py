@@ -90,8 +90,8 @@ def test_prepacked_bf16_model_equals_plain_bf16_model(checkpoints: dict[str, Pat
     """Whole model, prefill of two sequences then decode through the cache: prepacked weights against the same
     checkpoint loaded with plain weights (the reference)."""
     path = checkpoints["hf"]
-    fast = GptOss.from_checkpoint(path, dtype=torch.bfloat16, experts=experts, progress=False)
-    plain = GptOss.from_checkpoint(path, dtype=torch.bfloat16, experts=experts, prepack=False, progress=False)
+    fast = GptOss.from_checkpoint(path, dtype=torch.bfloat16, expert_mode=experts, progress=False)
+    plain = GptOss.from_checkpoint(path, dtype=torch.bfloat16, expert_mode=experts, prepack=False, progress=False)
     assert fast.unembedding.weight.is_mkldnn
     assert fast.block[0].attn.qkv.weight.is_mkldnn
     assert not plain.unembedding.weight.is_mkldnn
@@ -124,7 +124,7 @@ def test_prepacked_bf16_model_equals_plain_bf16_model(checkpoints: dict[str, Pat
 def test_prepacked_experts_equal_reference_twin(checkpoints: dict[str, Path]) -> None:
     """The grouped experts on prepacked weights against the token-by-token twin on the plain weights."""
     model = GptOss.from_checkpoint(
-        checkpoints["hf"], dtype=torch.bfloat16, experts="dequantized", progress=False
+        checkpoints["hf"], dtype=torch.bfloat16, expert_mode="dequantized", progress=False
     )
     mlp = model.block[1].mlp
     t = torch.randn(13, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).bfloat16()
