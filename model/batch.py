@@ -17,12 +17,9 @@ blocks in any order and only those a sliding window still reaches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from model.kernels.attention import PaddedCall
 
 
 @dataclass(slots=True)
@@ -41,11 +38,10 @@ class AttentionMetadata:
     # Per sequence: its row in a ContiguousKVCache. Other caches may use it as their own per-sequence handle
     # or ignore it.
     cache_slots: list[int] | None = None
-    # Filled by the torch attention: its calls and masks, which depend on the positions only, built in the
-    # first layer of each kind (window, dtype) and reused by the others. Lives as long as this forward.
-    attention_plans: dict[tuple[int, torch.dtype], tuple[torch.Tensor, list[PaddedCall]]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    # A memo an attention implementation may fill with what depends on the positions only (the torch path's
+    # calls and masks), built in the first layer of each kind and reused by the others. Lives as long as this
+    # forward; its keys and values are the implementation's own.
+    attention_plans: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert len(self.query_lens) == len(self.context_lens)

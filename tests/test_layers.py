@@ -28,8 +28,8 @@ def _module_name(path: Path) -> str:
 
 
 def _imports() -> dict[str, set[str]]:
-    """Each project module and the project modules it imports (a `from x import y` counts `x.y` when that is a
-    module, else `x`)."""
+    """Each project module and the project modules it imports: a `from x import y` counts `x.y` when that is a
+    module, else `x`. A package a module sits in is not counted: Python runs it first whatever is imported."""
     modules = {
         _module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")
     }
@@ -40,13 +40,16 @@ def _imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+                targets = [
+                    f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                    for alias in node.names
+                ]
             else:
                 continue
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
-                if target and target != name:
+                if target and not (name == target or name.startswith(target + ".")):
                     edges.add(target)
         graph[name] = edges
     return graph

@@ -234,6 +234,14 @@ class PaddedCall:
     bias: torch.Tensor | None
 
 
+@dataclass(slots=True)
+class _Plan:
+    """The calls of :func:`attention_plan` for keys at `positions`, memoised on the forward's metadata."""
+
+    positions: torch.Tensor
+    calls: list[PaddedCall]
+
+
 def attention_plan(
     meta: AttentionMetadata, positions: torch.Tensor, window: int, dtype: torch.dtype
 ) -> list[PaddedCall]:
@@ -251,9 +259,9 @@ def attention_plan(
     query in a sliding-window layer is cut into blocks that read only the keys their window reaches
     (:func:`_windowed_calls`). Both cut most of a long prompt's work: see ``benchmarks/README.md``.
     """
-    cached = meta.attention_plans.get((window, dtype))
-    if cached is not None and cached[0] is positions:
-        return cached[1]
+    cached = meta.attention_plans.get(("torch", window, dtype))
+    if isinstance(cached, _Plan) and cached.positions is positions:
+        return cached.calls
     device = positions.device
     if max(meta.query_lens) == 1 or len(meta.query_lens) == 1:
         groups = [list(range(meta.num_seqs))]
@@ -297,7 +305,7 @@ def attention_plan(
         query_pos[seq_index, query_offset] = meta.positions[tokens]
         bias = _mask(key_pos[:, None, :], query_pos[:, :, None], window, dtype)
         calls.append(PaddedCall(seqs, tokens, 0, width, seq_index, query_offset, bias))
-    meta.attention_plans[(window, dtype)] = (positions, calls)
+    meta.attention_plans[("torch", window, dtype)] = _Plan(positions, calls)
     return calls
 
 
