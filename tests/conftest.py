@@ -22,6 +22,11 @@ def _offline_vocab_dir() -> Path:
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run under Triton's interpreter, which is chosen when a kernel is defined:
+# set before any test module imports one. With CUDA the same tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # openai-harmony reads the variable inside `load_harmony_encoding`, and never downloads when it is set.
 VOCAB_DIR = _offline_vocab_dir()
 os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(VOCAB_DIR))
