@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model.mxfp4 import dequantize_reference
+from model.kernels.mxfp4 import dequantize_reference
 
 
 @triton.jit

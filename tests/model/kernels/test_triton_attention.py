@@ -64,7 +64,8 @@ def test_one_query_head_per_kv_head_and_bfloat16() -> None:
 
 def test_the_reference_agrees_with_the_models_attention() -> None:
     """The twin itself, against the model's spec-level attention on the same keys laid out per sequence."""
-    from model.gpt_oss import AttentionMetadata, KVView, attention_reference
+    from model.batch import AttentionMetadata
+    from model.kernels.attention import KVView, attend_reference
 
     lengths, window = [5, 11], 8
     q, k, v, tables, lens, sinks = (t.cpu() for t in _case(lengths, window, seed=9))
@@ -77,6 +78,6 @@ def test_the_reference_agrees_with_the_models_attention() -> None:
             slot = int(tables[s, p // BLOCK]) * BLOCK + p % BLOCK
             keys[s, p], values[s, p], positions[s, p] = k[slot], v[slot], p
     meta = AttentionMetadata.build([1, 1], lengths)
-    spec = attention_reference(q, KVView(keys, values, positions), meta, sinks, 0.25, window)
+    spec = attend_reference(q, KVView(keys, values, positions), meta, sinks, 0.25, window)
     ours = decode_attention_reference(q, k, v, tables, lens, sinks, 0.25, window, BLOCK)
     torch.testing.assert_close(ours.reshape(spec.shape), spec, rtol=1e-5, atol=1e-6)

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from model.kernels.mxfp4 import dequantize_reference, quantize
 from model.kernels.triton_moe import _mxfp4_rows_dot, moe_decode, moe_reference
-from model.mxfp4 import dequantize_reference, quantize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALPHA, LIMIT = 1.702, 7.0
