@@ -24,6 +24,7 @@ from engine.core import EngineCore
 from harmony.encoding import VocabularyError, load_harmony_encoding
 from model.config import PRESETS
 from model.gpt_oss import GptOss
+from model.kernels import Kernels
 from model.make_checkpoint import write_checkpoint
 from model.weights import resolve_model
 from server import logs
@@ -88,6 +89,11 @@ class CliSettings(BaseSettings):
         description="expert weights kept as MXFP4 and dequantized when used (least memory), or dequantized "
         "once at load (faster on a CPU; about 4x the experts' memory in bfloat16, 8x in float32)",
     )
+    kernels: Literal["torch", "triton"] = Field(
+        "torch",
+        description="on cuda, decode steps through torch ops, or through the Triton kernels (paged attention "
+        "read through the block tables, the MoE on MXFP4 decoded in registers)",
+    )
     max_model_len: int = Field(8192, ge=2, description="longest prompt plus output, in tokens")
     max_num_seqs: int = Field(64, ge=1, description="most requests decoded together")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens computed in one engine step")
@@ -130,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> CliSettings:
 
 
 def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
+    if args.kernels == "triton" and args.device != "cuda":
+        sys.stderr.write("gpt-oss-server: invalid settings: kernels: 'triton' needs --device cuda\n")
+        raise SystemExit(2)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     note = None
     if args.model is None:
@@ -143,7 +152,13 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         if args.dtype
         else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     )
-    model = GptOss.from_checkpoint(path, device=args.device, dtype=dtype, expert_mode=args.experts)
+    model = GptOss.from_checkpoint(
+        path,
+        device=args.device,
+        dtype=dtype,
+        expert_mode=args.experts,
+        kernels=Kernels.triton() if args.kernels == "triton" else None,
+    )
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     engine = EngineCore(

@@ -4,9 +4,11 @@
 * :mod:`model.kernels.experts` — the MoE experts and their MXFP4 weight storage.
 * :mod:`model.kernels.mxfp4` — MXFP4 (de)quantization.
 * :mod:`model.kernels.prepacked` — the oneDNN prepacked linear for bf16 weights on the CPU.
+* :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — decode steps on a GPU in Triton
+  (paged attention through the block tables, the MoE on MXFP4 decoded in registers), loaded on demand.
 
 :class:`Kernels` names the implementations a model runs: :meth:`Kernels.for_device` the fast paths of a
-device, :data:`REFERENCE` the twins.
+device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twins.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ class Kernels:
             sdpa = sdpa_sink_from_lse if HAS_CPU_FLASH_LSE else sdpa_sink_as_key
             return cls(TorchAttention(sdpa), experts_grouped)
         return cls(TorchAttention(sdpa_sink_as_key), experts_batched)
+
+    @classmethod
+    def triton(cls) -> Kernels:
+        """Decode steps through the Triton kernels (:mod:`model.kernels.triton_attention`,
+        :mod:`model.kernels.triton_moe`), everything else through the GPU's torch paths. Imported here, on
+        demand: CPU inference never needs Triton."""
+        from model.kernels.triton_attention import TritonAttention
+        from model.kernels.triton_moe import experts_triton
+
+        return cls(TritonAttention(TorchAttention(sdpa_sink_as_key)), experts_triton)
 
 
 REFERENCE = Kernels(attention_reference, experts_reference)

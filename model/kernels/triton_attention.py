@@ -18,18 +18,23 @@ import torch
 import triton
 import triton.language as tl
 
+from model.batch import AttentionMetadata, LayerKV
+from model.kernels.attention import Attention
+
 
 @triton.jit
 def _split(
     q_ptr,  # [B, H, D]
     k_ptr,  # [slots, KVH, D]
     v_ptr,  # [slots, KVH, D]
-    tables_ptr,  # [B, W] int: physical block of each logical block, -1 released
+    tables_ptr,  # [B, W] int: column c holds the block of positions starts[b] + c * BLOCK ..
+    starts_ptr,  # [B] int: the position column 0 starts at, a multiple of BLOCK
     lens_ptr,  # [B] int: tokens in the cache, the new one included
     acc_ptr,  # [B, H, SPLITS, D] float32 partial outputs (unnormalised)
     max_ptr,  # [B, H, SPLITS] float32 running maxima
     sum_ptr,  # [B, H, SPLITS] float32 sums of exp(score - max)
     table_stride,
+    starts_stride,
     scale,
     window,  # 0: full attention
     H: tl.constexpr,
@@ -43,6 +48,7 @@ def _split(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens_ptr + seq)
+    column_zero = tl.load(starts_ptr + seq * starts_stride) // BLOCK
     first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
     # Whole blocks per split, so a block is read by one program only.
     first_block = first // BLOCK
@@ -59,7 +65,7 @@ def _split(
     acc = tl.zeros([GROUP, D], dtype=tl.float32)
     offsets = tl.arange(0, BLOCK)
     for block in range(lo, hi):
-        physical = tl.load(tables_ptr + seq.to(tl.int64) * table_stride + block).to(tl.int64)
+        physical = tl.load(tables_ptr + seq.to(tl.int64) * table_stride + block - column_zero).to(tl.int64)
         positions = block * BLOCK + offsets
         valid = (positions >= first) & (positions < length)
         slots = physical * BLOCK + offsets
@@ -115,6 +121,7 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    starts: torch.Tensor,
     context_lens: torch.Tensor,
     sinks: torch.Tensor,
     scale: float,
@@ -123,9 +130,12 @@ def decode_attention(
     splits: int = 4,
 ) -> torch.Tensor:
     """Attention of one query token per sequence, `q [B, H, D]`, over the paged cache `k_cache`/`v_cache`
-    `[slots, KVH, D]` (slot = block * block_size + offset) through `block_tables [B, W]`; the new token's key
-    and value are already stored, and `context_lens [B]` counts them. `window` 0 is full attention. Returns
-    `[B, H, D]` in `q`'s dtype. `splits` (a power of two) programs share each sequence's context."""
+    `[slots, KVH, D]` (slot = block * block_size + offset) through `block_tables [B, W]`, whose column c holds
+    the block of positions ``starts[b] + c * block_size ..`` (`starts` a multiple of the block size: 0 for a
+    table from position 0, later where a window's table begins); the new token's key and value are already
+    stored, and `context_lens [B]` counts them. Columns outside the query's reach are never read. `window` 0
+    is full attention. Returns `[B, H, D]` in `q`'s dtype; `splits` (a power of two) programs share each
+    sequence's context."""
     seqs, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -143,11 +153,13 @@ def decode_attention(
         k_cache,
         v_cache,
         block_tables,
+        starts,
         context_lens,
         acc,
         maxima,
         sums,
         block_tables.stride(0),
+        starts.stride(0),
         scale,
         window,
         heads,
@@ -162,11 +174,57 @@ def decode_attention(
     return out
 
 
+class TritonAttention:
+    """The attention seam's implementation for GPUs: a decode step (one new token per sequence, with a cache)
+    stores its keys and values with one ``index_copy_`` each and attends through :func:`decode_attention`,
+    reading the blocks where they lie; prompts and chunks go to `fallback` (the torch path).
+
+    The kernel reads column c of a sequence's table as the block of positions ``starts + c * block_size``,
+    ``starts`` being the position of its first slot: the engine's paged cache and the contiguous cache hand
+    their blocks in that order (a cache handing them out of order needs the fallback)."""
+
+    def __init__(self, fallback: Attention, splits: int = 4) -> None:
+        self.fallback = fallback
+        self.splits = splits
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: LayerKV | None,
+        sinks: torch.Tensor,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        if kv is None or max(meta.query_lens) > 1:  # host-side lengths: no device sync to decide
+            return self.fallback(q, k, v, meta, kv, sinks, scale, window)
+        tables = kv.tables
+        kv.k.index_copy_(0, tables.slot_mapping, k.to(kv.k.dtype))
+        kv.v.index_copy_(0, tables.slot_mapping, v.to(kv.v.dtype))
+        out = decode_attention(
+            q,
+            kv.k,
+            kv.v,
+            tables.block_index,
+            tables.key_positions[:, 0],
+            meta.positions + 1,  # one token per sequence: its position + 1 is the sequence's length
+            sinks,
+            scale,
+            window,
+            tables.block_size,
+            self.splits,
+        )
+        return out.reshape(q.shape[0], -1)
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    starts: torch.Tensor,
     context_lens: torch.Tensor,
     sinks: torch.Tensor,
     scale: float,
@@ -179,10 +237,11 @@ def decode_attention_reference(
     group = heads // k_cache.shape[1]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for s in range(q.shape[0]):
-        length = int(context_lens[s])
+        length, column_zero = int(context_lens[s]), int(starts[s]) // block_size
         first = max(length - window, 0) if window else 0
         slots = [
-            int(block_tables[s, p // block_size]) * block_size + p % block_size for p in range(first, length)
+            int(block_tables[s, p // block_size - column_zero]) * block_size + p % block_size
+            for p in range(first, length)
         ]
         keys, values = k_cache[slots].float(), v_cache[slots].float()
         for h in range(heads):

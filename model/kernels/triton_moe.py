@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from model.kernels.experts import ExpertWeights, experts_batched
 from model.kernels.mxfp4 import dequantize_reference
 
 
@@ -201,6 +202,29 @@ def moe_decode(
         BLOCK_GROUPS,
     )
     return out
+
+
+# Above this many tokens a step is a prompt's: the batched matmuls, which read each active expert once for all
+# its tokens, beat reading it once per token.
+DECODE_MAX_TOKENS = 8
+
+
+def experts_triton(
+    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts seam's implementation for GPUs: decode steps through :func:`moe_decode` on the packed
+    MXFP4 weights, larger steps (and dequantized weights) through :func:`experts_batched`."""
+    if t.shape[0] > DECODE_MAX_TOKENS or mlp.mlp1_weight.dense is not None:
+        return experts_batched(mlp, t, indices, weights)
+    return moe_decode(
+        t,
+        indices,
+        weights,
+        (mlp.mlp1_weight.blocks, mlp.mlp1_weight.scales, mlp.mlp1_bias),
+        (mlp.mlp2_weight.blocks, mlp.mlp2_weight.scales, mlp.mlp2_bias),
+        mlp.swiglu_alpha,
+        mlp.swiglu_limit,
+    )
 
 
 def moe_reference(

@@ -91,6 +91,13 @@ def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) 
     assert engine.model.block[0].mlp.mlp1_weight.dense is None  # packed by default
 
 
+def test_triton_kernels_need_cuda(tmp_path: Path) -> None:
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--kernels", "triton"]
+    with pytest.raises(SystemExit) as exit_info:
+        build(parse_args(args))
+    assert exit_info.value.code == 2
+
+
 def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:
     args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
     engine, _ = build(parse_args([*args, "--experts", "dequantized"]))

@@ -307,3 +307,27 @@ def test_a_failing_step_aborts_its_requests_and_the_engine_goes_on(tiny_model: G
         assert seen["good"].finish_reason is FinishReason.LENGTH
     finally:
         thread.stop()
+
+
+def test_the_triton_decode_path_gives_the_tokens_of_full_recomputation(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The engine on a model built with the Triton kernels (decode steps through the paged attention and MoE
+    kernels; without a GPU, under Triton's interpreter): prompts longer than the window, chunked, batched."""
+    from model.kernels import Kernels
+    from tests.engine.conftest import WINDOW16, write_checkpoint
+
+    path = write_checkpoint(WINDOW16, tmp_path_factory.mktemp("engine-triton"), layout="hf", seed=7)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GptOss.from_checkpoint(
+        path, device=device, dtype=torch.float32, kernels=Kernels.triton(), progress=False
+    )
+    reference = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
+    prompts = _prompts(2, seed=21, lengths=(18, 30))
+    outputs = _run(
+        make_engine(model, max_num_batched_tokens=24),
+        prompts,
+        [SamplingParams(temperature=0.0, max_tokens=4)] * 2,
+    )
+    for i, prompt in enumerate(prompts):
+        assert outputs[f"r{i}"].new_token_ids == greedy_reference(reference, prompt, 4)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+from model.gpt_oss import GptOss, MLPBlock
+from model.kernels.experts import experts_reference
 from model.kernels.mxfp4 import dequantize_reference, quantize
-from model.kernels.triton_moe import _mxfp4_rows_dot, moe_decode, moe_reference
+from model.kernels.triton_moe import (
+    DECODE_MAX_TOKENS,
+    _mxfp4_rows_dot,
+    experts_triton,
+    moe_decode,
+    moe_reference,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALPHA, LIMIT = 1.702, 7.0
@@ -110,3 +120,24 @@ def test_bfloat16_activations_come_back_in_bfloat16() -> None:
     assert got.dtype == torch.bfloat16
     # One rounding at the store (the interpreter truncates where a GPU rounds to nearest): a bf16 ulp or two.
     torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
+
+
+@pytest.fixture(scope="module", params=["packed", "dequantized"])
+def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBlock:
+    model = GptOss.from_checkpoint(
+        checkpoints["hf"], device=DEVICE, dtype=torch.float32, expert_mode=request.param, progress=False
+    )
+    return model.block[1].mlp
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, DECODE_MAX_TOKENS + 1])
+def test_at_the_seam_decodes_take_the_kernels_and_prompts_the_batched_path(
+    mlp: MLPBlock, num_tokens: int
+) -> None:
+    """The Triton experts on the model's own MoE block against the reference: decode-sized steps on packed
+    weights through the kernels, larger steps and dequantized weights through the batched matmuls."""
+    t = torch.randn(num_tokens, mlp.mlp2_bias.shape[1], generator=torch.Generator().manual_seed(num_tokens))
+    t = t.to(DEVICE)
+    indices, weights = mlp.route(t)
+    expected = experts_reference(mlp, t, indices, weights)
+    torch.testing.assert_close(experts_triton(mlp, t, indices, weights), expected, rtol=1e-5, atol=1e-4)
