@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -308,7 +309,12 @@ class GptOss(nn.Module):
     def load_weights(
         self, reader: CheckpointReader, *, device: torch.device, dtype: torch.dtype, progress: bool = True
     ) -> None:
-        for name, tensor in reader.items(device, progress=progress):
+        self.assign_weights(reader.items(device, progress=progress), dtype=dtype)
+
+    def assign_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype) -> None:
+        """Take every weight, by its module name, from `tensors` (a checkpoint's, or random ones drawn on the
+        device for benchmarks): packed experts stay uint8, norms and sinks float32, the rest `dtype`."""
+        for name, tensor in tensors:
             module_name, attr = name.rsplit(".", 1)
             module = self.get_submodule(module_name)
             if tensor.dtype != torch.uint8:
@@ -320,6 +326,12 @@ class GptOss(nn.Module):
                 module._buffers[attr] = tensor
         missed = [n for n, t in self.state_dict().items() if t.is_meta]
         assert not missed, f"not loaded: {missed}"
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Compute with other implementations from now on, on the same weights (benchmarks compare paths)."""
+        for block in self.block:
+            block.attn.attention = kernels.attention
+            block.mlp.experts = kernels.experts
 
     def weight_nbytes(self) -> int:
         """Bytes the weights hold: the state dict plus dequantized experts, which live outside it."""

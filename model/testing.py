@@ -3,9 +3,14 @@ Nothing in the server imports this module."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.batch import AttentionMetadata, BlockTables, LayerKV
+from model.config import ModelConfig
+from model.gpt_oss import GptOss, RotaryEmbedding
+from model.kernels import Kernels
 from model.kernels.attention import KVView
 
 
@@ -85,3 +90,42 @@ def random_paged_case(
     sinks = torch.randn(heads, generator=g)
     kv = LayerKV(k_cache, v_cache, BlockTables(slot_mapping, block_index, key_positions, block_size))
     return q, k, v, meta, kv, sinks
+
+
+def random_model(
+    config: ModelConfig,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    kernels: Kernels | None = None,
+    seed: int = 0,
+) -> GptOss:
+    """A model of `config`'s shapes with random weights drawn on `device`, in the distributions the checkpoint
+    writer uses (unit-variance linear outputs, MXFP4 experts of about 1/sqrt(fan_in) scale): what a GPU
+    benchmark runs when writing a checkpoint of real size would take minutes. Not the writer's values."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    kernels = Kernels.for_device(device) if kernels is None else kernels
+    with torch.device("meta"):
+        model = GptOss(config, attention=kernels.attention, experts=kernels.experts)
+    fp4_rms = math.sqrt(sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8)
+
+    def draw(name: str, shape: torch.Size) -> torch.Tensor:
+        if name.endswith(".blocks"):
+            return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8, device=device)
+        if name.endswith(".scales"):
+            centre = 127 + round(math.log2(1.0 / (math.sqrt(shape[-1] * 32) * fp4_rms)))
+            jitter = torch.randint(-1, 2, shape, generator=g, device=device)
+            return (centre + jitter).to(torch.uint8)
+        if name.endswith(".scale"):
+            return 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+        if name.endswith("sinks"):
+            return torch.randn(shape, generator=g, device=device)
+        if name.endswith("bias"):
+            return 0.1 * torch.randn(shape, generator=g, device=device, dtype=dtype)
+        scale = 1.0 if name == "embedding.weight" else 1 / math.sqrt(shape[-1])
+        return scale * torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    model.assign_weights(((n, draw(n, t.shape)) for n, t in model.state_dict().items()), dtype=dtype)
+    model.rope = RotaryEmbedding(config, device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,503 @@
+"""The GPU decode path in one run: the Triton kernels checked against their twins on the GPU, then timed
+against the torch paths, from the kernels alone up to the engine's decode step.
+
+    python benchmarks/gpu_bench.py [--preset 20b] [--device cuda] [--out DIR] [--budget SECONDS]
+
+No checkpoint is written: a model of the preset's real shapes is drawn at random on the device
+(`model.testing.random_model`), which takes seconds where the writer would take minutes. Sections, each
+under its own share of the time budget (a section that fails or runs out prints why and the run goes on):
+
+1. **machine**: the GPU, torch and Triton, and the measured device-to-device copy bandwidth (bytes read plus
+   written), the ceiling every figure below is set against;
+2. **check**: on fresh random inputs at the preset's widths, ‖out − ref‖ / ‖ref‖ of the MoE kernels against
+   `moe_reference`, of the decode attention against `decode_attention_reference` (short and long contexts,
+   full and windowed), and of one decode step's logits of the whole model, Triton kernels against the torch
+   kernels on the same weights and cache (and whether the greedy tokens agree);
+3. **kernels**: the decode MoE at 1 and 8 tokens (GB/s of the experts' bytes it must read) against
+   `experts_batched`, and the decode attention at 1k and 32k tokens of context against the torch path;
+4. **decode**: the engine's decode step at batch 1, 8 and 64 with each kernel set: tokens/s and the share of
+   the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the experts the batch
+   routes to, the KV cache);
+5. **prefill**: time to the first token of a 2048-token prompt;
+6. **launches**: kernel launches and host synchronisations per decode step at batch 1, counted by the
+   profiler, for each kernel set.
+
+Prints a summary table last and writes every figure to `DIR/gpu_bench.json`. `--device cpu --preset tiny`
+runs the same sections on a CPU (the kernels under Triton's interpreter), to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the only way to run the kernels; before any is defined
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.core import EngineCore  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
+from model.batch import AttentionMetadata, BlockTables, LayerKV  # noqa: E402
+from model.config import PRESETS, ModelConfig  # noqa: E402
+from model.gpt_oss import GptOss  # noqa: E402
+from model.kernels import Kernels  # noqa: E402
+from model.kernels.experts import experts_batched  # noqa: E402
+from model.testing import random_model  # noqa: E402
+
+logger = logging.getLogger("gpu_bench")
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise SectionTimeout in this (the main) thread after `seconds`."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise SectionTimeout(f"over its {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(max(1, seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` (device events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.config: ModelConfig = PRESETS[args.preset]
+        self.small = self.device.type == "cpu"
+        self.results: dict[str, Any] = {}
+        self.summary: list[tuple[str, str]] = []
+        self.model: GptOss | None = None
+        self.bandwidth: float | None = None  # bytes/s
+
+    def note(self, key: str, value: Any, shown: str | None = None) -> None:
+        self.results[key] = value
+        if shown is not None:
+            self.summary.append((key, shown))
+        logger.info("%s: %s", key, shown if shown is not None else value)
+
+    def kernel_sets(self) -> dict[str, Kernels]:
+        torch_kernels = Kernels.for_device(self.device)
+        return {"torch": torch_kernels, "triton": Kernels.triton()}
+
+    def get_model(self) -> GptOss:
+        if self.model is None:
+            started = time.perf_counter()
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.model = random_model(self.config, device=self.device, dtype=dtype, seed=1)
+            sync(self.device)
+            self.note("model_gb", self.model.weight_nbytes() / 1e9)
+            self.note("model_build_s", time.perf_counter() - started)
+        return self.model
+
+    # -- 1 --------------------------------------------------------------------------------------------------
+
+    def machine(self) -> None:
+        self.note("torch", torch.__version__)
+        import triton
+
+        self.note("triton", triton.__version__)
+        self.note("python", platform.python_version())
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            self.note("gpu", props.name, props.name)
+            self.note("sms", props.multi_processor_count)
+        n = (1 << 30) if self.device.type == "cuda" else (1 << 24)
+        src = torch.randn(n // 4, device=self.device)
+        dst = torch.empty_like(src)
+        seconds = timed(lambda: dst.copy_(src), self.device, 10)
+        self.bandwidth = 2 * n / seconds
+        self.note("copy_bandwidth_gbs", self.bandwidth / 1e9, f"{self.bandwidth / 1e9:.0f} GB/s")
+
+    # -- 2 --------------------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        from model.kernels.triton_attention import decode_attention, decode_attention_reference
+        from model.kernels.triton_moe import moe_decode, moe_reference
+
+        c = self.config
+        dev = self.device
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        g = torch.Generator(device="cpu").manual_seed(11)
+        hidden, inter, experts, top_k = c.hidden_size, c.intermediate_size, c.num_experts, c.experts_per_token
+        use = min(experts, 4)  # a few experts' weights suffice to check the arithmetic
+
+        def experts_of(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Random MXFP4 codes with scales about 1/sqrt(cols), drawn as bytes (quantizing a real-width
+            float matrix on the host would take gigabytes of temporaries)."""
+            blocks = torch.randint(0, 256, (use, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+            centre = 127 + round(math.log2(1 / math.sqrt(cols)))
+            scales = (centre + torch.randint(-1, 2, (use, rows, cols // 32), generator=g)).to(torch.uint8)
+            bias = 0.1 * torch.randn(use, rows, generator=g)
+            return blocks.to(dev), scales.to(dev), bias.to(dev, dtype)
+
+        mlp1, mlp2 = experts_of(2 * inter, hidden), experts_of(hidden, inter)
+        for tokens in (1, 8):
+            t = torch.randn(tokens, hidden, generator=g).to(dev, dtype)
+            ids = torch.stack([torch.randperm(use, generator=g)[:top_k] for _ in range(tokens)]).int().to(dev)
+            weights = torch.softmax(torch.randn(tokens, top_k, generator=g), -1).to(dev, dtype)
+            got = moe_decode(t, ids, weights, mlp1, mlp2, c.swiglu_alpha, c.swiglu_limit)
+            ref = moe_reference(t.float(), ids, weights.float(), mlp1, mlp2, c.swiglu_alpha, c.swiglu_limit)
+            err = rel_error(got, ref)
+            self.note(f"check_moe_{tokens}tok", err, f"{err:.1e}")
+
+        heads, kv_heads, dim, block = c.num_attention_heads, c.num_key_value_heads, c.head_dim, 16
+        lengths = [1, 200, 1000, 4100] if not self.small else [1, 37, 70]
+        pool = sum(-(-n // block) for n in lengths) + 4
+        k = torch.randn(pool * block, kv_heads, dim, generator=g).to(dev, dtype)
+        v = torch.randn(pool * block, kv_heads, dim, generator=g).to(dev, dtype)
+        order = torch.randperm(pool, generator=g)
+        width = max(-(-n // block) for n in lengths)
+        tables = torch.zeros(len(lengths), width, dtype=torch.int64)
+        taken = 0
+        for s, n in enumerate(lengths):
+            count = -(-n // block)
+            tables[s, :count] = order[taken : taken + count]
+            taken += count
+        tables = tables.to(dev)
+        starts = torch.zeros(len(lengths), dtype=torch.int64, device=dev)
+        lens = torch.tensor(lengths, device=dev)
+        q = torch.randn(len(lengths), heads, dim, generator=g).to(dev, dtype)
+        sinks = torch.randn(heads, generator=g).to(dev)
+        for window in (0, c.sliding_window):
+            got = decode_attention(q, k, v, tables, starts, lens, sinks, dim**-0.5, window, block)
+            ref = decode_attention_reference(q, k, v, tables, starts, lens, sinks, dim**-0.5, window, block)
+            err = rel_error(got, ref)
+            self.note(f"check_attention_window{window}", err, f"{err:.1e}")
+
+        # The whole model: one decode step of a small batch, both kernel sets on the same weights and cache.
+        model = self.get_model()
+        engine = self.engine(model, max_num_seqs=8)
+        prompts = [[(7 * s + 3 * i) % 50_000 for i in range(40 + 9 * s)] for s in range(4)]
+        for s, prompt in enumerate(prompts):
+            engine.add_request(f"c{s}", prompt, SamplingParams(temperature=0.0, max_tokens=64))
+        while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.requests.values()):
+            engine.step()
+        plan = engine.scheduler.schedule()
+        logits = {}
+        cache = engine.runner.cache
+        saved = [t.clone() for t in (*cache.k, *cache.v)]
+        for name, kernels in self.kernel_sets().items():
+            model.use_kernels(kernels)
+            token_ids, meta, step_kv, _, rows = engine.runner.prepare(plan)
+            logits[name] = model(token_ids, meta, step_kv, rows)
+            for t, old in zip((*cache.k, *cache.v), saved, strict=True):
+                t.copy_(old)
+        model.use_kernels(self.kernel_sets()["torch"])
+        err = rel_error(logits["triton"], logits["torch"])
+        agree = bool((logits["triton"].argmax(-1) == logits["torch"].argmax(-1)).all())
+        self.note("check_model_step", err, f"{err:.1e}, greedy tokens {'agree' if agree else 'DIFFER'}")
+
+    # -- 3 --------------------------------------------------------------------------------------------------
+
+    def kernels(self) -> None:
+        from model.kernels.triton_attention import TritonAttention
+        from model.kernels.triton_moe import experts_triton
+
+        model = self.get_model()
+        mlp = model.block[0].mlp
+        per_expert = (
+            sum(t.nbytes for t in (mlp.mlp1_weight.blocks, mlp.mlp1_weight.scales, mlp.mlp2_weight.blocks))
+            + mlp.mlp2_weight.scales.nbytes
+        )
+        per_expert //= self.config.num_experts
+        repeats = 50 if not self.small else 2
+        for tokens in (1, 8):
+            t = torch.randn(tokens, self.config.hidden_size, device=self.device, dtype=model.dtype)
+            indices, weights = mlp.route(t)
+            unique = len(set(indices.flatten().tolist()))
+            triton_s = timed(
+                lambda t=t, i=indices, w=weights: experts_triton(mlp, t, i, w), self.device, repeats
+            )
+            torch_s = timed(
+                lambda t=t, i=indices, w=weights: experts_batched(mlp, t, i, w), self.device, repeats
+            )
+            gbs = unique * per_expert / triton_s / 1e9
+            self.note(
+                f"moe_{tokens}tok",
+                {"triton_us": triton_s * 1e6, "torch_us": torch_s * 1e6, "gbs": gbs},
+                f"{triton_s * 1e6:.0f} us ({gbs:.0f} GB/s) vs torch {torch_s * 1e6:.0f} us",
+            )
+        c = self.config
+        torch_attention = Kernels.for_device(self.device).attention
+        triton_attention = TritonAttention(torch_attention)
+        contexts = (1024, 32768) if not self.small else (64, 256)
+        scale = c.head_dim**-0.5
+        for batch in (1, 8):
+            for context in contexts:
+                q, k, v, meta, kv, sinks = decode_case(self.config, batch, context, self.device, model.dtype)
+
+                def run(impl: Any, q=q, k=k, v=v, meta=meta, kv=kv, sinks=sinks) -> torch.Tensor:
+                    meta.attention_plans.clear()
+                    return impl(q, k, v, meta, kv, sinks, scale, 0)
+
+                triton_s = timed(lambda run=run: run(triton_attention), self.device, repeats)
+                torch_s = timed(lambda run=run: run(torch_attention), self.device, repeats)
+                kv_bytes = 2 * batch * context * c.num_key_value_heads * c.head_dim * kv.k.element_size()
+                gbs = kv_bytes / triton_s / 1e9
+                self.note(
+                    f"attention_b{batch}_ctx{context}",
+                    {"triton_us": triton_s * 1e6, "torch_us": torch_s * 1e6, "gbs": gbs},
+                    f"{triton_s * 1e6:.0f} us ({gbs:.0f} GB/s) vs torch {torch_s * 1e6:.0f} us",
+                )
+
+    # -- 4, 5 -----------------------------------------------------------------------------------------------
+
+    def engine(self, model: GptOss, max_num_seqs: int = 64) -> EngineCore:
+        memory = (4 << 30) if not self.small else (64 << 20)
+        return EngineCore(
+            model,
+            EngineConfig(
+                max_model_len=4096,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=2048,
+                kv_cache_memory=memory,
+            ),
+        )
+
+    def step_bytes(self, batch: int, context: int) -> float:
+        """What one decode step must read: every weight but the embedding (one row per token) and the experts
+        the batch does not route to, plus the KV cache of the batch's contexts."""
+        model = self.get_model()
+        c = self.config
+        expert_bytes = sum(
+            t.nbytes
+            for block in model.block
+            for t in (
+                block.mlp.mlp1_weight.blocks,
+                block.mlp.mlp1_weight.scales,
+                block.mlp.mlp2_weight.blocks,
+                block.mlp.mlp2_weight.scales,
+                block.mlp.mlp1_bias,
+                block.mlp.mlp2_bias,
+            )
+        )
+        dense = model.weight_nbytes() - expert_bytes - model.embedding.weight.nbytes
+        routed = c.num_experts * (1 - (1 - c.experts_per_token / c.num_experts) ** batch)
+        kv = 0
+        for layer in range(c.num_hidden_layers):
+            seen = min(context, c.window(layer) or context)
+            kv += batch * 2 * seen * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+        return dense + expert_bytes * routed / c.num_experts + kv
+
+    def decode(self) -> None:
+        model = self.get_model()
+        batches = (1, 8, 64) if not self.small else (1, 4)
+        steps = 20 if not self.small else 2
+        prompt_len = 128 if not self.small else 16
+        for name, kernels in self.kernel_sets().items():
+            model.use_kernels(kernels)
+            for batch in batches:
+                engine = self.engine(model)
+                for s in range(batch):
+                    prompt = [(s * 131 + i * 7) % 50_000 for i in range(prompt_len)]
+                    engine.add_request(f"d{s}", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 8))
+                while any(
+                    r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.requests.values()
+                ):
+                    engine.step()
+                engine.step()  # the first decode-only step compiles what it needs
+                sync(self.device)
+                started = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                sync(self.device)
+                step_s = (time.perf_counter() - started) / steps
+                tokens_s = batch / step_s
+                ceiling = batch * self.bandwidth / self.step_bytes(batch, prompt_len) if self.bandwidth else 0
+                share = tokens_s / ceiling if ceiling else 0.0
+                self.note(
+                    f"decode_{name}_b{batch}",
+                    {"step_ms": step_s * 1e3, "tokens_s": tokens_s, "ceiling_tokens_s": ceiling},
+                    f"{step_ms_text(step_s)}, {tokens_s:.0f} tok/s, {100 * share:.1f}% of {ceiling:.0f}",
+                )
+        model.use_kernels(self.kernel_sets()["torch"])
+
+    def prefill(self) -> None:
+        model = self.get_model()
+        length = 2048 if not self.small else 128
+        engine = self.engine(model)
+        for attempt in range(2):  # the first compiles
+            engine.add_request(
+                f"p{attempt}", [(i * 13) % 50_000 for i in range(length)], SamplingParams(max_tokens=1)
+            )
+            sync(self.device)
+            started = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            sync(self.device)
+            ttft = time.perf_counter() - started
+        self.note(f"ttft_{length}", ttft * 1e3, f"{ttft * 1e3:.1f} ms")
+
+    # -- 6 --------------------------------------------------------------------------------------------------
+
+    def launches(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        model = self.get_model()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        for name, kernels in self.kernel_sets().items():
+            model.use_kernels(kernels)
+            engine = self.engine(model)
+            engine.add_request("l", list(range(1, 65)), SamplingParams(temperature=0.0, max_tokens=16))
+            for _ in range(3):
+                engine.step()
+            sync(self.device)
+            steps = 3
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    engine.step()
+                sync(self.device)
+            names = [e.name for e in prof.events()]
+            launches = sum(n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx") for n in names)
+            syncs = sum("Synchronize" in n for n in names)
+            copies = sum(n.startswith("cudaMemcpy") for n in names)
+            ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+            per_step = {"launches": launches, "syncs": syncs, "memcpys": copies, "top_level_ops": ops}
+            per_step = {k: n / steps for k, n in per_step.items()}
+            self.note(
+                f"launches_{name}",
+                per_step,
+                ", ".join(f"{n:.0f} {k}" for k, n in per_step.items()) + " per step",
+            )
+        model.use_kernels(self.kernel_sets()["torch"])
+
+
+def decode_case(
+    config: ModelConfig, batch: int, context: int, device: torch.device, dtype: torch.dtype, block: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, LayerKV, torch.Tensor]:
+    """A decode step of `batch` sequences of `context` tokens (the new one included) over a paged cache,
+    each sequence's blocks a shuffled run of the pool, its table in order from position 0."""
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    blocks = -(-context // block)
+    pool = torch.randperm(batch * blocks, device=device).view(batch, blocks)
+    slots = batch * blocks * block
+    positions = torch.full((batch,), context - 1, dtype=torch.int64, device=device)
+    meta = AttentionMetadata(
+        [1] * batch,
+        [context] * batch,
+        positions,
+        torch.arange(batch, device=device),
+        torch.zeros(batch, dtype=torch.int64, device=device),
+    )
+    offsets = torch.arange(blocks * block, device=device)
+    key_positions = offsets.expand(batch, -1).masked_fill(offsets >= context, -1)
+    slot_mapping = pool[:, (context - 1) // block] * block + (context - 1) % block
+    tables = BlockTables(slot_mapping, pool, key_positions.contiguous(), block)
+    kv = LayerKV(
+        torch.randn(slots, kv_heads, dim, device=device, dtype=dtype),
+        torch.randn(slots, kv_heads, dim, device=device, dtype=dtype),
+        tables,
+    )
+    q = torch.randn(batch, heads, dim, device=device, dtype=dtype)
+    k = torch.randn(batch, kv_heads, dim, device=device, dtype=dtype)
+    v = torch.randn(batch, kv_heads, dim, device=device, dtype=dtype)
+    return q, k, v, meta, kv, torch.randn(heads, device=device)
+
+
+def step_ms_text(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms/step"
+
+
+SECTIONS = ("machine", "check", "kernels", "decode", "prefill", "launches")
+# Each section's share of the budget.
+SHARES = {"machine": 0.05, "check": 0.2, "kernels": 0.2, "decode": 0.35, "prefill": 0.1, "launches": 0.1}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="20b", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget", type=int, default=420, help="seconds for the whole run")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    bench = Bench(args)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for section in args.sections.split(","):
+            left = args.budget - (time.perf_counter() - started)
+            limit = int(min(left, max(10, SHARES[section] * args.budget * 1.5)))
+            if limit <= 5:
+                bench.note(f"{section}_skipped", "no time left", "no time left")
+                continue
+            section_started = time.perf_counter()
+            try:
+                with time_limit(limit):
+                    getattr(bench, section)()
+            except Exception as error:  # a section's failure must leave the others' figures
+                logger.exception("section %s failed", section)
+                bench.note(f"{section}_error", repr(error), f"FAILED: {error!r}"[:200])
+            bench.results[f"{section}_s"] = time.perf_counter() - section_started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_bench.json").write_text(json.dumps(bench.results, indent=2, default=str))
+    width = max(len(k) for k, _ in bench.summary) if bench.summary else 10
+    out_line(f"\n== gpu_bench {args.preset} on {args.device} ({time.perf_counter() - started:.0f} s)")
+    for key, shown in bench.summary:
+        out_line(f"   {key:<{width}}  {shown}")
+
+
+def out_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
