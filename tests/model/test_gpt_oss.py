@@ -91,7 +91,9 @@ def test_reference_twins_equal_fast_paths_in_the_whole_model(
 ) -> None:
     """The same checkpoint built on the reference kernels: the same logits for a prompt, then for a decode
     step of it beside a new prompt through a cache."""
-    reference = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, kernels=REFERENCE, progress=False)
+    reference = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, kernels=REFERENCE, progress=False
+    )
     ids = tokens(9, 45)
     torch.testing.assert_close(full(model_fp32, ids), full(reference, ids), rtol=0, atol=1e-4)
     logits = []
@@ -213,3 +215,24 @@ def test_any_cache_honouring_the_protocol_gives_the_same_logits(model_fp32: GptO
     for row, s in enumerate(seqs):
         again = full(model_fp32, torch.cat((s, nxt[row : row + 1])))[-1]
         torch.testing.assert_close(step[row], again, rtol=0, atol=1e-5)
+
+
+def test_a_random_model_is_whole_and_switches_kernels_on_the_same_weights(tiny_config: ModelConfig) -> None:
+    """The benchmarks' model drawn on the device: every weight assigned (none left on the meta device), in
+    the checkpoint's dtypes, and the reference kernels swapped in give the fast paths' logits."""
+    from model.testing import random_model
+
+    model = random_model(tiny_config, device="cpu", dtype=torch.float32, seed=3)
+    state = model.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    assert state["block.0.mlp.mlp1_weight.blocks"].dtype == torch.uint8
+    assert state["block.0.attn.sinks"].dtype == torch.float32
+    tokens = torch.tensor([5, 17, 99, 3000])
+    meta = AttentionMetadata.build([4])
+    fast = model(tokens, meta)
+    assert fast.std() > 0.1  # weights of the checkpoint writer's scale, not zeros
+    model.use_kernels(REFERENCE)
+    torch.testing.assert_close(model(tokens, AttentionMetadata.build([4])), fast, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(
+        random_model(tiny_config, device="cpu", dtype=torch.float32, seed=4)(tokens, meta), fast
+    )
