@@ -50,6 +50,7 @@ COPY harmony/ harmony/
 COPY engine/ engine/
 COPY model/ model/
 COPY server/ server/
+COPY tools/ tools/
 # ... then the project itself exactly as the README does; torch is already satisfied, so nothing else of
 # torch's is installed here.
 RUN /opt/venv/bin/pip install --no-cache-dir -e .
