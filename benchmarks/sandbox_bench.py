@@ -2,9 +2,9 @@
 
     python benchmarks/sandbox_bench.py [--runs 20]
 
-Medians of: a bare `python -I -c "print(1)"` subprocess (the baseline: what any fresh process costs), a one-shot
-sandboxed run of the same code (bubblewrap, cgroup and session start included), and a cell in a session that
-is already running.
+Medians of: a bare `python -I -c "print(1)"` subprocess (the baseline: what any fresh process costs), a
+one-shot sandboxed run of the same code (bubblewrap, cgroup and session start included), and a cell in a
+session that is already running.
 """
 
 from __future__ import annotations
