@@ -339,3 +339,61 @@ class PythonSandbox:
         if result.timed_out or not result.output.startswith("65534 "):
             raise SandboxUnavailable(f"bubblewrap did not run the probe: {result.output[:500]!r}")
         return result.output.strip()
+
+
+class SessionUnknown(KeyError):
+    """A container id the pool does not hold (never created, expired or evicted)."""
+
+
+class SessionPool:
+    """The sessions of one server, by container id: at most `max_sessions` open (the least recently used is
+    closed to make room), each closed after `idle_seconds` unused, and at most `max_running` cells executing
+    at once across all of them (the others wait their turn)."""
+
+    def __init__(
+        self,
+        sandbox: PythonSandbox,
+        *,
+        max_sessions: int = 32,
+        idle_seconds: float = 1200.0,
+        max_running: int = 8,
+    ) -> None:
+        self.sandbox = sandbox
+        self.max_sessions = max_sessions
+        self.idle_seconds = idle_seconds
+        self._sessions: dict[str, Session] = {}  # in order of last use, oldest first
+        self._running = asyncio.Semaphore(max_running)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def create(self) -> Session:
+        """A new session, closing expired ones and, when full, the least recently used."""
+        await self.close_idle()
+        while len(self._sessions) >= self.max_sessions:
+            oldest = next(iter(self._sessions))
+            await self._sessions.pop(oldest).close()
+            logger.info("python session %s closed to make room", oldest)
+        session = self.sandbox.session()
+        self._sessions[session.id] = session
+        return session
+
+    async def run(self, container_id: str, code: str) -> ExecResult:
+        """Run a cell in the session `container_id`; `SessionUnknown` if the pool does not hold it."""
+        session = self._sessions.pop(container_id, None)
+        if session is None or time.monotonic() - session.last_used > self.idle_seconds:
+            if session is not None:
+                await session.close()
+            raise SessionUnknown(container_id)
+        self._sessions[container_id] = session  # now the most recently used
+        async with self._running:
+            return await session.run(code)
+
+    async def close_idle(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_seconds]:
+            await self._sessions.pop(sid).close()
+
+    async def close_all(self) -> None:
+        while self._sessions:
+            await self._sessions.popitem()[1].close()

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tools.python_sandbox import ExecResult, Limits, PythonSandbox, Session, _Cgroup
+from tools.python_sandbox import (
+    ExecResult,
+    Limits,
+    PythonSandbox,
+    Session,
+    SessionPool,
+    SessionUnknown,
+    _Cgroup,
+)
 
 LIMITS = Limits(
     wall_seconds=8, cpu_seconds=8, memory_bytes=512 << 20, data_bytes=16 << 20, read_bytes=256 << 10
@@ -213,3 +221,56 @@ def test_two_sessions_never_see_each_others_files() -> None:
     seen, mine = asyncio.run(go())
     assert seen == "[] []\n"
     assert mine == "first\n"
+
+
+def test_the_pool_keeps_sessions_by_id_and_closes_the_least_recently_used() -> None:
+    async def go() -> None:
+        pool = SessionPool(PythonSandbox(LIMITS), max_sessions=2)
+        try:
+            first, second = await pool.create(), await pool.create()
+            await pool.run(first.id, "x = 'first'")
+            await pool.run(second.id, "x = 'second'")
+            await pool.run(first.id, "x")  # first is now the most recently used
+            third = await pool.create()
+            assert len(pool) == 2
+            with pytest.raises(SessionUnknown):
+                await pool.run(second.id, "x")
+            assert (await pool.run(first.id, "x")).output == "'first'\n"
+            assert (await pool.run(third.id, "1 + 1")).output == "2\n"
+        finally:
+            await pool.close_all()
+
+    asyncio.run(go())
+
+
+def test_idle_sessions_expire() -> None:
+    async def go() -> None:
+        pool = SessionPool(PythonSandbox(LIMITS), idle_seconds=0.3)
+        try:
+            session = await pool.create()
+            await pool.run(session.id, "x = 1")
+            await asyncio.sleep(0.5)
+            with pytest.raises(SessionUnknown):
+                await pool.run(session.id, "x")
+            assert len(pool) == 0
+        finally:
+            await pool.close_all()
+
+    asyncio.run(go())
+
+
+def test_cells_beyond_the_running_limit_wait_their_turn() -> None:
+    async def go() -> float:
+        pool = SessionPool(PythonSandbox(LIMITS), max_running=1)
+        try:
+            a, b = await pool.create(), await pool.create()
+            await asyncio.gather(pool.run(a.id, "0"), pool.run(b.id, "0"))  # started, outside the timing
+            started = asyncio.get_running_loop().time()
+            await asyncio.gather(
+                pool.run(a.id, "import time; time.sleep(0.6)"), pool.run(b.id, "import time; time.sleep(0.6)")
+            )
+            return asyncio.get_running_loop().time() - started
+        finally:
+            await pool.close_all()
+
+    assert asyncio.run(go()) >= 1.2
