@@ -1,0 +1,64 @@
+"""Constrained decoding: a request's grammar, as the mask of the tokens it allows next.
+
+A :class:`GrammarConstraint` wraps one request's llguidance matcher. Before a step samples, each constrained
+row fills its row of an int32 bitmask (bit i of word j allows token 32·j + i, llguidance's layout) and
+:func:`apply_token_masks` sets every disallowed logit to -inf in one batched operation on the logits' device;
+after the step the sampled token advances the matcher. The engine knows nothing of what the grammar says
+(harmony, JSON): it only fills and applies masks.
+"""
+
+from __future__ import annotations
+
+import llguidance
+import numpy as np
+import torch
+
+
+class GrammarConstraint:
+    """One request's grammar state. `tokenizer` is built once per process (it is large); `grammar` is what a
+    grammar builder returned."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int) -> None:
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self.words = (vocab_size + 31) // 32
+        if self.matcher.is_error():
+            raise ValueError(self.matcher.get_error())
+
+    def fill(self, row: np.ndarray) -> None:
+        """Write the allowed next tokens into `row` (int32 [words], C-contiguous)."""
+        if row.dtype != np.int32 or not row.flags.c_contiguous or row.shape != (self.words,):
+            raise ValueError(f"a mask row is a contiguous int32 array of {self.words} words")
+        self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+
+    def advance(self, token: int) -> None:
+        """Take the sampled token; a token the mask did not allow leaves the matcher in error."""
+        self.matcher.consume_token(token)
+
+    @property
+    def error(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits of `rows` whose tokens their masks (int32 [len(rows), words]) do not
+    allow; the other rows are untouched. One unpack and one masked fill for the whole batch."""
+    vocab = logits.shape[1]
+    bits = (masks.to(logits.device)[:, :, None] >> _BITS.to(logits.device)) & 1  # [n, words, 32]
+    allowed = bits.flatten(1)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
+
+def apply_token_masks_reference(logits: torch.Tensor, rows: list[int], masks: np.ndarray) -> None:
+    """Plain twin of :func:`apply_token_masks`: token by token, bit by bit."""
+    for r, row in enumerate(rows):
+        for token in range(logits.shape[1]):
+            word, bit = divmod(token, 32)
+            if not (int(masks[r, word]) >> bit) & 1:
+                logits[row, token] = float("-inf")

@@ -1,0 +1,246 @@
+"""The whole-turn grammar on the real harmony vocabulary: the turns it accepts (every header spelling the model
+writes), the tokens it refuses, and random walks under its masks that always end in a valid turn."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import llguidance
+import numpy as np
+import pytest
+import tiktoken
+
+from engine.constraint import GrammarConstraint, apply_token_masks, apply_token_masks_reference
+from harmony import encoding as tok
+from harmony.grammar import (
+    GrammarError,
+    ResponseFormat,
+    ToolSpec,
+    check_grammar,
+    grammar_tokenizer,
+    turn_grammar,
+)
+from harmony.messages import Role
+from harmony.parser import parse_completion_tokens
+
+ORDER = {
+    "type": "object",
+    "properties": {
+        "item": {"type": "string", "maxLength": 20},
+        "count": {"type": "integer", "minimum": 1, "maximum": 9},
+        "rush": {"type": "boolean"},
+    },
+    "required": ["item", "count"],
+    "additionalProperties": False,
+}
+WEATHER = ToolSpec(
+    "get_weather",
+    {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    strict=True,
+)
+SEARCH = ToolSpec("search", {"type": "object", "properties": {"q": {"type": "string"}}}, strict=False)
+
+
+@pytest.fixture(scope="module")
+def lltok(enc: tiktoken.Encoding) -> llguidance.LLTokenizer:
+    return grammar_tokenizer(enc)
+
+
+def walk(enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, grammar: str, text: str) -> tuple[bool, str]:
+    """Feed `text` (harmony, special tokens by name) token by token, checking each is allowed first: (all
+    allowed and the turn complete, the first refused token's text or '')."""
+    constraint = GrammarConstraint(lltok, grammar, enc.n_vocab)
+    mask = np.zeros(constraint.words, dtype=np.int32)
+    for token in enc.encode(text, allowed_special="all"):
+        constraint.fill(mask)
+        word, bit = divmod(token, 32)
+        if not (int(mask[word]) >> bit) & 1:
+            return False, enc.decode([token])
+        constraint.advance(token)
+    return constraint.finished, ""
+
+
+FINAL_JSON = '{"item": "tea", "count": 2}'
+
+
+@pytest.mark.parametrize(
+    "turn",
+    [
+        f"<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>{FINAL_JSON}<|return|>",
+        f"<|channel|>final <|constrain|>json<|message|>{FINAL_JSON}<|return|>",
+        f"<|channel|>final<|constrain|>json<|message|>{FINAL_JSON}<|return|>",
+        f"<|channel|>final json<|message|>{FINAL_JSON}<|return|>",
+        "<|channel|>analysis<|message|>a<|end|><|start|>assistant<|channel|>analysis<|message|>b<|end|>"
+        '<|start|>assistant<|channel|>final<|message|>{"item": "x", "count": 9, "rush": true}<|return|>',
+    ],
+    ids=["analysis-then-final", "constrain-spaced", "constrain-joined", "bare-json", "two-analyses"],
+)
+def test_a_structured_final_answer_in_every_spelling_is_accepted(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, turn: str
+) -> None:
+    grammar = turn_grammar(response_format=ResponseFormat(ORDER))
+    assert grammar is not None
+    assert walk(enc, lltok, grammar, turn) == (True, "")
+
+
+@pytest.mark.parametrize(
+    ("turn", "refused"),
+    [
+        ('<|channel|>final<|message|>Sure! {"item"', "Sure"),
+        ('<|channel|>final<|message|>{"item": "tea", "count": 10}', "10"),
+        ('<|channel|>final<|message|>{"item": "tea", "count": 2, "extra": 1}', "extra"),
+        ('<|channel|>final<|message|>{"item": "te<|end|>', "<|end|>"),
+        (f"<|channel|>final<|message|>{FINAL_JSON}<|end|>", "<|end|>"),
+        ("<|channel|>analysis<|message|>done<|return|>", "<|return|>"),
+        ("<|channel|>analysis<|message|>done<|end|><|call|>", "<|call|>"),
+        ("<|channel|>commentary to=functions.get_weather<|message|>", "comment"),
+    ],
+    ids=[
+        "text-before-json",
+        "out-of-range",
+        "extra-property",
+        "control-token-in-string",
+        "wrong-end",
+        "return-from-analysis",
+        "call-after-analysis",
+        "call-without-tools",
+    ],
+)
+def test_a_structured_final_answer_refuses_what_breaks_it(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, turn: str, refused: str
+) -> None:
+    grammar = turn_grammar(response_format=ResponseFormat(ORDER))
+    assert grammar is not None
+    ok, token = walk(enc, lltok, grammar, turn)
+    assert not ok
+    assert token.strip() == refused, token
+
+
+CALL_ARGS = '{"city": "Paris"}'
+
+
+@pytest.mark.parametrize(
+    "turn",
+    [
+        f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{CALL_ARGS}<|call|>",
+        f"<|channel|>commentary to=functions.get_weather<|constrain|>json<|message|>{CALL_ARGS}<|call|>",
+        f" to=functions.get_weather<|channel|>commentary json<|message|>{CALL_ARGS}<|call|>",
+        f"<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary<|message|>"
+        f"Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather<|message|>{CALL_ARGS}<|call|>",
+    ],
+    ids=["channel-first", "no-space", "recipient-first", "reasoning-and-preamble-first"],
+)
+def test_a_required_call_in_every_spelling_is_accepted(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, turn: str
+) -> None:
+    grammar = turn_grammar(tools=[WEATHER, SEARCH], tool_choice="required")
+    assert grammar is not None
+    assert walk(enc, lltok, grammar, turn) == (True, "")
+
+
+def test_required_refuses_a_final_answer_and_named_refuses_the_other_tool(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer
+) -> None:
+    required = turn_grammar(tools=[WEATHER, SEARCH], tool_choice="required")
+    named = turn_grammar(tools=[WEATHER, SEARCH], tool_choice="search")
+    assert required is not None
+    assert named is not None
+    assert not walk(enc, lltok, required, "<|channel|>final<|message|>Hi<|return|>")[0]
+    assert not walk(enc, lltok, required, "<|channel|>commentary to=functions.delete<|message|>{}<|call|>")[0]
+    assert not walk(
+        enc, lltok, named, f"<|channel|>commentary to=functions.get_weather<|message|>{CALL_ARGS}<|call|>"
+    )[0]
+    assert walk(
+        enc, lltok, named, '<|channel|>commentary to=functions.search<|message|>{"q": "x"}<|call|>'
+    ) == (True, "")
+    # A strict tool's arguments follow its schema.
+    assert not walk(
+        enc, lltok, required, '<|channel|>commentary to=functions.get_weather<|message|>{"town": "x"}'
+    )[0]
+
+
+def test_nothing_to_constrain_gives_no_grammar_and_bad_choices_are_refused() -> None:
+    assert turn_grammar() is None
+    assert turn_grammar(tools=[SEARCH]) is None  # auto, nothing strict: the model's own choice, unconstrained
+    assert turn_grammar(tools=[WEATHER], tool_choice="none") is None
+    assert turn_grammar(tools=[WEATHER]) is not None  # a strict tool: its arguments are enforced if called
+    with pytest.raises(GrammarError, match="not among the tools"):
+        turn_grammar(tools=[WEATHER], tool_choice="nope")
+    with pytest.raises(GrammarError, match="at least one tool"):
+        turn_grammar(tool_choice="required")
+
+
+def test_a_strict_schema_with_a_keyword_llguidance_cannot_enforce_is_an_error(
+    lltok: llguidance.LLTokenizer,
+) -> None:
+    unsupported = {"type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        check_grammar(turn_grammar(response_format=ResponseFormat(unsupported)) or "", lltok)
+    check_grammar(turn_grammar(response_format=ResponseFormat(unsupported, strict=False)) or "", lltok)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_walks_under_the_mask_end_in_valid_turns(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, seed: int
+) -> None:
+    """Sample uniformly among the allowed tokens (leaning towards closing the JSON), as a model that ignores
+    its logits would: every walk that ends is a turn our parser reads, with a final answer the schema
+    accepts or a call whose arguments its tool's schema accepts."""
+    rng = random.Random(seed)
+    required = seed % 2 == 1
+    grammar = (
+        turn_grammar(tools=[WEATHER], tool_choice="required")
+        if required
+        else turn_grammar(response_format=ResponseFormat(ORDER))
+    )
+    assert grammar is not None
+    constraint = GrammarConstraint(lltok, grammar, enc.n_vocab)
+    mask = np.zeros(constraint.words, dtype=np.int32)
+    # A short path into the answer, then free choices: reasoning walks would take too long to end by chance.
+    start = (
+        "<|channel|>commentary to=functions.get_weather<|message|>"
+        if required
+        else "<|channel|>final<|message|>"
+    )
+    tokens = enc.encode(start, allowed_special="all")
+    for token in tokens:
+        constraint.advance(token)
+    closing = {
+        t for t in range(enc.n_vocab - 1000) if enc.decode_single_token_bytes(t) in (b'"', b"}", b'"}', b",")
+    }
+    for _ in range(400):
+        if constraint.finished:
+            break
+        constraint.fill(mask)
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[: enc.n_vocab]
+        allowed = np.flatnonzero(bits)
+        preferred = [t for t in allowed.tolist() if t in closing or t in (tok.RETURN, tok.CALL)]
+        token = rng.choice(preferred if preferred and rng.random() < 0.7 else allowed.tolist())
+        constraint.advance(token)
+        tokens.append(token)
+        assert constraint.error is None
+    assert constraint.finished, enc.decode(tokens)[-200:]
+    (message,) = parse_completion_tokens(enc, tokens, Role.ASSISTANT, strict=False)
+    document = json.loads(message.text)
+    jsonschema.validate(document, WEATHER.parameters if required else ORDER)
+
+
+def test_batched_mask_application_equals_its_twin() -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    vocab = 100
+    logits = torch.randn(4, vocab)
+    masks = rng.integers(-(2**31), 2**31, size=(2, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
+    expected = logits.clone()
+    apply_token_masks_reference(expected, [1, 3], masks)
+    apply_token_masks(logits, torch.tensor([1, 3]), torch.from_numpy(masks))
+    assert torch.equal(logits, expected)
+    assert torch.isinf(logits[1]).sum() > 10
