@@ -4,7 +4,7 @@ Two layouts exist for the same weights:
 
 * the Hugging Face one (``openai/gpt-oss-20b`` main): ``architectures: ["GptOssForCausalLM"]``,
   ``num_local_experts``, ``num_experts_per_tok``, ``layer_types``, ``rope_scaling`` (YaRN) and a
-  ``quantization_config`` with ``quant_method: "mxfp4"``;
+  ``quantization_config`` with ``quant_method: "mxfp4"`` (or none: a fine-tune saved with plain weights);
 * the ``original/`` one: exactly the fields of the OpenAI reference ``ModelConfig``.
 
 Both are mapped onto one :class:`ModelConfig`. Anything this implementation cannot run faithfully is refused
@@ -237,11 +237,13 @@ class ModelConfig:
             raise ConfigError(f"architectures: expected [{HF_ARCHITECTURE!r}], got {architectures!r}")
         if raw.get("model_type", "gpt_oss") != "gpt_oss":
             raise ConfigError(f"model_type: expected 'gpt_oss', got {raw['model_type']!r}")
+        # No quantization_config: a fine-tune saved with plain weights (the reader finds its experts).
         quant = raw.get("quantization_config")
-        if not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4":
+        if quant is not None and (not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4"):
             got = quant.get("quant_method") if isinstance(quant, dict) else quant
             raise ConfigError(
-                f"quantization_config.quant_method: only 'mxfp4' checkpoints are supported, got {got!r}"
+                f"quantization_config.quant_method: only 'mxfp4' checkpoints or plain weights are supported, "
+                f"got {got!r}"
             )
         if raw.get("tie_word_embeddings", False):
             raise ConfigError("tie_word_embeddings: gpt-oss has separate embedding and unembedding")

@@ -32,7 +32,7 @@ from model.config import ModelConfig
 from model.kernels import Kernels, prepacked
 from model.kernels.attention import Attention
 from model.kernels.experts import ExpertMode, Experts, MXFP4Weight
-from model.weights import CheckpointReader, open_checkpoint
+from model.weights import open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -265,11 +265,14 @@ class GptOss(nn.Module):
         prepack: bool = True,
         progress: bool = True,
         kernels: Kernels | None = None,
+        quantize: bool = False,
     ) -> GptOss:
         """Load a checkpoint directory of either layout straight onto `device`.
 
         Weights other than the experts take `dtype`; norms and sinks stay float32 (they are tiny and used in
-        float32); expert blocks and scales stay packed uint8 unless `expert_mode` is ``"dequantized"``. With
+        float32); expert blocks and scales stay packed uint8 unless `expert_mode` is ``"dequantized"``. A
+        fine-tune's plain experts are served as they are (in `dtype`), or with `quantize` rounded to MXFP4 at
+        load and served packed. With
         `prepack` the bf16 matrices are reordered for the CPU where :func:`model.kernels.prepacked.applies` (a
         no-op elsewhere); without it they stay plain, which is the reference the fast path is tested against.
         The code that computes with the weights comes with `kernels` (the attention and experts
@@ -284,13 +287,15 @@ class GptOss(nn.Module):
         kernels = Kernels.for_device(device) if kernels is None else kernels
         with torch.device("meta"):
             model = cls(reader.files.config, attention=kernels.attention, experts=kernels.experts)
-        model.load_weights(reader, device=device, dtype=dtype, progress=progress)
+        model.assign_weights(reader.items(device, progress=progress), dtype=dtype, quantize=quantize)
         if prepack:  # first: while the experts are still packed, a linear's transient copy costs least
             model.prepack_weights()
-        if expert_mode is ExpertMode.DEQUANTIZED:
-            for block in model.block:
-                block.mlp.mlp1_weight.dequantize_all(dtype, prepack)
-                block.mlp.mlp2_weight.dequantize_all(dtype, prepack)
+        for block in model.block:
+            for weight in (block.mlp.mlp1_weight, block.mlp.mlp2_weight):
+                if weight.dense is not None and prepack:  # a fine-tune's plain experts, kept plain
+                    weight.prepack_dense()
+                elif weight.dense is None and expert_mode is ExpertMode.DEQUANTIZED:
+                    weight.dequantize_all(dtype, prepack)
         model.rope = RotaryEmbedding(model.config, device)
         model.eval().requires_grad_(False)
         logger.info(
@@ -300,23 +305,26 @@ class GptOss(nn.Module):
             reader.nbytes / 1e9,
             device,
             dtype,
-            expert_mode.value,
+            "plain" if model.block[0].mlp.mlp1_weight.blocks.numel() == 0 else expert_mode.value,
             ", weights prepacked for oneDNN" if model.unembedding.weight.is_mkldnn else "",
             time.perf_counter() - started,
         )
         return model
 
-    def load_weights(
-        self, reader: CheckpointReader, *, device: torch.device, dtype: torch.dtype, progress: bool = True
+    def assign_weights(
+        self, tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype, quantize: bool = False
     ) -> None:
-        self.assign_weights(reader.items(device, progress=progress), dtype=dtype)
-
-    def assign_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype) -> None:
         """Take every weight, by its module name, from `tensors` (a checkpoint's, or random ones drawn on the
-        device for benchmarks): packed experts stay uint8, norms and sinks float32, the rest `dtype`."""
+        device for benchmarks): packed experts stay uint8, norms and sinks float32, the rest `dtype`; a
+        fine-tune's plain experts (``*.dense``) go to their :class:`MXFP4Weight`, rounded to MXFP4 with
+        `quantize`."""
         for name, tensor in tensors:
             module_name, attr = name.rsplit(".", 1)
             module = self.get_submodule(module_name)
+            if attr == "dense":
+                assert isinstance(module, MXFP4Weight)
+                module.load_plain(tensor if quantize else tensor.to(dtype), quantize=quantize)
+                continue
             if tensor.dtype != torch.uint8:
                 keep_fp32 = name.endswith((".scale", "sinks"))
                 tensor = tensor.to(torch.float32 if keep_fp32 else dtype)

@@ -5,6 +5,11 @@ module names of :mod:`model.gpt_oss`. The Hugging Face layout is mapped onto the
 transform is that ``q_proj``, ``k_proj`` and ``v_proj`` are concatenated (in that order) into ``qkv``.
 MXFP4 expert bytes are identical in both layouts.
 
+**Fine-tunes.** A Hugging Face checkpoint saved after training (transformers dequantizes the experts to train
+them) holds the experts as plain tensors, ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]``, instead of
+MXFP4 blocks and scales. They read as the canonical ``mlp1_weight.dense [E, 2I, H]`` and
+``mlp2_weight.dense [E, H, I]`` (transposed to the model's ``[out, in]``).
+
 Every tensor is checked against the shape and dtype the config implies *before* any data is read, and every
 file against its own header (a truncated file is caught here), so a bad checkpoint fails with a message
 naming the tensor rather than deep inside a matmul.
@@ -55,8 +60,9 @@ class TensorSpec:
 # -- what a checkpoint must contain --
 
 
-def expected_tensors(config: ModelConfig) -> dict[str, TensorSpec]:
-    """Canonical (original-layout) name → the shape and allowed dtypes the config implies."""
+def expected_tensors(config: ModelConfig, dense_experts: bool = False) -> dict[str, TensorSpec]:
+    """Canonical (original-layout) name → the shape and allowed dtypes the config implies; `dense_experts`:
+    the experts as plain tensors (a fine-tune), not MXFP4."""
     h, v, e = config.hidden_size, config.vocab_size, config.num_experts
     i2, i = 2 * config.intermediate_size, config.intermediate_size
     bf16, norm = ("BF16",), ("BF16", "F32")  # norm and sink dtypes of the real checkpoints are unverified
@@ -73,16 +79,27 @@ def expected_tensors(config: ModelConfig) -> dict[str, TensorSpec]:
             TensorSpec(f"{b}.mlp.norm.scale", (h,), norm),
             TensorSpec(f"{b}.mlp.gate.weight", (e, h), bf16),
             TensorSpec(f"{b}.mlp.gate.bias", (e,), bf16),
-            TensorSpec(f"{b}.mlp.mlp1_weight.blocks", (e, i2, h // MXFP4_BLOCK, 16), ("U8",)),
-            TensorSpec(f"{b}.mlp.mlp1_weight.scales", (e, i2, h // MXFP4_BLOCK), ("U8",)),
             TensorSpec(f"{b}.mlp.mlp1_bias", (e, i2), bf16),
-            TensorSpec(f"{b}.mlp.mlp2_weight.blocks", (e, h, i // MXFP4_BLOCK, 16), ("U8",)),
-            TensorSpec(f"{b}.mlp.mlp2_weight.scales", (e, h, i // MXFP4_BLOCK), ("U8",)),
             TensorSpec(f"{b}.mlp.mlp2_bias", (e, h), bf16),
         ]
+        if dense_experts:
+            specs += [
+                TensorSpec(f"{b}.mlp.mlp1_weight.dense", (e, i2, h), DENSE),
+                TensorSpec(f"{b}.mlp.mlp2_weight.dense", (e, h, i), DENSE),
+            ]
+        else:
+            specs += [
+                TensorSpec(f"{b}.mlp.mlp1_weight.blocks", (e, i2, h // MXFP4_BLOCK, 16), ("U8",)),
+                TensorSpec(f"{b}.mlp.mlp1_weight.scales", (e, i2, h // MXFP4_BLOCK), ("U8",)),
+                TensorSpec(f"{b}.mlp.mlp2_weight.blocks", (e, h, i // MXFP4_BLOCK, 16), ("U8",)),
+                TensorSpec(f"{b}.mlp.mlp2_weight.scales", (e, h, i // MXFP4_BLOCK), ("U8",)),
+            ]
     specs += [TensorSpec("norm.scale", (h,), norm), TensorSpec("unembedding.weight", (v, h), bf16)]
     return {s.name: s for s in specs}
 
+
+# Dtypes a fine-tune may save its plain expert weights in.
+DENSE = ("BF16", "F32", "F16")
 
 _HF_BLOCK = {
     "attn.norm.scale": "input_layernorm.weight",
@@ -98,7 +115,11 @@ _HF_BLOCK = {
     "mlp.mlp2_weight.blocks": "mlp.experts.down_proj_blocks",
     "mlp.mlp2_weight.scales": "mlp.experts.down_proj_scales",
     "mlp.mlp2_bias": "mlp.experts.down_proj_bias",
+    "mlp.mlp1_weight.dense": "mlp.experts.gate_up_proj",
+    "mlp.mlp2_weight.dense": "mlp.experts.down_proj",
 }
+# HF tensors stored [E, in, out] where the model holds [E, out, in].
+_HF_TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _HF_TOP = {"embedding.weight": "model.embed_tokens.weight", "norm.scale": "model.norm.weight",
            "unembedding.weight": "lm_head.weight"}  # fmt: skip
 _BLOCK_NAME = re.compile(r"block\.(\d+)\.(.+)")
@@ -119,14 +140,19 @@ def hf_names(name: str) -> tuple[str, ...]:
     return (prefix + _HF_BLOCK[rest],)
 
 
-def hf_specs(config: ModelConfig) -> dict[str, TensorSpec]:
+def _transposed(hf_name: str) -> bool:
+    return hf_name.endswith(_HF_TRANSPOSED)
+
+
+def hf_specs(config: ModelConfig, dense_experts: bool = False) -> dict[str, TensorSpec]:
     """HF-layout name → shape and dtypes, derived from the canonical specs."""
     out: dict[str, TensorSpec] = {}
     splits = (config.q_size, config.kv_size, config.kv_size)
-    for spec in expected_tensors(config).values():
+    for spec in expected_tensors(config, dense_experts).values():
         names = hf_names(spec.name)
         if len(names) == 1:
-            out[names[0]] = TensorSpec(names[0], spec.shape, spec.dtypes)
+            shape = (spec.shape[0], spec.shape[2], spec.shape[1]) if _transposed(names[0]) else spec.shape
+            out[names[0]] = TensorSpec(names[0], shape, spec.dtypes)
         else:
             for hf_name, rows in zip(names, splits, strict=True):
                 out[hf_name] = TensorSpec(hf_name, (rows, *spec.shape[1:]), spec.dtypes)
@@ -142,6 +168,7 @@ class CheckpointFiles:
     layout: Layout
     config: ModelConfig
     files: tuple[Path, ...]
+    dense_experts: bool = False  # the experts as plain tensors (a fine-tune), not MXFP4
 
 
 def find_checkpoint(path: str | Path) -> CheckpointFiles:
@@ -154,7 +181,8 @@ def find_checkpoint(path: str | Path) -> CheckpointFiles:
             files = _safetensors_files(directory)
             names = {name for f in files for name in read_header(f)[0]}
             layout = Layout.HF if any(n.startswith("model.") for n in names) else Layout.ORIGINAL
-            return CheckpointFiles(directory, layout, config, files)
+            dense = layout is Layout.HF and any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
+            return CheckpointFiles(directory, layout, config, files, dense)
     raise CheckpointError(f"{root}: no config.json with safetensors files here or in {root / 'original'}")
 
 
@@ -262,8 +290,8 @@ class CheckpointReader:
     def __init__(self, files: CheckpointFiles) -> None:
         self.files = files
         self.layout = files.layout
-        canonical = expected_tensors(files.config)
-        specs = canonical if files.layout is Layout.ORIGINAL else hf_specs(files.config)
+        canonical = expected_tensors(files.config, files.dense_experts)
+        specs = canonical if files.layout is Layout.ORIGINAL else hf_specs(files.config, files.dense_experts)
         self._where: dict[str, Path] = {}
         for path in files.files:
             if not path.is_file():
@@ -294,8 +322,11 @@ class CheckpointReader:
         """A canonical tensor, in its checkpoint dtype, on `device` (qkv is assembled for the HF layout)."""
         if self.layout is Layout.ORIGINAL:
             return self._raw(name, device)
-        parts = [self._raw(n, device) for n in hf_names(name)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        names = hf_names(name)
+        parts = [self._raw(n, device) for n in names]
+        if len(parts) > 1:
+            return torch.cat(parts, dim=0)
+        return parts[0].transpose(1, 2).contiguous() if _transposed(names[0]) else parts[0]
 
     def items(self, device: torch.device, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         bar = tqdm(self.names, desc="loading weights", unit="tensor", disable=not progress)
@@ -305,5 +336,11 @@ class CheckpointReader:
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     files = find_checkpoint(path)
-    logger.info("checkpoint %s: %s layout, %d file(s)", files.root, files.layout.value, len(files.files))
+    logger.info(
+        "checkpoint %s: %s layout, %d file(s)%s",
+        files.root,
+        files.layout.value,
+        len(files.files),
+        ", plain (fine-tuned) experts" if files.dense_experts else "",
+    )
     return CheckpointReader(files)

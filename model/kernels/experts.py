@@ -22,6 +22,7 @@ from torch import nn
 
 from model.kernels import prepacked
 from model.kernels.mxfp4 import dequantize, dequantize_reference
+from model.kernels.mxfp4 import quantize as quantize_mxfp4
 
 
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -69,6 +70,23 @@ class MXFP4Weight(nn.Module):
                 self.dense.append(weight)
         self.blocks = self.blocks.new_empty(0)
         self.scales = self.scales.new_empty(0)
+
+    def load_plain(self, weight: torch.Tensor, *, quantize: bool) -> None:
+        """Take plain expert weights `[E, out, in]` (a fine-tune's): kept as they are, one dense matrix per
+        expert (as :attr:`ExpertMode.DEQUANTIZED`), or with `quantize` rounded to MXFP4 the way the published
+        checkpoints are, so a fine-tune keeps the packed model's memory."""
+        if quantize:
+            blocks, scales = quantize_mxfp4(weight.float())
+            self.blocks, self.scales, self.dense = blocks, scales, None
+            return
+        self.dense = list(weight.unbind(0))
+        self.blocks = torch.empty(0, dtype=torch.uint8, device=weight.device)
+        self.scales = torch.empty(0, dtype=torch.uint8, device=weight.device)
+
+    def prepack_dense(self) -> None:
+        """Reorder dense experts for the CPU where :func:`model.kernels.prepacked.applies`."""
+        if self.dense is not None:
+            self.dense = [prepacked.prepack(d) if prepacked.applies(d) else d for d in self.dense]
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert `e`'s weight `[out, in]` in `dtype`, for :func:`model.kernels.prepacked.linear`."""

@@ -124,7 +124,7 @@ DELETE = object()
     [
         (hf_with(architectures=["LlamaForCausalLM"]), "architectures"),
         (hf_with(model_type="llama"), "model_type"),
-        (hf_with(quantization_config=DELETE), "quantization_config.quant_method"),
+        (hf_with(quantization_config=[]), "quantization_config.quant_method"),
         (hf_with(quantization_config__quant_method="fp8"), "quantization_config.quant_method"),
         (hf_with(tie_word_embeddings=True), "tie_word_embeddings"),
         (hf_with(attention_bias=False), "attention_bias"),
@@ -178,3 +178,8 @@ def test_a_config_saved_by_transformers_reads_back(
 
     saved = GptOssConfig.from_pretrained(str(checkpoints["hf"])).to_dict()
     assert ModelConfig.from_dict(saved) == tiny_config
+
+
+def test_a_config_without_quantization_describes_a_fine_tune_with_plain_weights() -> None:
+    config = ModelConfig.from_dict(hf_with(quantization_config=DELETE))
+    assert config == ModelConfig.from_dict(hf_with())
