@@ -366,3 +366,19 @@ def test_proxy_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
         assert fetch(SafeFetcher(allowing(site)), site.url()) == "<p>direct</p>"
     assert len(proxy.hits) == 1
     assert len(site.hits) == 1
+
+
+def test_a_server_that_breaks_off_mid_answer_is_a_plain_error() -> None:
+    def truncated(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html")
+        request.send_header("Content-Length", "1000")
+        request.end_headers()
+        request.wfile.write(b"<p>only part")
+        request.close_connection = True
+
+    with (
+        loopback_server({"/cut": truncated}) as site,
+        pytest.raises(BrowserError, match=re.escape("could not be read (RemoteProtocolError)")),
+    ):
+        fetch(SafeFetcher(allowing(site)), site.url("/cut"))

@@ -165,6 +165,11 @@ class SafeFetcher:
                 return await self._fetch(url)
         except TimeoutError:
             raise BrowserError(f"timed out after {self.policy.total_timeout_s:g} s") from None
+        except httpx.HTTPError as exc:
+            # A server that breaks the protocol or the connection mid-answer: the model only needs to know
+            # the page could not be read.
+            logger.info("browser fetch %s failed: %r", url, exc)
+            raise BrowserError(f"the server's answer could not be read ({type(exc).__name__})") from exc
 
     async def _fetch(self, url: str) -> FetchedPage:
         policy = self.policy
