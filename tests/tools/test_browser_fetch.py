@@ -12,11 +12,14 @@ import contextlib
 import ipaddress
 import re
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -33,9 +36,9 @@ class Loopback:
     port: int
     hits: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (path, headers) per request
 
-    def url(self, path: str = "/") -> str:
+    def url(self, path: str = "/", scheme: str = "http") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{path}"
+        return f"{scheme}://{host}:{self.port}{path}"
 
 
 def reply(
@@ -58,8 +61,11 @@ def reply(
 
 
 @contextlib.contextmanager
-def loopback_server(routes: dict[str, Handler], host: str = "127.0.0.1") -> Iterator[Loopback]:
-    """An HTTP server on a loopback address, answering `routes` by path (the query ignored), 404 otherwise."""
+def loopback_server(
+    routes: dict[str, Handler], host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+) -> Iterator[Loopback]:
+    """An HTTP server on a loopback address, answering `routes` by path (the query ignored), 404 otherwise;
+    HTTPS when given a server-side `tls` context."""
     server_box: list[Loopback] = []
 
     class RequestHandler(BaseHTTPRequestHandler):
@@ -76,6 +82,8 @@ def loopback_server(routes: dict[str, Handler], host: str = "127.0.0.1") -> Iter
         daemon_threads = True
 
     server = Server((host, 0), RequestHandler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     server_box.append(Loopback(host, server.server_address[1]))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -382,3 +390,33 @@ def test_a_server_that_breaks_off_mid_answer_is_a_plain_error() -> None:
         pytest.raises(BrowserError, match=re.escape("could not be read (RemoteProtocolError)")),
     ):
         fetch(SafeFetcher(allowing(site)), site.url("/cut"))
+
+
+def test_tls_checks_the_hostname_while_the_connection_goes_to_the_pinned_address(tmp_path: Path) -> None:
+    # A self-signed certificate for pinned.test only, made with the openssl command line (no Python crypto
+    # library needed); the client trusts it as its CA.
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=pinned.test", "-addext", "subjectAltName=DNS:pinned.test",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    resolved: list[str] = []
+
+    async def to_loopback(host: str, port: int) -> list[str]:
+        resolved.append(host)
+        return ["127.0.0.1"]
+
+    with loopback_server({"/": reply(body=b"<p>over tls</p>")}, tls=server_tls) as site:
+        fetcher = SafeFetcher(allowing(site), tls=client_tls, resolver=to_loopback)
+        assert fetch(fetcher, f"https://pinned.test:{site.port}/") == "<p>over tls</p>"
+        # The same address under a name the certificate does not carry: the handshake fails, nothing is read.
+        with pytest.raises(BrowserError, match=re.escape("could not connect to `impostor.test`")):
+            fetch(fetcher, f"https://impostor.test:{site.port}/")
+    assert resolved == ["pinned.test", "impostor.test"]
+    ((_, headers),) = site.hits
+    assert headers["Host"] == f"pinned.test:{site.port}"

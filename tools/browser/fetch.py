@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -144,12 +145,14 @@ def _no_cookies() -> http.cookiejar.CookieJar:
 
 
 class SafeFetcher:
-    """A PageFetcher for the open web. `resolver` and `transport` are seams for tests."""
+    """A PageFetcher for the open web. `tls` replaces the system's CA trust (a private CA, for an intranet or
+    the tests); `resolver` and `transport` are seams for tests."""
 
     def __init__(
         self,
         policy: FetchPolicy | None = None,
         *,
+        tls: ssl.SSLContext | None = None,
         resolver: Resolver = system_resolve,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -157,7 +160,7 @@ class SafeFetcher:
         self._resolve = resolver
         self._transport = transport
         # One verifying TLS context for every fetch: building one loads the CA bundle, tens of milliseconds.
-        self._tls = httpx.create_ssl_context()
+        self._tls = tls or httpx.create_ssl_context()
 
     async def fetch(self, url: str) -> FetchedPage:
         try:
