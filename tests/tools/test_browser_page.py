@@ -85,6 +85,7 @@ def test_page_text_cannot_forge_markers() -> None:
     assert text.count("【") == text.count("】") == 1
     assert "【0†a 〖3+fake〗 link+with dagger】" in text
     assert neutralise("【】") == "〖〗"
+    assert html_to_page("<p>x</p>", "", title="query 【1†L1】").title == "query 〖1†L1〗"
 
 
 def test_scripts_styles_and_math_are_dropped_images_and_table_cells_kept_readable() -> None:

@@ -98,7 +98,7 @@ class FetchPolicy:
     connect_timeout_s: float = 5.0
     max_redirects: int = 5
     content_types: frozenset[str] = field(default=TEXT_TYPES)
-    user_agent: str = "gpt-oss-server-browser/0.1 (+https://github.com/openai/gpt-oss)"
+    user_agent: str = "gpt-oss-server-browser/0.1"
 
 
 def denial_reason(ip: IPAddress) -> str | None:

@@ -138,6 +138,8 @@ def html_to_page(
     javascript:, data:): the model can only open web pages. `title` overrides the document's own title.
     """
     html = neutralise(html)
+    if title is not None:  # a search query, say: the model's text, shown in a header all the same
+        title = neutralise(title)
     links: dict[int, str] = {}
     ids: dict[str, int] = {}
     page_domain = _domain(url)
