@@ -1,0 +1,47 @@
+"""Where search results and page contents come from: the seams the browser tool is built on.
+
+Searching and fetching are separate, as they are in practice: a SearXNG instance finds pages that the SSRF-
+guarded fetcher then opens, while a local corpus does both. The browser owns everything the model sees
+(rendering, cursors, citations); backends only return plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class BrowserError(Exception):
+    """A failure the model should read about (as plain text in the tool message), not a server error."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    url: str
+    title: str
+    snippet: str
+    published: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedPage:
+    """A fetched document, already capped in size: its final URL (after redirects), media type and text."""
+
+    url: str
+    content_type: str  # the media type only, lower case, no parameters: "text/html"
+    text: str
+
+
+class SearchBackend(Protocol):
+    # Shown to the model as `sources=<name>` in the browser tool's description.
+    name: str
+
+    async def search(self, query: str, topn: int) -> list[SearchHit]:
+        """At most `topn` hits, best first. Raises BrowserError when the search cannot be done."""
+        ...
+
+
+class PageFetcher(Protocol):
+    async def fetch(self, url: str) -> FetchedPage:
+        """The document at `url`. Raises BrowserError when it cannot (or may not) be fetched."""
+        ...
