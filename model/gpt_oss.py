@@ -32,6 +32,7 @@ from model.config import ModelConfig
 from model.kernels import Kernels, prepacked
 from model.kernels.attention import Attention
 from model.kernels.experts import ExpertMode, Experts, MXFP4Weight
+from model.lora import Update, read_adapter
 from model.weights import open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -266,13 +267,15 @@ class GptOss(nn.Module):
         progress: bool = True,
         kernels: Kernels | None = None,
         quantize: bool = False,
+        lora: str | Path | None = None,
     ) -> GptOss:
         """Load a checkpoint directory of either layout straight onto `device`.
 
         Weights other than the experts take `dtype`; norms and sinks stay float32 (they are tiny and used in
         float32); expert blocks and scales stay packed uint8 unless `expert_mode` is ``"dequantized"``. A
         fine-tune's plain experts are served as they are (in `dtype`), or with `quantize` rounded to MXFP4 at
-        load and served packed. With
+        load and served packed. `lora`, a PEFT adapter directory, is merged into the weights (experts it
+        adapts then follow the same rule: dense, or rounded back to MXFP4 with `quantize`). With
         `prepack` the bf16 matrices are reordered for the CPU where :func:`model.kernels.prepacked.applies` (a
         no-op elsewhere); without it they stay plain, which is the reference the fast path is tested against.
         The code that computes with the weights comes with `kernels` (the attention and experts
@@ -288,6 +291,8 @@ class GptOss(nn.Module):
         with torch.device("meta"):
             model = cls(reader.files.config, attention=kernels.attention, experts=kernels.experts)
         model.assign_weights(reader.items(device, progress=progress), dtype=dtype, quantize=quantize)
+        if lora is not None:
+            model.merge_lora(read_adapter(lora, model.config), dtype=dtype, quantize=quantize)
         if prepack:  # first: while the experts are still packed, a linear's transient copy costs least
             model.prepack_weights()
         for block in model.block:
@@ -334,6 +339,21 @@ class GptOss(nn.Module):
                 module._buffers[attr] = tensor
         missed = [n for n, t in self.state_dict().items() if t.is_meta]
         assert not missed, f"not loaded: {missed}"
+
+    def merge_lora(self, updates: list[Update], *, dtype: torch.dtype, quantize: bool = False) -> None:
+        """Add LoRA updates (:func:`model.lora.read_adapter`) to the weights in float32, before a prepack."""
+        for update in updates:
+            module_name, attr = update.name.rsplit(".", 1)
+            module = self.get_submodule(module_name)
+            delta = update.delta()
+            if isinstance(getattr(module, attr), MXFP4Weight):
+                getattr(module, attr).add_update(delta, dtype, quantize=quantize)
+                continue
+            weight = getattr(module, attr)
+            assert not weight.is_mkldnn, "LoRA is merged before the weights are prepacked"
+            rows = update.rows or slice(None)
+            merged = weight.data[rows].float() + delta.to(weight.device)
+            weight.data[rows] = merged.to(weight.dtype)
 
     def use_kernels(self, kernels: Kernels) -> None:
         """Compute with other implementations from now on, on the same weights (benchmarks compare paths)."""

@@ -83,6 +83,19 @@ class MXFP4Weight(nn.Module):
         self.blocks = torch.empty(0, dtype=torch.uint8, device=weight.device)
         self.scales = torch.empty(0, dtype=torch.uint8, device=weight.device)
 
+    def add_update(self, delta: torch.Tensor, dtype: torch.dtype, *, quantize: bool) -> None:
+        """Add `delta [E, out, in]` (a merged LoRA update) to every expert's weight. The sum leaves the MXFP4
+        grid, so it is kept dense in `dtype`, or with `quantize` rounded back to MXFP4."""
+        summed = []
+        for e, update in enumerate(delta.unbind(0)):
+            if self.dense is not None:
+                weight = prepacked.plain(self.dense[e]).float()
+            else:
+                weight = dequantize(self.blocks[e], self.scales[e], torch.float32)
+            summed.append(weight + update.to(weight.device))
+        merged = torch.stack(summed)
+        self.load_plain(merged if quantize else merged.to(dtype), quantize=quantize)
+
     def prepack_dense(self) -> None:
         """Reorder dense experts for the CPU where :func:`model.kernels.prepacked.applies`."""
         if self.dense is not None:
