@@ -99,6 +99,9 @@ class EngineCore:
             )
         if params.stop and self.token_bytes is None:
             raise RequestRejected("stop strings need an engine built with token_bytes", "stop")
+        # Again here: SamplingParams' fields can change after construction, and a value the step cannot
+        # compute would fail every request sharing the step with this one.
+        params.validate()
         check_params_for_vocab(params, self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -1,0 +1,224 @@
+"""Nothing one request brings into the engine can hurt another: values a step cannot compute are refused at
+admission naming their field, and what still fails inside a step (a request's logits processor, parameters
+changed after admission, its stop strings) fails that request alone while the batch goes on."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.request import FinishReason, SamplingParams, SamplingParamsError
+from model.gpt_oss import GptOss
+
+
+@dataclass
+class Gathered:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+def _run(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, Gathered]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    return _drain(engine)
+
+
+def _drain(engine: EngineCore) -> dict[str, Gathered]:
+    out: dict[str, Gathered] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            g = out.setdefault(o.request_id, Gathered())
+            g.tokens += o.new_token_ids
+            g.finish_reason, g.error = o.finish_reason, o.error
+    return out
+
+
+def _prompt(seed: int, n: int = 12) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(200_000) for _ in range(n)]
+
+
+def _token_bytes(token: int) -> bytes:
+    return bytes([token % 256])
+
+
+def _engine(model: GptOss) -> EngineCore:
+    return EngineCore(
+        model,
+        EngineConfig(block_size=4, kv_cache_memory=4 << 20, max_model_len=512),
+        token_bytes=_token_bytes,
+    )
+
+
+# Victims of every kind of row: greedy, seeded random with each filter. Seeded rows draw from their own
+# generator, so alone or in any batch they get the same tokens; unseeded random rows could not be compared.
+# Each random victim has a top-k: the random model's distribution over 200k tokens is nearly flat, and there
+# a batched forward's last-bit differences from a forward alone can move a draw to the neighbouring token.
+VICTIMS = {
+    "greedy": SamplingParams(temperature=0.0, max_tokens=8),
+    "seeded": SamplingParams(temperature=0.8, top_k=20, seed=1, max_tokens=8),
+    "filtered": SamplingParams(temperature=1.2, top_p=0.9, top_k=50, min_p=0.01, seed=2, max_tokens=8),
+    "penalized": SamplingParams(temperature=0.0, frequency_penalty=1.5, logit_bias={5: 3.0}, max_tokens=8),
+}
+
+
+def _raises_at(count: int) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+    def processor(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output) >= count:
+            raise RuntimeError("a processor that breaks")
+        return logits
+
+    return processor
+
+
+def _returns(
+    row: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+    return lambda output, logits: row(logits)
+
+
+def _set(**fields: object) -> Callable[[SamplingParams], None]:
+    """Change parameters after admission: what validation would refuse, reaching the step anyway."""
+
+    def change(params: SamplingParams) -> None:
+        for name, value in fields.items():
+            setattr(params, name, value)
+
+    return change
+
+
+# (poisoned parameters, a change made after admission, what the poisoned request's error says)
+POISONS = {
+    "processor raises": (SamplingParams(max_tokens=8, logits_processors=[_raises_at(2)]), None, "breaks"),
+    "processor bans every token": (
+        SamplingParams(max_tokens=8, logits_processors=[_returns(lambda x: torch.full_like(x, -math.inf))]),
+        None,
+        "no token can be sampled",
+    ),
+    "processor returns NaN": (
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=8,
+            logits_processors=[_returns(lambda x: torch.full_like(x, math.nan))],
+        ),
+        None,
+        "no token can be sampled",
+    ),
+    "processor returns the wrong shape": (
+        SamplingParams(max_tokens=8, logits_processors=[_returns(lambda x: x[:10])]),
+        None,
+        "shape",
+    ),
+    "denormal temperature": (
+        SamplingParams(max_tokens=8),
+        _set(temperature=1e-300),
+        "no token can be sampled",
+    ),
+    "infinite bias": (
+        SamplingParams(max_tokens=8),
+        _set(logit_bias={3: math.inf}),
+        "no token can be sampled",
+    ),
+    "bias id out of the vocabulary": (
+        SamplingParams(max_tokens=8),
+        _set(logit_bias={10**9: 1.0}),
+        "logit_bias token ids",
+    ),
+    "temperature of the wrong type": (
+        SamplingParams(max_tokens=8),
+        _set(temperature="hot"),
+        "sampling failed",
+    ),
+    "unencodable stop string": (SamplingParams(max_tokens=8), _set(stop=["\ud800"]), "stop check failed"),
+}
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_a_poisoned_request_fails_alone_and_the_others_get_their_tokens(
+    tiny_model: GptOss, poison: str
+) -> None:
+    prompts = {name: _prompt(i) for i, name in enumerate(VICTIMS)}
+    alone = {
+        name: _run(_engine(tiny_model), {name: (prompts[name], params)})[name]
+        for name, params in VICTIMS.items()
+    }
+    params, change, message = POISONS[poison]
+    engine = _engine(tiny_model)
+    requests = {name: (prompts[name], p) for name, p in VICTIMS.items()}
+    requests["poisoned"] = (_prompt(99), params)
+    for rid, (prompt, p) in requests.items():
+        engine.add_request(rid, prompt, p)
+    if change is not None:
+        change(params)
+    outputs = _drain(engine)
+
+    bad = outputs["poisoned"]
+    assert bad.finish_reason is FinishReason.ABORT
+    assert bad.error is not None
+    assert message in bad.error
+    for name in VICTIMS:
+        assert outputs[name].error is None, outputs[name].error
+        assert outputs[name].finish_reason is FinishReason.LENGTH
+        assert outputs[name].tokens == alone[name].tokens, name
+    assert engine.scheduler.kv.full.num_free == engine.scheduler.kv.full.num_blocks
+    assert not engine.scheduler.requests
+
+
+# (parameters, the field named) that SamplingParams refuses, since a step could not compute them.
+UNCOMPUTABLE = [
+    ({"temperature": 1e-300}, "temperature"),
+    ({"temperature": 1e-6}, "temperature"),
+    ({"temperature": math.inf}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"logit_bias": {1: math.inf}}, "logit_bias"),
+    ({"logit_bias": {1: -math.inf}}, "logit_bias"),
+    ({"logit_bias": {1: 1e308}}, "logit_bias"),
+    ({"logit_bias": {1: 100.5}}, "logit_bias"),
+    ({"logit_bias": {1: math.nan}}, "logit_bias"),
+    ({"stop": ["ok", "\ud800"]}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"top_p": math.nan}, "top_p"),
+    ({"min_p": math.nan}, "min_p"),
+    ({"presence_penalty": math.inf}, "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize(("fields", "name"), UNCOMPUTABLE, ids=[repr(f) for f, _ in UNCOMPUTABLE])
+def test_what_a_step_cannot_compute_is_refused_naming_the_field(
+    tiny_model: GptOss, fields: dict, name: str
+) -> None:
+    with pytest.raises(SamplingParamsError) as refused:
+        SamplingParams(**fields)
+    assert refused.value.field == name
+    # Changed after construction, the engine's admission check refuses it too (the server calls it as well).
+    params = SamplingParams()
+    for key, value in fields.items():
+        setattr(params, key, value)
+    engine = _engine(tiny_model)
+    with pytest.raises(SamplingParamsError) as at_admission:
+        engine.add_request("r", [1, 2, 3], params)
+    assert at_admission.value.field == name
+    assert not engine.scheduler.requests
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    SamplingParams(temperature=1e-5, logit_bias={1: 100.0, 2: -100.0}, stop=["é", "\U0001f600"])
+    SamplingParams(temperature=0.0, top_p=1e-50)
+
+
+def test_a_top_p_below_float32s_range_keeps_the_most_likely_token(tiny_model: GptOss) -> None:
+    """float32 rounds 1e-50 to 0, which kept no token and raised in the step; it keeps the argmax, as any top_p
+    below the top token's probability does."""
+    prompt = _prompt(5)
+    greedy = _run(_engine(tiny_model), {"g": (prompt, SamplingParams(temperature=0.0, max_tokens=6))})["g"]
+    tiny = _run(_engine(tiny_model), {"t": (prompt, SamplingParams(top_p=1e-50, max_tokens=6))})["t"]
+    assert tiny.error is None
+    assert tiny.tokens == greedy.tokens
