@@ -56,6 +56,16 @@ class EngineCore:
         self.vocab_size = model.config.vocab_size
         self.token_bytes = token_bytes
         self.runner = ModelRunner(model, self.config, self.max_model_len)
+        full_tokens = self.runner.blocks.num_full * self.config.block_size
+        if full_tokens < self.max_model_len:
+            # Refused rather than clamped (as vLLM does): a server that advertises a context it cannot hold
+            # refuses long requests it claimed to take, and a silent clamp hides a misconfigured deployment.
+            raise ValueError(
+                f"the KV cache holds {full_tokens} tokens of full attention ({self.runner.blocks.num_full} "
+                f"blocks of {self.config.block_size}), fewer than one request of max_model_len "
+                f"{self.max_model_len} needs; lower max_model_len to at most {full_tokens}, or give the KV "
+                "cache more memory (kv_cache_memory, gpu_memory_utilization)"
+            )
         kv = KVCacheManager(
             block_size=self.config.block_size,
             num_full_blocks=self.runner.blocks.num_full,

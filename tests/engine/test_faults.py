@@ -16,6 +16,7 @@ from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.request import FinishReason, SamplingParams, SamplingParamsError
 from model.gpt_oss import GptOss
+from tests.engine.conftest import make_engine
 
 
 @dataclass
@@ -222,3 +223,10 @@ def test_a_top_p_below_float32s_range_keeps_the_most_likely_token(tiny_model: Gp
     tiny = _run(_engine(tiny_model), {"t": (prompt, SamplingParams(top_p=1e-50, max_tokens=6))})["t"]
     assert tiny.error is None
     assert tiny.tokens == greedy.tokens
+
+
+def test_the_kv_pool_must_hold_one_full_context(tiny_model: GptOss) -> None:
+    with pytest.raises(ValueError, match="max_model_len 512") as refused:
+        make_engine(tiny_model, num_kv_blocks=100)  # 400 tokens of 4-token blocks
+    assert "at most 400" in str(refused.value)
+    assert make_engine(tiny_model, num_kv_blocks=100, max_model_len=400).max_model_len == 400
