@@ -30,16 +30,34 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
+    # Per pool: the full-attention pool holds a request's whole context, the sliding pool only its window.
+    kv_full_blocks_used: int
+    kv_full_blocks_total: int
+    kv_sliding_blocks_used: int
+    kv_sliding_blocks_total: int
     prefix_cache_hit_rate: float
     num_steps: int
     num_preemptions: int
     tokens_per_step: float  # mean over the recent steps
 
     @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_full_blocks_used + self.kv_sliding_blocks_used
+
+    @property
+    def kv_full_usage(self) -> float:
+        return self.kv_full_blocks_used / self.kv_full_blocks_total if self.kv_full_blocks_total else 0.0
+
+    @property
+    def kv_sliding_usage(self) -> float:
+        total = self.kv_sliding_blocks_total
+        return self.kv_sliding_blocks_used / total if total else 0.0
+
+    @property
     def kv_cache_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+        """The fuller of the two pools: admission stops when either runs out, so the sum over both (which
+        read 0.5 while the full-attention pool was exhausted) says nothing about the room left."""
+        return max(self.kv_full_usage, self.kv_sliding_usage)
 
 
 class EngineCore:
@@ -166,8 +184,10 @@ class EngineCore:
         return EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
-            kv_blocks_used=kv.full.num_used + kv.sliding.num_used,
-            kv_blocks_total=kv.full.num_blocks + kv.sliding.num_blocks,
+            kv_full_blocks_used=kv.full.num_used,
+            kv_full_blocks_total=kv.full.num_blocks,
+            kv_sliding_blocks_used=kv.sliding.num_used,
+            kv_sliding_blocks_total=kv.sliding.num_blocks,
             prefix_cache_hit_rate=kv.prefix_hit_rate,
             num_steps=scheduler.num_steps,
             num_preemptions=scheduler.num_preemptions,

@@ -230,3 +230,21 @@ def test_the_kv_pool_must_hold_one_full_context(tiny_model: GptOss) -> None:
         make_engine(tiny_model, num_kv_blocks=100)  # 400 tokens of 4-token blocks
     assert "at most 400" in str(refused.value)
     assert make_engine(tiny_model, num_kv_blocks=100, max_model_len=400).max_model_len == 400
+
+
+def test_kv_usage_is_reported_per_pool(tiny_model: GptOss) -> None:
+    """The full-attention pool fills up while the sliding one (windows only) does not: the usage reported for
+    admission is the fuller pool's, not the sum over both (which read about half with the full pool spent)."""
+    engine = make_engine(tiny_model, num_kv_blocks=40, max_model_len=160, max_num_batched_tokens=256)
+    for i in range(3):
+        engine.add_request(f"r{i}", _prompt(i, n=50), SamplingParams(temperature=0.0, max_tokens=4))
+    engine.step()
+    stats = engine.stats()
+    kv = engine.scheduler.kv
+    assert stats.kv_full_blocks_used == kv.full.num_used
+    assert stats.kv_full_blocks_total == 40
+    assert stats.kv_sliding_blocks_used == kv.sliding.num_used
+    assert stats.kv_full_usage == kv.full.num_used / 40
+    assert stats.kv_sliding_usage == kv.sliding.num_used / kv.sliding.num_blocks
+    assert stats.kv_full_usage > stats.kv_sliding_usage
+    assert stats.kv_cache_usage == stats.kv_full_usage
