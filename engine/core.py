@@ -39,6 +39,10 @@ class EngineStats:
     num_steps: int
     num_preemptions: int
     tokens_per_step: float  # mean over the recent steps
+    # Steps that raised as a whole (every request in them failed), and how many of those came in a row since
+    # the last step that succeeded: a count that keeps growing means the device or the model is broken.
+    num_failed_steps: int = 0
+    num_failed_steps_in_a_row: int = 0
 
     @property
     def kv_blocks_used(self) -> int:
@@ -99,6 +103,8 @@ class EngineCore:
         )
         self._aborted: list[str] = []
         self._step_tokens: deque[int] = deque(maxlen=100)
+        self._num_failed_steps = 0
+        self._num_failed_steps_in_a_row = 0
         self._stats = self._snapshot()
 
     @property
@@ -163,6 +169,7 @@ class EngineCore:
         if plan.scheduled:
             outputs += self.scheduler.update(plan, self.runner.execute(plan))
             self._step_tokens.append(plan.num_tokens)
+            self._num_failed_steps_in_a_row = 0
         self._stats = self._snapshot()
         return outputs
 
@@ -172,7 +179,9 @@ class EngineCore:
         return [o for o in outputs if o is not None]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """End every request in flight with `abort` and `message` (after a failed step)."""
+        """End every request in flight with `abort` and `message` (after a step that raised as a whole)."""
+        self._num_failed_steps += 1
+        self._num_failed_steps_in_a_row += 1
         outputs = self.scheduler.fail_all(message)
         self._stats = self._snapshot()
         return outputs
@@ -192,6 +201,8 @@ class EngineCore:
             num_steps=scheduler.num_steps,
             num_preemptions=scheduler.num_preemptions,
             tokens_per_step=sum(steps) / len(steps) if steps else 0.0,
+            num_failed_steps=self._num_failed_steps,
+            num_failed_steps_in_a_row=self._num_failed_steps_in_a_row,
         )
 
     def stats(self) -> EngineStats:

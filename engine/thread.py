@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
 
+# Whole-step failures in a row, with no step succeeding between them, after which each one is logged as
+# critical: one failure may be a bad batch, three in a row with fresh requests each time point at the device.
+FAILED_STEPS_ALARM = 3
+
 
 class EngineThread:
     """Runs an `EngineCore` on its own thread. Thread-safe: any thread may add or abort requests.
@@ -63,12 +67,31 @@ class EngineThread:
             except Exception as error:  # a failed step must not take the server down with it
                 logger.exception("engine step failed; aborting %d requests", len(engine.scheduler.requests))
                 outputs = engine.fail_all(f"engine error: {error}")
+                in_a_row = engine.stats().num_failed_steps_in_a_row
+                if in_a_row >= FAILED_STEPS_ALARM:
+                    # Not stopping: each failed step's requests are ended (so nothing waits or spins), while a
+                    # stopped engine would leave new requests hanging instead of failing with the reason.
+                    logger.critical(
+                        "the engine step has failed %d times in a row with no step succeeding (last: %s); "
+                        "the device or the model is likely broken: requests will fail until it recovers",
+                        in_a_row,
+                        error,
+                    )
             for output in outputs:
                 callback = self._callbacks.get(output.request_id)
                 if output.finished:
                     self._callbacks.pop(output.request_id, None)
                 if callback is not None:
-                    callback(output)
+                    self._deliver(callback, output)
+
+    @staticmethod
+    def _deliver(callback: OutputCallback, output: RequestOutput) -> None:
+        """A callback belongs to one request's consumer: if it raises, that is logged and the engine thread,
+        which every other request needs, goes on."""
+        try:
+            callback(output)
+        except Exception:
+            logger.exception("the output callback of request %s raised", output.request_id)
 
     def _apply_commands(self) -> None:
         while True:
@@ -81,8 +104,9 @@ class EngineThread:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except RequestRejected as error:
-                    callback(
-                        RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error))
+                    self._deliver(
+                        callback,
+                        RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error)),
                     )
                     continue
                 self._callbacks[request_id] = callback

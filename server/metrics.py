@@ -2,7 +2,7 @@
 
 Request counts by endpoint and status come from the HTTP middleware; latency histograms and token counters
 from the engine bridge, per request; the engine's state (running and waiting requests, KV-cache use per pool,
-prefix-cache hit rate, preemptions) is read when Prometheus scrapes.
+prefix-cache hit rate, preemptions, failed steps) is read when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class _EngineCollector(Collector):
             "gpt_oss_preemptions",
             "Requests preempted for lack of KV blocks (recomputed later).",
             value=stats.num_preemptions,
+        )
+        yield CounterMetricFamily(
+            "gpt_oss_engine_failed_steps",
+            "Engine steps that failed as a whole, ending every request in them.",
+            value=stats.num_failed_steps,
         )
         yield GaugeMetricFamily(
             "gpt_oss_prefix_cache_hit_ratio",

@@ -62,3 +62,4 @@ def test_kv_usage_per_pool_and_preemptions_are_reported(engine: EngineCore) -> N
         peak_full = max(peak_full, full)
     assert engine.stats().num_preemptions > 0, "the pool was meant to be too small for all five at once"
     assert peak_full > 0.9
+    assert _value(metrics.render().decode(), "gpt_oss_engine_failed_steps_total") == 0

@@ -1,11 +1,14 @@
 """Nothing one request brings into the engine can hurt another: values a step cannot compute are refused at
 admission naming their field, and what still fails inside a step (a request's logits processor, parameters
-changed after admission, its stop strings) fails that request alone while the batch goes on."""
+changed after admission, its stop strings) fails that request alone while the batch goes on. A step that
+fails as a whole still ends the requests it holds, and the engine thread survives it."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +17,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
-from engine.request import FinishReason, SamplingParams, SamplingParamsError
+from engine.request import FinishReason, RequestOutput, SamplingParams, SamplingParamsError
+from engine.scheduler import RunnerOutput, SchedulerOutput
+from engine.thread import FAILED_STEPS_ALARM, EngineThread
 from model.gpt_oss import GptOss
 from tests.engine.conftest import make_engine
 
@@ -248,3 +253,72 @@ def test_kv_usage_is_reported_per_pool(tiny_model: GptOss) -> None:
     assert stats.kv_sliding_usage == kv.sliding.num_used / kv.sliding.num_blocks
     assert stats.kv_full_usage > stats.kv_sliding_usage
     assert stats.kv_cache_usage == stats.kv_full_usage
+
+
+def _collect(done: dict[str, RequestOutput], event: threading.Event) -> Callable[[str], Callable]:
+    def callback_for(rid: str) -> Callable[[RequestOutput], None]:
+        def callback(out: RequestOutput) -> None:
+            if out.finished:
+                done[rid] = out
+                event.set()
+
+        return callback
+
+    return callback_for
+
+
+def test_repeated_whole_step_failures_end_each_request_and_are_logged_loudly(
+    tiny_model: GptOss, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward that raises (a lost device, say) ends the requests of that step; the engine thread neither
+    dies nor spins, says so loudly once it keeps happening, and serves again once steps succeed."""
+    engine = make_engine(tiny_model)
+    real_execute = engine.runner.execute
+    broken = True
+
+    def execute(plan: SchedulerOutput) -> RunnerOutput:
+        if broken:
+            raise RuntimeError("device lost")
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    thread = EngineThread(engine)
+    try:
+        for attempt in range(FAILED_STEPS_ALARM):
+            done: dict[str, RequestOutput] = {}
+            event = threading.Event()
+            thread.add_request(
+                f"a{attempt}", [1, 2, 3], SamplingParams(max_tokens=4), _collect(done, event)(f"a{attempt}")
+            )
+            assert event.wait(30)
+            assert done[f"a{attempt}"].error == "engine error: device lost"
+        assert engine.stats().num_failed_steps == FAILED_STEPS_ALARM
+        assert engine.stats().num_failed_steps_in_a_row == FAILED_STEPS_ALARM
+        assert any(r.levelno == logging.CRITICAL and "in a row" in r.getMessage() for r in caplog.records)
+        broken = False
+        done, event = {}, threading.Event()
+        thread.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=4), _collect(done, event)("ok"))
+        assert event.wait(30)
+        assert done["ok"].error is None
+        assert done["ok"].finish_reason is FinishReason.LENGTH
+        assert engine.stats().num_failed_steps_in_a_row == 0
+    finally:
+        thread.stop()
+
+
+def test_a_callback_that_raises_harms_no_other_request(tiny_model: GptOss) -> None:
+    thread = EngineThread(make_engine(tiny_model))
+
+    def broken(out: RequestOutput) -> None:
+        raise RuntimeError("a consumer's bug")
+
+    try:
+        thread.add_request("broken", [4, 5, 6], SamplingParams(max_tokens=6), broken)
+        done: dict[str, RequestOutput] = {}
+        event = threading.Event()
+        thread.add_request("fine", [1, 2, 3], SamplingParams(max_tokens=6), _collect(done, event)("fine"))
+        assert event.wait(30)
+        assert done["fine"].finish_reason is FinishReason.LENGTH
+        assert thread._thread.is_alive()
+    finally:
+        thread.stop()
