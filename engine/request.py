@@ -72,6 +72,7 @@ class SamplingParams:
 
         Runs at construction and again when the engine admits a request (the fields are mutable), so nothing
         that would raise inside a batched step, and so fail the other requests in it, gets that far."""
+        self._check_types()
         temperature = self.temperature
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
@@ -112,6 +113,39 @@ class SamplingParams:
                 raise SamplingParamsError(
                     f"stop strings must be valid Unicode text, got {stop!r} ({error.reason})", "stop"
                 ) from error
+
+    def _check_types(self) -> None:
+        """Types first, so that the range checks compare numbers (a str raises TypeError there) and the step
+        builds its tensors from ints and floats (a float top_k fails torch.topk; a bool is not a count)."""
+
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        fields: list[tuple[str, bool, str]] = [
+            ("max_tokens", integer(self.max_tokens), "an integer"),
+            ("top_k", integer(self.top_k), "an integer"),
+            ("logprobs", self.logprobs is None or integer(self.logprobs), "an integer or None"),
+            ("seed", self.seed is None or integer(self.seed), "an integer or None"),
+            ("temperature", number(self.temperature), "a number"),
+            ("top_p", number(self.top_p), "a number"),
+            ("min_p", number(self.min_p), "a number"),
+            ("presence_penalty", number(self.presence_penalty), "a number"),
+            ("frequency_penalty", number(self.frequency_penalty), "a number"),
+            (
+                "logit_bias",
+                all(integer(t) and number(b) for t, b in self.logit_bias.items()),
+                "a map of integer token ids to numbers",
+            ),
+            ("stop_token_ids", all(integer(t) for t in self.stop_token_ids), "a list of integer token ids"),
+            ("stop", all(isinstance(s, str) for s in self.stop), "a list of strings"),
+            ("logits_processors", all(callable(p) for p in self.logits_processors), "a list of callables"),
+        ]
+        for name, ok, what in fields:
+            if not ok:
+                raise SamplingParamsError(f"{name} must be {what}, got {getattr(self, name)!r}", name)
 
     @property
     def greedy(self) -> bool:

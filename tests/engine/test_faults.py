@@ -194,6 +194,13 @@ UNCOMPUTABLE = [
     ({"top_p": math.nan}, "top_p"),
     ({"min_p": math.nan}, "min_p"),
     ({"presence_penalty": math.inf}, "presence_penalty"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"logit_bias": {"1": 1.0}}, "logit_bias"),
+    ({"stop_token_ids": [1.0]}, "stop_token_ids"),
+    ({"stop": [b"end"]}, "stop"),
+    ({"logits_processors": [None]}, "logits_processors"),
 ]
 
 
