@@ -106,7 +106,6 @@ class Scheduler:
     def _fail(self, request: Request, message: str, output: RequestOutput | None = None) -> RequestOutput:
         """End one request with `abort` and `message`: something it alone brought failed (its processors, its
         parameters, its stop strings), or the whole step did."""
-        logger.warning("request %s failed: %s", request.request_id, message)
         output = self._finish(request, FinishReason.ABORT, output)
         output.error = message
         return output
@@ -171,6 +170,7 @@ class Scheduler:
         ):
             request = item.request
             if error is not None:
+                logger.warning("request %s failed alone in the step: %s", request.request_id, error)
                 outputs.append(self._fail(request, error))
                 continue
             request.num_computed_tokens += item.num_new_tokens

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 
 from engine.core import EngineCore
-from engine.request import FinishReason, RequestOutput, RequestRejected, SamplingParams
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class EngineThread:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, callback: OutputCallback
     ) -> None:
-        """Queue a request; raises `RequestRejected` at once for one that can never run."""
+        """Queue a request; raises `RequestError` at once for one that can never run."""
         self.engine.check(prompt_token_ids, params)
         self._commands.put(("add", (request_id, prompt_token_ids, params, callback)))
         self._wake.set()
@@ -103,7 +103,7 @@ class EngineThread:
                 request_id, prompt, params, callback = args
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except RequestRejected as error:
+                except RequestError as error:  # checked on the caller's thread, but params are mutable
                     self._deliver(
                         callback,
                         RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error)),

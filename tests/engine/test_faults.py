@@ -329,3 +329,41 @@ def test_a_callback_that_raises_harms_no_other_request(tiny_model: GptOss) -> No
         assert thread._thread.is_alive()
     finally:
         thread.stop()
+
+
+def test_parameters_spoiled_while_queued_are_refused_without_stopping_the_thread(tiny_model: GptOss) -> None:
+    """EngineThread.add_request checks on the caller's thread; if the parameters change before the engine
+    thread admits the request, the engine's own check refuses them there, and that refusal must reach the
+    request's callback rather than end the thread."""
+    thread = EngineThread(make_engine(tiny_model))
+    inside_step, release = threading.Event(), threading.Event()
+
+    def hold(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        inside_step.set()
+        assert release.wait(30)
+        return logits
+
+    try:
+        done: dict[str, RequestOutput] = {}
+        event = threading.Event()
+        holder = SamplingParams(temperature=0.0, max_tokens=2, logits_processors=[hold])
+        thread.add_request("holder", [1, 2, 3], holder, _collect(done, threading.Event())("holder"))
+        assert inside_step.wait(30)  # the engine thread is in a step: the next add waits in its queue
+        spoiled = SamplingParams(max_tokens=4)
+        thread.add_request("spoiled", [4, 5, 6], spoiled, _collect(done, event)("spoiled"))
+        spoiled.temperature = 1e-300
+        release.set()
+        assert event.wait(30)
+        assert done["spoiled"].finish_reason is FinishReason.ABORT
+        assert done["spoiled"].error is not None
+        assert "temperature" in done["spoiled"].error
+        after: dict[str, RequestOutput] = {}
+        finished = threading.Event()
+        thread.add_request(
+            "after", [7, 8, 9], SamplingParams(max_tokens=3), _collect(after, finished)("after")
+        )
+        assert finished.wait(30)
+        assert after["after"].finish_reason is FinishReason.LENGTH
+    finally:
+        release.set()
+        thread.stop()
