@@ -31,6 +31,11 @@ Logprobs are those of the model's raw distribution: ``log_softmax`` of the logit
 bias, penalties, temperature and filters (vLLM's default, "raw_logprobs"). They say what the model thinks,
 whatever the sampling settings; a token forced by a processor can therefore have a raw logprob of ``-inf``.
 
+One row's failure is that row's alone: a processor that raises, a row left with nothing to sample (all
+``-inf``, NaN), or a row that makes the batched filter raise (found by sampling the rows one by one, with the
+same uniforms) gets its reason in :attr:`SamplerOutput.errors` and no token, and the other rows are sampled
+as if it were not there. The engine then ends that request alone.
+
 :func:`process_logits` and :func:`filtered_probs` (steps 1-3 and 4-5) are public so tests can compare the
 distributions themselves, not only samples, with their plain twins :func:`process_logits_reference` and
 :func:`filtered_probs_reference`; :func:`sample_reference` is the twin of :meth:`Sampler.sample`. The twins

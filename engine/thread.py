@@ -24,8 +24,10 @@ class EngineThread:
     """Runs an `EngineCore` on its own thread. Thread-safe: any thread may add or abort requests.
 
     Each request's outputs are handed to its callback on the engine thread (the callback must be quick and
-    must not block: an asyncio server passes `loop.call_soon_threadsafe`-based callbacks). If a step raises,
-    every request in flight ends with `abort` and the error text, and the engine goes on serving.
+    must not block: an asyncio server passes `loop.call_soon_threadsafe`-based callbacks). What fails for one
+    request alone (its processors, its parameters, its stop strings) ends that request only, and a callback
+    that raises is logged. If a step raises as a whole (the forward), every request in flight ends with
+    `abort` and the error text, and the engine goes on serving.
     """
 
     def __init__(self, engine: EngineCore) -> None:
