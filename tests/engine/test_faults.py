@@ -5,6 +5,7 @@ fails as a whole still ends the requests it holds, and the engine thread survive
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -156,7 +157,8 @@ def test_a_poisoned_request_fails_alone_and_the_others_get_their_tokens(
         name: _run(_engine(tiny_model), {name: (prompts[name], params)})[name]
         for name, params in VICTIMS.items()
     }
-    params, change, message = POISONS[poison]
+    template, change, message = POISONS[poison]
+    params = dataclasses.replace(template)  # a copy: the change below must not outlive this test
     engine = _engine(tiny_model)
     requests = {name: (prompts[name], p) for name, p in VICTIMS.items()}
     requests["poisoned"] = (_prompt(99), params)
