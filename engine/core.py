@@ -30,16 +30,38 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
+    # Per pool: the full-attention pool holds a request's whole context, the sliding pool only its window.
+    kv_full_blocks_used: int
+    kv_full_blocks_total: int
+    kv_sliding_blocks_used: int
+    kv_sliding_blocks_total: int
     prefix_cache_hit_rate: float
     num_steps: int
     num_preemptions: int
     tokens_per_step: float  # mean over the recent steps
+    # Steps that raised as a whole (every request in them failed), and how many of those came in a row since
+    # the last step that succeeded: a count that keeps growing means the device or the model is broken.
+    num_failed_steps: int = 0
+    num_failed_steps_in_a_row: int = 0
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_full_blocks_used + self.kv_sliding_blocks_used
+
+    @property
+    def kv_full_usage(self) -> float:
+        return self.kv_full_blocks_used / self.kv_full_blocks_total if self.kv_full_blocks_total else 0.0
+
+    @property
+    def kv_sliding_usage(self) -> float:
+        total = self.kv_sliding_blocks_total
+        return self.kv_sliding_blocks_used / total if total else 0.0
 
     @property
     def kv_cache_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+        """The fuller of the two pools: admission stops when either runs out, so the sum over both (which
+        read 0.5 while the full-attention pool was exhausted) says nothing about the room left."""
+        return max(self.kv_full_usage, self.kv_sliding_usage)
 
 
 class EngineCore:
@@ -56,6 +78,16 @@ class EngineCore:
         self.vocab_size = model.config.vocab_size
         self.token_bytes = token_bytes
         self.runner = ModelRunner(model, self.config, self.max_model_len)
+        full_tokens = self.runner.blocks.num_full * self.config.block_size
+        if full_tokens < self.max_model_len:
+            # Refused rather than clamped (as vLLM does): a server that advertises a context it cannot hold
+            # refuses long requests it claimed to take, and a silent clamp hides a misconfigured deployment.
+            raise ValueError(
+                f"the KV cache holds {full_tokens} tokens of full attention ({self.runner.blocks.num_full} "
+                f"blocks of {self.config.block_size}), fewer than one request of max_model_len "
+                f"{self.max_model_len} needs; lower max_model_len to at most {full_tokens}, or give the KV "
+                "cache more memory (kv_cache_memory, gpu_memory_utilization)"
+            )
         kv = KVCacheManager(
             block_size=self.config.block_size,
             num_full_blocks=self.runner.blocks.num_full,
@@ -71,6 +103,8 @@ class EngineCore:
         )
         self._aborted: list[str] = []
         self._step_tokens: deque[int] = deque(maxlen=100)
+        self._num_failed_steps = 0
+        self._num_failed_steps_in_a_row = 0
         self._stats = self._snapshot()
 
     @property
@@ -99,6 +133,9 @@ class EngineCore:
             )
         if params.stop and self.token_bytes is None:
             raise RequestRejected("stop strings need an engine built with token_bytes", "stop")
+        # Again here: SamplingParams' fields can change after construction, and a value the step cannot
+        # compute would fail every request sharing the step with this one.
+        params.validate()
         check_params_for_vocab(params, self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -132,6 +169,7 @@ class EngineCore:
         if plan.scheduled:
             outputs += self.scheduler.update(plan, self.runner.execute(plan))
             self._step_tokens.append(plan.num_tokens)
+            self._num_failed_steps_in_a_row = 0
         self._stats = self._snapshot()
         return outputs
 
@@ -141,7 +179,9 @@ class EngineCore:
         return [o for o in outputs if o is not None]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """End every request in flight with `abort` and `message` (after a failed step)."""
+        """End every request in flight with `abort` and `message` (after a step that raised as a whole)."""
+        self._num_failed_steps += 1
+        self._num_failed_steps_in_a_row += 1
         outputs = self.scheduler.fail_all(message)
         self._stats = self._snapshot()
         return outputs
@@ -153,12 +193,16 @@ class EngineCore:
         return EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
-            kv_blocks_used=kv.full.num_used + kv.sliding.num_used,
-            kv_blocks_total=kv.full.num_blocks + kv.sliding.num_blocks,
+            kv_full_blocks_used=kv.full.num_used,
+            kv_full_blocks_total=kv.full.num_blocks,
+            kv_sliding_blocks_used=kv.sliding.num_used,
+            kv_sliding_blocks_total=kv.sliding.num_blocks,
             prefix_cache_hit_rate=kv.prefix_hit_rate,
             num_steps=scheduler.num_steps,
             num_preemptions=scheduler.num_preemptions,
             tokens_per_step=sum(steps) / len(steps) if steps else 0.0,
+            num_failed_steps=self._num_failed_steps,
+            num_failed_steps_in_a_row=self._num_failed_steps_in_a_row,
         )
 
     def stats(self) -> EngineStats:

@@ -13,6 +13,16 @@ import torch
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 MAX_TOP_LOGPROBS = 20
+# Below this a temperature is refused (0 is greedy). The sampler divides float32 logits by it: 1e-300 is 0 in
+# float32 and the division gives inf and NaN, and long before the denormal range a logit gap of 1e-3 is
+# already e^100 at 1e-5, so any smaller temperature samples the argmax anyway (vLLM's sampling epsilon).
+MIN_TEMPERATURE = 1e-5
+# Above this the float32 division turns every logit into 0 (a uniform draw) and -inf / inf into NaN; it is
+# float32's largest finite value, so every temperature that float32 holds is accepted.
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
+# OpenAI's bound on logit_bias values. A bias of this size already forces or bans a token; beyond it a
+# float32 logit overflows to inf (1e308 is inf in float32), and inf - inf in the softmax is NaN.
+MAX_LOGIT_BIAS = 100.0
 
 
 class RequestError(ValueError):
@@ -55,9 +65,22 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse what the engine step cannot compute; raises :class:`SamplingParamsError` naming the field.
+
+        Runs at construction and again when the engine admits a request (the fields are mutable), so nothing
+        that would raise inside a batched step, and so fail the other requests in it, gets that far."""
+        self._check_types()
+        temperature = self.temperature
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
-            (self.temperature >= 0.0, "temperature", "must be >= 0"),
+            (
+                temperature == 0.0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE,
+                "temperature",
+                f"must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}",
+            ),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
@@ -72,6 +95,57 @@ class SamplingParams:
         for ok, name, why in checks:
             if not ok:
                 raise SamplingParamsError(f"{name} {why}, got {getattr(self, name)!r}", name)
+        # `not -M <= b <= M` is also true for NaN and for both infinities.
+        bad_bias = [b for b in self.logit_bias.values() if not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS]
+        if bad_bias:
+            raise SamplingParamsError(
+                f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {bad_bias[0]!r}",
+                "logit_bias",
+            )
+        for stop in self.stop:
+            if not stop:
+                raise SamplingParamsError("stop strings must not be empty", "stop")
+            try:
+                stop.encode("utf-8")
+            except UnicodeEncodeError as error:
+                # A lone surrogate (JSON "\ud800") is a valid Python str but no text the model can produce.
+                raise SamplingParamsError(
+                    f"stop strings must be valid Unicode text, got {stop!r} ({error.reason})", "stop"
+                ) from error
+
+    def _check_types(self) -> None:
+        """Types first, so that the range checks compare numbers (a str raises TypeError there) and the step
+        builds its tensors from ints and floats (a float top_k fails torch.topk; a bool is not a count)."""
+
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        fields: list[tuple[str, bool, str]] = [
+            ("max_tokens", integer(self.max_tokens), "an integer"),
+            ("top_k", integer(self.top_k), "an integer"),
+            ("logprobs", self.logprobs is None or integer(self.logprobs), "an integer or None"),
+            ("seed", self.seed is None or integer(self.seed), "an integer or None"),
+            ("temperature", number(self.temperature), "a number"),
+            ("top_p", number(self.top_p), "a number"),
+            ("min_p", number(self.min_p), "a number"),
+            ("presence_penalty", number(self.presence_penalty), "a number"),
+            ("frequency_penalty", number(self.frequency_penalty), "a number"),
+            (
+                "logit_bias",
+                all(integer(t) and number(b) for t, b in self.logit_bias.items()),
+                "a map of integer token ids to numbers",
+            ),
+            ("stop_token_ids", all(integer(t) for t in self.stop_token_ids), "a list of integer token ids"),
+            ("stop", all(isinstance(s, str) for s in self.stop), "a list of strings"),
+            ("logits_processors", all(callable(p) for p in self.logits_processors), "a list of callables"),
+        ]
+        for name, ok, what in fields:
+            if not ok:
+                raise SamplingParamsError(f"{name} must be {what}, got {getattr(self, name)!r}", name)
 
     @property
     def greedy(self) -> bool:

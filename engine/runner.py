@@ -179,11 +179,12 @@ class ModelRunner:
         token_ids, meta, step_kv, sample_rows, logits_indices = self.prepare(plan)
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
+        out_errors: list[str | None] = [None] * len(scheduled)
         if self._logits.shape[0] < len(sample_rows):
             self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
         logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits)
         if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
-            return RunnerOutput(out_tokens, out_logprobs)
+            return RunnerOutput(out_tokens, out_logprobs, out_errors)
         requests = [scheduled[i].request for i in sample_rows]
         sampled = self.sampler.sample(
             logits,
@@ -191,7 +192,10 @@ class ModelRunner:
             [r.output_token_ids for r in requests],
             [r.generator for r in requests],
         )
-        for row, token, logprob in zip(sample_rows, sampled.token_ids, sampled.logprobs, strict=True):
+        for row, token, logprob, error in zip(
+            sample_rows, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
+        ):
             out_tokens[row] = token
             out_logprobs[row] = logprob
-        return RunnerOutput(out_tokens, out_logprobs)
+            out_errors[row] = error
+        return RunnerOutput(out_tokens, out_logprobs, out_errors)

@@ -31,6 +31,11 @@ Logprobs are those of the model's raw distribution: ``log_softmax`` of the logit
 bias, penalties, temperature and filters (vLLM's default, "raw_logprobs"). They say what the model thinks,
 whatever the sampling settings; a token forced by a processor can therefore have a raw logprob of ``-inf``.
 
+One row's failure is that row's alone: a processor that raises, a row left with nothing to sample (all
+``-inf``, NaN), or a row that makes the batched filter raise (found by sampling the rows one by one, with the
+same uniforms) gets its reason in :attr:`SamplerOutput.errors` and no token, and the other rows are sampled
+as if it were not there. The engine then ends that request alone.
+
 :func:`process_logits` and :func:`filtered_probs` (steps 1-3 and 4-5) are public so tests can compare the
 distributions themselves, not only samples, with their plain twins :func:`process_logits_reference` and
 :func:`filtered_probs_reference`; :func:`sample_reference` is the twin of :meth:`Sampler.sample`. The twins
@@ -39,6 +44,7 @@ are for tests only: they loop over rows and over the vocabulary in Python.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -47,11 +53,22 @@ import torch
 
 from engine.request import SamplingParams, SamplingParamsError, TokenLogprob
 
+logger = logging.getLogger(__name__)
+
 _SEED_MODULUS = 2**64
 # Above this k (and whenever a row has top-p) top-k takes the k-th value from a full sort rather than topk.
 _MAX_TOPK_WITHOUT_SORT = 1024
 # Chunk width of the CPU argmax (see greedy_argmax); about the fastest for 16-64 rows of a 200k vocabulary.
 _ARGMAX_CHUNK = 1024
+# The smallest top_p the filter uses. A top_p that float32 rounds to 0 (1e-50, say) would keep no token at
+# all; any top_p below the most likely token's probability keeps just that token (and its ties), and so does
+# this, float32's smallest normal number. So tinier values are raised to it: the same tokens kept, no refusal.
+_MIN_TOP_P = float(torch.finfo(torch.float32).tiny)
+# A row's error when its processed logits leave nothing to sample: every logit -inf or NaN, or +inf ones.
+_NO_TOKEN = (
+    "no token can be sampled: after the logits processors, bias and penalties the logits are all -inf, or "
+    "NaN (or +inf, which a temperature > 0 cannot sample from)"
+)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -65,7 +82,7 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
     """Refuse what SamplingParams cannot check alone because it does not know the vocabulary: logit_bias keys
-    outside ``[0, vocab_size)`` and NaN biases. The engine calls this at admission, not per step."""
+    outside ``[0, vocab_size)``. The engine calls this at admission, not per step."""
     bad_ids = sorted(t for t in params.logit_bias if not 0 <= t < vocab_size)
     if bad_ids:
         raise SamplingParamsError(
@@ -73,16 +90,16 @@ def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
             + (f" and {len(bad_ids) - 5} more" if len(bad_ids) > 5 else ""),
             "logit_bias",
         )
-    if any(math.isnan(b) for b in params.logit_bias.values()):
-        raise SamplingParamsError("logit_bias values must be numbers, got NaN", "logit_bias")
 
 
 @dataclass(slots=True)
 class SamplerOutput:
-    # One sampled token id per row.
-    token_ids: list[int]
+    # One sampled token id per row; None for a row that failed (see `errors`).
+    token_ids: list[int | None]
     # Per row: the sampled token's raw logprob and its top alternatives when params.logprobs is not None.
     logprobs: list[TokenLogprob | None]
+    # Per row: why no token could be sampled for it (its request fails, alone), or None.
+    errors: list[str | None]
 
 
 def _check_batch(
@@ -108,12 +125,18 @@ def _host_column(
 
 
 def process_logits(
-    logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_token_ids: list[list[int]],
+    errors: list[str | None] | None = None,
 ) -> torch.Tensor:
     """Steps 1-3 for the whole batch: float32 ``[B, V]``. ``logits`` is never modified: the result is a new
     tensor, or, when no row has a processor, a bias or a penalty, ``logits`` itself (upcast if need be).
 
-    Processors must not modify the output id list they are given (it is the engine's)."""
+    Processors must not modify the output id list they are given (it is the engine's). A processor is the
+    request's own code, so it may raise: without ``errors`` that propagates; with ``errors`` (one entry per
+    row) the row's error is recorded there, the row is zeroed (a finite row that sampling cannot trip on) and
+    its bias and penalties are skipped, and the other rows go on."""
     _check_batch(logits, params, output_token_ids)
     if not any(
         p.logits_processors or p.logit_bias or p.presence_penalty or p.frequency_penalty for p in params
@@ -124,19 +147,32 @@ def process_logits(
     device = x.device
 
     for i, p in enumerate(params):
-        for processor in p.logits_processors:
-            row = processor(output_token_ids[i], x[i])
-            if row.shape != (vocab,):
-                raise ValueError(f"a logits processor returned shape {tuple(row.shape)}, expected ({vocab},)")
-            x[i] = row
+        try:
+            for processor in p.logits_processors:
+                row = processor(output_token_ids[i], x[i])
+                if row.shape != (vocab,):
+                    raise ValueError(
+                        f"a logits processor returned shape {tuple(row.shape)}, expected ({vocab},)"
+                    )
+                x[i] = row
+            if p.logit_bias:
+                # Checked here too, on the host: an id out of range would be a device-side assert on a GPU.
+                check_params_for_vocab(p, vocab)
+        except Exception as error:
+            if errors is None:
+                raise
+            errors[i] = f"processing the logits failed: {type(error).__name__}: {error}"
+            x[i] = 0.0
+
+    def ok(i: int) -> bool:
+        return errors is None or errors[i] is None
 
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     bias_values: list[float] = []
     for i, p in enumerate(params):
-        if p.logit_bias:
-            # Checked here too, on the host: an id out of range would be a device-side assert on a GPU.
-            check_params_for_vocab(p, vocab)
+        if not ok(i):
+            continue
         bias_rows.extend([i] * len(p.logit_bias))
         bias_ids.extend(p.logit_bias.keys())
         bias_values.extend(p.logit_bias.values())
@@ -148,7 +184,9 @@ def process_logits(
         x.index_put_(index, torch.tensor(bias_values, dtype=torch.float32, device=device), accumulate=True)
 
     penalized = [
-        i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and output_token_ids[i]
+        i
+        for i, p in enumerate(params)
+        if (p.presence_penalty or p.frequency_penalty) and output_token_ids[i] and ok(i)
     ]
     if penalized:
         # Counts per row via one scatter_add over the output ids padded with an extra column V, dropped after.
@@ -227,9 +265,12 @@ def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> t
             before = torch.cat((torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(dim=-1)[:, :-1]), dim=1)
             # top_p = 1 is "off": a float cumsum may reach 1.0 before the tail and must not cut it.
             top_p = _host_column(
-                [p.top_p if p.top_p < 1.0 else math.inf for p in params], torch.float32, device
+                [max(p.top_p, _MIN_TOP_P) if p.top_p < 1.0 else math.inf for p in params],
+                torch.float32,
+                device,
             )
-            last = (before < top_p).sum(dim=-1, keepdim=True) - 1
+            # At least the first token (its `before` is 0 < top_p), and for a NaN row too: `last` is an index.
+            last = ((before < top_p).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
             # If the survivors' mass rounds below top_p the prefix runs into the -inf tail; kth still holds.
             reached = x >= sorted_x.gather(1, last)
             keep = reached if keep is None else keep & reached
@@ -287,23 +328,45 @@ class Sampler:
                     "a request with a seed needs its own generator (make_generator(seed, device))"
                 )
 
-        x = process_logits(logits, params, output_token_ids)
+        errors: list[str | None] = [None] * len(params)
+        x = process_logits(logits, params, output_token_ids, errors)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if len(random_rows) == len(params):
-            token_ids = _inverse_cdf(_filter_random_rows(x, params), self._uniforms(generators, x.device))
-        else:
-            token_ids = greedy_argmax(x)
-        if random_rows and len(random_rows) < len(params):
-            index = torch.tensor(random_rows, dtype=torch.int64, device=x.device)
-            probs = _filter_random_rows(x[index], [params[i] for i in random_rows])
-            u = self._uniforms([generators[i] for i in random_rows], x.device)
-            token_ids[index] = _inverse_cdf(probs, u)
-        return SamplerOutput(token_ids.tolist(), _raw_logprobs(logits, params, token_ids))
+        # Drawn before anything can fail, so that a retry row by row reuses the same draws: the rows that did
+        # not fail get the tokens the batch would have given them, and no generator advances twice.
+        u = self._uniforms([generators[i] for i in random_rows], x.device)
+        try:
+            token_ids = _pick(x, params, u)
+        except Exception:
+            logger.exception("sampling %d rows failed as a batch; sampling them one by one", len(params))
+            token_ids = _pick_row_by_row(x, params, u, errors)
+        ids: list[int] = token_ids.tolist()
+        for i, token in enumerate(ids):
+            if token < 0 and errors[i] is None:
+                errors[i] = _NO_TOKEN
+        # Failed rows read token 0 here and their logprobs are dropped below.
+        safe_ids = token_ids.clamp(min=0)
+        try:
+            logprobs = _raw_logprobs(logits, params, safe_ids)
+        except Exception:
+            logger.exception("logprobs of %d rows failed as a batch; computing them one by one", len(params))
+            logprobs = [None] * len(params)
+            for i, p in enumerate(params):
+                try:
+                    logprobs[i] = _raw_logprobs(logits[i : i + 1], [p], safe_ids[i : i + 1])[0]
+                except Exception as error:
+                    errors[i] = errors[i] or f"computing the logprobs failed: {type(error).__name__}: {error}"
+        return SamplerOutput(
+            [None if e is not None else t for t, e in zip(ids, errors, strict=True)],
+            [None if e is not None else lp for lp, e in zip(logprobs, errors, strict=True)],
+            errors,
+        )
 
     def _uniforms(self, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
         """float64 ``[n, 1]`` uniforms in [0, 1): each own-generator row from its generator alone, the other
         rows in one batched draw from the shared generator."""
         u = torch.empty((len(generators), 1), dtype=torch.float64, device=device)
+        if not generators:
+            return u
         shared = [j for j, g in enumerate(generators) if g is None]
         if len(shared) == len(generators):
             u.uniform_(generator=self.generator)
@@ -318,15 +381,53 @@ class Sampler:
         return u
 
 
+def _pick(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Steps 4-5: int64 ``[B]`` token ids from processed logits, -1 for a row with nothing to sample. ``u``
+    holds the uniforms of the random rows, in order."""
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if len(random_rows) == len(params):
+        return _inverse_cdf(_filter_random_rows(x, params), u)
+    token_ids = greedy_argmax(x)
+    # A row of -inf, or one with NaN (argmax takes NaN for the maximum), has no token to pick.
+    best = x.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    token_ids = token_ids.masked_fill(~(best > -math.inf), -1)
+    if random_rows:
+        index = torch.tensor(random_rows, dtype=torch.int64, device=x.device)
+        token_ids[index] = _inverse_cdf(_filter_random_rows(x[index], [params[i] for i in random_rows]), u)
+    return token_ids
+
+
+def _pick_row_by_row(
+    x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, errors: list[str | None]
+) -> torch.Tensor:
+    """:func:`_pick` one row at a time, after the batch raised: a row that raises alone gets its error in
+    ``errors`` (and -1); the others get what the batch would have given them (each row is computed alone in
+    the batch too, and ``u`` is the same draws)."""
+    token_ids = torch.full((len(params),), -1, dtype=torch.int64, device=x.device)
+    j = 0  # the row's uniform, for random rows
+    for i, p in enumerate(params):
+        row_u = u[j : j + 1] if not p.greedy else u[:0]
+        j += 0 if p.greedy else 1
+        if errors[i] is not None:
+            continue
+        try:
+            token_ids[i] = _pick(x[i : i + 1], [p], row_u)[0]
+        except Exception as error:
+            errors[i] = f"sampling failed: {type(error).__name__}: {error}"
+    return token_ids
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row, the token whose cumulative-probability interval holds ``u · total``: token t with probability
-    ``probs[t] / total``, and never a token of probability 0 (its interval is empty)."""
+    ``probs[t] / total``, and never a token of probability 0 (its interval is empty). -1 for a row whose total
+    is not a positive number (NaN probabilities, or none left): it has nothing to sample."""
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     total = cdf[:, -1:].contiguous()
     token = torch.searchsorted(cdf, u * total, right=True)
     # u · total can round up to total: the last token with mass is where the cdf first reaches the total.
     last = torch.searchsorted(cdf, total, right=False)
-    return torch.minimum(token, last).squeeze(1)
+    # `total > 0` is false for NaN too.
+    return torch.where(total > 0, torch.minimum(token, last), -1).squeeze(1)
 
 
 def _raw_logprobs(
@@ -424,7 +525,7 @@ def sample_reference(
     not the same draws."""
     x = process_logits_reference(logits, params, output_token_ids)
     probs = filtered_probs_reference(x, params)
-    token_ids: list[int] = []
+    token_ids: list[int | None] = []
     logprobs: list[TokenLogprob | None] = []
     for i, p in enumerate(params):
         if p.greedy:
@@ -443,4 +544,4 @@ def sample_reference(
         lp = [v - log_z for v in raw]
         best = sorted(range(len(raw)), key=lambda t: (-lp[t], t))[: p.logprobs]
         logprobs.append(TokenLogprob(token, lp[token], [(t, lp[t]) for t in best]))
-    return SamplerOutput(token_ids, logprobs)
+    return SamplerOutput(token_ids, logprobs, [None] * len(token_ids))

@@ -16,6 +16,7 @@ requests). It never touches a tensor, so it is tested on a CPU with a hand-made 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,8 @@ import numpy as np
 
 from engine.kv_cache import KVCacheManager
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -51,10 +54,12 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Per scheduled request, in order: the sampled token (None while its prompt is still being filled)."""
+    """Per scheduled request, in order: the sampled token (None while its prompt is still being filled, or
+    when the request failed alone in this step: then `errors` says why, and the others are unaffected)."""
 
     token_ids: list[int | None]
     logprobs: list[TokenLogprob | None]
+    errors: list[str | None] = field(default_factory=list)  # empty: no request failed
 
 
 class Scheduler:
@@ -96,12 +101,14 @@ class Scheduler:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request in flight with `abort` and `message` (after a failed step)."""
-        outputs = []
-        for request in list(self.requests.values()):
-            output = self._finish(request, FinishReason.ABORT)
-            output.error = message
-            outputs.append(output)
-        return outputs
+        return [self._fail(request, message) for request in list(self.requests.values())]
+
+    def _fail(self, request: Request, message: str, output: RequestOutput | None = None) -> RequestOutput:
+        """End one request with `abort` and `message`: something it alone brought failed (its processors, its
+        parameters, its stop strings), or the whole step did."""
+        output = self._finish(request, FinishReason.ABORT, output)
+        output.error = message
+        return output
 
     # -- the step -------------------------------------------------------------------------------------------
 
@@ -157,8 +164,15 @@ class Scheduler:
             self.num_steps += 1
         now = time.perf_counter()
         outputs = []
-        for item, token, logprob in zip(plan.scheduled, result.token_ids, result.logprobs, strict=True):
+        errors = result.errors or [None] * len(plan.scheduled)
+        for item, token, logprob, error in zip(
+            plan.scheduled, result.token_ids, result.logprobs, errors, strict=True
+        ):
             request = item.request
+            if error is not None:
+                logger.warning("request %s failed alone in the step: %s", request.request_id, error)
+                outputs.append(self._fail(request, error))
+                continue
             request.num_computed_tokens += item.num_new_tokens
             if token is None:  # a prompt chunk: only the cache was filled
                 self.kv.register_computed(request)
@@ -174,7 +188,14 @@ class Scheduler:
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
-            reason = self._stop_check(request, token)
+            try:
+                reason = self._stop_check(request, token)
+            except Exception as error:  # token_bytes or a stop string: this request's own business
+                logger.exception("request %s: the stop check failed", request.request_id)
+                outputs.append(
+                    self._fail(request, f"the stop check failed: {type(error).__name__}: {error}", output)
+                )
+                continue
             if reason is not None:
                 self._finish(request, reason, output)
             outputs.append(output)

@@ -9,19 +9,25 @@ import threading
 from collections.abc import Callable
 
 from engine.core import EngineCore
-from engine.request import FinishReason, RequestOutput, RequestRejected, SamplingParams
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
+
+# Whole-step failures in a row, with no step succeeding between them, after which each one is logged as
+# critical: one failure may be a bad batch, three in a row with fresh requests each time point at the device.
+FAILED_STEPS_ALARM = 3
 
 
 class EngineThread:
     """Runs an `EngineCore` on its own thread. Thread-safe: any thread may add or abort requests.
 
     Each request's outputs are handed to its callback on the engine thread (the callback must be quick and
-    must not block: an asyncio server passes `loop.call_soon_threadsafe`-based callbacks). If a step raises,
-    every request in flight ends with `abort` and the error text, and the engine goes on serving.
+    must not block: an asyncio server passes `loop.call_soon_threadsafe`-based callbacks). What fails for one
+    request alone (its processors, its parameters, its stop strings) ends that request only, and a callback
+    that raises is logged. If a step raises as a whole (the forward), every request in flight ends with
+    `abort` and the error text, and the engine goes on serving.
     """
 
     def __init__(self, engine: EngineCore) -> None:
@@ -36,7 +42,7 @@ class EngineThread:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, callback: OutputCallback
     ) -> None:
-        """Queue a request; raises `RequestRejected` at once for one that can never run."""
+        """Queue a request; raises `RequestError` at once for one that can never run."""
         self.engine.check(prompt_token_ids, params)
         self._commands.put(("add", (request_id, prompt_token_ids, params, callback)))
         self._wake.set()
@@ -63,12 +69,31 @@ class EngineThread:
             except Exception as error:  # a failed step must not take the server down with it
                 logger.exception("engine step failed; aborting %d requests", len(engine.scheduler.requests))
                 outputs = engine.fail_all(f"engine error: {error}")
+                in_a_row = engine.stats().num_failed_steps_in_a_row
+                if in_a_row >= FAILED_STEPS_ALARM:
+                    # Not stopping: each failed step's requests are ended (so nothing waits or spins), while a
+                    # stopped engine would leave new requests hanging instead of failing with the reason.
+                    logger.critical(
+                        "the engine step has failed %d times in a row with no step succeeding (last: %s); "
+                        "the device or the model is likely broken: requests will fail until it recovers",
+                        in_a_row,
+                        error,
+                    )
             for output in outputs:
                 callback = self._callbacks.get(output.request_id)
                 if output.finished:
                     self._callbacks.pop(output.request_id, None)
                 if callback is not None:
-                    callback(output)
+                    self._deliver(callback, output)
+
+    @staticmethod
+    def _deliver(callback: OutputCallback, output: RequestOutput) -> None:
+        """A callback belongs to one request's consumer: if it raises, that is logged and the engine thread,
+        which every other request needs, goes on."""
+        try:
+            callback(output)
+        except Exception:
+            logger.exception("the output callback of request %s raised", output.request_id)
 
     def _apply_commands(self) -> None:
         while True:
@@ -80,9 +105,10 @@ class EngineThread:
                 request_id, prompt, params, callback = args
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except RequestRejected as error:
-                    callback(
-                        RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error))
+                except RequestError as error:  # checked on the caller's thread, but params are mutable
+                    self._deliver(
+                        callback,
+                        RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error)),
                     )
                     continue
                 self._callbacks[request_id] = callback

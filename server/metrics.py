@@ -1,8 +1,8 @@
 """Prometheus metrics, owned by the app (one registry per app, no module globals).
 
 Request counts by endpoint and status come from the HTTP middleware; latency histograms and token counters
-from the engine bridge, per request; the engine's state (running and waiting requests, KV-cache use,
-prefix-cache hit rate) is read when Prometheus scrapes.
+from the engine bridge, per request; the engine's state (running and waiting requests, KV-cache use per pool,
+prefix-cache hit rate, preemptions, failed steps) is read when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.core import EngineCore
@@ -23,7 +23,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: Callable[[], EngineCore | None]) -> None:
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engine = self.engine()
         if engine is None:
             return
@@ -36,7 +36,28 @@ class _EngineCollector(Collector):
             "gpt_oss_requests_waiting", "Requests queued for the engine.", value=stats.num_waiting
         )
         yield GaugeMetricFamily(
-            "gpt_oss_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", value=stats.kv_cache_usage
+            "gpt_oss_kv_cache_usage_ratio",
+            "Share of KV-cache blocks in use in the fuller of the two pools (admission stops at 1).",
+            value=stats.kv_cache_usage,
+        )
+        # Per pool, under a name of its own: the unlabelled ratio above keeps its one series.
+        pools = GaugeMetricFamily(
+            "gpt_oss_kv_cache_pool_usage_ratio",
+            "Share of KV-cache blocks in use, per pool: full attention (whole contexts) and sliding window.",
+            labels=["pool"],
+        )
+        pools.add_metric(["full"], stats.kv_full_usage)
+        pools.add_metric(["sliding"], stats.kv_sliding_usage)
+        yield pools
+        yield CounterMetricFamily(
+            "gpt_oss_preemptions",
+            "Requests preempted for lack of KV blocks (recomputed later).",
+            value=stats.num_preemptions,
+        )
+        yield CounterMetricFamily(
+            "gpt_oss_engine_failed_steps",
+            "Engine steps that failed as a whole, ending every request in them.",
+            value=stats.num_failed_steps,
         )
         yield GaugeMetricFamily(
             "gpt_oss_prefix_cache_hit_ratio",

@@ -3,7 +3,7 @@
 The model has random weights, so to make it say a chosen harmony sequence the tests pass `test_force` (an
 extra body field the OpenAI SDK forwards): the app's processors hook turns it into a logits processor that
 forces those tokens through the engine's own sampling path. Nothing replaces the engine. `test_fail_after: N`
-makes the engine's step raise once the request has N tokens (every request in flight then fails).
+makes the request's own logits processor raise once it has N tokens: that request fails with the error, alone.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def force_tokens(tokens: list[int]) -> LogitsProcessor:
 
 
 def fail_after(count: int) -> LogitsProcessor:
-    """Make the engine step fail once `count` tokens have been produced (an engine error, mid-request)."""
+    """Make the request fail in the engine step once `count` tokens have been produced (mid-request)."""
 
     def processor(output: list[int], logits: torch.Tensor) -> torch.Tensor:
         if len(output) >= count:

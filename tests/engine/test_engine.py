@@ -63,7 +63,7 @@ def test_preempted_requests_resume_with_the_same_output(tiny_model: GptOss) -> N
     engine = make_engine(
         tiny_model, kv_cache_memory=None, max_num_batched_tokens=64, enable_prefix_caching=False
     )
-    engine = _with_blocks(tiny_model, full_blocks=40, enable_prefix_caching=False)
+    engine = _with_blocks(tiny_model, full_blocks=40, max_model_len=160, enable_prefix_caching=False)
     outputs = _run(engine, prompts, params)
     assert engine.stats().num_preemptions > 0
     for i, prompt in enumerate(prompts):
