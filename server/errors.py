@@ -127,7 +127,10 @@ def install_error_handlers(app: FastAPI) -> None:
         status = error.status_code
         kind = "not_found_error" if status == 404 else "invalid_request_error"
         message = error.detail if isinstance(error.detail, str) else HTTPStatus(status).phrase
-        return JSONResponse(APIError(status, message, type=kind).body(), status_code=status)
+        # The headers carry what the status needs, as 405's `Allow`.
+        return JSONResponse(
+            APIError(status, message, type=kind).body(), status_code=status, headers=error.headers
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -103,7 +103,13 @@ class CliSettings(BaseSettings):
     cache_dir: str | None = Field(
         None, description="where the demo checkpoint is built (default: ~/.cache/gpt-oss-server)"
     )
-    api_key: str | None = Field(None, description="require Authorization: Bearer KEY on /v1/*")
+    api_key: str | None = Field(
+        None,
+        description="require Authorization: Bearer KEY on every route but /health (and /metrics, if public)",
+    )
+    metrics_access: Literal["public", "protected"] = Field(
+        "public", description="whether /metrics needs the API key too (public: Prometheus scrapes it keyless)"
+    )
     cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS, or *")
     max_waiting_requests: int = Field(
         512, ge=0, description="requests queued beyond the running batch before a 429"
@@ -175,6 +181,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         served_model_name=args.served_model_name or name,
         model_note=note,
         api_key=args.api_key or None,
+        metrics_access=args.metrics_access,
         max_waiting_requests=args.max_waiting_requests,
         max_request_bytes=args.max_request_bytes,
         shutdown_grace=args.shutdown_grace,

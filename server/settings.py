@@ -18,8 +18,10 @@ class ServerSettings(BaseModel):
     default_top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # Said in /v1/models when the weights are the random demo checkpoint.
     model_note: str | None = None
-    # Required as `Authorization: Bearer ...` on /v1/* when set (/health and /metrics stay open).
+    # Required as `Authorization: Bearer ...` on every route but /health when set; /metrics too when
+    # `metrics_access` is "protected" (by default it stays open for Prometheus: it holds counts only).
     api_key: str | None = None
+    metrics_access: Literal["public", "protected"] = "public"
     # Seconds a stream may run on after SIGTERM before it is cancelled.
     shutdown_grace: float = Field(default=30.0, ge=0.0)
     # Origins browsers may call from (CORS); empty: no CORS headers.
