@@ -3,11 +3,12 @@ service reached through the `services` dependency (a 503 while the model loads),
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from server.errors import bad_request
@@ -17,10 +18,22 @@ from server.protocol import (
     DetokenizeRequest,
     ResponsesRequest,
     TokenizeRequest,
+    invalid_field,
 )
 from server.state import ServerState, Services
 
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
 router = APIRouter()
+
+
+def checked(body: RequestT) -> RequestT:
+    """`body`, unless a field holds what no later stage can take (a lone surrogate, a runaway nesting)."""
+    found = invalid_field(body)
+    if found is not None:
+        param, message = found
+        raise bad_request(message, param=param)
+    return body
 
 
 async def server_state(request: Request) -> ServerState:
@@ -57,6 +70,7 @@ async def models(state: State) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+    body = checked(body)
     if body.stream:
         return ready.chat.stream(body)
     return await ready.chat.complete(body)
@@ -64,6 +78,7 @@ async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[st
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+    body = checked(body)
     if body.stream:
         return ready.completions.stream(body)
     return await ready.completions.complete(body)
@@ -71,6 +86,7 @@ async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] |
 
 @router.post("/v1/responses", response_model=None)
 async def create_response(body: ResponsesRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+    body = checked(body)
     if body.stream:
         return ready.responses.stream(body)
     return await ready.responses.create(body)
@@ -89,6 +105,7 @@ async def delete_response(response_id: str, ready: Ready) -> dict[str, Any]:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: State) -> dict[str, Any]:
     """Plain text works while the model loads; messages are rendered as chat renders them."""
+    body = checked(body)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", param="prompt")
     if body.prompt is not None:

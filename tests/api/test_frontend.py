@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -12,6 +15,7 @@ from starlette.routing import Route
 from server.app import create_app
 from server.routes import router
 from server.settings import ServerSettings
+from tests.api.conftest import MODEL, Served
 
 KEY = "s3cret-ключ"  # a non-ASCII key: matched as the UTF-8 bytes a client sends
 
@@ -80,3 +84,85 @@ def test_a_405_names_the_allowed_methods() -> None:
         assert response.status_code == 405
         assert response.headers["allow"] == "POST"
         assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def _deep_schema(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+# Bodies are raw JSON: M stands for the model, SUR for a lone surrogate as JSON escapes it.
+SURROGATE = '"\\ud800"'
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/tokenize", '{"messages": []}', "messages"),
+        ("/tokenize", '{"prompt": SUR}', "prompt"),
+        ("/v1/responses", '{"model": "M", "input": "hi", "instructions": SUR}', "instructions"),
+        ("/v1/responses", '{"model": "M", "input": "hi", "user": SUR}', "user"),
+        ("/v1/responses", '{"model": "M", "input": "hi", "metadata": {"k": SUR}}', "metadata.k"),
+        (
+            "/v1/responses",
+            '{"model": "M", "input": "hi", "stream": true, "instructions": SUR}',
+            "instructions",
+        ),
+        (
+            "/v1/responses",
+            '{"model": "M", "input": "hi", "tools": [{"type": "function", "name": "f", "description": SUR}]}',
+            "tools[0].description",
+        ),
+        ("/v1/completions", '{"model": "M", "prompt": "hi", "stop": SUR}', "stop"),
+        (
+            "/v1/chat/completions",
+            '{"model": "M", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": Infinity}}',
+            "logit_bias.1",
+        ),
+        (
+            "/v1/responses",
+            '{"model": "M", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": '
+            '{"type": "object", "properties": {"a": {"default": Infinity}}}}]}',
+            "tools[0].parameters.properties.a.default",
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "model": "M",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "tools": [
+                        {"type": "function", "function": {"name": "f", "parameters": _deep_schema(450)}}
+                    ],
+                }
+            ),
+            "tools[0].function.parameters",
+        ),
+        (
+            "/tokenize",
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "tools": [
+                        {"type": "function", "function": {"name": "f", "parameters": _deep_schema(450)}}
+                    ],
+                }
+            ),
+            "tools[0].function.parameters",
+        ),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(served: Served, path: str, body: str, param: str) -> None:
+    """Each of these was a 500 (or, streamed, a stream with no terminal event): a lone surrogate fails the
+    tokenizer, the stop matcher or the response's encoding, `Infinity` the sampler or the JSON echo, a deep
+    schema the renderer's recursion."""
+    response = httpx.post(
+        served.base_url + path,
+        content=body.replace('"M"', f'"{MODEL}"').replace("SUR", SURROGATE),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
