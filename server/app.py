@@ -150,6 +150,7 @@ def create_app(
         yield
         if state.services is not None:
             state.services.engine.shutdown()
+        state.workers.shutdown()
 
     app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
     app.state.server = state

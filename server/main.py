@@ -115,6 +115,12 @@ class CliSettings(BaseSettings):
         512, ge=0, description="requests queued beyond the running batch before a 429"
     )
     max_request_bytes: int = Field(16 << 20, ge=1, description="largest request body accepted")
+    max_prompt_chars: int = Field(
+        1 << 20,
+        ge=1,
+        description="most characters of text in one request's prompt (refused before tokenizing)",
+    )
+    render_workers: int = Field(4, ge=1, description="threads that render and tokenize requests")
     shutdown_grace: float = Field(
         30.0, ge=0, description="seconds in-flight streams may take to finish after SIGTERM"
     )
@@ -184,6 +190,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         metrics_access=args.metrics_access,
         max_waiting_requests=args.max_waiting_requests,
         max_request_bytes=args.max_request_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        render_workers=args.render_workers,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
     )

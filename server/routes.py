@@ -3,6 +3,7 @@ service reached through the `services` dependency (a 503 while the model loads),
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -72,7 +73,7 @@ async def models(state: State) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
     body = checked(body)
     if body.stream:
-        return ready.chat.stream(body)
+        return await ready.chat.stream(body)
     return await ready.chat.complete(body)
 
 
@@ -80,7 +81,7 @@ async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[st
 async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
     body = checked(body)
     if body.stream:
-        return ready.completions.stream(body)
+        return await ready.completions.stream(body)
     return await ready.completions.complete(body)
 
 
@@ -88,7 +89,7 @@ async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] |
 async def create_response(body: ResponsesRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
     body = checked(body)
     if body.stream:
-        return ready.responses.stream(body)
+        return await ready.responses.stream(body)
     return await ready.responses.create(body)
 
 
@@ -102,14 +103,34 @@ async def delete_response(response_id: str, ready: Ready) -> dict[str, Any]:
     return ready.responses.delete(response_id)
 
 
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, state: State) -> dict[str, Any]:
+def _json(content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# Token ids written per call of the JSON encoder: C code holds the GIL for a whole call, so a million ids
+# written at once would stall the event loop for as long even from a worker thread; slices let it run between.
+_IDS_PER_SLICE = 1 << 15
+
+
+def _ids_json(ids: list[int]) -> bytes:
+    slices = (json.dumps(ids[i : i + _IDS_PER_SLICE])[1:-1] for i in range(0, len(ids), _IDS_PER_SLICE))
+    return ("[" + ",".join(slices) + "]").encode()
+
+
+@router.post("/tokenize", response_model=None)
+async def tokenize(body: TokenizeRequest, state: State) -> Response:
     """Plain text works while the model loads; messages are rendered as chat renders them."""
     body = checked(body)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", param="prompt")
     if body.prompt is not None:
-        tokens = state.encoding.encode_ordinary(body.prompt)
+        limit = state.settings.max_prompt_chars
+        if len(body.prompt) > limit:
+            raise bad_request(
+                f"the prompt is {len(body.prompt)} characters; at most {limit} are taken",
+                param="prompt",
+            )
+        tokens = await state.workers.run(state.encoding.encode_ordinary, body.prompt)
     else:
         assert body.messages is not None
         request = ChatCompletionRequest(
@@ -118,16 +139,20 @@ async def tokenize(body: TokenizeRequest, state: State) -> dict[str, Any]:
             tools=body.tools,
             reasoning_effort=body.reasoning_effort,
         )
-        tokens = state.ready().chat.prompt(request)
+        tokens = await state.ready().chat.prompt(request)
     max_model_len = state.services.chat.max_model_len if state.services is not None else None
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+    # A megabyte prompt's ids take as long to write as JSON as to find: that happens off the loop too.
+    ids = await state.workers.run(_ids_json, tokens)
+    tail = _json({"count": len(tokens), "max_model_len": max_model_len})
+    return Response(b'{"tokens":' + ids + b"," + tail[1:], media_type="application/json")
 
 
-@router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, state: State) -> dict[str, Any]:
+@router.post("/detokenize", response_model=None)
+async def detokenize(body: DetokenizeRequest, state: State) -> Response:
     if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
-    return {"prompt": state.encoding.decode(body.tokens)}
+    text = await state.workers.run(state.encoding.decode, body.tokens)
+    return Response(await state.workers.run(_json, {"prompt": text}), media_type="application/json")
 
 
 @router.get("/metrics")

@@ -32,3 +32,8 @@ class ServerSettings(BaseModel):
     max_messages: int = Field(default=2048, ge=1)
     max_tools: int = Field(default=256, ge=0)
     max_waiting_requests: int = Field(default=512, ge=0)
+    # Characters of text a prompt may have (a chat's messages and tools, a completion's prompts); refused with
+    # a 400 before tokenizing. Twice the longest context at about 4 characters a token, with room to spare.
+    max_prompt_chars: int = Field(default=1 << 20, ge=1)
+    # Threads that render and tokenize requests, off the event loop.
+    render_workers: int = Field(default=4, ge=1)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Route
@@ -15,7 +19,7 @@ from starlette.routing import Route
 from server.app import create_app
 from server.routes import router
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served
+from tests.api.conftest import MODEL, Served, _free_port
 
 KEY = "s3cret-ключ"  # a non-ASCII key: matched as the UTF-8 bytes a client sends
 
@@ -166,3 +170,82 @@ def test_bad_input_is_a_400_naming_the_field(served: Served, path: str, body: st
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# How long /health may take while a 10 MB prompt is tokenized. With the tokenizing on the event loop it waited
+# for a whole tokenize (1.0 to 1.3 s here); off the loop the slowest of ~250 probes took 0.08 to 0.17 s on this
+# shared 2-core CPU, the loop's own work on the big body (reading and parsing its JSON) included.
+HEALTH_BOUND_S = 0.25
+
+
+def test_health_answers_while_a_big_prompt_is_tokenized() -> None:
+    settings = ServerSettings(max_prompt_chars=64 << 20, max_request_bytes=64 << 20)
+    words = ["alpha", "beta", "gamma", "tokens", "server", "über", "中文", "12345", "stream", "health"]
+    text = " ".join(words[i * 7 % len(words)] + str(i % 97) for i in range(1_200_000))  # about 10 MB
+    # Encoded once here: the client shares the server's process (and GIL) in this test.
+    body = json.dumps({"prompt": text}).encode()
+    with _serve(create_app(None, settings)) as base:
+        done = threading.Event()
+        took: list[float] = []
+
+        def tokenize() -> None:
+            started = time.perf_counter()
+            for _ in range(3):
+                response = httpx.post(
+                    base + "/tokenize", content=body, headers={"content-type": "application/json"}, timeout=120
+                )
+                assert response.status_code == 200
+            took.append(time.perf_counter() - started)
+            done.set()
+
+        # The first tokenize on a fresh worker thread holds the GIL for a one-time setup (0.6 s here).
+        assert httpx.post(base + "/tokenize", json={"prompt": "warm up"}).status_code == 200
+        worker = threading.Thread(target=tokenize)
+        worker.start()
+        latencies = []
+        with httpx.Client(base_url=base) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert client.get("/health").status_code == 503  # no engine: loading, but answering
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+        worker.join()
+    assert took[0] > 4 * HEALTH_BOUND_S, "the tokenizing was too quick to show anything"
+    assert len(latencies) > 10
+    # A rare probe may still wait for the OS to schedule the server's thread (the CPU is shared with other
+    # test processes): at most one in 50 may pass the bound. With the tokenizing on the loop, 3 of 20 did.
+    slow = [x for x in latencies if x > HEALTH_BOUND_S]
+    assert len(slow) <= len(latencies) // 50, sorted(latencies)[-5:]
+
+
+def test_a_prompt_over_the_character_limit_is_a_400(served: Served) -> None:
+    limit = served.app.state.server.settings.max_prompt_chars
+    big = "x" * (limit + 1)
+    for path, body, param in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}, "messages"),
+        ("/v1/responses", {"input": big}, "input"),
+        ("/v1/responses", {"input": "hi", "instructions": big}, "input"),
+        ("/v1/completions", {"prompt": ["hi", big]}, "prompt"),
+        ("/tokenize", {"prompt": big}, "prompt"),
+    ]:
+        response = httpx.post(served.base_url + path, json={"model": MODEL, **body}, timeout=60)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["param"] == param
+        assert str(limit) in response.json()["error"]["message"]
