@@ -3,7 +3,10 @@ service reached through the `services` dependency (a 503 while the model loads),
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -12,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from server.errors import bad_request
+from server.errors import ClientGone, bad_request
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,6 +27,7 @@ from server.protocol import (
 from server.state import ServerState, Services
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -35,6 +39,33 @@ def checked(body: RequestT) -> RequestT:
         param, message = found
         raise bad_request(message, param=param)
     return body
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result; if the client goes away first, `work` is cancelled (which aborts its engine requests
+    and frees their blocks) and `ClientGone` raised. A non-streamed response is written only at its end, so
+    nothing else would notice that nobody is waiting for it."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone()
+    return task.result()
 
 
 async def server_state(request: Request) -> ServerState:
@@ -70,27 +101,33 @@ async def models(state: State) -> dict[str, Any]:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+async def chat_completions(
+    body: ChatCompletionRequest, ready: Ready, request: Request
+) -> dict[str, Any] | EventSourceResponse:
     body = checked(body)
     if body.stream:
         return await ready.chat.stream(body)
-    return await ready.chat.complete(body)
+    return await unless_disconnected(request, ready.chat.complete(body))
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+async def completions(
+    body: CompletionRequest, ready: Ready, request: Request
+) -> dict[str, Any] | EventSourceResponse:
     body = checked(body)
     if body.stream:
         return await ready.completions.stream(body)
-    return await ready.completions.complete(body)
+    return await unless_disconnected(request, ready.completions.complete(body))
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(body: ResponsesRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+async def create_response(
+    body: ResponsesRequest, ready: Ready, request: Request
+) -> dict[str, Any] | EventSourceResponse:
     body = checked(body)
     if body.stream:
         return await ready.responses.stream(body)
-    return await ready.responses.create(body)
+    return await unless_disconnected(request, ready.responses.create(body))
 
 
 @router.get("/v1/responses/{response_id}")

@@ -209,7 +209,10 @@ def test_health_answers_while_a_big_prompt_is_tokenized() -> None:
             started = time.perf_counter()
             for _ in range(3):
                 response = httpx.post(
-                    base + "/tokenize", content=body, headers={"content-type": "application/json"}, timeout=120
+                    base + "/tokenize",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=120,
                 )
                 assert response.status_code == 200
             took.append(time.perf_counter() - started)
@@ -249,3 +252,25 @@ def test_a_prompt_over_the_character_limit_is_a_400(served: Served) -> None:
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["param"] == param
         assert str(limit) in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/completions"])
+def test_a_non_streamed_request_is_aborted_when_its_client_leaves(served: Served, path: str) -> None:
+    """The client gives up (a timeout) long before the answer would be ready: the engine must drop the request
+    and its blocks at once, not generate thousands of tokens for nobody."""
+    script = "<|channel|>final<|message|>" + "word " * 3000 + "<|return|>"
+    body: dict[str, Any] = {"model": MODEL, "test_force": script}
+    if path == "/v1/completions":
+        body |= {"prompt": "Hello", "max_tokens": 3000}
+    elif path == "/v1/responses":
+        body |= {"input": "Hello", "max_output_tokens": 3000}
+    else:
+        body |= {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.base_url + path, json=body, timeout=httpx.Timeout(60, read=1.0))
+    left = time.time()
+    while served.engine.scheduler.requests and time.time() - left < 5:
+        time.sleep(0.05)
+    assert not served.engine.scheduler.requests, "still generating for a client that left"
+    assert served.engine.scheduler.kv.full_tables == {}
+    assert served.app.state.server.services.engine.in_flight == 0
