@@ -16,6 +16,7 @@ import itertools
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from engine.core import EngineCore
 from engine.request import RequestOutput, SamplingParams
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 class EngineFailure(RuntimeError):
     """The engine ended the request with an error (a failed step, or a refusal after queueing)."""
+
+
+class ShuttingDown(EngineFailure):
+    """The server is shutting down and the request's grace period is over: it was cut, not finished."""
 
 
 class QueueFull(RuntimeError):
@@ -40,6 +45,13 @@ FinishedObserver = Callable[[int, int, float | None, float], None]
 # The engine thread runs Python between torch calls; with the default 5 ms GIL switch interval the event loop
 # waits up to that long for every wake-up, which on a small model is as long as a whole decode step.
 GIL_SWITCH_INTERVAL = 0.0005
+
+
+@dataclass(slots=True, frozen=True)
+class _Cut:
+    """Put in a request's output queue by `cut_all`, ahead of whatever the engine still sends."""
+
+    reason: str
 
 
 class Admission:
@@ -70,6 +82,8 @@ class AsyncEngine:
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
         self.in_flight = 0  # slots held by admissions; touched only on the event loop's thread
+        # The output queue of every request being generated, by id: what `cut_all` reaches.
+        self._queues: dict[str, asyncio.Queue[RequestOutput | _Cut]] = {}
 
     def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admission:
         """Before a response starts, for all of its engine requests: `RequestRejected` for one that can never
@@ -88,18 +102,24 @@ class AsyncEngine:
 
         The caller holds the request's `Admission` (the engine alone, as benchmarks drive it, needs none)."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        outputs: asyncio.Queue[RequestOutput | _Cut] = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
 
         def deliver(output: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, output)
 
         self._thread.add_request(rid, prompt_token_ids, params, deliver)
+        self._queues[rid] = outputs
         produced = 0
         finished = False
         try:
             while True:
                 output = await outputs.get()
+                if isinstance(output, _Cut):
+                    finished = True
+                    logger.info("request %s cut by the server's shutdown; aborting it", rid)
+                    self._thread.abort(rid)
+                    raise ShuttingDown(output.reason)
                 if output.error is not None:
                     finished = True
                     raise EngineFailure(output.error)
@@ -113,9 +133,16 @@ class AsyncEngine:
                         )
                     return
         finally:
+            del self._queues[rid]
             if not finished:
                 logger.info("request %s abandoned by its client; aborting it", rid)
                 self._thread.abort(rid)
+
+    def cut_all(self, reason: str) -> None:
+        """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the
+        API's terminal error event (its engine request is aborted). On the event loop's thread."""
+        for outputs in self._queues.values():
+            outputs.put_nowait(_Cut(reason))
 
     def shutdown(self) -> None:
         self._thread.stop()

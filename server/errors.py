@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.request import RequestError, RequestRejected
-from server.async_engine import EngineFailure, QueueFull
+from server.async_engine import EngineFailure, QueueFull, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ def request_error(error: RequestError, names: ParamNames) -> APIError:
 
 
 def engine_failure(error: EngineFailure) -> APIError:
-    """The engine failed while running the request: the client's request was fine."""
+    """The engine failed while running the request, or the server cut it to shut down: the client's request
+    was fine."""
+    if isinstance(error, ShuttingDown):
+        return APIError(503, str(error), type="server_error", code="server_shutting_down")
     return APIError(500, str(error), type="server_error")
 
 
@@ -106,7 +109,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineFailure)
     async def failed(request: Request, error: EngineFailure) -> JSONResponse:
-        return JSONResponse(engine_failure(error).body(), status_code=500)
+        api_error = engine_failure(error)
+        return JSONResponse(api_error.body(), status_code=api_error.status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:

@@ -221,7 +221,8 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
     async def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the chunks."""
         prepared, admission = await self.prepare(request)
-        return sse(data_events(self._chunks(request, prepared)), self.settings, admission.release)
+        chunks = data_events(self._chunks(request, prepared))
+        return sse(chunks, self.settings, admission.release, self.engine)
 
     async def _chunks(
         self, request: ChatCompletionRequest, prepared: Prepared

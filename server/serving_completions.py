@@ -173,7 +173,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
     async def stream(self, request: CompletionRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the chunks."""
         prepared, admission = await self.prepare(request)
-        return sse(data_events(self._chunks(request, prepared)), self.settings, admission.release)
+        chunks = data_events(self._chunks(request, prepared))
+        return sse(chunks, self.settings, admission.release, self.engine)
 
     async def _chunks(self, request: CompletionRequest, prepared: Prepared) -> AsyncIterator[dict[str, Any]]:
         completion_id = "cmpl-" + secrets.token_hex(12)

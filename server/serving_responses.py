@@ -592,7 +592,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     async def stream(self, request: ResponsesRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the events."""
         prepared, admission = await self.prepare(request)
-        return sse(self._sse_events(prepared), self.settings, admission.release)
+        return sse(self._sse_events(prepared), self.settings, admission.release, self.engine)
 
     async def _sse_events(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, str]]:
         sequence = 0

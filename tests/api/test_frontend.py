@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -11,15 +14,23 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from sse_starlette.sse import AppStatus
 from starlette.routing import Route
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from harmony.encoding import load_harmony_encoding
+from model.config import PRESETS
+from model.gpt_oss import GptOss
+from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.routes import router
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _free_port
+from tests.api.conftest import MODEL, Served, _free_port, _hook
 
 KEY = "s3cret-ключ"  # a non-ASCII key: matched as the UTF-8 bytes a client sends
 
@@ -274,3 +285,73 @@ def test_a_non_streamed_request_is_aborted_when_its_client_leaves(served: Served
     assert not served.engine.scheduler.requests, "still generating for a client that left"
     assert served.engine.scheduler.kv.full_tables == {}
     assert served.app.state.server.services.engine.in_flight == 0
+
+
+def test_shutdown_ends_every_open_stream_with_a_terminal_error(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM with streams longer than the grace period: each gets its API's terminal error event before it
+    closes (chat: an error object then [DONE]; Responses: response.failed), and the log says shutdown."""
+    encoding = load_harmony_encoding()
+    engine = EngineCore(
+        GptOss.from_checkpoint(
+            write_checkpoint(
+                dataclasses.replace(PRESETS["tiny"], sliding_window=16), tmp_path, layout="hf", seed=11
+            ),
+            dtype=torch.float32,
+            progress=False,
+        ),
+        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
+        token_bytes=encoding.decode_single_token_bytes,
+    )
+    settings = ServerSettings(served_model_name=MODEL, shutdown_grace=0.5)
+    app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=10)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    script = "<|channel|>final<|message|>" + "word " * 3000 + "<|return|>"
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3000},
+        "/v1/completions": {"prompt": "Hi", "max_tokens": 3000},
+        "/v1/responses": {"input": "Hi", "max_output_tokens": 3000},
+    }
+    lines: dict[str, list[str]] = {path: [] for path in bodies}
+    started = threading.Barrier(len(bodies) + 1)
+
+    def read(path: str) -> None:
+        body = {"model": MODEL, "stream": True, "test_force": script, **bodies[path]}
+        with httpx.stream("POST", base + path, json=body, timeout=60) as response:
+            for i, line in enumerate(response.iter_lines()):
+                lines[path].append(line)
+                if i == 4:
+                    started.wait()
+
+    readers = [threading.Thread(target=read, args=(path,)) for path in bodies]
+    for reader in readers:
+        reader.start()
+    started.wait(timeout=30)
+    try:
+        with caplog.at_level(logging.INFO, logger="server.async_engine"):
+            server.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler calls
+            for reader in readers:
+                reader.join(30)
+            thread.join(15)
+    finally:
+        AppStatus.should_exit = False  # sse_starlette's flag is process-wide: later servers must not stop
+    data = {path: [line[6:] for line in got if line.startswith("data: ")] for path, got in lines.items()}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert data[path][-1] == "[DONE]", (path, data[path][-3:])
+        error = json.loads(data[path][-2])["error"]
+        assert error["code"] == "server_shutting_down"
+    last = json.loads(data["/v1/responses"][-1])
+    assert last["type"] == "response.failed"
+    assert last["response"]["error"]["code"] == "server_error"
+    said = caplog.text
+    assert "cut by the server's shutdown" in said
+    assert "abandoned by its client" not in said
