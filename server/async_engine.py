@@ -33,6 +33,10 @@ class ShuttingDown(EngineFailure):
     """The server is shutting down and the request's grace period is over: it was cut, not finished."""
 
 
+class ReaderTooSlow(EngineFailure):
+    """The request's consumer left more outputs unread than the bound: the request was aborted."""
+
+
 class QueueFull(RuntimeError):
     """More requests are in flight than the server takes; the client should retry later."""
 
@@ -49,9 +53,11 @@ GIL_SWITCH_INTERVAL = 0.0005
 
 @dataclass(slots=True, frozen=True)
 class _Cut:
-    """Put in a request's output queue by `cut_all`, ahead of whatever the engine still sends."""
+    """Put in a request's output queue to end it with `error` (its engine request is aborted), after the
+    outputs already queued: by `cut_all` on shutdown, or when the consumer reads too slowly."""
 
-    reason: str
+    error: EngineFailure
+    why: str  # for the log
 
 
 class Admission:
@@ -72,12 +78,16 @@ class AsyncEngine:
         engine: EngineCore,
         *,
         max_in_flight: int | None = None,
+        max_unread_outputs: int = 4096,
         on_finished: FinishedObserver | None = None,
     ) -> None:
-        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`)."""
+        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`);
+        `max_unread_outputs` the outputs a request's consumer may leave unread (beyond it the request is
+        aborted and ends with `ReaderTooSlow`)."""
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.engine = engine
         self.max_in_flight = max_in_flight
+        self.max_unread_outputs = max_unread_outputs
         self.on_finished = on_finished
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
@@ -105,8 +115,26 @@ class AsyncEngine:
         outputs: asyncio.Queue[RequestOutput | _Cut] = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
 
+        overflowed = False
+
+        def put(output: RequestOutput) -> None:
+            # A client that reads slower than the engine writes (or not at all while its connection stays
+            # open) would have its outputs pile up for as long as the request runs; past the bound the request
+            # is aborted instead, and the consumer, once it gets there, finds why after what was queued.
+            nonlocal overflowed
+            if overflowed:
+                return
+            outputs.put_nowait(output)
+            if outputs.qsize() > self.max_unread_outputs and not output.finished:
+                overflowed = True
+                error = ReaderTooSlow(
+                    f"the client left over {self.max_unread_outputs} outputs unread; the request was aborted"
+                )
+                outputs.put_nowait(_Cut(error, "its client read too slowly"))
+                self._thread.abort(rid)  # now, not when the slow reader gets to the marker
+
         def deliver(output: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            loop.call_soon_threadsafe(put, output)
 
         self._thread.add_request(rid, prompt_token_ids, params, deliver)
         self._queues[rid] = outputs
@@ -117,9 +145,9 @@ class AsyncEngine:
                 output = await outputs.get()
                 if isinstance(output, _Cut):
                     finished = True
-                    logger.info("request %s cut by the server's shutdown; aborting it", rid)
+                    logger.info("request %s cut: %s; aborting it", rid, output.why)
                     self._thread.abort(rid)
-                    raise ShuttingDown(output.reason)
+                    raise output.error
                 if output.error is not None:
                     finished = True
                     raise EngineFailure(output.error)
@@ -142,7 +170,7 @@ class AsyncEngine:
         """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the
         API's terminal error event (its engine request is aborted). On the event loop's thread."""
         for outputs in self._queues.values():
-            outputs.put_nowait(_Cut(reason))
+            outputs.put_nowait(_Cut(ShuttingDown(reason), "the server is shutting down"))
 
     def shutdown(self) -> None:
         self._thread.stop()

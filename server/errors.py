@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.request import RequestError, RequestRejected
-from server.async_engine import EngineFailure, QueueFull, ShuttingDown
+from server.async_engine import EngineFailure, QueueFull, ReaderTooSlow, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def engine_failure(error: EngineFailure) -> APIError:
     was fine."""
     if isinstance(error, ShuttingDown):
         return APIError(503, str(error), type="server_error", code="server_shutting_down")
+    if isinstance(error, ReaderTooSlow):
+        return APIError(503, str(error), type="server_error", code="client_too_slow")
     return APIError(500, str(error), type="server_error")
 
 

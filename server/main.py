@@ -121,6 +121,14 @@ class CliSettings(BaseSettings):
         description="most characters of text in one request's prompt (refused before tokenizing)",
     )
     render_workers: int = Field(4, ge=1, description="threads that render and tokenize requests")
+    max_sequences_per_request: int = Field(
+        256, ge=1, description="most sequences (prompts x n) in one request; more is a 400"
+    )
+    max_unread_outputs: int = Field(
+        4096,
+        ge=1,
+        description="outputs (about one per token) a client may leave unread before its request is aborted",
+    )
     shutdown_grace: float = Field(
         30.0, ge=0, description="seconds in-flight streams may take to finish after SIGTERM"
     )
@@ -192,6 +200,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars,
         render_workers=args.render_workers,
+        max_sequences_per_request=args.max_sequences_per_request,
+        max_unread_outputs=args.max_unread_outputs,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
     )

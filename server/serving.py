@@ -155,9 +155,27 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
                 param="model",
             )
         with self.in_api_terms(request):
+            self._check_sequences(request)
             prepared, requests = await self.workers.run(self._prepare, request)
+            assert len(requests) == self.sequences(request)
             # On the event loop, with no await between the check and the count (see `AsyncEngine.admit`).
             return prepared, self.engine.admit(requests)
+
+    def sequences(self, request: RequestT) -> int:
+        """How many engine requests `request` becomes: its choices (completions: prompts x choices)."""
+        return request.n if isinstance(request, ChoicesRequest) else 1
+
+    def _check_sequences(self, request: RequestT) -> None:
+        """Refuse, before rendering, a request of more sequences than one request may have, or than the
+        in-flight bound could ever admit (a 429 would have the client retry in vain)."""
+        count = self.sequences(request)
+        limit = self.settings.max_sequences_per_request
+        if self.engine.max_in_flight is not None:
+            limit = min(limit, self.engine.max_in_flight)
+        if count > limit:
+            field = "n" if count == getattr(request, "n", 1) else "prompt"
+            message = f"the request asks for {count} sequences (prompts x n); at most {limit} are taken"
+            raise RequestError(message, field)
 
     @contextmanager
     def in_api_terms(self, request: RequestT) -> Iterator[None]:

@@ -63,6 +63,11 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
     def param_names(self, request: CompletionRequest) -> ParamNames:
         return {}  # the engine's names are this API's: prompt, max_tokens, logprobs, stop
 
+    def sequences(self, request: CompletionRequest) -> int:
+        p = request.prompt
+        batch = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
+        return (len(p) if batch else 1) * request.n
+
     def _prompts(self, request: CompletionRequest) -> list[list[int]]:
         p = request.prompt
         self.check_text_size(len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str)))

@@ -35,5 +35,9 @@ class ServerSettings(BaseModel):
     # Characters of text a prompt may have (a chat's messages and tools, a completion's prompts); refused with
     # a 400 before tokenizing. Twice the longest context at about 4 characters a token, with room to spare.
     max_prompt_chars: int = Field(default=1 << 20, ge=1)
+    # Engine sequences one request may ask for (prompts x n): a 400 beyond it, before any tokenizing.
+    max_sequences_per_request: int = Field(default=256, ge=1)
+    # Outputs (about one per token) a request's client may leave unread before the request is aborted.
+    max_unread_outputs: int = Field(default=4096, ge=1)
     # Threads that render and tokenize requests, off the event loop.
     render_workers: int = Field(default=4, ge=1)

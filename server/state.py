@@ -47,6 +47,7 @@ class ServerState:
         bridge = AsyncEngine(
             engine,
             max_in_flight=engine.config.max_num_seqs + self.settings.max_waiting_requests,
+            max_unread_outputs=self.settings.max_unread_outputs,
             on_finished=lambda p, o, ttft, e2e: self.metrics.observe_request(
                 prompt_tokens=p, output_tokens=o, ttft=ttft, e2e=e2e
             ),

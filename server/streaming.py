@@ -26,7 +26,9 @@ async def fan_in(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
     task, which aborts its request in the engine.
     """
     done = object()
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # Bounded, so a consumer that stops reading stops the pumps too, and the outputs wait in each request's
+    # own queue, where `AsyncEngine`'s bound on unread outputs sees them.
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:

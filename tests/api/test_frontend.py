@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -23,11 +24,14 @@ from starlette.routing import Route
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.request import SamplingParams
 from harmony.encoding import load_harmony_encoding
 from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
+from server.async_engine import EngineFailure
+from server.errors import engine_failure
 from server.routes import router
 from server.settings import ServerSettings
 from tests.api.conftest import MODEL, Served, _free_port, _hook
@@ -353,5 +357,64 @@ def test_shutdown_ends_every_open_stream_with_a_terminal_error(
     assert last["type"] == "response.failed"
     assert last["response"]["error"]["code"] == "server_error"
     said = caplog.text
-    assert "cut by the server's shutdown" in said
+    assert "cut: the server is shutting down" in said
     assert "abandoned by its client" not in said
+
+
+def test_sequences_per_request_are_bounded_before_any_tokenizing(served: Served) -> None:
+    """Admission counts sequences (prompts x n), and a request of more than one request may have, or than the
+    bound could ever admit, is a 400 (a 429 would have the client retry in vain), not admitted whole."""
+    over = {"model": MODEL, "prompt": ["Hi"] * 40, "n": 8, "max_tokens": 1}  # 320 > the default of 256
+    response = httpx.post(served.base_url + "/v1/completions", json=over, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "prompt"
+    bridge = served.app.state.server.services.engine
+    saved = bridge.max_in_flight
+    bridge.max_in_flight = 4
+    try:
+        many = {"model": MODEL, "prompt": ["Hi"] * 5, "max_tokens": 1}
+        response = httpx.post(served.base_url + "/v1/completions", json=many, timeout=60)
+        assert response.status_code == 400, response.text
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "n": 5, "max_tokens": 1}
+        response = httpx.post(served.base_url + "/v1/chat/completions", json=chat, timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "n"
+        fits = {"model": MODEL, "prompt": ["Hi"] * 4, "max_tokens": 1}
+        assert httpx.post(served.base_url + "/v1/completions", json=fits, timeout=60).status_code == 200
+    finally:
+        bridge.max_in_flight = saved
+    assert bridge.in_flight == 0
+
+
+def test_a_reader_that_falls_behind_is_aborted_with_a_clear_error(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs a consumer leaves unread are bounded: past the bound the engine drops the request (and its
+    blocks), and the consumer finds, after what was queued, why it ended."""
+    bridge = served.app.state.server.services.engine
+    script = "<|channel|>final<|message|>" + "word " * 3000 + "<|return|>"
+    hook = _hook(served.encoding)
+    params = SamplingParams(max_tokens=3000, logits_processors=hook({"test_force": script}, 0))
+    prompt = served.encoding.encode("Hello")
+
+    async def fall_behind() -> tuple[int, Exception | None]:
+        outputs = bridge.generate(prompt, params, "slow-reader")
+        first = await anext(outputs)  # the request is running; now stop reading for a while
+        left = time.time()
+        while served.engine.scheduler.requests and time.time() - left < 10:
+            await asyncio.sleep(0.05)
+        assert not served.engine.scheduler.requests, "the engine kept generating for a reader that stopped"
+        read, error = len(first.new_token_ids), None
+        try:
+            async for output in outputs:
+                read += len(output.new_token_ids)
+        except EngineFailure as failure:
+            error = failure
+        return read, error
+
+    monkeypatch.setattr(bridge, "max_unread_outputs", 8, raising=False)
+    read, error = asyncio.run(fall_behind())
+    assert read < 100
+    assert error is not None
+    assert engine_failure(error).code == "client_too_slow"
+    assert served.engine.scheduler.kv.full_tables == {}
