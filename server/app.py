@@ -18,6 +18,7 @@ from typing import Any
 import tiktoken
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -129,6 +130,20 @@ class BodyLimit:
         await self.app(scope, buffered, send)
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without the 422 it documents on every route with a body: validation errors leave as
+    400 in the OpenAI envelope (see `server.errors`)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(
     engine: EngineCore | None,
     settings: ServerSettings | None = None,
@@ -165,6 +180,7 @@ def create_app(
         )
 
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Inside `guard` (added after it, so wrapped by it): a body is read only once the API key is checked.
     app.add_middleware(BodyLimit, settings=state.settings)
 

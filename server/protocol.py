@@ -70,6 +70,19 @@ def invalid_field(body: BaseModel) -> tuple[str, str] | None:
     return None
 
 
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope every error leaves in (documented in the OpenAPI schema)."""
+
+    error: ErrorObject
+
+
 class TextPart(_Lenient):
     type: str = "text"
     text: str = ""

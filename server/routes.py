@@ -20,6 +20,7 @@ from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     ResponsesRequest,
     TokenizeRequest,
     invalid_field,
@@ -30,6 +31,24 @@ RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
 
 router = APIRouter()
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` for these error statuses, each in the OpenAI envelope."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+_ERROR_MEANINGS = {
+    400: "invalid request: `error.param` names the field (validation errors are 400 too, never 422)",
+    401: "a valid API key is required (when the server has one)",
+    404: "unknown model, response or item",
+    413: "the request body is over the size limit",
+    429: "too many requests in flight; retry after `Retry-After` seconds",
+    500: "the engine failed while running the request",
+    503: "the model is still loading, or the server is shutting down",
+}
+# What every generating route can answer besides 200 (`stream: true` answers with an event stream).
+_GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 500, 503)
 
 
 def checked(body: RequestT) -> RequestT:
@@ -87,7 +106,7 @@ async def health(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=_errors(401))
 async def models(state: State) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": state.settings.served_model_name,
@@ -100,7 +119,7 @@ async def models(state: State) -> dict[str, Any]:
     return {"object": "list", "data": [entry]}
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_ERRORS)
 async def chat_completions(
     body: ChatCompletionRequest, ready: Ready, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
@@ -110,7 +129,7 @@ async def chat_completions(
     return await unless_disconnected(request, ready.chat.complete(body))
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=_GENERATION_ERRORS)
 async def completions(
     body: CompletionRequest, ready: Ready, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
@@ -120,7 +139,7 @@ async def completions(
     return await unless_disconnected(request, ready.completions.complete(body))
 
 
-@router.post("/v1/responses", response_model=None)
+@router.post("/v1/responses", response_model=None, responses=_GENERATION_ERRORS)
 async def create_response(
     body: ResponsesRequest, ready: Ready, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
@@ -130,12 +149,12 @@ async def create_response(
     return await unless_disconnected(request, ready.responses.create(body))
 
 
-@router.get("/v1/responses/{response_id}")
+@router.get("/v1/responses/{response_id}", responses=_errors(401, 404, 503))
 async def retrieve_response(response_id: str, ready: Ready) -> dict[str, Any]:
     return ready.responses.retrieve(response_id)
 
 
-@router.delete("/v1/responses/{response_id}")
+@router.delete("/v1/responses/{response_id}", responses=_errors(401, 404, 503))
 async def delete_response(response_id: str, ready: Ready) -> dict[str, Any]:
     return ready.responses.delete(response_id)
 
@@ -154,7 +173,7 @@ def _ids_json(ids: list[int]) -> bytes:
     return ("[" + ",".join(slices) + "]").encode()
 
 
-@router.post("/tokenize", response_model=None)
+@router.post("/tokenize", response_model=None, responses=_errors(400, 401, 413, 503))
 async def tokenize(body: TokenizeRequest, state: State) -> Response:
     """Plain text works while the model loads; messages are rendered as chat renders them."""
     body = checked(body)
@@ -184,7 +203,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
     return Response(b'{"tokens":' + ids + b"," + tail[1:], media_type="application/json")
 
 
-@router.post("/detokenize", response_model=None)
+@router.post("/detokenize", response_model=None, responses=_errors(400, 401, 413))
 async def detokenize(body: DetokenizeRequest, state: State) -> Response:
     if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")

@@ -418,3 +418,20 @@ def test_a_reader_that_falls_behind_is_aborted_with_a_clear_error(
     assert error is not None
     assert engine_failure(error).code == "client_too_slow"
     assert served.engine.scheduler.kv.full_tables == {}
+
+
+def test_openapi_documents_the_real_error_responses() -> None:
+    with TestClient(create_app(None, ServerSettings())) as client:
+        schema = client.get("/openapi.json").json()
+    envelope = "#/components/schemas/ErrorResponse"
+    assert set(schema["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)  # validation errors are 400s
+            if path.startswith("/v1/") and method == "post":
+                assert {"400", "401", "404", "413", "429", "503"} <= set(responses), (method, path)
+            for status, response in responses.items():
+                if status != "200":
+                    ref = response["content"]["application/json"]["schema"]["$ref"]
+                    assert ref == envelope, (method, path, status)
