@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import tiktoken
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -107,7 +108,19 @@ class BodyLimit:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            # A body sent a byte now and then would hold its connection for ever.
+            with anyio.move_on_after(self.settings.request_read_timeout) as deadline:
+                message = await receive()
+            if deadline.cancelled_caught:
+                error = APIError(
+                    408,
+                    f"the request body did not arrive within {self.settings.request_read_timeout:g} s",
+                    code="request_timeout",
+                )
+                await JSONResponse(error.body(), status_code=408, headers={"Connection": "close"})(
+                    scope, receive, send
+                )
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left before its request was whole: nobody to answer
             chunk = message.get("body", b"")

@@ -30,6 +30,7 @@ from model.weights import resolve_model
 from server import logs
 from server.app import create_app
 from server.settings import ServerSettings
+from server.transport import header_timeout_protocol
 
 logger = logging.getLogger("gpt_oss_server")
 
@@ -121,6 +122,9 @@ class CliSettings(BaseSettings):
         description="most characters of text in one request's prompt (refused before tokenizing)",
     )
     render_workers: int = Field(4, ge=1, description="threads that render and tokenize requests")
+    request_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may take to send a request's headers, and again its body"
+    )
     max_sequences_per_request: int = Field(
         256, ge=1, description="most sequences (prompts x n) in one request; more is a 400"
     )
@@ -200,6 +204,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars,
         render_workers=args.render_workers,
+        request_read_timeout=args.request_read_timeout,
         max_sequences_per_request=args.max_sequences_per_request,
         max_unread_outputs=args.max_unread_outputs,
         shutdown_grace=args.shutdown_grace,
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=args.shutdown_grace + 5,  # streams get the grace period, then cleanup
+        # uvicorn times only idle keep-alive connections; this also times each request's headers.
+        http=header_timeout_protocol(args.request_read_timeout),
     )
 
 

@@ -39,5 +39,7 @@ class ServerSettings(BaseModel):
     max_sequences_per_request: int = Field(default=256, ge=1)
     # Outputs (about one per token) a request's client may leave unread before the request is aborted.
     max_unread_outputs: int = Field(default=4096, ge=1)
+    # Seconds a client may take to send a request's headers (`server.transport`), and again its body.
+    request_read_timeout: float = Field(default=30.0, gt=0)
     # Threads that render and tokenize requests, off the event loop.
     render_workers: int = Field(default=4, ge=1)

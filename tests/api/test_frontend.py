@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from server.async_engine import EngineFailure
 from server.errors import engine_failure
 from server.routes import router
 from server.settings import ServerSettings
+from server.transport import header_timeout_protocol
 from tests.api.conftest import MODEL, Served, _free_port, _hook
 
 KEY = "s3cret-ключ"  # a non-ASCII key: matched as the UTF-8 bytes a client sends
@@ -435,3 +437,61 @@ def test_openapi_documents_the_real_error_responses() -> None:
                 if status != "200":
                     ref = response["content"]["application/json"]["schema"]["$ref"]
                     assert ref == envelope, (method, path, status)
+
+
+@contextlib.contextmanager
+def _raw_server(read_timeout: float) -> Iterator[int]:
+    settings = ServerSettings(request_read_timeout=read_timeout)
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(None, settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        http=header_timeout_protocol(read_timeout),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _send_and_read(port: int, data: bytes) -> bytes:
+    """Send `data` (a request cut short), then read what the server says until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(data)
+        received = b""
+        while chunk := conn.recv(4096):
+            received += chunk
+        return received
+
+
+def test_half_sent_headers_do_not_hold_a_connection_for_ever() -> None:
+    with _raw_server(0.5) as port:
+        started = time.perf_counter()
+        assert _send_and_read(port, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Ty") == b""
+        assert time.perf_counter() - started < 3
+        # After a complete exchange, the next request on the same connection gets the same deadline.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while not first.endswith(b'{"status":"loading"}'):
+                first += conn.recv(4096)
+            assert first.startswith(b"HTTP/1.1 503")
+            conn.sendall(b"GET /heal")
+            time.sleep(1.0)
+            assert conn.recv(4096) == b""
+
+
+def test_a_half_sent_body_is_a_408() -> None:
+    with _raw_server(0.5) as port:
+        head = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        answer = _send_and_read(port, head + b'{"prom')
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert b"request_timeout" in answer
