@@ -107,11 +107,12 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
+        # One deadline for the whole body: a body sent a byte now and then would hold its connection for ever.
+        deadline = anyio.current_time() + self.settings.request_read_timeout
         while True:
-            # A body sent a byte now and then would hold its connection for ever.
-            with anyio.move_on_after(self.settings.request_read_timeout) as deadline:
+            with anyio.move_on_at(deadline) as waiting:
                 message = await receive()
-            if deadline.cancelled_caught:
+            if waiting.cancelled_caught:
                 error = APIError(
                     408,
                     f"the request body did not arrive within {self.settings.request_read_timeout:g} s",

@@ -134,7 +134,9 @@ class CliSettings(BaseSettings):
         description="outputs (about one per token) a client may leave unread before its request is aborted",
     )
     shutdown_grace: float = Field(
-        30.0, ge=0, description="seconds in-flight streams may take to finish after SIGTERM"
+        30.0,
+        ge=0,
+        description="seconds streams may run on after SIGTERM before each ends with an error event",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
