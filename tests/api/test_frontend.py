@@ -495,3 +495,21 @@ def test_a_half_sent_body_is_a_408() -> None:
         answer = _send_and_read(port, head + b'{"prom')
         assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
         assert b"request_timeout" in answer
+
+
+def test_a_body_trickling_in_is_a_408_at_the_deadline() -> None:
+    """The deadline covers the whole body, not each piece: a byte every 0.2 s never waits 0.5 s at once."""
+    with _raw_server(0.5) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(
+            b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 30\r\n\r\n"
+        )
+        started = time.perf_counter()
+        with contextlib.suppress(OSError):  # the server may close the connection while we still send
+            for _ in range(30):  # the whole body, if nothing stops it
+                conn.sendall(b" ")
+                time.sleep(0.2)
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert time.perf_counter() - started < 5
