@@ -262,6 +262,7 @@ def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) ->
     total = 0
     for message in messages:
         total += len(message.text()) + len(message.reasoning or "") + len(message.reasoning_content or "")
+        total += len(message.name or "") + len(message.tool_call_id or "")
         for call in message.tool_calls or []:
             total += len(call.function.name) + len(call.function.arguments)
     for tool in tools or []:
