@@ -172,8 +172,41 @@ def _with_nullable(rendered: str, schema: Any) -> str:
     return rendered
 
 
+# The deepest nesting of JSON values a schema may have. Rendering recurses once per level, so without a bound
+# a schema nested a few hundred levels (valid JSON, and small) raises RecursionError.
+MAX_SCHEMA_DEPTH = 64
+
+
+class SchemaTooDeep(ValueError):
+    """The schema nests deeper than `MAX_SCHEMA_DEPTH`."""
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep JSON `value` nests (a scalar is 0, `{}` and `[]` are 1), without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+            deepest = max(deepest, depth + 1)
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+            deepest = max(deepest, depth + 1)
+    return deepest
+
+
 def json_schema_to_typescript(schema: Any, indent: str = "") -> str:
-    """Render a JSON Schema as the TypeScript-like type used in harmony tool signatures."""
+    """Render a JSON Schema as the TypeScript-like type used in harmony tool signatures.
+
+    `SchemaTooDeep` (a ValueError) for a schema nested deeper than `MAX_SCHEMA_DEPTH`."""
+    depth = nesting_depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaTooDeep(f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are rendered")
+    return _typescript(schema, indent)
+
+
+def _typescript(schema: Any, indent: str) -> str:
     one_of = _get(schema, "oneOf")
     if _is_array(one_of):
         return _top_level_one_of(one_of, indent)
@@ -197,7 +230,7 @@ def json_schema_to_typescript(schema: Any, indent: str = "") -> str:
         return "boolean"
     if type_ == "array":
         items = _get(schema, "items")
-        return "Array<any>" if items is _MISSING else json_schema_to_typescript(items, indent) + "[]"
+        return "Array<any>" if items is _MISSING else _typescript(items, indent) + "[]"
     return "any"
 
 
@@ -205,7 +238,7 @@ def _top_level_one_of(variants: list[Any], indent: str) -> str:
     out = []
     for variant in variants:
         out.append(f"\n{indent} | ")
-        out.append(_with_nullable(json_schema_to_typescript(variant, indent + "   "), variant))
+        out.append(_with_nullable(_typescript(variant, indent + "   "), variant))
         comments = []
         description = _get(variant, "description")
         if _is_str(description):
@@ -252,7 +285,7 @@ def _property(key: str, prop: Any, optional: str, indent: str) -> str:
         out.append(_property_one_of(key, prop, one_of, optional, indent))
         return "".join(out)
 
-    rendered = _with_nullable(json_schema_to_typescript(prop, indent + "    "), prop)
+    rendered = _with_nullable(_typescript(prop, indent + "    "), prop)
     out.append(f"{indent}{key}{optional}: {rendered},")
     default = _get(prop, "default")
     if not _has(prop, "oneOf") and default is not _MISSING:
@@ -281,7 +314,7 @@ def _property_one_of(key: str, prop: Any, variants: list[Any], optional: str, in
     out.append(f"{indent}{key}{optional}:\n")
     for i, variant in enumerate(variants):
         out.append(f"{indent} | ")
-        out.append(_with_nullable(json_schema_to_typescript(variant, indent + "   "), variant))
+        out.append(_with_nullable(_typescript(variant, indent + "   "), variant))
         comments = []
         if not (i == 0 and above):
             variant_description = _get(variant, "description")

@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import tiktoken
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.core import EngineCore
 from harmony.encoding import load_harmony_encoding
@@ -32,24 +35,127 @@ from server.state import ServerState
 logger = logging.getLogger(__name__)
 
 
+# Routes anyone may call when an API key is set: the load balancer's probe. `/metrics` joins them unless the
+# settings protect it (it carries counts and latencies only, and the deployment's Prometheus scrapes it).
+_OPEN_PATHS = frozenset({"/health"})
+
+
+def _bearer_token(request: Request) -> bytes | None:
+    """The token of an `Authorization: Bearer ...` header as the client sent its bytes, or None.
+
+    The scheme is case-insensitive (RFC 9110 11.1). The token stays bytes: Starlette decodes headers as
+    latin-1, so re-encoding the decoded text as UTF-8 would refuse a non-ASCII key a UTF-8 client sent right.
+    """
+    raw = next((v for k, v in request.scope["headers"] if k == b"authorization"), None)
+    if raw is None:
+        return None
+    scheme, _, token = raw.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip()
+
+
+def _needs_key(request: Request, settings: ServerSettings) -> bool:
+    if settings.api_key is None:
+        return False
+    # CORS preflights carry no credentials; the CORS middleware answers them.
+    if request.method == "OPTIONS" and settings.cors_origins:
+        return False
+    path = request.url.path
+    return path not in _OPEN_PATHS and not (path == "/metrics" and settings.metrics_access == "public")
+
+
 def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
     """A response refusing the request before any route runs, or None."""
-    # CORS preflights carry no credentials; the CORS middleware answers them.
-    if settings.api_key is not None and request.url.path.startswith("/v1/") and request.method != "OPTIONS":
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {settings.api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+    if _needs_key(request, settings):
+        assert settings.api_key is not None
+        given = _bearer_token(request)
+        # The key is matched as UTF-8 bytes, in constant time.
+        if given is None or not hmac.compare_digest(given, settings.api_key.encode()):
             error = APIError(
                 401, "a valid API key is required (Authorization: Bearer ...)", code="invalid_api_key"
             )
-            return JSONResponse(error.body(), status_code=401)
+            return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-        error = APIError(
-            413, f"the request body is over {settings.max_request_bytes} bytes", code="request_too_large"
-        )
-        return JSONResponse(error.body(), status_code=413)
+        return JSONResponse(_too_large(settings).body(), status_code=413)
     return None
+
+
+def _too_large(settings: ServerSettings) -> APIError:
+    return APIError(
+        413, f"the request body is over {settings.max_request_bytes} bytes", code="request_too_large"
+    )
+
+
+class BodyLimit:
+    """Reads the whole request body before the app sees it, and answers 413 once it passes the limit.
+
+    The `Content-Length` check in `_refusal` cannot see a chunked upload (no length is sent), so the bytes are
+    counted as they arrive. Buffering costs nothing the routes would not spend anyway: every body is JSON,
+    parsed whole. The app then reads the buffered body, and after it the connection's own messages (so a
+    disconnect still reaches whoever waits for it).
+    """
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        # One deadline for the whole body: a body sent a byte now and then would hold its connection for ever.
+        deadline = anyio.current_time() + self.settings.request_read_timeout
+        while True:
+            with anyio.move_on_at(deadline) as waiting:
+                message = await receive()
+            if waiting.cancelled_caught:
+                error = APIError(
+                    408,
+                    f"the request body did not arrive within {self.settings.request_read_timeout:g} s",
+                    code="request_timeout",
+                )
+                await JSONResponse(error.body(), status_code=408, headers={"Connection": "close"})(
+                    scope, receive, send
+                )
+                return
+            if message["type"] == "http.disconnect":
+                return  # the client left before its request was whole: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.settings.max_request_bytes:
+                await JSONResponse(_too_large(self.settings).body(), status_code=413)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def buffered() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, buffered, send)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without the 422 it documents on every route with a body: validation errors leave as
+    400 in the OpenAI envelope (see `server.errors`)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(
@@ -73,6 +179,7 @@ def create_app(
         yield
         if state.services is not None:
             state.services.engine.shutdown()
+        state.workers.shutdown()
 
     app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
     app.state.server = state
@@ -87,6 +194,9 @@ def create_app(
         )
 
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Inside `guard` (added after it, so wrapped by it): a body is read only once the API key is checked.
+    app.add_middleware(BodyLimit, settings=state.settings)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from engine.core import EngineCore
 from engine.request import RequestOutput, SamplingParams
@@ -26,6 +27,14 @@ logger = logging.getLogger(__name__)
 
 class EngineFailure(RuntimeError):
     """The engine ended the request with an error (a failed step, or a refusal after queueing)."""
+
+
+class ShuttingDown(EngineFailure):
+    """The server is shutting down and the request's grace period is over: it was cut, not finished."""
+
+
+class ReaderTooSlow(EngineFailure):
+    """The request's consumer left more outputs unread than the bound: the request was aborted."""
 
 
 class QueueFull(RuntimeError):
@@ -40,6 +49,15 @@ FinishedObserver = Callable[[int, int, float | None, float], None]
 # The engine thread runs Python between torch calls; with the default 5 ms GIL switch interval the event loop
 # waits up to that long for every wake-up, which on a small model is as long as a whole decode step.
 GIL_SWITCH_INTERVAL = 0.0005
+
+
+@dataclass(slots=True, frozen=True)
+class _Cut:
+    """Put in a request's output queue to end it with `error` (its engine request is aborted), after the
+    outputs already queued: by `cut_all` on shutdown, or when the consumer reads too slowly."""
+
+    error: EngineFailure
+    why: str  # for the log
 
 
 class Admission:
@@ -60,16 +78,22 @@ class AsyncEngine:
         engine: EngineCore,
         *,
         max_in_flight: int | None = None,
+        max_unread_outputs: int = 4096,
         on_finished: FinishedObserver | None = None,
     ) -> None:
-        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`)."""
+        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`);
+        `max_unread_outputs` the outputs a request's consumer may leave unread (beyond it the request is
+        aborted and ends with `ReaderTooSlow`)."""
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.engine = engine
         self.max_in_flight = max_in_flight
+        self.max_unread_outputs = max_unread_outputs
         self.on_finished = on_finished
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
         self.in_flight = 0  # slots held by admissions; touched only on the event loop's thread
+        # The output queue of every request being generated, by id: what `cut_all` reaches.
+        self._queues: dict[str, asyncio.Queue[RequestOutput | _Cut]] = {}
 
     def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admission:
         """Before a response starts, for all of its engine requests: `RequestRejected` for one that can never
@@ -88,18 +112,42 @@ class AsyncEngine:
 
         The caller holds the request's `Admission` (the engine alone, as benchmarks drive it, needs none)."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        outputs: asyncio.Queue[RequestOutput | _Cut] = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
 
+        overflowed = False
+
+        def put(output: RequestOutput) -> None:
+            # A client that reads slower than the engine writes (or not at all while its connection stays
+            # open) would have its outputs pile up for as long as the request runs; past the bound the request
+            # is aborted instead, and the consumer, once it gets there, finds why after what was queued.
+            nonlocal overflowed
+            if overflowed:
+                return
+            outputs.put_nowait(output)
+            if outputs.qsize() > self.max_unread_outputs and not output.finished:
+                overflowed = True
+                error = ReaderTooSlow(
+                    f"the client left over {self.max_unread_outputs} outputs unread; the request was aborted"
+                )
+                outputs.put_nowait(_Cut(error, "its client read too slowly"))
+                self._thread.abort(rid)  # now, not when the slow reader gets to the marker
+
         def deliver(output: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            loop.call_soon_threadsafe(put, output)
 
         self._thread.add_request(rid, prompt_token_ids, params, deliver)
+        self._queues[rid] = outputs
         produced = 0
         finished = False
         try:
             while True:
                 output = await outputs.get()
+                if isinstance(output, _Cut):
+                    finished = True
+                    logger.info("request %s cut: %s; aborting it", rid, output.why)
+                    self._thread.abort(rid)
+                    raise output.error
                 if output.error is not None:
                     finished = True
                     raise EngineFailure(output.error)
@@ -113,9 +161,16 @@ class AsyncEngine:
                         )
                     return
         finally:
+            del self._queues[rid]
             if not finished:
                 logger.info("request %s abandoned by its client; aborting it", rid)
                 self._thread.abort(rid)
+
+    def cut_all(self, reason: str) -> None:
+        """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the
+        API's terminal error event (its engine request is aborted). On the event loop's thread."""
+        for outputs in self._queues.values():
+            outputs.put_nowait(_Cut(ShuttingDown(reason), "the server is shutting down"))
 
     def shutdown(self) -> None:
         self._thread.stop()

@@ -18,11 +18,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.request import RequestError, RequestRejected
-from server.async_engine import EngineFailure, QueueFull
+from server.async_engine import EngineFailure, QueueFull, ReaderTooSlow, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its (non-streamed) response was ready."""
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -78,7 +82,12 @@ def request_error(error: RequestError, names: ParamNames) -> APIError:
 
 
 def engine_failure(error: EngineFailure) -> APIError:
-    """The engine failed while running the request: the client's request was fine."""
+    """The engine failed while running the request, or the server cut it to shut down: the client's request
+    was fine."""
+    if isinstance(error, ShuttingDown):
+        return APIError(503, str(error), type="server_error", code="server_shutting_down")
+    if isinstance(error, ReaderTooSlow):
+        return APIError(503, str(error), type="server_error", code="client_too_slow")
     return APIError(500, str(error), type="server_error")
 
 
@@ -102,7 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineFailure)
     async def failed(request: Request, error: EngineFailure) -> JSONResponse:
-        return JSONResponse(engine_failure(error).body(), status_code=500)
+        api_error = engine_failure(error)
+        return JSONResponse(api_error.body(), status_code=api_error.status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -127,7 +137,15 @@ def install_error_handlers(app: FastAPI) -> None:
         status = error.status_code
         kind = "not_found_error" if status == 404 else "invalid_request_error"
         message = error.detail if isinstance(error.detail, str) else HTTPStatus(status).phrase
-        return JSONResponse(APIError(status, message, type=kind).body(), status_code=status)
+        # The headers carry what the status needs, as 405's `Allow`.
+        return JSONResponse(
+            APIError(status, message, type=kind).body(), status_code=status, headers=error.headers
+        )
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        # Nobody reads this; 499 (nginx's "client closed request") is what the log and metrics then show.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

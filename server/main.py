@@ -30,6 +30,7 @@ from model.weights import resolve_model
 from server import logs
 from server.app import create_app
 from server.settings import ServerSettings
+from server.transport import header_timeout_protocol
 
 logger = logging.getLogger("gpt_oss_server")
 
@@ -103,14 +104,39 @@ class CliSettings(BaseSettings):
     cache_dir: str | None = Field(
         None, description="where the demo checkpoint is built (default: ~/.cache/gpt-oss-server)"
     )
-    api_key: str | None = Field(None, description="require Authorization: Bearer KEY on /v1/*")
+    api_key: str | None = Field(
+        None,
+        description="require Authorization: Bearer KEY on every route but /health (and /metrics, if public)",
+    )
+    metrics_access: Literal["public", "protected"] = Field(
+        "public", description="whether /metrics needs the API key too (public: Prometheus scrapes it keyless)"
+    )
     cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS, or *")
     max_waiting_requests: int = Field(
         512, ge=0, description="requests queued beyond the running batch before a 429"
     )
     max_request_bytes: int = Field(16 << 20, ge=1, description="largest request body accepted")
+    max_prompt_chars: int = Field(
+        1 << 20,
+        ge=1,
+        description="most characters of text in one request's prompt (refused before tokenizing)",
+    )
+    render_workers: int = Field(4, ge=1, description="threads that render and tokenize requests")
+    request_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may take to send a request's headers, and again its body"
+    )
+    max_sequences_per_request: int = Field(
+        256, ge=1, description="most sequences (prompts x n) in one request; more is a 400"
+    )
+    max_unread_outputs: int = Field(
+        4096,
+        ge=1,
+        description="outputs (about one per token) a client may leave unread before its request is aborted",
+    )
     shutdown_grace: float = Field(
-        30.0, ge=0, description="seconds in-flight streams may take to finish after SIGTERM"
+        30.0,
+        ge=0,
+        description="seconds streams may run on after SIGTERM before each ends with an error event",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
@@ -175,8 +201,14 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         served_model_name=args.served_model_name or name,
         model_note=note,
         api_key=args.api_key or None,
+        metrics_access=args.metrics_access,
         max_waiting_requests=args.max_waiting_requests,
         max_request_bytes=args.max_request_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        render_workers=args.render_workers,
+        request_read_timeout=args.request_read_timeout,
+        max_sequences_per_request=args.max_sequences_per_request,
+        max_unread_outputs=args.max_unread_outputs,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
     )
@@ -205,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=args.shutdown_grace + 5,  # streams get the grace period, then cleanup
+        # uvicorn times only idle keep-alive connections; this also times each request's headers.
+        http=header_timeout_protocol(args.request_read_timeout),
     )
 
 

@@ -6,13 +6,81 @@ plain dicts by the services and checked against the official SDK's models in the
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The deepest a request body may nest (a JSON Schema of tool parameters is the deep part of a real request).
+# The renderer and the engine recurse over what they are given, so past a few hundred levels they would
+# raise RecursionError; a bound well under that, and well over any real schema, keeps that a 400.
+MAX_BODY_DEPTH = 64
+# JSON's `\ud800` escape decodes to a lone surrogate: a Python str that no codec can encode, which would
+# fail deep in the tokenizer, the engine's stop matching or the response's encoding.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` holds no lone surrogate: encoding checks a megabyte in a millisecond, where the
+    surrogate pattern, searched only to report one, takes tens."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def invalid_field(body: BaseModel) -> tuple[str, str] | None:
+    """The first field of `body` that holds a lone surrogate, a number JSON cannot carry (Python's parser
+    takes `NaN` and `Infinity`, which then fail in the sampler or when echoed back), or nests past
+    `MAX_BODY_DEPTH`, as (param, message), or None. Walked without recursion (the body may be deep)."""
+    # (value, its path, the path of the model field it is in, its depth)
+    stack: list[tuple[Any, str, str, int]] = [(body, "", "", 0)]
+    while stack:
+        value, path, field, depth = stack.pop()
+        if isinstance(value, str):
+            found = None if _is_text(value) else _SURROGATE.search(value)
+            if found:
+                code = f"U+{ord(found.group()):04X}"
+                return path, f"{path} holds a lone surrogate ({code}), which is not text; send valid UTF-8"
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, f"{path} is {value}, which is not a JSON number"
+        if depth >= MAX_BODY_DEPTH and isinstance(value, dict | list | BaseModel):
+            return field, f"{field} nests deeper than {MAX_BODY_DEPTH} levels"
+        if isinstance(value, BaseModel):
+            items = [(name, getattr(value, name)) for name in type(value).model_fields]
+            items += list((value.model_extra or {}).items())
+            for name, item in reversed(items):
+                child = f"{path}.{name}" if path else name
+                stack.append((item, child, child, depth + 1))
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return path, f"{path} has a key with a lone surrogate, which is not text"
+                stack.append((item, f"{path}.{key}", field, depth + 1))
+        elif isinstance(value, list):
+            for i in reversed(range(len(value))):
+                stack.append((value[i], f"{path}[{i}]", field, depth + 1))
+    return None
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope every error leaves in (documented in the OpenAPI schema)."""
+
+    error: ErrorObject
 
 
 class TextPart(_Lenient):
@@ -118,7 +186,7 @@ class ChatCompletionRequest(ChoicesRequest):
 class TokenizeRequest(_Lenient):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     add_generation_prompt: bool = True

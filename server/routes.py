@@ -3,24 +3,88 @@ service reached through the `services` dependency (a 503 while the model loads),
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+import contextlib
+import json
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from server.errors import bad_request
+from server.errors import ClientGone, bad_request
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     ResponsesRequest,
     TokenizeRequest,
+    invalid_field,
 )
 from server.state import ServerState, Services
 
+RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
+
 router = APIRouter()
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` for these error statuses, each in the OpenAI envelope."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+_ERROR_MEANINGS = {
+    400: "invalid request: `error.param` names the field (validation errors are 400 too, never 422)",
+    401: "a valid API key is required (when the server has one)",
+    404: "unknown model, response or item",
+    413: "the request body is over the size limit",
+    429: "too many requests in flight; retry after `Retry-After` seconds",
+    500: "the engine failed while running the request",
+    503: "the model is still loading, or the server is shutting down",
+}
+# What every generating route can answer besides 200 (`stream: true` answers with an event stream).
+_GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 500, 503)
+
+
+def checked(body: RequestT) -> RequestT:
+    """`body`, unless a field holds what no later stage can take (a lone surrogate, a runaway nesting)."""
+    found = invalid_field(body)
+    if found is not None:
+        param, message = found
+        raise bad_request(message, param=param)
+    return body
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result; if the client goes away first, `work` is cancelled (which aborts its engine requests
+    and frees their blocks) and `ClientGone` raised. A non-streamed response is written only at its end, so
+    nothing else would notice that nobody is waiting for it."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone()
+    return task.result()
 
 
 async def server_state(request: Request) -> ServerState:
@@ -42,7 +106,7 @@ async def health(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=_errors(401))
 async def models(state: State) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": state.settings.served_model_name,
@@ -55,44 +119,74 @@ async def models(state: State) -> dict[str, Any]:
     return {"object": "list", "data": [entry]}
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+@router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, ready: Ready, request: Request
+) -> dict[str, Any] | EventSourceResponse:
+    body = checked(body)
     if body.stream:
-        return ready.chat.stream(body)
-    return await ready.chat.complete(body)
+        return await ready.chat.stream(body)
+    return await unless_disconnected(request, ready.chat.complete(body))
 
 
-@router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+@router.post("/v1/completions", response_model=None, responses=_GENERATION_ERRORS)
+async def completions(
+    body: CompletionRequest, ready: Ready, request: Request
+) -> dict[str, Any] | EventSourceResponse:
+    body = checked(body)
     if body.stream:
-        return ready.completions.stream(body)
-    return await ready.completions.complete(body)
+        return await ready.completions.stream(body)
+    return await unless_disconnected(request, ready.completions.complete(body))
 
 
-@router.post("/v1/responses", response_model=None)
-async def create_response(body: ResponsesRequest, ready: Ready) -> dict[str, Any] | EventSourceResponse:
+@router.post("/v1/responses", response_model=None, responses=_GENERATION_ERRORS)
+async def create_response(
+    body: ResponsesRequest, ready: Ready, request: Request
+) -> dict[str, Any] | EventSourceResponse:
+    body = checked(body)
     if body.stream:
-        return ready.responses.stream(body)
-    return await ready.responses.create(body)
+        return await ready.responses.stream(body)
+    return await unless_disconnected(request, ready.responses.create(body))
 
 
-@router.get("/v1/responses/{response_id}")
+@router.get("/v1/responses/{response_id}", responses=_errors(401, 404, 503))
 async def retrieve_response(response_id: str, ready: Ready) -> dict[str, Any]:
     return ready.responses.retrieve(response_id)
 
 
-@router.delete("/v1/responses/{response_id}")
+@router.delete("/v1/responses/{response_id}", responses=_errors(401, 404, 503))
 async def delete_response(response_id: str, ready: Ready) -> dict[str, Any]:
     return ready.responses.delete(response_id)
 
 
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, state: State) -> dict[str, Any]:
+def _json(content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# Token ids written per call of the JSON encoder: C code holds the GIL for a whole call, so a million ids
+# written at once would stall the event loop for as long even from a worker thread; slices let it run between.
+_IDS_PER_SLICE = 1 << 15
+
+
+def _ids_json(ids: list[int]) -> bytes:
+    slices = (json.dumps(ids[i : i + _IDS_PER_SLICE])[1:-1] for i in range(0, len(ids), _IDS_PER_SLICE))
+    return ("[" + ",".join(slices) + "]").encode()
+
+
+@router.post("/tokenize", response_model=None, responses=_errors(400, 401, 413, 503))
+async def tokenize(body: TokenizeRequest, state: State) -> Response:
     """Plain text works while the model loads; messages are rendered as chat renders them."""
+    body = checked(body)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", param="prompt")
     if body.prompt is not None:
-        tokens = state.encoding.encode_ordinary(body.prompt)
+        limit = state.settings.max_prompt_chars
+        if len(body.prompt) > limit:
+            raise bad_request(
+                f"the prompt is {len(body.prompt)} characters; at most {limit} are taken",
+                param="prompt",
+            )
+        tokens = await state.workers.run(state.encoding.encode_ordinary, body.prompt)
     else:
         assert body.messages is not None
         request = ChatCompletionRequest(
@@ -101,16 +195,20 @@ async def tokenize(body: TokenizeRequest, state: State) -> dict[str, Any]:
             tools=body.tools,
             reasoning_effort=body.reasoning_effort,
         )
-        tokens = state.ready().chat.prompt(request)
+        tokens = await state.ready().chat.prompt(request)
     max_model_len = state.services.chat.max_model_len if state.services is not None else None
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+    # A megabyte prompt's ids take as long to write as JSON as to find: that happens off the loop too.
+    ids = await state.workers.run(_ids_json, tokens)
+    tail = _json({"count": len(tokens), "max_model_len": max_model_len})
+    return Response(b'{"tokens":' + ids + b"," + tail[1:], media_type="application/json")
 
 
-@router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, state: State) -> dict[str, Any]:
+@router.post("/detokenize", response_model=None, responses=_errors(400, 401, 413))
+async def detokenize(body: DetokenizeRequest, state: State) -> Response:
     if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
-    return {"prompt": state.encoding.decode(body.tokens)}
+    text = await state.workers.run(state.encoding.decode, body.tokens)
+    return Response(await state.workers.run(_json, {"prompt": text}), media_type="application/json")
 
 
 @router.get("/metrics")

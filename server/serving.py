@@ -4,12 +4,18 @@ the sampling parameters, and the one place where a refused request becomes the A
 Each API's service subclasses `Serving` and writes `_prepare` (body to engine requests) in the engine's terms:
 a field at fault raises `RequestError` naming the engine-level field ("prompt", "max_tokens", "stop", a
 `SamplingParams` field), and `prepare` names it as the API does through the service's `param_names`.
+
+`_prepare` renders and tokenizes, which takes time in proportion to the request's text (seconds for a
+few megabytes), so it runs on `Workers`, a bounded thread pool, never on the event loop: streams and /health
+go on while a large prompt is tokenized. Admission, which counts slots on the event loop, comes after.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -17,7 +23,7 @@ import tiktoken
 
 from engine.request import LogitsProcessor, RequestError, SamplingParams
 from harmony.render import Renderer
-from server.async_engine import AsyncEngine
+from server.async_engine import Admission, AsyncEngine
 from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
 from server.harmony_chat import to_harmony
 from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool
@@ -29,6 +35,28 @@ ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
 
 RequestT = TypeVar("RequestT", bound=GenerationRequest)
 PreparedT = TypeVar("PreparedT")
+T = TypeVar("T")
+# An engine request: prompt token ids and sampling parameters.
+EngineRequest = tuple[list[int], SamplingParams]
+
+
+class Workers:
+    """The bounded pool that renders and tokenizes requests off the event loop.
+
+    Its size bounds how many requests are tokenized at once (each holds a core while it runs; tiktoken
+    releases the GIL while it encodes); the rest wait in line, costing only the memory their bodies already
+    take. A request cancelled while it waits or runs (its client left) has its result dropped; no slot of
+    the in-flight bound was taken yet, so nothing leaks.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="render")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def output_budget(
@@ -96,9 +124,11 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         encoding: tiktoken.Encoding,
         settings: ServerSettings,
         max_model_len: int,
+        workers: Workers,
         processors_hook: ProcessorsHook | None = None,
     ) -> None:
         self.engine = engine
+        self.workers = workers
         self.encoding = encoding
         self.renderer = Renderer(encoding)
         self.settings = settings
@@ -110,12 +140,14 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         """This API's names for the engine-level fields a `RequestError` may name."""
 
     @abstractmethod
-    def _prepare(self, request: RequestT) -> PreparedT:
-        """Validate `request` and admit its engine requests (`AsyncEngine.admit`, last: nothing may refuse the
-        request once its slots are taken); a field at fault raises `RequestError`."""
+    def _prepare(self, request: RequestT) -> tuple[PreparedT, list[EngineRequest]]:
+        """Validate and render `request` (on a worker thread: it must not touch the event loop's state): the
+        prepared request and its engine requests. A field at fault raises `RequestError`."""
 
-    def prepare(self, request: RequestT) -> PreparedT:
-        """Everything that can refuse a request happens here, before any byte of the response is sent."""
+    async def prepare(self, request: RequestT) -> tuple[PreparedT, Admission]:
+        """Everything that can refuse a request happens here, before any byte of the response is sent. The
+        admission, taken last (nothing may refuse the request once its slots are taken), is the caller's to
+        release."""
         if request.model != self.settings.served_model_name:
             raise not_found(
                 f"the model {request.model!r} does not exist; this server serves "
@@ -123,7 +155,27 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
                 param="model",
             )
         with self.in_api_terms(request):
-            return self._prepare(request)
+            self._check_sequences(request)
+            prepared, requests = await self.workers.run(self._prepare, request)
+            assert len(requests) == self.sequences(request)
+            # On the event loop, with no await between the check and the count (see `AsyncEngine.admit`).
+            return prepared, self.engine.admit(requests)
+
+    def sequences(self, request: RequestT) -> int:
+        """How many engine requests `request` becomes: its choices (completions: prompts x choices)."""
+        return request.n if isinstance(request, ChoicesRequest) else 1
+
+    def _check_sequences(self, request: RequestT) -> None:
+        """Refuse, before rendering, a request of more sequences than one request may have, or than the
+        in-flight bound could ever admit (a 429 would have the client retry in vain)."""
+        count = self.sequences(request)
+        limit = self.settings.max_sequences_per_request
+        if self.engine.max_in_flight is not None:
+            limit = min(limit, self.engine.max_in_flight)
+        if count > limit:
+            field = "n" if count == getattr(request, "n", 1) else "prompt"
+            message = f"the request asks for {count} sequences (prompts x n); at most {limit} are taken"
+            raise RequestError(message, field)
 
     @contextmanager
     def in_api_terms(self, request: RequestT) -> Iterator[None]:
@@ -135,8 +187,19 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
 
     # -- shared pieces of `_prepare` ----------------------------------------------------------------------
 
+    def check_text_size(self, chars: int) -> None:
+        """Refuse a prompt of more than `max_prompt_chars` characters before tokenizing it: tokenizing costs
+        time in proportion, and no prompt that long fits a model's context anyway."""
+        limit = self.settings.max_prompt_chars
+        if chars > limit:
+            raise RequestError(
+                f"the prompt's text is {chars} characters; at most {limit} are taken",
+                "prompt",
+            )
+
     def render(self, messages: list[ChatMessage], tools: list[Tool] | None, effort: str | None) -> list[int]:
-        """The prompt ids for a conversation, within the per-request limits on messages and tools."""
+        """The prompt ids for a conversation, within the per-request limits on messages, tools and text."""
+        self.check_text_size(conversation_chars(messages, tools))
         if len(messages) > self.settings.max_messages:
             raise RequestError(
                 f"at most {self.settings.max_messages} messages per request, got {len(messages)}", "prompt"
@@ -192,6 +255,19 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             logprobs=logprobs,
             logits_processors=[*(processors or []), *hooked],
         )
+
+
+def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:
+    """The characters of a conversation's text (rendering and tokenizing take time in proportion)."""
+    total = 0
+    for message in messages:
+        total += len(message.text()) + len(message.reasoning or "") + len(message.reasoning_content or "")
+        total += len(message.name or "") + len(message.tool_call_id or "")
+        for call in message.tool_calls or []:
+            total += len(call.function.name) + len(call.function.arguments)
+    for tool in tools or []:
+        total += len(tool.function.description or "") + len(str(tool.function.parameters or ""))
+    return total
 
 
 def _stop_strings(stop: str | list[str] | None) -> list[str]:

@@ -12,24 +12,22 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
-from server.async_engine import Admission
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.serving import Serving, StopTrimmer, output_budget
+from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
 
 
 @dataclass(slots=True)
 class Prepared:
-    """An admitted request: its prompt and one set of sampling parameters per choice."""
+    """A prepared request: its prompt and one set of sampling parameters per choice."""
 
     prompt: list[int]
     params: list[SamplingParams]
     named_tool: str | None
     logprobs: bool
-    admission: Admission
 
 
 @dataclass(slots=True)
@@ -52,16 +50,16 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         budget = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         return {"prompt": "messages", "max_tokens": budget, "logprobs": "top_logprobs"}
 
-    def prompt(self, request: ChatCompletionRequest) -> list[int]:
+    async def prompt(self, request: ChatCompletionRequest) -> list[int]:
         """The prompt token ids the engine gets for `request` (what `/tokenize` counts)."""
         with self.in_api_terms(request):
-            return self._prompt(request)
+            return await self.workers.run(self._prompt, request)
 
     def _prompt(self, request: ChatCompletionRequest) -> list[int]:
         tools = request.tools if request.tool_choice != "none" else None
         return self.render(request.messages, tools, request.reasoning_effort)
 
-    def _prepare(self, request: ChatCompletionRequest) -> Prepared:
+    def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
         if request.response_format is not None and request.response_format.type != "text":
             raise bad_request(
                 f"response_format {request.response_format.type!r} is not supported yet; use 'text'",
@@ -104,8 +102,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
             for i in range(request.n)
         ]
-        admission = self.engine.admit([(prompt, p) for p in params])
-        return Prepared(prompt, params, named, request.logprobs, admission)
+        return Prepared(prompt, params, named, request.logprobs), [(prompt, p) for p in params]
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -180,7 +177,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         )
 
     async def complete(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        prepared = self.prepare(request)
+        prepared, admission = await self.prepare(request)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         states = [self._choice(prepared, i) for i in range(request.n)]
         try:
@@ -190,7 +187,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
                     d.text for d in self._consume(state, output, prepared) if d.kind is DeltaKind.CONTENT
                 )
         finally:
-            prepared.admission.release()
+            admission.release()
         choices = []
         for state in states:
             out = state.parser.output
@@ -221,10 +218,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "usage": self._usage(prepared.prompt, states),
         }
 
-    def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
+    async def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the chunks."""
-        prepared = self.prepare(request)
-        return sse(data_events(self._chunks(request, prepared)), self.settings, prepared.admission.release)
+        prepared, admission = await self.prepare(request)
+        chunks = data_events(self._chunks(request, prepared))
+        return sse(chunks, self.settings, admission.release, self.engine)
 
     async def _chunks(
         self, request: ChatCompletionRequest, prepared: Prepared

@@ -19,10 +19,9 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
-from server.async_engine import Admission
 from server.errors import ParamNames
 from server.protocol import CompletionRequest
-from server.serving import Serving, StopTrimmer, output_budget
+from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
 from server.streaming import data_events, fan_in, sse
 
 END_TOKENS = sorted({tok.RETURN, tok.CALL, tok.END_OF_TEXT})
@@ -55,18 +54,23 @@ class _Choice:
 
 @dataclass(slots=True)
 class Prepared:
-    """An admitted request: one choice per prompt and sample (`n` per prompt, prompt-major)."""
+    """A prepared request: one choice per prompt and sample (`n` per prompt, prompt-major)."""
 
     choices: list[_Choice]
-    admission: Admission
 
 
 class CompletionService(Serving[CompletionRequest, Prepared]):
     def param_names(self, request: CompletionRequest) -> ParamNames:
         return {}  # the engine's names are this API's: prompt, max_tokens, logprobs, stop
 
+    def sequences(self, request: CompletionRequest) -> int:
+        p = request.prompt
+        batch = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
+        return (len(p) if batch else 1) * request.n
+
     def _prompts(self, request: CompletionRequest) -> list[list[int]]:
         p = request.prompt
+        self.check_text_size(len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str)))
         if isinstance(p, str):
             prompts = [self.encoding.encode_ordinary(p)]
         elif p and all(isinstance(x, int) for x in p):
@@ -81,7 +85,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             raise RequestError("a prompt is empty", "prompt")
         return prompts
 
-    def _prepare(self, request: CompletionRequest) -> Prepared:
+    def _prepare(self, request: CompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
         choices = []
         for prompt in self._prompts(request):
             max_tokens = output_budget(
@@ -92,8 +96,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
                     request, max_tokens, index=n_index, stop_token_ids=END_TOKENS, logprobs=request.logprobs
                 )
                 choices.append(_Choice(len(choices), prompt, params, StopTrimmer(params.stop)))
-        admission = self.engine.admit([(c.prompt, c.params) for c in choices])
-        return Prepared(choices, admission)
+        return Prepared(choices), [(c.prompt, c.params) for c in choices]
 
     def _consume(self, choice: _Choice, output: RequestOutput) -> str:
         text = []
@@ -156,13 +159,13 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
         )
 
     async def complete(self, request: CompletionRequest) -> dict[str, Any]:
-        prepared = self.prepare(request)
+        prepared, admission = await self.prepare(request)
         completion_id = "cmpl-" + secrets.token_hex(12)
         try:
             async for index, output in self._outputs(prepared, completion_id):
                 self._consume(prepared.choices[index], output)
         finally:
-            prepared.admission.release()
+            admission.release()
         return {
             "id": completion_id,
             "object": "text_completion",
@@ -172,10 +175,11 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             "usage": self._usage(prepared.choices),
         }
 
-    def stream(self, request: CompletionRequest) -> EventSourceResponse:
+    async def stream(self, request: CompletionRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the chunks."""
-        prepared = self.prepare(request)
-        return sse(data_events(self._chunks(request, prepared)), self.settings, prepared.admission.release)
+        prepared, admission = await self.prepare(request)
+        chunks = data_events(self._chunks(request, prepared))
+        return sse(chunks, self.settings, admission.release, self.engine)
 
     async def _chunks(self, request: CompletionRequest, prepared: Prepared) -> AsyncIterator[dict[str, Any]]:
         completion_id = "cmpl-" + secrets.token_hex(12)

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
-from server.async_engine import Admission, AsyncEngine, EngineFailure
+from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import (
@@ -42,7 +43,7 @@ from server.protocol import (
     Tool,
     ToolCall,
 )
-from server.serving import ProcessorsHook, Serving, output_budget
+from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, output_budget
 from server.settings import ServerSettings
 from server.streaming import sse
 from server.tool_choice import tool_choice_processors
@@ -70,34 +71,43 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """Stored responses in insertion order, bounded in count: the oldest is forgotten first."""
+    """Stored responses in insertion order, bounded in count: the oldest is forgotten first.
+
+    Written on the event loop and read by the render workers (a request's conversation is built there), so
+    a lock guards the entries; what it hands out is never changed once stored.
+    """
 
     def __init__(self, capacity: int = DEFAULT_STORE_SIZE) -> None:
         assert capacity >= 1
         self.capacity = capacity
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def put(self, stored: StoredResponse) -> None:
-        self._entries[stored.response["id"]] = stored
-        self._entries.move_to_end(stored.response["id"])
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[stored.response["id"]] = stored
+            self._entries.move_to_end(stored.response["id"])
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
     def get(self, response_id: str) -> StoredResponse | None:
-        return self._entries.get(response_id)
+        with self._lock:
+            return self._entries.get(response_id)
 
     def delete(self, response_id: str) -> bool:
-        return self._entries.pop(response_id, None) is not None
+        with self._lock:
+            return self._entries.pop(response_id, None) is not None
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         """An item of a stored response's output or input, by its id (for `item_reference`)."""
-        for stored in reversed(self._entries.values()):
-            for item in (*stored.response["output"], *stored.input_items):
-                if item.get("id") == item_id:
-                    return item
+        with self._lock:
+            for stored in reversed(self._entries.values()):
+                for item in (*stored.response["output"], *stored.input_items):
+                    if item.get("id") == item_id:
+                        return item
         return None
 
 
@@ -180,7 +190,6 @@ class PreparedResponse:
     tools: list[dict[str, Any]]
     tool_choice: Any
     effort: str
-    admission: Admission
 
 
 @dataclass(slots=True)
@@ -326,10 +335,11 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         encoding: tiktoken.Encoding,
         settings: ServerSettings,
         max_model_len: int,
+        workers: Workers,
         processors_hook: ProcessorsHook | None = None,
         store_size: int = DEFAULT_STORE_SIZE,
     ) -> None:
-        super().__init__(engine, encoding, settings, max_model_len, processors_hook)
+        super().__init__(engine, encoding, settings, max_model_len, workers, processors_hook)
         self.store = ResponseStore(store_size)
 
     # -- preparing ------------------------------------------------------------------------------------------
@@ -443,7 +453,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         stored = chain + [item.model_dump(exclude_none=True) for item in own]
         return messages, stored
 
-    def _prepare(self, request: ResponsesRequest) -> PreparedResponse:
+    def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
@@ -471,10 +481,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
-        admission = self.engine.admit([(prompt, params)])
-        return PreparedResponse(
-            request, prompt, params, input_items, tool_dicts, choice_echo, effort, admission
-        )
+        prepared = PreparedResponse(request, prompt, params, input_items, tool_dicts, choice_echo, effort)
+        return prepared, [(prompt, params)]
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -569,22 +577,22 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         yield {"type": terminal, "response": response}
 
     async def create(self, request: ResponsesRequest) -> dict[str, Any]:
-        prepared = self.prepare(request)
+        prepared, admission = await self.prepare(request)
         final: dict[str, Any] | None = None
         try:
             async for event in self.events(prepared):
                 final = event
         finally:
-            prepared.admission.release()
+            admission.release()
         assert final is not None
         if final["type"] == "response.failed":
             raise EngineFailure(final["response"]["error"]["message"])
         return final["response"]
 
-    def stream(self, request: ResponsesRequest) -> EventSourceResponse:
+    async def stream(self, request: ResponsesRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the events."""
-        prepared = self.prepare(request)
-        return sse(self._sse_events(prepared), self.settings, prepared.admission.release)
+        prepared, admission = await self.prepare(request)
+        return sse(self._sse_events(prepared), self.settings, admission.release, self.engine)
 
     async def _sse_events(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, str]]:
         sequence = 0

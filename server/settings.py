@@ -18,8 +18,10 @@ class ServerSettings(BaseModel):
     default_top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # Said in /v1/models when the weights are the random demo checkpoint.
     model_note: str | None = None
-    # Required as `Authorization: Bearer ...` on /v1/* when set (/health and /metrics stay open).
+    # Required as `Authorization: Bearer ...` on every route but /health when set; /metrics too when
+    # `metrics_access` is "protected" (by default it stays open for Prometheus: it holds counts only).
     api_key: str | None = None
+    metrics_access: Literal["public", "protected"] = "public"
     # Seconds a stream may run on after SIGTERM before it is cancelled.
     shutdown_grace: float = Field(default=30.0, ge=0.0)
     # Origins browsers may call from (CORS); empty: no CORS headers.
@@ -30,3 +32,14 @@ class ServerSettings(BaseModel):
     max_messages: int = Field(default=2048, ge=1)
     max_tools: int = Field(default=256, ge=0)
     max_waiting_requests: int = Field(default=512, ge=0)
+    # Characters of text a prompt may have (a chat's messages and tools, a completion's prompts); refused with
+    # a 400 before tokenizing. Twice the longest context at about 4 characters a token, with room to spare.
+    max_prompt_chars: int = Field(default=1 << 20, ge=1)
+    # Engine sequences one request may ask for (prompts x n): a 400 beyond it, before any tokenizing.
+    max_sequences_per_request: int = Field(default=256, ge=1)
+    # Outputs (about one per token) a request's client may leave unread before the request is aborted.
+    max_unread_outputs: int = Field(default=4096, ge=1)
+    # Seconds a client may take to send a request's headers (`server.transport`), and again its body.
+    request_read_timeout: float = Field(default=30.0, gt=0)
+    # Threads that render and tokenize requests, off the event loop.
+    render_workers: int = Field(default=4, ge=1)

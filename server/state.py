@@ -11,7 +11,7 @@ from engine.core import EngineCore
 from server.async_engine import AsyncEngine
 from server.errors import model_loading
 from server.metrics import Metrics
-from server.serving import ProcessorsHook
+from server.serving import ProcessorsHook, Workers
 from server.serving_chat import ChatService
 from server.serving_completions import CompletionService
 from server.serving_responses import ResponsesService
@@ -39,6 +39,7 @@ class ServerState:
         self.encoding = encoding
         self.processors_hook = processors_hook
         self.created = int(time.time())
+        self.workers = Workers(settings.render_workers)
         self.services: Services | None = None
         self.metrics = Metrics(lambda: self.services.engine.engine if self.services is not None else None)
 
@@ -46,11 +47,19 @@ class ServerState:
         bridge = AsyncEngine(
             engine,
             max_in_flight=engine.config.max_num_seqs + self.settings.max_waiting_requests,
+            max_unread_outputs=self.settings.max_unread_outputs,
             on_finished=lambda p, o, ttft, e2e: self.metrics.observe_request(
                 prompt_tokens=p, output_tokens=o, ttft=ttft, e2e=e2e
             ),
         )
-        shared = (bridge, self.encoding, self.settings, engine.max_model_len, self.processors_hook)
+        shared = (
+            bridge,
+            self.encoding,
+            self.settings,
+            engine.max_model_len,
+            self.workers,
+            self.processors_hook,
+        )
         self.services = Services(
             bridge, ChatService(*shared), CompletionService(*shared), ResponsesService(*shared)
         )

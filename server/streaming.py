@@ -7,10 +7,11 @@ import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
-from server.async_engine import EngineFailure
+from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import engine_failure
 from server.settings import ServerSettings
 
@@ -25,7 +26,9 @@ async def fan_in(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
     task, which aborts its request in the engine.
     """
     done = object()
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # Bounded, so a consumer that stops reading stops the pumps too, and the outputs wait in each request's
+    # own queue, where `AsyncEngine`'s bound on unread outputs sees them.
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
@@ -63,11 +66,45 @@ async def data_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[di
     yield {"data": "[DONE]"}
 
 
+async def _cut_on_shutdown(
+    events: AsyncIterator[Mapping[str, str]], shutdown: anyio.Event, grace: float, cut: Callable[[], None]
+) -> AsyncIterator[Mapping[str, str]]:
+    """`events`; once `shutdown` is set and `grace` seconds have passed, `cut` ends the requests in flight,
+    and the stream goes on to carry the API's terminal error event before it ends."""
+
+    async def watch() -> None:
+        await shutdown.wait()
+        await asyncio.sleep(grace)
+        cut()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in events:
+            yield event
+    finally:
+        watcher.cancel()
+
+
+# How long after its grace period a cut stream may take to send its terminal event before sse_starlette
+# cancels it (which would close it without one).
+_FAREWELL_S = 2.0
+
+
 class _EventStream(EventSourceResponse):
     def __init__(
-        self, events: AsyncIterator[Mapping[str, str]], settings: ServerSettings, on_close: Callable[[], None]
+        self,
+        events: AsyncIterator[Mapping[str, str]],
+        settings: ServerSettings,
+        on_close: Callable[[], None],
+        cut: Callable[[], None],
     ) -> None:
-        super().__init__(events, ping=15, shutdown_grace_period=settings.shutdown_grace)
+        shutdown = anyio.Event()
+        super().__init__(
+            _cut_on_shutdown(events, shutdown, settings.shutdown_grace, cut),
+            ping=15,
+            shutdown_event=shutdown,
+            shutdown_grace_period=settings.shutdown_grace + _FAREWELL_S,
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,12 +115,17 @@ class _EventStream(EventSourceResponse):
 
 
 def sse(
-    events: AsyncIterator[Mapping[str, str]], settings: ServerSettings, on_close: Callable[[], None]
+    events: AsyncIterator[Mapping[str, str]],
+    settings: ServerSettings,
+    on_close: Callable[[], None],
+    engine: AsyncEngine,
 ) -> EventSourceResponse:
     """Stream `events` ({"data": ...}, or with an "event" name); keep-alive pings every 15 s. `on_close` runs
     when the response ends, however it ends (even if its events were never asked for).
 
-    On shutdown a stream may run on for `settings.shutdown_grace` seconds to finish before it is cancelled
-    (which aborts its request in the engine); without that, SIGTERM would cut every stream at once.
+    On shutdown a stream may run on for `settings.shutdown_grace` seconds to finish; then the engine's
+    requests in flight are cut (`AsyncEngine.cut_all`), each of which its stream ends with the API's terminal
+    error event (chat and completions: an error object, then [DONE]; Responses: response.failed). Without the
+    grace SIGTERM would cut every stream at once, and without the cut they would close with no terminal event.
     """
-    return _EventStream(events, settings, on_close)
+    return _EventStream(events, settings, on_close, lambda: engine.cut_all("the server is shutting down"))

@@ -80,12 +80,16 @@ def test_metrics_move_after_a_request(served: Served) -> None:
 def test_a_full_queue_is_a_429_with_retry_after(served: Served) -> None:
     bridge = served.app.state.server.services.engine
     saved = bridge.max_in_flight
-    bridge.max_in_flight = 0
+    # A bound of one, held: full. (A bound of 0 would make every request one that can never be admitted,
+    # which is a 400, not a 429.)
+    bridge.max_in_flight = 1
+    bridge.in_flight += 1
     try:
         response = httpx.post(
             served.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": USER}
         )
     finally:
+        bridge.in_flight -= 1
         bridge.max_in_flight = saved
     assert response.status_code == 429
     assert response.headers["retry-after"] == "1"

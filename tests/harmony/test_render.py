@@ -17,6 +17,7 @@ from harmony.messages import (
     function_tools_namespace,
 )
 from harmony.render import Renderer, RenderError, developer_text, has_function_tools, rust_lines
+from harmony.schema import MAX_SCHEMA_DEPTH, SchemaTooDeep, json_schema_to_typescript
 from tests.harmony.oracle import oracle_conversation, to_oracle
 from tests.harmony.scenarios import SCENARIOS, WEATHER_PARAMETERS, system, user
 
@@ -159,3 +160,15 @@ def test_training_render_replaces_only_a_final_answers_end(
     assert renderer.render_for_training(calling) == oracle.render_conversation_for_training(
         oracle_conversation(calling), _config(True)
     )
+
+
+def test_a_schema_nested_too_deep_is_a_value_error_not_a_recursion_error() -> None:
+    schema: dict = {"type": "string"}
+    for _ in range(450):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(SchemaTooDeep):
+        json_schema_to_typescript(schema)
+    shallow: dict = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH // 2 - 1):  # two JSON levels per object level
+        shallow = {"type": "object", "properties": {"a": shallow}}
+    assert json_schema_to_typescript(shallow).count("a?: ") == MAX_SCHEMA_DEPTH // 2 - 1
