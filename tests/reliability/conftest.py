@@ -226,3 +226,44 @@ def read_chat_stream(response: httpx.Response, stop_after: int | None = None) ->
     except (httpx.HTTPError, ValueError) as error:
         result.problem = f"{type(error).__name__}: {error}"
     return result
+
+
+def sse_data(lines: list[str]) -> list[Any]:
+    """The data of each SSE event, JSON-decoded (`[DONE]` kept as the string)."""
+    out: list[Any] = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def stream_ending(path: str, lines: list[str]) -> str | None:
+    """How a stream of `path` ended: "normal" (a finish reason, or response.completed / incomplete), "error"
+    (an error object, or response.failed), or None when it has no terminal event (cut off)."""
+    events = sse_data(lines)
+    if path.endswith("/responses"):
+        last = events[-1] if events else None
+        if not isinstance(last, dict):
+            return None
+        kind = last.get("type")
+        if kind in ("response.completed", "response.incomplete"):
+            return "normal"
+        return "error" if kind in ("response.failed", "error") else None
+    if not events or events[-1] != "[DONE]":
+        return None
+    chunks = [e for e in events[:-1] if isinstance(e, dict)]
+    if any("error" in chunk for chunk in chunks):
+        return "error"
+    finishes = [c.get("finish_reason") for chunk in chunks for c in chunk.get("choices", [])]
+    return "normal" if any(finishes) else None
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `--cache-dir` of the server processes: the demo checkpoint is built there once per worker."""
+    from server.main import demo_checkpoint
+
+    folder = tmp_path_factory.mktemp("demo-cache")
+    demo_checkpoint(folder)
+    return folder

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.reliability.conftest import MODEL, StreamResult, final_script, read_chat_stream, serve
+from tests.reliability.conftest import (
+    MODEL,
+    StreamResult,
+    final_script,
+    read_chat_stream,
+    serve,
+    stream_ending,
+)
 from tests.reliability.corpus import CASES, Case
 
 VICTIMS = 3
@@ -39,17 +46,12 @@ def _envelope_problem(response: httpx.Response) -> str | None:
     return None
 
 
-def _accepted_problem(response: httpx.Response) -> str | None:
+def _accepted_problem(path: str, response: httpx.Response) -> str | None:
     """None if a 2xx answer is a whole, error-free response (streamed or not)."""
     text = response.text
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        if '"error"' in text and '"type": "error"' not in text and "response.failed" not in text:
-            return f"an error inside the stream: {text[-200:]!r}"
-        if '"error"' in text or "response.failed" in text:
-            return f"an error inside the stream: {text[-200:]!r}"
-        if "[DONE]" not in text and "response.completed" not in text:
-            return f"the stream ended without its terminal event: {text[-200:]!r}"
-        return None
+        ending = stream_ending(path, text.splitlines())
+        return None if ending == "normal" else f"the stream ended {ending or 'cut off'}: {text[-200:]!r}"
     try:
         body = response.json()
     except ValueError:
@@ -79,7 +81,7 @@ def _check(client: httpx.Client, case: Case) -> str | None:
         problem = _envelope_problem(response)
         outcome = None if problem is None else f"{status} {problem}"
     elif case.kind == "edge" and 200 <= status < 300:
-        outcome = _accepted_problem(response)
+        outcome = _accepted_problem(case.path, response)
     else:
         outcome = f"{status} (a bad request accepted): {response.text[:100]!r}"
     try:
