@@ -153,7 +153,7 @@ def server_process(
             "--device",
             "cpu",
             "--log-level",
-            "warning",
+            "error",
             *args,
         ],
         env=env,
