@@ -98,6 +98,8 @@ def test_bad_input_corpus_with_victim_streams(checkpoint: Path, summary: Callabl
     started = time.perf_counter()
     failures: dict[str, str] = {}
     victims: list[StreamResult] = []
+    durations: dict[str, float] = {}
+    victim_seconds: list[float] = []
     with serve(checkpoint, engine={"max_num_seqs": 16}) as served:
         done = threading.Event()
 
@@ -111,6 +113,7 @@ def test_bad_input_corpus_with_victim_streams(checkpoint: Path, summary: Callabl
             for _ in range(200):  # bounded; normally `done` ends it far sooner
                 if done.is_set():
                     return
+                began = time.perf_counter()
                 try:
                     with httpx.stream(
                         "POST", served.base_url + "/v1/chat/completions", json=body, timeout=60
@@ -118,10 +121,14 @@ def test_bad_input_corpus_with_victim_streams(checkpoint: Path, summary: Callabl
                         victims.append(read_chat_stream(response))
                 except httpx.HTTPError as error:
                     victims.append(StreamResult(0, problem=repr(error)))
+                victim_seconds.append(time.perf_counter() - began)
 
         def run(case: Case) -> tuple[str, str | None]:
             with httpx.Client(base_url=served.base_url) as client:
-                return case.name, _check(client, case)
+                began = time.perf_counter()
+                problem = _check(client, case)
+                durations[case.name] = time.perf_counter() - began
+                return case.name, problem
 
         victim_threads = [threading.Thread(target=victim, daemon=True) for _ in range(VICTIMS)]
         for thread in victim_threads:
@@ -138,6 +145,8 @@ def test_bad_input_corpus_with_victim_streams(checkpoint: Path, summary: Callabl
                 thread.join(90)
     elapsed = time.perf_counter() - started
     hurt = [v for v in victims if not (v.terminal and v.error is None and v.content == VICTIM_TEXT)]
+    slowest = max(durations, key=durations.__getitem__)
+    why_hurt = sorted({(v.error or {}).get("message", v.problem or "wrong text")[:60] for v in hurt})
     counts = {
         "5xx": sum(p[:1] == "5" for p in failures.values()),
         "hang": sum(p.startswith("hang") for p in failures.values()),
@@ -148,8 +157,9 @@ def test_bad_input_corpus_with_victim_streams(checkpoint: Path, summary: Callabl
         f"{len(CASES)} cases ({sum(c.kind == 'bad' for c in CASES)} bad, {sum(c.kind == 'edge' for c in CASES)} edge): "
         f"{len(CASES) - len(failures)} answered soundly, {counts['5xx']} 5xx, {counts['hang']} hangs, "
         f"{counts['accepted']} bad ones accepted, {len(failures) - sum(counts.values())} other; "
-        f"server unhealthy after {counts['unhealthy']}; victims {len(victims) - len(hurt)}/{len(victims)} intact; "
-        f"{elapsed:.1f} s"
+        f"server unhealthy after {counts['unhealthy']}; victims {len(victims) - len(hurt)}/{len(victims)} intact "
+        f"(longest {max(victim_seconds, default=0):.1f} s; hurt by {why_hurt}); slowest case {slowest} "
+        f"{durations[slowest]:.1f} s; {elapsed:.1f} s"
     )
     listing = "\n".join(f"  {name}: {problem}" for name, problem in list(failures.items())[:80])
     assert not failures, f"{len(failures)} of {len(CASES)} cases answered unsoundly:\n{listing}"
