@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The deepest a request body may nest (a JSON Schema of tool parameters is the deep part of a real request).
 # The renderer and the engine recurse over what they are given, so past a few hundred levels they would
@@ -87,6 +87,15 @@ class TextPart(_Lenient):
     type: str = "text"
     text: str = ""
 
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        # gpt-oss reads text only: an image, audio or file part cannot be shown to it, and dropping it would
+        # answer a different question than the one asked.
+        if value not in ("text", "refusal"):
+            raise ValueError(f"gpt-oss reads text only; content parts of type {value!r} are not supported")
+        return value
+
 
 class FunctionCall(_Lenient):
     name: str
@@ -157,7 +166,8 @@ class GenerationRequest(_Lenient):
 class ChoicesRequest(GenerationRequest):
     """The fields of the APIs that sample `n` choices per prompt (chat and the legacy completions)."""
 
-    seed: int | None = None
+    # The range OpenAI's API takes (a 64-bit integer).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=8)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -248,7 +258,7 @@ class ResponsesText(_Lenient):
 
 
 class ResponsesRequest(GenerationRequest):
-    input: str | list[ResponsesInputItem]
+    input: str | Annotated[list[ResponsesInputItem], Field(min_length=1)]
     instructions: str | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None

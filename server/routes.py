@@ -205,6 +205,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
 
 @router.post("/detokenize", response_model=None, responses=_errors(400, 401, 413))
 async def detokenize(body: DetokenizeRequest, state: State) -> Response:
+    body = checked(body)
     if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
     text = await state.workers.run(state.encoding.decode, body.tokens)

@@ -97,7 +97,8 @@ def test_an_uncomputable_value_is_a_400_naming_it_and_the_streams_in_flight_go_o
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
-    assert error["param"] == param
+    # The field, or the element of it at fault (the body check names `stop[1]` for a lone surrogate there).
+    assert error["param"] == param or error["param"].startswith((f"{param}[", f"{param}.")), error["param"]
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/responses"])
