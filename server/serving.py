@@ -13,6 +13,8 @@ go on while a large prompt is tokenized. Admission, which counts slots on the ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +52,22 @@ class Workers:
     """
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="render")
+
+    def warm_up(self, fn: Callable[[], object]) -> None:
+        """Run `fn` once on every worker thread, without waiting for it. A thread's first tokenize sets up
+        tiktoken's per-thread state while holding the GIL (about half a second, during which the event loop
+        stops); done at start, no request pays for it."""
+        barrier = threading.Barrier(self.size)
+
+        def once() -> None:
+            fn()
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=60)  # each task holds its thread until all have one: one task per thread
+
+        for _ in range(self.size):
+            self._pool.submit(once)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -40,6 +40,7 @@ class ServerState:
         self.processors_hook = processors_hook
         self.created = int(time.time())
         self.workers = Workers(settings.render_workers)
+        self.workers.warm_up(lambda: encoding.encode_ordinary("warm up"))
         self.services: Services | None = None
         self.metrics = Metrics(lambda: self.services.engine.engine if self.services is not None else None)
 
