@@ -1,5 +1,10 @@
-"""The event loop keeps answering while a 16 MB prompt is tokenized: /health p99 under 50 ms, measured on a
-real server process (its own interpreter, so the test's client threads do not share its GIL)."""
+"""The event loop keeps answering while a huge prompt arrives: /health p99 under 50 ms, measured on a real
+server process (its own interpreter, so the test's client threads do not share its GIL).
+
+Two cases: a 16 MB prompt, which the server's character limit refuses before tokenizing, and a prompt just
+under that limit, which is tokenized on a worker thread. The 16 MB body must still be parsed: `json.loads`
+holds the GIL for the whole parse wherever it runs (25 ms unloaded, up to about 65 ms on the shared 2-core
+machine), so that case's bound is 100 ms, not the 50 ms a tokenized prompt meets."""
 
 from __future__ import annotations
 
@@ -11,16 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.reliability.conftest import server_process
 
-PROMPT_BYTES = 16_000_000  # under the default 16 MiB body limit, with its JSON around it
-P99_BOUND_MS = 50.0
 PROBE_EVERY = 0.01
 
 
-def test_health_p99_while_a_16mb_prompt_is_tokenized(
-    demo_cache: Path, summary: Callable[[str], None]
+@pytest.mark.parametrize(
+    ("prompt_bytes", "expected", "bound_ms"),
+    # 16 MB: under the default 16 MiB body limit with its JSON around it, over the 1 Mi-character limit.
+    [(16_000_000, 400, 100.0), (1_000_000, 200, 50.0)],
+    ids=["16MB-refused-before-tokenizing", "1MB-tokenized"],
+)
+def test_health_p99_while_a_huge_prompt_arrives(
+    demo_cache: Path, summary: Callable[[str], None], prompt_bytes: int, expected: int, bound_ms: float
 ) -> None:
     rng = random.Random(7)
     words = [
@@ -29,11 +39,11 @@ def test_health_p99_while_a_16mb_prompt_is_tokenized(
     ]
     text_parts: list[str] = []
     size = 0
-    while size < PROMPT_BYTES:
+    while size < prompt_bytes:
         word = rng.choice(words)
         text_parts.append(word)
         size += len(word) + 1
-    prompt = " ".join(text_parts)[:PROMPT_BYTES]
+    prompt = " ".join(text_parts)[:prompt_bytes]
     body = ('{"prompt": "' + prompt + '"}').encode()
     with server_process(demo_cache, "--max-model-len", "256") as (_, base):
         outcome: dict[str, object] = {}
@@ -70,13 +80,13 @@ def test_health_p99_while_a_16mb_prompt_is_tokenized(
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     summary(
-        f"/tokenize of a {PROMPT_BYTES / 1e6:.0f} MB prompt: {outcome.get('status')} after "
+        f"/tokenize of a {prompt_bytes / 1e6:.0f} MB prompt: {outcome.get('status')} after "
         f"{outcome.get('seconds', float('nan')):.1f} s ({outcome.get('count')} tokens); /health during it: "
         f"{len(latencies)} probes, p50 {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms, "
-        f"max {ordered[-1]:.1f} ms (bound p99 < {P99_BOUND_MS:.0f} ms)"
+        f"max {ordered[-1]:.1f} ms (bound p99 < {bound_ms:.0f} ms)"
     )
-    assert outcome.get("status") == 200, f"the 16 MB tokenize answered {outcome.get('status')}"
-    assert p99 < P99_BOUND_MS, (
-        f"/health p99 {p99:.1f} ms (max {ordered[-1]:.1f} ms over {len(latencies)} probes) while a 16 MB prompt "
-        f"was tokenized; bound {P99_BOUND_MS:.0f} ms"
+    assert outcome.get("status") == expected, f"the tokenize answered {outcome.get('status')}"
+    assert p99 < bound_ms, (
+        f"/health p99 {p99:.1f} ms (max {ordered[-1]:.1f} ms over {len(latencies)} probes) while a "
+        f"{prompt_bytes / 1e6:.0f} MB prompt arrived; bound {bound_ms:.0f} ms"
     )
