@@ -90,6 +90,14 @@ class CliSettings(BaseSettings):
         description="expert weights kept as MXFP4 and dequantized when used (least memory), or dequantized "
         "once at load (faster on a CPU; about 4x the experts' memory in bfloat16, 8x in float32)",
     )
+    quantize: Literal["none", "mxfp4"] = Field(
+        "none",
+        description="a fine-tune's plain expert weights (and experts a merged LoRA adapter changes): kept as "
+        "they are, or rounded to MXFP4 at load, so a fine-tune takes the packed model's memory",
+    )
+    merge_lora: str | None = Field(
+        None, description="a LoRA adapter directory in PEFT's format, merged into the weights at load"
+    )
     kernels: Literal["torch", "triton"] = Field(
         "torch",
         description="on cuda, decode steps through torch ops, or through the Triton kernels (paged attention "
@@ -184,6 +192,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         dtype=dtype,
         expert_mode=args.experts,
         kernels=Kernels.triton() if args.kernels == "triton" else None,
+        quantize=args.quantize == "mxfp4",
+        lora=args.merge_lora,
     )
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)

@@ -106,6 +106,40 @@ def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:
     assert mlp.mlp1_weight.blocks.numel() == 0
 
 
+def test_a_fine_tune_and_a_merged_adapter_load_from_the_command_line(tmp_path: Path) -> None:
+    """--quantize and --merge-lora reach the loader: the demo checkpoint saved plain by transformers (as a
+    fine-tune is) serves dense experts, or packed ones with --quantize mxfp4; a PEFT adapter changes the
+    weights it targets."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    demo = demo_checkpoint(tmp_path / "cache")
+    plain = GptOssForCausalLM.from_pretrained(
+        str(demo), dtype=torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True)
+    )
+    plain.save_pretrained(str(tmp_path / "finetune"))
+    adapted = get_peft_model(plain, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(0.1)
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+
+    base = ["--device", "cpu", "--max-model-len", "256", "--cache-dir", str(tmp_path / "cache")]
+    dense, _ = build(parse_args([*base, "--model", str(tmp_path / "finetune")]))
+    assert dense.model.block[0].mlp.mlp1_weight.dense is not None
+    packed, _ = build(parse_args([*base, "--model", str(tmp_path / "finetune"), "--quantize", "mxfp4"]))
+    assert packed.model.block[0].mlp.mlp1_weight.dense is None
+    assert packed.model.block[0].mlp.mlp1_weight.blocks.dtype == torch.uint8
+    merged, _ = build(parse_args([*base, "--merge-lora", str(tmp_path / "adapter")]))
+    unmerged, _ = build(parse_args(base))
+
+    # float32 on the CPU: plain weights, never prepacked.
+    first_qkv = [engine.model.block[0].attn.qkv.weight for engine in (merged, unmerged)]
+    assert not torch.equal(*first_qkv)
+
+
 def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
     import json
     import signal
