@@ -20,6 +20,8 @@ import pytest
 
 from tests.reliability.conftest import server_process
 
+pytestmark = pytest.mark.serial
+
 PROBE_EVERY = 0.01
 
 
