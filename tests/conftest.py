@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,3 +48,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+# -- the reliability suite's summary lines ----------------------------------------------------------------------
+# Here, not in tests/reliability: under pytest-xdist only the root conftest is sure to be loaded by the
+# controller, which prints the end-of-run report.
+SUMMARY_KEY = "reliability"
+_summary_lines: list[tuple[str, str, str]] = []  # (test id, outcome, line)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call" and not (report.when == "setup" and report.failed):
+        return
+    for key, line in report.user_properties:
+        if key == SUMMARY_KEY:
+            _summary_lines.append((report.nodeid.split("::")[-1], report.outcome.upper(), str(line)))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _summary_lines:
+        return
+    terminalreporter.section("reliability checks")
+    for name, outcome, line in sorted(_summary_lines):
+        terminalreporter.write_line(f"{outcome:6} {name}: {line}")

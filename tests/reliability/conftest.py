@@ -2,7 +2,8 @@
 `python -m server` process, driven only over loopback by servers the tests start themselves.
 
 Each check records ONE summary line with its figures (`summary(...)`); the lines travel with the test reports
-(so they reach the controller under pytest-xdist) and are printed at the end of the run, pass or fail.
+(so they reach the controller under pytest-xdist) and tests/conftest.py prints them at the end of the run,
+pass or fail.
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
 from tests.api.conftest import MODEL, Served, _free_port, _hook, wait_until_idle
+from tests.conftest import SUMMARY_KEY
 
 __all__ = ["MODEL", "Served", "wait_until_idle"]
-
-_KEY = "reliability"
-_lines: list[tuple[str, str, str]] = []  # (test id, outcome, line)
 
 
 @pytest.fixture
@@ -47,26 +46,10 @@ def summary(request: pytest.FixtureRequest) -> Callable[[str], None]:
 
     def record(line: str) -> None:
         props = request.node.user_properties
-        props[:] = [p for p in props if p[0] != _KEY]
-        props.append((_KEY, line))
+        props[:] = [p for p in props if p[0] != SUMMARY_KEY]
+        props.append((SUMMARY_KEY, line))
 
     return record
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when != "call" and not (report.when == "setup" and report.failed):
-        return
-    for key, line in report.user_properties:
-        if key == _KEY:
-            _lines.append((report.nodeid.split("::")[-1], report.outcome.upper(), line))
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _lines:
-        return
-    terminalreporter.section("reliability checks")
-    for name, outcome, line in sorted(_lines):
-        terminalreporter.write_line(f"{outcome:6} {name}: {line}")
 
 
 # -- the in-process server ------------------------------------------------------------------------------------
