@@ -16,11 +16,12 @@ import torch
 
 class GrammarConstraint:
     """One request's grammar state. `tokenizer` is built once per process (it is large); `grammar` is what a
-    grammar builder returned."""
+    grammar builder returned. Masks cover the tokenizer's vocabulary, which may name a token or two past the
+    model's rows (they are trimmed when applied)."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int) -> None:
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
         self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        self.words = (vocab_size + 31) // 32
+        self.words = (tokenizer.vocab_size + 31) // 32
         if self.matcher.is_error():
             raise ValueError(self.matcher.get_error())
 

@@ -13,7 +13,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import llguidance
+
 from engine.config import EngineConfig
+from engine.constraint import GrammarConstraint
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestOutput, RequestRejected, SamplingParams
 from engine.runner import ModelRunner
@@ -137,6 +140,10 @@ class EngineCore:
         # compute would fail every request sharing the step with this one.
         params.validate()
         check_params_for_vocab(params, self.vocab_size)
+        if params.grammar is not None:
+            problem = llguidance.LLMatcher.validate_grammar(params.grammar.text, params.grammar.tokenizer)
+            if problem and not problem.startswith("WARNING"):
+                raise RequestRejected(f"the output constraint does not compile: {problem}", "grammar")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.scheduler.requests:
@@ -150,6 +157,9 @@ class EngineCore:
             arrival_time=time.perf_counter(),
             max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens),
             generator=generator,
+            constraint=None
+            if params.grammar is None
+            else GrammarConstraint(params.grammar.tokenizer, params.grammar.text),
         )
         self.scheduler.add(request)
         self._stats = self._snapshot()

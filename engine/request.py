@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.constraint import GrammarConstraint
 
 # A per-request hook on the next token's logits: it gets the request's output token ids so far and the float32
 # logits row [vocab] and returns the row to sample from (constrained decoding; forcing tokens in tests).
@@ -45,6 +49,15 @@ class RequestRejected(RequestError):
     """A request that can never run: too long for the context or the cache, bad token ids, a reused id."""
 
 
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A constraint on a request's whole output: llguidance grammar text, and the tokenizer it is read with
+    (llguidance's view of the vocabulary: large, built once per process and shared)."""
+
+    text: str
+    tokenizer: Any
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -63,6 +76,8 @@ class SamplingParams:
     # Number of top alternatives to report with each sampled token's logprob; None: no logprobs at all.
     logprobs: int | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # Tokens outside the grammar are never sampled (structured outputs, enforced tool calls).
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -212,6 +227,9 @@ class Request:
     # Output tokens may not run past this many tokens in all (the context limit, or prompt + max_tokens).
     max_total_tokens: int
     generator: torch.Generator | None = None
+    # The grammar's state (params.grammar), advanced by each output token; kept across preemption, since
+    # recomputing the KV does not change the output.
+    constraint: GrammarConstraint | None = None
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -191,6 +191,7 @@ class ModelRunner:
             [r.params for r in requests],
             [r.output_token_ids for r in requests],
             [r.generator for r in requests],
+            [r.constraint for r in requests],
         )
         for row, token, logprob, error in zip(
             sample_rows, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True

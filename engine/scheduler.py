@@ -178,6 +178,8 @@ class Scheduler:
                 self.kv.register_computed(request)
                 continue
             request.append_output(token)
+            if request.constraint is not None:
+                request.constraint.advance(token)
             if request.first_token_time is None:
                 request.first_token_time = now
             self.kv.register_computed(request)

@@ -56,7 +56,7 @@ def lltok(enc: tiktoken.Encoding) -> llguidance.LLTokenizer:
 def walk(enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, grammar: str, text: str) -> tuple[bool, str]:
     """Feed `text` (harmony, special tokens by name) token by token, checking each is allowed first: (all
     allowed and the turn complete, the first refused token's text or '')."""
-    constraint = GrammarConstraint(lltok, grammar, enc.n_vocab)
+    constraint = GrammarConstraint(lltok, grammar)
     mask = np.zeros(constraint.words, dtype=np.int32)
     for token in enc.encode(text, allowed_special="all"):
         constraint.fill(mask)
@@ -201,7 +201,7 @@ def test_random_walks_under_the_mask_end_in_valid_turns(
         else turn_grammar(response_format=ResponseFormat(ORDER))
     )
     assert grammar is not None
-    constraint = GrammarConstraint(lltok, grammar, enc.n_vocab)
+    constraint = GrammarConstraint(lltok, grammar)
     mask = np.zeros(constraint.words, dtype=np.int32)
     # A short path into the answer, then free choices: reasoning walks would take too long to end by chance.
     start = (
