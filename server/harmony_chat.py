@@ -20,6 +20,7 @@ from harmony.messages import (
     DeveloperContent,
     Message,
     ReasoningEffort,
+    ResponseFormat,
     Role,
     SystemContent,
     TextContent,
@@ -55,8 +56,11 @@ def to_harmony(
     effort: str | None,
     date_setting: str | None,
     default_effort: str = "medium",
+    response_format: ResponseFormat | None = None,
 ) -> list[Message]:
-    """The harmony conversation for a chat request (raises a 400 `APIError` for an inconsistent history)."""
+    """The harmony conversation for a chat request (raises a 400 `APIError` for an inconsistent history).
+    A `response_format` goes into the developer message's `# Response Formats`, where harmony tells the
+    model the shape its answer must take."""
     instructions = [m.text() for m in messages if m.role in ("system", "developer") and m.text()]
     out = [system_message(effort, date_setting, default_effort)]
     namespace = None
@@ -67,9 +71,11 @@ def to_harmony(
                 for t in tools
             ]
         )
-    if instructions or namespace:
+    if instructions or namespace or response_format:
         developer = DeveloperContent(
-            instructions="\n\n".join(instructions) if instructions else None, tools=namespace
+            instructions="\n\n".join(instructions) if instructions else None,
+            tools=namespace,
+            response_formats=[response_format] if response_format else [],
         )
         out.append(Message.from_role(Role.DEVELOPER, developer))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -23,7 +24,9 @@ from typing import Any, Generic, TypeVar
 
 import tiktoken
 
-from engine.request import LogitsProcessor, RequestError, SamplingParams
+from engine.request import Grammar, LogitsProcessor, RequestError, SamplingParams
+from harmony.grammar import grammar_tokenizer
+from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
 from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
@@ -74,6 +77,13 @@ class Workers:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def shared_grammar_tokenizer(encoding: tiktoken.Encoding) -> Any:
+    """llguidance's view of the vocabulary, built on the first structured request (a second or two, over a
+    hundred MB) and shared by every grammar after it."""
+    return grammar_tokenizer(encoding)
 
 
 def output_budget(
@@ -214,7 +224,13 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
                 "prompt",
             )
 
-    def render(self, messages: list[ChatMessage], tools: list[Tool] | None, effort: str | None) -> list[int]:
+    def render(
+        self,
+        messages: list[ChatMessage],
+        tools: list[Tool] | None,
+        effort: str | None,
+        response_format: HarmonyResponseFormat | None = None,
+    ) -> list[int]:
         """The prompt ids for a conversation, within the per-request limits on messages, tools and text."""
         self.check_text_size(conversation_chars(messages, tools))
         if len(messages) > self.settings.max_messages:
@@ -231,6 +247,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             effort=effort,
             date_setting=self.settings.conversation_date,
             default_effort=self.settings.default_reasoning_effort,
+            response_format=response_format,
         )
         try:
             return self.renderer.render_for_completion(conversation)
@@ -249,6 +266,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         top_k: int = 0,
         min_p: float = 0.0,
         logit_bias: dict[int, float] | None = None,
+        grammar: Grammar | None = None,
     ) -> SamplingParams:
         """The engine's parameters for choice `index` of `request`: the settings' defaults for what it leaves
         out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions."""
@@ -271,6 +289,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             stop=stops,
             logprobs=logprobs,
             logits_processors=[*(processors or []), *hooked],
+            grammar=grammar,
         )
 
 

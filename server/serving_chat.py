@@ -10,12 +10,15 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 
-from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
+from engine.request import FinishReason, Grammar, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
+from harmony.grammar import GrammarError, ToolSpec, check_grammar, turn_grammar
+from harmony.grammar import ResponseFormat as GrammarFormat
+from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
+from server.serving import EngineRequest, Serving, StopTrimmer, output_budget, shared_grammar_tokenizer
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
 
@@ -48,7 +51,12 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
 
     def param_names(self, request: ChatCompletionRequest) -> ParamNames:
         budget = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        return {"prompt": "messages", "max_tokens": budget, "logprobs": "top_logprobs"}
+        return {
+            "prompt": "messages",
+            "max_tokens": budget,
+            "logprobs": "top_logprobs",
+            "grammar": "response_format",
+        }
 
     async def prompt(self, request: ChatCompletionRequest) -> list[int]:
         """The prompt token ids the engine gets for `request` (what `/tokenize` counts)."""
@@ -57,14 +65,40 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
 
     def _prompt(self, request: ChatCompletionRequest) -> list[int]:
         tools = request.tools if request.tool_choice != "none" else None
-        return self.render(request.messages, tools, request.reasoning_effort)
+        return self.render(request.messages, tools, request.reasoning_effort, _harmony_format(request))
+
+    def _grammar(self, request: ChatCompletionRequest) -> Grammar | None:
+        """The whole-turn grammar a structured response format asks for (tools stay callable when offered),
+        or None for free text."""
+        rf = request.response_format
+        if rf is None or rf.type == "text":
+            return None
+        spec = rf.json_schema
+        if rf.type == "json_schema" and (spec is None or spec.json_schema is None):
+            raise RequestError("json_schema needs a schema", "grammar")
+        schema = spec.json_schema if rf.type == "json_schema" and spec is not None else None
+        strict = bool(spec.strict) if rf.type == "json_schema" and spec is not None else True
+        tools = [
+            ToolSpec(t.function.name, t.function.parameters or {}, bool(getattr(t.function, "strict", False)))
+            for t in request.tools or []
+        ]
+        choice = request.tool_choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        try:
+            text = turn_grammar(
+                response_format=GrammarFormat(schema, strict),
+                tools=tools,
+                tool_choice=named or (choice if isinstance(choice, str) else "auto"),
+            )
+            assert text is not None  # a response format always constrains
+            tokenizer = shared_grammar_tokenizer(self.encoding)
+            check_grammar(text, tokenizer)
+        except GrammarError as error:
+            raise RequestError(f"the response format cannot be enforced: {error}", "grammar") from error
+        return Grammar(text, tokenizer)
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
-        if request.response_format is not None and request.response_format.type != "text":
-            raise bad_request(
-                f"response_format {request.response_format.type!r} is not supported yet; use 'text'",
-                param="response_format",
-            )
+        grammar = self._grammar(request)
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
@@ -85,8 +119,13 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
             raise RequestError("logit_bias keys must be token ids", "logit_bias") from error
-        processors = tool_choice_processors(
-            self.encoding, named or (choice if isinstance(choice, str) else None), names
+        # With a grammar the whole turn, the tool choice included, is enforced by it.
+        processors = (
+            []
+            if grammar is not None
+            else tool_choice_processors(
+                self.encoding, named or (choice if isinstance(choice, str) else None), names
+            )
         )
         params = [
             self.sampling_params(
@@ -99,6 +138,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
                 top_k=max(request.top_k or 0, 0),
                 min_p=request.min_p or 0.0,
                 logit_bias=logit_bias,
+                grammar=grammar,
             )
             for i in range(request.n)
         ]
@@ -274,3 +314,12 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
             ]
         }
     return {"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]}
+
+
+def _harmony_format(request: ChatCompletionRequest) -> HarmonyResponseFormat | None:
+    """The schema to show the model in the developer message, for a json_schema response format."""
+    rf = request.response_format
+    if rf is None or rf.type != "json_schema" or rf.json_schema is None or rf.json_schema.json_schema is None:
+        return None
+    spec = rf.json_schema
+    return HarmonyResponseFormat(spec.name, spec.json_schema, spec.description)

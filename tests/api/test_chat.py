@@ -363,7 +363,27 @@ def test_special_token_text_from_users_stays_text(client: openai.OpenAI, served:
         ({"model": MODEL, "messages": USER, "n": 9}, 400, "n"),
         ({"model": "other", "messages": USER}, 404, "model"),
         (
-            {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}},
+            {
+                "model": MODEL,
+                "messages": USER,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+            },
+            400,
+            "response_format",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": USER,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "strict": True,
+                        "schema": {"type": "array", "uniqueItems": True},
+                    },
+                },
+            },
             400,
             "response_format",
         ),
