@@ -259,7 +259,12 @@ class ResponsesReasoning(_Lenient):
 
 
 class ResponsesTextFormat(_Lenient):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = "response"
+    description: str | None = None
+    # `schema` would shadow a pydantic method; the field is read and written under its API name.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponsesText(_Lenient):

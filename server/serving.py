@@ -25,7 +25,8 @@ from typing import Any, Generic, TypeVar
 import tiktoken
 
 from engine.request import Grammar, LogitsProcessor, RequestError, SamplingParams
-from harmony.grammar import grammar_tokenizer
+from harmony.grammar import GrammarError, ToolSpec, check_grammar, grammar_tokenizer, turn_grammar
+from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
@@ -253,6 +254,34 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             return self.renderer.render_for_completion(conversation)
         except ValueError as error:
             raise RequestError(f"the conversation cannot be rendered: {error}", "prompt") from error
+
+    def turn_constraint(
+        self,
+        kind: str,
+        schema: dict[str, Any] | None,
+        strict: bool,
+        tools: list[ToolSpec],
+        tool_choice: str,
+    ) -> Grammar | None:
+        """The whole-turn grammar for a response format `kind` ("text": None; "json_object"; "json_schema"
+        with `schema`): the final answer held to it, the tools still callable and the tool choice enforced.
+        Refused (as the engine's "grammar" field) when it cannot be enforced."""
+        if kind == "text":
+            return None
+        if kind == "json_schema" and schema is None:
+            raise RequestError("json_schema needs a schema", "grammar")
+        try:
+            text = turn_grammar(
+                response_format=GrammarFormat(schema if kind == "json_schema" else None, strict),
+                tools=tools,
+                tool_choice=tool_choice,
+            )
+            assert text is not None  # a response format always constrains
+            tokenizer = shared_grammar_tokenizer(self.encoding)
+            check_grammar(text, tokenizer)
+        except GrammarError as error:
+            raise RequestError(f"the response format cannot be enforced: {error}", "grammar") from error
+        return Grammar(text, tokenizer)
 
     def sampling_params(
         self,

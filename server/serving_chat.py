@@ -12,13 +12,12 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, Grammar, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
-from harmony.grammar import GrammarError, ToolSpec, check_grammar, turn_grammar
-from harmony.grammar import ResponseFormat as GrammarFormat
+from harmony.grammar import ToolSpec
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.serving import EngineRequest, Serving, StopTrimmer, output_budget, shared_grammar_tokenizer
+from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
 
@@ -68,34 +67,22 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         return self.render(request.messages, tools, request.reasoning_effort, _harmony_format(request))
 
     def _grammar(self, request: ChatCompletionRequest) -> Grammar | None:
-        """The whole-turn grammar a structured response format asks for (tools stay callable when offered),
-        or None for free text."""
         rf = request.response_format
-        if rf is None or rf.type == "text":
+        if rf is None:
             return None
         spec = rf.json_schema
-        if rf.type == "json_schema" and (spec is None or spec.json_schema is None):
-            raise RequestError("json_schema needs a schema", "grammar")
-        schema = spec.json_schema if rf.type == "json_schema" and spec is not None else None
-        strict = bool(spec.strict) if rf.type == "json_schema" and spec is not None else True
-        tools = [
-            ToolSpec(t.function.name, t.function.parameters or {}, bool(getattr(t.function, "strict", False)))
-            for t in request.tools or []
-        ]
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        try:
-            text = turn_grammar(
-                response_format=GrammarFormat(schema, strict),
-                tools=tools,
-                tool_choice=named or (choice if isinstance(choice, str) else "auto"),
-            )
-            assert text is not None  # a response format always constrains
-            tokenizer = shared_grammar_tokenizer(self.encoding)
-            check_grammar(text, tokenizer)
-        except GrammarError as error:
-            raise RequestError(f"the response format cannot be enforced: {error}", "grammar") from error
-        return Grammar(text, tokenizer)
+        return self.turn_constraint(
+            rf.type,
+            spec.json_schema if spec is not None else None,
+            bool(spec.strict) if spec is not None and rf.type == "json_schema" else True,
+            [
+                ToolSpec(t.function.name, t.function.parameters or {}, bool(t.function.strict))
+                for t in request.tools or []
+            ],
+            named or (choice if isinstance(choice, str) else "auto"),
+        )
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
         grammar = self._grammar(request)

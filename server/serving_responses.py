@@ -29,6 +29,8 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
+from harmony.grammar import ToolSpec
+from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
@@ -345,7 +347,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     # -- preparing ------------------------------------------------------------------------------------------
 
     def param_names(self, request: ResponsesRequest) -> ParamNames:
-        return {"prompt": "input", "max_tokens": "max_output_tokens", "logprobs": "top_logprobs"}
+        return {
+            "prompt": "input",
+            "max_tokens": "max_output_tokens",
+            "logprobs": "top_logprobs",
+            "grammar": "text.format",
+        }
 
     def _check_unsupported(self, request: ResponsesRequest) -> None:
         if request.background:
@@ -357,15 +364,6 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             raise bad_request("top_logprobs is not supported for responses", param="top_logprobs")
         if request.truncation == "auto":
             raise bad_request("truncation 'auto' is not supported; use 'disabled'", param="truncation")
-        if (
-            request.text is not None
-            and request.text.format is not None
-            and request.text.format.type != "text"
-        ):
-            raise bad_request(
-                f"text.format {request.text.format.type!r} is not supported yet; use 'text'",
-                param="text.format",
-            )
         for key in ("conversation", "prompt"):
             if (request.model_extra or {}).get(key) is not None:
                 raise bad_request(f"{key} is not supported", param=key)
@@ -460,13 +458,36 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         choice, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
         offered = tools if request.tool_choice != "none" else None
-        prompt = self.render(messages, offered, request.reasoning.effort if request.reasoning else None)
+        fmt = request.text.format if request.text is not None else None
+        shown = (
+            HarmonyResponseFormat(fmt.name, fmt.json_schema, fmt.description)
+            if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None
+            else None
+        )
+        effort = request.reasoning.effort if request.reasoning else None
+        prompt = self.render(messages, offered, effort, shown)
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
+        grammar = (
+            None
+            if fmt is None
+            else self.turn_constraint(
+                fmt.type,
+                fmt.json_schema,
+                bool(fmt.strict) if fmt.type == "json_schema" else True,
+                [
+                    ToolSpec(t.function.name, t.function.parameters or {}, bool(t.function.strict))
+                    for t in tools
+                ],
+                choice or "auto",
+            )
+        )
         params = self.sampling_params(
             request,
             max_tokens,
             stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-            processors=tool_choice_processors(self.encoding, choice, names),
+            # With a grammar the whole turn, the tool choice included, is enforced by it.
+            processors=[] if grammar is not None else tool_choice_processors(self.encoding, choice, names),
+            grammar=grammar,
         )
         tool_dicts = [
             {
@@ -511,7 +532,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             "previous_response_id": request.previous_response_id,
             "reasoning": {"effort": prepared.effort, "summary": None},
             "store": request.store,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": _format_echo(request)},
             "truncation": "disabled",
             "background": False,
             "user": request.user,
@@ -611,3 +632,17 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         if not self.store.delete(response_id):
             raise not_found(f"Response with id {response_id!r} not found.", param="response_id")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+def _format_echo(request: ResponsesRequest) -> dict[str, Any]:
+    """`text.format` as the response object repeats it."""
+    fmt = request.text.format if request.text is not None else None
+    if fmt is None or fmt.type != "json_schema":
+        return {"type": fmt.type if fmt is not None else "text"}
+    return {
+        "type": "json_schema",
+        "name": fmt.name,
+        "schema": fmt.json_schema,
+        "description": fmt.description,
+        "strict": fmt.strict,
+    }

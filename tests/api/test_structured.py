@@ -10,7 +10,7 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from harmony.encoding import load_harmony_encoding
 from harmony.messages import ResponseFormat
@@ -89,4 +89,39 @@ def test_the_sdk_parse_helper_returns_the_object(client: openai.OpenAI) -> None:
             continue
         parsed = completion.choices[0].message.parsed
         break
+    assert isinstance(parsed, Verdict)
+
+
+def test_responses_text_format_answers_validate_and_parse(client: openai.OpenAI) -> None:
+    finished = 0
+    for seed in range(8):
+        response = client.responses.create(
+            model=MODEL,
+            input="Is the sky blue?",
+            text={"format": {"type": "json_schema", "name": "verdict", "schema": SCHEMA, "strict": True}},
+            temperature=1.5,
+            max_output_tokens=40,
+            extra_body={"seed": seed},
+        )
+        assert response.text.format.type == "json_schema"
+        if response.status == "completed":
+            finished += 1
+            jsonschema.validate(json.loads(response.output_text), SCHEMA)
+    assert finished > 0, "no response completed within the budget"
+    parsed = None
+    for seed in range(8):
+        try:
+            result = client.responses.parse(
+                model=MODEL,
+                input="Is the sky blue?",
+                text_format=Verdict,
+                temperature=1.5,
+                max_output_tokens=40,
+                extra_body={"seed": seed},
+            )
+        except ValidationError:  # cut by max_output_tokens mid-answer: the SDK parses what there is
+            continue
+        if result.status == "completed":
+            parsed = result.output_parsed
+            break
     assert isinstance(parsed, Verdict)
