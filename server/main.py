@@ -233,7 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     except VocabularyError as error:
         logger.error("%s", error)
         raise SystemExit(2) from error
-    engine, settings = build(args)
+    try:
+        engine, settings = build(args)
+    except ValueError as error:
+        # A checkpoint, config, adapter or KV size the server cannot serve: one line saying what to change
+        # (every such refusal is a ValueError), the traceback only when debugging.
+        logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        raise SystemExit(2) from error
     app = create_app(engine, settings)
     logger.info("serving %s on http://%s:%d/v1", settings.served_model_name, args.host, args.port)
     # uvicorn restores the handlers it found and re-raises the signal once it has shut down; with this one in

@@ -200,3 +200,22 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path) -> None
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_kv_pool_too_small_for_the_context_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    args = [
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "8192",
+        "--kv-cache-memory",
+        "0.0001",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot start:" in done.stderr
+    assert "Traceback" not in done.stderr
