@@ -9,9 +9,31 @@ after the step the sampled token advances the matcher. The engine knows nothing 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Any
+
 import llguidance
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A constraint on a request's whole output: llguidance grammar text, and the tokenizer it is read with
+    (llguidance's view of the vocabulary: large, built once per process and shared)."""
+
+    text: str
+    tokenizer: Any
+
+
+@functools.lru_cache(maxsize=256)
+def grammar_problem(grammar: Grammar) -> str | None:
+    """Why `grammar` does not compile (llguidance's message), or None. Remembered per grammar: a request is
+    checked where it is prepared, at admission, on the engine thread and once per choice, and a compile of a
+    JSON Schema grammar takes milliseconds each time."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar.text, grammar.tokenizer)
+    return (messages[0] if messages else "the grammar does not compile") if is_error else None
 
 
 class GrammarConstraint:

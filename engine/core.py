@@ -13,10 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import llguidance
-
 from engine.config import EngineConfig
-from engine.constraint import GrammarConstraint
+from engine.constraint import GrammarConstraint, grammar_problem
 from engine.kv_cache import KVCacheManager
 from engine.request import Request, RequestOutput, RequestRejected, SamplingParams
 from engine.runner import ModelRunner
@@ -140,10 +138,8 @@ class EngineCore:
         # compute would fail every request sharing the step with this one.
         params.validate()
         check_params_for_vocab(params, self.vocab_size)
-        if params.grammar is not None:
-            problem = llguidance.LLMatcher.validate_grammar(params.grammar.text, params.grammar.tokenizer)
-            if problem and not problem.startswith("WARNING"):
-                raise RequestRejected(f"the output constraint does not compile: {problem}", "grammar")
+        if params.grammar is not None and (problem := grammar_problem(params.grammar)) is not None:
+            raise RequestRejected(f"the output constraint cannot be enforced: {problem}", "grammar")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.scheduler.requests:

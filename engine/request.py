@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:
-    from engine.constraint import GrammarConstraint
+from engine.constraint import Grammar, GrammarConstraint
 
 # A per-request hook on the next token's logits: it gets the request's output token ids so far and the float32
 # logits row [vocab] and returns the row to sample from (constrained decoding; forcing tokens in tests).
@@ -47,15 +45,6 @@ class SamplingParamsError(RequestError):
 
 class RequestRejected(RequestError):
     """A request that can never run: too long for the context or the cache, bad token ids, a reused id."""
-
-
-@dataclass(frozen=True, slots=True)
-class Grammar:
-    """A constraint on a request's whole output: llguidance grammar text, and the tokenizer it is read with
-    (llguidance's view of the vocabulary: large, built once per process and shared)."""
-
-    text: str
-    tokenizer: Any
 
 
 @dataclass(slots=True)

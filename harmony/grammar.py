@@ -106,7 +106,7 @@ def turn_grammar(
     rules = [
         "%llguidance {}",
         "",
-        'FREE: /(?s:.*)/',
+        "FREE: /(?s:.*)/",
         'ct: " "? <|constrain|> "json" | " json"',
         'analysis: <|channel|> "analysis" <|message|> FREE <|end|> <|start|> "assistant"',
     ]
@@ -141,11 +141,3 @@ def grammar_tokenizer(encoding: tiktoken.Encoding) -> llguidance.LLTokenizer:
     return llguidance.tiktoken.lltokenizer_from_encoding(
         encoding, n_vocab=encoding.n_vocab, eos_token=[tok.RETURN, tok.CALL]
     )
-
-
-def check_grammar(grammar: str, tokenizer: llguidance.LLTokenizer | None = None) -> None:
-    """Raise `GrammarError` with llguidance's message when `grammar` does not compile (a schema keyword it
-    cannot enforce under strict, a malformed schema)."""
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-    if is_error:
-        raise GrammarError(messages[0] if messages else "the grammar does not compile")

@@ -24,8 +24,9 @@ from typing import Any, Generic, TypeVar
 
 import tiktoken
 
-from engine.request import Grammar, LogitsProcessor, RequestError, SamplingParams
-from harmony.grammar import GrammarError, ToolSpec, check_grammar, grammar_tokenizer, turn_grammar
+from engine.constraint import Grammar, grammar_problem
+from engine.request import LogitsProcessor, RequestError, SamplingParams
+from harmony.grammar import GrammarError, ToolSpec, grammar_tokenizer, turn_grammar
 from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from harmony.render import Renderer
@@ -256,32 +257,33 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             raise RequestError(f"the conversation cannot be rendered: {error}", "prompt") from error
 
     def turn_constraint(
-        self,
-        kind: str,
-        schema: dict[str, Any] | None,
-        strict: bool,
-        tools: list[ToolSpec],
-        tool_choice: str,
+        self, kind: str, schema: dict[str, Any] | None, strict: bool, tools: list[Tool], tool_choice: str
     ) -> Grammar | None:
         """The whole-turn grammar for a response format `kind` ("text": None; "json_object"; "json_schema"
         with `schema`): the final answer held to it, the tools still callable and the tool choice enforced.
-        Refused (as the engine's "grammar" field) when it cannot be enforced."""
+        Refused (as the engine's "grammar" field) when it cannot be enforced; compiled here, on a worker,
+        so that the engine's own check at admission finds it already known."""
         if kind == "text":
             return None
         if kind == "json_schema" and schema is None:
             raise RequestError("json_schema needs a schema", "grammar")
+        specs = [
+            ToolSpec(t.function.name, t.function.parameters or {}, bool(t.function.strict)) for t in tools
+        ]
         try:
             text = turn_grammar(
                 response_format=GrammarFormat(schema if kind == "json_schema" else None, strict),
-                tools=tools,
+                tools=specs,
                 tool_choice=tool_choice,
             )
-            assert text is not None  # a response format always constrains
-            tokenizer = shared_grammar_tokenizer(self.encoding)
-            check_grammar(text, tokenizer)
         except GrammarError as error:
             raise RequestError(f"the response format cannot be enforced: {error}", "grammar") from error
-        return Grammar(text, tokenizer)
+        assert text is not None  # a response format always constrains
+        grammar = Grammar(text, shared_grammar_tokenizer(self.encoding))
+        problem = grammar_problem(grammar)
+        if problem is not None:
+            raise RequestError(f"the response format cannot be enforced: {problem}", "grammar")
+        return grammar
 
     def sampling_params(
         self,

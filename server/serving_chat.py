@@ -10,9 +10,9 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 
-from engine.request import FinishReason, Grammar, RequestError, RequestOutput, SamplingParams, TokenLogprob
+from engine.constraint import Grammar
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
-from harmony.grammar import ToolSpec
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
@@ -77,10 +77,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             rf.type,
             spec.json_schema if spec is not None else None,
             bool(spec.strict) if spec is not None and rf.type == "json_schema" else True,
-            [
-                ToolSpec(t.function.name, t.function.parameters or {}, bool(t.function.strict))
-                for t in request.tools or []
-            ],
+            request.tools or [],
             named or (choice if isinstance(choice, str) else "auto"),
         )
 

@@ -29,7 +29,6 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
-from harmony.grammar import ToolSpec
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
@@ -474,10 +473,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 fmt.type,
                 fmt.json_schema,
                 bool(fmt.strict) if fmt.type == "json_schema" else True,
-                [
-                    ToolSpec(t.function.name, t.function.parameters or {}, bool(t.function.strict))
-                    for t in tools
-                ],
+                tools,
                 choice or "auto",
             )
         )

@@ -9,8 +9,8 @@ import jsonschema
 import numpy as np
 import pytest
 
-from engine.constraint import GrammarConstraint
-from engine.request import FinishReason, Grammar, SamplingParams
+from engine.constraint import Grammar, GrammarConstraint
+from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
 from harmony.encoding import load_harmony_encoding
 from harmony.grammar import ResponseFormat, grammar_tokenizer, turn_grammar
