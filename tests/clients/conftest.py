@@ -142,6 +142,7 @@ class ScriptedModel:
 class ScriptedServer:
     served: Served
     model: ScriptedModel
+    network: GptOss  # the engine's model, for scores computed without the server
 
     @property
     def base_url(self) -> str:
@@ -183,7 +184,7 @@ def _scripted_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scri
                 break
         except httpx.TransportError:
             time.sleep(0.1)
-    yield ScriptedServer(Served(base, engine, encoding, app), scripted)
+    yield ScriptedServer(Served(base, engine, encoding, app), scripted, model)
     server.should_exit = True
     thread.join(10)
 
