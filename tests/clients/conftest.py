@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
-from harmony.encoding import load_harmony_encoding
+from harmony.encoding import O200K_PATTERN, VOCAB_FILE_NAME, load_harmony_encoding
 from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
@@ -190,12 +191,46 @@ def _scripted_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scri
 
 
 @pytest.fixture
-def scripted(_scripted_session: ScriptedServer) -> Iterator[ScriptedServer]:
-    """The session's server with no script and no captured requests; whatever the test sets is undone after."""
+def scripted(_scripted_session: ScriptedServer, request: pytest.FixtureRequest) -> Iterator[ScriptedServer]:
+    """The session's server with no script and no captured requests; whatever the test sets is undone after.
+
+    With `CLIENTS_CAPTURE_DIR` set, the bodies each test's client sent are written there, one JSON file per
+    test: the record of which fields each real client sends.
+    """
     _scripted_session.model.script = None
     _scripted_session.model.captured.clear()
     yield _scripted_session
     _scripted_session.model.script = None
+    folder = os.environ.get("CLIENTS_CAPTURE_DIR")
+    if folder:
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.nodeid.split("/")[-1])
+        bodies = [{"path": path, "body": body} for path, body in _scripted_session.model.captured]
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.json").write_text(json.dumps(bodies, indent=1))
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(vocab_dir: Path) -> Path:
+    """A Hugging Face tokenizer folder for o200k (the harmony vocabulary's text tokens), for clients that load
+    one with `AutoTokenizer.from_pretrained` (guidellm): converted from the verified vocabulary, offline, once
+    per machine (about 20 s) into the test cache beside it."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    folder = vocab_dir.parent / "o200k-hf-tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    converted = TikTokenConverter(
+        vocab_file=str(vocab_dir / VOCAB_FILE_NAME), pattern=O200K_PATTERN
+    ).converted()
+    # Written aside and renamed: pytest-xdist's workers may both get here, and neither may see half a folder.
+    partial = Path(tempfile.mkdtemp(dir=vocab_dir.parent))
+    PreTrainedTokenizerFast(tokenizer_object=converted).save_pretrained(partial)
+    try:
+        partial.rename(folder)
+    except OSError:
+        shutil.rmtree(partial)  # the other worker's copy won
+    return folder
 
 
 @pytest.fixture(scope="session")
