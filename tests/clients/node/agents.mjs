@@ -1,0 +1,49 @@
+// The OpenAI Agents SDK for JavaScript (`@openai/agents`) against the server: a one-tool agent through the
+// Responses or the Chat Completions model, run plain or streamed. Prints one JSON line: what the run returned.
+// Usage: node agents.mjs BASE_URL MODEL responses|chat plain|stream
+import { Agent, OpenAIChatCompletionsModel, OpenAIResponsesModel, run, setTracingDisabled, tool } from "@openai/agents";
+import OpenAI from "openai";
+import { z } from "zod";
+
+const [baseURL, modelName, api, mode] = process.argv.slice(2);
+setTracingDisabled(true);
+const client = new OpenAI({ baseURL, apiKey: "unused", maxRetries: 0 });
+const model =
+  api === "chat" ? new OpenAIChatCompletionsModel(client, modelName) : new OpenAIResponsesModel(client, modelName);
+const calls = [];
+const getWeather = tool({
+  name: "get_weather",
+  description: "Gets the current weather in a city.",
+  parameters: z.object({ city: z.string() }),
+  execute: async ({ city }) => {
+    calls.push({ city });
+    return `sunny in ${city}`;
+  },
+});
+const agent = new Agent({
+  name: "weather",
+  instructions: "Answer with the tool's help.",
+  model,
+  tools: [getWeather],
+});
+
+const prompt = "What is the weather in Paris?";
+let result;
+if (mode === "stream") {
+  result = await run(agent, prompt, { stream: true, maxTurns: 4 });
+  await result.completed;
+  if (result.error) throw result.error;
+} else {
+  result = await run(agent, prompt, { maxTurns: 4 });
+}
+const items = result.newItems.map((item) => item.type);
+console.log(
+  JSON.stringify({
+    finalOutput: result.finalOutput,
+    items,
+    toolCalls: result.newItems
+      .filter((item) => item.type === "tool_call_item")
+      .map((item) => ({ name: item.rawItem.name, arguments: JSON.parse(item.rawItem.arguments) })),
+    executed: calls,
+  }),
+);
