@@ -34,7 +34,9 @@ def _model(kind: str, base_url: str) -> Model:
     return OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
 
 
-async def _run(kind: str, base_url: str, streamed: bool) -> tuple[Any, list[dict[str, str]]]:
+async def _run(
+    kind: str, base_url: str, streamed: bool, chain: bool = False
+) -> tuple[Any, list[dict[str, str]]]:
     calls: list[dict[str, str]] = []
 
     @function_tool
@@ -50,10 +52,12 @@ async def _run(kind: str, base_url: str, streamed: bool) -> tuple[Any, list[dict
         model=_model(kind, base_url),
         model_settings=ModelSettings(temperature=0.0),
     )
-    config = RunConfig(tracing_disabled=True)
+    options: dict[str, Any] = {"run_config": RunConfig(tracing_disabled=True), "max_turns": 4}
+    if chain:
+        options["auto_previous_response_id"] = True
     if not streamed:
-        return await Runner.run(agent, PROMPT, run_config=config, max_turns=4), calls
-    result = Runner.run_streamed(agent, PROMPT, run_config=config, max_turns=4)
+        return await Runner.run(agent, PROMPT, **options), calls
+    result = Runner.run_streamed(agent, PROMPT, **options)
     async for _ in result.stream_events():
         pass
     return result, calls
@@ -80,3 +84,20 @@ def test_tool_agent(scripted: ScriptedServer, kind: str, streamed: bool) -> None
     sent = scripted.requests(path)
     assert len(sent) == 2
     assert all(body.get("stream", False) is streamed for body in sent)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+def test_tool_agent_chained_by_previous_response_id(scripted: ScriptedServer, streamed: bool) -> None:
+    """With `auto_previous_response_id` the SDK's second turn sends only the tool's output and the first
+    response's id: the server rebuilds the conversation (reasoning and tool call included) from its store."""
+    scripted.model.script = tool_then_answer
+    result, calls = asyncio.run(_run("responses", scripted.v1, streamed, chain=True))
+
+    assert calls == [{"city": "Paris"}]
+    assert result.final_output == ANSWER
+    first, second = scripted.requests("/v1/responses")
+    assert "previous_response_id" not in first
+    assert second["previous_response_id"].startswith("resp_")
+    assert [item["type"] for item in second["input"]] == ["function_call_output"]
+    assert result.last_response_id is not None
+    assert result.last_response_id != second["previous_response_id"]
