@@ -12,7 +12,9 @@ import pytest
 from tests.api.conftest import MODEL
 from tests.clients.conftest import (
     ANSWER,
+    ANSWER_REASONING,
     TOOL_NAME,
+    TOOL_REASONING,
     ScriptedServer,
     run_node,
     tool_then_answer,
@@ -55,5 +57,11 @@ def test_openai_agents_js(scripted: ScriptedServer, node_modules: Path, api: str
     assert result["finalOutput"] == ANSWER
     assert "tool_call_output_item" in result["items"]
     assert result["items"][-1] == "message_output_item"
+    # What gpt-oss's compatibility test requires of the raw model output (non-streamed: a streamed run keeps
+    # no raw responses), and of the raw stream events.
+    if mode == "plain":
+        assert result["reasoning"] == [TOOL_REASONING, ANSWER_REASONING]
+    else:
+        assert result["streamedReasoning"] == TOOL_REASONING + ANSWER_REASONING
     path = "/v1/responses" if api == "responses" else "/v1/chat/completions"
     assert len(scripted.requests(path)) == 2

@@ -27,10 +27,28 @@ const agent = new Agent({
   tools: [getWeather],
 });
 
+// The reasoning as gpt-oss's compatibility test looks for it: in each raw chat completion's
+// `choices[0].message.reasoning`, in each raw response's reasoning items' `reasoning_text` parts, and, streamed,
+// in the raw chunks' `delta.reasoning` or the `response.reasoning_text.delta` events.
+function rawReasoning(raw) {
+  const data = raw.providerData ?? {};
+  if (api === "chat") return [data.choices?.[0]?.message?.reasoning].filter(Boolean);
+  return (data.output ?? [])
+    .filter((item) => item.type === "reasoning")
+    .flatMap((item) => (item.content ?? []).map((part) => part.text));
+}
+
 const prompt = "What is the weather in Paris?";
 let result;
+const streamedReasoning = [];
 if (mode === "stream") {
   result = await run(agent, prompt, { stream: true, maxTurns: 4 });
+  for await (const event of result) {
+    if (event.type !== "raw_model_stream_event" || event.data.type !== "model") continue;
+    const raw = event.data.event;
+    if (api === "chat" && raw.choices?.[0]?.delta?.reasoning) streamedReasoning.push(raw.choices[0].delta.reasoning);
+    if (api === "responses" && raw.type === "response.reasoning_text.delta") streamedReasoning.push(raw.delta);
+  }
   await result.completed;
   if (result.error) throw result.error;
 } else {
@@ -45,5 +63,7 @@ console.log(
       .filter((item) => item.type === "tool_call_item")
       .map((item) => ({ name: item.rawItem.name, arguments: JSON.parse(item.rawItem.arguments) })),
     executed: calls,
+    reasoning: result.rawResponses.flatMap(rawReasoning),
+    streamedReasoning: streamedReasoning.join(""),
   }),
 );
