@@ -97,8 +97,8 @@ class ScriptedModel:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.script: Script | None = None
+        # Appended on the server's thread, read and cleared on the test's (list operations are atomic).
         self.captured: list[tuple[str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
@@ -118,8 +118,7 @@ class ScriptedModel:
         except ValueError:
             body = None  # the app answers a body that is not JSON itself
         if isinstance(body, dict):
-            with self._lock:
-                self.captured.append((scope["path"], body))
+            self.captured.append((scope["path"], body))
             script = self.script
             if script is not None and "test_force" not in body:
                 forced = script(body)
@@ -166,7 +165,7 @@ def _scripted_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scri
     encoding = load_harmony_encoding()
     engine = EngineCore(
         model,
-        # Agent frameworks send long tool schemas and instructions; lm-eval packs several requests per call.
+        # Room for agent frameworks' instructions and tool schemas, and guidellm's synthetic prompts.
         EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
         token_bytes=encoding.decode_single_token_bytes,
     )
