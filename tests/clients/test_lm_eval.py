@@ -70,16 +70,14 @@ def offline_tiktoken(tmp_path: Path, vocab_dir: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
 
 
-def test_loglikelihood_and_generate_until(
-    scripted: ScriptedServer, offline_tiktoken: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _evaluate(scripted: ScriptedServer, task: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """lm-eval's own evaluation of `task` through `local-completions` against the server."""
     import datasets
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(REPO)  # the task files name their data relative to the repository
-    scripted.model.script = _answer(scripted.served.encoding)
     out = simple_evaluate(
         model="local-completions",
         model_args={
@@ -89,23 +87,39 @@ def test_loglikelihood_and_generate_until(
             "num_concurrent": 1,
             "max_retries": 1,
         },
-        tasks=["clients_choice", "clients_generate"],
+        tasks=[task],
         task_manager=TaskManager(include_path=str(TASKS)),
         log_samples=True,
         bootstrap_iters=0,
     )
     assert out is not None
+    return out
 
-    # Generation: lm-eval cut each answer at its stop sequence and matched two of three.
+
+def test_generate_until(
+    scripted: ScriptedServer, offline_tiktoken: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted.model.script = _answer(scripted.served.encoding)
+    out = _evaluate(scripted, "clients_generate", monkeypatch)
+
+    # lm-eval cut each answer at its stop sequence and matched two of three.
     generated = sorted(s["filtered_resps"][0] for s in out["samples"]["clients_generate"])
     assert generated == [" Paris", " blue", " four"]
     assert out["results"]["clients_generate"]["exact_match,none"] == pytest.approx(2 / 3)
-    sent = scripted.requests("/v1/completions")
     # lm-eval adds the tokenizer's end-of-text string to the task's stop sequence.
-    assert [b["stop"] for b in sent if not b.get("echo")] == [["\n", "<|endoftext|>"]] * 3
+    assert [b["stop"] for b in scripted.requests("/v1/completions")] == [["\n", "<|endoftext|>"]] * 3
 
-    # Loglikelihood: every choice's score as lm-eval computed it from the server's prompt logprobs equals the
-    # model's own, and so does the accuracy lm-eval derives from them.
+
+def test_loglikelihood_multiple_choice(
+    scripted: ScriptedServer, offline_tiktoken: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every choice's score, as lm-eval computes it from the server's prompt logprobs (`echo` with `logprobs`,
+    `max_tokens: 1`), equals the model's own, and so does the accuracy lm-eval derives from them."""
+    out = _evaluate(scripted, "clients_choice", monkeypatch)
+
+    sent = scripted.requests("/v1/completions")
+    assert len(sent) == 9  # one request per (question, choice)
+    assert all(b["echo"] is True and b["logprobs"] == 1 and b["max_tokens"] == 1 for b in sent)
     right = 0
     samples = out["samples"]["clients_choice"]
     assert len(samples) == 3
