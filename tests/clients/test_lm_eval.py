@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiktoken
 import torch
 
 from harmony.encoding import VOCAB_FILE_NAME, VOCAB_URL
 from model.batch import AttentionMetadata
 from tests.api.conftest import MODEL
-from tests.clients.conftest import ScriptedServer
+from tests.clients.conftest import Script, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -33,12 +34,13 @@ ANSWERS = {
 }
 
 
-def _answer(encoding: Any) -> Any:
+def _answer(encoding: tiktoken.Encoding) -> Script:
     def script(body: dict[str, Any]) -> str | None:
         if body.get("echo"):
             return None  # a loglikelihood request: the model's own logprobs are what is measured
-        (prompt,) = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
-        text = prompt if isinstance(prompt, str) else encoding.decode(prompt)
+        # lm-eval sends one prompt per request here: its token ids, in a list of prompts.
+        (prompt,) = body["prompt"]
+        text = encoding.decode(prompt)
         return next(answer for key, answer in ANSWERS.items() if key in text)
 
     return script
