@@ -166,6 +166,11 @@ class AsyncEngine:
                 logger.info("request %s abandoned by its client; aborting it", rid)
                 self._thread.abort(rid)
 
+    @property
+    def stopped_because(self) -> str | None:
+        """Why the engine thread stopped for good (it serves nothing more), or None while it runs."""
+        return self._thread.stopped_because
+
     def cut_all(self, reason: str) -> None:
         """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the
         API's terminal error event (its engine request is aborted). On the event loop's thread."""

@@ -103,6 +103,9 @@ Ready = Annotated[Services, Depends(services)]
 async def health(state: State) -> JSONResponse:
     if state.services is None:
         return JSONResponse({"status": "loading"}, status_code=503)
+    stopped = state.services.engine.stopped_because
+    if stopped is not None:  # every request would fail: the orchestrator should restart the server
+        return JSONResponse({"status": "engine stopped", "error": stopped}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
