@@ -28,7 +28,7 @@ from harmony.encoding import load_harmony_encoding
 from server.errors import APIError, install_error_handlers
 from server.logs import REQUEST_ID
 from server.routes import router
-from server.serving import ProcessorsHook
+from server.serving import CLIENT, ProcessorsHook
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -80,6 +80,16 @@ def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
     if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
         return JSONResponse(_too_large(settings).body(), status_code=413)
     return None
+
+
+def _client_id(request: Request, settings: ServerSettings) -> str:
+    """Who sent `request`, for its share of the in-flight bound: the configured header's value (a proxy's
+    client id or forwarded address), else the peer's address."""
+    if settings.client_id_header is not None:
+        value = request.headers.get(settings.client_id_header)
+        if value:
+            return "header:" + value
+    return "peer:" + (request.client.host if request.client is not None else "")
 
 
 def _too_large(settings: ServerSettings) -> APIError:
@@ -202,6 +212,7 @@ def create_app(
     async def guard(request: Request, call_next: Any) -> Any:
         """Request ids, the API key, the body size limit, and the request log and count, in one place."""
         token = REQUEST_ID.set(request.headers.get("x-request-id") or "req-" + secrets.token_hex(6))
+        client = CLIENT.set(_client_id(request, state.settings))
         started = time.perf_counter()
         try:
             response = _refusal(request, state.settings) or await call_next(request)
@@ -217,6 +228,7 @@ def create_app(
             )
             return response
         finally:
+            CLIENT.reset(client)
             REQUEST_ID.reset(token)
 
     return app

@@ -123,6 +123,17 @@ class CliSettings(BaseSettings):
     max_waiting_requests: int = Field(
         512, ge=0, description="requests queued beyond the running batch before a 429"
     )
+    max_in_flight_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="requests one client may have in flight (running or queued) before its 429s, so that one "
+        "client cannot take every slot (default: half of max-num-seqs + max-waiting-requests)",
+    )
+    client_id_header: str | None = Field(
+        None,
+        description="the header that names a request's client for its share (behind a proxy, e.g. "
+        "X-Forwarded-For); without it, the peer's address",
+    )
     max_request_bytes: int = Field(16 << 20, ge=1, description="largest request body accepted")
     max_prompt_chars: int = Field(
         1 << 20,
@@ -213,6 +224,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         api_key=args.api_key or None,
         metrics_access=args.metrics_access,
         max_waiting_requests=args.max_waiting_requests,
+        max_in_flight_per_client=args.max_in_flight_per_client,
+        client_id_header=args.client_id_header,
         max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars,
         render_workers=args.render_workers,

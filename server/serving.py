@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 import tiktoken
@@ -45,6 +46,10 @@ PreparedT = TypeVar("PreparedT")
 T = TypeVar("T")
 # An engine request: prompt token ids and sampling parameters.
 EngineRequest = tuple[list[int], SamplingParams]
+
+# Who sent the request being served (set by the app's middleware for each HTTP request): the key of its
+# share of the in-flight bound.
+CLIENT: ContextVar[str] = ContextVar("client", default="")
 
 
 class Workers:
@@ -188,7 +193,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             prepared, requests = await self.workers.run(self._prepare, request)
             assert len(requests) == self.sequences(request)
             # On the event loop, with no await between the check and the count (see `AsyncEngine.admit`).
-            return prepared, self.engine.admit(requests)
+            return prepared, self.engine.admit(requests, client=CLIENT.get())
 
     def sequences(self, request: RequestT) -> int:
         """How many engine requests `request` becomes: its choices (completions: prompts x choices)."""
@@ -199,8 +204,9 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         in-flight bound could ever admit (a 429 would have the client retry in vain)."""
         count = self.sequences(request)
         limit = self.settings.max_sequences_per_request
-        if self.engine.max_in_flight is not None:
-            limit = min(limit, self.engine.max_in_flight)
+        for bound in (self.engine.max_in_flight, self.engine.max_in_flight_per_client):
+            if bound is not None:
+                limit = min(limit, bound)
         if count > limit:
             field = "n" if count == getattr(request, "n", 1) else "prompt"
             message = f"the request asks for {count} sequences (prompts x n); at most {limit} are taken"

@@ -32,6 +32,11 @@ class ServerSettings(BaseModel):
     max_messages: int = Field(default=2048, ge=1)
     max_tools: int = Field(default=256, ge=0)
     max_waiting_requests: int = Field(default=512, ge=0)
+    # Requests (sequences) one client may have in flight, of the bound above plus the running batch: beyond it
+    # that client gets a 429 while the others are still served. None: half the bound. A client is the value of
+    # `client_id_header` when set and sent (behind a proxy: the header it sets), else the peer's address.
+    max_in_flight_per_client: int | None = Field(default=None, ge=1)
+    client_id_header: str | None = None
     # Characters of text a prompt may have (a chat's messages and tools, a completion's prompts); refused with
     # a 400 before tokenizing. Twice the longest context at about 4 characters a token, with room to spare.
     max_prompt_chars: int = Field(default=1 << 20, ge=1)
