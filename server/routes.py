@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
+from server.bodies import OffLoopJsonRoute
 from server.errors import ClientGone, bad_request
 from server.protocol import (
     ChatCompletionRequest,
@@ -30,7 +31,7 @@ from server.state import ServerState, Services
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJsonRoute)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
