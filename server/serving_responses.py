@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -456,7 +456,7 @@ class Run:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
+    async def follow(self, after: int) -> AsyncGenerator[dict[str, Any], None]:
         """The recorded events after sequence number `after`, then each as it comes, until the run ends."""
         index = after + 1
         while True:
@@ -715,7 +715,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             self.live[run.id] = run
         return run
 
-    async def events(self, run: Run) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, run: Run) -> AsyncGenerator[dict[str, Any], None]:
         """The stream events of one run, unnumbered; the last is completed, incomplete or failed.
 
         However the run ends (its consumer gone or cancelled included: it is then "cancelled"), its final
@@ -984,17 +984,23 @@ def _logprobs(request: ResponsesRequest) -> int | None:
     return None
 
 
-async def _numbered(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    sequence = 0
-    async for event in events:
-        event["sequence_number"] = sequence
-        sequence += 1
-        yield event
+# Each wrapper closes what it wraps when it is closed itself (the client left), so that `events` records the
+# run as cancelled and aborts its engine request then, not whenever the abandoned generator is collected.
 
 
-async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, str]]:
-    async for event in events:
-        yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+async def _numbered(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[dict[str, Any], None]:
+    async with contextlib.aclosing(events):
+        sequence = 0
+        async for event in events:
+            event["sequence_number"] = sequence
+            sequence += 1
+            yield event
+
+
+async def _sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[dict[str, str]]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
 
 
 def _format_echo(request: ResponsesRequest) -> dict[str, Any]:
