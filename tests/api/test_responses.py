@@ -562,8 +562,13 @@ def test_sdk_accepted_fields_are_accepted(client: openai.OpenAI) -> None:
         temperature=0.5,
         top_p=0.9,
         user="u1",
-        text={"format": {"type": "text"}},
+        text={"format": {"type": "text"}, "verbosity": "low"},
         max_output_tokens=2,
+        # Hints with nothing to do here (the prefix cache needs no key; one tier; no summaries written).
+        prompt_cache_key="k1",
+        safety_identifier="s1",
+        service_tier="auto",
+        reasoning={"effort": "low", "summary": "auto"},
         extra_body={"some_future_field": 1},
     )
     assert response.status in ("completed", "incomplete")
