@@ -188,6 +188,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if state.services is not None:
+            await state.services.responses.shutdown()
             state.services.engine.shutdown()
         state.workers.shutdown()
 

@@ -288,6 +288,26 @@ class ResponsesRequest(GenerationRequest):
     truncation: Literal["auto", "disabled"] | None = None
     text: ResponsesText | None = None
     user: str | None = None
+    # The range OpenAI's API takes (a 64-bit integer).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    # The most tool calls one response may hold (`ResponsesService.events` says what happens past it).
+    max_tool_calls: int | None = Field(default=None, ge=0)
+    # vLLM's sampling extras on the Responses API.
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+
+class InputItemsQuery(_Lenient):
+    """The query of `GET /v1/responses/{id}/input_items`: a page of the items, by item id cursors."""
+
+    after: str | None = None
+    before: str | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    order: Literal["asc", "desc"] = "desc"
+    include: list[str] | None = None
 
 
 # -- Completions API (`POST /v1/completions`) ----------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 import tiktoken
 
 from engine.constraint import Grammar, grammar_problem
-from engine.request import LogitsProcessor, RequestError, SamplingParams
+from engine.request import LogitsProcessor, RequestError, SamplingParams, TokenLogprob
 from harmony.grammar import GrammarError, ToolSpec, grammar_tokenizer, turn_grammar
 from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
@@ -328,6 +328,21 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             logits_processors=[*(processors or []), *hooked],
             grammar=grammar,
         )
+
+
+def logprob_json(encoding: tiktoken.Encoding, lp: TokenLogprob) -> dict[str, Any]:
+    """One sampled token's logprob with its top alternatives, as chat's `logprobs.content` and Responses'
+    `output_text.logprobs` both carry it."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        raw = encoding.decode_single_token_bytes(token)
+        # A forced or banned token can have a logprob of -inf, which JSON cannot carry; OpenAI uses -9999.
+        value = max(logprob, -9999.0)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
+
+    entry = one(lp.token_id, lp.logprob)
+    entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
+    return entry
 
 
 def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:

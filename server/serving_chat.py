@@ -11,13 +11,13 @@ from typing import Any
 from sse_starlette import EventSourceResponse
 
 from engine.constraint import Grammar
-from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
+from server.serving import EngineRequest, Serving, StopTrimmer, logprob_json, output_budget
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
 
@@ -130,17 +130,6 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
 
     # -- running --------------------------------------------------------------------------------------------
 
-    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
-        def one(token: int, logprob: float) -> dict[str, Any]:
-            raw = self.encoding.decode_single_token_bytes(token)
-            # A forced or banned token can have a logprob of -inf, which JSON cannot carry; OpenAI uses -9999.
-            value = max(logprob, -9999.0)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
-
-        entry = one(lp.token_id, lp.logprob)
-        entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
-        return entry
-
     def _consume(self, state: ChoiceState, output: RequestOutput, prepared: Prepared) -> list[Delta]:
         """Feed a step's tokens to the choice's parser; the deltas to send, answer text trimmed at stops."""
         produced: list[Delta] = []
@@ -150,7 +139,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             produced.extend(deltas)
             state.tokens += 1
             if prepared.logprobs and i < len(logprobs) and any(d.kind is DeltaKind.CONTENT for d in deltas):
-                state.logprobs.append(self._logprob_entry(logprobs[i]))
+                state.logprobs.append(logprob_json(self.encoding, logprobs[i]))
         state.cached_tokens = output.num_cached_tokens
         if output.finished:
             state.finish = output.finish_reason
