@@ -202,7 +202,9 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         if self.engine.max_in_flight is not None:
             limit = min(limit, self.engine.max_in_flight)
         if count > limit:
-            field = "n" if count == getattr(request, "n", 1) else "prompt"
+            per_prompt = getattr(request, "best_of", None) or getattr(request, "n", 1)
+            named = "best_of" if getattr(request, "best_of", None) else "n"
+            field = named if count == per_prompt else "prompt"
             message = f"the request asks for {count} sequences (prompts x n); at most {limit} are taken"
             raise RequestError(message, field)
 
@@ -298,9 +300,13 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         min_p: float = 0.0,
         logit_bias: dict[int, float] | None = None,
         grammar: Grammar | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters for choice `index` of `request`: the settings' defaults for what it leaves
-        out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions."""
+        out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions.
+
+        `stop_token_ids` are the API's end tokens: with `ignore_eos` none is passed, so only the token limit
+        (or a stop string) ends the output."""
         choices = request if isinstance(request, ChoicesRequest) else None
         stops = _stop_strings(choices.stop) if choices is not None else []
         hooked = self.processors_hook(request.model_extra or {}, index) if self.processors_hook else []
@@ -316,9 +322,12 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             frequency_penalty=choices.frequency_penalty if choices is not None else 0.0,
             logit_bias=logit_bias or {},
             seed=None if choices is None or choices.seed is None else choices.seed + index,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=[] if request.ignore_eos else stop_token_ids,
             stop=stops,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=request.min_tokens,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             logits_processors=[*(processors or []), *hooked],
             grammar=grammar,
         )
