@@ -206,8 +206,8 @@ class TokenLogprob:
     logprob: float
     # The most likely alternatives, best first: (token id, logprob).
     top: list[tuple[int, float]] = field(default_factory=list)
-    # For prompt tokens: 1 + the number of tokens the model found more likely (1: the argmax); None for
-    # sampled tokens.
+    # For prompt tokens: how many tokens the model found at least as likely, this one included (1: the
+    # argmax); None for sampled tokens.
     rank: int | None = None
 
 

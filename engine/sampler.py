@@ -539,11 +539,13 @@ def _raw_logprobs(
 
 def score_tokens(logits: torch.Tensor, target_ids: torch.Tensor, num_top: list[int]) -> list[TokenLogprob]:
     """Per row of ``logits`` ``[R, V]``, the token ``target_ids[r]`` under ``log_softmax`` (the raw
-    distribution, as for sampled tokens): its logprob, its rank (1 + the number of tokens with a higher
-    logprob) and the row's ``num_top[r]`` most likely tokens. Prompt logprobs are made of these."""
+    distribution, as for sampled tokens): its logprob, its rank (vLLM's: the number of tokens at least as
+    likely, itself included, so 1 is the argmax) and the row's ``num_top[r]`` most likely tokens. Prompt
+    logprobs are made of these."""
     logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
     chosen = logprobs.gather(1, target_ids.unsqueeze(1))
-    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    # An int32 sum: on the CPU about half the time of the default int64 one over a 201k vocabulary.
+    ranks = (logprobs >= chosen).sum(dim=-1, dtype=torch.int32)
     k = min(max(num_top, default=0), logprobs.shape[1])
     top_values, top_ids = logprobs.topk(k, dim=-1)
     return [

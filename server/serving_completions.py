@@ -84,7 +84,8 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # The prompt's tokens scored (the first None), when the request asks for them.
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    # Every output token, kept or not (usage counts what was generated).
+    # Output tokens generated: usage counts them for every candidate, returned or not (best_of), but not the
+    # one `max_tokens: 0` drops (it asked for none).
     num_generated: int = 0
     finish: FinishReason | None = None
 
@@ -208,10 +209,10 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
     def _token_text(self, token: int) -> str:
         return self.encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
-    def _logprobs_json(self, logprobs: list[TokenLogprob | None], top_n: int, offset: int) -> dict[str, Any]:
-        """The API's logprobs object for `logprobs` (None: a prompt's first token, which has none), whose text
-        starts `offset` characters into the choice. Each top_logprobs map holds the `top_n` most likely tokens
-        and the token itself (OpenAI's "up to logprobs + 1")."""
+    def _logprobs_json(self, logprobs: list[TokenLogprob], top_n: int, offset: int) -> dict[str, Any]:
+        """The API's logprobs object for `logprobs`, whose text starts `offset` characters into the choice.
+        Each top_logprobs map holds the `top_n` most likely tokens and the token itself (OpenAI's "up to
+        logprobs + 1")."""
         tokens, values, tops, offsets = [], [], [], []
         position = offset
         for lp in logprobs:
@@ -333,7 +334,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             echoed[choice.index] = True
             sent[choice.index] = len(self.encoding.decode(choice.prompt))
             logprobs = None
-            if request.logprobs is not None:
+            # (A request ended before its prefill, by an abort, has no prompt logprobs to send.)
+            if request.logprobs is not None and choice.prompt_logprobs is not None:
                 logprobs = self._echo_logprobs_json(choice, request.logprobs)
             return chunk(choice.index, self.encoding.decode(choice.prompt), logprobs)
 
