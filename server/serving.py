@@ -205,7 +205,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             per_prompt = getattr(request, "best_of", None) or getattr(request, "n", 1)
             named = "best_of" if getattr(request, "best_of", None) else "n"
             field = named if count == per_prompt else "prompt"
-            message = f"the request asks for {count} sequences (prompts x n); at most {limit} are taken"
+            message = f"the request asks for {count} sequences (prompts x {named}); at most {limit} are taken"
             raise RequestError(message, field)
 
     @contextmanager

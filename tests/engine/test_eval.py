@@ -104,10 +104,8 @@ def test_prompt_logprobs_recompute_a_cached_prefix(tiny_model: GptOss) -> None:
     assert plain[0].num_cached_tokens >= 36
     for outputs in (first, second):
         _assert_matches_reference(tiny_model, prompt, _prompt_logprobs(outputs), 0)
-    assert second[0].prompt_logprobs == first[0].prompt_logprobs or all(
-        abs(x.logprob - y.logprob) < 1e-5
-        for x, y in zip(first[0].prompt_logprobs[1:], second[0].prompt_logprobs[1:], strict=True)  # type: ignore[index, union-attr]
-    )
+    # Both scored every position (checked above), so the second took no cached block for them.
+    assert second[0].num_cached_tokens == 0
     assert [o.new_token_ids for o in second] == [o.new_token_ids for o in first]
 
 
