@@ -278,6 +278,7 @@ def test_best_of_keeps_the_candidates_of_highest_cumulative_logprob(served: Serv
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"best_of": 1, "n": 2}, "best_of"),
         ({"best_of": 2, "stream": True}, "best_of"),
+        ({"best_of": 21}, "best_of"),
         ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
