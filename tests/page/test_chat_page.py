@@ -192,6 +192,31 @@ def test_stop_ends_the_request_and_frees_its_kv_blocks(page: Page, page_server: 
     assert roles[2] == ("user", "Go on")
 
 
+def test_a_function_call_shows_as_it_is_made(page: Page, page_server: PageServer) -> None:
+    page_server.say(
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant to=functions.get_weather"
+        '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris", "unit": "celsius"}<|call|>',
+        seconds_per_token=0.04,
+    )
+    page.evaluate(
+        """() => {
+            window.calls = [];
+            new MutationObserver(() => {
+                const detail = document.querySelector('.turn .tool-detail');
+                if (detail) window.calls.push(detail.textContent);
+            }).observe(document.querySelector('#conversation'),
+                       {childList: true, subtree: true, characterData: true});
+        }"""
+    )
+    send(page, "Weather in Paris?")
+    wait_done(page, 1)
+    tool = page.locator(".turn .tool")
+    assert tool.locator(".tool-title").inner_text() == "function call: get_weather · completed"
+    assert tool.locator(".tool-detail").inner_text() == '{"city": "Paris", "unit": "celsius"}'
+    arguments = set(page.evaluate("() => window.calls"))
+    assert len(arguments) >= 3, arguments  # the arguments appeared as they were generated
+
+
 XSS_ANSWER = (
     'Look: <img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> '
     "[click me](javascript:window.pwned=3) [data](data:text/html;base64,PHNjcmlwdD4=) "
