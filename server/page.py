@@ -43,7 +43,7 @@ def _file_route(body: bytes, media_type: str) -> Callable[[], Awaitable[Response
     headers = {
         "Content-Security-Policy": CONTENT_SECURITY_POLICY,
         "X-Content-Type-Options": "nosniff",
-        # Revalidated on each load, so a restarted server's new page is never mixed with an old script.
+        # Fetched anew on each load (the files are small): an upgraded server's page never runs an old script.
         "Cache-Control": "no-cache",
     }
 
