@@ -34,7 +34,7 @@ def page_router() -> APIRouter:
     static = resources.files("server") / "static"
     for path, (name, media_type) in PAGE_FILES.items():
         router.add_api_route(
-            path, _file_route(static.joinpath(name).read_bytes(), media_type), methods=["GET"]
+            path, _file_route(static.joinpath(name).read_bytes(), media_type), methods=["GET", "HEAD"]
         )
     return router
 

@@ -27,6 +27,9 @@ def test_the_page_loads_without_the_key_and_the_api_still_needs_it() -> None:
             assert response.headers["content-type"] == media_type
             assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
             assert response.headers["x-content-type-options"] == "nosniff"
+            head = client.head(path)  # what link checkers and `curl -I` send
+            assert head.status_code == 200
+            assert head.content == b""
         assert client.get("/v1/models").status_code == 401
         assert client.get("/static/other.js").status_code == 401  # only the page's own files are open
         # The page asks for exactly the files served, nothing from another host (it works offline).
