@@ -275,7 +275,7 @@ async function loadModels() {
 
 // Each turn: {prompt, responseId (once the server stored its response), answer, element}.
 const turns = [];
-let running = null; // {controller, turn} while a request streams
+let running = null; // {controller} while a request streams
 
 function setRunning(value) {
   running = value;
@@ -287,6 +287,13 @@ function setRunning(value) {
 function scrollToEnd() {
   const main = byId("conversation");
   main.scrollTop = main.scrollHeight;
+}
+
+// Whether the reader is at the end of the conversation: a stream follows them there, and leaves them be
+// when they have scrolled up to read.
+function atEnd() {
+  const main = byId("conversation");
+  return main.scrollHeight - main.scrollTop - main.clientHeight < 40;
 }
 
 // Where the next request continues from: the newest stored response, and the turns after it (stopped or
@@ -445,7 +452,7 @@ async function send(prompt) {
   scrollToEnd();
 
   const controller = new AbortController();
-  setRunning({ controller, turn });
+  setRunning({ controller });
   const views = new Map();
   const timing = { start: performance.now(), first: null, end: null };
   let usage = null;
@@ -454,9 +461,10 @@ async function send(prompt) {
   const dirty = new Set();
   const repaint = () => {
     frame = 0;
+    const follow = atEnd();
     for (const view of dirty) view.update();
     dirty.clear();
-    scrollToEnd();
+    if (follow) scrollToEnd();
   };
   const changed = (view) => {
     dirty.add(view);
