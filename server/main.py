@@ -120,6 +120,9 @@ class CliSettings(BaseSettings):
         "public", description="whether /metrics needs the API key too (public: Prometheus scrapes it keyless)"
     )
     cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS, or *")
+    chat_page: Literal["on", "off"] = Field(
+        "on", description="the chat page at / (off: an API-only server, / answers 404)"
+    )
     max_waiting_requests: int = Field(
         512, ge=0, description="requests queued beyond the running batch before a 429"
     )
@@ -234,6 +237,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_unread_outputs=args.max_unread_outputs,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
+        chat_page=args.chat_page == "on",
     )
     return engine, settings
 

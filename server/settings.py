@@ -26,6 +26,8 @@ class ServerSettings(BaseModel):
     shutdown_grace: float = Field(default=30.0, ge=0.0)
     # Origins browsers may call from (CORS); empty: no CORS headers.
     cors_origins: list[str] = Field(default_factory=list)
+    # The chat page at `/` (`server.page`); off for API-only deployments.
+    chat_page: bool = True
     # Limits, each refused with a clear error: request body bytes (413), messages or input items and tools
     # per request (400), and requests queued beyond the running batch (429 with Retry-After).
     max_request_bytes: int = Field(default=16 << 20, ge=1)
