@@ -179,12 +179,15 @@ class KVCacheManager:
         first = max(0, num_tokens - self.window + 1) // self.block_size
         return range(first, -(-num_tokens // self.block_size))
 
-    def find_cached_prefix(self, request: Request) -> CachedPrefix:
-        """The longest computed prefix of the request's tokens, leaving at least one token to compute."""
+    def find_cached_prefix(self, request: Request, max_tokens: int | None = None) -> CachedPrefix:
+        """The longest computed prefix of the request's tokens, leaving at least one token to compute, and
+        of at most `max_tokens` tokens when given (the positions after it must be computed)."""
         if not self.enable_prefix_caching:
             return CachedPrefix()
         self.update_hashes(request)
         limit = (request.num_tokens - 1) // self.block_size
+        if max_tokens is not None:
+            limit = min(limit, max_tokens // self.block_size)
         full: list[int] = []
         for key in request.block_hashes[:limit]:
             block = self.full.lookup(key)

@@ -25,6 +25,11 @@ MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 # OpenAI's bound on logit_bias values. A bias of this size already forces or bans a token; beyond it a
 # float32 logit overflows to inf (1e308 is inf in float32), and inf - inf in the softmax is NaN.
 MAX_LOGIT_BIAS = 100.0
+# Bounds on repetition_penalty. vLLM takes any positive value; the bound keeps the scaled logits finite (a
+# logit divided by 1e-40 is inf in float32, and inf - inf in the softmax is NaN) while leaving every value a
+# client uses in practice (1.0 to 2.0) far inside.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 
 class RequestError(ValueError):
@@ -64,6 +69,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     # Number of top alternatives to report with each sampled token's logprob; None: no logprobs at all.
     logprobs: int | None = None
+    # The same for every prompt token after the first (scored in the prefill; see Request.prompt_logprobs).
+    prompt_logprobs: int | None = None
+    # Neither a stop token nor a stop string ends the request before it has this many output tokens (the stop
+    # tokens cannot even be sampled until then, as in vLLM).
+    min_tokens: int = 0
+    # vLLM's and Hugging Face's: the logit of every token seen in the prompt or the output so far is divided
+    # by this when positive and multiplied by it when negative; 1.0 is off.
+    repetition_penalty: float = 1.0
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     # Tokens outside the grammar are never sampled (structured outputs, enforced tool calls).
     grammar: Grammar | None = None
@@ -94,6 +107,17 @@ class SamplingParams:
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
                 "logprobs",
                 f"must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                "prompt_logprobs",
+                f"must be between 0 and {MAX_TOP_LOGPROBS}",
+            ),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
+            (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                "repetition_penalty",
+                f"must be between {MIN_REPETITION_PENALTY:g} and {MAX_REPETITION_PENALTY:g} (1 is off)",
             ),
         ]
         for ok, name, why in checks:
@@ -132,6 +156,13 @@ class SamplingParams:
             ("max_tokens", integer(self.max_tokens), "an integer"),
             ("top_k", integer(self.top_k), "an integer"),
             ("logprobs", self.logprobs is None or integer(self.logprobs), "an integer or None"),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or integer(self.prompt_logprobs),
+                "an integer or None",
+            ),
+            ("min_tokens", integer(self.min_tokens), "an integer"),
+            ("repetition_penalty", number(self.repetition_penalty), "a number"),
             ("seed", self.seed is None or integer(self.seed), "an integer or None"),
             ("temperature", number(self.temperature), "a number"),
             ("top_p", number(self.top_p), "a number"),
@@ -175,6 +206,9 @@ class TokenLogprob:
     logprob: float
     # The most likely alternatives, best first: (token id, logprob).
     top: list[tuple[int, float]] = field(default_factory=list)
+    # For prompt tokens: how many tokens the model found at least as likely, this one included (1: the
+    # argmax); None for sampled tokens.
+    rank: int | None = None
 
 
 @dataclass(slots=True)
@@ -184,6 +218,9 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    # With params.prompt_logprobs: one entry per prompt token, the first None (nothing precedes it to score
+    # it). Given once, whole, on the request's first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: FinishReason | None = None
     # For FinishReason.STOP: the stop token id or stop string that ended it.
     stop_reason: int | str | None = None
@@ -232,10 +269,26 @@ class Request:
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    # With params.prompt_logprobs: the prompt tokens scored so far, the first None; extended by each prefill
+    # chunk (position p's logits score token p + 1) and kept across preemption.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs = [None]
+
+    @property
+    def prompt_logprobs_from(self) -> int | None:
+        """The first position whose logits prompt logprobs still need, or None when none are needed.
+
+        Position p's logits score prompt token p + 1, so with tokens 0..k-1 scored the next position is
+        k - 1: the KV of positions before it may come from the prefix cache, its own may not (a cached
+        position has no logits)."""
+        if self.params.prompt_logprobs is None or len(self.prompt_logprobs) >= self.num_prompt_tokens:
+            return None
+        return len(self.prompt_logprobs) - 1
 
     @property
     def num_tokens(self) -> int:

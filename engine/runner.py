@@ -7,6 +7,11 @@ changes neither: what a step produced goes back to the scheduler as a :class:`Ru
 Every scheduled request contributes its next `num_new_tokens` tokens to one flattened batch. Requests whose
 computed tokens reach the end of their known tokens this step (a decode, or the last chunk of a prompt)
 get a logits row and a sampled token; the others (prompt chunks still in progress) only fill the cache.
+
+A request that asks for prompt logprobs also gets the logits of the prompt positions it runs, in the same
+forward (no second pass): position p's logits score prompt token p + 1, so a chunk's last position scores
+the next chunk's first token. Those rows are unembedded `PROMPT_LOGPROB_ROWS` at a time, so a 2048-token
+chunk never holds a `[2048, vocab]` float32 matrix at once.
 """
 
 from __future__ import annotations
@@ -20,13 +25,27 @@ import torch
 from engine.config import EngineConfig
 from engine.paged_kv import PagedKVCache, StepKV, StepShape, bytes_per_block, group_step, plan_group
 from engine.request import TokenLogprob
-from engine.sampler import Sampler
+from engine.sampler import Sampler, score_tokens
 from engine.scheduler import RunnerOutput, SchedulerOutput
 from model.gpt_oss import AttentionMetadata, GptOss
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_MEMORY = 1 << 30  # bytes of KV cache on a CPU unless configured
+# Prompt positions unembedded at once for prompt logprobs: 128 x 201,088 float32 logits are 103 MB, and
+# their log-softmax as much again.
+PROMPT_LOGPROB_ROWS = 128
+
+
+@dataclass(slots=True)
+class PromptScoring:
+    """The prompt positions one step scores: per row of the flattened batch to unembed, the token it scores,
+    how many alternatives its request wants, and which scheduled request it belongs to."""
+
+    rows: list[int]
+    targets: list[int]
+    num_top: list[int]
+    owners: list[int]
 
 
 @dataclass(slots=True)
@@ -173,6 +192,43 @@ class ModelRunner:
         meta = AttentionMetadata(query_lens, context_lens, positions_t, seq_index_t, query_offset_t)
         return token_ids, meta, StepKV(self.cache, full, sliding), sample_rows, logits_indices
 
+    @staticmethod
+    def prompt_scoring(plan: SchedulerOutput) -> PromptScoring | None:
+        """The positions of this step whose logits prompt logprobs need, or None when no request wants any:
+        for each request that asks, its positions from the first unscored one (earlier ones were scored
+        before a preemption) to the second-to-last prompt token (the last one's logits sample)."""
+        scoring = PromptScoring([], [], [], [])
+        offset = 0  # the request's first row in the flattened batch
+        for i, item in enumerate(plan.scheduled):
+            request = item.request
+            first = request.prompt_logprobs_from
+            if first is not None:
+                start = request.num_computed_tokens
+                end = min(start + item.num_new_tokens, request.num_prompt_tokens - 1)
+                assert first >= start, "positions to score are never served from the prefix cache"
+                positions = range(first, end)
+                scoring.rows.extend(offset + p - start for p in positions)
+                scoring.targets.extend(request.prompt_token_ids[p + 1] for p in positions)
+                scoring.num_top.extend([request.params.prompt_logprobs or 0] * len(positions))
+                scoring.owners.extend([i] * len(positions))
+            offset += item.num_new_tokens
+        return scoring if scoring.rows else None
+
+    def _score_prompts(
+        self, hidden: torch.Tensor, scoring: PromptScoring, count: int
+    ) -> list[list[TokenLogprob]]:
+        """Per scheduled request, the prompt tokens `scoring` scores, unembedding a slice at a time."""
+        out: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        rows = torch.tensor(scoring.rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        targets = torch.tensor(scoring.targets, dtype=torch.int64).to(self.device, non_blocking=True)
+        for s in range(0, len(scoring.rows), PROMPT_LOGPROB_ROWS):
+            e = s + PROMPT_LOGPROB_ROWS
+            logits = self.model.logits(hidden[rows[s:e]])
+            scored = score_tokens(logits, targets[s:e], scoring.num_top[s:e])
+            for owner, token in zip(scoring.owners[s:e], scored, strict=True):
+                out[owner].append(token)
+        return out
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         scheduled = plan.scheduled
@@ -182,9 +238,16 @@ class ModelRunner:
         out_errors: list[str | None] = [None] * len(scheduled)
         if self._logits.shape[0] < len(sample_rows):
             self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
-        logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits)
+        scoring = self.prompt_scoring(plan)
+        prompt_logprobs: list[list[TokenLogprob]] = []
+        if scoring is None:
+            logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits)
+        else:
+            hidden = self.model.hidden(token_ids, meta, step_kv)
+            logits = self.model.logits(hidden[logits_indices], self._logits)
+            prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
         if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
-            return RunnerOutput(out_tokens, out_logprobs, out_errors)
+            return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
         requests = [scheduled[i].request for i in sample_rows]
         sampled = self.sampler.sample(
             logits,
@@ -192,6 +255,7 @@ class ModelRunner:
             [r.output_token_ids for r in requests],
             [r.generator for r in requests],
             [r.constraint for r in requests],
+            [r.prompt_token_ids for r in requests],
         )
         for row, token, logprob, error in zip(
             sample_rows, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
@@ -199,4 +263,4 @@ class ModelRunner:
             out_tokens[row] = token
             out_logprobs[row] = logprob
             out_errors[row] = error
-        return RunnerOutput(out_tokens, out_logprobs, out_errors)
+        return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)

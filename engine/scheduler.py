@@ -60,6 +60,9 @@ class RunnerOutput:
     token_ids: list[int | None]
     logprobs: list[TokenLogprob | None]
     errors: list[str | None] = field(default_factory=list)  # empty: no request failed
+    # Per scheduled request: the prompt tokens this step scored, in order, from the request's first unscored
+    # one (see Request.prompt_logprobs_from); empty: none did.
+    prompt_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -139,7 +142,9 @@ class Scheduler:
         # No admissions in a step that had to preempt: the pool is full.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            prefix = self.kv.find_cached_prefix(request)
+            # Prompt logprobs need the logits of the positions not yet scored: those are recomputed even
+            # when the prefix cache holds them.
+            prefix = self.kv.find_cached_prefix(request, request.prompt_logprobs_from)
             num_new = min(request.num_tokens - prefix.num_tokens, budget)
             assert request.num_computed_tokens == 0
             if not self.kv.allocate_slots(request, num_new, prefix):
@@ -165,8 +170,9 @@ class Scheduler:
         now = time.perf_counter()
         outputs = []
         errors = result.errors or [None] * len(plan.scheduled)
-        for item, token, logprob, error in zip(
-            plan.scheduled, result.token_ids, result.logprobs, errors, strict=True
+        scored = result.prompt_logprobs or [[]] * len(plan.scheduled)
+        for item, token, logprob, error, prompt_logprobs in zip(
+            plan.scheduled, result.token_ids, result.logprobs, errors, scored, strict=True
         ):
             request = item.request
             if error is not None:
@@ -174,6 +180,7 @@ class Scheduler:
                 outputs.append(self._fail(request, error))
                 continue
             request.num_computed_tokens += item.num_new_tokens
+            request.prompt_logprobs += prompt_logprobs
             if token is None:  # a prompt chunk: only the cache was filled
                 self.kv.register_computed(request)
                 continue
@@ -190,6 +197,9 @@ class Scheduler:
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
+            if request.params.prompt_logprobs is not None and len(request.output_token_ids) == 1:
+                assert len(request.prompt_logprobs) == request.num_prompt_tokens, "the prefill scores all"
+                output.prompt_logprobs = list(request.prompt_logprobs)
             try:
                 reason = self._stop_check(request, token)
             except Exception as error:  # token_bytes or a stop string: this request's own business
@@ -212,14 +222,17 @@ class Scheduler:
 
     def _stop_check(self, request: Request, token: int) -> FinishReason | None:
         params = request.params
-        if token in params.stop_token_ids:
+        # Short of min_tokens outputs (this one counted, as vLLM does) nothing but its length stops the
+        # request; the sampler keeps the stop tokens out until then.
+        may_stop = len(request.output_token_ids) >= params.min_tokens
+        if may_stop and token in params.stop_token_ids:
             request.stop_reason = token
             return FinishReason.STOP
         if params.stop:
             assert self.token_bytes is not None, "the engine refuses stop strings without token_bytes"
             new = self.token_bytes(token)
             request.output_bytes += new
-            for stop in params.stop:
+            for stop in params.stop if may_stop else ():
                 encoded = stop.encode()
                 tail = bytes(request.output_bytes[-(len(new) + len(encoded) - 1) :])
                 if encoded in tail:

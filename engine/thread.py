@@ -28,6 +28,11 @@ class EngineThread:
     request alone (its processors, its parameters, its stop strings) ends that request only, and a callback
     that raises is logged. If a step raises as a whole (the forward), every request in flight ends with
     `abort` and the error text, and the engine goes on serving.
+
+    If the engine cannot even do that (ending the requests raises too: its own books are broken), the thread
+    stops for good rather than serve from broken books: every request it holds or is later given ends at
+    once with the reason, and `stopped_because` says it, for /health to report and the orchestrator to
+    restart the server. Nothing waits forever on a thread that is gone.
     """
 
     def __init__(self, engine: EngineCore) -> None:
@@ -36,16 +41,26 @@ class EngineThread:
         self._wake = threading.Event()
         self._callbacks: dict[str, OutputCallback] = {}
         self._stopping = False
+        # Set once, by the engine thread, when it stops for good (see the class docstring).
+        self.stopped_because: str | None = None
+        # Orders a request's registration against the thread's stop, so none is registered after the last
+        # callbacks were ended.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, callback: OutputCallback
     ) -> None:
-        """Queue a request; raises `RequestError` at once for one that can never run."""
+        """Queue a request; raises `RequestError` at once for one that can never run. On a thread that has
+        stopped for good the request ends at once, through its callback, with the reason."""
         self.engine.check(prompt_token_ids, params)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, callback)))
-        self._wake.set()
+        with self._lock:
+            if self.stopped_because is None:
+                self._commands.put(("add", (request_id, prompt_token_ids, params, callback)))
+                self._wake.set()
+                return
+        self._deliver(callback, _ended(request_id, self.stopped_because))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", (request_id,)))
@@ -57,6 +72,33 @@ class EngineThread:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:
+            self._stop_for_good(error)
+            if not isinstance(error, Exception):
+                raise
+
+    def _stop_for_good(self, error: BaseException) -> None:
+        reason = f"the engine stopped: {type(error).__name__}: {error}"
+        logger.critical(
+            "%s; every request ends with this error until the server is restarted", reason, exc_info=error
+        )
+        with self._lock:
+            self.stopped_because = reason
+        callbacks = dict(self._callbacks)
+        self._callbacks.clear()
+        while True:  # requests queued but never admitted
+            try:
+                kind, args = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                callbacks[args[0]] = args[3]
+        for request_id, callback in callbacks.items():
+            self._deliver(callback, _ended(request_id, reason))
+
+    def _serve(self) -> None:
         engine = self.engine
         while not self._stopping:
             self._apply_commands()
@@ -106,11 +148,17 @@ class EngineThread:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except RequestError as error:  # checked on the caller's thread, but params are mutable
-                    self._deliver(
-                        callback,
-                        RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=str(error)),
-                    )
+                    self._deliver(callback, _ended(request_id, str(error)))
+                    continue
+                except Exception as error:  # a bug this request met: it alone fails
+                    logger.exception("request %s could not be added", request_id)
+                    self._deliver(callback, _ended(request_id, f"engine error: {error}"))
                     continue
                 self._callbacks[request_id] = callback
             else:
                 self.engine.abort(args[0])
+
+
+def _ended(request_id: str, error: str) -> RequestOutput:
+    """The last output of a request that ends, unrun or unfinished, with `error`."""
+    return RequestOutput(request_id, [], finish_reason=FinishReason.ABORT, error=error)

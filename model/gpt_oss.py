@@ -243,17 +243,30 @@ class GptOss(nn.Module):
         way: a fresh `[64, 201088]` float32 result is 51 MB, which glibc maps anew for every call (it is over
         its mmap threshold), and the CPU then takes a page fault per 4 KB written.
         """
+        x = self.hidden(token_ids, meta, cache)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.logits(x, logits_out)
+
+    def hidden(
+        self, token_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """The last block's output `[T, hidden]` for every token, before the final norm: the part of
+        :meth:`forward` that fills the cache, for a caller that unembeds chosen rows itself."""
         x = self.embedding(token_ids)
         cos_sin = self.rope.cos_sin(meta.positions)
         for block in self.block:
             x = block(x, cos_sin, meta, cache)
-        if logits_indices is not None:
-            x = x[logits_indices]
+        return x
+
+    def logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits `[R, vocab]` of hidden rows `x [R, hidden]` (final norm, then unembedding), written
+        into the leading rows of `out` when given (see :meth:`forward`)."""
         x = self.norm(x)
-        if logits_out is None:
+        if out is None:
             return self.unembedding(x).float()
-        assert logits_out.dtype == torch.float32
-        return self.unembedding(x, out=logits_out[: x.shape[0]])
+        assert out.dtype == torch.float32
+        return self.unembedding(x, out=out[: x.shape[0]])
 
     @classmethod
     def from_checkpoint(

@@ -27,8 +27,9 @@ from engine.core import EngineCore
 from harmony.encoding import load_harmony_encoding
 from server.errors import APIError, install_error_handlers
 from server.logs import REQUEST_ID
+from server.page import PAGE_PATHS, page_router
 from server.routes import router
-from server.serving import ProcessorsHook
+from server.serving import CLIENT, ProcessorsHook
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 # Routes anyone may call when an API key is set: the load balancer's probe. `/metrics` joins them unless the
-# settings protect it (it carries counts and latencies only, and the deployment's Prometheus scrapes it).
+# settings protect it (it carries counts and latencies only, and the deployment's Prometheus scrapes it), and
+# so do the chat page's files when it is served (they carry no secret; the page sends the key it is given).
 _OPEN_PATHS = frozenset({"/health"})
 
 
@@ -58,11 +60,10 @@ def _bearer_token(request: Request) -> bytes | None:
 def _needs_key(request: Request, settings: ServerSettings) -> bool:
     if settings.api_key is None:
         return False
-    # CORS preflights carry no credentials; the CORS middleware answers them.
-    if request.method == "OPTIONS" and settings.cors_origins:
-        return False
     path = request.url.path
-    return path not in _OPEN_PATHS and not (path == "/metrics" and settings.metrics_access == "public")
+    if path in _OPEN_PATHS or (settings.chat_page and path in PAGE_PATHS):
+        return False
+    return not (path == "/metrics" and settings.metrics_access == "public")
 
 
 def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
@@ -80,6 +81,16 @@ def _refusal(request: Request, settings: ServerSettings) -> JSONResponse | None:
     if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
         return JSONResponse(_too_large(settings).body(), status_code=413)
     return None
+
+
+def _client_id(request: Request, settings: ServerSettings) -> str:
+    """Who sent `request`, for its share of the in-flight bound: the configured header's value (a proxy's
+    client id or forwarded address), else the peer's address."""
+    if settings.client_id_header is not None:
+        value = request.headers.get(settings.client_id_header)
+        if value:
+            return "header:" + value
+    return "peer:" + (request.client.host if request.client is not None else "")
 
 
 def _too_large(settings: ServerSettings) -> APIError:
@@ -178,22 +189,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if state.services is not None:
+            await state.services.responses.shutdown()
             state.services.engine.shutdown()
         state.workers.shutdown()
 
     app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
-    if state.settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=state.settings.cors_origins,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            expose_headers=["x-request-id"],
-        )
-
     app.include_router(router)
+    if state.settings.chat_page:
+        app.include_router(page_router())
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Inside `guard` (added after it, so wrapped by it): a body is read only once the API key is checked.
     app.add_middleware(BodyLimit, settings=state.settings)
@@ -202,6 +207,7 @@ def create_app(
     async def guard(request: Request, call_next: Any) -> Any:
         """Request ids, the API key, the body size limit, and the request log and count, in one place."""
         token = REQUEST_ID.set(request.headers.get("x-request-id") or "req-" + secrets.token_hex(6))
+        client = CLIENT.set(_client_id(request, state.settings))
         started = time.perf_counter()
         try:
             response = _refusal(request, state.settings) or await call_next(request)
@@ -217,6 +223,18 @@ def create_app(
             )
             return response
         finally:
+            CLIENT.reset(client)
             REQUEST_ID.reset(token)
 
+    if state.settings.cors_origins:
+        # Outermost (added last): preflights, which carry no credentials, are answered before the API key is
+        # asked for, and the refusals `guard` makes (401, 413) carry the CORS headers too, so a page on
+        # another origin can read why it was refused instead of seeing a bare network error.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
     return app

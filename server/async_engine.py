@@ -61,15 +61,18 @@ class _Cut:
 
 
 class Admission:
-    """Slots of the in-flight bound held by one HTTP response (one per choice); `release` is idempotent."""
+    """Slots of the in-flight bound held by one HTTP response (one per choice) for one client; `release` is
+    idempotent."""
 
-    def __init__(self, engine: AsyncEngine, slots: int) -> None:
+    def __init__(self, engine: AsyncEngine, slots: int, client: str) -> None:
         self._engine = engine
         self._slots = slots
+        self._client = client
 
     def release(self) -> None:
-        self._engine.in_flight -= self._slots
-        self._slots = 0
+        if self._slots:
+            self._engine._give_back(self._client, self._slots)
+            self._slots = 0
 
 
 class AsyncEngine:
@@ -78,32 +81,55 @@ class AsyncEngine:
         engine: EngineCore,
         *,
         max_in_flight: int | None = None,
+        max_in_flight_per_client: int | None = None,
         max_unread_outputs: int = 4096,
         on_finished: FinishedObserver | None = None,
     ) -> None:
-        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`);
-        `max_unread_outputs` the outputs a request's consumer may leave unread (beyond it the request is
-        aborted and ends with `ReaderTooSlow`)."""
+        """`max_in_flight` bounds the requests running or waiting (beyond it `admit` raises `QueueFull`), and
+        `max_in_flight_per_client` one client's share of them, so that one client's burst cannot take every
+        slot and leave the others nothing but 429s; `max_unread_outputs` the outputs a request's consumer
+        may leave unread (beyond it the request is aborted and ends with `ReaderTooSlow`)."""
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.engine = engine
         self.max_in_flight = max_in_flight
+        self.max_in_flight_per_client = max_in_flight_per_client
         self.max_unread_outputs = max_unread_outputs
         self.on_finished = on_finished
         self._thread = EngineThread(engine)
         self._ids = itertools.count()
-        self.in_flight = 0  # slots held by admissions; touched only on the event loop's thread
+        # Slots held by admissions, in all and per client; touched only on the event loop's thread.
+        self.in_flight = 0
+        self._held: dict[str, int] = {}
         # The output queue of every request being generated, by id: what `cut_all` reaches.
         self._queues: dict[str, asyncio.Queue[RequestOutput | _Cut]] = {}
 
-    def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admission:
+    def admit(self, requests: list[tuple[list[int], SamplingParams]], client: str = "") -> Admission:
         """Before a response starts, for all of its engine requests: `RequestRejected` for one that can never
-        run, `QueueFull` when they do not fit under the bound; else their slots, taken now."""
+        run, `QueueFull` when they do not fit under the bound or `client`'s share of it; else their slots,
+        taken now."""
         for prompt_token_ids, params in requests:
             self.engine.check(prompt_token_ids, params)
-        if self.max_in_flight is not None and self.in_flight + len(requests) > self.max_in_flight:
+        count = len(requests)
+        if self.max_in_flight is not None and self.in_flight + count > self.max_in_flight:
             raise QueueFull(f"{self.in_flight} requests are already in flight; retry shortly")
-        self.in_flight += len(requests)
-        return Admission(self, len(requests))
+        held = self._held.get(client, 0)
+        share = self.max_in_flight_per_client
+        if share is not None and held + count > share:
+            raise QueueFull(
+                f"this client already has {held} requests in flight, and one client may have {share}; "
+                "retry shortly"
+            )
+        self.in_flight += count
+        self._held[client] = held + count
+        return Admission(self, count, client)
+
+    def _give_back(self, client: str, slots: int) -> None:
+        self.in_flight -= slots
+        left = self._held[client] - slots
+        if left:
+            self._held[client] = left
+        else:
+            del self._held[client]  # no entry lingers for a client that went away
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -165,6 +191,11 @@ class AsyncEngine:
             if not finished:
                 logger.info("request %s abandoned by its client; aborting it", rid)
                 self._thread.abort(rid)
+
+    @property
+    def stopped_because(self) -> str | None:
+        """Why the engine thread stopped for good (it serves nothing more), or None while it runs."""
+        return self._thread.stopped_because
 
     def cut_all(self, reason: str) -> None:
         """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the

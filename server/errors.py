@@ -92,8 +92,11 @@ def engine_failure(error: EngineFailure) -> APIError:
 
 
 def _param_of(location: tuple[Any, ...]) -> str | None:
-    """`("body", "messages", 0, "role")` -> `messages[0].role`."""
+    """`("body", "messages", 0, "role")` -> `messages[0].role`; a query parameter is named alone, as the
+    body's fields are (`("query", "limit")` -> `limit`)."""
     parts = [p for p in location if p != "body"]
+    if parts and parts[0] in ("query", "path"):
+        parts = parts[1:]
     out = ""
     for p in parts:
         if isinstance(p, int):

@@ -120,8 +120,22 @@ class CliSettings(BaseSettings):
         "public", description="whether /metrics needs the API key too (public: Prometheus scrapes it keyless)"
     )
     cors_origins: str | None = Field(None, description="comma-separated origins allowed by CORS, or *")
+    chat_page: Literal["on", "off"] = Field(
+        "on", description="the chat page at / (off: an API-only server, / answers 404)"
+    )
     max_waiting_requests: int = Field(
         512, ge=0, description="requests queued beyond the running batch before a 429"
+    )
+    max_in_flight_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="requests one client may have in flight (running or queued) before its 429s, so that one "
+        "client cannot take every slot (default: half of max-num-seqs + max-waiting-requests)",
+    )
+    client_id_header: str | None = Field(
+        None,
+        description="the header that names a request's client for its share (behind a proxy, e.g. "
+        "X-Forwarded-For); without it, the peer's address",
     )
     max_request_bytes: int = Field(16 << 20, ge=1, description="largest request body accepted")
     max_prompt_chars: int = Field(
@@ -213,6 +227,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         api_key=args.api_key or None,
         metrics_access=args.metrics_access,
         max_waiting_requests=args.max_waiting_requests,
+        max_in_flight_per_client=args.max_in_flight_per_client,
+        client_id_header=args.client_id_header,
         max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars,
         render_workers=args.render_workers,
@@ -221,6 +237,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_unread_outputs=args.max_unread_outputs,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
+        chat_page=args.chat_page == "on",
     )
     return engine, settings
 

@@ -170,6 +170,12 @@ class GenerationRequest(_Lenient):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
+    # vLLM's extras, which benchmark and evaluation tools send: the end tokens cannot end the output before
+    # `min_tokens` tokens; with `ignore_eos` they never do (generation runs to the token limit); and the
+    # repetition penalty (None: off; its bounds are the engine's).
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    repetition_penalty: float | None = None
 
 
 class ChoicesRequest(GenerationRequest):
@@ -182,6 +188,8 @@ class ChoicesRequest(GenerationRequest):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream_options: StreamOptions | None = None
+    # vLLM's extra: the prompt tokens' logprobs with this many alternatives each (not with stream).
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ChatCompletionRequest(ChoicesRequest):
@@ -288,6 +296,26 @@ class ResponsesRequest(GenerationRequest):
     truncation: Literal["auto", "disabled"] | None = None
     text: ResponsesText | None = None
     user: str | None = None
+    # The range OpenAI's API takes (a 64-bit integer).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    # The most tool calls one response may hold (`ResponsesService.events` says what happens past it).
+    max_tool_calls: int | None = Field(default=None, ge=0)
+    # vLLM's sampling extras on the Responses API.
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+
+class InputItemsQuery(_Lenient):
+    """The query of `GET /v1/responses/{id}/input_items`: a page of the items, by item id cursors."""
+
+    after: str | None = None
+    before: str | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    order: Literal["asc", "desc"] = "desc"
+    include: list[str] | None = None
 
 
 # -- Completions API (`POST /v1/completions`) ----------------------------------------------------------------
@@ -295,9 +323,14 @@ class ResponsesRequest(GenerationRequest):
 
 class CompletionRequest(ChoicesRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    # None: the API's default of 16 tokens.
-    max_tokens: int | None = Field(default=None, ge=1)
+    # None: the API's default of 16 tokens. 0 (with echo only, as OpenAI took it): the prompt alone, scored.
+    max_tokens: int | None = Field(default=None, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    # Sample this many per prompt and return the `n` of the highest cumulative logprob (None: n).
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     return_token_ids: bool = False
     user: str | None = None

@@ -9,18 +9,20 @@ import json
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
+from server.bodies import OffLoopJsonRoute
 from server.errors import ClientGone, bad_request
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    InputItemsQuery,
     ResponsesRequest,
     TokenizeRequest,
     invalid_field,
@@ -30,7 +32,7 @@ from server.state import ServerState, Services
 RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJsonRoute)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -103,6 +105,9 @@ Ready = Annotated[Services, Depends(services)]
 async def health(state: State) -> JSONResponse:
     if state.services is None:
         return JSONResponse({"status": "loading"}, status_code=503)
+    stopped = state.services.engine.stopped_because
+    if stopped is not None:  # every request would fail: the orchestrator should restart the server
+        return JSONResponse({"status": "engine stopped", "error": stopped}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -149,9 +154,30 @@ async def create_response(
     return await unless_disconnected(request, ready.responses.create(body))
 
 
-@router.get("/v1/responses/{response_id}", responses=_errors(401, 404, 503))
-async def retrieve_response(response_id: str, ready: Ready) -> dict[str, Any]:
+@router.get("/v1/responses/{response_id}", response_model=None, responses=_errors(400, 401, 404, 503))
+async def retrieve_response(
+    response_id: str,
+    ready: Ready,
+    stream: bool = False,
+    starting_after: Annotated[int | None, Query(ge=-1)] = None,
+) -> dict[str, Any] | EventSourceResponse:
+    """The response as it is now (in progress: the output so far); with `stream`, a background response's
+    events after `starting_after`, then each as it comes."""
+    if stream:
+        return ready.responses.follow(response_id, starting_after)
     return ready.responses.retrieve(response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items", responses=_errors(400, 401, 404, 503))
+async def response_input_items(
+    response_id: str, query: Annotated[InputItemsQuery, Query()], ready: Ready
+) -> dict[str, Any]:
+    return ready.responses.input_items(response_id, query)
+
+
+@router.post("/v1/responses/{response_id}/cancel", responses=_errors(400, 401, 404, 413, 503))
+async def cancel_response(response_id: str, ready: Ready) -> dict[str, Any]:
+    return await ready.responses.cancel(response_id)
 
 
 @router.delete("/v1/responses/{response_id}", responses=_errors(401, 404, 503))

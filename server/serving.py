@@ -20,12 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 import tiktoken
 
 from engine.constraint import Grammar, grammar_problem
-from engine.request import LogitsProcessor, RequestError, SamplingParams
+from engine.request import LogitsProcessor, RequestError, SamplingParams, TokenLogprob
 from harmony.grammar import GrammarError, ToolSpec, grammar_tokenizer, turn_grammar
 from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
@@ -43,8 +44,15 @@ ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
 RequestT = TypeVar("RequestT", bound=GenerationRequest)
 PreparedT = TypeVar("PreparedT")
 T = TypeVar("T")
+# JSON has no -inf (a banned or forced token's logprob); OpenAI and vLLM send this instead.
+MIN_LOGPROB = -9999.0
+
 # An engine request: prompt token ids and sampling parameters.
 EngineRequest = tuple[list[int], SamplingParams]
+
+# Who sent the request being served (set by the app's middleware for each HTTP request): the key of its
+# share of the in-flight bound.
+CLIENT: ContextVar[str] = ContextVar("client", default="")
 
 
 class Workers:
@@ -188,7 +196,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             prepared, requests = await self.workers.run(self._prepare, request)
             assert len(requests) == self.sequences(request)
             # On the event loop, with no await between the check and the count (see `AsyncEngine.admit`).
-            return prepared, self.engine.admit(requests)
+            return prepared, self.engine.admit(requests, client=CLIENT.get())
 
     def sequences(self, request: RequestT) -> int:
         """How many engine requests `request` becomes: its choices (completions: prompts x choices)."""
@@ -199,11 +207,14 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         in-flight bound could ever admit (a 429 would have the client retry in vain)."""
         count = self.sequences(request)
         limit = self.settings.max_sequences_per_request
-        if self.engine.max_in_flight is not None:
-            limit = min(limit, self.engine.max_in_flight)
+        for bound in (self.engine.max_in_flight, self.engine.max_in_flight_per_client):
+            if bound is not None:
+                limit = min(limit, bound)
         if count > limit:
-            field = "n" if count == getattr(request, "n", 1) else "prompt"
-            message = f"the request asks for {count} sequences (prompts x n); at most {limit} are taken"
+            per_prompt = getattr(request, "best_of", None) or getattr(request, "n", 1)
+            named = "best_of" if getattr(request, "best_of", None) else "n"
+            field = named if count == per_prompt else "prompt"
+            message = f"the request asks for {count} sequences (prompts x {named}); at most {limit} are taken"
             raise RequestError(message, field)
 
     @contextmanager
@@ -298,9 +309,13 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         min_p: float = 0.0,
         logit_bias: dict[int, float] | None = None,
         grammar: Grammar | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters for choice `index` of `request`: the settings' defaults for what it leaves
-        out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions."""
+        out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions.
+
+        `stop_token_ids` are the API's end tokens: with `ignore_eos` none is passed, so only the token limit
+        (or a stop string) ends the output."""
         choices = request if isinstance(request, ChoicesRequest) else None
         stops = _stop_strings(choices.stop) if choices is not None else []
         hooked = self.processors_hook(request.model_extra or {}, index) if self.processors_hook else []
@@ -316,12 +331,56 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             frequency_penalty=choices.frequency_penalty if choices is not None else 0.0,
             logit_bias=logit_bias or {},
             seed=None if choices is None or choices.seed is None else choices.seed + index,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=[] if request.ignore_eos else stop_token_ids,
             stop=stops,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=request.min_tokens,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             logits_processors=[*(processors or []), *hooked],
             grammar=grammar,
         )
+
+
+def prompt_logprobs_json(
+    encoding: tiktoken.Encoding, scored: list[TokenLogprob | None], top_n: int
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first None) a map from token id to its logprob, rank
+    and text, holding the token itself and the `top_n` most likely (chat's shares this shape)."""
+
+    def text(token: int) -> str:
+        return encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    entries: list[dict[str, Any] | None] = []
+    for lp in scored:
+        if lp is None:
+            entries.append(None)
+            continue
+        entry = {
+            str(t): {"logprob": max(v, MIN_LOGPROB), "rank": r + 1, "decoded_token": text(t)}
+            for r, (t, v) in enumerate(lp.top[:top_n])
+        }
+        entry[str(lp.token_id)] = {
+            "logprob": max(lp.logprob, MIN_LOGPROB),
+            "rank": lp.rank,
+            "decoded_token": text(lp.token_id),
+        }
+        entries.append(entry)
+    return entries
+
+
+def logprob_json(encoding: tiktoken.Encoding, lp: TokenLogprob) -> dict[str, Any]:
+    """One sampled token's logprob with its top alternatives, as chat's `logprobs.content` and Responses'
+    `output_text.logprobs` both carry it."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        raw = encoding.decode_single_token_bytes(token)
+        value = max(logprob, MIN_LOGPROB)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
+
+    entry = one(lp.token_id, lp.logprob)
+    entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
+    return entry
 
 
 def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:

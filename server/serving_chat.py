@@ -17,7 +17,14 @@ from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
+from server.serving import (
+    EngineRequest,
+    Serving,
+    StopTrimmer,
+    logprob_json,
+    output_budget,
+    prompt_logprobs_json,
+)
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
 
@@ -30,6 +37,8 @@ class Prepared:
     params: list[SamplingParams]
     named_tool: str | None
     logprobs: bool
+    # vLLM's extra: the prompt scored, by choice 0's request, with this many alternatives per token.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +103,10 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             raise bad_request("tool_choice 'required' needs at least one tool", param="tool_choice")
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if request.stream and request.prompt_logprobs is not None:
+            raise bad_request(
+                "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+            )
 
         prompt = self._prompt(request)
         max_tokens = output_budget(
@@ -123,23 +136,14 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
                 min_p=request.min_p or 0.0,
                 logit_bias=logit_bias,
                 grammar=grammar,
+                prompt_logprobs=request.prompt_logprobs if i == 0 else None,
             )
             for i in range(request.n)
         ]
-        return Prepared(prompt, params, named, request.logprobs), [(prompt, p) for p in params]
+        prepared = Prepared(prompt, params, named, request.logprobs, request.prompt_logprobs)
+        return prepared, [(prompt, p) for p in params]
 
     # -- running --------------------------------------------------------------------------------------------
-
-    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
-        def one(token: int, logprob: float) -> dict[str, Any]:
-            raw = self.encoding.decode_single_token_bytes(token)
-            # A forced or banned token can have a logprob of -inf, which JSON cannot carry; OpenAI uses -9999.
-            value = max(logprob, -9999.0)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
-
-        entry = one(lp.token_id, lp.logprob)
-        entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
-        return entry
 
     def _consume(self, state: ChoiceState, output: RequestOutput, prepared: Prepared) -> list[Delta]:
         """Feed a step's tokens to the choice's parser; the deltas to send, answer text trimmed at stops."""
@@ -150,7 +154,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             produced.extend(deltas)
             state.tokens += 1
             if prepared.logprobs and i < len(logprobs) and any(d.kind is DeltaKind.CONTENT for d in deltas):
-                state.logprobs.append(self._logprob_entry(logprobs[i]))
+                state.logprobs.append(logprob_json(self.encoding, logprobs[i]))
         state.cached_tokens = output.num_cached_tokens
         if output.finished:
             state.finish = output.finish_reason
@@ -204,8 +208,10 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         prepared, admission = await self.prepare(request)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         states = [self._choice(prepared, i) for i in range(request.n)]
+        scored: list[TokenLogprob | None] | None = None
         try:
             async for index, output in self._outputs(prepared, completion_id):
+                scored = output.prompt_logprobs if output.prompt_logprobs is not None else scored
                 state = states[index]
                 state.content.extend(
                     d.text for d in self._consume(state, output, prepared) if d.kind is DeltaKind.CONTENT
@@ -233,7 +239,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
                     "finish_reason": self._finish_reason(state, prepared),
                 }
             )
-        return {
+        body = {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -241,6 +247,10 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "choices": choices,
             "usage": self._usage(prepared.prompt, states),
         }
+        if prepared.prompt_logprobs is not None:
+            assert scored is not None, "choice 0's first output brings the prompt's logprobs"
+            body["prompt_logprobs"] = prompt_logprobs_json(self.encoding, scored, prepared.prompt_logprobs)
+        return body
 
     async def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
         """Validates first (errors raise before any byte is sent), then streams the chunks."""

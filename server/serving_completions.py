@@ -4,6 +4,13 @@ No harmony here: the prompt is tokenized as given (or taken as token ids) and th
 comes. Generation stops on the model's end tokens (`<|return|>`, `<|call|>`, `<|endoftext|>`), `stop`
 strings or `max_tokens` (16 by default, as OpenAI). vLLM's `return_token_ids` adds the prompt's and the
 output's token ids.
+
+Scoring, as lm-evaluation-harness's loglikelihood does it: `echo` with `logprobs` returns the prompt's tokens
+with their logprobs (the first one null) before the output's, from the engine's prompt logprobs (computed in
+the prefill); `max_tokens: 0` with `echo` returns the prompt alone, scored (the engine samples one token,
+which is dropped, as vLLM does). vLLM's `prompt_logprobs` adds its own per-choice list of
+`{token_id: {logprob, rank, decoded_token}}`. `best_of` samples that many per prompt and keeps the `n` of
+the highest cumulative logprob (usage counts them all).
 """
 
 from __future__ import annotations
@@ -17,20 +24,23 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 
-from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
-from server.errors import ParamNames
+from server.errors import ParamNames, bad_request
 from server.protocol import CompletionRequest
-from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
+from server.serving import (
+    MIN_LOGPROB,
+    EngineRequest,
+    Serving,
+    StopTrimmer,
+    output_budget,
+    prompt_logprobs_json,
+)
 from server.streaming import data_events, fan_in, sse
 
 END_TOKENS = sorted({tok.RETURN, tok.CALL, tok.END_OF_TEXT})
 # OpenAI's default output budget for this API.
 DEFAULT_MAX_TOKENS = 16
-
-
-# A sampled token's id and logprob, and the top alternatives (id, logprob).
-_Logprob = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass(slots=True)
@@ -39,24 +49,37 @@ class _Choice:
     prompt: list[int]
     params: SamplingParams
     trimmer: StopTrimmer
+    # False for `max_tokens: 0`: the one token the engine samples is dropped.
+    keep_output: bool = True
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[_Logprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # The prompt's tokens scored (the first None), when the request asks for them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Output tokens generated: usage counts them for every candidate, returned or not (best_of), but not the
+    # one `max_tokens: 0` drops (it asked for none).
+    num_generated: int = 0
     finish: FinishReason | None = None
 
     @property
     def finish_reason(self) -> str:
         return "length" if self.finish is FinishReason.LENGTH else "stop"
 
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
 
 @dataclass(slots=True)
 class Prepared:
-    """A prepared request: one choice per prompt and sample (`n` per prompt, prompt-major)."""
+    """A prepared request: `best_of` (else `n`) candidates per prompt, prompt-major; each prompt's `n` best
+    become the response's choices."""
 
     choices: list[_Choice]
+    per_prompt: int
 
 
 class CompletionService(Serving[CompletionRequest, Prepared]):
@@ -66,7 +89,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
     def sequences(self, request: CompletionRequest) -> int:
         p = request.prompt
         batch = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
-        return (len(p) if batch else 1) * request.n
+        return (len(p) if batch else 1) * (request.best_of or request.n)
 
     def _prompts(self, request: CompletionRequest) -> list[list[int]]:
         p = request.prompt
@@ -85,29 +108,72 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             raise RequestError("a prompt is empty", "prompt")
         return prompts
 
+    def _check(self, request: CompletionRequest) -> None:
+        best_of = request.best_of or request.n
+        if best_of < request.n:
+            raise bad_request(f"best_of ({best_of}) must be at least n ({request.n})", param="best_of")
+        if request.stream and best_of > request.n:
+            raise bad_request("best_of cannot be used with stream", param="best_of")
+        if request.stream and request.prompt_logprobs is not None:
+            raise bad_request(
+                "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+            )
+        if request.max_tokens == 0 and not request.echo:
+            raise bad_request("max_tokens 0 returns nothing without echo", param="max_tokens")
+
     def _prepare(self, request: CompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
+        self._check(request)
+        try:
+            logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+        except ValueError as error:
+            raise RequestError("logit_bias keys must be token ids", "logit_bias") from error
+        # One scoring of the prompt serves both views: echo's logprobs and vLLM's prompt_logprobs. Each
+        # candidate scores its prompt itself (so it recomputes the prefill rather than sharing a cached one):
+        # simple, and n or best_of are rarely combined with scoring.
+        wanted = [request.prompt_logprobs, request.logprobs if request.echo else None]
+        prompt_logprobs = max((k for k in wanted if k is not None), default=None)
+        per_prompt = request.best_of or request.n
+        # Picking the best needs each candidate's logprobs, asked for or not.
+        logprobs = request.logprobs if request.logprobs is not None or per_prompt == request.n else 0
         choices = []
         for prompt in self._prompts(request):
             max_tokens = output_budget(
                 len(prompt), request.max_tokens, self.max_model_len, DEFAULT_MAX_TOKENS
             )
-            for n_index in range(request.n):
+            for n_index in range(per_prompt):
                 params = self.sampling_params(
-                    request, max_tokens, index=n_index, stop_token_ids=END_TOKENS, logprobs=request.logprobs
+                    request,
+                    max(max_tokens, 1),
+                    index=n_index,
+                    stop_token_ids=END_TOKENS,
+                    logprobs=logprobs,
+                    top_k=max(request.top_k or 0, 0),
+                    min_p=request.min_p or 0.0,
+                    logit_bias=logit_bias,
+                    prompt_logprobs=prompt_logprobs,
                 )
-                choices.append(_Choice(len(choices), prompt, params, StopTrimmer(params.stop)))
-        return Prepared(choices), [(c.prompt, c.params) for c in choices]
+                choices.append(
+                    _Choice(
+                        len(choices), prompt, params, StopTrimmer(params.stop), keep_output=max_tokens > 0
+                    )
+                )
+        return Prepared(choices, per_prompt), [(c.prompt, c.params) for c in choices]
 
     def _consume(self, choice: _Choice, output: RequestOutput) -> str:
+        if output.prompt_logprobs is not None:
+            choice.prompt_logprobs = output.prompt_logprobs
+        choice.num_generated += len(output.new_token_ids)
+        if output.finished:
+            choice.finish = output.finish_reason
+        if not choice.keep_output:
+            return ""
         text = []
         for i, token in enumerate(output.new_token_ids):
             choice.token_ids.append(token)
             text.append(choice.decoder.decode(self.encoding.decode_single_token_bytes(token)))
             if output.logprobs is not None and i < len(output.logprobs):
-                lp = output.logprobs[i]
-                choice.logprobs.append((lp.token_id, lp.logprob, lp.top))
+                choice.logprobs.append(output.logprobs[i])
         if output.finished:
-            choice.finish = output.finish_reason
             text.append(choice.decoder.decode(b"", final=True))
         out = choice.trimmer.feed("".join(text))
         if output.finished:
@@ -118,29 +184,56 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
     def _token_text(self, token: int) -> str:
         return self.encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
-    def _logprobs_json(self, logprobs: list[_Logprob], offset: int) -> dict[str, Any]:
-        """The API's logprobs object for `logprobs`, whose text starts `offset` characters into the choice."""
+    def _logprobs_json(self, logprobs: list[TokenLogprob], top_n: int, offset: int) -> dict[str, Any]:
+        """The API's logprobs object for `logprobs`, whose text starts `offset` characters into the choice.
+        Each top_logprobs map holds the `top_n` most likely tokens and the token itself (OpenAI's "up to
+        logprobs + 1")."""
         tokens, values, tops, offsets = [], [], [], []
         position = offset
-        for token, value, top in logprobs:
-            text = self._token_text(token)
+        for lp in logprobs:
+            text = self._token_text(lp.token_id)
             tokens.append(text)
-            values.append(max(value, -9999.0))  # -inf is not JSON
-            tops.append({self._token_text(t): max(v, -9999.0) for t, v in top})
+            values.append(max(lp.logprob, MIN_LOGPROB))
+            top = {self._token_text(t): max(v, MIN_LOGPROB) for t, v in lp.top[:top_n]}
+            top.setdefault(text, max(lp.logprob, MIN_LOGPROB))
+            tops.append(top)
             offsets.append(position)
             position += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
-    def _choice_json(self, choice: _Choice, request: CompletionRequest) -> dict[str, Any]:
+    def _echo_logprobs_json(self, choice: _Choice, top_n: int) -> dict[str, Any]:
+        """The prompt's part of echo's logprobs: the first token with null logprob and top_logprobs."""
+        assert choice.prompt_logprobs is not None, "the engine scored the prompt"
+        scored = [lp for lp in choice.prompt_logprobs[1:] if lp is not None]
+        assert len(scored) == len(choice.prompt) - 1
+        first = self._token_text(choice.prompt[0])
+        rest = self._logprobs_json(scored, top_n, len(first))
+        return {
+            "tokens": [first, *rest["tokens"]],
+            "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]],
+            "text_offset": [0, *rest["text_offset"]],
+        }
+
+    def _choice_json(self, choice: _Choice, index: int, request: CompletionRequest) -> dict[str, Any]:
         prefix = self.encoding.decode(choice.prompt) if request.echo else ""
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = self._logprobs_json(choice.logprobs, request.logprobs, len(prefix))
+            if request.echo:
+                head = self._echo_logprobs_json(choice, request.logprobs)
+                logprobs = {key: head[key] + logprobs[key] for key in head}
         body: dict[str, Any] = {
-            "index": choice.index,
+            "index": index,
             "text": prefix + "".join(choice.text),
-            "logprobs": self._logprobs_json(choice.logprobs, len(prefix))
-            if request.logprobs is not None
-            else None,
+            "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
         }
+        if request.prompt_logprobs is not None:
+            assert choice.prompt_logprobs is not None, "the engine scored the prompt"
+            body["prompt_logprobs"] = prompt_logprobs_json(
+                self.encoding, choice.prompt_logprobs, request.prompt_logprobs
+            )
         if request.return_token_ids:
             body["prompt_token_ids"] = choice.prompt
             body["token_ids"] = choice.token_ids
@@ -149,8 +242,20 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
     @staticmethod
     def _usage(choices: list[_Choice]) -> dict[str, int]:
         prompt = sum(len(p) for p in {id(c.prompt): c.prompt for c in choices}.values())
-        completion = sum(len(c.token_ids) for c in choices)
+        completion = sum(c.num_generated if c.keep_output else 0 for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @staticmethod
+    def _best(prepared: Prepared, n: int) -> list[_Choice]:
+        """Each prompt's `n` candidates of the highest cumulative logprob, in prompt order (all of them, in
+        order, without best_of)."""
+        if prepared.per_prompt == n:
+            return prepared.choices
+        best = []
+        for start in range(0, len(prepared.choices), prepared.per_prompt):
+            group = prepared.choices[start : start + prepared.per_prompt]
+            best += sorted(group, key=lambda c: c.cumulative_logprob, reverse=True)[:n]
+        return best
 
     def _outputs(self, prepared: Prepared, completion_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every choice's outputs as they come, tagged with the choice's index."""
@@ -166,12 +271,13 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
                 self._consume(prepared.choices[index], output)
         finally:
             admission.release()
+        chosen = self._best(prepared, request.n)
         return {
             "id": completion_id,
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.settings.served_model_name,
-            "choices": [self._choice_json(c, request) for c in prepared.choices],
+            "choices": [self._choice_json(c, i, request) for i, c in enumerate(chosen)],
             "usage": self._usage(prepared.choices),
         }
 
@@ -194,18 +300,35 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             return {**head, "choices": [choice]}
 
-        if request.echo:
+        # Echo's prompt text comes first; with logprobs it waits for the choice's first output, which brings
+        # the prompt's logprobs. Text offsets count from the start of the choice's whole text.
+        echoed = [False] * len(prepared.choices)
+        sent = [0] * len(prepared.choices)
+
+        def echo(choice: _Choice) -> dict[str, Any]:
+            echoed[choice.index] = True
+            sent[choice.index] = len(self.encoding.decode(choice.prompt))
+            logprobs = None
+            # (A request ended before its prefill, by an abort, has no prompt logprobs to send.)
+            if request.logprobs is not None and choice.prompt_logprobs is not None:
+                logprobs = self._echo_logprobs_json(choice, request.logprobs)
+            return chunk(choice.index, self.encoding.decode(choice.prompt), logprobs)
+
+        if request.echo and request.logprobs is None:
             for choice in prepared.choices:
-                yield chunk(choice.index, self.encoding.decode(choice.prompt))
+                yield echo(choice)
         async for index, output in self._outputs(prepared, completion_id):
             choice = prepared.choices[index]
             before = len(choice.logprobs)
             text = self._consume(choice, output)
+            if request.echo and not echoed[index]:
+                yield echo(choice)
             finish = choice.finish_reason if output.finished else None
             if text or finish:
                 logprobs = None
                 if request.logprobs is not None:
-                    logprobs = self._logprobs_json(choice.logprobs[before:], 0)
+                    logprobs = self._logprobs_json(choice.logprobs[before:], request.logprobs, sent[index])
+                sent[index] += len(text)
                 yield chunk(index, text, logprobs, finish)
         if request.stream_options is not None and request.stream_options.include_usage:
             yield {**head, "choices": [], "usage": self._usage(prepared.choices)}

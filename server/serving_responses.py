@@ -1,4 +1,5 @@
-"""`POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`: the Responses API on the chat machinery.
+"""`POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`, its `input_items` and `cancel`: the Responses
+API on the chat machinery.
 
 Input items become the same chat messages the chat endpoint takes (a `function_call` item is an assistant tool
 call, a `function_call_output` a tool result, a `reasoning` item assistant reasoning), so `to_harmony` renders
@@ -9,34 +10,43 @@ delta / done events, then completed, incomplete or failed); a streamed request s
 keeps only the final response. Stored responses keep their whole conversation (the chain's input items, then
 their output items), so `previous_response_id` rebuilds exactly the prompt the client would get by sending
 everything itself; `instructions` apply to one request only, as with OpenAI.
+
+A stored response is visible through GET from the moment it starts (in progress: the output so far). A
+background response runs as its own task, bounded by the same admission as every request, and outlives the
+client that asked for it (not the server: shutdown cuts it); its events are kept while it runs, so any number
+of streams can follow it and a client that lost its stream resumes after the last event it had.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import tiktoken
 from sse_starlette import EventSourceResponse
 
-from engine.request import FinishReason, SamplingParams
+from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
-from server.async_engine import AsyncEngine, EngineFailure
+from server.async_engine import Admission, AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
 from server.protocol import (
     ChatMessage,
     FunctionCall,
     FunctionDefinition,
+    InputItemsQuery,
     ResponsesContentPart,
     ResponsesInputItem,
     ResponsesRequest,
@@ -44,7 +54,7 @@ from server.protocol import (
     Tool,
     ToolCall,
 )
-from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, output_budget
+from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, logprob_json, output_budget
 from server.settings import ServerSettings
 from server.streaming import sse
 from server.tool_choice import tool_choice_processors
@@ -57,8 +67,8 @@ DEFAULT_STORE_SIZE = 1024
 # Text parts accepted in message items; anything else (images, files, audio) is refused with a 400.
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
 _REASONING_PARTS = frozenset({"reasoning_text", "summary_text", "text"})
-# `include` values that need nothing from us (we never produce encrypted reasoning).
-_HARMLESS_INCLUDES = {"reasoning.encrypted_content"}
+# The `include` value that asks for the answer tokens' logprobs.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 # -- the store -----------------------------------------------------------------------------------------------
@@ -164,7 +174,17 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
                 id=call_id,
                 function=FunctionCall(name=_required(item, "name", where), arguments=item.arguments or ""),
             )
-            messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+            last = messages[-1] if messages else None
+            if (
+                last is not None
+                and last.role == "assistant"
+                and (last.content is not None or last.tool_calls)
+            ):
+                # The assistant's text before its call was a preamble on the commentary channel (where the
+                # model wrote it); the call joins that message, which renders it so, not as a final answer.
+                last.tool_calls = [*(last.tool_calls or []), call]
+            else:
+                messages.append(ChatMessage(role="assistant", tool_calls=[call]))
         elif item.type == "function_call_output":
             call_id = _required(item, "call_id", where)
             if call_id not in calls:
@@ -176,6 +196,41 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
         else:
             raise bad_request(f"input items of type {item.type!r} are not supported", param=f"{where}.type")
     return messages
+
+
+# -- stored input items --------------------------------------------------------------------------------------
+
+_ID_PREFIXES = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_", "function_call_output": "fco_"}
+
+
+def stored_item(item: ResponsesInputItem) -> dict[str, Any]:
+    """An input item as the store keeps it and `input_items` lists it: OpenAI's item shape, with an id (one
+    is given to an item sent without). Its text is unchanged, so the conversation rebuilt from the stored
+    items renders the same prompt."""
+    out = item.model_dump(exclude_none=True)
+    out.setdefault("id", _ID_PREFIXES.get(item.type, "item_") + secrets.token_hex(12))
+    if item.type == "message":
+        role = out["role"] = item.role or "user"
+        kind = "output_text" if role == "assistant" else "input_text"
+        content = item.content
+        parts = [ResponsesContentPart(type=kind, text=content)] if isinstance(content, str) else content or []
+        out["content"] = [_stored_part(part, kind) for part in parts]
+        out.setdefault("status", "completed")
+    elif item.type in ("function_call", "function_call_output"):
+        out.setdefault("status", "completed")
+    elif item.type == "reasoning":
+        out.setdefault("summary", [])
+    return out
+
+
+def _stored_part(part: ResponsesContentPart, kind: str) -> dict[str, Any]:
+    out = part.model_dump(exclude_none=True)
+    if part.type in ("text", "input_text", "output_text"):
+        out["type"] = kind
+        out.setdefault("text", "")
+    if out["type"] == "output_text":
+        out.setdefault("annotations", [])
+    return out
 
 
 # -- the service ---------------------------------------------------------------------------------------------
@@ -199,6 +254,7 @@ class _OpenItem:
     index: int
     text: list[str] = field(default_factory=list)
     call_index: int = -1
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class OutputBuilder:
@@ -211,7 +267,13 @@ class OutputBuilder:
         self.output: list[dict[str, Any]] = []
         self.open: _OpenItem | None = None
 
-    def feed(self, delta: Delta) -> list[dict[str, Any]]:
+    @property
+    def calls(self) -> int:
+        """The function calls begun so far."""
+        return sum(item["type"] == "function_call" for item in self.output)
+
+    def feed(self, delta: Delta, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The events for `delta`; `logprobs` are those of the answer tokens that produced it."""
         events: list[dict[str, Any]] = []
         if delta.kind is DeltaKind.TOOL_CALL_START:
             events += self.close("completed")
@@ -270,7 +332,8 @@ class OutputBuilder:
         }
         if kind == "reasoning":
             return [*events, {"type": "response.reasoning_text.delta", **base}]
-        return [*events, {"type": "response.output_text.delta", **base, "logprobs": []}]
+        current.logprobs += logprobs or []
+        return [*events, {"type": "response.output_text.delta", **base, "logprobs": logprobs or []}]
 
     def _add(self, item: dict[str, Any], call_index: int = -1) -> list[dict[str, Any]]:
         index = len(self.output)
@@ -288,6 +351,17 @@ class OutputBuilder:
                 }
             )
         return events
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The output so far, the open item with its text so far (a copy; the builder goes on)."""
+        out = copy.deepcopy(self.output)
+        if self.open is not None:
+            item, text = out[self.open.index], "".join(self.open.text)
+            if item["type"] == "function_call":
+                item["arguments"] = text
+            else:
+                item["content"] = [_part(item["type"], text, self.open.logprobs)]
+        return out
 
     def close(self, status: str) -> list[dict[str, Any]]:
         """Finish the open item (if any) with `status`: its done events."""
@@ -313,23 +387,97 @@ class OutputBuilder:
             if item["type"] == "reasoning":
                 events.append({"type": "response.reasoning_text.done", **base, "text": text})
             else:
-                events.append({"type": "response.output_text.done", **base, "text": text, "logprobs": []})
-            part = _part(item["type"], text)
-            events.append({"type": "response.content_part.done", **base, "part": part})
-            item["content"] = [copy.deepcopy(part)]
+                done = {
+                    "type": "response.output_text.done",
+                    **base,
+                    "text": text,
+                    "logprobs": current.logprobs,
+                }
+                events.append(copy.deepcopy(done))
+            part = _part(item["type"], text, current.logprobs)
+            events.append({"type": "response.content_part.done", **base, "part": copy.deepcopy(part)})
+            item["content"] = [part]
         events.append(
             {"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)}
         )
         return events
 
 
-def _part(item_type: str, text: str) -> dict[str, Any]:
+def _part(item_type: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if item_type == "reasoning":
         return {"type": "reasoning_text", "text": text}
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs or [])}
+
+
+_TERMINAL_EVENTS = {
+    "completed": "response.completed",
+    "incomplete": "response.incomplete",
+    "failed": "response.failed",
+}
+
+
+@dataclass(slots=True, eq=False)
+class Run:
+    """One response being generated. Owned by the event loop: what GET shows while it runs (`snapshot`),
+    and, for a background response, its numbered events, which any number of streams follow."""
+
+    prepared: PreparedResponse
+    response: dict[str, Any]
+    parser: ChatOutputParser
+    builder: OutputBuilder = field(default_factory=OutputBuilder)
+    tokens: int = 0
+    cached: int = 0
+    flushed: bool = False  # the parser was told the output ended
+    task: asyncio.Task[None] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.response["id"]
+
+    @property
+    def background(self) -> bool:
+        return self.task is not None
+
+    def snapshot(self) -> dict[str, Any]:
+        out = copy.deepcopy({**self.response, "output": []})
+        out["output"] = self.builder.snapshot()
+        return out
+
+    def record(self, event: dict[str, Any]) -> None:
+        event["sequence_number"] = len(self.events)
+        self.events.append(event)
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake the streams that wait for this run's next event (each waits on the event it found)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def follow(self, after: int) -> AsyncGenerator[dict[str, Any], None]:
+        """The recorded events after sequence number `after`, then each as it comes, until the run ends."""
+        index = after + 1
+        while True:
+            waiter = self.changed
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.done:
+                return
+            await waiter.wait()
+
+
+# How long shutdown waits for the background responses it cut to record how they ended.
+_SHUTDOWN_WAIT_S = 5.0
 
 
 class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
+    """Responses, stored ones, and those in progress. A response being generated is a `Run` in `live`
+    (when stored) until it ends, then its final object goes to the store; GET finds either. A background
+    response runs as a task of its own, holding its admission, until it ends or is cancelled."""
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -342,6 +490,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     ) -> None:
         super().__init__(engine, encoding, settings, max_model_len, workers, processors_hook)
         self.store = ResponseStore(store_size)
+        # Stored responses being generated, by id; only the event loop touches it.
+        self.live: dict[str, Run] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- preparing ------------------------------------------------------------------------------------------
 
@@ -354,18 +505,16 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         }
 
     def _check_unsupported(self, request: ResponsesRequest) -> None:
-        if request.background:
-            raise bad_request("background responses are not supported", param="background")
+        if request.background and not request.store:
+            raise bad_request("background responses must be stored: set store to true", param="background")
         for value in request.include or []:
-            if value not in _HARMLESS_INCLUDES:
+            if value not in _SUPPORTED_INCLUDES:
                 raise bad_request(f"include {value!r} is not supported", param="include")
-        if request.top_logprobs:
-            raise bad_request("top_logprobs is not supported for responses", param="top_logprobs")
         if request.truncation == "auto":
             raise bad_request("truncation 'auto' is not supported; use 'disabled'", param="truncation")
-        for key in ("conversation", "prompt"):
+        for key, why in _REFUSED_FIELDS.items():
             if (request.model_extra or {}).get(key) is not None:
-                raise bad_request(f"{key} is not supported", param=key)
+                raise bad_request(f"{key} is not supported: {why}", param=key)
 
     def _tools(self, request: ResponsesRequest) -> list[Tool]:
         tools = []
@@ -434,6 +583,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         if request.previous_response_id is not None:
             previous = self.store.get(request.previous_response_id)
             if previous is None:
+                if request.previous_response_id in self.live:
+                    raise bad_request(
+                        f"Response {request.previous_response_id!r} is still in progress; continue from it "
+                        "once it has ended.",
+                        param="previous_response_id",
+                    )
                 raise not_found(
                     f"Response with id {request.previous_response_id!r} not found.",
                     param="previous_response_id",
@@ -447,7 +602,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         messages = items_to_messages(items, first_own=len(chain))
         if request.instructions:
             messages.insert(0, ChatMessage(role="developer", content=request.instructions))
-        stored = chain + [item.model_dump(exclude_none=True) for item in own]
+        stored = chain + [stored_item(item) for item in own]
         return messages, stored
 
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
@@ -477,13 +632,28 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 choice or "auto",
             )
         )
+        try:
+            logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+        except ValueError as error:
+            raise RequestError("logit_bias keys must be token ids", "logit_bias") from error
         params = self.sampling_params(
             request,
             max_tokens,
             stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
             # With a grammar the whole turn, the tool choice included, is enforced by it.
             processors=[] if grammar is not None else tool_choice_processors(self.encoding, choice, names),
+            logprobs=_logprobs(request),
+            top_k=max(request.top_k or 0, 0),
+            min_p=request.min_p or 0.0,
+            logit_bias=logit_bias,
             grammar=grammar,
+        )
+        # What `sampling_params` takes from chat's and completions' own fields, this API has too.
+        params = dataclasses.replace(
+            params,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
         )
         tool_dicts = [
             {
@@ -509,7 +679,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             "id": response_id,
             "object": "response",
             "created_at": created_at,
-            "status": "in_progress",
+            "status": "queued",
             "completed_at": None,
             "model": self.settings.served_model_name,
             "output": [],
@@ -522,82 +692,135 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             else request.parallel_tool_calls,
             "temperature": prepared.params.temperature,
             "top_p": prepared.params.top_p,
+            "top_logprobs": request.top_logprobs,
             "tool_choice": prepared.tool_choice,
             "tools": prepared.tools,
             "max_output_tokens": request.max_output_tokens,
+            "max_tool_calls": request.max_tool_calls,
             "previous_response_id": request.previous_response_id,
             "reasoning": {"effort": prepared.effort, "summary": None},
             "store": request.store,
             "text": {"format": _format_echo(request)},
             "truncation": "disabled",
-            "background": False,
+            "background": bool(request.background),
             "user": request.user,
             "usage": None,
         }
 
-    async def events(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, Any]]:
-        """The stream events of one response, unnumbered; the last is completed, incomplete or failed.
+    def _start(self, prepared: PreparedResponse) -> Run:
+        """A new run for `prepared`, visible through GET from now on if the response is stored."""
+        response = self._response(prepared, "resp_" + secrets.token_hex(12), int(time.time()))
+        run = Run(prepared, response, ChatOutputParser(self.encoding))
+        if prepared.request.store:
+            self.live[run.id] = run
+        return run
 
-        A stored response is saved before its terminal event is handed out.
+    async def events(self, run: Run) -> AsyncGenerator[dict[str, Any], None]:
+        """The stream events of one run, unnumbered; the last is completed, incomplete or failed.
+
+        However the run ends (its consumer gone or cancelled included: it is then "cancelled"), its final
+        object goes to the store, if stored, before anything else sees the end.
         """
-        response_id = "resp_" + secrets.token_hex(12)
-        response = self._response(prepared, response_id, int(time.time()))
-        yield {"type": "response.created", "response": copy.deepcopy(response)}
-        yield {"type": "response.in_progress", "response": copy.deepcopy(response)}
-
-        parser = ChatOutputParser(self.encoding)
-        builder = OutputBuilder()
-        tokens = 0
-        cached = 0
+        prepared = run.prepared
+        limit = prepared.request.max_tool_calls
         finish: FinishReason | None = None
         failure: APIError | None = None
+        ended = False
         try:
-            async for output in self.engine.generate(prepared.prompt, prepared.params, response_id):
-                deltas = [d for t in output.new_token_ids for d in parser.feed(t)]
-                tokens += len(output.new_token_ids)
-                cached = output.num_cached_tokens
-                if output.finished:
-                    finish = output.finish_reason
-                    deltas += parser.finish()
-                for delta in deltas:
-                    for event in builder.feed(delta):
-                        yield event
-        except EngineFailure as error:
-            logger.error("response %s failed: %s", response_id, error)
-            failure = engine_failure(error)
+            run.response["status"] = "in_progress"
+            yield {"type": "response.created", "response": run.snapshot()}
+            yield {"type": "response.in_progress", "response": run.snapshot()}
+            try:
+                stream = self.engine.generate(prepared.prompt, prepared.params, run.id)
+                async with contextlib.aclosing(stream):
+                    async for output in stream:
+                        run.tokens += len(output.new_token_ids)
+                        run.cached = output.num_cached_tokens
+                        deltas = self._deltas(run, output)
+                        if output.finished:
+                            finish = output.finish_reason
+                            run.flushed = True
+                            deltas += [(d, []) for d in run.parser.finish()]
+                        capped = False
+                        for delta, logprobs in deltas:
+                            if delta.kind is DeltaKind.TOOL_CALL_START and limit is not None:
+                                # A call past the limit is dropped, and the response ends there.
+                                capped = run.builder.calls >= limit
+                                if capped:
+                                    break
+                            for event in run.builder.feed(delta, logprobs):
+                                yield event
+                        if capped:
+                            break
+            except EngineFailure as error:
+                logger.error("response %s failed: %s", run.id, error)
+                failure = engine_failure(error)
+            status = "failed" if failure else "incomplete" if finish is FinishReason.LENGTH else "completed"
+            ended = True
+            for event in self._finish(run, status, failure):
+                yield event
+        finally:
+            if not ended:  # its consumer left, or it was cancelled, before it ended
+                self._finish(run, "cancelled")
 
-        truncated = finish is FinishReason.LENGTH
-        for event in builder.close("incomplete" if truncated or failure else "completed"):
-            yield event
-        response["output"] = builder.output
+    def _deltas(self, run: Run, output: RequestOutput) -> list[tuple[Delta, list[dict[str, Any]]]]:
+        """A step's deltas, each with the logprobs of the answer tokens that produced it (a token's goes with
+        the first answer delta it gave, as chat's do)."""
+        logprobs = output.logprobs or []
+        wanted = run.prepared.params.logprobs is not None
+        out: list[tuple[Delta, list[dict[str, Any]]]] = []
+        for i, token in enumerate(output.new_token_ids):
+            entry = logprob_json(self.encoding, logprobs[i]) if wanted and i < len(logprobs) else None
+            for delta in run.parser.feed(token):
+                if entry is not None and delta.kind is DeltaKind.CONTENT:
+                    out.append((delta, [entry]))
+                    entry = None
+                else:
+                    out.append((delta, []))
+        return out
+
+    def _finish(self, run: Run, status: str, failure: APIError | None = None) -> list[dict[str, Any]]:
+        """End `run` with `status`: close its open item, store its final object, and return the events that
+        end its stream (none for "cancelled", for which the Responses stream has no event)."""
+        if not run.flushed:
+            run.flushed = True
+            run.parser.finish()  # for the reasoning token count; what it still held is not output
+        events = run.builder.close("completed" if status == "completed" else "incomplete")
+        response = run.response
+        response["output"] = run.builder.output
+        prompt_tokens = len(run.prepared.prompt)
         response["usage"] = {
-            "input_tokens": len(prepared.prompt),
-            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-            "output_tokens": tokens,
-            "output_tokens_details": {"reasoning_tokens": parser.output.reasoning_tokens},
-            "total_tokens": len(prepared.prompt) + tokens,
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": run.cached, "cache_write_tokens": 0},
+            "output_tokens": run.tokens,
+            "output_tokens_details": {"reasoning_tokens": run.parser.output.reasoning_tokens},
+            "total_tokens": prompt_tokens + run.tokens,
         }
+        response["status"] = status
         if failure is not None:
-            response["status"] = "failed"
             response["error"] = {"code": failure.type, "message": failure.message}
-            terminal = "response.failed"
-        elif truncated:
-            response["status"] = "incomplete"
+        elif status == "incomplete":
             response["incomplete_details"] = {"reason": "max_output_tokens"}
-            terminal = "response.incomplete"
-        else:
-            response["status"] = "completed"
+        elif status == "completed":
             response["completed_at"] = int(time.time())
-            terminal = "response.completed"
-        if prepared.request.store:
-            self.store.put(StoredResponse(copy.deepcopy(response), prepared.input_items))
-        yield {"type": terminal, "response": response}
+        if run.prepared.request.store:
+            self.store.put(StoredResponse(copy.deepcopy(response), run.prepared.input_items))
+        self.live.pop(run.id, None)
+        run.done = True
+        run.notify()
+        if status in _TERMINAL_EVENTS:
+            events.append({"type": _TERMINAL_EVENTS[status], "response": response})
+        return events
 
     async def create(self, request: ResponsesRequest) -> dict[str, Any]:
         prepared, admission = await self.prepare(request)
+        run = self._start(prepared)
+        if request.background:
+            self._launch(run, admission)
+            return run.snapshot()
         final: dict[str, Any] | None = None
         try:
-            async for event in self.events(prepared):
+            async for event in self.events(run):
                 final = event
         finally:
             admission.release()
@@ -607,27 +830,177 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         return final["response"]
 
     async def stream(self, request: ResponsesRequest) -> EventSourceResponse:
-        """Validates first (errors raise before any byte is sent), then streams the events."""
+        """Validates first (errors raise before any byte is sent), then streams the events. A background
+        stream follows its run, which goes on if the client leaves."""
         prepared, admission = await self.prepare(request)
-        return sse(self._sse_events(prepared), self.settings, admission.release, self.engine)
+        run = self._start(prepared)
+        if request.background:
+            self._launch(run, admission)
+            return sse(_sse(run.follow(-1)), self.settings, lambda: None, self.engine)
+        return sse(_sse(_numbered(self.events(run))), self.settings, admission.release, self.engine)
 
-    async def _sse_events(self, prepared: PreparedResponse) -> AsyncIterator[dict[str, str]]:
-        sequence = 0
-        async for event in self.events(prepared):
-            event["sequence_number"] = sequence
-            sequence += 1
-            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+    def _launch(self, run: Run, admission: Admission) -> None:
+        task = asyncio.create_task(self._in_background(run), name=f"response {run.id}")
+        run.task = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda _: self._background_ended(run, task, admission))
+
+    async def _in_background(self, run: Run) -> None:
+        try:
+            async for event in self.events(run):
+                run.record(event)
+        except asyncio.CancelledError:
+            logger.info("background response %s cancelled", run.id)  # `events` recorded it as cancelled
+
+    def _background_ended(self, run: Run, task: asyncio.Task[None], admission: Admission) -> None:
+        """However its task ended (cancelled before it began included), a background run gives back its
+        admission and leaves `live` with a final status."""
+        admission.release()
+        self._tasks.discard(task)
+        if not run.done:
+            self._finish(run, "cancelled")
+
+    async def shutdown(self) -> None:
+        """Cut the background responses in progress (a background response does not outlive the server):
+        each ends as failed, its engine request aborted."""
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        self.engine.cut_all("the server is shutting down")
+        _, pending = await asyncio.wait(tasks, timeout=_SHUTDOWN_WAIT_S)
+        for task in pending:  # not yet generating: nothing to cut
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=_SHUTDOWN_WAIT_S)
+
+    # -- stored and running responses ----------------------------------------------------------------------
 
     def retrieve(self, response_id: str) -> dict[str, Any]:
+        run = self.live.get(response_id)
+        if run is not None:
+            return run.snapshot()
         stored = self.store.get(response_id)
         if stored is None:
             raise not_found(f"Response with id {response_id!r} not found.", param="response_id")
         return stored.response
 
+    def follow(self, response_id: str, starting_after: int | None) -> EventSourceResponse:
+        """`GET /v1/responses/{id}?stream=true`: the events of a background response in progress, after
+        `starting_after`."""
+        run = self.live.get(response_id)
+        if run is None or not run.background:
+            self.retrieve(response_id)  # a 404 for an unknown response
+            raise bad_request(
+                "only a background response in progress can be streamed; retrieve it without stream",
+                param="stream",
+            )
+        return sse(
+            _sse(run.follow(-1 if starting_after is None else starting_after)),
+            self.settings,
+            lambda: None,
+            self.engine,
+        )
+
+    async def cancel(self, response_id: str) -> dict[str, Any]:
+        """Cancel a background response: its engine request is aborted (its KV freed) and it ends as
+        cancelled with the output so far. A background response that has already ended is returned as it
+        is; any other response cannot be cancelled (a 400, as OpenAI answers)."""
+        run = self.live.get(response_id)
+        if run is not None and run.task is not None:
+            run.task.cancel()
+            await asyncio.wait({run.task})
+            return self.retrieve(response_id)
+        response = self.retrieve(response_id)
+        if not response.get("background"):
+            raise bad_request(
+                "Only responses created with background=true can be cancelled.", param="response_id"
+            )
+        return response
+
+    def input_items(self, response_id: str, query: InputItemsQuery) -> dict[str, Any]:
+        """A page of the items the response answered (its chain's, then its own input), OpenAI's list."""
+        for value in query.include or []:
+            if value not in _SUPPORTED_INCLUDES:
+                raise bad_request(f"include {value!r} is not supported", param="include")
+        run = self.live.get(response_id)
+        if run is not None:
+            items = run.prepared.input_items
+        else:
+            stored = self.store.get(response_id)
+            if stored is None:
+                raise not_found(f"Response with id {response_id!r} not found.", param="response_id")
+            items = stored.input_items
+        ordered = items if query.order == "asc" else items[::-1]
+        ids = [item["id"] for item in ordered]
+        start, end = 0, len(ordered)
+        for name, cursor in (("after", query.after), ("before", query.before)):
+            if cursor is None:
+                continue
+            if cursor not in ids:
+                raise bad_request(f"{name} names no item of this response: {cursor!r}", param=name)
+            if name == "after":
+                start = ids.index(cursor) + 1
+            else:
+                end = ids.index(cursor)
+        window = ordered[start:end]
+        page = copy.deepcopy(window[: query.limit])
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(window) > query.limit,
+        }
+
     def delete(self, response_id: str) -> dict[str, Any]:
+        if response_id in self.live:
+            raise bad_request(
+                "the response is still in progress; cancel it or wait for it to end", param="response_id"
+            )
         if not self.store.delete(response_id):
             raise not_found(f"Response with id {response_id!r} not found.", param="response_id")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+# `include` values we honour, or that need nothing from us (we never produce encrypted reasoning).
+_SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content", LOGPROBS_INCLUDE})
+# Request fields that would change what a response is, which this server does not do: refused when set.
+_REFUSED_FIELDS = {
+    "conversation": "use previous_response_id",
+    "prompt": "prompt templates are not stored here; send the input",
+    "context_management": "the conversation is never compacted here",
+    "background_options": "background responses run at once, with no completion window",
+    "moderation": "this server does not moderate",
+    "access_programs": "programmatic tool calling is not available",
+}
+
+
+def _logprobs(request: ResponsesRequest) -> int | None:
+    """The top alternatives to report with each answer token, or None for no logprobs: they come with
+    `include: ["message.output_text.logprobs"]`, or with a `top_logprobs` above 0 (asking for the top
+    tokens is asking for logprobs)."""
+    if LOGPROBS_INCLUDE in (request.include or []) or request.top_logprobs:
+        return request.top_logprobs or 0
+    return None
+
+
+# Each wrapper closes what it wraps when it is closed itself (the client left), so that `events` records the
+# run as cancelled and aborts its engine request then, not whenever the abandoned generator is collected.
+
+
+async def _numbered(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[dict[str, Any], None]:
+    async with contextlib.aclosing(events):
+        sequence = 0
+        async for event in events:
+            event["sequence_number"] = sequence
+            sequence += 1
+            yield event
+
+
+async def _sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[dict[str, str]]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
 
 
 def _format_echo(request: ResponsesRequest) -> dict[str, Any]:

@@ -26,12 +26,19 @@ class ServerSettings(BaseModel):
     shutdown_grace: float = Field(default=30.0, ge=0.0)
     # Origins browsers may call from (CORS); empty: no CORS headers.
     cors_origins: list[str] = Field(default_factory=list)
+    # The chat page at `/` (`server.page`); off for API-only deployments.
+    chat_page: bool = True
     # Limits, each refused with a clear error: request body bytes (413), messages or input items and tools
     # per request (400), and requests queued beyond the running batch (429 with Retry-After).
     max_request_bytes: int = Field(default=16 << 20, ge=1)
     max_messages: int = Field(default=2048, ge=1)
     max_tools: int = Field(default=256, ge=0)
     max_waiting_requests: int = Field(default=512, ge=0)
+    # Requests (sequences) one client may have in flight, of the bound above plus the running batch: beyond it
+    # that client gets a 429 while the others are still served. None: half the bound. A client is the value of
+    # `client_id_header` when set and sent (behind a proxy: the header it sets), else the peer's address.
+    max_in_flight_per_client: int | None = Field(default=None, ge=1)
+    client_id_header: str | None = None
     # Characters of text a prompt may have (a chat's messages and tools, a completion's prompts); refused with
     # a 400 before tokenizing. Twice the longest context at about 4 characters a token, with room to spare.
     max_prompt_chars: int = Field(default=1 << 20, ge=1)

@@ -45,9 +45,12 @@ class ServerState:
         self.metrics = Metrics(lambda: self.services.engine.engine if self.services is not None else None)
 
     def attach(self, engine: EngineCore) -> None:
+        bound = engine.config.max_num_seqs + self.settings.max_waiting_requests
+        share = self.settings.max_in_flight_per_client
         bridge = AsyncEngine(
             engine,
-            max_in_flight=engine.config.max_num_seqs + self.settings.max_waiting_requests,
+            max_in_flight=bound,
+            max_in_flight_per_client=max(1, bound // 2) if share is None else share,
             max_unread_outputs=self.settings.max_unread_outputs,
             on_finished=lambda p, o, ttft, e2e: self.metrics.observe_request(
                 prompt_tokens=p, output_tokens=o, ttft=ttft, e2e=e2e

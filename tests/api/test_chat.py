@@ -688,3 +688,81 @@ def test_two_calls_in_one_answer_keep_their_own_index_and_id(client: openai.Open
         ("get_weather", '{"city": "A"}'),
         ("get_time", "{}"),
     ]  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation and benchmark extras: prompt logprobs, min_tokens, ignore_eos, repetition_penalty.
+
+
+def _chat(served: Served, **body: object) -> httpx.Response:
+    return httpx.post(
+        served.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": USER, **body}, timeout=120
+    )
+
+
+def test_prompt_logprobs_score_the_rendered_prompt(served: Served) -> None:
+    """vLLM's shape: a top-level list, one entry per prompt token (the first null), each a map from token id
+    to {logprob, rank, decoded_token}, holding the token itself."""
+    prompt = httpx.post(served.base_url + "/tokenize", json={"model": MODEL, "messages": USER}).json()[
+        "tokens"
+    ]
+    body = _chat(served, prompt_logprobs=1, n=2, max_tokens=3).json()
+    entries = body["prompt_logprobs"]
+    assert len(entries) == len(prompt) == body["usage"]["prompt_tokens"]
+    assert entries[0] is None
+    for token, entry in zip(prompt[1:], entries[1:], strict=True):
+        own = entry[str(token)]
+        assert own["rank"] >= 1
+        assert own["logprob"] <= 0.0
+        assert own["decoded_token"] == served.encoding.decode([token])
+        assert 1 <= len(entry) <= 2
+    assert "prompt_logprobs" not in _chat(served, max_tokens=1).json()
+    streamed = _chat(served, prompt_logprobs=1, stream=True)
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_min_tokens_holds_back_the_end_of_the_turn(served: Served) -> None:
+    """<|return|> made the argmax ends the turn at once; with min_tokens only after that many tokens."""
+    bias = {"logit_bias": {str(tok.RETURN): 100}, "temperature": 0, "max_tokens": 12}
+    assert _chat(served, **bias).json()["usage"]["completion_tokens"] == 1
+    held = _chat(served, **bias, min_tokens=5).json()
+    assert held["usage"]["completion_tokens"] == 6
+    assert held["choices"][0]["finish_reason"] == "stop"
+
+
+def test_ignore_eos_runs_to_max_tokens(served: Served) -> None:
+    script = "<|channel|>final<|message|>Hi<|return|>"
+    body = {"test_force": script, "max_tokens": 12}
+    assert _chat(served, **body).json()["usage"]["completion_tokens"] == len(
+        served.encoding.encode(script, allowed_special="all")
+    )
+    response = _chat(served, **body, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    ignored = response.json()
+    assert ignored["usage"]["completion_tokens"] == 12
+    assert ignored["choices"][0]["finish_reason"] == "length"
+    assert ignored["choices"][0]["message"]["content"].startswith("Hi")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
+        ({"repetition_penalty": -1}, "repetition_penalty"),
+        ({"prompt_logprobs": 30}, "prompt_logprobs"),
+        ({"ignore_eos": "sometimes"}, "ignore_eos"),
+    ],
+)
+def test_eval_extras_are_validated(served: Served, body: dict, param: str) -> None:
+    response = _chat(served, **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_repetition_penalty_is_accepted(served: Served) -> None:
+    body = {"temperature": 0, "max_tokens": 6}
+    plain = _chat(served, **body).json()
+    penalized = _chat(served, **body, repetition_penalty=0.05).json()
+    assert penalized["usage"]["completion_tokens"] >= 1
+    assert penalized["choices"][0] != plain["choices"][0]

@@ -5,14 +5,24 @@ processor fails mid-stream fails alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
+from fastapi.testclient import TestClient
 
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from model.config import PRESETS
+from model.gpt_oss import GptOss
+from model.make_checkpoint import write_checkpoint
+from server.app import create_app
 from tests.api.conftest import MODEL, Served, wait_until_idle
 
 USER = [{"role": "user", "content": "Hello"}]
@@ -131,3 +141,33 @@ def test_a_request_whose_own_processor_fails_ends_alone(served: Served) -> None:
     last = _with_victims(served, bad)
     assert last["error"]["type"] == "server_error"
     assert "forced engine failure" in last["error"]["message"]
+
+
+def test_an_engine_that_stopped_for_good_fails_requests_at_once_and_health_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the engine thread stops for good (its books broke), requests end at once with the reason (a 500
+    in the envelope, not a hang) and /health turns 503 so that the orchestrator restarts the server."""
+    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
+    path = write_checkpoint(config, tmp_path, layout="hf", seed=11)
+    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
+    engine = EngineCore(model, EngineConfig(block_size=16, kv_cache_memory=16 << 20, max_model_len=512))
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    monkeypatch.setattr(engine, "fail_all", broken)
+    body = {"model": "gpt-oss", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with TestClient(create_app(engine)) as client:
+        assert client.get("/health").status_code == 200
+        for _ in range(2):  # the one that stops the engine, then one after
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 500
+            assert "the engine stopped: RuntimeError: device lost" in response.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert health.json() == {
+            "status": "engine stopped",
+            "error": "the engine stopped: RuntimeError: device lost",
+        }

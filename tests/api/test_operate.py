@@ -170,3 +170,46 @@ def test_cors_when_configured() -> None:
             "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_one_client_cannot_take_every_slot(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client holding its share of the in-flight bound gets 429s while another client is still served,
+    and its share comes back as its streams end. Clients are told apart by the configured header."""
+    bridge = served.app.state.server.services.engine
+    monkeypatch.setattr(served.app.state.server.settings, "client_id_header", "x-client")
+    monkeypatch.setattr(bridge, "max_in_flight_per_client", 2)
+    script = "<|channel|>final<|message|>" + "word " * 300 + "<|return|>"
+    body = {"model": MODEL, "messages": USER, "stream": True, "test_force": script}
+
+    async def burst() -> tuple[list[int], int, int]:
+        async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as client:
+
+            async def send(who: str) -> httpx.Response:
+                request = client.build_request(
+                    "POST", "/v1/chat/completions", json=body, headers={"x-client": who}
+                )
+                return await client.send(request, stream=True)
+
+            greedy = [await send("greedy") for _ in range(4)]
+            other = await send("other")
+            statuses = [r.status_code for r in greedy]
+            for response in [*greedy, other]:
+                await response.aclose()
+            wait_until_idle(served)
+            deadline = time.time() + 10
+            while bridge.in_flight and time.time() < deadline:
+                await asyncio.sleep(0.05)
+            again = await send("greedy")
+            await again.aclose()
+            return statuses, other.status_code, again.status_code
+
+    statuses, other, again = asyncio.run(burst())
+    assert statuses == [200, 200, 429, 429]
+    assert other == 200
+    assert again == 200
+    wait_until_idle(served)
+    deadline = time.time() + 10
+    while bridge.in_flight and time.time() < deadline:
+        time.sleep(0.05)
+    assert bridge.in_flight == 0
+    assert bridge._held == {}

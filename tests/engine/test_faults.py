@@ -369,3 +369,82 @@ def test_parameters_spoiled_while_queued_are_refused_without_stopping_the_thread
     finally:
         release.set()
         thread.stop()
+
+
+def test_an_engine_whose_books_break_stops_loudly_and_ends_every_request(
+    tiny_model: GptOss, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If ending a failed step's requests raises too, the engine's books cannot be trusted: the thread stops
+    for good, says why, and ends what it held, what was queued and whatever comes later with the reason;
+    nothing waits on a thread that is gone."""
+    engine = make_engine(tiny_model)
+    inside_step, release = threading.Event(), threading.Event()
+
+    def execute(plan: SchedulerOutput) -> RunnerOutput:
+        inside_step.set()
+        assert release.wait(30)
+        raise RuntimeError("device lost")
+
+    def fail_all(message: str) -> list[RequestOutput]:
+        raise AssertionError("a block freed twice")
+
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    monkeypatch.setattr(engine, "fail_all", fail_all)
+    thread = EngineThread(engine)
+    done: dict[str, RequestOutput] = {}
+    events = {rid: threading.Event() for rid in ("running", "queued", "later")}
+    try:
+        thread.add_request(
+            "running", [1, 2, 3], SamplingParams(max_tokens=4), _collect(done, events["running"])("running")
+        )
+        assert inside_step.wait(30)
+        thread.add_request(
+            "queued", [4, 5, 6], SamplingParams(max_tokens=4), _collect(done, events["queued"])("queued")
+        )
+        release.set()
+        assert events["running"].wait(30)
+        assert events["queued"].wait(30)
+        thread._thread.join(30)
+        assert not thread._thread.is_alive()
+        reason = "the engine stopped: AssertionError: a block freed twice"
+        assert thread.stopped_because == reason
+        thread.add_request(
+            "later", [7, 8, 9], SamplingParams(max_tokens=4), _collect(done, events["later"])("later")
+        )
+        assert events["later"].is_set()  # at once, on the caller's thread
+        for rid in events:
+            assert done[rid].finish_reason is FinishReason.ABORT
+            assert done[rid].error == reason
+        assert any(r.levelno == logging.CRITICAL and reason in r.getMessage() for r in caplog.records)
+    finally:
+        release.set()
+        thread.stop()
+
+
+def test_a_request_that_meets_a_bug_when_added_fails_alone(
+    tiny_model: GptOss, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(tiny_model)
+    real_add = engine.add_request
+
+    def add_request(request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id == "unlucky":
+            raise KeyError("a bug")
+        real_add(request_id, prompt, params)
+
+    monkeypatch.setattr(engine, "add_request", add_request)
+    thread = EngineThread(engine)
+    done: dict[str, RequestOutput] = {}
+    unlucky, fine = threading.Event(), threading.Event()
+    try:
+        thread.add_request(
+            "unlucky", [1, 2, 3], SamplingParams(max_tokens=4), _collect(done, unlucky)("unlucky")
+        )
+        thread.add_request("fine", [4, 5, 6], SamplingParams(max_tokens=4), _collect(done, fine)("fine"))
+        assert unlucky.wait(30)
+        assert fine.wait(30)
+        assert done["unlucky"].error == "engine error: 'a bug'"
+        assert done["fine"].finish_reason is FinishReason.LENGTH
+        assert thread.stopped_because is None
+    finally:
+        thread.stop()

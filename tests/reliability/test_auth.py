@@ -1,6 +1,6 @@
 """The auth matrix: with an API key set, every route of the app (as the app lists them) refuses a request
-without the key or with a wrong one (401 in the OpenAI envelope), except /health, and /metrics which the
-settings document as open; the scheme is case-insensitive (RFC 9110: `bearer KEY` is the same credential)."""
+without the key or with a wrong one (401 in the OpenAI envelope), except /health, the chat page's files
+(they carry no secret), and /metrics which the settings document as open; the scheme is case-insensitive (RFC 9110: `bearer KEY` is the same credential)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 import httpx
 from starlette.routing import BaseRoute
 
+from server.page import PAGE_PATHS
 from tests.reliability.conftest import serve
 from tests.reliability.corpus import BASE
 
 KEY = "sk-reliability-0123456789"
-PUBLIC = {"/health"}
+PUBLIC = {"/health", *PAGE_PATHS}
 MAY_BE_PUBLIC = {"/metrics"}  # ServerSettings.api_key: "/health and /metrics stay open"
 
 CREDENTIALS = {
