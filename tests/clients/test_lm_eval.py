@@ -128,7 +128,7 @@ def test_loglikelihood_multiple_choice(
     for sample in samples:
         doc = sample["doc"]
         context = f"Question: {doc['question']}\nAnswer:"
-        expected = [_expected_choice_scores(scripted, context, choice) for choice in doc["choices"]]
+        expected = [_expected_choice_scores(scripted, context, " " + choice) for choice in doc["choices"]]
         got = [(float(ll), bool(greedy)) for ll, greedy in sample["filtered_resps"]]
         assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=2e-3)
         assert [g for _, g in got] == [g for _, g in expected]
