@@ -14,7 +14,6 @@ everything itself; `instructions` apply to one request only, as with OpenAI.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import secrets
 import threading
@@ -46,7 +45,7 @@ from server.protocol import (
 )
 from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, output_budget
 from server.settings import ServerSettings
-from server.streaming import sse
+from server.streaming import sse, sse_json
 from server.tool_choice import tool_choice_processors
 
 logger = logging.getLogger(__name__)
@@ -616,7 +615,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         async for event in self.events(prepared):
             event["sequence_number"] = sequence
             sequence += 1
-            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+            yield {"event": event["type"], "data": sse_json(event)}
 
     def retrieve(self, response_id: str) -> dict[str, Any]:
         stored = self.store.get(response_id)
