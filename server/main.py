@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Literal
@@ -169,6 +170,17 @@ def parse_args(argv: list[str] | None = None) -> CliSettings:
     return args
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind `host:port` once and let it go: an `OSError` (the port is taken, the address is not this
+    machine's) says now what uvicorn would only find after the model has loaded. SO_REUSEADDR as uvicorn
+    binds, so a port in TIME_WAIT after a restart passes."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
 def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
     if args.kernels == "triton" and args.device != "cuda":
         sys.stderr.write("gpt-oss-server: invalid settings: kernels: 'triton' needs --device cuda\n")
@@ -234,11 +246,34 @@ def main(argv: list[str] | None = None) -> None:
         logger.error("%s", error)
         raise SystemExit(2) from error
     try:
+        # Before the model loads (minutes for a large one): a busy port fails now, not after the loading.
+        check_port(args.host, args.port)
+    except OSError as error:
+        logger.error(
+            "cannot start: cannot listen on %s:%d: %s (is another server running there? pick another --port)",
+            args.host,
+            args.port,
+            error.strerror or error,
+        )
+        raise SystemExit(2) from error
+    try:
         engine, settings = build(args)
     except ValueError as error:
         # A checkpoint, config, adapter or KV size the server cannot serve: one line saying what to change
         # (every such refusal is a ValueError), the traceback only when debugging.
         logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        raise SystemExit(2) from error
+    except Exception as error:
+        # Anything else at start-up (a file that cannot be read, the GPU out of memory): still one line, with
+        # the error's kind, and the traceback only when debugging.
+        debug = logger.isEnabledFor(logging.DEBUG)
+        logger.error(
+            "cannot start: %s: %s%s",
+            type(error).__name__,
+            str(error) or "(no message)",
+            "" if debug else " (--log-level debug shows where)",
+            exc_info=debug,
+        )
         raise SystemExit(2) from error
     app = create_app(engine, settings)
     logger.info("serving %s on http://%s:%d/v1", settings.served_model_name, args.host, args.port)
