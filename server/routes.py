@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
@@ -15,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from server.errors import ClientGone, bad_request
+from server.errors import ClientGone, bad_request, not_found
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -106,8 +107,7 @@ async def health(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/v1/models", responses=_errors(401))
-async def models(state: State) -> dict[str, Any]:
+def _model_object(state: ServerState) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": state.settings.served_model_name,
         "object": "model",
@@ -116,14 +116,55 @@ async def models(state: State) -> dict[str, Any]:
     }
     if state.settings.model_note:
         entry["note"] = state.settings.model_note
-    return {"object": "list", "data": [entry]}
+    return entry
+
+
+@router.get("/v1/models", responses=_errors(401))
+async def models(state: State) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_object(state)]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
+async def model(model_id: str, state: State) -> dict[str, Any]:
+    """The model object (`client.models.retrieve()`), for the id the generating routes take."""
+    if model_id != state.settings.served_model_name:
+        raise not_found(
+            f"the model {model_id!r} does not exist; this server serves {state.settings.served_model_name!r}",
+            param="model",
+        )
+    return _model_object(state)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """The server's version, from its package metadata (as vLLM's `/version`)."""
+    return {"version": importlib.metadata.version("gpt-oss-server")}
+
+
+@router.get("/tokenizer_info", responses=_errors(401))
+async def tokenizer_info(state: State) -> dict[str, Any]:
+    """The tokenizer's configuration in the shape of Hugging Face's `tokenizer_config.json`, as vLLM's
+    `/tokenizer_info` (lm-eval reads it to use the server's tokenizer). gpt-oss's published tokenizer ends an
+    answer with `<|return|>` and pads with `<|endoftext|>`; the prompt comes from the harmony renderer, not
+    from a chat template, so there is none to give."""
+    max_model_len = state.services.chat.max_model_len if state.services is not None else None
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "encoding": state.encoding.name,
+        "vocab_size": state.encoding.n_vocab,
+        "model_max_length": max_model_len,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|return|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+    }
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_ERRORS)
 async def chat_completions(
-    body: ChatCompletionRequest, ready: Ready, request: Request
+    body: ChatCompletionRequest, ready: Ready, state: State, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
-    body = checked(body)
+    body = checked(body, state, request)
     if body.stream:
         return await ready.chat.stream(body)
     return await unless_disconnected(request, ready.chat.complete(body))
