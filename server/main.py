@@ -147,6 +147,11 @@ class CliSettings(BaseSettings):
         ge=0,
         description="seconds streams may run on after SIGTERM before each ends with an error event",
     )
+    ignore_unknown_fields: bool = Field(
+        False,
+        description="accept request fields the server does not know, log them and name them in the "
+        "x-ignored-fields response header (default: a 400 naming them)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
 
@@ -233,6 +238,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_unread_outputs=args.max_unread_outputs,
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
+        ignore_unknown_fields=args.ignore_unknown_fields,
     )
     return engine, settings
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
+import logging
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +26,7 @@ from server.protocol import (
     ResponsesRequest,
     TokenizeRequest,
     invalid_field,
+    unknown_fields,
 )
 from server.state import ServerState, Services
 
@@ -32,6 +34,7 @@ RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -52,12 +55,27 @@ _ERROR_MEANINGS = {
 _GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 500, 503)
 
 
-def checked(body: RequestT) -> RequestT:
-    """`body`, unless a field holds what no later stage can take (a lone surrogate, a runaway nesting)."""
+def checked(body: RequestT, state: ServerState, request: Request) -> RequestT:
+    """`body`, unless a field holds what no later stage can take (a lone surrogate, a runaway nesting) or is
+    one no request model declares. An unknown field is a 400 naming it; with `ignore_unknown_fields` it is
+    logged and named in the response's `x-ignored-fields` header (set by the app's middleware)."""
     found = invalid_field(body)
     if found is not None:
         param, message = found
         raise bad_request(message, param=param)
+    hook = state.processors_hook
+    unknown = unknown_fields(body, hook.fields if hook is not None else ())
+    if unknown:
+        names = ", ".join(unknown)
+        if not state.settings.ignore_unknown_fields:
+            raise bad_request(
+                f"unknown field{'s' if len(unknown) > 1 else ''}: {names}; this server does not take "
+                "it (see the README's Request fields; --ignore-unknown-fields accepts and ignores them)",
+                param=unknown[0],
+                code="unknown_field",
+            )
+        logger.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, names)
+        request.state.ignored_fields = names
     return body
 
 
@@ -172,9 +190,9 @@ async def chat_completions(
 
 @router.post("/v1/completions", response_model=None, responses=_GENERATION_ERRORS)
 async def completions(
-    body: CompletionRequest, ready: Ready, request: Request
+    body: CompletionRequest, ready: Ready, state: State, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
-    body = checked(body)
+    body = checked(body, state, request)
     if body.stream:
         return await ready.completions.stream(body)
     return await unless_disconnected(request, ready.completions.complete(body))
@@ -182,9 +200,9 @@ async def completions(
 
 @router.post("/v1/responses", response_model=None, responses=_GENERATION_ERRORS)
 async def create_response(
-    body: ResponsesRequest, ready: Ready, request: Request
+    body: ResponsesRequest, ready: Ready, state: State, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
-    body = checked(body)
+    body = checked(body, state, request)
     if body.stream:
         return await ready.responses.stream(body)
     return await unless_disconnected(request, ready.responses.create(body))
@@ -215,9 +233,9 @@ def _ids_json(ids: list[int]) -> bytes:
 
 
 @router.post("/tokenize", response_model=None, responses=_errors(400, 401, 413, 503))
-async def tokenize(body: TokenizeRequest, state: State) -> Response:
+async def tokenize(body: TokenizeRequest, state: State, request: Request) -> Response:
     """Plain text works while the model loads; messages are rendered as chat renders them."""
-    body = checked(body)
+    body = checked(body, state, request)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", param="prompt")
     if body.prompt is not None:
@@ -230,13 +248,15 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
         tokens = await state.workers.run(state.encoding.encode_ordinary, body.prompt)
     else:
         assert body.messages is not None
-        request = ChatCompletionRequest(
+        chat = ChatCompletionRequest(
             model=state.settings.served_model_name,
             messages=body.messages,
             tools=body.tools,
             reasoning_effort=body.reasoning_effort,
         )
-        tokens = await state.ready().chat.prompt(request)
+        tokens = await state.ready().chat.prompt(chat)
+        if not body.add_generation_prompt:
+            tokens = tokens[: -len(state.ready().chat.generation_prompt)]
     max_model_len = state.services.chat.max_model_len if state.services is not None else None
     # A megabyte prompt's ids take as long to write as JSON as to find: that happens off the loop too.
     ids = await state.workers.run(_ids_json, tokens)
@@ -245,8 +265,8 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
 
 
 @router.post("/detokenize", response_model=None, responses=_errors(400, 401, 413))
-async def detokenize(body: DetokenizeRequest, state: State) -> Response:
-    body = checked(body)
+async def detokenize(body: DetokenizeRequest, state: State, request: Request) -> Response:
+    body = checked(body, state, request)
     if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
     text = await state.workers.run(state.encoding.decode, body.tokens)

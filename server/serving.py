@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import tiktoken
@@ -36,9 +37,17 @@ from server.harmony_chat import to_harmony
 from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool
 from server.settings import ServerSettings
 
-# Extra logits processors for a request's choices, given the request's unknown body fields (`model_extra`)
-# and the choice index (see `create_app`): the seam through which tests make the real model say chosen tokens.
-ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
+@dataclass(frozen=True, slots=True)
+class ProcessorsHook:
+    """Extra logits processors for a request's choices (see `create_app`): the seam through which tests make
+    the real model say chosen tokens. `make` gets the request's body fields that no model declares
+    (`model_extra`) and the choice index; `fields` names the ones it consumes, which are then not refused as
+    unknown."""
+
+    fields: frozenset[str]
+    make: Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
 
 RequestT = TypeVar("RequestT", bound=GenerationRequest)
 PreparedT = TypeVar("PreparedT")
@@ -303,7 +312,11 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions."""
         choices = request if isinstance(request, ChoicesRequest) else None
         stops = _stop_strings(choices.stop) if choices is not None else []
-        hooked = self.processors_hook(request.model_extra or {}, index) if self.processors_hook else []
+        hook = self.processors_hook
+        hooked = hook.make(request.model_extra or {}, index) if hook is not None else []
+        extra_stops = (choices.stop_token_ids or []) if choices is not None else []
+        if any(t >= self.encoding.n_vocab for t in extra_stops):
+            raise RequestError(f"stop_token_ids must be below {self.encoding.n_vocab}", "stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.settings.default_temperature
@@ -316,7 +329,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             frequency_penalty=choices.frequency_penalty if choices is not None else 0.0,
             logit_bias=logit_bias or {},
             seed=None if choices is None or choices.seed is None else choices.seed + index,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=sorted({*stop_token_ids, *extra_stops}),
             stop=stops,
             logprobs=logprobs,
             logits_processors=[*(processors or []), *hooked],

@@ -32,6 +32,8 @@ def _sample(name: str) -> tuple[str, object]:
         return "4321", 4321
     if "float" in annotation:
         return "2.5", 2.5
+    if annotation == "<class 'bool'>":
+        return "true", True
     return "some-value", "some-value"
 
 
