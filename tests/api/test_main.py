@@ -83,9 +83,9 @@ def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) 
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert demo_checkpoint(tmp_path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    engine, settings = build(
-        parse_args(["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"])
-    )
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
+    engine, settings = build(parse_args([*args, "--ignore-unknown-fields", "true"]))
+    assert settings.ignore_unknown_fields
     assert settings.served_model_name == "gpt-oss-demo"
     assert settings.model_note == DEMO_NOTE
     assert engine.max_model_len == 256
