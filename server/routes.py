@@ -74,8 +74,11 @@ def checked(body: RequestT, state: ServerState, request: Request) -> RequestT:
                 param=unknown[0],
                 code="unknown_field",
             )
-        logger.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, names)
-        request.state.ignored_fields = names
+        # Field names are the client's text: escaped as JSON escapes them, to be one log line and a valid
+        # header value.
+        shown = json.dumps(names)[1:-1]
+        logger.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, shown)
+        request.state.ignored_fields = shown
     return body
 
 

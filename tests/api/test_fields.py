@@ -90,12 +90,16 @@ def test_ignore_unknown_fields_accepts_them_and_names_them_in_a_header(served: S
         body = {"messages": [{"role": "user", "content": "Hi", "colour": 1}], "max_tokens": 2, "odd": 2}
         response = _post(served, "/v1/chat/completions", body)
         streamed = _post(served, "/v1/chat/completions", {**body, "stream": True})
+        # A name no header can carry as it is comes escaped.
+        odd_name = _post(served, "/tokenize", {"prompt": "Hi", "fär\nbe": 1})
     finally:
         settings.ignore_unknown_fields = False
     assert response.status_code == 200, response.text
     assert response.headers["x-ignored-fields"] == "odd, messages[0].colour"
     assert streamed.status_code == 200
     assert streamed.headers["x-ignored-fields"] == "odd, messages[0].colour"
+    assert odd_name.status_code == 200
+    assert odd_name.headers["x-ignored-fields"] == "f\\u00e4r\\nbe"
     assert (
         "x-ignored-fields"
         not in _post(served, "/v1/chat/completions", {"messages": USER, "max_tokens": 1}).headers
