@@ -103,10 +103,11 @@ def to_harmony(
                             content_type="<|constrain|>json",
                         )
                     )
-            elif m.content is not None or not reasoning:
+            elif m.content is not None or m.refusal is not None or not reasoning:
                 out.append(Message.from_role(Role.ASSISTANT, m.text(), channel="final"))
-        else:  # tool
-            name = call_names.get(m.tool_call_id or "") or m.name
+        else:  # tool, or the deprecated function result, which names its function
+            by_id = call_names.get(m.tool_call_id or "")
+            name = m.name if m.role == "function" else by_id or m.name
             if name is None:
                 raise bad_request(
                     f"messages[{i}]: tool_call_id {m.tool_call_id!r} matches no earlier assistant tool call",

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import tiktoken
@@ -37,9 +38,17 @@ from server.harmony_chat import to_harmony
 from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool
 from server.settings import ServerSettings
 
-# Extra logits processors for a request's choices, given the request's unknown body fields (`model_extra`)
-# and the choice index (see `create_app`): the seam through which tests make the real model say chosen tokens.
-ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
+@dataclass(frozen=True, slots=True)
+class ProcessorsHook:
+    """Extra logits processors for a request's choices (see `create_app`): the seam through which tests make
+    the real model say chosen tokens. `make` gets the request's body fields that no model declares
+    (`model_extra`) and the choice index; `fields` names the ones it consumes, which are then not refused as
+    unknown."""
+
+    fields: frozenset[str]
+    make: Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
 
 RequestT = TypeVar("RequestT", bound=GenerationRequest)
 PreparedT = TypeVar("PreparedT")
@@ -314,11 +323,15 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         """The engine's parameters for choice `index` of `request`: the settings' defaults for what it leaves
         out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions.
 
-        `stop_token_ids` are the API's end tokens: with `ignore_eos` none is passed, so only the token limit
-        (or a stop string) ends the output."""
+        `stop_token_ids` are the API's end tokens: with `ignore_eos` none is passed, so only the token limit,
+        a stop string or the request's own `stop_token_ids` ends the output."""
         choices = request if isinstance(request, ChoicesRequest) else None
         stops = _stop_strings(choices.stop) if choices is not None else []
-        hooked = self.processors_hook(request.model_extra or {}, index) if self.processors_hook else []
+        hook = self.processors_hook
+        hooked = hook.make(request.model_extra or {}, index) if hook is not None else []
+        extra_stops = (choices.stop_token_ids or []) if choices is not None else []
+        if any(t >= self.encoding.n_vocab for t in extra_stops):
+            raise RequestError(f"stop_token_ids must be below {self.encoding.n_vocab}", "stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.settings.default_temperature
@@ -331,7 +344,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             frequency_penalty=choices.frequency_penalty if choices is not None else 0.0,
             logit_bias=logit_bias or {},
             seed=None if choices is None or choices.seed is None else choices.seed + index,
-            stop_token_ids=[] if request.ignore_eos else stop_token_ids,
+            stop_token_ids=sorted({*([] if request.ignore_eos else stop_token_ids), *extra_stops}),
             stop=stops,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,

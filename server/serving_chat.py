@@ -37,6 +37,8 @@ class Prepared:
     params: list[SamplingParams]
     named_tool: str | None
     logprobs: bool
+    # The request used the deprecated `functions`: the call is answered as `function_call`.
+    legacy_functions: bool
     # vLLM's extra: the prompt scored, by choice 0's request, with this many alternatives per token.
     prompt_logprobs: int | None = None
 
@@ -52,6 +54,7 @@ class ChoiceState:
     content: list[str] = field(default_factory=list)
     finish: FinishReason | None = None
     cached_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
 
 
 class ChatService(Serving[ChatCompletionRequest, Prepared]):
@@ -65,6 +68,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "logprobs": "top_logprobs",
             "grammar": "response_format",
         }
+
+    @property
+    def generation_prompt(self) -> list[int]:
+        """The ids every chat prompt ends with: `<|start|>assistant`, the header the answer follows."""
+        return [tok.START, *self.encoding.encode_ordinary("assistant")]
 
     async def prompt(self, request: ChatCompletionRequest) -> list[int]:
         """The prompt token ids the engine gets for `request` (what `/tokenize` counts)."""
@@ -91,6 +99,10 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         )
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
+        conflict = request.legacy_conflict()
+        if conflict is not None:
+            replacement = "tools" if conflict == "functions" else "tool_choice"
+            raise bad_request(f"give {replacement} or the deprecated {conflict}, not both", param=conflict)
         grammar = self._grammar(request)
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
@@ -140,7 +152,9 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
             for i in range(request.n)
         ]
-        prepared = Prepared(prompt, params, named, request.logprobs, request.prompt_logprobs)
+        prepared = Prepared(
+            prompt, params, named, request.logprobs, request.functions is not None, request.prompt_logprobs
+        )
         return prepared, [(prompt, p) for p in params]
 
     # -- running --------------------------------------------------------------------------------------------
@@ -153,6 +167,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             deltas = state.parser.feed(token)
             produced.extend(deltas)
             state.tokens += 1
+            state.token_ids.append(token)
             if prepared.logprobs and i < len(logprobs) and any(d.kind is DeltaKind.CONTENT for d in deltas):
                 state.logprobs.append(logprob_json(self.encoding, logprobs[i]))
         state.cached_tokens = output.num_cached_tokens
@@ -179,7 +194,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         if state.finish is FinishReason.LENGTH:
             return "length"  # also when a tool call was cut off: its arguments are incomplete
         if state.parser.output.tool_calls and prepared.named_tool is None:
-            return "tool_calls"
+            return "function_call" if prepared.legacy_functions else "tool_calls"
         return "stop"
 
     @staticmethod
@@ -221,25 +236,30 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         choices = []
         for state in states:
             out = state.parser.output
+            calls = [{"name": c.name, "arguments": c.arguments} for c in out.tool_calls]
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": "".join(state.content) if state.content else (None if out.tool_calls else ""),
                 "reasoning": "".join(out.reasoning) or None,
-                "tool_calls": [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in out.tool_calls
-                ]
-                or None,
             }
-            choices.append(
-                {
-                    "index": state.index,
-                    "message": message,
-                    "logprobs": {"content": state.logprobs, "refusal": None} if prepared.logprobs else None,
-                    "finish_reason": self._finish_reason(state, prepared),
-                }
-            )
-        body = {
+            if prepared.legacy_functions:
+                # The deprecated shape holds one call; a harmony turn ends at its first `<|call|>`.
+                message["function_call"] = calls[0] if calls else None
+            else:
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": call}
+                    for c, call in zip(out.tool_calls, calls, strict=True)
+                ] or None
+            choice: dict[str, Any] = {
+                "index": state.index,
+                "message": message,
+                "logprobs": {"content": state.logprobs, "refusal": None} if prepared.logprobs else None,
+                "finish_reason": self._finish_reason(state, prepared),
+            }
+            if request.return_token_ids:
+                choice["token_ids"] = state.token_ids
+            choices.append(choice)
+        body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -250,6 +270,8 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         if prepared.prompt_logprobs is not None:
             assert scored is not None, "choice 0's first output brings the prompt's logprobs"
             body["prompt_logprobs"] = prompt_logprobs_json(self.encoding, scored, prepared.prompt_logprobs)
+        if request.return_token_ids:
+            body["prompt_token_ids"] = prepared.prompt
         return body
 
     async def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
@@ -270,25 +292,59 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         }
         states = [self._choice(prepared, i) for i in range(request.n)]
 
+        options = request.stream_options
+        include_usage = options is not None and options.include_usage
+        # vLLM's continuous usage: with include_usage, every chunk carries the usage so far.
+        continuous = include_usage and options is not None and options.continuous_usage_stats
+        token_ids = request.return_token_ids
+
         def chunk(
             index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
         ) -> dict[str, Any]:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return {**head, "choices": [choice]}
+            out = {**head, "choices": [choice]}
+            if continuous:
+                out["usage"] = self._usage(prepared.prompt, states)
+            return out
 
         for state in states:
-            yield chunk(state.index, {"role": "assistant", "content": ""})
+            first = chunk(state.index, {"role": "assistant", "content": ""})
+            if token_ids:
+                first["prompt_token_ids"] = prepared.prompt
+            yield first
         async for index, output in self._outputs(prepared, completion_id):
             state = states[index]
             logprobs_before = len(state.logprobs)
-            for delta in self._consume(state, output, prepared):
-                yield chunk(index, _delta_json(delta))
+            chunks = [
+                chunk(index, self._delta_for(delta, prepared))
+                for delta in self._consume(state, output, prepared)
+            ]
             if prepared.logprobs and len(state.logprobs) > logprobs_before:
-                yield chunk(index, {}, {"content": state.logprobs[logprobs_before:], "refusal": None})
+                chunks.append(
+                    chunk(index, {}, {"content": state.logprobs[logprobs_before:], "refusal": None})
+                )
             if output.finished:
-                yield chunk(index, {}, finish=self._finish_reason(state, prepared))
-        if request.stream_options is not None and request.stream_options.include_usage:
+                chunks.append(chunk(index, {}, finish=self._finish_reason(state, prepared)))
+            if token_ids and output.new_token_ids:
+                # The step's new ids ride on its first chunk (one with an empty delta if the tokens said
+                # nothing yet, such as a message's header), so the chunks' ids add up to the output's.
+                if not chunks:
+                    chunks.append(chunk(index, {}))
+                chunks[0]["choices"][0]["token_ids"] = list(output.new_token_ids)
+            for out in chunks:
+                yield out
+        if include_usage:
             yield {**head, "choices": [], "usage": self._usage(prepared.prompt, states)}
+
+    @staticmethod
+    def _delta_for(delta: Delta, prepared: Prepared) -> dict[str, Any]:
+        """A delta as this request's chunks carry it: a tool call as the deprecated `function_call` when
+        the request gave `functions`."""
+        if prepared.legacy_functions and delta.kind is DeltaKind.TOOL_CALL_START:
+            return {"function_call": {"name": delta.name, "arguments": ""}}
+        if prepared.legacy_functions and delta.kind is DeltaKind.TOOL_CALL_ARGUMENTS:
+            return {"function_call": {"arguments": delta.text}}
+        return _delta_json(delta)
 
 
 def _delta_json(delta: Delta) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import secrets
 import threading
@@ -56,7 +55,7 @@ from server.protocol import (
 )
 from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, logprob_json, output_budget
 from server.settings import ServerSettings
-from server.streaming import sse
+from server.streaming import sse, sse_json
 from server.tool_choice import tool_choice_processors
 
 logger = logging.getLogger(__name__)
@@ -1000,7 +999,7 @@ async def _numbered(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenera
 async def _sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[dict[str, str]]:
     async with contextlib.aclosing(events):
         async for event in events:
-            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+            yield {"event": event["type"], "data": sse_json(event)}
 
 
 def _format_echo(request: ResponsesRequest) -> dict[str, Any]:
