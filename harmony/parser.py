@@ -67,6 +67,9 @@ class Header:
     recipient: str | None = None
     channel: str | None = None
     content_type: str | None = None
+    # The recipient was written ` to=NAME`, not a bare word that the official reading takes for one (a lone
+    # content type such as `<|constrain|>json` after the channel reads as the recipient).
+    addressed: bool = False
 
 
 @dataclass(slots=True)
@@ -165,21 +168,23 @@ def parse_header(text: str, role: Role | None, *, strict: bool) -> tuple[Header,
         parts.pop(0)
 
     recipient = content_type = None
+    addressed = False
     if parts:
         count = len(parts)
         last = parts.pop()
-        if last.startswith("to="):
-            recipient = last[3:]
+        if last.startswith(RECIPIENT_PREFIX):
+            recipient, addressed = last[3:], True
         elif count == 1:
             recipient = last
         else:
             content_type = last
             if parts:
                 word = parts.pop()
-                recipient = word[3:] if word.startswith("to=") else word
+                addressed = word.startswith(RECIPIENT_PREFIX)
+                recipient = word[3:] if addressed else word
     if parts:
         problem(f'unexpected tokens remaining in message header: Some("{" ".join(parts)}")')
-    return Header(Author(role, name), recipient, channel, content_type), problems
+    return Header(Author(role, name), recipient, channel, content_type, addressed), problems
 
 
 class StreamParser:

@@ -15,9 +15,9 @@ from engine.request import FinishReason, RequestError, RequestOutput, SamplingPa
 from harmony import encoding as tok
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
-from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
+from server.harmony_chat import Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
-from server.serving import EngineRequest, Serving, StopTrimmer, output_budget
+from server.serving import ChoiceOutput, EngineRequest, Serving, output_budget, stop_strings
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
 
@@ -30,18 +30,25 @@ class Prepared:
     params: list[SamplingParams]
     named_tool: str | None
     logprobs: bool
+    # The functions the model was shown (its calls to anything else are not returned).
+    tools: frozenset[str]
+    # Matched against each choice's answer (see `ChoiceOutput`), not by the engine.
+    stops: list[str]
+    include_stop: bool
 
 
 @dataclass(slots=True)
 class ChoiceState:
     index: int
-    parser: ChatOutputParser
-    trimmer: StopTrimmer
-    tokens: int = 0
+    request_id: str
+    output: ChoiceOutput
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     # The answer text as sent (after stop-string trimming).
     content: list[str] = field(default_factory=list)
     finish: FinishReason | None = None
+    # The choice is over (its engine request finished, or its answer reached a stop string); the engine's
+    # outputs after that are not the client's.
+    ended: bool = False
     cached_tokens: int = 0
 
 
@@ -81,7 +88,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             named or (choice if isinstance(choice, str) else "auto"),
         )
 
+    # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
+    engine_stops = False
+
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
+        stops = stop_strings(request.stop)
         grammar = self._grammar(request)
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
@@ -126,7 +137,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
             for i in range(request.n)
         ]
-        return Prepared(prompt, params, named, request.logprobs), [(prompt, p) for p in params]
+        offered = frozenset(names if choice != "none" else [])
+        prepared = Prepared(
+            prompt, params, named, request.logprobs, offered, stops, request.include_stop_str_in_output
+        )
+        return prepared, [(prompt, p) for p in params]
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -142,52 +157,55 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         return entry
 
     def _consume(self, state: ChoiceState, output: RequestOutput, prepared: Prepared) -> list[Delta]:
-        """Feed a step's tokens to the choice's parser; the deltas to send, answer text trimmed at stops."""
+        """Feed a step's tokens to the choice's output; the deltas to send. Sets `state.ended` when the choice
+        is over: when its answer reaches a stop string, its engine request is aborted then and there."""
+        if state.ended:
+            return []
         produced: list[Delta] = []
         logprobs = output.logprobs or []
+        choice = state.output
         for i, token in enumerate(output.new_token_ids):
-            deltas = state.parser.feed(token)
+            deltas = choice.feed(token)
             produced.extend(deltas)
-            state.tokens += 1
             if prepared.logprobs and i < len(logprobs) and any(d.kind is DeltaKind.CONTENT for d in deltas):
                 state.logprobs.append(self._logprob_entry(logprobs[i]))
+            if choice.stopped:
+                break
         state.cached_tokens = output.num_cached_tokens
-        if output.finished:
+        if choice.stopped:
+            state.ended = True
+            state.finish = FinishReason.STOP
+            if not output.finished:
+                self.engine.abort(state.request_id)
+        elif output.finished:
+            state.ended = True
             state.finish = output.finish_reason
-            produced.extend(state.parser.finish())
-        out = []
-        for delta in produced:
-            if delta.kind is DeltaKind.CONTENT:
-                delta.text = state.trimmer.feed(delta.text)
-                if not delta.text:
-                    continue
-            out.append(delta)
-        if output.finished:
-            tail = state.trimmer.flush()
-            if tail:
-                out.append(Delta(DeltaKind.CONTENT, tail))
-        return out
+            produced.extend(choice.finish())
+        return produced
 
-    def _choice(self, prepared: Prepared, index: int) -> ChoiceState:
-        return ChoiceState(index, ChatOutputParser(self.encoding), StopTrimmer(prepared.params[index].stop))
+    def _choice(self, prepared: Prepared, completion_id: str, index: int) -> ChoiceState:
+        output = ChoiceOutput(self.encoding, prepared.tools, prepared.stops, prepared.include_stop)
+        return ChoiceState(index, _request_id(completion_id, index), output)
 
     def _finish_reason(self, state: ChoiceState, prepared: Prepared) -> str:
+        if state.output.stopped:
+            return "stop"
         if state.finish is FinishReason.LENGTH:
             return "length"  # also when a tool call was cut off: its arguments are incomplete
-        if state.parser.output.tool_calls and prepared.named_tool is None:
+        if state.output.output.tool_calls and prepared.named_tool is None:
             return "tool_calls"
         return "stop"
 
     @staticmethod
     def _usage(prompt: list[int], states: list[ChoiceState]) -> dict[str, Any]:
-        completion = sum(s.tokens for s in states)
+        completion = sum(s.output.tokens for s in states)
         return {
             "prompt_tokens": len(prompt),
             "completion_tokens": completion,
             "total_tokens": len(prompt) + completion,
             "prompt_tokens_details": {"cached_tokens": max((s.cached_tokens for s in states), default=0)},
             "completion_tokens_details": {
-                "reasoning_tokens": sum(s.parser.output.reasoning_tokens for s in states)
+                "reasoning_tokens": sum(s.output.output.reasoning_tokens for s in states)
             },
         }
 
@@ -195,7 +213,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         """Every choice's outputs as they come, tagged with the choice's index."""
         return fan_in(
             [
-                self.engine.generate(prepared.prompt, p, f"{completion_id}-{i}")
+                self.engine.generate(prepared.prompt, p, _request_id(completion_id, i))
                 for i, p in enumerate(prepared.params)
             ]
         )
@@ -203,7 +221,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
     async def complete(self, request: ChatCompletionRequest) -> dict[str, Any]:
         prepared, admission = await self.prepare(request)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
-        states = [self._choice(prepared, i) for i in range(request.n)]
+        states = [self._choice(prepared, completion_id, i) for i in range(request.n)]
         try:
             async for index, output in self._outputs(prepared, completion_id):
                 state = states[index]
@@ -214,7 +232,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             admission.release()
         choices = []
         for state in states:
-            out = state.parser.output
+            out = state.output.output
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": "".join(state.content) if state.content else (None if out.tool_calls else ""),
@@ -231,6 +249,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
                     "message": message,
                     "logprobs": {"content": state.logprobs, "refusal": None} if prepared.logprobs else None,
                     "finish_reason": self._finish_reason(state, prepared),
+                    "stop_reason": state.output.stop_reason,
                 }
             )
         return {
@@ -258,27 +277,36 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "created": int(time.time()),
             "model": self.settings.served_model_name,
         }
-        states = [self._choice(prepared, i) for i in range(request.n)]
+        states = [self._choice(prepared, completion_id, i) for i in range(request.n)]
 
         def chunk(
             index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
         ) -> dict[str, Any]:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = states[index].output.stop_reason
             return {**head, "choices": [choice]}
 
         for state in states:
             yield chunk(state.index, {"role": "assistant", "content": ""})
         async for index, output in self._outputs(prepared, completion_id):
             state = states[index]
+            if state.ended:
+                continue  # the rest of a choice that reached a stop string, until its abort takes effect
             logprobs_before = len(state.logprobs)
             for delta in self._consume(state, output, prepared):
                 yield chunk(index, _delta_json(delta))
             if prepared.logprobs and len(state.logprobs) > logprobs_before:
                 yield chunk(index, {}, {"content": state.logprobs[logprobs_before:], "refusal": None})
-            if output.finished:
+            if state.ended:
                 yield chunk(index, {}, finish=self._finish_reason(state, prepared))
         if request.stream_options is not None and request.stream_options.include_usage:
             yield {**head, "choices": [], "usage": self._usage(prepared.prompt, states)}
+
+
+def _request_id(completion_id: str, index: int) -> str:
+    """The engine request id of choice `index` (what a stop string aborts)."""
+    return f"{completion_id}-{index}"
 
 
 def _delta_json(delta: Delta) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[_Logprob] = field(default_factory=list)
     finish: FinishReason | None = None
+    stop_reason: int | str | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -95,7 +96,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
                 params = self.sampling_params(
                     request, max_tokens, index=n_index, stop_token_ids=END_TOKENS, logprobs=request.logprobs
                 )
-                choices.append(_Choice(len(choices), prompt, params, StopTrimmer(params.stop)))
+                trimmer = StopTrimmer(params.stop, request.include_stop_str_in_output)
+                choices.append(_Choice(len(choices), prompt, params, trimmer))
         return Prepared(choices), [(c.prompt, c.params) for c in choices]
 
     def _consume(self, choice: _Choice, output: RequestOutput) -> str:
@@ -108,6 +110,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
                 choice.logprobs.append((lp.token_id, lp.logprob, lp.top))
         if output.finished:
             choice.finish = output.finish_reason
+            choice.stop_reason = output.stop_reason if isinstance(output.stop_reason, str) else None
             text.append(choice.decoder.decode(b"", final=True))
         out = choice.trimmer.feed("".join(text))
         if output.finished:
@@ -140,6 +143,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             if request.logprobs is not None
             else None,
             "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
         }
         if request.return_token_ids:
             body["prompt_token_ids"] = choice.prompt
@@ -192,6 +196,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
 
         def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = prepared.choices[index].stop_reason
             return {**head, "choices": [choice]}
 
         if request.echo:

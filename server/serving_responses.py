@@ -32,7 +32,7 @@ from harmony import encoding as tok
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
-from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
+from server.harmony_chat import Delta, DeltaKind
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -44,7 +44,15 @@ from server.protocol import (
     Tool,
     ToolCall,
 )
-from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, output_budget
+from server.serving import (
+    ChoiceOutput,
+    EngineRequest,
+    ProcessorsHook,
+    Serving,
+    Workers,
+    output_budget,
+    stop_strings,
+)
 from server.settings import ServerSettings
 from server.streaming import sse
 from server.tool_choice import tool_choice_processors
@@ -191,6 +199,10 @@ class PreparedResponse:
     tools: list[dict[str, Any]]
     tool_choice: Any
     effort: str
+    # The functions the model was shown (its calls to anything else are not returned).
+    offered: frozenset[str]
+    # Matched against the answer (see `ChoiceOutput`), not by the engine.
+    stops: list[str]
 
 
 @dataclass(slots=True)
@@ -450,8 +462,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         stored = chain + [item.model_dump(exclude_none=True) for item in own]
         return messages, stored
 
+    # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
+    engine_stops = False
+
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
+        stops = stop_strings(request.stop)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
         choice, choice_echo = self._tool_choice(request, names)
@@ -498,7 +514,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
-        prepared = PreparedResponse(request, prompt, params, input_items, tool_dicts, choice_echo, effort)
+        shown_names = frozenset(names if offered else [])
+        prepared = PreparedResponse(
+            request, prompt, params, input_items, tool_dicts, choice_echo, effort, shown_names, stops
+        )
         return prepared, [(prompt, params)]
 
     # -- running --------------------------------------------------------------------------------------------
@@ -545,20 +564,29 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         yield {"type": "response.created", "response": copy.deepcopy(response)}
         yield {"type": "response.in_progress", "response": copy.deepcopy(response)}
 
-        parser = ChatOutputParser(self.encoding)
+        choice = ChoiceOutput(
+            self.encoding, prepared.offered, prepared.stops, prepared.request.include_stop_str_in_output
+        )
         builder = OutputBuilder()
-        tokens = 0
         cached = 0
         finish: FinishReason | None = None
         failure: APIError | None = None
         try:
             async for output in self.engine.generate(prepared.prompt, prepared.params, response_id):
-                deltas = [d for t in output.new_token_ids for d in parser.feed(t)]
-                tokens += len(output.new_token_ids)
+                if choice.stopped:
+                    continue  # what the engine made before the abort took effect
+                deltas: list[Delta] = []
+                for token in output.new_token_ids:
+                    deltas += choice.feed(token)
+                    if choice.stopped:
+                        finish = FinishReason.STOP
+                        if not output.finished:
+                            self.engine.abort(response_id)
+                        break
                 cached = output.num_cached_tokens
-                if output.finished:
+                if output.finished and not choice.stopped:
                     finish = output.finish_reason
-                    deltas += parser.finish()
+                    deltas += choice.finish()
                 for delta in deltas:
                     for event in builder.feed(delta):
                         yield event
@@ -573,9 +601,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         response["usage"] = {
             "input_tokens": len(prepared.prompt),
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-            "output_tokens": tokens,
-            "output_tokens_details": {"reasoning_tokens": parser.output.reasoning_tokens},
-            "total_tokens": len(prepared.prompt) + tokens,
+            "output_tokens": choice.tokens,
+            "output_tokens_details": {"reasoning_tokens": choice.output.reasoning_tokens},
+            "total_tokens": len(prepared.prompt) + choice.tokens,
         }
         if failure is not None:
             response["status"] = "failed"
