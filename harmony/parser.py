@@ -89,7 +89,7 @@ def _is_special(token: int) -> bool:
 
 
 @dataclass(slots=True)
-class HeaderScan:
+class _HeaderScan:
     """Tolerant mode: what the tokens of a header that has not reached `<|message|>` look like so far."""
 
     # They can still be a header, or the start of one.
@@ -349,7 +349,7 @@ class StreamParser:
         else:
             self._header_tokens.append(token)
             self._header_pieces.append(self._piece(token))
-            scan = self.scan_header()
+            scan = self._scan_header()
             if not scan.plausible or len(self._header_tokens) > self.max_header_tokens:
                 self._header_as_text(scan)
 
@@ -391,7 +391,7 @@ class StreamParser:
         self._header_tokens = tokens
         self._header_pieces = [self._piece(t) for t in tokens]
 
-    def scan_header(self) -> HeaderScan:
+    def _scan_header(self) -> _HeaderScan:
         """Tolerant mode: read the shape of the header tokens so far (see the module docstring).
 
         Words are runs of text tokens; a token that starts with whitespace starts a new one. A header is at
@@ -402,7 +402,7 @@ class StreamParser:
         """
         tokens, pieces = self._header_tokens, self._header_pieces
         role_known = self._next_role is not None
-        scan = HeaderScan(True, 0)
+        scan = _HeaderScan(True, 0)
         recipient = False
         others = 0
         words = 0
@@ -457,7 +457,7 @@ class StreamParser:
             scan.plausible = False
         return scan
 
-    def _header_as_text(self, scan: HeaderScan) -> None:
+    def _header_as_text(self, scan: _HeaderScan) -> None:
         """Tolerant mode: the header tokens are no header (plain text, or a header the model went on writing
         without `<|message|>`): the words that fit a header stay its header, the rest opens the message's
         text, which goes on with the tokens that follow."""
@@ -474,7 +474,8 @@ class StreamParser:
     def _header_ended(self, end_token: int | None) -> None:
         """Tolerant mode: a header ended (a stop token, `<|start|>`, a second `<|channel|>` or the end of the
         stream) without `<|message|>`, still shaped like a header: a message with no text, since nothing the
-        model wrote in it was meant for the reader."""
+        model wrote in it was meant for the reader. Unless none of it is surely header (a short answer such as
+        "to", which could have begun ` to=`): then it is text."""
         tokens = self._header_tokens
         if not any(t not in (tok.START, tok.CHANNEL) for t in tokens):
             self._set_header([])
@@ -486,10 +487,13 @@ class StreamParser:
             self._next_role = None
             self.state = StreamState.EXPECT_START
             return
-        self._anomaly("a header without <|message|>; read as a message with no text")
-        scan = self.scan_header()
-        role = self._next_role or scan.role or self._default_role
-        self._begin_content(Header(Author(role), channel=scan.channel), tokens)
+        scan = self._scan_header()
+        if scan.split == 0:
+            self._header_as_text(scan)
+        else:
+            self._anomaly("a header without <|message|>; read as a message with no text")
+            role = self._next_role or scan.role or self._default_role
+            self._begin_content(Header(Author(role), channel=scan.channel), tokens)
         self._finish(end_token)
 
     def _begin_content(self, header: Header, header_tokens: list[int]) -> None:

@@ -389,8 +389,11 @@ def test_well_formed_cases_cover_the_assistant_scenarios() -> None:
             "<|channel|>final<|message|>x<|message|>y<|constrain|>z<|reserved_200100|><|endoftext|><|return|>",
             [("assistant", "final", None, "xyz")],
         ),
-        # Plain text with no harmony structure is the answer; a second <|channel|> starts a new message.
+        # Plain text with no harmony structure is the answer, even what could have begun a recipient; a second
+        # <|channel|> starts a new message.
         ("Just text.<|return|>", [("assistant", None, None, "Just text.")]),
+        ("to<|return|>", [("assistant", None, None, "to")]),
+        ("\n<|return|>", [("assistant", None, None, "\n")]),
         (
             " to=functions.f<|channel|>commentary<|channel|>analysis<|message|>x<|end|>",
             [("assistant", "commentary", None, ""), ("assistant", "analysis", None, "x")],
