@@ -466,10 +466,9 @@ class StreamParser:
         role = self._next_role or scan.role or self._default_role
         self._begin_content(Header(Author(role), channel=scan.channel), tokens[: scan.split])
         for token in tokens[scan.split :]:
-            if _is_special(token):  # a `<|constrain|>` past the header's shape
-                self.dropped_tokens.append(token)
-            else:
-                self._append_content(token)
+            # A header's only control tokens, `<|channel|>` and `<|constrain|>`, each extend its header part.
+            assert not _is_special(token), "a control token past a header's part"
+            self._append_content(token)
 
     def _header_ended(self, end_token: int | None) -> None:
         """Tolerant mode: a header ended (a stop token, `<|start|>`, a second `<|channel|>` or the end of the
