@@ -155,7 +155,7 @@ def test_one_choice_stopping_leaves_the_others_running(client: openai.OpenAI, se
     assert streamed[1]["finishes"] == [("stop", None)]
 
 
-def test_tool_call_arguments_never_end_on_a_stop(client: openai.OpenAI) -> None:
+def test_tool_call_arguments_never_end_on_a_stop(client: openai.OpenAI, served: Served) -> None:
     script = (
         '<|channel|>commentary<|message|>Checking "now".<|end|><|start|>assistant to=functions.get_weather'
         '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
@@ -171,6 +171,12 @@ def test_tool_call_arguments_never_end_on_a_stop(client: openai.OpenAI) -> None:
     assert choice.message.tool_calls is not None
     assert choice.message.tool_calls[0].function.arguments == '{"city": "Paris"}'
     assert choice.finish_reason == "tool_calls"
+    # Streamed, the answer text held back as a possible stop string goes out before the call opens.
+    chunks = _chat_stream(served, tools=[WEATHER_TOOL], stop=['"Paris'], test_force=script)
+    kinds = [k for c in chunks for ch in c["choices"] for k in ch["delta"] if k in ("content", "tool_calls")]
+    content = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+    assert content == 'Checking "now".'
+    assert kinds.index("tool_calls") > max(i for i, k in enumerate(kinds) if k == "content")
 
 
 def test_responses_stop_on_the_answer_alike(served: Served) -> None:
