@@ -252,12 +252,16 @@ class ResponseFormat(_Model):
 
 
 class GenerationRequest(_Model):
-    """What every generating API takes: the model, sampling (None: the server's default), streaming."""
+    """What every generating API takes: the model, sampling (None: the server's default), streaming, and
+    stop strings (Responses has none in OpenAI's API; vLLM's extension is taken, so that chat and Responses
+    stop alike), with vLLM's `include_stop_str_in_output`."""
 
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
+    stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False
     # vLLM's extras, which benchmark and evaluation tools send: the end tokens cannot end the output before
     # `min_tokens` tokens; with `ignore_eos` they never do (generation runs to the token limit); and the
     # repetition penalty (None: off; its bounds are the engine's).
@@ -275,7 +279,6 @@ class ChoicesRequest(GenerationRequest):
 
     # The range OpenAI's API takes (a 64-bit integer).
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=8)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)

@@ -63,6 +63,7 @@ class _Choice:
     # one `max_tokens: 0` drops (it asked for none).
     num_generated: int = 0
     finish: FinishReason | None = None
+    stop_reason: int | str | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -152,11 +153,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
                     logit_bias=logit_bias,
                     prompt_logprobs=prompt_logprobs,
                 )
-                choices.append(
-                    _Choice(
-                        len(choices), prompt, params, StopTrimmer(params.stop), keep_output=max_tokens > 0
-                    )
-                )
+                trimmer = StopTrimmer(params.stop, request.include_stop_str_in_output)
+                choices.append(_Choice(len(choices), prompt, params, trimmer, keep_output=max_tokens > 0))
         return Prepared(choices, per_prompt), [(c.prompt, c.params) for c in choices]
 
     def _consume(self, choice: _Choice, output: RequestOutput) -> str:
@@ -165,6 +163,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
         choice.num_generated += len(output.new_token_ids)
         if output.finished:
             choice.finish = output.finish_reason
+            choice.stop_reason = output.stop_reason if isinstance(output.stop_reason, str) else None
         if not choice.keep_output:
             return ""
         text = []
@@ -228,6 +227,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             "text": prefix + "".join(choice.text),
             "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
         }
         if request.prompt_logprobs is not None:
             assert choice.prompt_logprobs is not None, "the engine scored the prompt"
@@ -307,6 +307,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             choice: _Choice, text: str, new_ids: list[int], logprobs: Any = None, finish: str | None = None
         ) -> dict[str, Any]:
             body = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                body["stop_reason"] = choice.stop_reason
             if request.return_token_ids:
                 body["token_ids"] = new_ids
                 if not prompt_sent[choice.index]:
