@@ -38,8 +38,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The README's install, `python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e .`, in two layers so
-# that editing the code does not download torch again: first the venv and torch (CUDA build), ...
+# The README's install (a venv, torch==2.13.0, then `pip install -e .`), in two layers so that editing the
+# code does not download torch again: first the venv and torch (the CUDA build here, the CPU one there), ...
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
         --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" --extra-index-url https://pypi.org/simple

@@ -41,6 +41,7 @@ from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.async_engine import AsyncEngine
+from server.serving import ProcessorsHook
 from server.settings import ServerSettings
 
 MODEL = "bench"
@@ -160,7 +161,9 @@ def main() -> None:
         return [forcing(script)] if extra.get("bench_force") else []
 
     settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
-    app = create_app(engine, settings, encoding=encoding, processors_hook=hook)
+    app = create_app(
+        engine, settings, encoding=encoding, processors_hook=ProcessorsHook(frozenset({"bench_force"}), hook)
+    )
     bridge = app.state.server.services.engine
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,6 +8,14 @@ Two modes share one state machine (expect-start, header, content):
   `<|message|>`, stray tokens between messages, unknown ids, text after a stop token all become text or a
   clean new message; each such event is counted in `anomalies` and logged.
 
+Tolerant mode never turns a control token into text: a special or reserved token where it has no meaning
+(inside a message, in a header, between messages) is dropped, so no `<|...|>` markup reaches a message's
+text. A header is read as a header only while it has a header's shape (a role, ` to=RECIPIENT`,
+`<|channel|>NAME`, a content type); as soon as it cannot be one (the model wrote plain text, or forgot
+`<|message|>` and went on writing), the words that do fit a header are kept as the header and the rest becomes
+the message's text, streamed from then on. A header that never reached `<|message|>` and holds nothing but
+header words is not text at all: it becomes a message with no text.
+
 Every token fed is accounted for exactly once: in some message's `header_tokens`, `content_tokens` or
 `end_token`, or (control tokens only) in `dropped_tokens`. Text tokens are never dropped. A message's text is
 the UTF-8 decoding (invalid bytes replaced) of its content tokens' bytes, and the deltas reported per token
@@ -37,6 +45,10 @@ _ASCII_WHITESPACE = " \t\n\x0c\r"
 _REPLACEMENT = "\ufffd".encode()
 CHANNEL_MARKER = "<|channel|>"
 CONSTRAIN_MARKER = "<|constrain|>"
+RECIPIENT_PREFIX = "to="
+# A completion's first header (its role already given by the prompt) that holds only whitespace after this
+# many tokens is read as text: the model is writing plain text, not harmony.
+UNSTRUCTURED_AFTER = 4
 
 
 class HarmonyParseError(ValueError):
@@ -55,6 +67,9 @@ class Header:
     recipient: str | None = None
     channel: str | None = None
     content_type: str | None = None
+    # The recipient was written ` to=NAME`, not a bare word that the official reading takes for one (a lone
+    # content type such as `<|constrain|>json` after the channel reads as the recipient).
+    addressed: bool = False
 
 
 @dataclass(slots=True)
@@ -66,6 +81,24 @@ class ParsedMessage:
     content_tokens: list[int] = field(default_factory=list)
     # `<|end|>`, `<|return|>` or `<|call|>`; None when the stream ended or broke off mid-message.
     end_token: int | None = None
+
+
+def _is_special(token: int) -> bool:
+    """A special or reserved token of the vocabulary (not an id past it, which reads as U+FFFD)."""
+    return tok.START_OF_TEXT <= token <= tok.MAX_TOKEN_ID
+
+
+@dataclass(slots=True)
+class _HeaderScan:
+    """Tolerant mode: what the tokens of a header that has not reached `<|message|>` look like so far."""
+
+    # They can still be a header, or the start of one.
+    plausible: bool
+    # How many leading tokens surely belong to the header (a role word, `<|channel|>` and its name,
+    # `<|constrain|>` and its word, a ` to=` recipient); read as text, the message starts after them.
+    split: int
+    role: Role | None = None
+    channel: str | None = None
 
 
 def _split_ascii_whitespace(text: str) -> list[str]:
@@ -135,21 +168,23 @@ def parse_header(text: str, role: Role | None, *, strict: bool) -> tuple[Header,
         parts.pop(0)
 
     recipient = content_type = None
+    addressed = False
     if parts:
         count = len(parts)
         last = parts.pop()
-        if last.startswith("to="):
-            recipient = last[3:]
+        if last.startswith(RECIPIENT_PREFIX):
+            recipient, addressed = last[3:], True
         elif count == 1:
             recipient = last
         else:
             content_type = last
             if parts:
                 word = parts.pop()
-                recipient = word[3:] if word.startswith("to=") else word
+                addressed = word.startswith(RECIPIENT_PREFIX)
+                recipient = word[3:] if addressed else word
     if parts:
         problem(f'unexpected tokens remaining in message header: Some("{" ".join(parts)}")')
-    return Header(Author(role, name), recipient, channel, content_type), problems
+    return Header(Author(role, name), recipient, channel, content_type, addressed), problems
 
 
 class StreamParser:
@@ -174,6 +209,8 @@ class StreamParser:
         self._next_role: Role | None = role
         self.state = StreamState.HEADER if role is not None else StreamState.EXPECT_START
         self._header_tokens: list[int] = []
+        # Each header token's own text ("" for a control token), for reading the header's shape.
+        self._header_pieces: list[str] = []
         self._header: Header | None = None
         self._content_tokens: list[int] = []
         self._content_parts: list[str] = []
@@ -250,7 +287,7 @@ class StreamParser:
         elif self.state is StreamState.HEADER:
             if self.strict:
                 raise HarmonyParseError("Unexpected EOS while waiting for message header to complete")
-            self._header_without_message(None)
+            self._header_ended(None)
         return self
 
     # -- the state machine ----------------------------------------------------------------------------------
@@ -273,7 +310,10 @@ class StreamParser:
             self._anomaly("a message began with <|channel|> instead of <|start|>")
             self._next_role = self._default_role
             self.state = StreamState.HEADER
-            self._header_tokens = [token]
+            self._set_header([token])
+        elif _is_special(token):
+            self.dropped_tokens.append(token)
+            self._anomaly(f"control token {token} between messages; dropped")
         else:
             self._anomaly(f"text outside a message (token {token}); kept as a new message")
             self._begin_content(Header(Author(self._default_role)), [])
@@ -292,15 +332,26 @@ class StreamParser:
             self._header_tokens.append(token)
             return
         if token in tok.STOP_TOKENS:
-            self._header_without_message(token)
+            self._header_ended(token)
         elif token == tok.START:
-            self._header_without_message(None)
+            self._header_ended(None)
             self.dropped_tokens.append(token)
             self.state = StreamState.HEADER
+        elif token == tok.CHANNEL and tok.CHANNEL in self._header_tokens:
+            self._anomaly("a second <|channel|> in a header; read as the start of a new message")
+            self._header_ended(None)
+            self._next_role = self._default_role
+            self.state = StreamState.HEADER
+            self._set_header([token])
+        elif _is_special(token) and token not in (tok.CHANNEL, tok.CONSTRAIN):
+            self.dropped_tokens.append(token)
+            self._anomaly(f"control token {token} in a header; dropped")
         else:
             self._header_tokens.append(token)
-            if len(self._header_tokens) > self.max_header_tokens:
-                self._header_without_message(None, keep_open=True)
+            self._header_pieces.append(self._piece(token))
+            scan = self._scan_header()
+            if not scan.plausible or len(self._header_tokens) > self.max_header_tokens:
+                self._header_as_text(scan)
 
     def _in_content(self, token: int) -> None:
         if token in tok.STOP_TOKENS:
@@ -318,10 +369,12 @@ class StreamParser:
                 self._finish(None)
                 self._next_role = self._default_role
                 self.state = StreamState.HEADER
-                self._header_tokens = [token]
+                self._set_header([token])
                 return
-            if tok.START_OF_TEXT <= token <= tok.MAX_TOKEN_ID:
-                self._anomaly(f"control token {token} inside a message; kept as its text")
+            if _is_special(token):
+                self.dropped_tokens.append(token)
+                self._anomaly(f"control token {token} inside a message; dropped")
+                return
         self._append_content(token)
 
     def _append_content(self, token: int) -> None:
@@ -334,15 +387,97 @@ class StreamParser:
             self._content_parts.append(text)
             self.deltas.append((self._header, text))
 
-    def _header_without_message(self, end_token: int | None, *, keep_open: bool = False) -> None:
-        """Tolerant mode: a header that never reached `<|message|>` is read as a message of its own.
+    def _set_header(self, tokens: list[int]) -> None:
+        self._header_tokens = tokens
+        self._header_pieces = [self._piece(t) for t in tokens]
 
-        A known role word and a `<|channel|>` with its value are taken as the header; every later token is
-        the message's text. With `keep_open` (the header grew too long) the message stays open for more text.
+    def _scan_header(self) -> _HeaderScan:
+        """Tolerant mode: read the shape of the header tokens so far (see the module docstring).
+
+        Words are runs of text tokens; a token that starts with whitespace starts a new one. A header is at
+        most: a role word (when the role is not already known), `<|channel|>` and its name, a ` to=`
+        recipient, two further words (a recipient without `to=`, a content type) and `<|constrain|>` with its
+        word. When the role is known (a completion's first header), something other than a recipient before
+        the channel, or only whitespace past `UNSTRUCTURED_AFTER` tokens, means plain text.
         """
+        tokens, pieces = self._header_tokens, self._header_pieces
+        role_known = self._next_role is not None
+        scan = _HeaderScan(True, 0)
+        recipient = False
+        others = 0
+        words = 0
+        i, n = 0, len(tokens)
+        while i < n:
+            token = tokens[i]
+            if token in (tok.CHANNEL, tok.CONSTRAIN):
+                # The marker's value: the text right after it, up to whitespace or `<`; the tokens that spell
+                # it (one that straddles the end included) belong to the header.
+                value, i = "", i + 1
+                while i < n and not _is_special(tokens[i]):
+                    piece = pieces[i]
+                    stop = next((k for k, ch in enumerate(piece) if ch.isspace() or ch == "<"), None)
+                    if stop == 0:
+                        break
+                    value += piece[:stop]
+                    i += 1
+                    if stop is not None:
+                        break
+                if token == tok.CHANNEL:
+                    scan.channel = value or None
+                scan.split = i
+                continue
+            word, j = "", i
+            while j < n and not _is_special(tokens[j]) and not (word.strip() and pieces[j][:1].isspace()):
+                word += pieces[j]
+                j += 1
+            word = word.strip(_ASCII_WHITESPACE)
+            growing = j == n  # the last word may still grow
+            i = j
+            if not word:
+                continue
+            words += 1
+            if words == 1 and not role_known:
+                if word in _ROLES:
+                    scan.role = _ROLES[word]
+                    scan.split = j
+                continue  # a tool's name (a tool result's header), or a role still being written
+            if word.startswith(RECIPIENT_PREFIX) or (growing and RECIPIENT_PREFIX.startswith(word)):
+                if recipient:
+                    scan.plausible = False
+                    return scan
+                recipient = True
+                if word.startswith(RECIPIENT_PREFIX):
+                    scan.split = j
+                continue
+            others += 1
+            if others > 2 or (role_known and scan.channel is None and not recipient):
+                scan.plausible = False
+                return scan
+        if role_known and not words and tok.CHANNEL not in tokens and n > UNSTRUCTURED_AFTER:
+            scan.plausible = False
+        return scan
+
+    def _header_as_text(self, scan: _HeaderScan) -> None:
+        """Tolerant mode: the header tokens are no header (plain text, or a header the model went on writing
+        without `<|message|>`): the words that fit a header stay its header, the rest opens the message's
+        text, which goes on with the tokens that follow."""
+        self._anomaly("a header turned into text; read as a message without <|message|>")
         tokens = self._header_tokens
-        self._header_tokens = []
+        role = self._next_role or scan.role or self._default_role
+        self._begin_content(Header(Author(role), channel=scan.channel), tokens[: scan.split])
+        for token in tokens[scan.split :]:
+            # A header's only control tokens, `<|channel|>` and `<|constrain|>`, each extend its header part.
+            assert not _is_special(token), "a control token past a header's part"
+            self._append_content(token)
+
+    def _header_ended(self, end_token: int | None) -> None:
+        """Tolerant mode: a header ended (a stop token, `<|start|>`, a second `<|channel|>` or the end of the
+        stream) without `<|message|>`, still shaped like a header: a message with no text, since nothing the
+        model wrote in it was meant for the reader. Unless none of it is surely header (a short answer such as
+        "to", which could have begun ` to=`): then it is text."""
+        tokens = self._header_tokens
         if not any(t not in (tok.START, tok.CHANNEL) for t in tokens):
+            self._set_header([])
             self.dropped_tokens.extend(tokens)
             if end_token is not None:
                 self.dropped_tokens.append(end_token)
@@ -351,41 +486,19 @@ class StreamParser:
             self._next_role = None
             self.state = StreamState.EXPECT_START
             return
-        self._anomaly("a header without <|message|>; its text kept as the message")
-        role = self._next_role or self._default_role
-        split = 0
-        if self._next_role is None and tokens[0] != tok.CHANNEL:
-            word = self._decode_lossy(tokens[:1]).strip()
-            if word in _ROLES:
-                role, split = _ROLES[word], 1
-        channel = None
-        if tok.CHANNEL in tokens:
-            # The channel is the text after the marker up to whitespace or `<`; the tokens that spell it
-            # (including one that straddles that boundary) belong to the header, the rest is text.
-            at = tokens.index(tok.CHANNEL)
-            value = ""
-            for end in range(at + 1, len(tokens)):
-                piece = self._decode_lossy(tokens[end : end + 1])
-                stop = next((i for i, ch in enumerate(piece) if ch.isspace() or ch == "<"), None)
-                if tokens[end] >= tok.START_OF_TEXT or stop == 0:
-                    break
-                value += piece[:stop]
-                split = end + 1
-                if stop is not None:
-                    break
-            channel = value or None
-            if channel is None:
-                split = at + 1
-        header_tokens, content_tokens = tokens[:split], tokens[split:]
-        self._begin_content(Header(Author(role), channel=channel), header_tokens)
-        for token in content_tokens:
-            self._append_content(token)  # control tokens here are kept as their text
-        if not keep_open:
-            self._finish(end_token)
+        scan = self._scan_header()
+        if scan.split == 0:
+            self._header_as_text(scan)
+        else:
+            self._anomaly("a header without <|message|>; read as a message with no text")
+            role = self._next_role or scan.role or self._default_role
+            self._begin_content(Header(Author(role), channel=scan.channel), tokens)
+        self._finish(end_token)
 
     def _begin_content(self, header: Header, header_tokens: list[int]) -> None:
         self._header = header
         self._header_tokens = header_tokens
+        self._header_pieces = []
         self._next_role = None
         self.state = StreamState.CONTENT
 
@@ -418,6 +531,15 @@ class StreamParser:
             if not self.strict:
                 self._anomaly(f"token id {token} is not in the vocabulary")
             return _REPLACEMENT
+
+    def _piece(self, token: int) -> str:
+        """A header token's own text, for reading the header's shape: "" for a control token."""
+        if _is_special(token):
+            return ""
+        try:
+            return self._encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+        except KeyError:
+            return "\ufffd"
 
     def _decode_lossy(self, tokens: list[int]) -> str:
         return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")

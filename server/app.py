@@ -212,6 +212,9 @@ def create_app(
         try:
             response = _refusal(request, state.settings) or await call_next(request)
             response.headers["x-request-id"] = REQUEST_ID.get()
+            ignored = getattr(request.state, "ignored_fields", None)
+            if ignored:
+                response.headers["x-ignored-fields"] = ignored
             endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
             state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
             logger.info(
@@ -235,6 +238,6 @@ def create_app(
             allow_origins=state.settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["x-request-id"],
+            expose_headers=["x-request-id", "x-ignored-fields"],
         )
     return app

@@ -197,6 +197,11 @@ class AsyncEngine:
         """Why the engine thread stopped for good (it serves nothing more), or None while it runs."""
         return self._thread.stopped_because
 
+    def abort(self, request_id: str) -> None:
+        """End a request being generated at the engine's next step: its consumer has all it wants (the answer
+        reached a stop string). Its `generate` then yields a last output that says `abort`."""
+        self._thread.abort(request_id)
+
     def cut_all(self, reason: str) -> None:
         """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the
         API's terminal error event (its engine request is aborted). On the event loop's thread."""

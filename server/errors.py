@@ -123,12 +123,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
+        # Of a union's errors (`content` is a string or a list of parts) the deepest says what is wrong: a
+        # part's unsupported type, not that the list is not a string.
+        first = max(error.errors(), key=lambda e: len(e.get("loc", ())), default={})
         location = tuple(first.get("loc", ()))
         # pydantic names union members in the location (`str`, `list[...]`); they are not fields.
         location = tuple(p for p in location if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES)))
         param = _param_of(location)
-        message = first.get("msg", "invalid request")
+        # A validator's own reason, without pydantic's "Value error, " in front of it.
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if param:
             message = f"{param}: {message}"
         if first.get("type") == "json_invalid":

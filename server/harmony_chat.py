@@ -8,7 +8,9 @@ tool call a commentary message to `functions.NAME` with content type `<|constrai
 
 from __future__ import annotations
 
+import logging
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,6 +32,8 @@ from harmony.messages import (
 from harmony.parser import Header, StreamParser
 from server.errors import bad_request
 from server.protocol import ChatMessage, Tool
+
+logger = logging.getLogger(__name__)
 
 FUNCTIONS_PREFIX = "functions."
 
@@ -103,10 +107,11 @@ def to_harmony(
                             content_type="<|constrain|>json",
                         )
                     )
-            elif m.content is not None or not reasoning:
+            elif m.content is not None or m.refusal is not None or not reasoning:
                 out.append(Message.from_role(Role.ASSISTANT, m.text(), channel="final"))
-        else:  # tool
-            name = call_names.get(m.tool_call_id or "") or m.name
+        else:  # tool, or the deprecated function result, which names its function
+            by_id = call_names.get(m.tool_call_id or "")
+            name = m.name if m.role == "function" else by_id or m.name
             if name is None:
                 raise bad_request(
                     f"messages[{i}]: tool_call_id {m.tool_call_id!r} matches no earlier assistant tool call",
@@ -132,6 +137,8 @@ class DeltaKind(StrEnum):
     CONTENT = "content"
     TOOL_CALL_START = "tool_call_start"
     TOOL_CALL_ARGUMENTS = "tool_call_arguments"
+    # A message to a tool the client did not offer: not sent at all (see `ChatOutputParser`).
+    DROPPED = "dropped"
 
 
 @dataclass(slots=True)
@@ -161,25 +168,39 @@ class ChatOutput:
     anomalies: int = 0
 
 
-def _kind_of(header: Header) -> DeltaKind:
-    recipient = header.recipient or ""
-    if recipient.startswith(FUNCTIONS_PREFIX):
-        return DeltaKind.TOOL_CALL_ARGUMENTS
-    if header.channel == "analysis":
-        return DeltaKind.REASONING
-    # final, commentary preambles, and anything the model wrote without a proper header: the answer.
-    return DeltaKind.CONTENT
-
-
 class ChatOutputParser:
-    """One per choice: feeds the sampled tokens to a tolerant harmony parser and sorts what comes out."""
+    """One per choice: feeds the sampled tokens to a tolerant harmony parser and sorts what comes out.
 
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
+    A message to `functions.NAME`, NAME one of the `tools` the model was shown, is a tool call. A message to
+    any other tool (a function that was not offered, or any ` to=` recipient: a built-in tool such as
+    `browser.search` or `python`) is never a tool call: a client cannot run a tool it did not offer and
+    would fail on its name, as OpenAI never returns one. On the analysis channel it is the model's reasoning
+    like any other; anywhere else it is dropped (counted in `anomalies` and logged), since its text was
+    written for that tool, not for the reader. Other messages are reasoning (analysis) or the answer (final,
+    commentary preambles, and text the model wrote without a proper header), including those whose lone
+    content type (`<|channel|>final <|constrain|>json`) the header reading takes for a recipient.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, tools: Collection[str] = ()) -> None:
         self.parser = StreamParser(encoding, Role.ASSISTANT)
         self.output = ChatOutput()
+        self.tools = frozenset(tools)
         # By id() of the message header: the header (kept, so no later header can reuse its id), the call and
         # its index among this choice's calls.
         self._calls: dict[int, tuple[Header, ToolCallOut, int]] = {}
+        # By id() of the header of each message dropped so far (kept for the same reason), logged once each.
+        self._dropped: dict[int, Header] = {}
+
+    def _kind_of(self, header: Header) -> DeltaKind:
+        recipient = header.recipient or ""
+        to_function = recipient.startswith(FUNCTIONS_PREFIX)
+        if to_function and recipient.removeprefix(FUNCTIONS_PREFIX) in self.tools:
+            return DeltaKind.TOOL_CALL_ARGUMENTS
+        if (to_function or (header.addressed and recipient != "all")) and header.channel != "analysis":
+            return DeltaKind.DROPPED
+        if header.channel == "analysis":
+            return DeltaKind.REASONING
+        return DeltaKind.CONTENT
 
     def feed(self, token: int) -> list[Delta]:
         parser = self.parser
@@ -190,7 +211,7 @@ class ChatOutputParser:
         if after is not None and after is not before:
             self._opened(after, deltas)
         for header, text in parser.deltas:
-            if id(header) not in self._calls and _kind_of(header) is DeltaKind.TOOL_CALL_ARGUMENTS:
+            if id(header) not in self._calls:
                 self._opened(header, deltas)
             self._text(header, text, deltas)
         return deltas
@@ -201,7 +222,7 @@ class ChatOutputParser:
         deltas: list[Delta] = []
         for header, text in self.parser.deltas:
             self._text(header, text, deltas)
-        self.output.anomalies = self.parser.anomalies
+        self.output.anomalies = self.parser.anomalies + len(self._dropped)
         # Every token of an analysis message counts as reasoning: header, `<|message|>`, text and its end.
         self.output.reasoning_tokens = sum(
             len(p.header_tokens) + 1 + len(p.content_tokens) + (p.end_token is not None)
@@ -211,7 +232,14 @@ class ChatOutputParser:
         return deltas
 
     def _opened(self, header: Header, deltas: list[Delta]) -> None:
-        if _kind_of(header) is not DeltaKind.TOOL_CALL_ARGUMENTS or id(header) in self._calls:
+        kind = self._kind_of(header)
+        if kind is DeltaKind.DROPPED and id(header) not in self._dropped:
+            self._dropped[id(header)] = header
+            logger.warning(
+                "malformed harmony output: a message to %r, which is no tool the request offered; dropped",
+                header.recipient,
+            )
+        if kind is not DeltaKind.TOOL_CALL_ARGUMENTS or id(header) in self._calls:
             return
         call = ToolCallOut(new_call_id(), (header.recipient or "")[len(FUNCTIONS_PREFIX) :])
         index = len(self.output.tool_calls)
@@ -220,7 +248,9 @@ class ChatOutputParser:
         deltas.append(Delta(DeltaKind.TOOL_CALL_START, index=index, call_id=call.id, name=call.name))
 
     def _text(self, header: Header, text: str, deltas: list[Delta]) -> None:
-        kind = _kind_of(header)
+        kind = self._kind_of(header)
+        if kind is DeltaKind.DROPPED:
+            return
         if kind is DeltaKind.TOOL_CALL_ARGUMENTS:
             _, call, index = self._calls[id(header)]
             call.arguments += text

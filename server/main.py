@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Literal
@@ -160,6 +161,11 @@ class CliSettings(BaseSettings):
         ge=0,
         description="seconds streams may run on after SIGTERM before each ends with an error event",
     )
+    ignore_unknown_fields: bool = Field(
+        False,
+        description="accept request fields the server does not know, log them and name them in the "
+        "x-ignored-fields response header (default: a 400 naming them)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
 
@@ -181,6 +187,17 @@ def parse_args(argv: list[str] | None = None) -> CliSettings:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind `host:port` once and let it go: an `OSError` (the port is taken, the address is not this
+    machine's) says now what uvicorn would only find after the model has loaded. SO_REUSEADDR as uvicorn
+    binds, so a port in TIME_WAIT after a restart passes."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
 
 
 def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
@@ -238,6 +255,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         shutdown_grace=args.shutdown_grace,
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
         chat_page=args.chat_page == "on",
+        ignore_unknown_fields=args.ignore_unknown_fields,
     )
     return engine, settings
 
@@ -251,11 +269,34 @@ def main(argv: list[str] | None = None) -> None:
         logger.error("%s", error)
         raise SystemExit(2) from error
     try:
+        # Before the model loads (minutes for a large one): a busy port fails now, not after the loading.
+        check_port(args.host, args.port)
+    except OSError as error:
+        logger.error(
+            "cannot start: cannot listen on %s:%d: %s (is another server running there? pick another --port)",
+            args.host,
+            args.port,
+            error.strerror or error,
+        )
+        raise SystemExit(2) from error
+    try:
         engine, settings = build(args)
     except ValueError as error:
         # A checkpoint, config, adapter or KV size the server cannot serve: one line saying what to change
         # (every such refusal is a ValueError), the traceback only when debugging.
         logger.error("cannot start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        raise SystemExit(2) from error
+    except Exception as error:
+        # Anything else at start-up (a file that cannot be read, the GPU out of memory): still one line, with
+        # the error's kind, and the traceback only when debugging.
+        debug = logger.isEnabledFor(logging.DEBUG)
+        logger.error(
+            "cannot start: %s: %s%s",
+            type(error).__name__,
+            str(error) or "(no message)",
+            "" if debug else " (--log-level debug shows where)",
+            exc_info=debug,
+        )
         raise SystemExit(2) from error
     app = create_app(engine, settings)
     logger.info("serving %s on http://%s:%d/v1", settings.served_model_name, args.host, args.port)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
+import logging
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from server.bodies import OffLoopJsonRoute
-from server.errors import ClientGone, bad_request
+from server.errors import ClientGone, bad_request, not_found
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,6 +28,7 @@ from server.protocol import (
     ResponsesRequest,
     TokenizeRequest,
     invalid_field,
+    unknown_fields,
 )
 from server.state import ServerState, Services
 
@@ -33,6 +36,7 @@ RequestT = TypeVar("RequestT", bound=BaseModel)
 T = TypeVar("T")
 
 router = APIRouter(route_class=OffLoopJsonRoute)
+logger = logging.getLogger(__name__)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -53,12 +57,30 @@ _ERROR_MEANINGS = {
 _GENERATION_ERRORS = _errors(400, 401, 404, 413, 429, 500, 503)
 
 
-def checked(body: RequestT) -> RequestT:
-    """`body`, unless a field holds what no later stage can take (a lone surrogate, a runaway nesting)."""
+def checked(body: RequestT, state: ServerState, request: Request) -> RequestT:
+    """`body`, unless a field holds what no later stage can take (a lone surrogate, a runaway nesting) or is
+    one no request model declares. An unknown field is a 400 naming it; with `ignore_unknown_fields` it is
+    logged and named in the response's `x-ignored-fields` header (set by the app's middleware)."""
     found = invalid_field(body)
     if found is not None:
         param, message = found
         raise bad_request(message, param=param)
+    hook = state.processors_hook
+    unknown = unknown_fields(body, hook.fields if hook is not None else ())
+    if unknown:
+        names = ", ".join(unknown)
+        if not state.settings.ignore_unknown_fields:
+            raise bad_request(
+                f"unknown field{'s' if len(unknown) > 1 else ''}: {names}; this server does not take "
+                "it (see the README's Request fields; --ignore-unknown-fields accepts and ignores them)",
+                param=unknown[0],
+                code="unknown_field",
+            )
+        # Field names are the client's text: escaped as JSON escapes them, to be one log line and a valid
+        # header value.
+        shown = json.dumps(names)[1:-1]
+        logger.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, shown)
+        request.state.ignored_fields = shown
     return body
 
 
@@ -111,8 +133,7 @@ async def health(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/v1/models", responses=_errors(401))
-async def models(state: State) -> dict[str, Any]:
+def _model_object(state: ServerState) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": state.settings.served_model_name,
         "object": "model",
@@ -121,14 +142,55 @@ async def models(state: State) -> dict[str, Any]:
     }
     if state.settings.model_note:
         entry["note"] = state.settings.model_note
-    return {"object": "list", "data": [entry]}
+    return entry
+
+
+@router.get("/v1/models", responses=_errors(401))
+async def models(state: State) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_object(state)]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
+async def model(model_id: str, state: State) -> dict[str, Any]:
+    """The model object (`client.models.retrieve()`), for the id the generating routes take."""
+    if model_id != state.settings.served_model_name:
+        raise not_found(
+            f"the model {model_id!r} does not exist; this server serves {state.settings.served_model_name!r}",
+            param="model",
+        )
+    return _model_object(state)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """The server's version, from its package metadata (as vLLM's `/version`)."""
+    return {"version": importlib.metadata.version("gpt-oss-server")}
+
+
+@router.get("/tokenizer_info", responses=_errors(401))
+async def tokenizer_info(state: State) -> dict[str, Any]:
+    """The tokenizer's configuration in the shape of Hugging Face's `tokenizer_config.json`, as vLLM's
+    `/tokenizer_info` (lm-eval reads it to use the server's tokenizer). gpt-oss's published tokenizer ends an
+    answer with `<|return|>` and pads with `<|endoftext|>`; the prompt comes from the harmony renderer, not
+    from a chat template, so there is none to give."""
+    max_model_len = state.services.chat.max_model_len if state.services is not None else None
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "encoding": state.encoding.name,
+        "vocab_size": state.encoding.n_vocab,
+        "model_max_length": max_model_len,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|return|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+    }
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_ERRORS)
 async def chat_completions(
-    body: ChatCompletionRequest, ready: Ready, request: Request
+    body: ChatCompletionRequest, ready: Ready, state: State, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
-    body = checked(body)
+    body = checked(body, state, request)
     if body.stream:
         return await ready.chat.stream(body)
     return await unless_disconnected(request, ready.chat.complete(body))
@@ -136,9 +198,9 @@ async def chat_completions(
 
 @router.post("/v1/completions", response_model=None, responses=_GENERATION_ERRORS)
 async def completions(
-    body: CompletionRequest, ready: Ready, request: Request
+    body: CompletionRequest, ready: Ready, state: State, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
-    body = checked(body)
+    body = checked(body, state, request)
     if body.stream:
         return await ready.completions.stream(body)
     return await unless_disconnected(request, ready.completions.complete(body))
@@ -146,9 +208,9 @@ async def completions(
 
 @router.post("/v1/responses", response_model=None, responses=_GENERATION_ERRORS)
 async def create_response(
-    body: ResponsesRequest, ready: Ready, request: Request
+    body: ResponsesRequest, ready: Ready, state: State, request: Request
 ) -> dict[str, Any] | EventSourceResponse:
-    body = checked(body)
+    body = checked(body, state, request)
     if body.stream:
         return await ready.responses.stream(body)
     return await unless_disconnected(request, ready.responses.create(body))
@@ -200,9 +262,9 @@ def _ids_json(ids: list[int]) -> bytes:
 
 
 @router.post("/tokenize", response_model=None, responses=_errors(400, 401, 413, 503))
-async def tokenize(body: TokenizeRequest, state: State) -> Response:
+async def tokenize(body: TokenizeRequest, state: State, request: Request) -> Response:
     """Plain text works while the model loads; messages are rendered as chat renders them."""
-    body = checked(body)
+    body = checked(body, state, request)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", param="prompt")
     if body.prompt is not None:
@@ -215,13 +277,15 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
         tokens = await state.workers.run(state.encoding.encode_ordinary, body.prompt)
     else:
         assert body.messages is not None
-        request = ChatCompletionRequest(
+        chat = ChatCompletionRequest(
             model=state.settings.served_model_name,
             messages=body.messages,
             tools=body.tools,
             reasoning_effort=body.reasoning_effort,
         )
-        tokens = await state.ready().chat.prompt(request)
+        tokens = await state.ready().chat.prompt(chat)
+        if not body.add_generation_prompt:
+            tokens = tokens[: -len(state.ready().chat.generation_prompt)]
     max_model_len = state.services.chat.max_model_len if state.services is not None else None
     # A megabyte prompt's ids take as long to write as JSON as to find: that happens off the loop too.
     ids = await state.workers.run(_ids_json, tokens)
@@ -230,8 +294,8 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
 
 
 @router.post("/detokenize", response_model=None, responses=_errors(400, 401, 413))
-async def detokenize(body: DetokenizeRequest, state: State) -> Response:
-    body = checked(body)
+async def detokenize(body: DetokenizeRequest, state: State, request: Request) -> Response:
+    body = checked(body, state, request)
     if any(not 0 <= t < state.encoding.n_vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {state.encoding.n_vocab})", param="tokens")
     text = await state.workers.run(state.encoding.decode, body.tokens)

@@ -17,11 +17,12 @@ import contextlib
 import functools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import tiktoken
 
@@ -33,13 +34,21 @@ from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
 from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
-from server.harmony_chat import to_harmony
+from server.harmony_chat import ChatOutput, ChatOutputParser, Delta, DeltaKind, to_harmony
 from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool
 from server.settings import ServerSettings
 
-# Extra logits processors for a request's choices, given the request's unknown body fields (`model_extra`)
-# and the choice index (see `create_app`): the seam through which tests make the real model say chosen tokens.
-ProcessorsHook = Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
+@dataclass(frozen=True, slots=True)
+class ProcessorsHook:
+    """Extra logits processors for a request's choices (see `create_app`): the seam through which tests make
+    the real model say chosen tokens. `make` gets the request's body fields that no model declares
+    (`model_extra`) and the choice index; `fields` names the ones it consumes, which are then not refused as
+    unknown."""
+
+    fields: frozenset[str]
+    make: Callable[[dict[str, Any], int], list[LogitsProcessor]]
+
 
 RequestT = TypeVar("RequestT", bound=GenerationRequest)
 PreparedT = TypeVar("PreparedT")
@@ -121,15 +130,21 @@ def output_budget(
 class StopTrimmer:
     """Holds back answer text that may be the start of a stop string, and cuts the answer at one.
 
-    The engine ends the request on the token that completes a stop string; the text the client sees ends
-    before the stop string, as with the OpenAI API, streamed or not.
+    The text the client sees ends before the stop string (or after it, with vLLM's
+    `include_stop_str_in_output`), streamed or not; `matched` is the stop string that ended it. Where several
+    match, the one that starts first wins, then the first listed.
     """
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], include: bool = False) -> None:
         self.stops = stops
+        self.include = include
         self.keep = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
-        self.stopped = False
+        self.matched: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -137,23 +152,100 @@ class StopTrimmer:
         if not self.stops:
             return text
         self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            out, self.pending = self.pending[:cut], ""
+        found = [(at, i) for i, stop in enumerate(self.stops) if (at := self.pending.find(stop)) >= 0]
+        if found:
+            cut, i = min(found)
+            self.matched = self.stops[i]
+            end = cut + len(self.matched) if self.include else cut
+            out, self.pending = self.pending[:end], ""
             return out
         split = max(len(self.pending) - self.keep, 0)
         out, self.pending = self.pending[:split], self.pending[split:]
         return out
 
     def flush(self) -> str:
+        """The text held back, now known not to start a stop string (the answer ended or was interrupted)."""
         out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+class ChoiceOutput:
+    """One choice's output as its client receives it, in chat and Responses: the harmony parser's deltas, the
+    answer cut at the first stop string.
+
+    Stop strings apply to the answer (the content: final and commentary text), never to reasoning, tool-call
+    arguments or harmony's headers. So the engine is not given them (it would match them in the raw output,
+    headers and reasoning included); the answer is matched here, and when it reaches one the choice is over:
+    `stopped` is set, nothing more is produced, and the caller aborts the engine request. A stop string does
+    not span text the answer was interrupted by (reasoning or a tool call between two parts of it).
+    `tokens` counts the output tokens up to the one that completed the stop string.
+    """
+
+    def __init__(
+        self, encoding: tiktoken.Encoding, tools: Collection[str], stops: list[str], include_stop: bool
+    ) -> None:
+        self.parser = ChatOutputParser(encoding, tools)
+        self.trimmer = StopTrimmer(stops, include_stop)
+        self.tokens = 0
+        self._ended = False
+
+    @property
+    def output(self) -> ChatOutput:
+        return self.parser.output
+
+    @property
+    def stopped(self) -> bool:
+        return self.trimmer.stopped
+
+    @property
+    def stop_reason(self) -> str | None:
+        """The stop string that ended the answer, or None."""
+        return self.trimmer.matched
+
+    def feed(self, token: int) -> list[Delta]:
+        if self._ended:
+            return []
+        self.tokens += 1
+        deltas = self._trim(self.parser.feed(token))
+        if self.stopped:
+            self._ended = True
+            # Completes the counts (reasoning tokens, anomalies); the text it flushes is past the stop.
+            self.parser.finish()
+        return deltas
+
+    def finish(self) -> list[Delta]:
+        """The engine request ended: what the parser and the trimmer still hold."""
+        if self._ended:
+            return []
+        self._ended = True
+        deltas = self._trim(self.parser.finish())
+        tail = self.trimmer.flush()
+        return [*deltas, Delta(DeltaKind.CONTENT, tail)] if tail else deltas
+
+    def _trim(self, deltas: list[Delta]) -> list[Delta]:
+        out: list[Delta] = []
+        for delta in deltas:
+            if self.stopped:
+                break
+            if delta.kind is DeltaKind.CONTENT:
+                delta.text = self.trimmer.feed(delta.text)
+                if delta.text:
+                    out.append(delta)
+                continue
+            held = self.trimmer.flush()  # the answer was interrupted: what it held goes out first
+            if held:
+                out.append(Delta(DeltaKind.CONTENT, held))
+            out.append(delta)
         return out
 
 
 class Serving(ABC, Generic[RequestT, PreparedT]):
     """A serving class: turns one API's request bodies into admitted engine requests and their outputs into
     the API's responses."""
+
+    # Whether the engine matches the request's stop strings against the raw output text (the legacy
+    # completions, which has no harmony), rather than the service against the answer (`ChoiceOutput`).
+    engine_stops: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -314,11 +406,15 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         """The engine's parameters for choice `index` of `request`: the settings' defaults for what it leaves
         out, its seed offset by the choice (so choices differ but repeat), the processors hook's additions.
 
-        `stop_token_ids` are the API's end tokens: with `ignore_eos` none is passed, so only the token limit
-        (or a stop string) ends the output."""
+        `stop_token_ids` are the API's end tokens: with `ignore_eos` none is passed, so only the token limit,
+        a stop string or the request's own `stop_token_ids` ends the output."""
         choices = request if isinstance(request, ChoicesRequest) else None
-        stops = _stop_strings(choices.stop) if choices is not None else []
-        hooked = self.processors_hook(request.model_extra or {}, index) if self.processors_hook else []
+        stops = stop_strings(request.stop) if self.engine_stops else []
+        hook = self.processors_hook
+        hooked = hook.make(request.model_extra or {}, index) if hook is not None else []
+        extra_stops = (choices.stop_token_ids or []) if choices is not None else []
+        if any(t >= self.encoding.n_vocab for t in extra_stops):
+            raise RequestError(f"stop_token_ids must be below {self.encoding.n_vocab}", "stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.settings.default_temperature
@@ -331,7 +427,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             frequency_penalty=choices.frequency_penalty if choices is not None else 0.0,
             logit_bias=logit_bias or {},
             seed=None if choices is None or choices.seed is None else choices.seed + index,
-            stop_token_ids=[] if request.ignore_eos else stop_token_ids,
+            stop_token_ids=sorted({*([] if request.ignore_eos else stop_token_ids), *extra_stops}),
             stop=stops,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -396,7 +492,8 @@ def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) ->
     return total
 
 
-def _stop_strings(stop: str | list[str] | None) -> list[str]:
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """A request's `stop` as a list; `RequestError` for an empty one (it would match everywhere)."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
         raise RequestError("stop sequences must not be empty", "stop")

@@ -15,15 +15,16 @@ from engine.request import FinishReason, RequestError, RequestOutput, SamplingPa
 from harmony import encoding as tok
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
-from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
+from server.harmony_chat import Delta, DeltaKind
 from server.protocol import ChatCompletionRequest, NamedToolChoice
 from server.serving import (
+    ChoiceOutput,
     EngineRequest,
     Serving,
-    StopTrimmer,
     logprob_json,
     output_budget,
     prompt_logprobs_json,
+    stop_strings,
 )
 from server.streaming import data_events, fan_in, sse
 from server.tool_choice import tool_choice_processors
@@ -37,6 +38,13 @@ class Prepared:
     params: list[SamplingParams]
     named_tool: str | None
     logprobs: bool
+    # The request used the deprecated `functions`: the call is answered as `function_call`.
+    legacy_functions: bool
+    # The functions the model was shown (its calls to anything else are not returned).
+    tools: frozenset[str]
+    # Matched against each choice's answer (see `ChoiceOutput`), not by the engine.
+    stops: list[str]
+    include_stop: bool
     # vLLM's extra: the prompt scored, by choice 0's request, with this many alternatives per token.
     prompt_logprobs: int | None = None
 
@@ -44,17 +52,23 @@ class Prepared:
 @dataclass(slots=True)
 class ChoiceState:
     index: int
-    parser: ChatOutputParser
-    trimmer: StopTrimmer
-    tokens: int = 0
+    request_id: str
+    output: ChoiceOutput
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     # The answer text as sent (after stop-string trimming).
     content: list[str] = field(default_factory=list)
     finish: FinishReason | None = None
     cached_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    # The choice is over (its engine request finished, or its answer reached a stop string); the engine's
+    # outputs after that are not the client's.
+    ended: bool = False
 
 
 class ChatService(Serving[ChatCompletionRequest, Prepared]):
+    # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
+    engine_stops = False
+
     # -- preparing ------------------------------------------------------------------------------------------
 
     def param_names(self, request: ChatCompletionRequest) -> ParamNames:
@@ -65,6 +79,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "logprobs": "top_logprobs",
             "grammar": "response_format",
         }
+
+    @property
+    def generation_prompt(self) -> list[int]:
+        """The ids every chat prompt ends with: `<|start|>assistant`, the header the answer follows."""
+        return [tok.START, *self.encoding.encode_ordinary("assistant")]
 
     async def prompt(self, request: ChatCompletionRequest) -> list[int]:
         """The prompt token ids the engine gets for `request` (what `/tokenize` counts)."""
@@ -91,6 +110,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         )
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
+        conflict = request.legacy_conflict()
+        if conflict is not None:
+            replacement = "tools" if conflict == "functions" else "tool_choice"
+            raise bad_request(f"give {replacement} or the deprecated {conflict}, not both", param=conflict)
+        stops = stop_strings(request.stop)
         grammar = self._grammar(request)
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
@@ -140,58 +164,72 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
             for i in range(request.n)
         ]
-        prepared = Prepared(prompt, params, named, request.logprobs, request.prompt_logprobs)
+        prepared = Prepared(
+            prompt,
+            params,
+            named,
+            request.logprobs,
+            legacy_functions=request.functions is not None,
+            tools=frozenset(names if choice != "none" else []),
+            stops=stops,
+            include_stop=request.include_stop_str_in_output,
+            prompt_logprobs=request.prompt_logprobs,
+        )
         return prepared, [(prompt, p) for p in params]
 
     # -- running --------------------------------------------------------------------------------------------
 
     def _consume(self, state: ChoiceState, output: RequestOutput, prepared: Prepared) -> list[Delta]:
-        """Feed a step's tokens to the choice's parser; the deltas to send, answer text trimmed at stops."""
+        """Feed a step's tokens to the choice's output; the deltas to send. Sets `state.ended` when the choice
+        is over: when its answer reaches a stop string, its engine request is aborted then and there."""
+        if state.ended:
+            return []
         produced: list[Delta] = []
         logprobs = output.logprobs or []
+        choice = state.output
         for i, token in enumerate(output.new_token_ids):
-            deltas = state.parser.feed(token)
+            deltas = choice.feed(token)
             produced.extend(deltas)
-            state.tokens += 1
+            state.token_ids.append(token)
             if prepared.logprobs and i < len(logprobs) and any(d.kind is DeltaKind.CONTENT for d in deltas):
                 state.logprobs.append(logprob_json(self.encoding, logprobs[i]))
+            if choice.stopped:
+                break
         state.cached_tokens = output.num_cached_tokens
-        if output.finished:
+        if choice.stopped:
+            state.ended = True
+            state.finish = FinishReason.STOP
+            if not output.finished:
+                self.engine.abort(state.request_id)
+        elif output.finished:
+            state.ended = True
             state.finish = output.finish_reason
-            produced.extend(state.parser.finish())
-        out = []
-        for delta in produced:
-            if delta.kind is DeltaKind.CONTENT:
-                delta.text = state.trimmer.feed(delta.text)
-                if not delta.text:
-                    continue
-            out.append(delta)
-        if output.finished:
-            tail = state.trimmer.flush()
-            if tail:
-                out.append(Delta(DeltaKind.CONTENT, tail))
-        return out
+            produced.extend(choice.finish())
+        return produced
 
-    def _choice(self, prepared: Prepared, index: int) -> ChoiceState:
-        return ChoiceState(index, ChatOutputParser(self.encoding), StopTrimmer(prepared.params[index].stop))
+    def _choice(self, prepared: Prepared, completion_id: str, index: int) -> ChoiceState:
+        output = ChoiceOutput(self.encoding, prepared.tools, prepared.stops, prepared.include_stop)
+        return ChoiceState(index, _request_id(completion_id, index), output)
 
     def _finish_reason(self, state: ChoiceState, prepared: Prepared) -> str:
         if state.finish is FinishReason.LENGTH:
             return "length"  # also when a tool call was cut off: its arguments are incomplete
-        if state.parser.output.tool_calls and prepared.named_tool is None:
-            return "tool_calls"
+        if state.output.stopped:
+            return "stop"
+        if state.output.output.tool_calls and prepared.named_tool is None:
+            return "function_call" if prepared.legacy_functions else "tool_calls"
         return "stop"
 
     @staticmethod
     def _usage(prompt: list[int], states: list[ChoiceState]) -> dict[str, Any]:
-        completion = sum(s.tokens for s in states)
+        completion = sum(s.output.tokens for s in states)
         return {
             "prompt_tokens": len(prompt),
             "completion_tokens": completion,
             "total_tokens": len(prompt) + completion,
             "prompt_tokens_details": {"cached_tokens": max((s.cached_tokens for s in states), default=0)},
             "completion_tokens_details": {
-                "reasoning_tokens": sum(s.parser.output.reasoning_tokens for s in states)
+                "reasoning_tokens": sum(s.output.output.reasoning_tokens for s in states)
             },
         }
 
@@ -199,7 +237,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         """Every choice's outputs as they come, tagged with the choice's index."""
         return fan_in(
             [
-                self.engine.generate(prepared.prompt, p, f"{completion_id}-{i}")
+                self.engine.generate(prepared.prompt, p, _request_id(completion_id, i))
                 for i, p in enumerate(prepared.params)
             ]
         )
@@ -207,7 +245,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
     async def complete(self, request: ChatCompletionRequest) -> dict[str, Any]:
         prepared, admission = await self.prepare(request)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
-        states = [self._choice(prepared, i) for i in range(request.n)]
+        states = [self._choice(prepared, completion_id, i) for i in range(request.n)]
         scored: list[TokenLogprob | None] | None = None
         try:
             async for index, output in self._outputs(prepared, completion_id):
@@ -220,26 +258,32 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             admission.release()
         choices = []
         for state in states:
-            out = state.parser.output
+            out = state.output.output
+            calls = [{"name": c.name, "arguments": c.arguments} for c in out.tool_calls]
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": "".join(state.content) if state.content else (None if out.tool_calls else ""),
                 "reasoning": "".join(out.reasoning) or None,
-                "tool_calls": [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in out.tool_calls
-                ]
-                or None,
             }
-            choices.append(
-                {
-                    "index": state.index,
-                    "message": message,
-                    "logprobs": {"content": state.logprobs, "refusal": None} if prepared.logprobs else None,
-                    "finish_reason": self._finish_reason(state, prepared),
-                }
-            )
-        body = {
+            if prepared.legacy_functions:
+                # The deprecated shape holds one call; a harmony turn ends at its first `<|call|>`.
+                message["function_call"] = calls[0] if calls else None
+            else:
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": call}
+                    for c, call in zip(out.tool_calls, calls, strict=True)
+                ] or None
+            choice: dict[str, Any] = {
+                "index": state.index,
+                "message": message,
+                "logprobs": {"content": state.logprobs, "refusal": None} if prepared.logprobs else None,
+                "finish_reason": self._finish_reason(state, prepared),
+                "stop_reason": state.output.stop_reason,
+            }
+            if request.return_token_ids:
+                choice["token_ids"] = state.token_ids
+            choices.append(choice)
+        body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -250,6 +294,8 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         if prepared.prompt_logprobs is not None:
             assert scored is not None, "choice 0's first output brings the prompt's logprobs"
             body["prompt_logprobs"] = prompt_logprobs_json(self.encoding, scored, prepared.prompt_logprobs)
+        if request.return_token_ids:
+            body["prompt_token_ids"] = prepared.prompt
         return body
 
     async def stream(self, request: ChatCompletionRequest) -> EventSourceResponse:
@@ -268,27 +314,66 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "created": int(time.time()),
             "model": self.settings.served_model_name,
         }
-        states = [self._choice(prepared, i) for i in range(request.n)]
+        states = [self._choice(prepared, completion_id, i) for i in range(request.n)]
+
+        options = request.stream_options
+        include_usage = options is not None and options.include_usage
+        # vLLM's continuous usage: with include_usage, every chunk carries the usage so far.
+        continuous = include_usage and options is not None and options.continuous_usage_stats
+        token_ids = request.return_token_ids
 
         def chunk(
             index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
         ) -> dict[str, Any]:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return {**head, "choices": [choice]}
+            if finish is not None:
+                choice["stop_reason"] = states[index].output.stop_reason
+            out = {**head, "choices": [choice]}
+            if continuous:
+                out["usage"] = self._usage(prepared.prompt, states)
+            return out
 
         for state in states:
-            yield chunk(state.index, {"role": "assistant", "content": ""})
+            first = chunk(state.index, {"role": "assistant", "content": ""})
+            if token_ids:
+                first["prompt_token_ids"] = prepared.prompt
+            yield first
         async for index, output in self._outputs(prepared, completion_id):
             state = states[index]
+            if state.ended:
+                continue  # the rest of a choice that reached a stop string, until its abort takes effect
             logprobs_before = len(state.logprobs)
-            for delta in self._consume(state, output, prepared):
-                yield chunk(index, _delta_json(delta))
+            consumed = len(state.token_ids)
+            chunks = [
+                chunk(index, self._delta_for(delta, prepared))
+                for delta in self._consume(state, output, prepared)
+            ]
             if prepared.logprobs and len(state.logprobs) > logprobs_before:
-                yield chunk(index, {}, {"content": state.logprobs[logprobs_before:], "refusal": None})
-            if output.finished:
-                yield chunk(index, {}, finish=self._finish_reason(state, prepared))
-        if request.stream_options is not None and request.stream_options.include_usage:
+                chunks.append(
+                    chunk(index, {}, {"content": state.logprobs[logprobs_before:], "refusal": None})
+                )
+            if state.ended:
+                chunks.append(chunk(index, {}, finish=self._finish_reason(state, prepared)))
+            if token_ids and len(state.token_ids) > consumed:
+                # The step's new ids ride on its first chunk (one with an empty delta if the tokens said
+                # nothing yet, such as a message's header), so the chunks' ids add up to the output's.
+                if not chunks:
+                    chunks.append(chunk(index, {}))
+                chunks[0]["choices"][0]["token_ids"] = state.token_ids[consumed:]
+            for out in chunks:
+                yield out
+        if include_usage:
             yield {**head, "choices": [], "usage": self._usage(prepared.prompt, states)}
+
+    @staticmethod
+    def _delta_for(delta: Delta, prepared: Prepared) -> dict[str, Any]:
+        """A delta as this request's chunks carry it: a tool call as the deprecated `function_call` when
+        the request gave `functions`."""
+        if prepared.legacy_functions and delta.kind is DeltaKind.TOOL_CALL_START:
+            return {"function_call": {"name": delta.name, "arguments": ""}}
+        if prepared.legacy_functions and delta.kind is DeltaKind.TOOL_CALL_ARGUMENTS:
+            return {"function_call": {"arguments": delta.text}}
+        return _delta_json(delta)
 
 
 def _delta_json(delta: Delta) -> dict[str, Any]:
@@ -308,6 +393,11 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
             ]
         }
     return {"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]}
+
+
+def _request_id(completion_id: str, index: int) -> str:
+    """The engine request id of choice `index` (what a stop string aborts)."""
+    return f"{completion_id}-{index}"
 
 
 def _harmony_format(request: ChatCompletionRequest) -> HarmonyResponseFormat | None:

@@ -63,6 +63,7 @@ class _Choice:
     # one `max_tokens: 0` drops (it asked for none).
     num_generated: int = 0
     finish: FinishReason | None = None
+    stop_reason: int | str | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -152,11 +153,8 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
                     logit_bias=logit_bias,
                     prompt_logprobs=prompt_logprobs,
                 )
-                choices.append(
-                    _Choice(
-                        len(choices), prompt, params, StopTrimmer(params.stop), keep_output=max_tokens > 0
-                    )
-                )
+                trimmer = StopTrimmer(params.stop, request.include_stop_str_in_output)
+                choices.append(_Choice(len(choices), prompt, params, trimmer, keep_output=max_tokens > 0))
         return Prepared(choices, per_prompt), [(c.prompt, c.params) for c in choices]
 
     def _consume(self, choice: _Choice, output: RequestOutput) -> str:
@@ -165,6 +163,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
         choice.num_generated += len(output.new_token_ids)
         if output.finished:
             choice.finish = output.finish_reason
+            choice.stop_reason = output.stop_reason if isinstance(output.stop_reason, str) else None
         if not choice.keep_output:
             return ""
         text = []
@@ -228,6 +227,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             "text": prefix + "".join(choice.text),
             "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
         }
         if request.prompt_logprobs is not None:
             assert choice.prompt_logprobs is not None, "the engine scored the prompt"
@@ -296,9 +296,28 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             "model": self.settings.served_model_name,
         }
 
-        def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            return {**head, "choices": [choice]}
+        options = request.stream_options
+        include_usage = options is not None and options.include_usage
+        # vLLM's continuous usage: with include_usage, every chunk carries the usage so far.
+        continuous = include_usage and options is not None and options.continuous_usage_stats
+        # vLLM's return_token_ids: a choice's first chunk carries its prompt's ids, every chunk its new ids.
+        prompt_sent = [not request.return_token_ids] * len(prepared.choices)
+
+        def chunk(
+            choice: _Choice, text: str, new_ids: list[int], logprobs: Any = None, finish: str | None = None
+        ) -> dict[str, Any]:
+            body = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                body["stop_reason"] = choice.stop_reason
+            if request.return_token_ids:
+                body["token_ids"] = new_ids
+                if not prompt_sent[choice.index]:
+                    prompt_sent[choice.index] = True
+                    body["prompt_token_ids"] = choice.prompt
+            out = {**head, "choices": [body]}
+            if continuous:
+                out["usage"] = self._usage(prepared.choices)
+            return out
 
         # Echo's prompt text comes first; with logprobs it waits for the choice's first output, which brings
         # the prompt's logprobs. Text offsets count from the start of the choice's whole text.
@@ -312,7 +331,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             # (A request ended before its prefill, by an abort, has no prompt logprobs to send.)
             if request.logprobs is not None and choice.prompt_logprobs is not None:
                 logprobs = self._echo_logprobs_json(choice, request.logprobs)
-            return chunk(choice.index, self.encoding.decode(choice.prompt), logprobs)
+            return chunk(choice, self.encoding.decode(choice.prompt), [], logprobs)
 
         if request.echo and request.logprobs is None:
             for choice in prepared.choices:
@@ -324,11 +343,12 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             if request.echo and not echoed[index]:
                 yield echo(choice)
             finish = choice.finish_reason if output.finished else None
-            if text or finish:
+            # With token ids asked for, every step's ids are sent, even those whose text is held back.
+            if text or finish or (request.return_token_ids and output.new_token_ids):
                 logprobs = None
                 if request.logprobs is not None:
                     logprobs = self._logprobs_json(choice.logprobs[before:], request.logprobs, sent[index])
                 sent[index] += len(text)
-                yield chunk(index, text, logprobs, finish)
-        if request.stream_options is not None and request.stream_options.include_usage:
+                yield chunk(choice, text, list(output.new_token_ids), logprobs, finish)
+        if include_usage:
             yield {**head, "choices": [], "usage": self._usage(prepared.choices)}

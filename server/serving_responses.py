@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import secrets
 import threading
@@ -41,7 +40,7 @@ from harmony import encoding as tok
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import Admission, AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
-from server.harmony_chat import ChatOutputParser, Delta, DeltaKind
+from server.harmony_chat import Delta, DeltaKind
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -54,9 +53,18 @@ from server.protocol import (
     Tool,
     ToolCall,
 )
-from server.serving import EngineRequest, ProcessorsHook, Serving, Workers, logprob_json, output_budget
+from server.serving import (
+    ChoiceOutput,
+    EngineRequest,
+    ProcessorsHook,
+    Serving,
+    Workers,
+    logprob_json,
+    output_budget,
+    stop_strings,
+)
 from server.settings import ServerSettings
-from server.streaming import sse
+from server.streaming import sse, sse_json
 from server.tool_choice import tool_choice_processors
 
 logger = logging.getLogger(__name__)
@@ -246,6 +254,10 @@ class PreparedResponse:
     tools: list[dict[str, Any]]
     tool_choice: Any
     effort: str
+    # The functions the model was shown (its calls to anything else are not returned).
+    offered: frozenset[str]
+    # Matched against the answer (see `ChoiceOutput`), not by the engine.
+    stops: list[str]
 
 
 @dataclass(slots=True)
@@ -423,11 +435,10 @@ class Run:
 
     prepared: PreparedResponse
     response: dict[str, Any]
-    parser: ChatOutputParser
+    # The answer as the client gets it: parsed, and cut at a stop string.
+    choice: ChoiceOutput
     builder: OutputBuilder = field(default_factory=OutputBuilder)
-    tokens: int = 0
     cached: int = 0
-    flushed: bool = False  # the parser was told the output ended
     task: asyncio.Task[None] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -605,8 +616,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         stored = chain + [stored_item(item) for item in own]
         return messages, stored
 
+    # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
+    engine_stops = False
+
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
+        stops = stop_strings(request.stop)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
         choice, choice_echo = self._tool_choice(request, names)
@@ -668,7 +683,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
-        prepared = PreparedResponse(request, prompt, params, input_items, tool_dicts, choice_echo, effort)
+        shown_names = frozenset(names if offered else [])
+        prepared = PreparedResponse(
+            request, prompt, params, input_items, tool_dicts, choice_echo, effort, shown_names, stops
+        )
         return prepared, [(prompt, params)]
 
     # -- running --------------------------------------------------------------------------------------------
@@ -710,7 +728,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     def _start(self, prepared: PreparedResponse) -> Run:
         """A new run for `prepared`, visible through GET from now on if the response is stored."""
         response = self._response(prepared, "resp_" + secrets.token_hex(12), int(time.time()))
-        run = Run(prepared, response, ChatOutputParser(self.encoding))
+        choice = ChoiceOutput(
+            self.encoding, prepared.offered, prepared.stops, prepared.request.include_stop_str_in_output
+        )
+        run = Run(prepared, response, choice)
         if prepared.request.store:
             self.live[run.id] = run
         return run
@@ -734,13 +755,17 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 stream = self.engine.generate(prepared.prompt, prepared.params, run.id)
                 async with contextlib.aclosing(stream):
                     async for output in stream:
-                        run.tokens += len(output.new_token_ids)
+                        if run.choice.stopped:
+                            continue  # what the engine made before the abort took effect
                         run.cached = output.num_cached_tokens
                         deltas = self._deltas(run, output)
-                        if output.finished:
+                        if run.choice.stopped:
+                            finish = FinishReason.STOP
+                            if not output.finished:
+                                self.engine.abort(run.id)
+                        elif output.finished:
                             finish = output.finish_reason
-                            run.flushed = True
-                            deltas += [(d, []) for d in run.parser.finish()]
+                            deltas += [(d, []) for d in run.choice.finish()]
                         capped = False
                         for delta, logprobs in deltas:
                             if delta.kind is DeltaKind.TOOL_CALL_START and limit is not None:
@@ -771,20 +796,20 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         out: list[tuple[Delta, list[dict[str, Any]]]] = []
         for i, token in enumerate(output.new_token_ids):
             entry = logprob_json(self.encoding, logprobs[i]) if wanted and i < len(logprobs) else None
-            for delta in run.parser.feed(token):
+            for delta in run.choice.feed(token):
                 if entry is not None and delta.kind is DeltaKind.CONTENT:
                     out.append((delta, [entry]))
                     entry = None
                 else:
                     out.append((delta, []))
+            if run.choice.stopped:
+                break
         return out
 
     def _finish(self, run: Run, status: str, failure: APIError | None = None) -> list[dict[str, Any]]:
         """End `run` with `status`: close its open item, store its final object, and return the events that
         end its stream (none for "cancelled", for which the Responses stream has no event)."""
-        if not run.flushed:
-            run.flushed = True
-            run.parser.finish()  # for the reasoning token count; what it still held is not output
+        run.choice.finish()  # for the reasoning token count (if not yet); what it still held is not output
         events = run.builder.close("completed" if status == "completed" else "incomplete")
         response = run.response
         response["output"] = run.builder.output
@@ -792,9 +817,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         response["usage"] = {
             "input_tokens": prompt_tokens,
             "input_tokens_details": {"cached_tokens": run.cached, "cache_write_tokens": 0},
-            "output_tokens": run.tokens,
-            "output_tokens_details": {"reasoning_tokens": run.parser.output.reasoning_tokens},
-            "total_tokens": prompt_tokens + run.tokens,
+            "output_tokens": run.choice.tokens,
+            "output_tokens_details": {"reasoning_tokens": run.choice.output.reasoning_tokens},
+            "total_tokens": prompt_tokens + run.choice.tokens,
         }
         response["status"] = status
         if failure is not None:
@@ -1000,7 +1025,7 @@ async def _numbered(events: AsyncGenerator[dict[str, Any], None]) -> AsyncGenera
 async def _sse(events: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[dict[str, str]]:
     async with contextlib.aclosing(events):
         async for event in events:
-            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+            yield {"event": event["type"], "data": sse_json(event)}
 
 
 def _format_echo(request: ResponsesRequest) -> dict[str, Any]:

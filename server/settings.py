@@ -48,5 +48,8 @@ class ServerSettings(BaseModel):
     max_unread_outputs: int = Field(default=4096, ge=1)
     # Seconds a client may take to send a request's headers (`server.transport`), and again its body.
     request_read_timeout: float = Field(default=30.0, gt=0)
+    # A request field no request model declares: refused with a 400 naming it (False), or logged, ignored and
+    # named in the `x-ignored-fields` response header (True), for a client that sends fields of another API.
+    ignore_unknown_fields: bool = False
     # Threads that render and tokenize requests, off the event loop.
     render_workers: int = Field(default=4, ge=1)

@@ -17,6 +17,15 @@ from server.settings import ServerSettings
 
 T = TypeVar("T")
 
+# Characters that JSON may carry raw but that some line splitters take for line ends (Python's
+# str.splitlines(), JavaScript before ES2019): escaped, an event's data is one line for every reader.
+_LINE_BREAKERS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(value: Any) -> str:
+    """`value` as the JSON of one SSE data line: non-ASCII text kept as it is, except line separators."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKERS)
+
 
 async def fan_in(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """The items of `streams` as each arrives, with the index of its stream.
@@ -60,9 +69,9 @@ async def data_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[di
     stream started ends it with the error object (the envelope's body) before `[DONE]`."""
     try:
         async for chunk in chunks:
-            yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            yield {"data": sse_json(chunk)}
     except EngineFailure as error:
-        yield {"data": json.dumps(engine_failure(error).body())}
+        yield {"data": sse_json(engine_failure(error).body())}
     yield {"data": "[DONE]"}
 
 

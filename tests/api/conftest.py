@@ -12,7 +12,7 @@ import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -30,6 +30,7 @@ from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
+from server.serving import ProcessorsHook
 from server.settings import ServerSettings
 
 MODEL = "gpt-oss-test"
@@ -57,7 +58,7 @@ def fail_after(count: int) -> LogitsProcessor:
     return processor
 
 
-def _hook(encoding: tiktoken.Encoding) -> Callable[[dict[str, Any], int], list[LogitsProcessor]]:
+def _hook(encoding: tiktoken.Encoding) -> ProcessorsHook:
     def hook(extra: dict[str, Any], index: int) -> list[LogitsProcessor]:
         processors = []
         script: Any = extra.get("test_force")
@@ -69,7 +70,7 @@ def _hook(encoding: tiktoken.Encoding) -> Callable[[dict[str, Any], int], list[L
             processors.append(fail_after(int(extra["test_fail_after"])))
         return processors
 
-    return hook
+    return ProcessorsHook(frozenset({"test_force", "test_fail_after"}), hook)
 
 
 @dataclasses.dataclass

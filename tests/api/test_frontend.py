@@ -399,7 +399,7 @@ def test_a_reader_that_falls_behind_is_aborted_with_a_clear_error(
     bridge = served.app.state.server.services.engine
     script = "<|channel|>final<|message|>" + "word " * 3000 + "<|return|>"
     hook = _hook(served.encoding)
-    params = SamplingParams(max_tokens=3000, logits_processors=hook({"test_force": script}, 0))
+    params = SamplingParams(max_tokens=3000, logits_processors=hook.make({"test_force": script}, 0))
     prompt = served.encoding.encode("Hello")
 
     async def fall_behind() -> tuple[int, Exception | None]:

@@ -32,6 +32,8 @@ def _sample(name: str) -> tuple[str, object]:
         return "4321", 4321
     if "float" in annotation:
         return "2.5", 2.5
+    if annotation == "<class 'bool'>":
+        return "true", True
     return "some-value", "some-value"
 
 
@@ -81,9 +83,9 @@ def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) 
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert demo_checkpoint(tmp_path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    engine, settings = build(
-        parse_args(["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"])
-    )
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
+    engine, settings = build(parse_args([*args, "--ignore-unknown-fields", "true"]))
+    assert settings.ignore_unknown_fields
     assert settings.served_model_name == "gpt-oss-demo"
     assert settings.model_note == DEMO_NOTE
     assert engine.max_model_len == 256
@@ -219,3 +221,67 @@ def test_a_kv_pool_too_small_for_the_context_stops_the_start_with_one_line(tmp_p
     assert done.returncode == 2, done.stderr[-2000:]
     assert "cannot start:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_busy_port_stops_the_start_before_the_model_loads(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--port",
+                str(port),
+                "--cache-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+    assert "Traceback" not in done.stderr
+    # Refused before the demo checkpoint is even built (the import of torch is most of the time).
+    assert list(tmp_path.iterdir()) == []
+    assert elapsed < 60
+
+
+def test_an_unreadable_checkpoint_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """A failure that is not a refusal of a setting (here safetensors on a corrupt file) is one line too; the
+    traceback comes with --log-level debug."""
+    import shutil
+    import socket
+
+    demo = demo_checkpoint(tmp_path / "cache")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(demo / "config.json", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "server", "--model", str(broken), "--device", "cpu", "--port", str(port)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert "cannot start:" in line
+    assert "--log-level debug" in line
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run(
+        [*command, "--log-level", "debug"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr

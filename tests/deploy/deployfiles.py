@@ -61,9 +61,9 @@ def parse_dockerfile(text: str) -> list[Instruction]:
 
 
 def pip_install_segments(command: str) -> list[list[str]]:
-    """The argument lists (what follows `pip install`) of every pip install in a shell command line."""
+    """The argument lists (what follows `pip install`) of every pip install in shell command lines."""
     segments = []
-    for part in re.split(r"&&|;|\|\|", command):
+    for part in re.split(r"&&|;|\|\||\n", command):
         words = shlex.split(part)
         for i in range(len(words) - 1):
             if words[i].endswith("pip") and words[i + 1] == "install":

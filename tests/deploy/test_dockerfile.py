@@ -69,14 +69,20 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 def test_install_step_matches_the_readme(dockerfile: list[Instruction]) -> None:
-    """The project goes in exactly as the README's first command installs it; only the torch build differs."""
+    """The project goes in exactly as the README's first command installs it; only the torch build differs
+    (the README's is the CPU build, from PyTorch's CPU index, installed before the project)."""
     readme = readme_install_command()
     assert "python3 -m venv" in readme
-    (readme_args,) = pip_install_segments(readme)
-    readme_targets, _ = split_pip_args(readme_args)
+    readme_installs = [split_pip_args(args) for args in pip_install_segments(readme)]
+    readme_targets = [t for targets, _ in readme_installs for t in targets]
     readme_torch = [t for t in readme_targets if is_torch(t)]
     readme_project = [t for t in readme_targets if t not in readme_torch]
     assert readme_project, f"README installs no project: {readme}"
+    (torch_install,) = [i for i in readme_installs if any(is_torch(t) for t in i[0])]
+    assert torch_install[1] == {"--index-url": ["https://download.pytorch.org/whl/cpu"]}
+    (project_install,) = [i for i in readme_installs if i[0] == readme_project]
+    assert project_install[1] == {}
+    assert readme_installs.index(torch_install) < readme_installs.index(project_install)
 
     runs = [i.args for i in dockerfile if i.keyword == "RUN"]
     assert any("python3 -m venv" in run for run in runs), "the image does not make a venv as the README does"

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from harmony import encoding as tok
 from harmony.messages import Author, Message, Role, TextContent
-from harmony.parser import HarmonyParseError, StreamParser, StreamState, parse_completion_tokens, parse_header
+from harmony.parser import (
+    UNSTRUCTURED_AFTER,
+    HarmonyParseError,
+    StreamParser,
+    StreamState,
+    parse_completion_tokens,
+    parse_header,
+)
 from harmony.render import Renderer
 from tests.harmony.oracle import from_oracle
 from tests.harmony.scenarios import SCENARIOS
@@ -337,7 +344,16 @@ def test_well_formed_cases_cover_the_assistant_scenarios() -> None:
             "I must refuse<|end|><|start|>assistant<|channel|>final<|message|>No.<|return|>",
             [("assistant", None, None, "I must refuse"), ("assistant", "final", None, "No.")],
         ),
-        ("<|channel|>commentary Hello there<|end|>", [("assistant", "commentary", None, " Hello there")]),
+        # A header that never reached <|message|>: what fits a header's shape is no text; what goes past it is.
+        ("<|channel|>commentary Hello there<|end|>", [("assistant", "commentary", None, "")]),
+        (
+            "<|channel|>commentary Hello there, friend<|end|>",
+            [("assistant", "commentary", None, " Hello there, friend")],
+        ),
+        (
+            '<|channel|>commentary to=functions.f <|constrain|>json{"a": 1, "b": 2}<|call|>',
+            [("assistant", "commentary", None, ' 1, "b": 2}')],
+        ),
         # Text after a stop token without <|start|>: a new message of its own.
         (
             "<|channel|>final<|message|>A<|end|>stray text",
@@ -357,16 +373,30 @@ def test_well_formed_cases_cover_the_assistant_scenarios() -> None:
             "<|channel|>final<|message|>A<|end|><|start|>asistant<|channel|>final<|message|>B<|return|>",
             [("assistant", "final", None, "A"), ("tool", "final", None, "B")],
         ),
-        ("<|channel|>final one two three<|message|>B<|return|>", [("assistant", "final", "two", "B")]),
+        # Leftover header words: past a recipient and a content type, words are text (the `<|message|>` after
+        # them is then a stray control token, dropped).
+        (
+            "<|channel|>final one two three<|message|>B<|return|>",
+            [("assistant", "final", None, " one two threeB")],
+        ),
         # Stray control tokens between messages are dropped; text is kept.
         (
             "<|channel|>final<|message|>A<|end|><|end|><|message|><|start|>assistant<|channel|>final<|message|>B<|return|>",
             [("assistant", "final", None, "A"), ("assistant", "final", None, "B")],
         ),
-        # Control tokens inside content are kept as their text.
+        # Control tokens inside content are dropped, never shown as their text.
         (
-            "<|channel|>final<|message|>x<|message|>y<|constrain|>z<|reserved_200100|><|return|>",
-            [("assistant", "final", None, "x<|message|>y<|constrain|>z<|reserved_200100|>")],
+            "<|channel|>final<|message|>x<|message|>y<|constrain|>z<|reserved_200100|><|endoftext|><|return|>",
+            [("assistant", "final", None, "xyz")],
+        ),
+        # Plain text with no harmony structure is the answer, even what could have begun a recipient; a second
+        # <|channel|> starts a new message.
+        ("Just text.<|return|>", [("assistant", None, None, "Just text.")]),
+        ("to<|return|>", [("assistant", None, None, "to")]),
+        ("\n<|return|>", [("assistant", None, None, "\n")]),
+        (
+            " to=functions.f<|channel|>commentary<|channel|>analysis<|message|>x<|end|>",
+            [("assistant", "commentary", None, ""), ("assistant", "analysis", None, "x")],
         ),
         # A header cut off by the end of the stream still yields its text.
         ("<|channel|>final words never opened", [("assistant", "final", None, " words never opened")]),
@@ -397,6 +427,38 @@ def test_a_header_that_never_ends_becomes_text_after_the_limit(enc: tiktoken.Enc
     assert parser.messages[0].text == " word" * 100
 
 
+def _first_delta_at(enc: tiktoken.Encoding, tokens: list[int]) -> int | None:
+    """The index of the token whose `process` call gave the first text delta."""
+    parser = StreamParser(enc, Role.ASSISTANT)
+    for at, token in enumerate(tokens):
+        if parser.process(token).deltas:
+            return at
+    return None
+
+
+def test_plain_text_streams_from_its_first_token(enc: tiktoken.Encoding) -> None:
+    """A model that writes no harmony at all is not held back as a would-be header: text that cannot start a
+    header streams at once, leading whitespace after at most `UNSTRUCTURED_AFTER` tokens, and what a header can
+    start with (` to=`) only until it stops looking like one."""
+    assert _first_delta_at(enc, enc.encode_ordinary("Hello there, how are you?")) == 0
+    newlines = [enc.encode_ordinary("\n")[0]] * 10 + enc.encode_ordinary("Hi")
+    assert _first_delta_at(enc, newlines) == UNSTRUCTURED_AFTER
+    to_be = enc.encode_ordinary("to be or not to be")
+    assert _first_delta_at(enc, to_be) == 1
+    parser = StreamParser(enc, Role.ASSISTANT).process_all([*to_be, tok.RETURN])
+    assert _summary(parser) == [("assistant", None, None, "to be or not to be")]
+
+
+def test_a_forgotten_message_token_still_streams_the_answer(enc: tiktoken.Encoding) -> None:
+    """`<|channel|>final` and then the answer without `<|message|>`: the answer streams once the words stop
+    fitting a header (a recipient and a content type at most), under the channel read."""
+    tokens = _encode(enc, "<|channel|>final The answer is four.")
+    # The third word after the channel cannot be a header's: it streams with the two before it.
+    assert _first_delta_at(enc, tokens) == len(_encode(enc, "<|channel|>final The answer is")) - 1
+    parser = StreamParser(enc, Role.ASSISTANT).process_all([*tokens, tok.RETURN])
+    assert _summary(parser) == [("assistant", "final", None, " The answer is four.")]
+
+
 def test_tool_call_header_is_read_in_any_order(enc: tiktoken.Encoding) -> None:
     for text in (
         '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"a":1}<|call|>',
@@ -416,7 +478,7 @@ def test_tool_call_header_is_read_in_any_order(enc: tiktoken.Encoding) -> None:
 # -- fuzz: the tolerant parser never raises and never loses text ------------------------------------------
 
 _CONTROL = [tok.START, tok.END, tok.MESSAGE, tok.CHANNEL, tok.RETURN, tok.CALL, tok.CONSTRAIN]
-_STRUCTURAL = {tok.START, tok.END, tok.MESSAGE, tok.CHANNEL, tok.RETURN, tok.CALL}
+_SPECIAL = range(tok.START_OF_TEXT, tok.MAX_TOKEN_ID + 1)
 
 token_ids = st.one_of(
     st.integers(0, tok.VOCAB_SIZE - 1),
@@ -460,7 +522,7 @@ def _check_accounting(
         if p.end_token is not None:
             accounted[p.end_token] += 1
     assert accounted == Counter(tokens), "every token is accounted for exactly once"
-    assert set(parser.dropped_tokens) <= _STRUCTURAL, "only control tokens are ever dropped"
+    assert all(t in _SPECIAL for t in parser.dropped_tokens), "only control tokens are ever dropped"
     for p in parser.parsed:
         expected = b"".join(_token_bytes(enc, t) for t in p.content_tokens).decode("utf-8", "replace")
         assert p.message.text == expected

@@ -163,13 +163,15 @@ def chromium_path() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
+# Per test, not per session: while Playwright's sync driver runs, the worker's main thread has an asyncio loop
+# running, and the other tests that xdist runs in the same worker would meet it in `asyncio.run`.
+@pytest.fixture
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(
         executable_path=chromium_path(), args=["--disable-dev-shm-usage", "--disable-gpu"]

@@ -1,21 +1,32 @@
-"""10,000 fuzzed model-output token streams through the harmony streaming parser (tolerant mode) and the chat
-output parser built on it: no exception, whatever the ids (text, special and reserved tokens, ids past the
-vocabulary), and the deltas each parser reports add up to what it kept."""
+"""Fuzzed model-output token streams through the harmony streaming parser (tolerant mode), the chat output
+parser built on it and the Responses output builder.
+
+10,000 seeded random streams: no exception, whatever the ids (text, special and reserved tokens, ids past the
+vocabulary), and the deltas each parser reports add up to what it kept. Then hypothesis, mixing control tokens,
+pieces of harmony headers (calls to offered functions, to others, to built-in tools) and text that spells no
+markup itself: no `<|...|>` text in any field a client gets, and no call to a function that was not offered.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import random
 import time
 from collections.abc import Callable
 
 import pytest
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harmony import encoding as tok
 from harmony.encoding import load_harmony_encoding
 from harmony.messages import Role
 from harmony.parser import StreamParser
 from server.harmony_chat import ChatOutputParser, DeltaKind
+from server.serving_responses import OutputBuilder
 
 STREAMS = 10_000
 MAX_LEN = 48
@@ -118,3 +129,95 @@ def test_fuzzed_token_streams_never_raise(
     assert not mismatches, f"{len(mismatches)} streams' deltas differ from what was kept:\n" + "\n".join(
         mismatches[:5]
     )
+
+
+# -- hypothesis: what a client gets holds no markup and no call it cannot run ------------------------------
+
+OFFERED = frozenset({"get_weather", "get_time"})
+HEADER_PIECES = [
+    "<|channel|>final<|message|>",
+    "<|channel|>analysis<|message|>",
+    "<|channel|>commentary<|message|>",
+    "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>",
+    " to=functions.get_time<|channel|>commentary <|constrain|>json<|message|>",
+    "<|channel|>commentary to=functions.delete_all <|constrain|>json<|message|>",
+    " to=browser.search<|channel|>commentary code<|message|>",
+    " to=python<|channel|>analysis code<|message|>",
+    " to=functions.get_weather",
+    " to=",
+    "<|start|>assistant",
+    "<|start|>assistant to=functions.get_weather",
+    "<|channel|>",
+    "commentary",
+    "final",
+    "<|constrain|>json",
+    "<|end|>",
+    "<|call|>",
+    "<|return|>",
+    '{"city": "Paris"}',
+]
+CONTROL = [tok.START, tok.END, tok.MESSAGE, tok.CHANNEL, tok.CONSTRAIN, tok.RETURN, tok.CALL]
+
+
+@functools.cache
+def _encoding() -> tiktoken.Encoding:
+    return load_harmony_encoding()
+
+
+@functools.cache
+def _plain_text_ids() -> list[int]:
+    """Ordinary tokens that cannot help spell `<|` or `|>`: any markup in the output came from a control token."""
+    encoding = _encoding()
+    return [
+        t
+        for t in range(tok.VOCAB_SIZE)
+        if b"<" not in (raw := encoding.decode_single_token_bytes(t)) and b"|" not in raw
+    ]
+
+
+@functools.cache
+def _parts() -> st.SearchStrategy[list[int]]:
+    """One piece of a fuzzed output: a header piece, a control, special or unknown id, or a few text tokens."""
+    encoding = _encoding()
+    pieces = [encoding.encode(p, allowed_special="all") for p in HEADER_PIECES]
+    text = _plain_text_ids()
+    return st.one_of(
+        st.sampled_from(pieces),
+        st.sampled_from(CONTROL).map(lambda t: [t]),
+        st.integers(tok.START_OF_TEXT, tok.MAX_TOKEN_ID).map(lambda t: [t]),
+        st.integers(tok.N_VOCAB, tok.N_VOCAB + 1000).map(lambda t: [t]),
+        st.lists(st.integers(0, len(text) - 1).map(text.__getitem__), min_size=1, max_size=6),
+    )
+
+
+@st.composite
+def model_outputs(draw: st.DrawFn) -> list[int]:
+    return [t for part in draw(st.lists(_parts(), max_size=40)) for t in part]
+
+
+def _assert_clean(text: str, where: str) -> None:
+    assert "<|" not in text, f"markup in {where}: {text!r}"
+    assert "|>" not in text, f"markup in {where}: {text!r}"
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokens=model_outputs())
+def test_no_markup_and_no_call_to_a_tool_not_offered(tokens: list[int]) -> None:
+    logging.getLogger("harmony.parser").setLevel(logging.ERROR)  # every anomaly is a warning: many here
+    logging.getLogger("server.harmony_chat").setLevel(logging.ERROR)
+    chat = ChatOutputParser(_encoding(), OFFERED)
+    deltas = [d for t in tokens for d in chat.feed(t)] + chat.finish()
+    out = chat.output
+    _assert_clean("".join(out.content), "content")
+    _assert_clean("".join(out.reasoning), "reasoning")
+    for call in out.tool_calls:
+        assert call.name in OFFERED
+        _assert_clean(call.arguments, "arguments")
+    for delta in deltas:
+        _assert_clean(delta.text + delta.name, f"a {delta.kind} delta")
+
+    builder = OutputBuilder()
+    events = [e for d in deltas for e in builder.feed(d)] + builder.close("completed")
+    _assert_clean(json.dumps(builder.output, ensure_ascii=False), "the Responses output")
+    _assert_clean(json.dumps(events, ensure_ascii=False), "the Responses events")
+    assert {i["name"] for i in builder.output if i["type"] == "function_call"} <= OFFERED
