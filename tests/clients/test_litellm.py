@@ -49,9 +49,11 @@ def test_tool_call_then_answer(scripted: ScriptedServer, stream: bool) -> None:
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     assert call.id
 
+    # LiteLLM keeps the response message's fields it has no name for (here `reasoning`) in
+    # `provider_specific_fields`, and sends them back with the message on the next turn.
     history = [
         *QUESTION,
-        first.message.model_dump(exclude_none=True),
+        first.message,  # as LiteLLM's tool-calling guide does: the returned message, appended as it is
         {"role": "tool", "tool_call_id": call.id, "content": "sunny in Paris"},
     ]
     answer = _complete(scripted.v1, history, stream)
