@@ -188,6 +188,9 @@ class ChatMessage(_Model):
     audio: Any = None
     reasoning: str | None = None
     reasoning_content: str | None = None
+    # LiteLLM's: the fields of an earlier answer it has no name for (our `reasoning`), sent back with it. The
+    # reasoning is read from there when the message carries none of its own; the rest is not needed.
+    provider_specific_fields: dict[str, Any] | None = None
 
     _no_audio = field_validator("audio")(_refuse_unless(_never, f"{_TEXT_ONLY}; audio is not supported"))
 
@@ -199,6 +202,10 @@ class ChatMessage(_Model):
             if self.tool_calls:
                 raise ValueError("give tool_calls or the deprecated function_call, not both")
             self.tool_calls = [ToolCall(function=self.function_call)]
+        extra = self.provider_specific_fields or {}
+        if self.reasoning is None and self.reasoning_content is None:
+            found = extra.get("reasoning", extra.get("reasoning_content"))
+            self.reasoning = found if isinstance(found, str) else None
         return self
 
     def text(self) -> str:

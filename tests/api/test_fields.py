@@ -173,6 +173,23 @@ def test_refusal_parts_reach_the_prompt(served: Served) -> None:
     assert "<|channel|>final<|message|>Cannot.<|end|>" in served.encoding.decode(ids)
 
 
+def test_reasoning_sent_back_in_litellms_provider_fields_is_replayed(served: Served) -> None:
+    """LiteLLM sends an earlier answer's `reasoning` back inside `provider_specific_fields`: the prompt is the
+    one the message with its own `reasoning` gives (so the prefix cache still hits)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+    def prompt(assistant: dict[str, Any]) -> list[int]:
+        messages = [*USER, {"role": "assistant", "tool_calls": [call], **assistant}]
+        messages.append({"role": "tool", "tool_call_id": "call_1", "content": "ok"})
+        return _post(served, "/tokenize", {"messages": messages, "tools": tools}).json()["tokens"]
+
+    own = prompt({"reasoning": "Need f."})
+    assert "<|channel|>analysis<|message|>Need f.<|end|>" in served.encoding.decode(own)
+    assert prompt({"provider_specific_fields": {"reasoning": "Need f.", "refusal": None}}) == own
+    assert prompt({"provider_specific_fields": {"reasoning_content": "Need f."}}) == own
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
