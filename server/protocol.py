@@ -458,7 +458,8 @@ class ResponsesText(_Lenient):
 
 
 class ResponsesRequest(GenerationRequest):
-    strict_fields: ClassVar[bool] = False
+    """A Responses request. Its own fields are checked like chat's (an unknown one is a 400 naming it); the
+    items and parts inside it stay lenient, since clients send back what earlier responses held."""
 
     input: str | Annotated[list[ResponsesInputItem], Field(min_length=1)]
     instructions: str | None = None
@@ -486,6 +487,33 @@ class ResponsesRequest(GenerationRequest):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    # No-ops: hints with nothing to do here (one service tier; prefix caching is automatic and needs no key;
+    # chunks are not padded).
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    stream_options: dict[str, Any] | None = None
+    # Refused when set: each would change what a response is, in a way this server does not do.
+    conversation: Any = None
+    prompt: Any = None
+    context_management: Any = None
+    background_options: Any = None
+    moderation: Any = None
+
+    _conversation = field_validator("conversation")(
+        _refuse_unless(_never, "conversations are not stored here; use previous_response_id")
+    )
+    _prompt = field_validator("prompt")(
+        _refuse_unless(_never, "prompt templates are not stored here; send the input")
+    )
+    _context_management = field_validator("context_management")(
+        _refuse_unless(_never, "the conversation is never compacted here")
+    )
+    _background_options = field_validator("background_options")(
+        _refuse_unless(_never, "background responses run at once, with no completion window")
+    )
+    _moderation = field_validator("moderation")(_refuse_unless(_never, "this server does not moderate"))
 
 
 class InputItemsQuery(_Lenient):

@@ -523,9 +523,6 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 raise bad_request(f"include {value!r} is not supported", param="include")
         if request.truncation == "auto":
             raise bad_request("truncation 'auto' is not supported; use 'disabled'", param="truncation")
-        for key, why in _REFUSED_FIELDS.items():
-            if (request.model_extra or {}).get(key) is not None:
-                raise bad_request(f"{key} is not supported: {why}", param=key)
 
     def _tools(self, request: ResponsesRequest) -> list[Tool]:
         tools = []
@@ -989,15 +986,6 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
 
 # `include` values we honour, or that need nothing from us (we never produce encrypted reasoning).
 _SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content", LOGPROBS_INCLUDE})
-# Request fields that would change what a response is, which this server does not do: refused when set.
-_REFUSED_FIELDS = {
-    "conversation": "use previous_response_id",
-    "prompt": "prompt templates are not stored here; send the input",
-    "context_management": "the conversation is never compacted here",
-    "background_options": "background responses run at once, with no completion window",
-    "moderation": "this server does not moderate",
-    "access_programs": "programmatic tool calling is not available",
-}
 
 
 def _logprobs(request: ResponsesRequest) -> int | None:

@@ -510,6 +510,10 @@ def test_the_store_is_bounded_and_forgets_the_oldest() -> None:
         ({"input": "Hi", "seed": 2**64}, 400, "seed"),
         ({"input": "Hi", "context_management": [{"type": "compaction"}]}, 400, "context_management"),
         ({"input": "Hi", "conversation": "conv_1"}, 400, "conversation"),
+        ({"input": "Hi", "prompt": {"id": "pmpt_1"}}, 400, "prompt"),
+        ({"input": "Hi", "moderation": {"mode": "auto"}}, 400, "moderation"),
+        ({"input": "Hi", "background_options": {}}, 400, "background_options"),
+        ({"input": "Hi", "some_future_field": 1}, 400, "some_future_field"),
         ({"input": "Hi", "truncation": "auto"}, 400, "truncation"),
         ({"input": "Hi", "text": {"format": {"type": "json_schema"}}}, 400, "text.format"),
         ({"input": "Hi", "reasoning": {"effort": "extreme"}}, 400, "reasoning.effort"),
@@ -569,7 +573,8 @@ def test_sdk_accepted_fields_are_accepted(client: openai.OpenAI) -> None:
         safety_identifier="s1",
         service_tier="auto",
         reasoning={"effort": "low", "summary": "auto"},
-        extra_body={"some_future_field": 1},
+        prompt_cache_retention="24h",
+        stream_options={"include_obfuscation": False},
     )
     assert response.status in ("completed", "incomplete")
     assert (response.temperature, response.top_p, response.parallel_tool_calls) == (0.5, 0.9, False)
