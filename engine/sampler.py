@@ -26,9 +26,10 @@ interval holds ``u · total``. It needs no host sync, and the draw is one number
 exponentials of the "exponential race" ``argmax(p / q)``, which on the CPU cost several times the whole
 inverse-CDF step at a 200k vocabulary (float64 keeps even 1e-8-probability tokens at their exact odds). A row
 whose request has its own generator (a seeded request, see :func:`make_generator`) draws its ``u`` from that
-generator alone, so, as every step before it is computed row by row, a seeded request gets the same tokens
-whatever else is in the batch and wherever its row is. Rows without one share the sampler's generator and
-draw in one batched call.
+generator alone, so the sampler gives a seeded request the same tokens for the same logits whatever else is
+in the batch and wherever its row is. The logits themselves are not always bit-identical across batch mixes
+(a batched forward rounds differently from a lone one), so a near-tie between two tokens can still go the
+other way in another batch. Rows without a generator share the sampler's and draw in one batched call.
 
 Logprobs are those of the model's raw distribution: ``log_softmax`` of the logits as given, before processors,
 bias, penalties, temperature and filters (vLLM's default, "raw_logprobs"). They say what the model thinks,
