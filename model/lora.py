@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -69,6 +70,8 @@ def read_adapter(path: str | Path, config: ModelConfig) -> list[Update]:
         settings = json.loads((root / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise AdapterError(f"{root / 'adapter_config.json'}: {error}") from error
+    if not isinstance(settings, dict):
+        raise AdapterError(f"{root / 'adapter_config.json'}: not a JSON object")
     if settings.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type: only LORA adapters are supported, got {settings['peft_type']!r}")
     for unsupported in ("use_dora", "lora_bias"):
@@ -76,11 +79,18 @@ def read_adapter(path: str | Path, config: ModelConfig) -> list[Update]:
             raise AdapterError(f"{unsupported}: not supported")
     if settings.get("rank_pattern") or settings.get("alpha_pattern"):
         raise AdapterError("rank_pattern / alpha_pattern: per-module ranks are not supported")
-    rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    try:
+        rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterError(
+            f"{root / 'adapter_config.json'}: r and lora_alpha must be numbers ({error!r})"
+        ) from None
+    if rank < 1:
+        raise AdapterError(f"{root / 'adapter_config.json'}: r must be positive, got {rank}")
     scaling = alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
     try:
         tensors = load_file(str(root / "adapter_model.safetensors"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise AdapterError(f"{root / 'adapter_model.safetensors'}: {error}") from error
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
