@@ -278,11 +278,11 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )
-    for name, path, updates in adapters:
+    for adapter, adapter_path, updates in adapters:
         try:
-            engine.load_lora(name, updates, path)
+            engine.load_lora(adapter, updates, adapter_path)
         except (AdapterError, LoraRefused) as error:
-            _invalid(f"lora: {name}: {error}")
+            _invalid(f"lora: {adapter}: {error}")
     settings = ServerSettings(
         served_model_name=args.served_model_name or name,
         model_note=note,

@@ -197,3 +197,30 @@ def test_an_adapter_in_use_is_not_unloaded(server: LoraServer) -> None:
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "b"}).status_code == 200
     reloaded = server.post("/v1/load_lora_adapter", {"lora_name": "b", "lora_path": str(server.paths["b"])})
     assert reloaded.status_code == 200
+
+
+def test_the_command_line_serves_lora_adapters(
+    server: LoraServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.main import build, parse_args
+
+    model = ["--model", str(server.paths["base"]), "--device", "cpu", "--max-model-len", "256"]
+    engine, settings = build(
+        parse_args([*model, "--lora", f"a={server.paths['a']}", "--lora", f"b={server.paths['b']}"])
+    )
+    assert set(engine.loras) == {"a", "b"}
+    assert settings.served_model_name == "base"
+    assert engine.config.max_loras == 2
+    assert engine.config.max_lora_rank == 16
+    for bad, why in [
+        (["--lora", "a"], "is not NAME=PATH"),
+        (["--lora", f"a={server.paths['base']}"], "lora: a: "),
+        (["--lora", f"w={server.paths['wide']}", "--max-lora-rank", "8"], "rank 16 is above"),
+        (
+            ["--lora", f"a={server.paths['a']}", "--lora", f"b={server.paths['b']}", "--max-loras", "1"],
+            "--max-loras 1",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            build(parse_args([*model, *bad]))
+        assert why in capsys.readouterr().err
