@@ -13,12 +13,12 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import torch
 import uvicorn
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -101,10 +101,11 @@ class CliSettings(BaseSettings):
     merge_lora: str | None = Field(
         None, description="a LoRA adapter directory in PEFT's format, merged into the weights at load"
     )
-    lora: list[str] = Field(
+    # NoDecode: the variable is comma-separated like the flag, not the JSON list pydantic-settings expects.
+    lora: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="a LoRA adapter served per request, as NAME=PATH (a PEFT directory; repeat the flag for "
-        "several): a request whose model is NAME runs with it, in the same batches as the base model",
+        description="LoRA adapters served per request, NAME=PATH each (a PEFT directory; repeat the flag or "
+        "separate them by commas): a request whose model is NAME runs with it, batched with the base model",
     )
     max_loras: int | None = Field(
         None,
@@ -185,6 +186,11 @@ class CliSettings(BaseSettings):
         "x-ignored-fields response header (default: a 400 naming them)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _split_adapters(cls, value: object) -> object:
+        return [part for part in value.split(",") if part] if isinstance(value, str) else value
 
 
 # The help names each setting's variable too.
