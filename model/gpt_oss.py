@@ -399,16 +399,14 @@ class GptOss(nn.Module):
         assert max_loras > 0
         assert max_rank > 0
         self.max_loras, self.max_lora_rank = max_loras, max_rank
-        c = self.config
+        c, dtype, device = self.config, self.dtype, self.device
         for block in self.block:
             attn = block.attn
-            kwargs = {"dtype": self.dtype, "device": self.device}
+            qkv_parts, out_parts = part_rows(c, "attn.qkv.weight"), part_rows(c, "attn.out.weight")
             attn.qkv_lora = LoraStack(
-                max_loras, max_rank, c.hidden_size, part_rows(c, "attn.qkv.weight"), **kwargs
+                max_loras, max_rank, c.hidden_size, qkv_parts, dtype=dtype, device=device
             )
-            attn.out_lora = LoraStack(
-                max_loras, max_rank, c.q_size, part_rows(c, "attn.out.weight"), **kwargs
-            )
+            attn.out_lora = LoraStack(max_loras, max_rank, c.q_size, out_parts, dtype=dtype, device=device)
 
     def set_lora(self, slot: int, updates: list[Update]) -> None:
         """Serve the adapter `updates` (:func:`model.lora.read_adapter`) in `slot`, replacing what it held.
