@@ -38,20 +38,22 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 401, 503))
-async def load_lora_adapter(body: LoadLoraAdapterRequest, state: State, services: Ready) -> str:
+# The answer is a line of text, as vLLM's; errors keep the OpenAI envelope.
+_TEXT = {200: {"description": "a line saying what was done", "content": {"text/plain": {}}}}
+
+
+@router.post("/v1/load_lora_adapter", responses={**_TEXT, **_errors(400, 401, 413, 503)})
+async def load_lora_adapter(body: LoadLoraAdapterRequest, state: State, services: Ready) -> PlainTextResponse:
     if body.lora_name == state.settings.served_model_name:
         raise bad_request(f"{body.lora_name!r} is the base model's name", param="lora_name")
     await load_adapter(services, body.lora_name, body.lora_path)
-    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post(
-    "/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 401, 404, 503)
-)
-async def unload_lora_adapter(body: UnloadLoraAdapterRequest, services: Ready) -> str:
+@router.post("/v1/unload_lora_adapter", responses={**_TEXT, **_errors(400, 401, 404, 413, 503)})
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, services: Ready) -> PlainTextResponse:
     await unload_adapter(services, body.lora_name)
-    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 async def load_adapter(services: Services, name: str, path: str) -> None:

@@ -166,6 +166,7 @@ def test_loading_at_run_time_checks_the_adapter(
     assert base_name.status_code == 400
     loaded = server.post("/v1/load_lora_adapter", body)
     assert loaded.status_code == 200, loaded.text
+    assert loaded.text == "Success: LoRA adapter 'c' added successfully."
     assert "c" in {m.id for m in client.models.list().data}
     assert client.completions.create(model="c", prompt="Hi", max_tokens=2).model == "c"
     full = server.post("/v1/load_lora_adapter", {"lora_name": "d", "lora_path": str(server.paths["c"])})
