@@ -10,7 +10,6 @@ its slot must not be refilled under them, and a client that wants it gone can re
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
@@ -24,7 +23,6 @@ from server.routes import Ready, State, _errors
 from server.state import Services
 
 router = APIRouter()
-logger = logging.getLogger(__name__)
 
 
 class LoadLoraAdapterRequest(BaseModel):
