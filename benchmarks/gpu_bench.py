@@ -235,7 +235,7 @@ class Bench:
         saved = [t.clone() for t in (*cache.k, *cache.v)]
         for name, kernels in self.kernel_sets().items():
             model.use_kernels(kernels)
-            token_ids, meta, step_kv, _, rows = engine.runner.prepare(plan)
+            token_ids, meta, step_kv, _, rows, _ = engine.runner.prepare(plan)
             logits[name] = model(token_ids, meta, step_kv, rows)
             for t, old in zip((*cache.k, *cache.v), saved, strict=True):
                 t.copy_(old)

@@ -16,7 +16,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Full-attention blocks, overriding the memory budget (tests and tuning).
     num_kv_blocks: int | None = None
+    # Per-request LoRA adapters (EngineCore.load_lora): how many may be loaded at once (0: none, and the model
+    # keeps no room for them) and the highest rank they may have (the width of the model's adapter stacks).
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be >= 0 and max_lora_rank positive")

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from engine.constraint import GrammarConstraint, grammar_problem
 from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestOutput, RequestRejected, SamplingParams
+from engine.request import (
+    LoraAdapter,
+    LoraNotFound,
+    LoraRefused,
+    Request,
+    RequestOutput,
+    RequestRejected,
+    SamplingParams,
+)
 from engine.runner import ModelRunner
 from engine.sampler import check_params_for_vocab, make_generator
 from engine.scheduler import Scheduler
 from model.gpt_oss import GptOss
+from model.lora import Update
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,8 @@ class EngineCore:
         self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
         self.token_bytes = token_bytes
+        if self.config.max_loras:  # before the runner sizes the KV cache from what memory is left
+            model.enable_lora(self.config.max_loras, self.config.max_lora_rank)
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         full_tokens = self.runner.blocks.num_full * self.config.block_size
         if full_tokens < self.max_model_len:
@@ -102,6 +113,10 @@ class EngineCore:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             token_bytes=token_bytes,
         )
+        # The loaded adapters by name. Replaced, never changed in place, so another thread (the server
+        # resolving a request's model) always reads a whole mapping.
+        self.loras: dict[str, LoraAdapter] = {}
+        self._next_lora_id = 1
         self._aborted: list[str] = []
         self._step_tokens: deque[int] = deque(maxlen=100)
         self._num_failed_steps = 0
@@ -140,6 +155,54 @@ class EngineCore:
         check_params_for_vocab(params, self.vocab_size)
         if params.grammar is not None and (problem := grammar_problem(params.grammar)) is not None:
             raise RequestRejected(f"the output constraint cannot be enforced: {problem}", "grammar")
+        if params.lora_id is not None and self._lora_by_id(params.lora_id) is None:
+            raise RequestRejected(f"the LoRA adapter {params.lora_id} is not loaded", "lora_id")
+
+    def _lora_by_id(self, lora_id: int) -> LoraAdapter | None:
+        return next((a for a in self.loras.values() if a.lora_id == lora_id), None)
+
+    # -- LoRA adapters ---------------------------------------------------------------------------------------
+    # Both change the model's adapter stacks: call them between steps (the engine thread runs them there).
+
+    def load_lora(self, name: str, updates: list[Update], path: str = "") -> LoraAdapter:
+        """Serve the adapter `updates` (:func:`model.lora.read_adapter`) under `name`, in a free slot.
+
+        Raises :class:`LoraRefused` (adapters off, name taken, no free slot) or
+        :class:`model.lora.AdapterError` (one the model's stacks cannot hold) with nothing changed."""
+        if not self.config.max_loras:
+            raise LoraRefused("this server keeps no room for LoRA adapters (start it with --max-loras)")
+        if name in self.loras:
+            raise LoraRefused(f"a LoRA adapter named {name!r} is already loaded", "lora_name")
+        used = {a.slot for a in self.loras.values()}
+        free = [s for s in range(1, self.config.max_loras + 1) if s not in used]
+        if not free:
+            raise LoraRefused(
+                f"{len(used)} LoRA adapters are loaded, as many as this server holds (--max-loras "
+                f"{self.config.max_loras}); unload one first",
+                "lora_name",
+            )
+        self.model.set_lora(free[0], updates)
+        adapter = LoraAdapter(name, self._next_lora_id, free[0], path)
+        self._next_lora_id += 1
+        self.loras = {**self.loras, name: adapter}
+        logger.info("LoRA adapter %s loaded from %s into slot %d", name, path or "memory", adapter.slot)
+        return adapter
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving the adapter `name`. Refused (:class:`LoraRefused`) while requests run with it: they
+        keep its slot until they end, and a later adapter must not take the slot under them."""
+        adapter = self.loras.get(name)
+        if adapter is None:
+            raise LoraNotFound(f"no LoRA adapter named {name!r} is loaded", "lora_name")
+        users = [r for r in self.scheduler.requests.values() if r.params.lora_id == adapter.lora_id]
+        if users:
+            raise LoraRefused(
+                f"{len(users)} requests are running with the LoRA adapter {name!r}; unload it once they end",
+                "lora_name",
+            )
+        self.loras = {n: a for n, a in self.loras.items() if n != name}
+        self.model.clear_lora(adapter.slot)
+        logger.info("LoRA adapter %s unloaded from slot %d", name, adapter.slot)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.scheduler.requests:
@@ -157,6 +220,10 @@ class EngineCore:
             if params.grammar is None
             else GrammarConstraint(params.grammar.tokenizer, params.grammar.text),
         )
+        if params.lora_id is not None:
+            adapter = self._lora_by_id(params.lora_id)
+            assert adapter is not None, "checked above"
+            request.lora_slot = adapter.slot
         self.scheduler.add(request)
         self._stats = self._snapshot()
 

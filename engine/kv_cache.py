@@ -11,11 +11,13 @@ gpt-oss has two kinds of layers:
   by the window plus the tokens of one step, whatever the context length.
 
 **Prefix caching.** Every full block of a request's tokens gets a chained hash (its tokens and the hash of
-the block before). Once computed, a block is registered under its hash in its group's pool; a block whose
-owners all finished stays in the free queue with its contents and hash until it is reused (least recently
-freed first), so a later request with the same prefix takes it instead of recomputing. A prefix hit needs
-the full blocks of the prefix and, for the sliding group, only the blocks inside the window before the first
-new token; the last prompt token is always recomputed, so there is always a token to sample from.
+the block before; the first block's parent is the request's LoRA adapter, so that two adapters, whose keys
+and values differ for the same tokens, never share a block). Once computed, a block is registered under its
+hash in its group's pool; a block whose owners all finished stays in the free queue with its contents and
+hash until it is reused (least recently freed first), so a later request with the same prefix takes it
+instead of recomputing. A prefix hit needs the full blocks of the prefix and, for the sliding group, only the
+blocks inside the window before the first new token; the last prompt token is always recomputed, so there is
+always a token to sample from.
 
 **Block-table arrays.** The tables are Python lists (the books), and each group also keeps them as one numpy
 array with a row per request holding blocks (:class:`BlockTableArray`), written as the lists change: only the
@@ -35,6 +37,12 @@ import numpy as np
 from engine.request import Request
 
 NULL_BLOCK = -1  # a sliding-group table entry whose block fell out of the window and was released
+
+
+def chain_seed(lora_id: int | None) -> bytes | None:
+    """The parent of a request's first block: None for the base model, else its adapter's id (ids are never
+    reused, so an adapter loaded again under the same name never meets the blocks of the one it replaced)."""
+    return None if lora_id is None else b"lora:%d" % lora_id
 
 
 def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
@@ -172,7 +180,8 @@ class KVCacheManager:
         tokens = request.all_token_ids
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else chain_seed(request.params.lora_id)
+            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
 
     def _sliding_range(self, num_tokens: int) -> range:
         """Indices of the blocks a query at position `num_tokens` can see through the window."""

@@ -52,6 +52,26 @@ class RequestRejected(RequestError):
     """A request that can never run: too long for the context or the cache, bad token ids, a reused id."""
 
 
+class LoraRefused(RequestError):
+    """A LoRA adapter that cannot be loaded or unloaded now: its name is taken, every slot is full, requests
+    are running with it. `field` names the load or unload request's field at fault."""
+
+
+class LoraNotFound(RequestError):
+    """No LoRA adapter of that name is loaded."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """A loaded LoRA adapter: the name requests use, its id (never reused; on SamplingParams.lora_id and in
+    the prefix cache's hashes) and the model's slot holding its weights."""
+
+    name: str
+    lora_id: int
+    slot: int
+    path: str
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -80,6 +100,8 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     # Tokens outside the grammar are never sampled (structured outputs, enforced tool calls).
     grammar: Grammar | None = None
+    # The LoRA adapter the request runs with (the id EngineCore.load_lora gave it); None: the base model.
+    lora_id: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,6 +186,7 @@ class SamplingParams:
             ("min_tokens", integer(self.min_tokens), "an integer"),
             ("repetition_penalty", number(self.repetition_penalty), "a number"),
             ("seed", self.seed is None or integer(self.seed), "an integer or None"),
+            ("lora_id", self.lora_id is None or integer(self.lora_id), "an integer or None"),
             ("temperature", number(self.temperature), "a number"),
             ("top_p", number(self.top_p), "a number"),
             ("min_p", number(self.min_p), "a number"),
@@ -272,6 +295,9 @@ class Request:
     # With params.prompt_logprobs: the prompt tokens scored so far, the first None; extended by each prefill
     # chunk (position p's logits score token p + 1) and kept across preemption.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    # The model's adapter slot for params.lora_id (0: none), set at admission; fixed while the request lives,
+    # since an adapter in use is never unloaded.
+    lora_slot: int = 0
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -138,17 +138,19 @@ class ModelRunner:
 
     def prepare(
         self, plan: SchedulerOutput
-    ) -> tuple[torch.Tensor, AttentionMetadata, StepKV, list[int], torch.Tensor]:
+    ) -> tuple[torch.Tensor, AttentionMetadata, StepKV, list[int], torch.Tensor, torch.Tensor | None]:
         """Inputs of the forward: token ids, attention metadata, the cache view, the scheduled requests that
-        sample (their indices in `plan.scheduled`) and the logits rows they sample from.
+        sample (their indices in `plan.scheduled`), the logits rows they sample from, and each token's LoRA
+        adapter slot (None when no request has an adapter: the base model's forward, unchanged).
 
         Per request only a few list operations; the per-token and per-block indices come from numpy operations
         over the plan's block-table arrays, and reach the device as a few host-to-device copies."""
         scheduled = plan.scheduled
         tokens: list[int] = []
-        query_lens, context_lens, rows, sample_rows = [], [], [], []
+        query_lens, context_lens, rows, sample_rows, lora_slots = [], [], [], [], []
         for i, item in enumerate(scheduled):
             request = item.request
+            lora_slots.append(request.lora_slot)
             start = request.num_computed_tokens
             end = start + item.num_new_tokens
             if item.num_new_tokens == 1:
@@ -177,6 +179,9 @@ class ModelRunner:
         pieces = [tokens, step.positions, step.seq_index, step.query_offset, logits_rows, step.context_lens]
         for plan in plans:
             pieces += [plan.slot_mapping, plan.blocks.ravel(), plan.starts]
+        with_lora = any(lora_slots)
+        if with_lora:
+            pieces.append(np.repeat(lora_slots, query_lens))
         packed = torch.from_numpy(np.concatenate(pieces, dtype=np.int64)).to(self.device, non_blocking=True)
         parts = packed.split([len(piece) for piece in pieces])
         token_ids, positions_t, seq_index_t, query_offset_t, logits_indices, context_t = parts[:6]
@@ -190,7 +195,8 @@ class ModelRunner:
         full = groups[0] if self.has_full else None
         sliding = groups[-1] if self.has_sliding else None
         meta = AttentionMetadata(query_lens, context_lens, positions_t, seq_index_t, query_offset_t)
-        return token_ids, meta, StepKV(self.cache, full, sliding), sample_rows, logits_indices
+        lora = parts[-1] if with_lora else None
+        return token_ids, meta, StepKV(self.cache, full, sliding), sample_rows, logits_indices, lora
 
     @staticmethod
     def prompt_scoring(plan: SchedulerOutput) -> PromptScoring | None:
@@ -232,7 +238,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         scheduled = plan.scheduled
-        token_ids, meta, step_kv, sample_rows, logits_indices = self.prepare(plan)
+        token_ids, meta, step_kv, sample_rows, logits_indices, lora = self.prepare(plan)
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
         out_errors: list[str | None] = [None] * len(scheduled)
@@ -241,9 +247,9 @@ class ModelRunner:
         scoring = self.prompt_scoring(plan)
         prompt_logprobs: list[list[TokenLogprob]] = []
         if scoring is None:
-            logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits)
+            logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits, lora)
         else:
-            hidden = self.model.hidden(token_ids, meta, step_kv)
+            hidden = self.model.hidden(token_ids, meta, step_kv, lora)
             logits = self.model.logits(hidden[logits_indices], self._logits)
             prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
         if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample

@@ -7,6 +7,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 from engine.core import EngineCore
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
@@ -66,6 +68,18 @@ class EngineThread:
         self._commands.put(("abort", (request_id,)))
         self._wake.set()
 
+    def call(self, fn: Callable[[EngineCore], Any]) -> Future[Any]:
+        """Run `fn(engine)` on the engine thread between two steps, where it may change what a step reads (the
+        model's LoRA adapters); the future holds its result or what it raised."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self.stopped_because is None:
+                self._commands.put(("call", (fn, future)))
+                self._wake.set()
+                return future
+        future.set_exception(RuntimeError(self.stopped_because))
+        return future
+
     def stop(self, timeout: float | None = 10.0) -> None:
         self._stopping = True
         self._wake.set()
@@ -95,6 +109,8 @@ class EngineThread:
                 break
             if kind == "add":
                 callbacks[args[0]] = args[3]
+            elif kind == "call":
+                args[1].set_exception(RuntimeError(reason))
         for request_id, callback in callbacks.items():
             self._deliver(callback, _ended(request_id, reason))
 
@@ -155,6 +171,12 @@ class EngineThread:
                     self._deliver(callback, _ended(request_id, f"engine error: {error}"))
                     continue
                 self._callbacks[request_id] = callback
+            elif kind == "call":
+                fn, future = args
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as error:  # the caller's to handle; the engine goes on
+                    future.set_exception(error)
             else:
                 self.engine.abort(args[0])
 

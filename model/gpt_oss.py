@@ -32,7 +32,7 @@ from model.config import ModelConfig
 from model.kernels import Kernels, prepacked
 from model.kernels.attention import Attention
 from model.kernels.experts import ExpertMode, Experts, MXFP4Weight
-from model.lora import Update, read_adapter
+from model.lora import LoraStack, Update, check_unmerged, part_rows, read_adapter
 from model.weights import open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ class AttentionBlock(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, device=device))
         self.out = Linear(config.q_size, config.hidden_size, device=device)
         self.attention = attention
+        # Per-request LoRA adapters of `qkv` and `out` (GptOss.enable_lora); None when none are served.
+        self.qkv_lora: LoraStack | None = None
+        self.out_lora: LoraStack | None = None
 
     def forward(
         self,
@@ -131,9 +134,13 @@ class AttentionBlock(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         cache: KVCache | None,
+        lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = self.norm(x)
-        q, k, v = self.qkv(t).split(
+        qkv = self.qkv(t)
+        if lora is not None:
+            qkv = qkv + self._lora(self.qkv_lora, t, lora)
+        q, k, v = qkv.split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
         )
         q = RotaryEmbedding.rotate(q.unflatten(-1, (self.heads, self.head_dim)), *cos_sin)
@@ -141,7 +148,16 @@ class AttentionBlock(nn.Module):
         v = v.unflatten(-1, (self.kv_heads, self.head_dim))
         kv = None if cache is None else cache.layer(self.layer, self.window, meta)
         t = self.attention(q, k, v, meta, kv, self.sinks, self.scale, self.window)
-        return x + self.out(t)
+        out = self.out(t)
+        if lora is not None:
+            out = out + self._lora(self.out_lora, t, lora)
+        return x + out
+
+    @staticmethod
+    def _lora(stack: LoraStack | None, t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Each token's adapter update of a projection of `t` (`slots [T]`: its adapter, 0 for none)."""
+        assert stack is not None, "per-request adapters need GptOss.enable_lora"
+        return stack(t, slots)
 
 
 class MLPBlock(nn.Module):
@@ -194,8 +210,9 @@ class TransformerBlock(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         cache: KVCache | None,
+        lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.mlp(self.attn(x, cos_sin, meta, cache))
+        return self.mlp(self.attn(x, cos_sin, meta, cache, lora))
 
 
 class GptOss(nn.Module):
@@ -234,6 +251,7 @@ class GptOss(nn.Module):
         cache: KVCache | None = None,
         logits_indices: torch.Tensor | None = None,
         logits_out: torch.Tensor | None = None,
+        lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[T, vocab]` (float32) for the flattened tokens `token_ids [T]`, or only for the rows
         `logits_indices` (e.g. each sequence's last token).
@@ -242,21 +260,28 @@ class GptOss(nn.Module):
         leading rows and that view is returned. A caller that runs step after step keeps one buffer that
         way: a fresh `[64, 201088]` float32 result is 51 MB, which glibc maps anew for every call (it is over
         its mmap threshold), and the CPU then takes a page fault per 4 KB written.
+
+        `lora [T]`, each token's adapter slot (0: none; see :meth:`enable_lora`), applies per-request
+        adapters; None when no token has one.
         """
-        x = self.hidden(token_ids, meta, cache)
+        x = self.hidden(token_ids, meta, cache, lora)
         if logits_indices is not None:
             x = x[logits_indices]
         return self.logits(x, logits_out)
 
     def hidden(
-        self, token_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None = None
+        self,
+        token_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache | None = None,
+        lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last block's output `[T, hidden]` for every token, before the final norm: the part of
         :meth:`forward` that fills the cache, for a caller that unembeds chosen rows itself."""
         x = self.embedding(token_ids)
         cos_sin = self.rope.cos_sin(meta.positions)
         for block in self.block:
-            x = block(x, cos_sin, meta, cache)
+            x = block(x, cos_sin, meta, cache, lora)
         return x
 
     def logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -367,6 +392,43 @@ class GptOss(nn.Module):
             rows = update.rows or slice(None)
             merged = weight.data[rows].float() + delta.to(weight.device)
             weight.data[rows] = merged.to(weight.dtype)
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Make room for `max_loras` per-request adapters of rank up to `max_rank`, in slots 1 .. max_loras
+        (:meth:`set_lora`), on every block's ``qkv`` and ``out``; a forward's `lora` picks each token's."""
+        assert max_loras > 0
+        assert max_rank > 0
+        self.max_loras, self.max_lora_rank = max_loras, max_rank
+        c, dtype, device = self.config, self.dtype, self.device
+        for block in self.block:
+            attn = block.attn
+            qkv_parts, out_parts = part_rows(c, "attn.qkv.weight"), part_rows(c, "attn.out.weight")
+            attn.qkv_lora = LoraStack(
+                max_loras, max_rank, c.hidden_size, qkv_parts, dtype=dtype, device=device
+            )
+            attn.out_lora = LoraStack(max_loras, max_rank, c.q_size, out_parts, dtype=dtype, device=device)
+
+    def set_lora(self, slot: int, updates: list[Update]) -> None:
+        """Serve the adapter `updates` (:func:`model.lora.read_adapter`) in `slot`, replacing what it held.
+
+        Raises :class:`model.lora.AdapterError` for an adapter the stacks cannot hold (experts, too high a
+        rank) before anything changes."""
+        assert 1 <= slot <= self.max_loras, f"slot {slot} of {self.max_loras}"
+        check_unmerged(updates, self.max_lora_rank)
+        self.clear_lora(slot)
+        for update in updates:
+            prefix, _, name = update.name.partition(".attn.")
+            attn = self.get_submodule(prefix).attn
+            stack = attn.qkv_lora if name == "qkv.weight" else attn.out_lora
+            assert stack is not None
+            stack.install(slot, update)
+
+    def clear_lora(self, slot: int) -> None:
+        """Empty `slot`: its tokens then get the base model."""
+        for block in self.block:
+            for stack in (block.attn.qkv_lora, block.attn.out_lora):
+                assert stack is not None, "per-request adapters need enable_lora"
+                stack.clear(slot)
 
     def use_kernels(self, kernels: Kernels) -> None:
         """Compute with other implementations from now on, on the same weights (benchmarks compare paths)."""

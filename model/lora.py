@@ -12,6 +12,13 @@ are plain modules. The experts are targeted as parameters (PEFT's ``target_param
 
 :func:`read_adapter` returns the updates by the model's own parameter names and orientation (``[out, in]``,
 the q, k and v rows of the fused ``qkv``), and :meth:`model.gpt_oss.GptOss.merge_lora` adds them.
+
+**Per-request adapters.** Unmerged, the attention adapters of several requests run in one batch: each adapted
+projection keeps every loaded adapter's pair in one :class:`LoraStack` (slot 0 is "no adapter" and holds
+nothing), and a forward takes each token's slot. :func:`lora_delta` computes all rows' updates with two
+dense matmuls whatever the mix of slots; :func:`lora_delta_reference`, a per-row loop, is its twin in the
+tests. The experts' adapters are not applied this way (they would have to run inside the experts kernels,
+between ``mlp1`` and the SwiGLU): an adapter that targets them can only be merged.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from model.config import ModelConfig
 
@@ -61,6 +70,8 @@ def read_adapter(path: str | Path, config: ModelConfig) -> list[Update]:
         settings = json.loads((root / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise AdapterError(f"{root / 'adapter_config.json'}: {error}") from error
+    if not isinstance(settings, dict):
+        raise AdapterError(f"{root / 'adapter_config.json'}: not a JSON object")
     if settings.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type: only LORA adapters are supported, got {settings['peft_type']!r}")
     for unsupported in ("use_dora", "lora_bias"):
@@ -68,11 +79,18 @@ def read_adapter(path: str | Path, config: ModelConfig) -> list[Update]:
             raise AdapterError(f"{unsupported}: not supported")
     if settings.get("rank_pattern") or settings.get("alpha_pattern"):
         raise AdapterError("rank_pattern / alpha_pattern: per-module ranks are not supported")
-    rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    try:
+        rank, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterError(
+            f"{root / 'adapter_config.json'}: r and lora_alpha must be numbers ({error!r})"
+        ) from None
+    if rank < 1:
+        raise AdapterError(f"{root / 'adapter_config.json'}: r must be positive, got {rank}")
     scaling = alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
     try:
         tensors = load_file(str(root / "adapter_model.safetensors"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise AdapterError(f"{root / 'adapter_model.safetensors'}: {error}") from error
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -129,3 +147,131 @@ def _update(
             f"{[expected[0], rank]} (rank {rank})"
         )
     return Update(name, a, b, scaling, rows)
+
+
+def part_rows(config: ModelConfig, name: str) -> list[slice]:
+    """The row ranges of the parameter `name` that adapters update separately (q, k and v in ``qkv``)."""
+    if name.endswith("attn.qkv.weight"):
+        q, kv = config.q_size, config.kv_size
+        return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
+    return [slice(0, config.hidden_size)]
+
+
+def check_unmerged(updates: list[Update], max_rank: int) -> None:
+    """Refuse an adapter that per-request serving cannot apply: one on the experts, or of a rank above
+    `max_rank` (the stacks' width)."""
+    for update in updates:
+        if update.a.dim() == 3:
+            raise AdapterError(
+                f"{update.name.rsplit('.', 1)[0]}: the adapter targets the experts (gate_up_proj / "
+                "down_proj), which only a merged adapter can change (--merge-lora); per-request adapters "
+                "cover the attention projections"
+            )
+        if update.a.shape[0] > max_rank:
+            raise AdapterError(
+                f"rank {update.a.shape[0]} is above the largest served, {max_rank} (--max-lora-rank)"
+            )
+
+
+class LoraStack(nn.Module):
+    """The adapters of one projection, every loaded one side by side: `a [S, R, in]` and `b [out, S, R]`
+    (the scaling folded into `b`), stored slot `s` at index ``s - 1``. `R` is the largest rank times the
+    parts the projection's rows are cut into (``qkv``: q, k and v each get `max_rank` columns, so their
+    updates never mix); a smaller rank leaves zero columns, which add nothing."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_rank: int,
+        in_features: int,
+        parts: list[slice],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.max_rank = max_rank
+        self.parts = parts
+        width = max_rank * len(parts)
+        out_features = parts[-1].stop
+        self.register_buffer(
+            "a", torch.zeros(num_slots, width, in_features, dtype=dtype, device=device), False
+        )
+        self.register_buffer(
+            "b", torch.zeros(out_features, num_slots, width, dtype=dtype, device=device), False
+        )
+        # The slot each column of the flattened `[S·R]` rank axis belongs to.
+        slots = torch.arange(1, num_slots + 1, device=device).repeat_interleave(width)
+        self.register_buffer("column_slot", slots, False)
+
+    def clear(self, slot: int) -> None:
+        self.a[slot - 1].zero_()
+        self.b[:, slot - 1].zero_()
+
+    def install(self, slot: int, update: Update) -> None:
+        """Put one update (a part's pair) into `slot`'s columns."""
+        rows = update.rows or slice(0, self.b.shape[0])
+        part = self.parts.index(rows)
+        rank = update.a.shape[0]
+        assert rank <= self.max_rank, "checked by check_unmerged"
+        columns = slice(part * self.max_rank, part * self.max_rank + rank)
+        self.a[slot - 1, columns] = update.a.to(self.a)
+        self.b[rows, slot - 1, columns] = (update.b.float() * update.scaling).to(self.b)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return lora_delta(x, self.a, self.b, self.column_slot, slots)
+
+
+def lora_delta(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, column_slot: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """Every row's low-rank update `[T, out]` at once: `x [T, in]` through all adapters' A (one matmul to
+    `[T, S·R]`), each row's columns of other slots zeroed (a row of slot 0 keeps none), then all B (one
+    matmul).
+
+    Two dense products of static shape, with no gather and no grouping by slot, so a batch of any mix costs
+    the same; the waste (every row goes through every slot's A) is `S·R` columns, small beside the
+    projection's own `out`."""
+    shrunk = x @ a.flatten(0, 1).T
+    shrunk = shrunk * (slots[:, None] == column_slot[None, :])
+    return shrunk @ b.flatten(1, 2).T
+
+
+def lora_delta_reference(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """The twin of :func:`lora_delta`: row by row, its own slot's ``B @ (A @ x)`` (nothing for slot 0)."""
+    out = torch.zeros(x.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
+    for row, slot in enumerate(slots.tolist()):
+        if slot:
+            out[row] = b[:, slot - 1] @ (a[slot - 1] @ x[row])
+    return out
+
+
+def write_random_adapter(
+    config: ModelConfig,
+    directory: str | Path,
+    *,
+    rank: int,
+    modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    alpha: float = 16.0,
+    seed: int = 0,
+) -> Path:
+    """A random attention adapter for a model of `config`, in PEFT's format, for tests and benchmarks (PEFT
+    itself starts B at zero, a no-op; these change the model)."""
+    generator = torch.Generator().manual_seed(seed)
+    h, q, kv = config.hidden_size, config.q_size, config.kv_size
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module in modules:
+            out, inp = shapes[module]
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=generator) / math.sqrt(inp)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.1
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules)}
+    (root / "adapter_config.json").write_text(json.dumps(settings))
+    save_file(tensors, str(root / "adapter_model.safetensors"))
+    return root

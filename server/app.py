@@ -29,6 +29,7 @@ from server.errors import APIError, install_error_handlers
 from server.logs import REQUEST_ID
 from server.page import PAGE_PATHS, page_router
 from server.routes import router
+from server.routes_lora import router as lora_router
 from server.serving import CLIENT, ProcessorsHook
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -197,6 +198,7 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(lora_router)
     if state.settings.chat_page:
         app.include_router(page_router())
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -17,12 +17,15 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engine.core import EngineCore
 from engine.request import RequestOutput, SamplingParams
 from engine.thread import EngineThread
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineFailure(RuntimeError):
@@ -201,6 +204,11 @@ class AsyncEngine:
         """End a request being generated at the engine's next step: its consumer has all it wants (the answer
         reached a stop string). Its `generate` then yields a last output that says `abort`."""
         self._thread.abort(request_id)
+
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """`fn(engine)` run on the engine thread between two steps (loading or unloading a LoRA adapter), its
+        result or what it raised."""
+        return await asyncio.wrap_future(self._thread.call(fn))
 
     def cut_all(self, reason: str) -> None:
         """End every request being generated with `ShuttingDown(reason)`, which its consumer turns into the

@@ -13,19 +13,21 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, NoReturn
 
 import torch
 import uvicorn
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.request import LoraRefused
 from harmony.encoding import VocabularyError, load_harmony_encoding
 from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.kernels import Kernels
+from model.lora import AdapterError, Update, read_adapter
 from model.make_checkpoint import write_checkpoint
 from model.weights import resolve_model
 from server import logs
@@ -99,6 +101,23 @@ class CliSettings(BaseSettings):
     merge_lora: str | None = Field(
         None, description="a LoRA adapter directory in PEFT's format, merged into the weights at load"
     )
+    # NoDecode: the variable is comma-separated like the flag, not the JSON list pydantic-settings expects.
+    lora: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters served per request, NAME=PATH each (a PEFT directory; repeat the flag or "
+        "separate them by commas): a request whose model is NAME runs with it, batched with the base model",
+    )
+    max_loras: int | None = Field(
+        None,
+        ge=0,
+        description="most LoRA adapters loaded at once, those of --lora and those loaded at run time "
+        "(POST /v1/load_lora_adapter) (default: the number of --lora adapters)",
+    )
+    max_lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="highest LoRA rank served per request (default: 16, or the --lora adapters' highest)",
+    )
     kernels: Literal["torch", "triton"] = Field(
         "torch",
         description="on cuda, decode steps through torch ops, or through the Triton kernels (paged attention "
@@ -168,6 +187,11 @@ class CliSettings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _split_adapters(cls, value: object) -> object:
+        return [part for part in value.split(",") if part] if isinstance(value, str) else value
+
 
 # The help names each setting's variable too.
 for _name, _field in CliSettings.model_fields.items():
@@ -200,10 +224,28 @@ def check_port(host: str, port: int) -> None:
         probe.bind(address)
 
 
+def _invalid(problem: str) -> NoReturn:
+    sys.stderr.write(f"gpt-oss-server: invalid settings: {problem}\n")
+    raise SystemExit(2)
+
+
+def read_adapters(specs: list[str], model: GptOss) -> list[tuple[str, str, list[Update]]]:
+    """The --lora adapters (`NAME=PATH` each), read and checked against the model: a bad one stops."""
+    adapters = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            _invalid(f"lora: {spec!r} is not NAME=PATH")
+        try:
+            adapters.append((name, path, read_adapter(path, model.config)))
+        except AdapterError as error:
+            _invalid(f"lora: {name}: {error}")
+    return adapters
+
+
 def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
     if args.kernels == "triton" and args.device != "cuda":
-        sys.stderr.write("gpt-oss-server: invalid settings: kernels: 'triton' needs --device cuda\n")
-        raise SystemExit(2)
+        _invalid("kernels: 'triton' needs --device cuda")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     note = None
     if args.model is None:
@@ -226,6 +268,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         quantize=args.quantize == "mxfp4",
         lora=args.merge_lora,
     )
+    adapters = read_adapters(args.lora, model)
+    ranks = [u.a.shape[0] for _, _, updates in adapters for u in updates]
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     engine = EngineCore(
@@ -235,9 +279,16 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=kv_bytes,
+            max_loras=len(adapters) if args.max_loras is None else args.max_loras,
+            max_lora_rank=args.max_lora_rank or max([16, *ranks]),
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )
+    for adapter, adapter_path, updates in adapters:
+        try:
+            engine.load_lora(adapter, updates, adapter_path)
+        except (AdapterError, LoraRefused) as error:
+            _invalid(f"lora: {adapter}: {error}")
     settings = ServerSettings(
         served_model_name=args.served_model_name or name,
         model_note=note,
@@ -257,6 +308,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         chat_page=args.chat_page == "on",
         ignore_unknown_fields=args.ignore_unknown_fields,
     )
+    if settings.served_model_name in engine.loras:
+        _invalid(f"lora: {settings.served_model_name!r} is the base model's name")
     return engine, settings
 
 

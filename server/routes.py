@@ -145,20 +145,39 @@ def _model_object(state: ServerState) -> dict[str, Any]:
     return entry
 
 
+def _model_objects(state: ServerState) -> list[dict[str, Any]]:
+    """The base model, then each LoRA adapter loaded, naming the base as its `parent` and its directory as its
+    `root` (as vLLM lists them)."""
+    objects = [_model_object(state)]
+    if state.services is not None:
+        for adapter in state.services.engine.engine.loras.values():
+            objects.append(
+                {
+                    "id": adapter.name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "gpt-oss-server",
+                    "parent": state.settings.served_model_name,
+                    "root": adapter.path,
+                }
+            )
+    return objects
+
+
 @router.get("/v1/models", responses=_errors(401))
 async def models(state: State) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_object(state)]}
+    return {"object": "list", "data": _model_objects(state)}
 
 
 @router.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
 async def model(model_id: str, state: State) -> dict[str, Any]:
     """The model object (`client.models.retrieve()`), for the id the generating routes take."""
-    if model_id != state.settings.served_model_name:
-        raise not_found(
-            f"the model {model_id!r} does not exist; this server serves {state.settings.served_model_name!r}",
-            param="model",
-        )
-    return _model_object(state)
+    objects = _model_objects(state)
+    found = next((o for o in objects if o["id"] == model_id), None)
+    if found is None:
+        served = ", ".join(repr(o["id"]) for o in objects)
+        raise not_found(f"the model {model_id!r} does not exist; this server serves {served}", param="model")
+    return found
 
 
 @router.get("/version")

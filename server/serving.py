@@ -277,18 +277,28 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         """Everything that can refuse a request happens here, before any byte of the response is sent. The
         admission, taken last (nothing may refuse the request once its slots are taken), is the caller's to
         release."""
-        if request.model != self.settings.served_model_name:
-            raise not_found(
-                f"the model {request.model!r} does not exist; this server serves "
-                f"{self.settings.served_model_name!r}",
-                param="model",
-            )
+        lora_id = self.lora_id(request.model)
         with self.in_api_terms(request):
             self._check_sequences(request)
             prepared, requests = await self.workers.run(self._prepare, request)
             assert len(requests) == self.sequences(request)
+            for _, params in requests:
+                params.lora_id = lora_id
             # On the event loop, with no await between the check and the count (see `AsyncEngine.admit`).
             return prepared, self.engine.admit(requests, client=CLIENT.get())
+
+    def lora_id(self, model: str) -> int | None:
+        """The LoRA adapter a request's `model` names (None: the base model), else a 404 naming what is
+        served."""
+        if model == self.settings.served_model_name:
+            return None
+        # One read: the engine thread replaces the mapping, never edits it.
+        adapters = self.engine.engine.loras
+        adapter = adapters.get(model)
+        if adapter is None:
+            served = ", ".join(repr(name) for name in [self.settings.served_model_name, *adapters])
+            raise not_found(f"the model {model!r} does not exist; this server serves {served}", param="model")
+        return adapter.lora_id
 
     def sequences(self, request: RequestT) -> int:
         """How many engine requests `request` becomes: its choices (completions: prompts x choices)."""
@@ -315,7 +325,9 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         try:
             yield
         except RequestError as error:
-            raise request_error(error, self.param_names(request)) from error
+            # The adapter a request runs with comes from its `model` (an adapter unloaded meanwhile).
+            names = {"lora_id": "model", **self.param_names(request)}
+            raise request_error(error, names) from error
 
     # -- shared pieces of `_prepare` ----------------------------------------------------------------------
 

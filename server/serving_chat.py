@@ -287,7 +287,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": self.settings.served_model_name,
+            "model": request.model,  # the base model or the LoRA adapter it named
             "choices": choices,
             "usage": self._usage(prepared.prompt, states),
         }
@@ -312,7 +312,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": int(time.time()),
-            "model": self.settings.served_model_name,
+            "model": request.model,  # the base model or the LoRA adapter it named
         }
         states = [self._choice(prepared, completion_id, i) for i in range(request.n)]
 

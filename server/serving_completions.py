@@ -276,7 +276,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             "id": completion_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": self.settings.served_model_name,
+            "model": request.model,  # the base model or the LoRA adapter it named
             "choices": [self._choice_json(c, i, request) for i, c in enumerate(chosen)],
             "usage": self._usage(prepared.choices),
         }
@@ -293,7 +293,7 @@ class CompletionService(Serving[CompletionRequest, Prepared]):
             "id": completion_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": self.settings.served_model_name,
+            "model": request.model,  # the base model or the LoRA adapter it named
         }
 
         options = request.stream_options

@@ -696,7 +696,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             "created_at": created_at,
             "status": "queued",
             "completed_at": None,
-            "model": self.settings.served_model_name,
+            "model": request.model,  # the base model or the LoRA adapter it named
             "output": [],
             "error": None,
             "incomplete_details": None,

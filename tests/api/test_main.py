@@ -34,6 +34,8 @@ def _sample(name: str) -> tuple[str, object]:
         return "2.5", 2.5
     if annotation == "<class 'bool'>":
         return "true", True
+    if annotation.startswith("list"):
+        return "some-value", ["some-value"]
     return "some-value", "some-value"
 
 

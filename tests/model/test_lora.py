@@ -14,13 +14,14 @@ from transformers import GptOssForCausalLM, Mxfp4Config
 
 from model.batch import AttentionMetadata
 from model.gpt_oss import GptOss
-from model.lora import AdapterError
+from model.lora import AdapterError, lora_delta, lora_delta_reference, read_adapter
 from tests.model.test_oracles import prompt
 
 logger = logging.getLogger(__name__)
 
 TARGETS = {
     "attention": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "attention_qv": {"target_modules": ["q_proj", "v_proj"], "r": 8},
     "experts": {
         "target_modules": [],
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
@@ -48,7 +49,7 @@ def adapters(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     at zero, which would make every adapter a no-op)."""
     out = {}
     for name, targets in TARGETS.items():
-        model = get_peft_model(_base(checkpoints["hf"]), LoraConfig(r=4, lora_alpha=8, **targets))
+        model = get_peft_model(_base(checkpoints["hf"]), LoraConfig(**{"r": 4, "lora_alpha": 8, **targets}))
         generator = torch.Generator().manual_seed(len(name))
         with torch.no_grad():
             for parameter_name, parameter in model.named_parameters():
@@ -135,3 +136,59 @@ def test_bad_adapters_are_named(
         load(broken(edit_tensors=other_model))
     with pytest.raises(AdapterError, match=r"adapter_config\.json"):
         load(tmp_path / "missing")
+
+
+def test_the_batched_lora_delta_equals_the_per_row_loop() -> None:
+    generator = torch.Generator().manual_seed(5)
+    slots, width, inp, out = 3, 6, 24, 40
+    a = torch.randn(slots, width, inp, generator=generator)
+    b = torch.randn(out, slots, width, generator=generator)
+    x = torch.randn(9, inp, generator=generator)
+    rows = torch.tensor([0, 1, 2, 3, 0, 3, 3, 1, 0])
+    column_slot = torch.arange(1, slots + 1).repeat_interleave(width)
+    got = lora_delta(x, a, b, column_slot, rows)
+    expected = lora_delta_reference(x, a, b, rows)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got[[0, 4, 8]].abs().max() == 0  # slot 0: no adapter, no update
+
+
+def test_per_request_adapters_in_one_batch_give_each_row_its_merged_model(
+    checkpoints: dict[str, Path], adapters: dict[str, Path]
+) -> None:
+    """Base, and two adapters of different ranks and modules, in one forward (adapters unmerged in slots 2
+    and 1): every sequence's logits are those of the model with its adapter merged."""
+    served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    served.enable_lora(max_loras=2, max_rank=8)
+    served.set_lora(2, read_adapter(adapters["attention"], served.config))
+    served.set_lora(1, read_adapter(adapters["attention_qv"], served.config))
+    references = [
+        served,
+        GptOss.from_checkpoint(
+            checkpoints["hf"], dtype=torch.float32, lora=adapters["attention"], progress=False
+        ),
+        GptOss.from_checkpoint(
+            checkpoints["hf"], dtype=torch.float32, lora=adapters["attention_qv"], progress=False
+        ),
+    ]
+    ids = [prompt(40, 21), prompt(41, 13), prompt(42, 17)]
+    slots = [0, 2, 1]
+    meta = AttentionMetadata.build([len(i) for i in ids])
+    per_token = torch.cat([torch.full((len(i),), s) for i, s in zip(ids, slots, strict=True)])
+    batched = served(torch.cat(ids), meta, lora=per_token).split([len(i) for i in ids])
+    for seq, reference, got in zip(ids, references, batched, strict=True):
+        expected = reference(seq, AttentionMetadata.build([len(seq)]))
+        scale = expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= 1e-4 * scale
+    # The adapters do change the rows they serve.
+    assert (batched[1] - served(ids[1], AttentionMetadata.build([len(ids[1])]))).abs().max() > 1e-3
+
+
+def test_per_request_adapters_refuse_what_the_stacks_cannot_hold(
+    checkpoints: dict[str, Path], adapters: dict[str, Path]
+) -> None:
+    served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    served.enable_lora(max_loras=1, max_rank=4)
+    with pytest.raises(AdapterError, match="targets the experts"):
+        served.set_lora(1, read_adapter(adapters["experts"], served.config))
+    with pytest.raises(AdapterError, match="rank 8 is above the largest served, 4"):
+        served.set_lora(1, read_adapter(adapters["attention_qv"], served.config))
