@@ -401,7 +401,8 @@ def test_special_token_text_from_users_stays_text(client: openai.OpenAI, served:
     ],
 )
 def test_errors_use_the_openai_envelope(served: Served, body: dict, status: int, param: str) -> None:
-    response = httpx.post(served.base_url + "/v1/chat/completions", json=body)
+    # A response format's first request builds the grammar's view of the vocabulary (seconds on a busy machine).
+    response = httpx.post(served.base_url + "/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

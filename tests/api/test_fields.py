@@ -435,7 +435,8 @@ def test_line_separators_are_escaped_in_every_event(served: Served, path: str) -
     elif path == "/v1/completions":
         body |= {"prompt": "x", "test_force": text}
     else:
-        body["input"] = "Hi"
+        del body["max_tokens"]  # not a Responses field
+        body |= {"input": "Hi", "max_output_tokens": 12}
     raw = _post(served, path, {**body, "stream": True}).text
     assert not any(ch in raw for ch in "\u2028\u2029\u0085")
     data = [line[6:] for line in raw.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]

@@ -16,7 +16,7 @@ import http.server
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
+from server.serving import ProcessorsHook
 from server.settings import ServerSettings
 from tests.api.conftest import MODEL, _free_port
 
@@ -87,14 +88,14 @@ def _slow_force(tokens: list[int], seconds: float) -> LogitsProcessor:
     return processor
 
 
-def _hook(
-    encoding: tiktoken.Encoding, script: Script
-) -> Callable[[dict[str, Any], int], list[LogitsProcessor]]:
+def _hook(encoding: tiktoken.Encoding, script: Script) -> ProcessorsHook:
+    """The page sends no test fields: every request says the current script."""
+
     def hook(extra: dict[str, Any], index: int) -> list[LogitsProcessor]:
         tokens = encoding.encode(script.text, allowed_special="all")
         return [_slow_force(tokens, script.seconds_per_token)]
 
-    return hook
+    return ProcessorsHook(frozenset(), hook)
 
 
 def _serve(app: FastAPI, port: int) -> uvicorn.Server:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser, Page, Route
 
 from tests.page.conftest import KEY, PageServer, metrics_value
 
@@ -208,6 +209,15 @@ def test_a_function_call_shows_as_it_is_made(page: Page, page_server: PageServer
                        {childList: true, subtree: true, characterData: true});
         }"""
     )
+    # The page offers no function tools of its own, and the server returns no call to a tool the request did
+    # not offer: the request is given one on its way, as a frontend with tools would send it.
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+
+    def offer_tool(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "tools": [weather]}))
+
+    page.route("**/v1/responses", offer_tool)
     send(page, "Weather in Paris?")
     wait_done(page, 1)
     tool = page.locator(".turn .tool")
