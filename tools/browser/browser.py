@@ -100,6 +100,21 @@ class Browser:
         self.opens = 0
         self._fetched: dict[str, PageContents] = {}  # url -> page, so following a link twice fetches once
 
+    def fork(self) -> Browser:
+        """A browser for a response that continues this one's chain: the same pages under the same cursors,
+        but its own from now on (another continuation of the same response never sees its pages), with a
+        fresh open budget."""
+        other = Browser(
+            self.backend,
+            self.fetcher,
+            count_tokens=self.count_tokens,
+            view_tokens=self.view_tokens,
+            max_opens=self.max_opens,
+        )
+        other.pages = list(self.pages)
+        other._fetched = dict(self._fetched)
+        return other
+
     @property
     def source(self) -> str:
         """For the tool description's `sources=` line."""
