@@ -20,6 +20,7 @@ import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from harmony.messages import (
@@ -143,6 +144,20 @@ class BuiltinTools:
         self.backend = backend
         self.fetcher = fetcher
         self._browsers: OrderedDict[str, Browser] = OrderedDict()
+
+    def describe(self) -> dict[str, Any]:
+        """What `/health` says of the built-in tools: whether each runs, and the python limits in force."""
+        python: dict[str, Any] = {"available": self.pool is not None}
+        if self.pool is None:
+            python["reason"] = self.python_unavailable
+        else:
+            python |= {
+                "sandbox": "bwrap",
+                "sessions": len(self.pool),
+                "limits": dataclasses.asdict(self.limits),
+            }
+        browser = {"available": self.backend is not None, "backend": self.settings.browser_backend}
+        return {"python": python, "browser": browser, "max_tool_calls": self.settings.max_builtin_tool_calls}
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -317,22 +332,35 @@ def tool_message(recipient: str, channel: str | None, text: str) -> Message:
     return Message(Author(Role.TOOL, recipient), [TextContent(text)], channel or "analysis", "assistant")
 
 
+def settings_problem(settings: ServerSettings) -> str | None:
+    """What is wrong with the built-in tools' settings, for the server to refuse to start; None if nothing."""
+    if settings.browser_backend == "local":
+        if settings.browser_corpus_dir is None:
+            return "--browser-backend local needs --browser-corpus-dir"
+        if not Path(settings.browser_corpus_dir).is_dir():
+            return f"--browser-corpus-dir {settings.browser_corpus_dir!r} is not a directory"
+    if settings.browser_backend == "searxng" and settings.searxng_url is None:
+        return "--browser-backend searxng needs --searxng-url"
+    return None
+
+
 def make_builtin_tools(settings: ServerSettings, count_tokens: TokenCounter) -> BuiltinTools:
-    """The server's built-in tools as `settings` configure them (a bad browser setting fails at start)."""
+    """The server's built-in tools as `settings` configure them."""
+    problem = settings_problem(settings)
+    if problem is not None:
+        raise ValueError(problem)
     backend: SearchBackend | None = None
     fetcher: PageFetcher | None = None
     if settings.browser_backend == "local":
         from tools.browser.local_corpus import LocalCorpus
 
-        if settings.browser_corpus_dir is None:
-            raise ValueError("--browser-backend local needs --browser-corpus-dir")
+        assert settings.browser_corpus_dir is not None
         corpus = LocalCorpus(settings.browser_corpus_dir)
         backend, fetcher = corpus, corpus
     elif settings.browser_backend == "searxng":
         from tools.browser.fetch import SafeFetcher
         from tools.browser.searxng import SearxngBackend
 
-        if settings.searxng_url is None:
-            raise ValueError("--browser-backend searxng needs --searxng-url")
+        assert settings.searxng_url is not None
         backend, fetcher = SearxngBackend(settings.searxng_url), SafeFetcher()
     return BuiltinTools(settings, count_tokens, backend=backend, fetcher=fetcher)

@@ -1142,7 +1142,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
 
     async def shutdown(self) -> None:
         """Cut the background responses in progress (a background response does not outlive the server):
-        each ends as failed, its engine request aborted."""
+        each ends as failed, its engine request aborted. The python sessions are closed after them."""
+        try:
+            await self._cut_background()
+        finally:
+            await self.builtin.close()
+
+    async def _cut_background(self) -> None:
         tasks = set(self._tasks)
         if not tasks:
             return

@@ -9,6 +9,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +30,7 @@ from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
-from server.builtin_tools import python_namespace, tool_message
+from server.builtin_tools import python_namespace, settings_problem, tool_message
 from server.settings import ServerSettings
 from tests.api.conftest import MODEL, Served, _free_port, _hook
 from tools.python_sandbox import Limits
@@ -312,6 +313,14 @@ def test_the_tool_call_cap_ends_the_response_as_incomplete(tooled: Served) -> No
     assert len(runaway.output) == 5
 
 
+def test_health_says_which_tools_run_and_the_limits_in_force(tooled: Served, served: Served) -> None:
+    health = httpx.get(tooled.base_url + "/health").json()["builtin_tools"]
+    assert health["python"]["available"] is True
+    assert health["python"]["limits"]["wall_seconds"] == 10.0
+    assert health["browser"] == {"available": True, "backend": "local"}
+    assert httpx.get(served.base_url + "/health").json()["builtin_tools"]["browser"]["available"] is False
+
+
 def test_builtin_tools_are_refused_where_not_configured(served: Served) -> None:
     client = client_for(served)
     with pytest.raises(openai.BadRequestError) as caught:
@@ -368,3 +377,17 @@ def test_system_message_declares_the_tools_as_the_official_library(tooled: Serve
     official = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
     expected = official.render(oh.Message.from_role_and_content(oh.Role.SYSTEM, content))
     assert ours == expected
+
+
+def test_a_browser_backend_without_its_setting_stops_the_start(tmp_path: Path) -> None:
+    assert settings_problem(ServerSettings(browser_backend="local")) == (
+        "--browser-backend local needs --browser-corpus-dir"
+    )
+    missing = str(tmp_path / "missing")
+    assert "is not a directory" in str(
+        settings_problem(ServerSettings(browser_backend="local", browser_corpus_dir=missing))
+    )
+    assert settings_problem(ServerSettings(browser_backend="searxng")) == (
+        "--browser-backend searxng needs --searxng-url"
+    )
+    assert settings_problem(ServerSettings(browser_backend="local", browser_corpus_dir=str(tmp_path))) is None
