@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,3 +365,41 @@ def make_builtin_tools(settings: ServerSettings, count_tokens: TokenCounter) -> 
         assert settings.searxng_url is not None
         backend, fetcher = SearxngBackend(settings.searxng_url), SafeFetcher()
     return BuiltinTools(settings, count_tokens, backend=backend, fetcher=fetcher)
+
+
+# The start of a citation mark still being written (`【`, `【3†L`, `【3†L4-L`): held back until it completes.
+_PARTIAL_CITATION = re.compile(r"【\d*(?:†(?:L\d*(?:-(?:L\d*)?)?)?)?$")
+
+
+class Citations:
+    """The answer's citation marks (`【cursor†Lx-Ly】`, as the browser's description teaches) rewritten as
+    the reference does, ` ([domain](url)) `, with a `url_citation` annotation over each, as the answer
+    streams: text from a mark's `【` on is held back until the mark is whole (or cannot be one). Marks that
+    cite nothing (an unknown cursor, a search page) stay as written."""
+
+    def __init__(self, browser: Browser) -> None:
+        self.browser = browser
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """The text that can go out now, and its annotations (indices into that text)."""
+        text = self.pending + text
+        partial = _PARTIAL_CITATION.search(text)
+        ready, self.pending = (text[: partial.start()], text[partial.start() :]) if partial else (text, "")
+        cited, found = self.browser.cite(ready)
+        annotations = [
+            {
+                "type": "url_citation",
+                "start_index": a.start_index,
+                "end_index": a.end_index,
+                "url": a.url,
+                "title": a.title,
+            }
+            for a in found
+        ]
+        return cited, annotations
+
+    def flush(self) -> str:
+        """What is held back, as written (the answer ended inside it)."""
+        out, self.pending = self.pending, ""
+        return out

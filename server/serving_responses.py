@@ -44,6 +44,7 @@ from server.builtin_tools import (
     BUILTIN_TYPES,
     OUTPUTS_INCLUDE,
     BuiltinRequest,
+    Citations,
     ResponseTools,
     ToolResult,
     make_builtin_tools,
@@ -283,6 +284,7 @@ class _OpenItem:
     text: list[str] = field(default_factory=list)
     call_index: int = -1
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
 
 
 class OutputBuilder:
@@ -297,6 +299,9 @@ class OutputBuilder:
         # A built-in tool call being written (see `_feed_builtin`), and the container python calls run in.
         self.builtin: _OpenItem | None = None
         self.container: str | None = None
+        # With the browser on, the answer's citation marks become annotations (see `_cited`).
+        self.citations: Citations | None = None
+        self._held_logprobs: list[dict[str, Any]] = []
 
     @property
     def calls(self) -> int:
@@ -309,7 +314,41 @@ class OutputBuilder:
             return self._feed_builtin(delta)
         # Anything else after a built-in call's text: that message was not a call (it did not end in
         # `<|call|>`), and nothing ran.
-        return [*self.close_builtin("incomplete"), *self._feed(delta, logprobs)]
+        events = self.close_builtin("incomplete")
+        if delta.kind is DeltaKind.CONTENT and self.citations is not None:
+            return [*events, *self._cited(delta, logprobs)]
+        return [*events, *self._feed(delta, logprobs)]
+
+    def _cited(self, delta: Delta, logprobs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """An answer delta with its citation marks rewritten, and an `annotation.added` event for each."""
+        assert self.citations is not None
+        text, found = self.citations.feed(delta.text)
+        self._held_logprobs += logprobs or []
+        if not text:
+            return []
+        held, self._held_logprobs = self._held_logprobs, []
+        current = self.open
+        offset = (
+            len("".join(current.text)) if current is not None and current.item["type"] == "message" else 0
+        )
+        events = self._feed(Delta(DeltaKind.CONTENT, text), held)
+        current = self.open
+        assert current is not None
+        for annotation in found:
+            annotation["start_index"] += offset
+            annotation["end_index"] += offset
+            current.annotations.append(annotation)
+            events.append(
+                {
+                    "type": "response.output_text.annotation.added",
+                    "item_id": current.item["id"],
+                    "output_index": current.index,
+                    "content_index": 0,
+                    "annotation_index": len(current.annotations) - 1,
+                    "annotation": dict(annotation),
+                }
+            )
+        return events
 
     def _feed(self, delta: Delta, logprobs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -398,7 +437,7 @@ class OutputBuilder:
             if item["type"] == "function_call":
                 item["arguments"] = text
             else:
-                item["content"] = [_part(item["type"], text, self.open.logprobs)]
+                item["content"] = [_part(item["type"], text, self.open.logprobs, self.open.annotations)]
         if self.builtin is not None and self.builtin.index >= 0:
             out[self.builtin.index]["code"] = "".join(self.builtin.text)
         return out
@@ -512,7 +551,13 @@ class OutputBuilder:
         current, self.open = self.open, None
         if current is None:
             return events
-        item, index, text = current.item, current.index, "".join(current.text)
+        item, index = current.item, current.index
+        if item["type"] == "message" and self.citations is not None and self.citations.pending:
+            held = self.citations.flush()  # the answer ended inside what looked like a citation mark
+            current.text.append(held)
+            base = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            events.append({"type": "response.output_text.delta", **base, "delta": held, "logprobs": []})
+        text = "".join(current.text)
         item["status"] = status
         if item["type"] == "function_call":
             item["arguments"] = text
@@ -537,7 +582,7 @@ class OutputBuilder:
                     "logprobs": current.logprobs,
                 }
                 events.append(copy.deepcopy(done))
-            part = _part(item["type"], text, current.logprobs)
+            part = _part(item["type"], text, current.logprobs, current.annotations)
             events.append({"type": "response.content_part.done", **base, "part": copy.deepcopy(part)})
             item["content"] = [part]
         events.append(
@@ -546,10 +591,20 @@ class OutputBuilder:
         return events
 
 
-def _part(item_type: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _part(
+    item_type: str,
+    text: str,
+    logprobs: list[dict[str, Any]] | None = None,
+    annotations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     if item_type == "reasoning":
         return {"type": "reasoning_text", "text": text}
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs or [])}
+    return {
+        "type": "output_text",
+        "text": text,
+        "annotations": copy.deepcopy(annotations or []),
+        "logprobs": list(logprobs or []),
+    }
 
 
 _TERMINAL_EVENTS = {
@@ -881,6 +936,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         if builtin.namespaces:
             run.tools = self.builtin.start(builtin, prepared.request.previous_response_id)
             run.builder.container = run.tools.container
+            if run.tools.browser is not None:
+                run.builder.citations = Citations(run.tools.browser)
         if prepared.request.store:
             self.live[run.id] = run
         return run

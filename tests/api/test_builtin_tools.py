@@ -250,7 +250,7 @@ def test_browser_search_open_find_in_one_response(tooled: Served) -> None:
         call("browser.search", '{"query": "borrowing references"}'),
         call("browser.open", '{"id": 0}'),
         call("browser.find", '{"pattern": "ownership"}'),
-        final("A reference borrows a value【1†L4】."),
+        final("A reference borrows a value【1†L2】, not【9†L1】."),
     ]
     response = create(tooled, scripts, tools=[{"type": "web_search"}])
     checked(response)
@@ -262,17 +262,34 @@ def test_browser_search_open_find_in_one_response(tooled: Served) -> None:
     assert searches[1].action.url == "https://corpus.local/borrowing.html"
     assert searches[2].action.pattern == "ownership"
     assert searches[2].action.url == "https://corpus.local/borrowing.html"
-    assert response.output[-1].type == "message"
+    # The answer's citation of the opened page (cursor 1) is a url_citation over the link that replaced it; a
+    # mark citing no page stays as the model wrote it.
+    assert response.output_text == (
+        "A reference borrows a value ([corpus.local](https://corpus.local/borrowing.html)) , not【9†L1】."
+    )
+    (annotation,) = response.output[-1].content[0].annotations
+    assert annotation.type == "url_citation"
+    assert annotation.url == "https://corpus.local/borrowing.html"
+    assert annotation.title == "References and Borrowing"
+    cited = response.output_text[annotation.start_index : annotation.end_index]
+    assert cited == "([corpus.local](https://corpus.local/borrowing.html))"
 
 
 def test_browser_streams_the_sdk_events(tooled: Served) -> None:
+    scripts = [
+        call("browser.search", '{"query": "lifetimes"}'),
+        call("browser.open", '{"id": 0}'),
+        final("Every reference has one【1†L2-L3】 indeed【1†L"),
+    ]
     with client_for(tooled).responses.stream(
         model=MODEL,
         input="search",
         tools=[{"type": "web_search_preview"}],
-        extra_body={"test_force": [call("browser.search", '{"query": "lifetimes"}'), final("Found.")]},
+        extra_body={"test_force": scripts},
     ) as stream:
-        types = [event.type for event in stream]
+        events = list(stream)
+        response = stream.get_final_response()
+    types = [event.type for event in events]
     ws = [
         t for t in types if t.startswith("response.web_search_call") or t.startswith("response.output_item")
     ]
@@ -283,6 +300,16 @@ def test_browser_streams_the_sdk_events(tooled: Served) -> None:
         "response.web_search_call.completed",
         "response.output_item.done",
     ]
+    # The streamed text is the final text: marks rewritten as they complete, a mark cut short by the end as
+    # it was written; each annotation comes with its own event.
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == response.output_text
+    assert (
+        text == "Every reference has one ([corpus.local](https://corpus.local/lifetimes.html))  indeed【1†L"
+    )
+    added = [e for e in events if e.type == "response.output_text.annotation.added"]
+    assert [e.annotation_index for e in added] == [0]
+    assert added[0].annotation.model_dump() == response.output[-1].content[0].annotations[0].model_dump()
 
 
 def test_browser_pages_live_on_with_previous_response_id(tooled: Served) -> None:
@@ -298,6 +325,22 @@ def test_browser_pages_live_on_with_previous_response_id(tooled: Served) -> None
     # A response that continues nothing has no page under cursor 0: the model reads why, the call failed.
     alone = create(tooled, opened, tools=[{"type": "web_search"}])
     assert alone.output[0].status == "failed"
+
+
+def test_a_tool_the_request_did_not_enable_is_never_run(tooled: Served) -> None:
+    """Page text may talk the model into calling python; with only the browser enabled nothing runs: the
+    message stays the model's reasoning and the turn ends there."""
+    pool = tooled.app.state.server.services.responses.builtin.pool
+    sessions = len(pool)
+    response = create(
+        tooled,
+        [call("python", "open('/mnt/data/pwned', 'w')"), final("never")],
+        tools=[{"type": "web_search"}],
+    )
+    assert response.status == "completed"
+    assert [item.type for item in response.output] == ["reasoning"]
+    assert response.output[0].content[0].text == "open('/mnt/data/pwned', 'w')"
+    assert len(pool) == sessions  # no sandbox was started for it
 
 
 def test_the_tool_call_cap_ends_the_response_as_incomplete(tooled: Served) -> None:
