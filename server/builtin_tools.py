@@ -60,6 +60,7 @@ WEB_SEARCH_TYPES = frozenset(
 )
 BUILTIN_TYPES = WEB_SEARCH_TYPES | {CODE_INTERPRETER_TYPE}
 OUTPUTS_INCLUDE = "code_interpreter_call.outputs"
+SOURCES_INCLUDE = "web_search_call.action.sources"
 # How many response chains' browsers are remembered for `previous_response_id` (the oldest is forgotten).
 REMEMBERED_BROWSERS = 256
 
@@ -215,9 +216,12 @@ class BuiltinTools:
 
     # -- one response's tools ------------------------------------------------------------------------------
 
-    def start(self, request: BuiltinRequest, previous_response_id: str | None) -> ResponseTools:
+    def start(
+        self, request: BuiltinRequest, previous_response_id: str | None, *, sources: bool = False
+    ) -> ResponseTools:
         """The tools of one response: its container id (chosen now, the session created at the first cell)
-        and its browser (a copy of the chain's, if it continues one)."""
+        and its browser (a copy of the chain's, if it continues one). With `sources`, a search action lists
+        the URLs the search found."""
         container = request.container or request.chain_container or new_container_id()
         browser = None
         if request.browser:
@@ -229,7 +233,7 @@ class BuiltinTools:
                 if previous is not None
                 else Browser(self.backend, self.fetcher, count_tokens=self.count_tokens)
             )
-        return ResponseTools(self, request, container if request.python else None, browser)
+        return ResponseTools(self, request, container if request.python else None, browser, sources)
 
     def remember(self, response_id: str, tools: ResponseTools) -> None:
         """Keep a stored response's browser for responses that continue it."""
@@ -252,12 +256,18 @@ class ResponseTools:
     """The built-in tools of one response being generated (never shared with another)."""
 
     def __init__(
-        self, tools: BuiltinTools, request: BuiltinRequest, container: str | None, browser: Browser | None
+        self,
+        tools: BuiltinTools,
+        request: BuiltinRequest,
+        container: str | None,
+        browser: Browser | None,
+        sources: bool = False,
     ) -> None:
         self.tools = tools
         self.request = request
         self.container = container
         self.browser = browser
+        self.sources = sources
         self.calls = 0
 
     def handles(self, recipient: str | None) -> bool:
@@ -299,6 +309,9 @@ class ResponseTools:
         result = await self.browser.call(function, arguments)
         if action["type"] == "open_page" and result.url:
             action["url"] = result.url
+        if action["type"] == "search" and self.sources:
+            found = self.browser.pages[-1].links.values() if result.ok else []
+            action["sources"] = [{"type": "url", "url": url} for url in dict.fromkeys(found)]
         return ToolResult(result.text, result.ok, action=action)
 
     def action(self, function: str, arguments: str) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from server.async_engine import Admission, AsyncEngine, EngineFailure
 from server.builtin_tools import (
     BUILTIN_TYPES,
     OUTPUTS_INCLUDE,
+    SOURCES_INCLUDE,
     BuiltinRequest,
     Citations,
     ResponseTools,
@@ -934,7 +935,11 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         )
         run = Run(prepared, response, choice)
         if builtin.namespaces:
-            run.tools = self.builtin.start(builtin, prepared.request.previous_response_id)
+            run.tools = self.builtin.start(
+                builtin,
+                prepared.request.previous_response_id,
+                sources=SOURCES_INCLUDE in (prepared.request.include or []),
+            )
             run.builder.container = run.tools.container
             if run.tools.browser is not None:
                 run.builder.citations = Citations(run.tools.browser)
@@ -1307,7 +1312,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
 
 
 # `include` values we honour, or that need nothing from us (we never produce encrypted reasoning).
-_SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content", LOGPROBS_INCLUDE, OUTPUTS_INCLUDE})
+_SUPPORTED_INCLUDES = frozenset(
+    {"reasoning.encrypted_content", LOGPROBS_INCLUDE, OUTPUTS_INCLUDE, SOURCES_INCLUDE}
+)
 # Request fields that would change what a response is, which this server does not do: refused when set.
 _REFUSED_FIELDS = {
     "conversation": "use previous_response_id",

@@ -252,13 +252,18 @@ def test_browser_search_open_find_in_one_response(tooled: Served) -> None:
         call("browser.find", '{"pattern": "ownership"}'),
         final("A reference borrows a value【1†L2】, not【9†L1】."),
     ]
-    response = create(tooled, scripts, tools=[{"type": "web_search"}])
+    response = create(
+        tooled, scripts, tools=[{"type": "web_search"}], include=["web_search_call.action.sources"]
+    )
     checked(response)
     assert response.status == "completed"
     searches = [item for item in response.output if item.type == "web_search_call"]
     assert [s.action.type for s in searches] == ["search", "open_page", "find_in_page"]
     assert all(s.status == "completed" for s in searches)
     assert searches[0].action.query == "borrowing references"
+    sources = [source.url for source in searches[0].action.sources]
+    assert sources[0] == "https://corpus.local/borrowing.html"
+    assert set(sources) <= {"https://corpus.local/borrowing.html", "https://corpus.local/lifetimes.html"}
     assert searches[1].action.url == "https://corpus.local/borrowing.html"
     assert searches[2].action.pattern == "ownership"
     assert searches[2].action.url == "https://corpus.local/borrowing.html"
@@ -318,6 +323,7 @@ def test_browser_pages_live_on_with_previous_response_id(tooled: Served) -> None
         [call("browser.search", '{"query": "lifetimes"}'), final("Found.")],
         tools=[{"type": "web_search"}],
     )
+    assert first.output[0].action.sources is None  # only with include
     opened = [call("browser.open", '{"id": 0, "cursor": 0}'), final("Opened.")]
     second = create(tooled, opened, tools=[{"type": "web_search"}], previous_response_id=first.id)
     assert second.output[0].status == "completed"
