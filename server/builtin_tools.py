@@ -15,10 +15,12 @@ and no browser is ever shared between response chains.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +145,29 @@ class BuiltinTools:
                 )
                 self.python_unavailable = None
                 logger.info("python tool: bubblewrap sandbox, limits %s", self.limits)
+        self._probed = False
+        self._probe_lock = threading.Lock()
         self.backend = backend
         self.fetcher = fetcher
         self._browsers: OrderedDict[str, Browser] = OrderedDict()
+
+    def _check_sandbox(self) -> None:
+        """Once, for the first request that asks for python: run a probe cell in the sandbox (a binary that
+        exists may still be unable to run, where user namespaces are restricted). If it fails, python is
+        refused from then on, saying why. On a render worker, never the event loop (`parse`'s caller); the
+        requests that come meanwhile wait for the answer."""
+        with self._probe_lock:
+            if self._probed or self.pool is None:
+                return
+            self._probed = True
+            try:
+                seen = asyncio.run(self.pool.sandbox.probe())
+            except SandboxUnavailable as error:
+                self.python_unavailable = f"the sandbox cannot run here: {error}"
+                self.pool = None
+                logger.error("the python tool is unavailable: %s", error)
+            else:
+                logger.info("python sandbox probe: uid and root directory %s", seen)
 
     def describe(self) -> dict[str, Any]:
         """What `/health` says of the built-in tools: whether each runs, and the python limits in force."""
@@ -180,6 +202,7 @@ class BuiltinTools:
                 browser = True
                 echo.append({"type": tool.type, **(tool.model_extra or {})})
             elif tool.type == CODE_INTERPRETER_TYPE:
+                self._check_sandbox()
                 if self.pool is None:
                     raise bad_request(
                         f"code_interpreter is not available on this server: {self.python_unavailable}",

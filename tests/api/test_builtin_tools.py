@@ -30,7 +30,9 @@ from model.config import PRESETS
 from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
-from server.builtin_tools import python_namespace, settings_problem, tool_message
+from server.builtin_tools import BuiltinTools, python_namespace, settings_problem, tool_message
+from server.errors import APIError
+from server.protocol import ResponsesTool
 from server.settings import ServerSettings
 from tests.api.conftest import MODEL, Served, _free_port, _hook
 from tools.python_sandbox import Limits
@@ -440,3 +442,18 @@ def test_a_browser_backend_without_its_setting_stops_the_start(tmp_path: Path) -
         "--browser-backend searxng needs --searxng-url"
     )
     assert settings_problem(ServerSettings(browser_backend="local", browser_corpus_dir=str(tmp_path))) is None
+
+
+def test_a_sandbox_that_cannot_run_refuses_python_saying_why() -> None:
+    """A bubblewrap binary that exists but cannot run (user namespaces restricted, say) is found out by the
+    probe at the first python request: that request and the later ones get a 400, /health says why."""
+    tools = BuiltinTools(ServerSettings(), lambda text: len(text))
+    assert tools.pool is not None
+    tools.pool.sandbox.bwrap = "/bin/false"
+    for _ in range(2):
+        with pytest.raises(APIError) as caught:
+            tools.parse([ResponsesTool(type="code_interpreter", container={"type": "auto"})], [])
+        assert caught.value.status == 400
+        assert caught.value.param == "tools[0].type"
+        assert "the sandbox cannot run here" in caught.value.message
+    assert tools.describe()["python"]["available"] is False
