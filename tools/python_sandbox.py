@@ -401,7 +401,9 @@ class SessionPool:
             oldest = next(iter(self._sessions))
             await self._sessions.pop(oldest).close()
             logger.info("python session %s closed to make room", oldest)
-        assert container_id not in self._sessions
+        if container_id is not None and container_id in self._sessions:
+            # Two responses of one chain found its session gone at once: the first to get here made it.
+            return self._sessions[container_id]
         session = self.sandbox.session(container_id)
         self._sessions[session.id] = session
         return session
