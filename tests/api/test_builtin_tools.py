@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import openai_harmony as oh
+import pydantic
 import pytest
 import torch
 import uvicorn
@@ -116,6 +117,15 @@ def checked(response: Response) -> Response:
     return Response.model_validate(response.model_dump())
 
 
+EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def checked_events(events: list[ResponseStreamEvent]) -> None:
+    """Every streamed event as the SDK's event union validates it (the stream itself only constructs)."""
+    for event in events:
+        assert EVENT.validate_python(event.model_dump(warnings=False)).type == event.type
+
+
 def test_python_runs_in_the_sandbox_and_the_turn_goes_on(
     tooled: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,6 +189,7 @@ def test_python_streams_the_sdk_events(tooled: Served) -> None:
     ) as stream:
         events: list[ResponseStreamEvent] = list(stream)
         response = stream.get_final_response()
+    checked_events(events)
     types = [event.type for event in events]
     ci = [t for t in types if "code_interpreter" in t]
     assert ci[0] == "response.code_interpreter_call.in_progress"
@@ -296,6 +307,7 @@ def test_browser_streams_the_sdk_events(tooled: Served) -> None:
     ) as stream:
         events = list(stream)
         response = stream.get_final_response()
+    checked_events(events)
     types = [event.type for event in events]
     ws = [
         t for t in types if t.startswith("response.web_search_call") or t.startswith("response.output_item")
