@@ -1013,7 +1013,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                         result, OUTPUTS_INCLUDE in (prepared.request.include or [])
                     ):
                         yield event
-                    prompt = prompt + generated + self._tool_tokens(call, result)
+                    # Tokenized on a render worker, as every prompt is: never on the event loop.
+                    tool_tokens = await self.workers.run(self._tool_tokens, call, result)
+                    prompt = prompt + generated + tool_tokens
                     step += 1
                     next_params = self._step_params(run, prompt, step)
                     if next_params is None:

@@ -158,7 +158,7 @@ class Browser:
         body = f"<ul>{items}</ul>" if items else "<p>No results found.</p>"
         document = f"<html><body><h1>Search Results</h1>{body}</body></html>"
         page = await asyncio.to_thread(html_to_page, document, "", query, PageKind.SEARCH)
-        return self._show(page, 0, -1)
+        return await self._shown(page, 0, -1)
 
     async def open(
         self, id: int | str = -1, cursor: int = -1, loc: int = -1, num_lines: int = -1
@@ -188,7 +188,7 @@ class Browser:
             return BrowserResult(str(exc), ok=False)
         except BrowserError as exc:
             return BrowserResult(f"Error fetching URL `{url}`: {exc}", ok=False, url=url)
-        return self._show(page, max(loc, 0), num_lines)
+        return await self._shown(page, max(loc, 0), num_lines)
 
     async def find(self, pattern: str, cursor: int = -1) -> BrowserResult:
         try:
@@ -241,7 +241,7 @@ class Browser:
             link_lines=link_lines,
             line_origin=origin,
         )
-        return self._show(found, 0, -1)
+        return await self._shown(found, 0, -1)
 
     def citation(self, cursor: int, first_line: int, last_line: int) -> Citation | None:
         """What `【cursor†Lfirst-Llast】` cites, or None when it cites nothing (an unknown cursor, a search
@@ -309,6 +309,11 @@ class Browser:
         self._fetched[url] = page
         self._fetched[page.url] = page
         return page
+
+    async def _shown(self, page: PageContents, loc: int, num_lines: int) -> BrowserResult:
+        """`_show` in a worker thread: sizing the view counts tokens line by line, which is no work for an
+        event loop (and a thread's first use of the tokenizer holds the GIL a while)."""
+        return await asyncio.to_thread(self._show, page, loc, num_lines)
 
     def _show(self, page: PageContents, loc: int, num_lines: int) -> BrowserResult:
         total = len(page.lines)
