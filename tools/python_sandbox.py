@@ -397,13 +397,15 @@ class SessionPool:
         """A new session (named `container_id`, when the caller chose the id before it was needed), closing
         expired ones and, when full, the least recently used."""
         await self.close_idle()
-        while len(self._sessions) >= self.max_sessions:
+        while True:
+            if container_id is not None and container_id in self._sessions:
+                # Two responses of one chain found its session gone at once: the first to get here made it.
+                return self._sessions[container_id]
+            if len(self._sessions) < self.max_sessions:
+                break
             oldest = next(iter(self._sessions))
             await self._sessions.pop(oldest).close()
             logger.info("python session %s closed to make room", oldest)
-        if container_id is not None and container_id in self._sessions:
-            # Two responses of one chain found its session gone at once: the first to get here made it.
-            return self._sessions[container_id]
         session = self.sandbox.session(container_id)
         self._sessions[session.id] = session
         return session
