@@ -220,6 +220,12 @@ class BuiltinTools:
                     raise bad_request(
                         "container must be a container id or {'type': 'auto'}", param=f"tools[{i}].container"
                     )
+                elif spec.get("file_ids"):
+                    raise bad_request(
+                        "file_ids are not supported: this server has no Files API; write files from python "
+                        "into /mnt/data instead",
+                        param=f"tools[{i}].container.file_ids",
+                    )
                 python = True
                 echo.append({"type": CODE_INTERPRETER_TYPE, "container": spec})
         chain_container = None

@@ -256,6 +256,13 @@ def test_an_unknown_container_is_refused(tooled: Served) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         create(tooled, [final("x")], tools=[{"type": "code_interpreter", "container": "cntr_nope"}])
     assert caught.value.body["param"] == "tools[0].container"
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(tooled, [final("x")], tools=[{"type": "code_interpreter", "container": "auto"}])
+    assert caught.value.body["param"] == "tools[0].container"
+    auto_with_files = {"type": "auto", "file_ids": ["file_1"]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(tooled, [final("x")], tools=[{"type": "code_interpreter", "container": auto_with_files}])
+    assert caught.value.body["param"] == "tools[0].container.file_ids"
 
 
 def test_browser_search_open_find_in_one_response(tooled: Served) -> None:
