@@ -476,3 +476,16 @@ def test_a_sandbox_that_cannot_run_refuses_python_saying_why() -> None:
         assert caught.value.param == "tools[0].type"
         assert "the sandbox cannot run here" in caught.value.message
     assert tools.describe()["python"]["available"] is False
+
+
+def test_a_background_response_runs_its_tools_too(tooled: Served) -> None:
+    started = create(tooled, [call("python", "print(6 * 7)"), final("42.")], background=True, include=OUTPUTS)
+    client = client_for(tooled)
+    deadline = time.time() + 60
+    response = client.responses.retrieve(started.id)
+    while response.status in ("queued", "in_progress") and time.time() < deadline:
+        time.sleep(0.2)
+        response = client.responses.retrieve(started.id)
+    assert response.status == "completed"
+    assert response.output[0].outputs[0].logs.strip() == "42"
+    assert response.output_text == "42."
