@@ -27,6 +27,7 @@ from harmony.messages import (
     SystemContent,
     TextContent,
     ToolDescription,
+    ToolNamespaceConfig,
     function_tools_namespace,
 )
 from harmony.parser import Header, StreamParser
@@ -45,10 +46,17 @@ def conversation_date(setting: str | None) -> str | None:
     return setting
 
 
-def system_message(effort: str | None, date_setting: str | None, default_effort: str = "medium") -> Message:
+def system_message(
+    effort: str | None,
+    date_setting: str | None,
+    default_effort: str = "medium",
+    builtin_tools: dict[str, ToolNamespaceConfig] | None = None,
+) -> Message:
+    """The system message; built-in tools (browser, python) are declared here, as harmony places them."""
     content = SystemContent(
         reasoning_effort=ReasoningEffort(effort or default_effort),
         conversation_start_date=conversation_date(date_setting),
+        tools=builtin_tools or None,
     )
     return Message.from_role(Role.SYSTEM, content)
 
@@ -61,12 +69,14 @@ def to_harmony(
     date_setting: str | None,
     default_effort: str = "medium",
     response_format: ResponseFormat | None = None,
+    builtin_tools: dict[str, ToolNamespaceConfig] | None = None,
 ) -> list[Message]:
     """The harmony conversation for a chat request (raises a 400 `APIError` for an inconsistent history).
     A `response_format` goes into the developer message's `# Response Formats`, where harmony tells the
-    model the shape its answer must take."""
+    model the shape its answer must take; `builtin_tools` (the server-run browser and python namespaces)
+    into the system message."""
     instructions = [m.text() for m in messages if m.role in ("system", "developer") and m.text()]
-    out = [system_message(effort, date_setting, default_effort)]
+    out = [system_message(effort, date_setting, default_effort, builtin_tools)]
     namespace = None
     if tools:
         namespace = function_tools_namespace(
@@ -139,6 +149,10 @@ class DeltaKind(StrEnum):
     TOOL_CALL_ARGUMENTS = "tool_call_arguments"
     # A message to a tool the client did not offer: not sent at all (see `ChatOutputParser`).
     DROPPED = "dropped"
+    # A call to a tool the server runs itself (`python`, `browser.search`): its start (`name` the recipient)
+    # and its text (the code, or the JSON arguments).
+    BUILTIN_CALL_START = "builtin_call_start"
+    BUILTIN_CALL_ARGUMENTS = "builtin_call_arguments"
 
 
 @dataclass(slots=True)
@@ -179,12 +193,18 @@ class ChatOutputParser:
     written for that tool, not for the reader. Other messages are reasoning (analysis) or the answer (final,
     commentary preambles, and text the model wrote without a proper header), including those whose lone
     content type (`<|channel|>final <|constrain|>json`) the header reading takes for a recipient.
+
+    `builtins` names the built-in tool namespaces the server runs for this request (`python`, `browser`): a
+    message addressed ` to=python` or ` to=browser.FUNCTION` is then a built-in call, whatever its channel.
     """
 
-    def __init__(self, encoding: tiktoken.Encoding, tools: Collection[str] = ()) -> None:
+    def __init__(
+        self, encoding: tiktoken.Encoding, tools: Collection[str] = (), builtins: Collection[str] = ()
+    ) -> None:
         self.parser = StreamParser(encoding, Role.ASSISTANT)
         self.output = ChatOutput()
         self.tools = frozenset(tools)
+        self.builtins = frozenset(builtins)
         # By id() of the message header: the header (kept, so no later header can reuse its id), the call and
         # its index among this choice's calls.
         self._calls: dict[int, tuple[Header, ToolCallOut, int]] = {}
@@ -193,6 +213,8 @@ class ChatOutputParser:
 
     def _kind_of(self, header: Header) -> DeltaKind:
         recipient = header.recipient or ""
+        if header.addressed and recipient.split(".", 1)[0] in self.builtins:
+            return DeltaKind.BUILTIN_CALL_ARGUMENTS
         to_function = recipient.startswith(FUNCTIONS_PREFIX)
         if to_function and recipient.removeprefix(FUNCTIONS_PREFIX) in self.tools:
             return DeltaKind.TOOL_CALL_ARGUMENTS
@@ -239,6 +261,11 @@ class ChatOutputParser:
                 "malformed harmony output: a message to %r, which is no tool the request offered; dropped",
                 header.recipient,
             )
+        if kind is DeltaKind.BUILTIN_CALL_ARGUMENTS and id(header) not in self._calls:
+            builtin = ToolCallOut(new_call_id(), header.recipient or "")
+            self._calls[id(header)] = (header, builtin, -1)
+            deltas.append(Delta(DeltaKind.BUILTIN_CALL_START, call_id=builtin.id, name=builtin.name))
+            return
         if kind is not DeltaKind.TOOL_CALL_ARGUMENTS or id(header) in self._calls:
             return
         call = ToolCallOut(new_call_id(), (header.recipient or "")[len(FUNCTIONS_PREFIX) :])
@@ -251,7 +278,7 @@ class ChatOutputParser:
         kind = self._kind_of(header)
         if kind is DeltaKind.DROPPED:
             return
-        if kind is DeltaKind.TOOL_CALL_ARGUMENTS:
+        if kind in (DeltaKind.TOOL_CALL_ARGUMENTS, DeltaKind.BUILTIN_CALL_ARGUMENTS):
             _, call, index = self._calls[id(header)]
             call.arguments += text
             deltas.append(Delta(kind, text, index=index, call_id=call.id, name=call.name))

@@ -32,6 +32,7 @@ from model.make_checkpoint import write_checkpoint
 from model.weights import resolve_model
 from server import logs
 from server.app import create_app
+from server.builtin_tools import settings_problem
 from server.settings import ServerSettings
 from server.transport import header_timeout_protocol
 
@@ -185,6 +186,29 @@ class CliSettings(BaseSettings):
         description="accept request fields the server does not know, log them and name them in the "
         "x-ignored-fields response header (default: a 400 naming them)",
     )
+    python_sandbox: Literal["bwrap", "off"] = Field(
+        "bwrap",
+        description="the Responses code_interpreter tool: model code runs in a bubblewrap sandbox (no "
+        "network, uid nobody, size-capped /mnt/data), or the tool is refused (off)",
+    )
+    python_timeout: float = Field(
+        30.0, gt=0, description="seconds one python cell may run (the model is told)"
+    )
+    python_memory_mb: int = Field(1024, ge=64, description="memory of one python session, in MiB")
+    python_max_sessions: int = Field(
+        32, ge=1, description="python sessions (containers) kept at once; the least recently used is closed"
+    )
+    python_idle_seconds: float = Field(1200.0, gt=0, description="seconds an unused python session is kept")
+    browser_backend: Literal["local", "searxng"] | None = Field(
+        None,
+        description="the Responses web_search tool's backend: local (a directory of .html/.md/.txt files, "
+        "offline) or searxng (a SearXNG instance; pages fetched behind an SSRF guard); default: refused",
+    )
+    browser_corpus_dir: str | None = Field(None, description="the local browser backend's directory")
+    searxng_url: str | None = Field(None, description="the SearXNG instance's base URL (searxng backend)")
+    max_builtin_tool_calls: int = Field(
+        20, ge=1, description="built-in tool calls one response may run before it ends as incomplete"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
     @field_validator("lora", mode="before")
@@ -307,9 +331,21 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         cors_origins=[o.strip() for o in args.cors_origins.split(",")] if args.cors_origins else [],
         chat_page=args.chat_page == "on",
         ignore_unknown_fields=args.ignore_unknown_fields,
+        python_sandbox=args.python_sandbox,
+        python_timeout=args.python_timeout,
+        python_memory_mb=args.python_memory_mb,
+        python_max_sessions=args.python_max_sessions,
+        python_idle_seconds=args.python_idle_seconds,
+        browser_backend=args.browser_backend,
+        browser_corpus_dir=args.browser_corpus_dir,
+        searxng_url=args.searxng_url,
+        max_builtin_tool_calls=args.max_builtin_tool_calls,
     )
     if settings.served_model_name in engine.loras:
         _invalid(f"lora: {settings.served_model_name!r} is the base model's name")
+    problem = settings_problem(settings)
+    if problem is not None:
+        raise ValueError(problem)
     return engine, settings
 
 

@@ -130,7 +130,7 @@ async def health(state: State) -> JSONResponse:
     stopped = state.services.engine.stopped_because
     if stopped is not None:  # every request would fail: the orchestrator should restart the server
         return JSONResponse({"status": "engine stopped", "error": stopped}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "builtin_tools": state.services.responses.builtin.describe()})
 
 
 def _model_object(state: ServerState) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from engine.request import LogitsProcessor, RequestError, SamplingParams, TokenL
 from harmony.grammar import GrammarError, ToolSpec, grammar_tokenizer, turn_grammar
 from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
+from harmony.messages import ToolNamespaceConfig
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
 from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
@@ -43,8 +44,9 @@ from server.settings import ServerSettings
 class ProcessorsHook:
     """Extra logits processors for a request's choices (see `create_app`): the seam through which tests make
     the real model say chosen tokens. `make` gets the request's body fields that no model declares
-    (`model_extra`) and the choice index; `fields` names the ones it consumes, which are then not refused as
-    unknown."""
+    (`model_extra`) and the choice index (in a Responses built-in tool loop, which has one choice, the index
+    of the engine request in the loop: 0, then one more after each tool the server ran); `fields` names the
+    ones it consumes, which are then not refused as unknown."""
 
     fields: frozenset[str]
     make: Callable[[dict[str, Any], int], list[LogitsProcessor]]
@@ -182,12 +184,35 @@ class ChoiceOutput:
     """
 
     def __init__(
-        self, encoding: tiktoken.Encoding, tools: Collection[str], stops: list[str], include_stop: bool
+        self,
+        encoding: tiktoken.Encoding,
+        tools: Collection[str],
+        stops: list[str],
+        include_stop: bool,
+        builtins: Collection[str] = (),
     ) -> None:
-        self.parser = ChatOutputParser(encoding, tools)
+        self.encoding = encoding
+        self.parser = ChatOutputParser(encoding, tools, builtins)
         self.trimmer = StopTrimmer(stops, include_stop)
         self.tokens = 0
+        # Reasoning tokens and anomalies of the engine requests before the current one (a tool loop's).
+        self._earlier = ChatOutput()
         self._ended = False
+
+    def next_request(self) -> None:
+        """The engine request ended on a call the server ran; the next one continues the same turn after
+        the tool's message (a fresh `<|start|>assistant`). The answer's stop strings and counts carry on."""
+        self.finish()
+        output = self.parser.output
+        self._earlier.reasoning_tokens += output.reasoning_tokens
+        self._earlier.anomalies += output.anomalies
+        self.parser = ChatOutputParser(self.encoding, self.parser.tools, self.parser.builtins)
+        self._ended = self.stopped
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """The reasoning tokens of every engine request of the choice (once finished)."""
+        return self._earlier.reasoning_tokens + self.parser.output.reasoning_tokens
 
     @property
     def output(self) -> ChatOutput:
@@ -347,6 +372,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         tools: list[Tool] | None,
         effort: str | None,
         response_format: HarmonyResponseFormat | None = None,
+        builtin_tools: dict[str, ToolNamespaceConfig] | None = None,
     ) -> list[int]:
         """The prompt ids for a conversation, within the per-request limits on messages, tools and text."""
         self.check_text_size(conversation_chars(messages, tools))
@@ -365,6 +391,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             date_setting=self.settings.conversation_date,
             default_effort=self.settings.default_reasoning_effort,
             response_format=response_format,
+            builtin_tools=builtin_tools,
         )
         try:
             return self.renderer.render_for_completion(conversation)

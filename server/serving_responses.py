@@ -37,8 +37,20 @@ from sse_starlette import EventSourceResponse
 
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
+from harmony.messages import Message
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import Admission, AsyncEngine, EngineFailure
+from server.builtin_tools import (
+    BUILTIN_TYPES,
+    OUTPUTS_INCLUDE,
+    SOURCES_INCLUDE,
+    BuiltinRequest,
+    Citations,
+    ResponseTools,
+    ToolResult,
+    make_builtin_tools,
+    tool_message,
+)
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import Delta, DeltaKind
 from server.protocol import (
@@ -193,6 +205,10 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
                 last.tool_calls = [*(last.tool_calls or []), call]
             else:
                 messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+        elif item.type in ("code_interpreter_call", "web_search_call"):
+            # The server's own tool traffic of an earlier turn: analysis-channel messages, which harmony drops
+            # from a later turn's prompt once a final answer follows them (as the gpt-oss reference does).
+            continue
         elif item.type == "function_call_output":
             call_id = _required(item, "call_id", where)
             if call_id not in calls:
@@ -258,6 +274,8 @@ class PreparedResponse:
     offered: frozenset[str]
     # Matched against the answer (see `ChoiceOutput`), not by the engine.
     stops: list[str]
+    # The built-in tools the server runs for this response (python, browser), if any.
+    builtin: BuiltinRequest = field(default_factory=BuiltinRequest)
 
 
 @dataclass(slots=True)
@@ -267,6 +285,7 @@ class _OpenItem:
     text: list[str] = field(default_factory=list)
     call_index: int = -1
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
 
 
 class OutputBuilder:
@@ -278,6 +297,12 @@ class OutputBuilder:
     def __init__(self) -> None:
         self.output: list[dict[str, Any]] = []
         self.open: _OpenItem | None = None
+        # A built-in tool call being written (see `_feed_builtin`), and the container python calls run in.
+        self.builtin: _OpenItem | None = None
+        self.container: str | None = None
+        # With the browser on, the answer's citation marks become annotations (see `_cited`).
+        self.citations: Citations | None = None
+        self._held_logprobs: list[dict[str, Any]] = []
 
     @property
     def calls(self) -> int:
@@ -286,6 +311,47 @@ class OutputBuilder:
 
     def feed(self, delta: Delta, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """The events for `delta`; `logprobs` are those of the answer tokens that produced it."""
+        if delta.kind in (DeltaKind.BUILTIN_CALL_START, DeltaKind.BUILTIN_CALL_ARGUMENTS):
+            return self._feed_builtin(delta)
+        # Anything else after a built-in call's text: that message was not a call (it did not end in
+        # `<|call|>`), and nothing ran.
+        events = self.close_builtin("incomplete")
+        if delta.kind is DeltaKind.CONTENT and self.citations is not None:
+            return [*events, *self._cited(delta, logprobs)]
+        return [*events, *self._feed(delta, logprobs)]
+
+    def _cited(self, delta: Delta, logprobs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """An answer delta with its citation marks rewritten, and an `annotation.added` event for each."""
+        assert self.citations is not None
+        text, found = self.citations.feed(delta.text)
+        self._held_logprobs += logprobs or []
+        if not text:
+            return []
+        held, self._held_logprobs = self._held_logprobs, []
+        current = self.open
+        offset = (
+            len("".join(current.text)) if current is not None and current.item["type"] == "message" else 0
+        )
+        events = self._feed(Delta(DeltaKind.CONTENT, text), held)
+        current = self.open
+        assert current is not None
+        for annotation in found:
+            annotation["start_index"] += offset
+            annotation["end_index"] += offset
+            current.annotations.append(annotation)
+            events.append(
+                {
+                    "type": "response.output_text.annotation.added",
+                    "item_id": current.item["id"],
+                    "output_index": current.index,
+                    "content_index": 0,
+                    "annotation_index": len(current.annotations) - 1,
+                    "annotation": dict(annotation),
+                }
+            )
+        return events
+
+    def _feed(self, delta: Delta, logprobs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         if delta.kind is DeltaKind.TOOL_CALL_START:
             events += self.close("completed")
@@ -352,7 +418,7 @@ class OutputBuilder:
         self.output.append(item)
         self.open = _OpenItem(item, index, call_index=call_index)
         events = [{"type": "response.output_item.added", "output_index": index, "item": copy.deepcopy(item)}]
-        if item["type"] != "function_call":
+        if item["type"] in ("message", "reasoning"):
             events.append(
                 {
                     "type": "response.content_part.added",
@@ -372,17 +438,128 @@ class OutputBuilder:
             if item["type"] == "function_call":
                 item["arguments"] = text
             else:
-                item["content"] = [_part(item["type"], text, self.open.logprobs)]
+                item["content"] = [_part(item["type"], text, self.open.logprobs, self.open.annotations)]
+        if self.builtin is not None and self.builtin.index >= 0:
+            out[self.builtin.index]["code"] = "".join(self.builtin.text)
         return out
+
+    # -- built-in tool calls -------------------------------------------------------------------------------
+    #
+    # A python call is shown as it is written: its `code_interpreter_call` item is added at the call's
+    # header and its code streams as `code_interpreter_call_code.delta`. A browser call's item waits for the
+    # call's end, when its arguments (the action) are whole. Then `begin_builtin` (before the tool runs) and
+    # `end_builtin` (with its result) emit the rest of the item's events.
+
+    def _feed_builtin(self, delta: Delta) -> list[dict[str, Any]]:
+        if delta.kind is DeltaKind.BUILTIN_CALL_ARGUMENTS:
+            current = self.builtin
+            assert current is not None, "a built-in call's text follows its start"
+            current.text.append(delta.text)
+            if current.index < 0:
+                return []
+            return [
+                {
+                    "type": "response.code_interpreter_call_code.delta",
+                    "item_id": current.item["id"],
+                    "output_index": current.index,
+                    "delta": delta.text,
+                }
+            ]
+        events = [*self.close_builtin("incomplete"), *self.close("completed")]
+        if delta.name != "python":
+            item = {"id": "ws_" + secrets.token_hex(12), "type": "web_search_call", "status": "in_progress"}
+            self.builtin = _OpenItem(item, -1)
+            return events
+        item = {
+            "id": "ci_" + secrets.token_hex(12),
+            "type": "code_interpreter_call",
+            "code": "",
+            "container_id": self.container,
+            "outputs": None,
+            "status": "in_progress",
+        }
+        index = len(self.output)
+        self.output.append(item)
+        self.builtin = _OpenItem(item, index)
+        base = {"item_id": item["id"], "output_index": index}
+        return [
+            *events,
+            {"type": "response.output_item.added", "output_index": index, "item": copy.deepcopy(item)},
+            {"type": "response.code_interpreter_call.in_progress", **base},
+        ]
+
+    def begin_builtin(self, action: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The call ended (`<|call|>`) and its tool is about to run: a python call's code is done and being
+        interpreted; a browser call's item appears, searching, with `action`."""
+        current = self.builtin
+        assert current is not None
+        item = current.item
+        if item["type"] == "code_interpreter_call":
+            code = item["code"] = "".join(current.text)
+            item["status"] = "interpreting"
+            base = {"item_id": item["id"], "output_index": current.index}
+            return [
+                {"type": "response.code_interpreter_call_code.done", **base, "code": code},
+                {"type": "response.code_interpreter_call.interpreting", **base},
+            ]
+        item["action"] = action
+        current.index = len(self.output)
+        self.output.append(item)
+        base = {"item_id": item["id"], "output_index": current.index}
+        return [
+            {
+                "type": "response.output_item.added",
+                "output_index": current.index,
+                "item": copy.deepcopy(item),
+            },
+            {"type": "response.web_search_call.in_progress", **base},
+            {"type": "response.web_search_call.searching", **base},
+        ]
+
+    def end_builtin(self, result: ToolResult, include_outputs: bool) -> list[dict[str, Any]]:
+        """The tool ran: the item's result and its completed events."""
+        current, self.builtin = self.builtin, None
+        assert current is not None
+        assert current.index >= 0
+        item = current.item
+        item["status"] = "completed" if result.ok else "failed"
+        base = {"item_id": item["id"], "output_index": current.index}
+        if item["type"] == "code_interpreter_call":
+            item["outputs"] = [{"type": "logs", "logs": result.text}] if include_outputs else None
+            done = {"type": "response.code_interpreter_call.completed", **base}
+        else:
+            item["action"] = result.action
+            done = {"type": "response.web_search_call.completed", **base}
+        item_done = {"type": "response.output_item.done", "output_index": current.index}
+        return [done, {**item_done, "item": copy.deepcopy(item)}]
+
+    def close_builtin(self, status: str) -> list[dict[str, Any]]:
+        """Drop a built-in call that will not run (the response ended first, or the message was no call):
+        a python item shown so far ends with `status`; a browser call never shown is forgotten."""
+        current, self.builtin = self.builtin, None
+        if current is None or current.index < 0:
+            return []
+        item = current.item
+        item["code"] = "".join(current.text)
+        item["status"] = status
+        return [
+            {"type": "response.output_item.done", "output_index": current.index, "item": copy.deepcopy(item)}
+        ]
 
     def close(self, status: str) -> list[dict[str, Any]]:
         """Finish the open item (if any) with `status`: its done events."""
+        events: list[dict[str, Any]] = self.close_builtin("incomplete")
         current, self.open = self.open, None
         if current is None:
-            return []
-        item, index, text = current.item, current.index, "".join(current.text)
+            return events
+        item, index = current.item, current.index
+        if item["type"] == "message" and self.citations is not None and self.citations.pending:
+            held = self.citations.flush()  # the answer ended inside what looked like a citation mark
+            current.text.append(held)
+            base = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            events.append({"type": "response.output_text.delta", **base, "delta": held, "logprobs": []})
+        text = "".join(current.text)
         item["status"] = status
-        events: list[dict[str, Any]] = []
         if item["type"] == "function_call":
             item["arguments"] = text
             events.append(
@@ -406,7 +583,7 @@ class OutputBuilder:
                     "logprobs": current.logprobs,
                 }
                 events.append(copy.deepcopy(done))
-            part = _part(item["type"], text, current.logprobs)
+            part = _part(item["type"], text, current.logprobs, current.annotations)
             events.append({"type": "response.content_part.done", **base, "part": copy.deepcopy(part)})
             item["content"] = [part]
         events.append(
@@ -415,10 +592,20 @@ class OutputBuilder:
         return events
 
 
-def _part(item_type: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _part(
+    item_type: str,
+    text: str,
+    logprobs: list[dict[str, Any]] | None = None,
+    annotations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     if item_type == "reasoning":
         return {"type": "reasoning_text", "text": text}
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs or [])}
+    return {
+        "type": "output_text",
+        "text": text,
+        "annotations": copy.deepcopy(annotations or []),
+        "logprobs": list(logprobs or []),
+    }
 
 
 _TERMINAL_EVENTS = {
@@ -443,6 +630,12 @@ class Run:
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
+    # The built-in tools of this response, if it enabled any.
+    tools: ResponseTools | None = None
+    # Prompt tokens of all its engine requests (a tool loop makes one per step), and why it is incomplete when
+    # not for its token budget.
+    input_tokens: int = 0
+    incomplete_reason: str | None = None
 
     @property
     def id(self) -> str:
@@ -501,6 +694,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     ) -> None:
         super().__init__(engine, encoding, settings, max_model_len, workers, processors_hook)
         self.store = ResponseStore(store_size)
+        self.builtin = make_builtin_tools(settings, lambda text: len(encoding.encode_ordinary(text)))
         # Stored responses being generated, by id; only the event loop touches it.
         self.live: dict[str, Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -527,6 +721,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     def _tools(self, request: ResponsesRequest) -> list[Tool]:
         tools = []
         for i, tool in enumerate(request.tools or []):
+            if tool.type in BUILTIN_TYPES:
+                continue  # run by the server (`server.builtin_tools`)
             if tool.type != "function":
                 raise bad_request(
                     f"tools of type {tool.type!r} are not supported; only 'function' tools are",
@@ -623,6 +819,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         names = [t.function.name for t in tools]
         choice, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
+        builtin = self.builtin.parse(request.tools or [], input_items)
         offered = tools if request.tool_choice != "none" else None
         fmt = request.text.format if request.text is not None else None
         shown = (
@@ -631,7 +828,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             else None
         )
         effort = request.reasoning.effort if request.reasoning else None
-        prompt = self.render(messages, offered, effort, shown)
+        prompt = self.render(messages, offered, effort, shown, self.builtin.namespaces(builtin))
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
         grammar = (
             None
@@ -676,13 +873,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 "strict": t.function.strict,
             }
             for t in tools
-        ]
+        ] + [dict(echo) for echo in builtin.echo]
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
         shown_names = frozenset(names if offered else [])
         prepared = PreparedResponse(
-            request, prompt, params, input_items, tool_dicts, choice_echo, effort, shown_names, stops
+            request, prompt, params, input_items, tool_dicts, choice_echo, effort, shown_names, stops, builtin
         )
         return prepared, [(prompt, params)]
 
@@ -725,10 +922,24 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     def _start(self, prepared: PreparedResponse) -> Run:
         """A new run for `prepared`, visible through GET from now on if the response is stored."""
         response = self._response(prepared, "resp_" + secrets.token_hex(12), int(time.time()))
+        builtin = prepared.builtin
         choice = ChoiceOutput(
-            self.encoding, prepared.offered, prepared.stops, prepared.request.include_stop_str_in_output
+            self.encoding,
+            prepared.offered,
+            prepared.stops,
+            prepared.request.include_stop_str_in_output,
+            builtin.namespaces,
         )
         run = Run(prepared, response, choice)
+        if builtin.namespaces:
+            run.tools = self.builtin.start(
+                builtin,
+                prepared.request.previous_response_id,
+                sources=SOURCES_INCLUDE in (prepared.request.include or []),
+            )
+            run.builder.container = run.tools.container
+            if run.tools.browser is not None:
+                run.builder.citations = Citations(run.tools.browser)
         if prepared.request.store:
             self.live[run.id] = run
         return run
@@ -749,41 +960,145 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             yield {"type": "response.created", "response": run.snapshot()}
             yield {"type": "response.in_progress", "response": run.snapshot()}
             try:
-                stream = self.engine.generate(prepared.prompt, prepared.params, run.id)
-                async with contextlib.aclosing(stream):
-                    async for output in stream:
-                        if run.choice.stopped:
-                            continue  # what the engine made before the abort took effect
-                        run.cached = output.num_cached_tokens
-                        deltas = self._deltas(run, output)
-                        if run.choice.stopped:
-                            finish = FinishReason.STOP
-                            if not output.finished:
-                                self.engine.abort(run.id)
-                        elif output.finished:
-                            finish = output.finish_reason
-                            deltas += [(d, []) for d in run.choice.finish()]
-                        capped = False
-                        for delta, logprobs in deltas:
-                            if delta.kind is DeltaKind.TOOL_CALL_START and limit is not None:
-                                # A call past the limit is dropped, and the response ends there.
-                                capped = run.builder.calls >= limit
-                                if capped:
-                                    break
-                            for event in run.builder.feed(delta, logprobs):
-                                yield event
-                        if capped:
-                            break
+                # One engine request, then one more after each built-in tool call the server runs, its prompt
+                # the previous one extended by what the model wrote and the tool's message (the prefix cache
+                # holds the rest of the turn).
+                prompt, params, step = prepared.prompt, prepared.params, 0
+                while True:
+                    rid = run.id if step == 0 else f"{run.id}-{step}"
+                    run.input_tokens += len(prompt)
+                    cached_before = run.cached
+                    generated: list[int] = []
+                    capped = False
+                    stream = self.engine.generate(prompt, params, rid)
+                    async with contextlib.aclosing(stream):
+                        async for output in stream:
+                            if run.choice.stopped:
+                                continue  # what the engine made before the abort took effect
+                            run.cached = cached_before + output.num_cached_tokens
+                            generated += output.new_token_ids
+                            deltas = self._deltas(run, output)
+                            if run.choice.stopped:
+                                finish = FinishReason.STOP
+                                if not output.finished:
+                                    self.engine.abort(rid)
+                            elif output.finished:
+                                finish = output.finish_reason
+                                deltas += [(d, []) for d in run.choice.finish()]
+                            for delta, logprobs in deltas:
+                                if delta.kind is DeltaKind.TOOL_CALL_START and limit is not None:
+                                    # A call past the limit is dropped, and the response ends there.
+                                    capped = run.builder.calls >= limit
+                                    if capped:
+                                        break
+                                for event in run.builder.feed(delta, logprobs):
+                                    yield event
+                            if capped:
+                                break
+                    if capped or run.choice.stopped or finish is not FinishReason.STOP:
+                        break
+                    call = self._builtin_call(run, generated)
+                    if call is None:
+                        break
+                    begun = self._begin_builtin(run, call)
+                    if begun is None:
+                        break
+                    for event in begun:
+                        yield event
+                    result = await self._run_builtin(run, call)
+                    for event in run.builder.end_builtin(
+                        result, OUTPUTS_INCLUDE in (prepared.request.include or [])
+                    ):
+                        yield event
+                    # Tokenized on a render worker, as every prompt is: never on the event loop.
+                    tool_tokens = await self.workers.run(self._tool_tokens, call, result)
+                    prompt = prompt + generated + tool_tokens
+                    step += 1
+                    next_params = self._step_params(run, prompt, step)
+                    if next_params is None:
+                        finish = FinishReason.LENGTH
+                        break
+                    params = next_params
+                    run.choice.next_request()
             except EngineFailure as error:
                 logger.error("response %s failed: %s", run.id, error)
                 failure = engine_failure(error)
-            status = "failed" if failure else "incomplete" if finish is FinishReason.LENGTH else "completed"
+            incomplete = finish is FinishReason.LENGTH or run.incomplete_reason is not None
+            status = "failed" if failure else "incomplete" if incomplete else "completed"
             ended = True
             for event in self._finish(run, status, failure):
                 yield event
         finally:
             if not ended:  # its consumer left, or it was cancelled, before it ended
                 self._finish(run, "cancelled")
+
+    # -- the built-in tool loop -----------------------------------------------------------------------------
+
+    def _builtin_call(self, run: Run, generated: list[int]) -> Message | None:
+        """The built-in tool call the engine request ended on (`<|call|>` closing a message to `python` or
+        `browser.*` that the request enabled), or None."""
+        if run.tools is None or run.builder.builtin is None or not generated or generated[-1] != tok.CALL:
+            return None
+        parsed = run.choice.parser.parser.parsed
+        if not parsed or parsed[-1].end_token != tok.CALL:
+            return None
+        message = parsed[-1].message
+        return message if run.tools.handles(message.recipient) else None
+
+    def _begin_builtin(self, run: Run, call: Message) -> list[dict[str, Any]] | None:
+        """The events before the call runs, or None when the response may run no more tool calls (it then
+        ends as incomplete, the call not run)."""
+        assert run.tools is not None
+        assert call.recipient is not None
+        request = run.prepared.request
+        limit = self.settings.max_builtin_tool_calls
+        if request.max_tool_calls is not None:
+            limit = min(limit, request.max_tool_calls)
+        if run.tools.calls >= limit:
+            logger.info("response %s: built-in tool call limit (%d) reached", run.id, limit)
+            run.incomplete_reason = "max_tool_calls"
+            return None
+        action = None
+        if call.recipient != "python":
+            action = run.tools.action(call.recipient.removeprefix("browser."), call.text)
+        return run.builder.begin_builtin(action)
+
+    async def _run_builtin(self, run: Run, call: Message) -> ToolResult:
+        assert run.tools is not None
+        assert call.recipient is not None
+        try:
+            return await run.tools.run(call.recipient, call.text)
+        except (OSError, RuntimeError) as error:  # the sandbox could not start: the model reads why
+            logger.error("response %s: %s failed: %s", run.id, call.recipient, error)
+            action = run.tools.action(call.recipient.removeprefix("browser."), call.text)
+            return ToolResult(f"[the tool failed: {error}]", False, run.tools.container, action)
+
+    def _tool_tokens(self, call: Message, result: ToolResult) -> list[int]:
+        """The tool's message as harmony renders it, then the next assistant message's start."""
+        assert call.recipient is not None
+        message = tool_message(call.recipient, call.channel, result.text)
+        return [
+            *self.renderer.render_message(message),
+            tok.START,
+            *self.encoding.encode_ordinary("assistant"),
+        ]
+
+    def _step_params(self, run: Run, prompt: list[int], step: int) -> SamplingParams | None:
+        """The next engine request's parameters: the output budget left (None when none is), and the test
+        hook's processors for this step."""
+        request, params = run.prepared.request, run.prepared.params
+        room = self.max_model_len - len(prompt)
+        if request.max_output_tokens is not None:
+            room = min(room, request.max_output_tokens - run.choice.tokens)
+        if room < 1:
+            return None
+        processors = params.logits_processors
+        hook = self.processors_hook
+        if hook is not None:
+            extra = request.model_extra or {}
+            first = hook.make(extra, 0)
+            processors = [*processors[: len(processors) - len(first)], *hook.make(extra, step)]
+        return dataclasses.replace(params, max_tokens=room, logits_processors=processors)
 
     def _deltas(self, run: Run, output: RequestOutput) -> list[tuple[Delta, list[dict[str, Any]]]]:
         """A step's deltas, each with the logprobs of the answer tokens that produced it (a token's goes with
@@ -810,23 +1125,27 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         events = run.builder.close("completed" if status == "completed" else "incomplete")
         response = run.response
         response["output"] = run.builder.output
-        prompt_tokens = len(run.prepared.prompt)
+        # Every engine request's prompt counts (a built-in tool loop reads the turn again at each step; the
+        # prefix cache holds it, as `cached_tokens` says).
+        prompt_tokens = run.input_tokens or len(run.prepared.prompt)
         response["usage"] = {
             "input_tokens": prompt_tokens,
             "input_tokens_details": {"cached_tokens": run.cached, "cache_write_tokens": 0},
             "output_tokens": run.choice.tokens,
-            "output_tokens_details": {"reasoning_tokens": run.choice.output.reasoning_tokens},
+            "output_tokens_details": {"reasoning_tokens": run.choice.reasoning_tokens},
             "total_tokens": prompt_tokens + run.choice.tokens,
         }
         response["status"] = status
         if failure is not None:
             response["error"] = {"code": failure.type, "message": failure.message}
         elif status == "incomplete":
-            response["incomplete_details"] = {"reason": "max_output_tokens"}
+            response["incomplete_details"] = {"reason": run.incomplete_reason or "max_output_tokens"}
         elif status == "completed":
             response["completed_at"] = int(time.time())
         if run.prepared.request.store:
             self.store.put(StoredResponse(copy.deepcopy(response), run.prepared.input_items))
+            if run.tools is not None:
+                self.builtin.remember(run.id, run.tools)
         self.live.pop(run.id, None)
         run.done = True
         run.notify()
@@ -884,7 +1203,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
 
     async def shutdown(self) -> None:
         """Cut the background responses in progress (a background response does not outlive the server):
-        each ends as failed, its engine request aborted."""
+        each ends as failed, its engine request aborted. The python sessions are closed after them."""
+        try:
+            await self._cut_background()
+        finally:
+            await self.builtin.close()
+
+    async def _cut_background(self) -> None:
         tasks = set(self._tasks)
         if not tasks:
             return
@@ -981,11 +1306,14 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             )
         if not self.store.delete(response_id):
             raise not_found(f"Response with id {response_id!r} not found.", param="response_id")
+        self.builtin.forget(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 # `include` values we honour, or that need nothing from us (we never produce encrypted reasoning).
-_SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content", LOGPROBS_INCLUDE})
+_SUPPORTED_INCLUDES = frozenset(
+    {"reasoning.encrypted_content", LOGPROBS_INCLUDE, OUTPUTS_INCLUDE, SOURCES_INCLUDE}
+)
 
 
 def _logprobs(request: ResponsesRequest) -> int | None:

@@ -53,3 +53,21 @@ class ServerSettings(BaseModel):
     ignore_unknown_fields: bool = False
     # Threads that render and tokenize requests, off the event loop.
     render_workers: int = Field(default=4, ge=1)
+    # The built-in tools (Responses `code_interpreter` and `web_search`), run by the server. The python tool
+    # runs in a bubblewrap sandbox ("off": refused); its limits per cell and per session are these.
+    python_sandbox: Literal["bwrap", "off"] = "bwrap"
+    python_timeout: float = Field(default=30.0, gt=0)
+    python_memory_mb: int = Field(default=1024, ge=64)
+    python_processes: int = Field(default=64, ge=1)
+    python_data_mb: int = Field(default=256, ge=1)
+    python_max_sessions: int = Field(default=32, ge=1)
+    python_idle_seconds: float = Field(default=1200.0, gt=0)
+    python_max_running: int = Field(default=8, ge=1)
+    # The browser's backend: a local corpus directory (searched and opened offline), a SearXNG instance (pages
+    # then fetched from the web behind the SSRF guard), or none (web_search refused).
+    browser_backend: Literal["local", "searxng"] | None = None
+    browser_corpus_dir: str | None = None
+    searxng_url: str | None = None
+    # Built-in tool calls one response may run before it ends as incomplete (reason "max_tool_calls"); a
+    # request's `max_tool_calls` may lower it.
+    max_builtin_tool_calls: int = Field(default=20, ge=1)

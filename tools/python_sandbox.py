@@ -76,6 +76,12 @@ class ExecResult:
         return "\n".join([text, *notes]) if notes else text
 
 
+def new_container_id() -> str:
+    """A session's id, as the API shows it (`code_interpreter_call.container_id`): unguessable, since holding
+    it is what gives access to the session."""
+    return "cntr_" + secrets.token_hex(16)
+
+
 class SandboxUnavailable(RuntimeError):
     """bubblewrap cannot run here; the message says why."""
 
@@ -196,9 +202,9 @@ class Session:
     """One sandboxed interpreter. Cells run one at a time (a lock); a cell that times out or floods its
     output kills the session, and the next cell starts a fresh one."""
 
-    def __init__(self, sandbox: PythonSandbox) -> None:
+    def __init__(self, sandbox: PythonSandbox, session_id: str | None = None) -> None:
         self.sandbox = sandbox
-        self.id = "cntr_" + secrets.token_hex(8)
+        self.id = session_id or new_container_id()
         self.last_used = time.monotonic()
         self._process: asyncio.subprocess.Process | None = None
         self._cgroup: _Cgroup | None = None
@@ -225,6 +231,12 @@ class Session:
                 timed_out = False
             except (TimeoutError, ConnectionError):
                 output, truncated, timed_out = "", False, True
+            except asyncio.CancelledError:
+                # Whoever waited left mid-cell (the response was cancelled): the cell's output would be read
+                # as the next cell's, so the session is killed, and the next cell says its state was lost.
+                self._kill()
+                self._lost_state = True
+                raise
             if timed_out or truncated:
                 await self.close()
                 self._lost_state = True
@@ -257,6 +269,16 @@ class Session:
             env={"PATH": "/usr/bin:/bin"},
             start_new_session=True,
         )
+
+    def _kill(self) -> None:
+        """Kill the session's processes now, without waiting (asyncio reaps the child)."""
+        process, self._process = self._process, None
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
 
     async def close(self) -> None:
         process, self._process = self._process, None
@@ -319,8 +341,8 @@ class PythonSandbox:
         argv += [str(self.python), "-I", "-u", "-c", _KERNEL, marker, json.dumps(rlimits)]
         return argv
 
-    def session(self) -> Session:
-        return Session(self)
+    def session(self, session_id: str | None = None) -> Session:
+        return Session(self, session_id)
 
     async def run(self, code: str) -> ExecResult:
         """One cell in a fresh session, closed after."""
@@ -367,14 +389,24 @@ class SessionPool:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def create(self) -> Session:
-        """A new session, closing expired ones and, when full, the least recently used."""
+    def __contains__(self, container_id: str) -> bool:
+        session = self._sessions.get(container_id)
+        return session is not None and time.monotonic() - session.last_used <= self.idle_seconds
+
+    async def create(self, container_id: str | None = None) -> Session:
+        """A new session (named `container_id`, when the caller chose the id before it was needed), closing
+        expired ones and, when full, the least recently used."""
         await self.close_idle()
-        while len(self._sessions) >= self.max_sessions:
+        while True:
+            if container_id is not None and container_id in self._sessions:
+                # Two responses of one chain found its session gone at once: the first to get here made it.
+                return self._sessions[container_id]
+            if len(self._sessions) < self.max_sessions:
+                break
             oldest = next(iter(self._sessions))
             await self._sessions.pop(oldest).close()
             logger.info("python session %s closed to make room", oldest)
-        session = self.sandbox.session()
+        session = self.sandbox.session(container_id)
         self._sessions[session.id] = session
         return session
 

@@ -536,7 +536,7 @@ def test_the_store_is_bounded_and_forgets_the_oldest() -> None:
             "input[0].content[0].type",
         ),
         ({"input": [{"role": "wizard", "content": "x"}]}, 400, "input[0].role"),
-        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, 400, "input[0].type"),
+        ({"input": [{"type": "computer_call", "id": "cu_1"}]}, 400, "input[0].type"),
         ({"input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]}, 400, "input[0].name"),
         ({"input": [{"type": "item_reference", "id": "rs_nope"}]}, 404, "input[0].id"),
         ({"input": "Hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),

@@ -274,3 +274,41 @@ def test_cells_beyond_the_running_limit_wait_their_turn() -> None:
             await pool.close_all()
 
     assert asyncio.run(go()) >= 1.2
+
+
+def test_a_session_created_under_a_chosen_id_twice_is_one_session() -> None:
+    async def go() -> None:
+        pool = SessionPool(PythonSandbox(LIMITS))
+        try:
+            first, again = await asyncio.gather(pool.create("cntr_chosen"), pool.create("cntr_chosen"))
+            assert first is again
+            assert first.id == "cntr_chosen"
+            assert "cntr_chosen" in pool
+            assert "cntr_other" not in pool
+            assert len(pool) == 1
+        finally:
+            await pool.close_all()
+
+    asyncio.run(go())
+
+
+def test_a_cell_whose_caller_left_kills_the_session_and_the_next_cell_says_so() -> None:
+    """A response cancelled mid-cell: the cell's late output must not be read as the next cell's."""
+
+    async def go() -> None:
+        pool = SessionPool(PythonSandbox(LIMITS))
+        try:
+            session = await pool.create()
+            await pool.run(session.id, "x = 1")
+            cell = asyncio.create_task(pool.run(session.id, "import time\ntime.sleep(2)\nprint('late')"))
+            await asyncio.sleep(0.5)
+            cell.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cell
+            result = await pool.run(session.id, "print('next')")
+            assert result.output == "next\n"
+            assert result.restarted
+        finally:
+            await pool.close_all()
+
+    asyncio.run(go())

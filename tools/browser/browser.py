@@ -100,6 +100,21 @@ class Browser:
         self.opens = 0
         self._fetched: dict[str, PageContents] = {}  # url -> page, so following a link twice fetches once
 
+    def fork(self) -> Browser:
+        """A browser for a response that continues this one's chain: the same pages under the same cursors,
+        but its own from now on (another continuation of the same response never sees its pages), with a
+        fresh open budget."""
+        other = Browser(
+            self.backend,
+            self.fetcher,
+            count_tokens=self.count_tokens,
+            view_tokens=self.view_tokens,
+            max_opens=self.max_opens,
+        )
+        other.pages = list(self.pages)
+        other._fetched = dict(self._fetched)
+        return other
+
     @property
     def source(self) -> str:
         """For the tool description's `sources=` line."""
@@ -143,7 +158,7 @@ class Browser:
         body = f"<ul>{items}</ul>" if items else "<p>No results found.</p>"
         document = f"<html><body><h1>Search Results</h1>{body}</body></html>"
         page = await asyncio.to_thread(html_to_page, document, "", query, PageKind.SEARCH)
-        return self._show(page, 0, -1)
+        return await self._shown(page, 0, -1)
 
     async def open(
         self, id: int | str = -1, cursor: int = -1, loc: int = -1, num_lines: int = -1
@@ -173,7 +188,7 @@ class Browser:
             return BrowserResult(str(exc), ok=False)
         except BrowserError as exc:
             return BrowserResult(f"Error fetching URL `{url}`: {exc}", ok=False, url=url)
-        return self._show(page, max(loc, 0), num_lines)
+        return await self._shown(page, max(loc, 0), num_lines)
 
     async def find(self, pattern: str, cursor: int = -1) -> BrowserResult:
         try:
@@ -226,7 +241,7 @@ class Browser:
             link_lines=link_lines,
             line_origin=origin,
         )
-        return self._show(found, 0, -1)
+        return await self._shown(found, 0, -1)
 
     def citation(self, cursor: int, first_line: int, last_line: int) -> Citation | None:
         """What `【cursor†Lfirst-Llast】` cites, or None when it cites nothing (an unknown cursor, a search
@@ -294,6 +309,11 @@ class Browser:
         self._fetched[url] = page
         self._fetched[page.url] = page
         return page
+
+    async def _shown(self, page: PageContents, loc: int, num_lines: int) -> BrowserResult:
+        """`_show` in a worker thread: sizing the view counts tokens line by line, which is no work for an
+        event loop (and a thread's first use of the tokenizer holds the GIL a while)."""
+        return await asyncio.to_thread(self._show, page, loc, num_lines)
 
     def _show(self, page: PageContents, loc: int, num_lines: int) -> BrowserResult:
         total = len(page.lines)

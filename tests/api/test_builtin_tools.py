@@ -1,0 +1,491 @@
+"""The built-in tools through the real app and engine: the model (forced, one script per engine request of the
+tool loop, see `ProcessorsHook`) calls `python` and `browser.*`, the server runs them (python in the bubblewrap
+sandbox, the browser over a local corpus the test writes) and the turn goes on to a final answer."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import openai_harmony as oh
+import pydantic
+import pytest
+import torch
+import uvicorn
+from openai.types.responses import Response, ResponseStreamEvent
+
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from harmony import encoding as tok
+from harmony.encoding import load_harmony_encoding
+from harmony.messages import Message, Role
+from harmony.render import Renderer
+from model.config import PRESETS
+from model.gpt_oss import GptOss
+from model.make_checkpoint import write_checkpoint
+from server.app import create_app
+from server.builtin_tools import BuiltinTools, python_namespace, settings_problem, tool_message
+from server.errors import APIError
+from server.protocol import ResponsesTool
+from server.settings import ServerSettings
+from tests.api.conftest import MODEL, Served, _free_port, _hook
+from tools.python_sandbox import Limits
+
+PYTHON_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
+OUTPUTS = ["code_interpreter_call.outputs"]
+
+RUST_PAGE = """<html><head><title>References and Borrowing</title></head><body>
+<h1>References and Borrowing</h1>
+<p>A reference lets you borrow a value without taking ownership of it.</p>
+<p>See also <a href="lifetimes.html">lifetimes</a> for how long a borrow lasts.</p>
+</body></html>"""
+LIFETIMES_PAGE = """<html><head><title>Lifetimes</title></head><body>
+<h1>Lifetimes</h1><p>Every reference has a lifetime, the scope for which it is valid.</p>
+</body></html>"""
+
+
+def call(recipient: str, body: str) -> str:
+    """The model's call to a built-in tool, as it writes it after `<|start|>assistant`."""
+    return f" to={recipient}<|channel|>analysis<|message|>{body}<|call|>"
+
+
+def final(text: str) -> str:
+    return f"<|channel|>final<|message|>{text}<|return|>"
+
+
+@pytest.fixture(scope="module")
+def tooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The app with both built-in tools on: python in the sandbox, the browser over a two-page corpus."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    (corpus / "borrowing.html").write_text(RUST_PAGE)
+    (corpus / "lifetimes.html").write_text(LIFETIMES_PAGE)
+    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
+    path = write_checkpoint(config, tmp_path_factory.mktemp("tools-model"), layout="hf", seed=11)
+    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
+    encoding = load_harmony_encoding()
+    engine = EngineCore(
+        model,
+        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=8192),
+        token_bytes=encoding.decode_single_token_bytes,
+    )
+    settings = ServerSettings(
+        served_model_name=MODEL,
+        conversation_date="2026-11-27",
+        browser_backend="local",
+        browser_corpus_dir=str(corpus),
+        python_timeout=10.0,
+        max_builtin_tool_calls=4,
+    )
+    app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield Served(base, engine, encoding, app)
+    server.should_exit = True
+    thread.join(10)
+
+
+def client_for(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def create(served: Served, scripts: list[str], **fields: Any) -> Response:
+    fields.setdefault("input", "hello")
+    fields.setdefault("tools", [PYTHON_TOOL])
+    extra = {"test_force": scripts, **fields.pop("extra_body", {})}
+    return client_for(served).responses.create(model=MODEL, extra_body=extra, **fields)
+
+
+def checked(response: Response) -> Response:
+    """The response as the SDK's model validates it (not merely constructs it)."""
+    return Response.model_validate(response.model_dump())
+
+
+EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def checked_events(events: list[ResponseStreamEvent]) -> None:
+    """Every streamed event as the SDK's event union validates it (the stream itself only constructs)."""
+    for event in events:
+        assert EVENT.validate_python(event.model_dump(warnings=False)).type == event.type
+
+
+def test_python_runs_in_the_sandbox_and_the_turn_goes_on(
+    tooled: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts: list[list[int]] = []
+    add_request = tooled.engine.add_request
+
+    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
+        prompts.append(list(prompt))
+        add_request(request_id, prompt, params)
+
+    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    # A question no earlier request asked, long enough that only the tool loop's own prefix can be cached.
+    question = "What is 2 + 3? " + " ".join(f"word{i}" for i in range(150))
+    response = create(
+        tooled,
+        [call("python", "print(2 + 3)"), final("The answer is 5.")],
+        input=question,
+        include=OUTPUTS,
+    )
+    checked(response)
+    assert response.status == "completed"
+    assert [item.type for item in response.output] == ["code_interpreter_call", "message"]
+    item = response.output[0]
+    assert item.code == "print(2 + 3)"
+    assert item.status == "completed"
+    assert item.container_id.startswith("cntr_")
+    assert item.outputs is not None
+    assert item.outputs[0].type == "logs"
+    assert item.outputs[0].logs.strip() == "5"
+    assert response.output_text == "The answer is 5."
+    # Input counts both engine requests' prompts; the second extends the first (by the call and the tool's
+    # message, a few dozen tokens), and the prefix cache held the first but for its last partial block.
+    usage = response.usage
+    assert usage is not None
+    assert usage.input_tokens > 600
+    assert usage.input_tokens_details.cached_tokens >= usage.input_tokens // 2 - 48
+    # What the model read next: its own call, then the tool's answer, exactly as harmony renders them.
+    first, second = prompts
+    assert second[: len(first)] == first
+    tail = tooled.encoding.decode(second[len(first) :])
+    assert tail == (
+        " to=python<|channel|>analysis<|message|>print(2 + 3)<|call|>"
+        "<|start|>python to=assistant<|channel|>analysis<|message|>5\n<|end|><|start|>assistant"
+    )
+    assert response.tools[0].type == "code_interpreter"
+
+
+def test_outputs_only_when_included(tooled: Served) -> None:
+    response = create(tooled, [call("python", "print(1)"), final("ok")])
+    assert response.output[0].type == "code_interpreter_call"
+    assert response.output[0].outputs is None
+
+
+def test_python_streams_the_sdk_events(tooled: Served) -> None:
+    with client_for(tooled).responses.stream(
+        model=MODEL,
+        input="Compute",
+        tools=[PYTHON_TOOL],
+        include=OUTPUTS,
+        extra_body={"test_force": [call("python", "x = 6 * 7\nprint(x)"), final("42 it is.")]},
+    ) as stream:
+        events: list[ResponseStreamEvent] = list(stream)
+        response = stream.get_final_response()
+    checked_events(events)
+    types = [event.type for event in events]
+    ci = [t for t in types if "code_interpreter" in t]
+    assert ci[0] == "response.code_interpreter_call.in_progress"
+    assert ci[-3:] == [
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+    ]
+    deltas = [e.delta for e in events if e.type == "response.code_interpreter_call_code.delta"]
+    assert "".join(deltas) == "x = 6 * 7\nprint(x)"
+    assert len(deltas) > 1  # the code streams as the model writes it
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert done[0].type == "code_interpreter_call"
+    assert done[0].outputs[0].logs.strip() == "42"
+    assert response.output_text == "42 it is."
+    assert checked(response).output[0].status == "completed"
+
+
+def test_the_python_session_lives_on_with_previous_response_id(tooled: Served) -> None:
+    first = create(tooled, [call("python", "x = 41\nopen('/mnt/data/n', 'w').write('7')"), final("Set.")])
+    second = create(
+        tooled,
+        [call("python", "print(x + 1, open('/mnt/data/n').read())"), final("Done.")],
+        previous_response_id=first.id,
+        include=OUTPUTS,
+    )
+    assert second.output[0].container_id == first.output[0].container_id
+    assert second.output[0].outputs[0].logs.strip() == "42 7"
+    # The container can also be named.
+    third = create(
+        tooled,
+        [call("python", "print(x)"), final("Done.")],
+        tools=[{"type": "code_interpreter", "container": first.output[0].container_id}],
+        include=OUTPUTS,
+    )
+    assert third.output[0].outputs[0].logs.strip() == "41"
+
+
+def test_two_users_never_share_a_session(tooled: Served) -> None:
+    async def one(secret: str) -> Response:
+        client = openai.AsyncOpenAI(base_url=tooled.base_url + "/v1", api_key="unused", max_retries=0)
+        code = (
+            f"import os\nopen('/mnt/data/{secret}', 'w').write('x')\nprint(sorted(os.listdir('/mnt/data')))"
+        )
+        return await client.responses.create(
+            model=MODEL,
+            input="go",
+            tools=[PYTHON_TOOL],
+            include=OUTPUTS,
+            extra_body={"test_force": [call("python", code), final("ok")]},
+        )
+
+    async def both() -> list[Response]:
+        return list(await asyncio.gather(one("alice"), one("bob")))
+
+    alice, bob = asyncio.run(both())
+    assert alice.output[0].container_id != bob.output[0].container_id
+    assert alice.output[0].outputs[0].logs.strip() == "['alice']"
+    assert bob.output[0].outputs[0].logs.strip() == "['bob']"
+
+
+def test_an_unknown_container_is_refused(tooled: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(tooled, [final("x")], tools=[{"type": "code_interpreter", "container": "cntr_nope"}])
+    assert caught.value.body["param"] == "tools[0].container"
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(tooled, [final("x")], tools=[{"type": "code_interpreter", "container": "auto"}])
+    assert caught.value.body["param"] == "tools[0].container"
+    auto_with_files = {"type": "auto", "file_ids": ["file_1"]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(tooled, [final("x")], tools=[{"type": "code_interpreter", "container": auto_with_files}])
+    assert caught.value.body["param"] == "tools[0].container.file_ids"
+
+
+def test_browser_search_open_find_in_one_response(tooled: Served) -> None:
+    scripts = [
+        call("browser.search", '{"query": "borrowing references"}'),
+        call("browser.open", '{"id": 0}'),
+        call("browser.find", '{"pattern": "ownership"}'),
+        final("A reference borrows a value【1†L2】, not【9†L1】."),
+    ]
+    response = create(
+        tooled, scripts, tools=[{"type": "web_search"}], include=["web_search_call.action.sources"]
+    )
+    checked(response)
+    assert response.status == "completed"
+    searches = [item for item in response.output if item.type == "web_search_call"]
+    assert [s.action.type for s in searches] == ["search", "open_page", "find_in_page"]
+    assert all(s.status == "completed" for s in searches)
+    assert searches[0].action.query == "borrowing references"
+    sources = [source.url for source in searches[0].action.sources]
+    assert sources[0] == "https://corpus.local/borrowing.html"
+    assert set(sources) <= {"https://corpus.local/borrowing.html", "https://corpus.local/lifetimes.html"}
+    assert searches[1].action.url == "https://corpus.local/borrowing.html"
+    assert searches[2].action.pattern == "ownership"
+    assert searches[2].action.url == "https://corpus.local/borrowing.html"
+    # The answer's citation of the opened page (cursor 1) is a url_citation over the link that replaced it; a
+    # mark citing no page stays as the model wrote it.
+    assert response.output_text == (
+        "A reference borrows a value ([corpus.local](https://corpus.local/borrowing.html)) , not【9†L1】."
+    )
+    (annotation,) = response.output[-1].content[0].annotations
+    assert annotation.type == "url_citation"
+    assert annotation.url == "https://corpus.local/borrowing.html"
+    assert annotation.title == "References and Borrowing"
+    cited = response.output_text[annotation.start_index : annotation.end_index]
+    assert cited == "([corpus.local](https://corpus.local/borrowing.html))"
+
+
+def test_browser_streams_the_sdk_events(tooled: Served) -> None:
+    scripts = [
+        call("browser.search", '{"query": "lifetimes"}'),
+        call("browser.open", '{"id": 0}'),
+        final("Every reference has one【1†L2-L3】 indeed【1†L"),
+    ]
+    with client_for(tooled).responses.stream(
+        model=MODEL,
+        input="search",
+        tools=[{"type": "web_search_preview"}],
+        extra_body={"test_force": scripts},
+    ) as stream:
+        events = list(stream)
+        response = stream.get_final_response()
+    checked_events(events)
+    types = [event.type for event in events]
+    ws = [
+        t for t in types if t.startswith("response.web_search_call") or t.startswith("response.output_item")
+    ]
+    assert ws[:5] == [
+        "response.output_item.added",
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.output_item.done",
+    ]
+    # The streamed text is the final text: marks rewritten as they complete, a mark cut short by the end as
+    # it was written; each annotation comes with its own event.
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == response.output_text
+    assert (
+        text == "Every reference has one ([corpus.local](https://corpus.local/lifetimes.html))  indeed【1†L"
+    )
+    added = [e for e in events if e.type == "response.output_text.annotation.added"]
+    assert [e.annotation_index for e in added] == [0]
+    assert added[0].annotation.model_dump() == response.output[-1].content[0].annotations[0].model_dump()
+
+
+def test_browser_pages_live_on_with_previous_response_id(tooled: Served) -> None:
+    first = create(
+        tooled,
+        [call("browser.search", '{"query": "lifetimes"}'), final("Found.")],
+        tools=[{"type": "web_search"}],
+    )
+    assert first.output[0].action.sources is None  # only with include
+    opened = [call("browser.open", '{"id": 0, "cursor": 0}'), final("Opened.")]
+    second = create(tooled, opened, tools=[{"type": "web_search"}], previous_response_id=first.id)
+    assert second.output[0].status == "completed"
+    assert second.output[0].action.url == "https://corpus.local/lifetimes.html"
+    # A response that continues nothing has no page under cursor 0: the model reads why, the call failed.
+    alone = create(tooled, opened, tools=[{"type": "web_search"}])
+    assert alone.output[0].status == "failed"
+
+
+def test_a_tool_the_request_did_not_enable_is_never_run(tooled: Served) -> None:
+    """Page text may talk the model into calling python; with only the browser enabled nothing runs: the
+    message stays the model's reasoning and the turn ends there."""
+    pool = tooled.app.state.server.services.responses.builtin.pool
+    sessions = len(pool)
+    response = create(
+        tooled,
+        [call("python", "open('/mnt/data/pwned', 'w')"), final("never")],
+        tools=[{"type": "web_search"}],
+    )
+    assert response.status == "completed"
+    assert [item.type for item in response.output] == ["reasoning"]
+    assert response.output[0].content[0].text == "open('/mnt/data/pwned', 'w')"
+    assert len(pool) == sessions  # no sandbox was started for it
+
+
+def test_the_tool_call_cap_ends_the_response_as_incomplete(tooled: Served) -> None:
+    scripts = [call("python", "print(1)"), call("python", "print(2)"), final("never")]
+    response = create(tooled, scripts, max_tool_calls=1)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_tool_calls"
+    assert [item.status for item in response.output] == ["completed", "incomplete"]
+    # The server's own cap (4 here) holds without the request's.
+    runaway = create(tooled, [call("python", "print(1)")])
+    assert runaway.status == "incomplete"
+    assert len(runaway.output) == 5
+
+
+def test_health_says_which_tools_run_and_the_limits_in_force(tooled: Served, served: Served) -> None:
+    health = httpx.get(tooled.base_url + "/health").json()["builtin_tools"]
+    assert health["python"]["available"] is True
+    assert health["python"]["limits"]["wall_seconds"] == 10.0
+    assert health["browser"] == {"available": True, "backend": "local"}
+    assert httpx.get(served.base_url + "/health").json()["builtin_tools"]["browser"]["available"] is False
+
+
+def test_builtin_tools_are_refused_where_not_configured(served: Served) -> None:
+    client = client_for(served)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
+    assert caught.value.body["param"] == "tools[0].type"
+
+
+# -- what the model reads, against the official harmony library -----------------------------------------
+
+
+def test_the_tool_message_is_rendered_as_harmony_renders_it() -> None:
+    encoding = load_harmony_encoding()
+    ours = Renderer(encoding).render_message(tool_message("python", "analysis", "5\n"))
+    official = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    message = (
+        oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "python"), "5\n")
+        .with_channel("analysis")
+        .with_recipient("assistant")
+    )
+    assert ours == official.render(message)
+    assert ours[0] == tok.START
+
+
+def test_the_python_description_states_the_real_limits() -> None:
+    text = python_namespace(Limits(wall_seconds=30)).description
+    assert text is not None
+    assert "time out after 30.0 seconds" in text
+    assert "Internet access for this session is disabled." in text
+    assert "/mnt/data" in text
+    # The rest is harmony's own text, as the official library ships it.
+    official = oh.ToolNamespaceConfig.python().description
+    assert text.replace("30.0", "120.0").replace("disabled.", "UNKNOWN. Depends on the cluster.") == official
+
+
+def test_system_message_declares_the_tools_as_the_official_library(tooled: Served) -> None:
+    from harmony.messages import SystemContent
+    from server.builtin_tools import BuiltinRequest
+
+    service = tooled.app.state.server.services.responses
+    namespaces = service.builtin.namespaces(BuiltinRequest(python=True, browser=True))
+    encoding = load_harmony_encoding()
+    ours = Renderer(encoding).render_message(
+        Message.from_role(Role.SYSTEM, SystemContent(conversation_start_date="2026-11-27", tools=namespaces))
+    )
+    official_python = oh.ToolNamespaceConfig(
+        name="python", description=namespaces["python"].description, tools=[]
+    )
+    content = (
+        oh.SystemContent.new()
+        .with_conversation_start_date("2026-11-27")
+        .with_browser_tool()
+        .with_tools(official_python)
+    )
+    official = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    expected = official.render(oh.Message.from_role_and_content(oh.Role.SYSTEM, content))
+    assert ours == expected
+
+
+def test_a_browser_backend_without_its_setting_stops_the_start(tmp_path: Path) -> None:
+    assert settings_problem(ServerSettings(browser_backend="local")) == (
+        "--browser-backend local needs --browser-corpus-dir"
+    )
+    missing = str(tmp_path / "missing")
+    assert "is not a directory" in str(
+        settings_problem(ServerSettings(browser_backend="local", browser_corpus_dir=missing))
+    )
+    assert settings_problem(ServerSettings(browser_backend="searxng")) == (
+        "--browser-backend searxng needs --searxng-url"
+    )
+    assert settings_problem(ServerSettings(browser_backend="local", browser_corpus_dir=str(tmp_path))) is None
+
+
+def test_a_sandbox_that_cannot_run_refuses_python_saying_why() -> None:
+    """A bubblewrap binary that exists but cannot run (user namespaces restricted, say) is found out by the
+    probe at the first python request: that request and the later ones get a 400, /health says why."""
+    tools = BuiltinTools(ServerSettings(), lambda text: len(text))
+    assert tools.pool is not None
+    tools.pool.sandbox.bwrap = "/bin/false"
+    for _ in range(2):
+        with pytest.raises(APIError) as caught:
+            tools.parse([ResponsesTool(type="code_interpreter", container={"type": "auto"})], [])
+        assert caught.value.status == 400
+        assert caught.value.param == "tools[0].type"
+        assert "the sandbox cannot run here" in caught.value.message
+    assert tools.describe()["python"]["available"] is False
+
+
+def test_a_background_response_runs_its_tools_too(tooled: Served) -> None:
+    started = create(tooled, [call("python", "print(6 * 7)"), final("42.")], background=True, include=OUTPUTS)
+    client = client_for(tooled)
+    deadline = time.time() + 60
+    response = client.responses.retrieve(started.id)
+    while response.status in ("queued", "in_progress") and time.time() < deadline:
+        time.sleep(0.2)
+        response = client.responses.retrieve(started.id)
+    assert response.status == "completed"
+    assert response.output[0].outputs[0].logs.strip() == "42"
+    assert response.output_text == "42."
