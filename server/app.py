@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.core import EngineCore
@@ -156,6 +157,60 @@ class BodyLimit:
         await self.app(scope, buffered, send)
 
 
+class Guard:
+    """Request ids, the client's id, the API key, and the request log and count, in one place.
+
+    Plain ASGI rather than Starlette's `BaseHTTPMiddleware`, whose `call_next` runs the app in a task of its
+    own and spawns another for every chunk of the body it passes on: for a 16 MB body that held the event
+    loop for a quarter of a second, and every stream and /health with it."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        settings = self.state.settings
+        token = REQUEST_ID.set(request.headers.get("x-request-id") or "req-" + secrets.token_hex(6))
+        client = CLIENT.set(_client_id(request, settings))
+        started = time.perf_counter()
+        status = 500  # unless a response starts: an error no handler caught
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = REQUEST_ID.get()
+                ignored = scope.get("state", {}).get("ignored_fields")
+                if ignored:
+                    headers["x-ignored-fields"] = ignored
+            await send(message)
+
+        try:
+            refusal = _refusal(request, settings)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "other"
+            self.state.metrics.requests.labels(endpoint, str(status)).inc()
+            logger.info(
+                "%s %s %d %.1f ms",
+                request.method,
+                request.url.path,
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+            CLIENT.reset(client)
+            REQUEST_ID.reset(token)
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema without the 422 it documents on every route with a body: validation errors leave as
     400 in the OpenAI envelope (see `server.errors`)."""
@@ -202,38 +257,13 @@ def create_app(
     if state.settings.chat_page:
         app.include_router(page_router())
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    # Inside `guard` (added after it, so wrapped by it): a body is read only once the API key is checked.
+    # Inside `Guard` (added after it, so wrapped by it): a body is read only once the API key is checked.
     app.add_middleware(BodyLimit, settings=state.settings)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        """Request ids, the API key, the body size limit, and the request log and count, in one place."""
-        token = REQUEST_ID.set(request.headers.get("x-request-id") or "req-" + secrets.token_hex(6))
-        client = CLIENT.set(_client_id(request, state.settings))
-        started = time.perf_counter()
-        try:
-            response = _refusal(request, state.settings) or await call_next(request)
-            response.headers["x-request-id"] = REQUEST_ID.get()
-            ignored = getattr(request.state, "ignored_fields", None)
-            if ignored:
-                response.headers["x-ignored-fields"] = ignored
-            endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
-            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-            logger.info(
-                "%s %s %d %.1f ms",
-                request.method,
-                request.url.path,
-                response.status_code,
-                (time.perf_counter() - started) * 1000,
-            )
-            return response
-        finally:
-            CLIENT.reset(client)
-            REQUEST_ID.reset(token)
+    app.add_middleware(Guard, state=state)
 
     if state.settings.cors_origins:
         # Outermost (added last): preflights, which carry no credentials, are answered before the API key is
-        # asked for, and the refusals `guard` makes (401, 413) carry the CORS headers too, so a page on
+        # asked for, and the refusals `Guard` makes (401, 413) carry the CORS headers too, so a page on
         # another origin can read why it was refused instead of seeing a bare network error.
         app.add_middleware(
             CORSMiddleware,
