@@ -153,9 +153,7 @@ class EngineCore:
             arrival_time=time.perf_counter(),
             max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens),
             generator=generator,
-            constraint=None
-            if params.grammar is None
-            else GrammarConstraint(params.grammar.tokenizer, params.grammar.text),
+            constraint=None if params.grammar is None else GrammarConstraint(params.grammar),
         )
         self.scheduler.add(request)
         self._stats = self._snapshot()
