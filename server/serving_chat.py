@@ -13,6 +13,8 @@ from sse_starlette import EventSourceResponse
 from engine.constraint import Grammar
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
+from harmony.grammar import FinalFormat
+from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import Delta, DeltaKind
@@ -24,10 +26,10 @@ from server.serving import (
     logprob_json,
     output_budget,
     prompt_logprobs_json,
+    requested_answer,
     stop_strings,
 )
 from server.streaming import data_events, fan_in, sse
-from server.tool_choice import tool_choice_processors
 
 
 @dataclass(slots=True)
@@ -94,19 +96,34 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         tools = request.tools if request.tool_choice != "none" else None
         return self.render(request.messages, tools, request.reasoning_effort, _harmony_format(request))
 
-    def _grammar(self, request: ChatCompletionRequest) -> Grammar | None:
+    def _grammar(self, request: ChatCompletionRequest, tool_choice: str) -> Grammar | None:
+        """The turn's grammar: the answer held to the response format or `structured_outputs`, the tool
+        choice and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
         rf = request.response_format
-        if rf is None:
-            return None
-        spec = rf.json_schema
-        choice = request.tool_choice
-        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        requested = requested_answer(request)
+        answer: FinalFormat | None = None
+        field = "grammar"
+        if rf is not None and rf.type != "text":
+            if requested is not None:
+                raise bad_request(f"give response_format or {requested[1]}, not both", param=requested[1])
+            spec = rf.json_schema
+            if rf.type == "json_schema" and (spec is None or spec.json_schema is None):
+                raise RequestError("json_schema needs a schema", "grammar")
+            answer = GrammarFormat(
+                spec.json_schema if rf.type == "json_schema" and spec is not None else None,
+                bool(spec.strict) if rf.type == "json_schema" and spec is not None else True,
+            )
+        elif requested is not None:
+            answer, field = requested
         return self.turn_constraint(
-            rf.type,
-            spec.json_schema if spec is not None else None,
-            bool(spec.strict) if spec is not None and rf.type == "json_schema" else True,
+            answer,
             request.tools or [],
-            named or (choice if isinstance(choice, str) else "auto"),
+            tool_choice,
+            budget=request.thinking_token_budget,
+            field=field,
+            tool_field="functions[{i}].parameters"
+            if request.functions is not None
+            else "tools[{i}].function.parameters",
         )
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
@@ -115,7 +132,6 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             replacement = "tools" if conflict == "functions" else "tool_choice"
             raise bad_request(f"give {replacement} or the deprecated {conflict}, not both", param=conflict)
         stops = stop_strings(request.stop)
-        grammar = self._grammar(request)
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
@@ -125,6 +141,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
         if choice == "required" and not names:
             raise bad_request("tool_choice 'required' needs at least one tool", param="tool_choice")
+        grammar = self._grammar(request, named or (choice if isinstance(choice, str) else "auto"))
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         if request.stream and request.prompt_logprobs is not None:
@@ -140,21 +157,12 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
             raise RequestError("logit_bias keys must be token ids", "logit_bias") from error
-        # With a grammar the whole turn, the tool choice included, is enforced by it.
-        processors = (
-            []
-            if grammar is not None
-            else tool_choice_processors(
-                self.encoding, named or (choice if isinstance(choice, str) else None), names
-            )
-        )
         params = [
             self.sampling_params(
                 request,
                 max_tokens,
                 index=i,
                 stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-                processors=processors,
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                 top_k=max(request.top_k or 0, 0),
                 min_p=request.min_p or 0.0,

@@ -35,8 +35,11 @@ from typing import Any
 import tiktoken
 from sse_starlette import EventSourceResponse
 
+from engine.constraint import Grammar
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
+from harmony.grammar import FinalFormat
+from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import Admission, AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
@@ -61,11 +64,11 @@ from server.serving import (
     Workers,
     logprob_json,
     output_budget,
+    requested_answer,
     stop_strings,
 )
 from server.settings import ServerSettings
 from server.streaming import sse, sse_json
-from server.tool_choice import tool_choice_processors
 
 logger = logging.getLogger(__name__)
 
@@ -550,26 +553,55 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             tools.append(Tool(function=definition))
         return tools
 
-    def _tool_choice(self, request: ResponsesRequest, names: list[str]) -> tuple[str | None, Any]:
-        """The choice for `tool_choice_processors` (None, a mode or a function name), and its echo."""
+    def _tool_choice(self, request: ResponsesRequest, names: list[str]) -> tuple[str, list[str] | None, Any]:
+        """The turn grammar's tool choice (a mode or a function name), the tools it may call (None: all
+        offered; `allowed_tools` narrows them), and the choice's echo."""
         choice = request.tool_choice
         if choice is None:
-            return None, "auto"
+            return "auto", None, "auto"
         if isinstance(choice, ResponsesToolChoice):
+            if choice.type == "allowed_tools":
+                return self._allowed_tools(choice, names)
             if choice.type != "function" or not choice.name:
                 raise bad_request(
-                    f"tool_choice of type {choice.type!r} is not supported; use auto, none, required or "
-                    "{'type': 'function', 'name': ...}",
+                    f"tool_choice of type {choice.type!r} is not supported; use auto, none, required, "
+                    "{'type': 'function', 'name': ...} or {'type': 'allowed_tools', ...}",
                     param="tool_choice",
                 )
             if choice.name not in names:
                 raise bad_request(
                     f"tool_choice names {choice.name!r}, which is not among the tools", param="tool_choice"
                 )
-            return choice.name, {"type": "function", "name": choice.name}
+            return choice.name, None, {"type": "function", "name": choice.name}
         if choice == "required" and not names:
             raise bad_request("tool_choice 'required' needs at least one tool", param="tool_choice")
-        return choice, choice
+        return choice, None, choice
+
+    @staticmethod
+    def _allowed_tools(choice: ResponsesToolChoice, names: list[str]) -> tuple[str, list[str], Any]:
+        """`{"type": "allowed_tools", "mode": "auto" | "required", "tools": [{"type": "function", "name":
+        ...}]}`: the model may call only the tools listed (all stay in the prompt, which keeps the prompt
+        cache warm as the list changes), and must call one when the mode is `required`."""
+        if choice.mode is None:
+            raise bad_request("allowed_tools needs a mode: auto or required", param="tool_choice.mode")
+        if not choice.tools:
+            raise bad_request("allowed_tools needs at least one tool", param="tool_choice.tools")
+        allowed = []
+        for i, tool in enumerate(choice.tools):
+            name = tool.get("name")
+            if tool.get("type", "function") != "function" or not isinstance(name, str):
+                raise bad_request(
+                    "allowed_tools lists function tools by name: {'type': 'function', 'name': ...}",
+                    param=f"tool_choice.tools[{i}]",
+                )
+            if name not in names:
+                raise bad_request(
+                    f"allowed_tools names {name!r}, which is not among the tools",
+                    param=f"tool_choice.tools[{i}].name",
+                )
+            allowed.append(name)
+        echo = {"type": "allowed_tools", "mode": choice.mode, "tools": choice.tools}
+        return choice.mode, allowed, echo
 
     def _resolve(self, items: list[ResponsesInputItem]) -> list[ResponsesInputItem]:
         out = []
@@ -619,12 +651,42 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
     engine_stops = False
 
+    def _grammar(
+        self, request: ResponsesRequest, tools: list[Tool], choice: str, allowed: list[str] | None
+    ) -> Grammar | None:
+        """The turn's grammar: the answer held to `text.format` or `structured_outputs`, the tool choice
+        and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
+        fmt = request.text.format if request.text is not None else None
+        requested = requested_answer(request)
+        answer: FinalFormat | None = None
+        field = "grammar"
+        if fmt is not None and fmt.type != "text":
+            if requested is not None:
+                raise bad_request(f"give text.format or {requested[1]}, not both", param=requested[1])
+            if fmt.type == "json_schema" and fmt.json_schema is None:
+                raise RequestError("json_schema needs a schema", "grammar")
+            answer = GrammarFormat(
+                fmt.json_schema if fmt.type == "json_schema" else None,
+                bool(fmt.strict) if fmt.type == "json_schema" else True,
+            )
+        elif requested is not None:
+            answer, field = requested
+        return self.turn_constraint(
+            answer,
+            tools,
+            choice,
+            allowed=allowed,
+            budget=request.thinking_token_budget,
+            field=field,
+            tool_field="tools[{i}].parameters",
+        )
+
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
         stops = stop_strings(request.stop)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
-        choice, choice_echo = self._tool_choice(request, names)
+        choice, allowed, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
         offered = tools if request.tool_choice != "none" else None
         fmt = request.text.format if request.text is not None else None
@@ -636,17 +698,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         effort = request.reasoning.effort if request.reasoning else None
         prompt = self.render(messages, offered, effort, shown)
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
-        grammar = (
-            None
-            if fmt is None
-            else self.turn_constraint(
-                fmt.type,
-                fmt.json_schema,
-                bool(fmt.strict) if fmt.type == "json_schema" else True,
-                tools,
-                choice or "auto",
-            )
-        )
+        grammar = self._grammar(request, tools, choice, allowed)
         try:
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
@@ -655,8 +707,6 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             request,
             max_tokens,
             stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-            # With a grammar the whole turn, the tool choice included, is enforced by it.
-            processors=[] if grammar is not None else tool_choice_processors(self.encoding, choice, names),
             logprobs=_logprobs(request),
             top_k=max(request.top_k or 0, 0),
             min_p=request.min_p or 0.0,

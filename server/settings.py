@@ -53,3 +53,8 @@ class ServerSettings(BaseModel):
     ignore_unknown_fields: bool = False
     # Threads that render and tokenize requests, off the event loop.
     render_workers: int = Field(default=4, ge=1)
+    # The most tokens a turn's reasoning may take when a request names no `thinking_token_budget` (None: no
+    # bound); past it the grammar closes the analysis and opens the answer.
+    thinking_token_budget: int | None = Field(default=None, ge=0)
+    # Seconds a request's grammar may take to compile before the request is refused with a 400.
+    grammar_compile_timeout: float = Field(default=2.0, gt=0)

@@ -26,6 +26,7 @@ USER = [{"role": "user", "content": "Is the sky blue?"}]
 def client(served: Served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
 
+
 SCHEMA = {
     "type": "object",
     "properties": {
