@@ -18,7 +18,8 @@ model writes are all accepted: the recipient before or after the channel, and th
 The reasoning can be given a budget: the analysis message is then bounded by llguidance's ``max_tokens`` on
 its body, so when the budget is spent the grammar allows only ``<|end|>`` and the turn goes on to its end
 (the final answer, or the call a forced tool choice asks for). A turn has at most one analysis message under
-a budget, so the budget bounds all the reasoning; a budget of 0 leaves the analysis out.
+a budget, so the budget bounds all the reasoning; a budget of 0 leaves the analysis out. A commentary
+preamble is held to one message and the same bound, so the answer always comes (0: no preamble either).
 
 The model makes at most one call per turn (``<|call|>`` ends it), so ``parallel_tool_calls: false`` holds by
 construction.
@@ -40,9 +41,11 @@ import tiktoken
 
 from harmony import encoding as tok
 
-# JSON between tokens may carry at most this much whitespace in a row: unbounded whitespace is how a model
-# under a JSON grammar loops forever without closing the object.
-WHITESPACE = "[\\x20\\x0A\\x0D\\x09]{0,16}"
+# The whitespace JSON may carry between its tokens: what compact, spaced (`", "`, `": "`) and indented JSON
+# write (one space, or a line break and its indentation), nothing more. Unbounded whitespace is how a model
+# under a JSON grammar loops forever without closing the object, and even a bounded run of any whitespace
+# lets an unsure model spend a dozen tokens on every gap.
+WHITESPACE = "\\x20?|\\r?\\n(\\x20{0,32}|\\t{0,8})"
 
 
 class GrammarError(ValueError):
@@ -182,8 +185,12 @@ def turn_grammar(
         # A rule's `max_tokens` bounds the tokens of its text: when they are spent, only `<|end|>` may follow.
         rules.append(f"thought[max_tokens={reasoning_budget}]: FREE")
         rules.append('analysis: <|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant"')
-    if tools:
-        rules.append('preamble: <|channel|> "commentary" <|message|> FREE <|end|> <|start|> "assistant"')
+    preambles = bool(tools) and reasoning_budget != 0
+    if preambles:
+        body = "FREE" if reasoning_budget is None else "aside"
+        if reasoning_budget is not None:
+            rules.append(f"aside[max_tokens={reasoning_budget}]: FREE")
+        rules.append(f'preamble: <|channel|> "commentary" <|message|> {body} <|end|> <|start|> "assistant"')
     if may_answer:
         ends.append("final")
         if response_format is None:
@@ -203,9 +210,10 @@ def turn_grammar(
     if reasoning_budget is None:
         start = "(analysis | preamble)* end_msg" if tools else "analysis* end_msg"
     else:
-        # Under a budget, one analysis message at most: its bound is then the bound on all the reasoning.
-        thought = " analysis?" if reasoning_budget > 0 else ""
-        start = f"preamble*{thought} preamble* end_msg" if tools else f"{thought.strip()} end_msg".strip()
+        # Under a budget, one analysis message at most: its bound is then the bound on all the reasoning. A
+        # preamble (also text before the answer) is held to one message and the same bound.
+        parts = ["analysis?", "preamble?"] if preambles else ["analysis?"] if reasoning_budget > 0 else []
+        start = " ".join([*parts, "end_msg"])
     rules.insert(1, f"start: {start}")
     rules.insert(2, "end_msg: " + " | ".join(ends))
     return "\n".join(rules) + "\n"

@@ -117,7 +117,8 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             answer, field = requested
         return self.turn_constraint(
             answer,
-            request.tools or [],
+            # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
+            [] if tool_choice == "none" else request.tools or [],
             tool_choice,
             budget=request.thinking_token_budget,
             field=field,

@@ -698,7 +698,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         effort = request.reasoning.effort if request.reasoning else None
         prompt = self.render(messages, offered, effort, shown)
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
-        grammar = self._grammar(request, tools, choice, allowed)
+        # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
+        grammar = self._grammar(request, offered or [], choice, allowed)
         try:
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
