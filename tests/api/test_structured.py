@@ -4,6 +4,7 @@ parse() helper returns the parsed object."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from harmony.render import Renderer
 from server.harmony_chat import to_harmony
 from server.protocol import ChatMessage
 from tests.api.conftest import MODEL, Served
+from tests.api.schema_corpus import CORPUS
 
 USER = [{"role": "user", "content": "Is the sky blue?"}]
 
@@ -28,6 +30,11 @@ USER = [{"role": "user", "content": "Is the sky blue?"}]
 @pytest.fixture
 def client(served: Served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def aclient(served: Served) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
 
 
 SCHEMA = {
@@ -379,3 +386,77 @@ def test_a_grammar_past_its_compile_budget_is_a_400_and_the_server_goes_on(
     assert "longer than" in error["message"]
     monkeypatch.undo()
     assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices[0]
+
+
+# -- the corpus: 30 schemas, both APIs, streamed and not, the random model left to itself -----------------
+
+
+def test_a_corpus_of_schemas_validates_on_both_apis_streamed_and_not(aclient: openai.AsyncOpenAI) -> None:
+    """Every answer that finishes validates against its schema; most finish within a small token budget
+    (a budget of 4 reasoning tokens, then the JSON)."""
+
+    async def chat(schema: dict[str, Any], seed: int, stream: bool) -> tuple[str, str]:
+        kwargs: dict[str, Any] = {
+            "model": MODEL,
+            "messages": USER,
+            "temperature": 1.0,
+            "seed": seed,
+            "max_tokens": 64,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            "extra_body": {"thinking_token_budget": 4},
+        }
+        if not stream:
+            choice = (await aclient.chat.completions.create(**kwargs)).choices[0]
+            return choice.finish_reason, choice.message.content or ""
+        text, finish = "", ""
+        async for chunk in await aclient.chat.completions.create(stream=True, **kwargs):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return finish, text
+
+    async def responses(schema: dict[str, Any], seed: int, stream: bool) -> tuple[str, str]:
+        kwargs: dict[str, Any] = {
+            "model": MODEL,
+            "input": "Hi",
+            "temperature": 1.0,
+            "max_output_tokens": 64,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}},
+            "extra_body": {"seed": seed, "thinking_token_budget": 4},
+        }
+        if not stream:
+            response = await aclient.responses.create(**kwargs)
+        else:
+            text = ""
+            async for event in await aclient.responses.create(stream=True, **kwargs):
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+                if event.type in ("response.completed", "response.incomplete"):
+                    response = event.response
+            assert response.output_text == text  # the deltas add up to the answer
+        return ("stop" if response.status == "completed" else "length"), response.output_text
+
+    gate = asyncio.Semaphore(16)
+
+    async def one(i: int, schema: dict[str, Any]) -> tuple[int, str, str, str]:
+        api = (chat, responses)[i % 2]
+        stream = (i // 2) % 2 == 1
+        async with gate:
+            finish, text = await api(schema, i, stream)
+        return i, f"{api.__name__}{' streamed' if stream else ''}", finish, text
+
+    async def run() -> list[tuple[int, str, str, str]]:
+        jobs = [one(i * 4 + k, schema) for i, schema in enumerate(CORPUS) for k in range(4)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(run())
+    finished = 0
+    for i, how, finish, text in results:
+        schema = CORPUS[i // 4]
+        if finish == "stop":
+            finished += 1
+            try:
+                jsonschema.validate(json.loads(text), schema)
+            except (ValueError, jsonschema.ValidationError) as error:
+                raise AssertionError(f"schema {i // 4} ({how}): {text!r}: {error}") from error
+    assert finished >= len(results) * 0.8, f"{finished} of {len(results)} finished"
