@@ -460,3 +460,42 @@ def test_a_corpus_of_schemas_validates_on_both_apis_streamed_and_not(aclient: op
             except (ValueError, jsonschema.ValidationError) as error:
                 raise AssertionError(f"schema {i // 4} ({how}): {text!r}: {error}") from error
     assert finished >= len(results) * 0.8, f"{finished} of {len(results)} finished"
+
+
+def test_the_sdk_streaming_parse_helpers_return_the_object(client: openai.OpenAI) -> None:
+    """`chat.completions.stream(response_format=Model)` and `responses.stream(text_format=Model)` parse the
+    streamed answer into the model."""
+    parsed: list[object] = []
+    for seed in range(6):
+        try:
+            with client.chat.completions.stream(
+                model=MODEL,
+                messages=USER,
+                response_format=Verdict,
+                temperature=1.0,
+                seed=seed,
+                max_tokens=40,
+                extra_body={"thinking_token_budget": 4},
+            ) as stream:
+                deltas = [e for e in stream if e.type == "content.delta"]
+                completion = stream.get_final_completion()
+        except openai.LengthFinishReasonError:
+            continue
+        assert deltas
+        parsed.append(completion.choices[0].message.parsed)
+        break
+    for seed in range(6):
+        with client.responses.stream(
+            model=MODEL,
+            input="Is the sky blue?",
+            text_format=Verdict,
+            temperature=1.0,
+            max_output_tokens=40,
+            extra_body={"seed": seed, "thinking_token_budget": 4},
+        ) as rstream:
+            response = rstream.get_final_response()
+        if response.status == "completed":
+            parsed.append(response.output_parsed)
+            break
+    assert len(parsed) == 2
+    assert all(isinstance(p, Verdict) for p in parsed), parsed
