@@ -16,6 +16,8 @@ from engine.constraint import (
     GrammarConstraint,
     apply_token_masks,
     apply_token_masks_reference,
+    forbidden_by_shifts,
+    forbidden_by_table,
     grammar_problem,
 )
 from engine.request import Grammar
@@ -361,3 +363,14 @@ def test_batched_mask_application_equals_its_twin() -> None:
     apply_token_masks(logits, torch.tensor([1, 3]), torch.from_numpy(masks))
     assert torch.equal(logits, expected)
     assert torch.isinf(logits[1]).sum() > 10
+    # Every row constrained (filled in place), and the two unpackings (host table, device shifts) agree.
+    every = rng.integers(-(2**31), 2**31, size=(4, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
+    whole = torch.randn(4, vocab)
+    whole_expected = whole.clone()
+    apply_token_masks_reference(whole_expected, [0, 1, 2, 3], every)
+    apply_token_masks(whole, torch.arange(4), torch.from_numpy(every))
+    assert torch.equal(whole, whole_expected)
+    as_tensor = torch.from_numpy(every)
+    assert torch.equal(
+        forbidden_by_table(as_tensor, vocab), forbidden_by_shifts(as_tensor, vocab, torch.device("cpu"))
+    )
