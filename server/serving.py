@@ -426,7 +426,6 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         *,
         index: int = 0,
         stop_token_ids: list[int],
-        processors: list[LogitsProcessor] | None = None,
         logprobs: int | None = None,
         top_k: int = 0,
         min_p: float = 0.0,
@@ -464,7 +463,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             prompt_logprobs=prompt_logprobs,
             min_tokens=request.min_tokens,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            logits_processors=[*(processors or []), *hooked],
+            logits_processors=hooked,
             grammar=grammar,
         )
 
@@ -521,6 +520,24 @@ def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) ->
     for tool in tools or []:
         total += len(tool.function.description or "") + len(str(tool.function.parameters or ""))
     return total
+
+
+def final_format(
+    kind: str, schema: dict[str, Any] | None, strict: bool | None, request: TurnConstraints, name: str
+) -> tuple[FinalFormat | None, str]:
+    """The final answer's format, and the field that errors in it are named by: the response format (`kind`
+    "text", "json_object" or "json_schema" with `schema`, called `name` in the API) or vLLM's
+    `structured_outputs`, not both."""
+    requested = requested_answer(request)
+    if kind == "text":
+        return requested if requested is not None else (None, "grammar")
+    if requested is not None:
+        raise RequestError(f"give {name} or {requested[1]}, not both", requested[1])
+    if kind == "json_schema" and schema is None:
+        raise RequestError("json_schema needs a schema", "grammar")
+    if kind == "json_schema":
+        return ResponseFormat(schema, bool(strict)), "grammar"
+    return ResponseFormat(None), "grammar"
 
 
 def requested_answer(request: TurnConstraints) -> tuple[FinalFormat, str] | None:

@@ -13,8 +13,6 @@ from sse_starlette import EventSourceResponse
 from engine.constraint import Grammar
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harmony import encoding as tok
-from harmony.grammar import FinalFormat
-from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.errors import ParamNames, bad_request
 from server.harmony_chat import Delta, DeltaKind
@@ -23,10 +21,10 @@ from server.serving import (
     ChoiceOutput,
     EngineRequest,
     Serving,
+    final_format,
     logprob_json,
     output_budget,
     prompt_logprobs_json,
-    requested_answer,
     stop_strings,
 )
 from server.streaming import data_events, fan_in, sse
@@ -100,21 +98,14 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         """The turn's grammar: the answer held to the response format or `structured_outputs`, the tool
         choice and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
         rf = request.response_format
-        requested = requested_answer(request)
-        answer: FinalFormat | None = None
-        field = "grammar"
-        if rf is not None and rf.type != "text":
-            if requested is not None:
-                raise bad_request(f"give response_format or {requested[1]}, not both", param=requested[1])
-            spec = rf.json_schema
-            if rf.type == "json_schema" and (spec is None or spec.json_schema is None):
-                raise RequestError("json_schema needs a schema", "grammar")
-            answer = GrammarFormat(
-                spec.json_schema if rf.type == "json_schema" and spec is not None else None,
-                bool(spec.strict) if rf.type == "json_schema" and spec is not None else True,
-            )
-        elif requested is not None:
-            answer, field = requested
+        spec = rf.json_schema if rf is not None else None
+        answer, field = final_format(
+            rf.type if rf is not None else "text",
+            spec.json_schema if spec is not None else None,
+            spec.strict if spec is not None else None,
+            request,
+            "response_format",
+        )
         return self.turn_constraint(
             answer,
             # With 'none' the model is shown no tools, and a call it makes anyway is not returned.

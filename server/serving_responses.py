@@ -38,8 +38,6 @@ from sse_starlette import EventSourceResponse
 from engine.constraint import Grammar
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
-from harmony.grammar import FinalFormat
-from harmony.grammar import ResponseFormat as GrammarFormat
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import Admission, AsyncEngine, EngineFailure
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
@@ -62,9 +60,9 @@ from server.serving import (
     ProcessorsHook,
     Serving,
     Workers,
+    final_format,
     logprob_json,
     output_budget,
-    requested_answer,
     stop_strings,
 )
 from server.settings import ServerSettings
@@ -657,20 +655,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         """The turn's grammar: the answer held to `text.format` or `structured_outputs`, the tool choice
         and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
         fmt = request.text.format if request.text is not None else None
-        requested = requested_answer(request)
-        answer: FinalFormat | None = None
-        field = "grammar"
-        if fmt is not None and fmt.type != "text":
-            if requested is not None:
-                raise bad_request(f"give text.format or {requested[1]}, not both", param=requested[1])
-            if fmt.type == "json_schema" and fmt.json_schema is None:
-                raise RequestError("json_schema needs a schema", "grammar")
-            answer = GrammarFormat(
-                fmt.json_schema if fmt.type == "json_schema" else None,
-                bool(fmt.strict) if fmt.type == "json_schema" else True,
-            )
-        elif requested is not None:
-            answer, field = requested
+        answer, field = final_format(
+            fmt.type if fmt is not None else "text",
+            fmt.json_schema if fmt is not None else None,
+            fmt.strict if fmt is not None else None,
+            request,
+            "text.format",
+        )
         return self.turn_constraint(
             answer,
             tools,
