@@ -159,8 +159,8 @@ def turn_grammar(
         and tool_choice in ("auto", "required", t.name)
         and (allowed is None or t.name in allowed)
     ]
-    if tool_choice == "required" and not callable_tools:
-        raise GrammarError("tool_choice 'required' needs at least one tool")
+    if tool_choice not in ("auto", "none") and not callable_tools:
+        raise GrammarError(f"tool_choice {tool_choice!r} needs at least one tool it may call")
     may_answer = tool_choice in ("auto", "none")
     constrained = (
         response_format is not None

@@ -303,6 +303,8 @@ def test_without_a_format_the_final_answer_is_free_text_and_tool_choices_hold(
     )
     with pytest.raises(GrammarError, match="not among the tools"):
         turn_grammar(tools=[WEATHER], allowed=["nope"])
+    with pytest.raises(GrammarError, match="at least one tool it may call"):
+        turn_grammar(tools=[WEATHER, SEARCH], tool_choice="search", allowed=["get_weather"])
 
 
 @pytest.mark.parametrize("seed", range(6))
