@@ -124,3 +124,30 @@ def test_a_compile_past_its_time_budget_is_refused_and_remembered_once_done() ->
     assert compile_within(grammar, 1e-6) == "compiling the grammar took longer than 1e-06 s"
     assert compile_within(grammar, 30.0) is None
     assert grammar_problem(grammar) is None  # remembered: the engine's check costs nothing
+
+
+def test_constrained_and_free_requests_in_one_batch_each_get_what_they_get_alone(tiny_model: GptOss) -> None:
+    """Batch invariance: a row's mask touches only its own logits, so every request, constrained or not,
+    samples the same tokens in a mixed batch as alone (seeded)."""
+    lltok = grammar_tokenizer(load_harmony_encoding())
+    grammar = Grammar(turn_grammar(response_format=ResponseFormat(SCHEMA), reasoning_budget=3) or "", lltok)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [11, 12, 13, 14], [2, 4, 6, 8, 10, 12]]
+    params = [
+        SamplingParams(temperature=1.0, seed=10 + i, max_tokens=16, grammar=grammar if i % 2 == 0 else None)
+        for i in range(len(prompts))
+    ]
+
+    def run(indices: list[int]) -> dict[int, list[int]]:
+        engine = make_engine(tiny_model)
+        for i in indices:
+            engine.add_request(f"r{i}", prompts[i], params[i])
+        tokens: dict[int, list[int]] = {i: [] for i in indices}
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.error is None, out.error
+                tokens[int(out.request_id[1:])].extend(out.new_token_ids)
+        return tokens
+
+    together = run(list(range(len(prompts))))
+    for i in range(len(prompts)):
+        assert together[i] == run([i])[i], i
