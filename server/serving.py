@@ -540,6 +540,20 @@ def final_format(
     return ResponseFormat(None), "grammar"
 
 
+def requested_schema(request: TurnConstraints) -> HarmonyResponseFormat | None:
+    """The JSON Schema that `structured_outputs.json` or `guided_json` asks for, to show the model in the
+    developer message as a response format does (None when there is none, or it is not a schema: that is
+    refused where the grammar is built)."""
+    value = request.structured_outputs.json_schema if request.structured_outputs is not None else None
+    value = request.guided_json if value is None else value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return HarmonyResponseFormat("response", value) if isinstance(value, dict) else None
+
+
 def requested_answer(request: TurnConstraints) -> tuple[FinalFormat, str] | None:
     """The final answer's format that vLLM's `structured_outputs` (or one of its older `guided_*` names) asks
     for, with the field that asked (errors in it are named so), or None. One of them at most."""

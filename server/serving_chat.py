@@ -25,6 +25,7 @@ from server.serving import (
     logprob_json,
     output_budget,
     prompt_logprobs_json,
+    requested_schema,
     stop_strings,
 )
 from server.streaming import data_events, fan_in, sse
@@ -401,9 +402,10 @@ def _request_id(completion_id: str, index: int) -> str:
 
 
 def _harmony_format(request: ChatCompletionRequest) -> HarmonyResponseFormat | None:
-    """The schema to show the model in the developer message, for a json_schema response format."""
+    """The schema to show the model in the developer message: a json_schema response format's, or the one
+    vLLM's `structured_outputs` asks for."""
     rf = request.response_format
     if rf is None or rf.type != "json_schema" or rf.json_schema is None or rf.json_schema.json_schema is None:
-        return None
+        return requested_schema(request)
     spec = rf.json_schema
     return HarmonyResponseFormat(spec.name, spec.json_schema, spec.description)

@@ -63,6 +63,7 @@ from server.serving import (
     final_format,
     logprob_json,
     output_budget,
+    requested_schema,
     stop_strings,
 )
 from server.settings import ServerSettings
@@ -684,7 +685,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         shown = (
             HarmonyResponseFormat(fmt.name, fmt.json_schema, fmt.description)
             if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None
-            else None
+            else requested_schema(request)
         )
         effort = request.reasoning.effort if request.reasoning else None
         prompt = self.render(messages, offered, effort, shown)

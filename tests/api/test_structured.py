@@ -499,3 +499,17 @@ def test_the_sdk_streaming_parse_helpers_return_the_object(client: openai.OpenAI
             break
     assert len(parsed) == 2
     assert all(isinstance(p, Verdict) for p in parsed), parsed
+
+
+@pytest.mark.parametrize(
+    "extra", [{"structured_outputs": {"json": SCHEMA}}, {"guided_json": json.dumps(SCHEMA)}]
+)
+def test_a_structured_outputs_schema_reaches_the_developer_message(
+    served: Served, extra: dict[str, Any]
+) -> None:
+    body = {"model": MODEL, "messages": USER, "max_tokens": 1, "return_token_ids": True, **extra}
+    response = httpx.post(served.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    prompt = served.encoding.decode(response.json()["prompt_token_ids"])
+    assert "# Response Formats" in prompt
+    assert '"confidence"' in prompt
