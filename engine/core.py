@@ -216,9 +216,7 @@ class EngineCore:
             arrival_time=time.perf_counter(),
             max_total_tokens=min(self.max_model_len, len(prompt_token_ids) + params.max_tokens),
             generator=generator,
-            constraint=None
-            if params.grammar is None
-            else GrammarConstraint(params.grammar.tokenizer, params.grammar.text),
+            constraint=None if params.grammar is None else GrammarConstraint(params.grammar),
         )
         if params.lora_id is not None:
             adapter = self._lora_by_id(params.lora_id)

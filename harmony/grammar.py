@@ -5,8 +5,8 @@ The grammar starts at the first generated token (after the prompt's ``<|start|>a
 the entire harmony output: any number of free ``analysis`` messages (and, when tools are offered,
 ``commentary`` preambles), then the turn's end, which is one of
 
-* the ``final`` message, whose body matches the response format's JSON Schema (or is free text when there is
-  none) and ends with ``<|return|>``;
+* the ``final`` message, whose body matches the answer's format (a JSON Schema, a regex, one of a list of
+  choices or a Lark grammar; free text when there is none) and ends with ``<|return|>``;
 * one call ``to=functions.NAME`` on the commentary channel, whose JSON arguments match that tool's parameters
   and end with ``<|call|>`` (the model makes at most one call per turn: ``<|call|>`` ends it).
 
@@ -15,13 +15,23 @@ cannot swallow an ``<|end|>`` and a JSON string can never contain a control toke
 model writes are all accepted: the recipient before or after the channel, and the content type as
 `` <|constrain|>json``, ``<|constrain|>json`` or `` json``.
 
+The reasoning can be given a budget: the analysis message is then bounded by llguidance's ``max_tokens`` on
+its body, so when the budget is spent the grammar allows only ``<|end|>`` and the turn goes on to its end
+(the final answer, or the call a forced tool choice asks for). A turn has at most one analysis message under
+a budget, so the budget bounds all the reasoning; a budget of 0 leaves the analysis out. A commentary
+preamble is held to one message and the same bound, so the answer always comes (0: no preamble either).
+
+The model makes at most one call per turn (``<|call|>`` ends it), so ``parallel_tool_calls: false`` holds by
+construction.
+
 :func:`turn_grammar` returns None when nothing needs constraining (free text with tools left to the model's
-choice and no strict tool), so an unconstrained request costs nothing.
+choice, no strict tool and no budget), so an unconstrained request costs nothing.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +41,11 @@ import tiktoken
 
 from harmony import encoding as tok
 
-# JSON between tokens may carry at most this much whitespace in a row: unbounded whitespace is how a model
-# under a JSON grammar loops forever without closing the object.
-WHITESPACE = "[\\x20\\x0A\\x0D\\x09]{0,16}"
+# The whitespace JSON may carry between its tokens: what compact, spaced (`", "`, `": "`) and indented JSON
+# write (one space, or a line break and its indentation), nothing more. Unbounded whitespace is how a model
+# under a JSON grammar loops forever without closing the object, and even a bounded run of any whitespace
+# lets an unsure model spend a dozen tokens on every gap.
+WHITESPACE = "\\x20?|\\r?\\n(\\x20{0,32}|\\t{0,8})"
 
 
 class GrammarError(ValueError):
@@ -57,6 +69,30 @@ class ResponseFormat:
     strict: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class RegexFormat:
+    """The final answer matches `pattern` (Rust regex syntax, anchored at both ends)."""
+
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceFormat:
+    """The final answer is exactly one of `choices`."""
+
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LarkFormat:
+    """The final answer is a sentence of `grammar` (Lark, llguidance's dialect, with its own `start`)."""
+
+    grammar: str
+
+
+FinalFormat = ResponseFormat | RegexFormat | ChoiceFormat | LarkFormat
+
+
 def _json_rule(schema: dict[str, Any] | None, strict: bool) -> str:
     """The llguidance `%json` directive for `schema` (None: any object), whitespace bounded; `strict` False
     lets llguidance skip keywords it cannot enforce instead of refusing the schema."""
@@ -69,34 +105,68 @@ def _json_rule(schema: dict[str, Any] | None, strict: bool) -> str:
     return "%json " + json.dumps(base, ensure_ascii=True, separators=(",", ":"))
 
 
+def schema_grammar(schema: dict[str, Any], strict: bool = True) -> str:
+    """A grammar of JSON matching `schema` alone: checks a tool's schema on its own, so that a schema the
+    turn's grammar cannot enforce is reported as that tool's."""
+    return "%llguidance {}\nstart: " + _json_rule(schema, strict) + "\n"
+
+
 def _quoted(text: str) -> str:
     return json.dumps(text)
 
 
+def _final_body(answer: FinalFormat) -> str:
+    """The rule of the final answer's body for `answer`."""
+    if isinstance(answer, ResponseFormat):
+        return _json_rule(answer.schema, answer.strict)
+    if isinstance(answer, RegexFormat):
+        return "/" + llguidance.regex_to_lark(answer.pattern) + "/"
+    if isinstance(answer, ChoiceFormat):
+        if not answer.choices:
+            raise GrammarError("choice needs at least one choice")
+        return " | ".join(_quoted(c) for c in answer.choices)
+    return "%lark {\n" + answer.grammar + "\n}"
+
+
 def turn_grammar(
     *,
-    response_format: ResponseFormat | None = None,
+    response_format: FinalFormat | None = None,
     tools: list[ToolSpec] | None = None,
     tool_choice: str = "auto",
+    allowed: Collection[str] | None = None,
+    reasoning_budget: int | None = None,
 ) -> str | None:
     """The Lark grammar of the turn, or None when nothing is constrained.
 
     `tool_choice`: ``"auto"`` (the final answer or a call to any tool), ``"none"`` (the final answer only),
-    ``"required"`` (a call to one of the tools) or a tool's name (a call to that tool). Strict tools get their
-    arguments enforced; the others any JSON object."""
+    ``"required"`` (a call to one of the tools) or a tool's name (a call to that tool). `allowed` narrows the
+    tools that may be called to those named (the others stay in the prompt). Strict tools get their arguments
+    enforced; the others any JSON object. `reasoning_budget`: the most tokens the analysis may take (0: no
+    analysis)."""
     tools = tools or []
     names = [tool.name for tool in tools]
     if tool_choice not in ("auto", "none", "required") and tool_choice not in names:
         raise GrammarError(f"tool_choice {tool_choice!r} is not among the tools")
-    if tool_choice == "required" and not tools:
-        raise GrammarError("tool_choice 'required' needs at least one tool")
-    callable_tools = (
-        [] if tool_choice == "none" else [t for t in tools if tool_choice in ("auto", "required", t.name)]
-    )
+    if reasoning_budget is not None and reasoning_budget < 0:
+        raise GrammarError("the reasoning budget cannot be negative")
+    unknown = sorted(set(allowed or ()) - set(names))
+    if unknown:
+        raise GrammarError(f"the allowed tools name {unknown[0]!r}, which is not among the tools")
+    callable_tools = [
+        t
+        for t in tools
+        if tool_choice != "none"
+        and tool_choice in ("auto", "required", t.name)
+        and (allowed is None or t.name in allowed)
+    ]
+    if tool_choice not in ("auto", "none") and not callable_tools:
+        raise GrammarError(f"tool_choice {tool_choice!r} needs at least one tool it may call")
     may_answer = tool_choice in ("auto", "none")
     constrained = (
         response_format is not None
-        or tool_choice not in ("auto", "none")
+        or reasoning_budget is not None
+        or len(callable_tools) < len(tools)  # 'none', a named tool, or a narrowed set: the rest are refused
+        or not may_answer
         or any(tool.strict for tool in callable_tools)
     )
     if not constrained:
@@ -108,19 +178,26 @@ def turn_grammar(
         "",
         "FREE: /(?s:.*)/",
         'ct: " "? <|constrain|> "json" | " json"',
-        'analysis: <|channel|> "analysis" <|message|> FREE <|end|> <|start|> "assistant"',
     ]
-    prefix = ["analysis"]
-    if tools:
-        rules.append('preamble: <|channel|> "commentary" <|message|> FREE <|end|> <|start|> "assistant"')
-        prefix.append("preamble")
+    if reasoning_budget is None:
+        rules.append('analysis: <|channel|> "analysis" <|message|> FREE <|end|> <|start|> "assistant"')
+    elif reasoning_budget > 0:
+        # A rule's `max_tokens` bounds the tokens of its text: when they are spent, only `<|end|>` may follow.
+        rules.append(f"thought[max_tokens={reasoning_budget}]: FREE")
+        rules.append('analysis: <|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant"')
+    preambles = bool(tools) and reasoning_budget != 0
+    if preambles:
+        body = "FREE" if reasoning_budget is None else "aside"
+        if reasoning_budget is not None:
+            rules.append(f"aside[max_tokens={reasoning_budget}]: FREE")
+        rules.append(f'preamble: <|channel|> "commentary" <|message|> {body} <|end|> <|start|> "assistant"')
     if may_answer:
         ends.append("final")
         if response_format is None:
             rules.append('final: <|channel|> "final" <|message|> FREE <|return|>')
         else:
             rules.append('final: <|channel|> "final" ct? <|message|> final_body <|return|>')
-            rules.append("final_body: " + _json_rule(response_format.schema, response_format.strict))
+            rules.append("final_body: " + _final_body(response_format))
     for i, tool in enumerate(callable_tools):
         recipient = _quoted(f" to=functions.{tool.name}")
         rules.append(
@@ -130,7 +207,14 @@ def turn_grammar(
         schema = tool.parameters if tool.strict and tool.parameters else None
         rules.append(f"args_{i}: " + _json_rule(schema, tool.strict))
         ends.append(f"call_{i}")
-    rules.insert(1, f"start: ({' | '.join(prefix)})* end_msg")
+    if reasoning_budget is None:
+        start = "(analysis | preamble)* end_msg" if tools else "analysis* end_msg"
+    else:
+        # Under a budget, one analysis message at most: its bound is then the bound on all the reasoning. A
+        # preamble (also text before the answer) is held to one message and the same bound.
+        parts = ["analysis?", "preamble?"] if preambles else ["analysis?"] if reasoning_budget > 0 else []
+        start = " ".join([*parts, "end_msg"])
+    rules.insert(1, f"start: {start}")
     rules.insert(2, "end_msg: " + " | ".join(ends))
     return "\n".join(rules) + "\n"
 

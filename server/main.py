@@ -165,6 +165,15 @@ class CliSettings(BaseSettings):
         description="most characters of text in one request's prompt (refused before tokenizing)",
     )
     render_workers: int = Field(4, ge=1, description="threads that render and tokenize requests")
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=0,
+        description="the most tokens a turn's reasoning may take when a request names no "
+        "thinking_token_budget; past it the answer is forced to begin (0: no reasoning; default: no bound)",
+    )
+    grammar_compile_timeout: float = Field(
+        2.0, gt=0, description="seconds a request's grammar (a schema, regex or Lark) may take to compile"
+    )
     request_read_timeout: float = Field(
         30.0, gt=0, description="seconds a client may take to send a request's headers, and again its body"
     )
@@ -324,6 +333,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars,
         render_workers=args.render_workers,
+        thinking_token_budget=args.thinking_token_budget,
+        grammar_compile_timeout=args.grammar_compile_timeout,
         request_read_timeout=args.request_read_timeout,
         max_sequences_per_request=args.max_sequences_per_request,
         max_unread_outputs=args.max_unread_outputs,

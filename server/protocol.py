@@ -258,6 +258,30 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(_Model):
+    """vLLM's `structured_outputs`: the final answer held to one of these (give one)."""
+
+    # `json` would shadow a pydantic method; the field is read under its API name.
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class TurnConstraints(_Model):
+    """The fields of the harmony APIs (chat, Responses) that constrain the assistant's turn beyond the
+    response format: vLLM's `structured_outputs` with its older `guided_*` names, and the reasoning budget."""
+
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # vLLM's: the most tokens the reasoning may take; then the answer begins (0: no reasoning).
+    thinking_token_budget: int | None = Field(default=None, ge=0)
+
+
 class GenerationRequest(_Model):
     """What every generating API takes: the model, sampling (None: the server's default), streaming, and
     stop strings (Responses has none in OpenAI's API; vLLM's extension is taken, so that chat and Responses
@@ -313,7 +337,7 @@ class ChoicesRequest(GenerationRequest):
     )
 
 
-class ChatCompletionRequest(ChoicesRequest):
+class ChatCompletionRequest(ChoicesRequest, TurnConstraints):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -437,6 +461,9 @@ class ResponsesTool(_Lenient):
 class ResponsesToolChoice(_Lenient):
     type: str
     name: str | None = None
+    # `allowed_tools`: the tools the model may call (the others stay in the prompt), freely or one of them.
+    mode: Literal["auto", "required"] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class ResponsesReasoning(_Lenient):
@@ -457,7 +484,7 @@ class ResponsesText(_Lenient):
     format: ResponsesTextFormat | None = None
 
 
-class ResponsesRequest(GenerationRequest):
+class ResponsesRequest(GenerationRequest, TurnConstraints):
     """A Responses request. Its own fields are checked like chat's (an unknown one is a 400 naming it); the
     items and parts inside it stay lenient, since clients send back what earlier responses held."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator
@@ -26,17 +27,27 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import tiktoken
 
-from engine.constraint import Grammar, grammar_problem
+from engine.constraint import Grammar, compile_within
 from engine.request import LogitsProcessor, RequestError, SamplingParams, TokenLogprob
-from harmony.grammar import GrammarError, ToolSpec, grammar_tokenizer, turn_grammar
-from harmony.grammar import ResponseFormat as GrammarFormat
+from harmony.grammar import (
+    ChoiceFormat,
+    FinalFormat,
+    GrammarError,
+    LarkFormat,
+    RegexFormat,
+    ResponseFormat,
+    ToolSpec,
+    grammar_tokenizer,
+    schema_grammar,
+    turn_grammar,
+)
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from harmony.messages import ToolNamespaceConfig
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
 from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
 from server.harmony_chat import ChatOutput, ChatOutputParser, Delta, DeltaKind, to_harmony
-from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool
+from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool, TurnConstraints
 from server.settings import ServerSettings
 
 
@@ -399,32 +410,52 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             raise RequestError(f"the conversation cannot be rendered: {error}", "prompt") from error
 
     def turn_constraint(
-        self, kind: str, schema: dict[str, Any] | None, strict: bool, tools: list[Tool], tool_choice: str
+        self,
+        answer: FinalFormat | None,
+        tools: list[Tool],
+        tool_choice: str,
+        *,
+        allowed: list[str] | None = None,
+        budget: int | None = None,
+        field: str = "grammar",
+        tool_field: str = "tools[{i}].function.parameters",
     ) -> Grammar | None:
-        """The whole-turn grammar for a response format `kind` ("text": None; "json_object"; "json_schema"
-        with `schema`): the final answer held to it, the tools still callable and the tool choice enforced.
-        Refused (as the engine's "grammar" field) when it cannot be enforced; compiled here, on a worker,
-        so that the engine's own check at admission finds it already known."""
-        if kind == "text":
-            return None
-        if kind == "json_schema" and schema is None:
-            raise RequestError("json_schema needs a schema", "grammar")
+        """The whole-turn grammar of a request (see `harmony.grammar.turn_grammar`): the final answer held to
+        `answer`, the tool choice enforced, the strict tools' arguments to their schemas, the reasoning within
+        `budget` tokens (None: the server's default). None when nothing is constrained.
+
+        Compiled here, on a worker, within the server's compile budget, so that the engine's own check at
+        admission finds it already known; refused naming `field` (the engine's "grammar" is the API's
+        response format) when it cannot be enforced or takes too long to compile; a strict tool whose schema
+        cannot be enforced is refused naming that tool's parameters (`tool_field`)."""
         specs = [
             ToolSpec(t.function.name, t.function.parameters or {}, bool(t.function.strict)) for t in tools
         ]
+        tokenizer = shared_grammar_tokenizer(self.encoding)
+        timeout = self.settings.grammar_compile_timeout
+        for i, spec in enumerate(specs):
+            if spec.strict and spec.parameters:
+                problem = compile_within(Grammar(schema_grammar(spec.parameters), tokenizer), timeout)
+                if problem is not None:
+                    raise RequestError(
+                        f"the strict tool {spec.name!r} cannot be enforced: {problem}", tool_field.format(i=i)
+                    )
         try:
             text = turn_grammar(
-                response_format=GrammarFormat(schema if kind == "json_schema" else None, strict),
+                response_format=answer,
                 tools=specs,
                 tool_choice=tool_choice,
+                allowed=allowed,
+                reasoning_budget=self.settings.thinking_token_budget if budget is None else budget,
             )
         except GrammarError as error:
-            raise RequestError(f"the response format cannot be enforced: {error}", "grammar") from error
-        assert text is not None  # a response format always constrains
-        grammar = Grammar(text, shared_grammar_tokenizer(self.encoding))
-        problem = grammar_problem(grammar)
+            raise RequestError(f"the output cannot be constrained: {error}", field) from error
+        if text is None:
+            return None
+        grammar = Grammar(text, tokenizer)
+        problem = compile_within(grammar, timeout)
         if problem is not None:
-            raise RequestError(f"the response format cannot be enforced: {problem}", "grammar")
+            raise RequestError(f"the output cannot be constrained: {problem}", field)
         return grammar
 
     def sampling_params(
@@ -434,7 +465,6 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         *,
         index: int = 0,
         stop_token_ids: list[int],
-        processors: list[LogitsProcessor] | None = None,
         logprobs: int | None = None,
         top_k: int = 0,
         min_p: float = 0.0,
@@ -472,7 +502,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             prompt_logprobs=prompt_logprobs,
             min_tokens=request.min_tokens,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            logits_processors=[*(processors or []), *hooked],
+            logits_processors=hooked,
             grammar=grammar,
         )
 
@@ -529,6 +559,78 @@ def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) ->
     for tool in tools or []:
         total += len(tool.function.description or "") + len(str(tool.function.parameters or ""))
     return total
+
+
+def final_format(
+    kind: str, schema: dict[str, Any] | None, strict: bool | None, request: TurnConstraints, name: str
+) -> tuple[FinalFormat | None, str]:
+    """The final answer's format, and the field that errors in it are named by: the response format (`kind`
+    "text", "json_object" or "json_schema" with `schema`, called `name` in the API) or vLLM's
+    `structured_outputs`, not both."""
+    requested = requested_answer(request)
+    if kind == "text":
+        return requested if requested is not None else (None, "grammar")
+    if requested is not None:
+        raise RequestError(f"give {name} or {requested[1]}, not both", requested[1])
+    if kind == "json_schema" and schema is None:
+        raise RequestError("json_schema needs a schema", "grammar")
+    if kind == "json_schema":
+        return ResponseFormat(schema, bool(strict)), "grammar"
+    return ResponseFormat(None), "grammar"
+
+
+def requested_schema(request: TurnConstraints) -> HarmonyResponseFormat | None:
+    """The JSON Schema that `structured_outputs.json` or `guided_json` asks for, to show the model in the
+    developer message as a response format does (None when there is none, or it is not a schema: that is
+    refused where the grammar is built)."""
+    value = request.structured_outputs.json_schema if request.structured_outputs is not None else None
+    value = request.guided_json if value is None else value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return HarmonyResponseFormat("response", value) if isinstance(value, dict) else None
+
+
+def requested_answer(request: TurnConstraints) -> tuple[FinalFormat, str] | None:
+    """The final answer's format that vLLM's `structured_outputs` (or one of its older `guided_*` names) asks
+    for, with the field that asked (errors in it are named so), or None. One of them at most."""
+    given: list[tuple[str, Any]] = []
+    so = request.structured_outputs
+    if so is not None:
+        for key in ("json", "regex", "choice", "grammar", "json_object"):
+            value = getattr(so, "json_schema" if key == "json" else key)
+            if value is not None and value is not False:
+                given.append((f"structured_outputs.{key}", value))
+    for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        value = getattr(request, key)
+        if value is not None:
+            given.append((key, value))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise RequestError(f"give one output constraint, not {given[0][0]} and {given[1][0]}", given[1][0])
+    field, value = given[0]
+    kind = field.rsplit(".", 1)[-1].removeprefix("guided_")
+    if kind == "json_object":
+        return ResponseFormat(None), field
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as error:
+                raise RequestError(f"{field} is not valid JSON: {error}", field) from error
+        if not isinstance(value, dict):
+            raise RequestError(f"{field} must be a JSON Schema object", field)
+        return ResponseFormat(value), field
+    if kind == "choice":
+        if not value or any(not isinstance(c, str) or not c for c in value):
+            raise RequestError(f"{field} must be a list of non-empty strings", field)
+        return ChoiceFormat(tuple(value)), field
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{field} must be a non-empty string", field)
+    return (RegexFormat(value) if kind == "regex" else LarkFormat(value)), field
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

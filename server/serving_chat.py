@@ -21,13 +21,14 @@ from server.serving import (
     ChoiceOutput,
     EngineRequest,
     Serving,
+    final_format,
     logprob_json,
     output_budget,
     prompt_logprobs_json,
+    requested_schema,
     stop_strings,
 )
 from server.streaming import data_events, fan_in, sse
-from server.tool_choice import tool_choice_processors
 
 
 @dataclass(slots=True)
@@ -94,19 +95,28 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         tools = request.tools if request.tool_choice != "none" else None
         return self.render(request.messages, tools, request.reasoning_effort, _harmony_format(request))
 
-    def _grammar(self, request: ChatCompletionRequest) -> Grammar | None:
+    def _grammar(self, request: ChatCompletionRequest, tool_choice: str) -> Grammar | None:
+        """The turn's grammar: the answer held to the response format or `structured_outputs`, the tool
+        choice and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
         rf = request.response_format
-        if rf is None:
-            return None
-        spec = rf.json_schema
-        choice = request.tool_choice
-        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        return self.turn_constraint(
-            rf.type,
+        spec = rf.json_schema if rf is not None else None
+        answer, field = final_format(
+            rf.type if rf is not None else "text",
             spec.json_schema if spec is not None else None,
-            bool(spec.strict) if spec is not None and rf.type == "json_schema" else True,
-            request.tools or [],
-            named or (choice if isinstance(choice, str) else "auto"),
+            spec.strict if spec is not None else None,
+            request,
+            "response_format",
+        )
+        return self.turn_constraint(
+            answer,
+            # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
+            [] if tool_choice == "none" else request.tools or [],
+            tool_choice,
+            budget=request.thinking_token_budget,
+            field=field,
+            tool_field="functions[{i}].parameters"
+            if request.functions is not None
+            else "tools[{i}].function.parameters",
         )
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[Prepared, list[EngineRequest]]:
@@ -115,7 +125,6 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             replacement = "tools" if conflict == "functions" else "tool_choice"
             raise bad_request(f"give {replacement} or the deprecated {conflict}, not both", param=conflict)
         stops = stop_strings(request.stop)
-        grammar = self._grammar(request)
         names = [t.function.name for t in request.tools or []]
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
@@ -125,6 +134,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
         if choice == "required" and not names:
             raise bad_request("tool_choice 'required' needs at least one tool", param="tool_choice")
+        grammar = self._grammar(request, named or (choice if isinstance(choice, str) else "auto"))
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         if request.stream and request.prompt_logprobs is not None:
@@ -140,21 +150,12 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
             raise RequestError("logit_bias keys must be token ids", "logit_bias") from error
-        # With a grammar the whole turn, the tool choice included, is enforced by it.
-        processors = (
-            []
-            if grammar is not None
-            else tool_choice_processors(
-                self.encoding, named or (choice if isinstance(choice, str) else None), names
-            )
-        )
         params = [
             self.sampling_params(
                 request,
                 max_tokens,
                 index=i,
                 stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-                processors=processors,
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                 top_k=max(request.top_k or 0, 0),
                 min_p=request.min_p or 0.0,
@@ -401,9 +402,10 @@ def _request_id(completion_id: str, index: int) -> str:
 
 
 def _harmony_format(request: ChatCompletionRequest) -> HarmonyResponseFormat | None:
-    """The schema to show the model in the developer message, for a json_schema response format."""
+    """The schema to show the model in the developer message: a json_schema response format's, or the one
+    vLLM's `structured_outputs` asks for."""
     rf = request.response_format
     if rf is None or rf.type != "json_schema" or rf.json_schema is None or rf.json_schema.json_schema is None:
-        return None
+        return requested_schema(request)
     spec = rf.json_schema
     return HarmonyResponseFormat(spec.name, spec.json_schema, spec.description)

@@ -35,6 +35,7 @@ from typing import Any
 import tiktoken
 from sse_starlette import EventSourceResponse
 
+from engine.constraint import Grammar
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
 from harmony.messages import Message
@@ -71,13 +72,14 @@ from server.serving import (
     ProcessorsHook,
     Serving,
     Workers,
+    final_format,
     logprob_json,
     output_budget,
+    requested_schema,
     stop_strings,
 )
 from server.settings import ServerSettings
 from server.streaming import sse, sse_json
-from server.tool_choice import tool_choice_processors
 
 logger = logging.getLogger(__name__)
 
@@ -743,26 +745,55 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             tools.append(Tool(function=definition))
         return tools
 
-    def _tool_choice(self, request: ResponsesRequest, names: list[str]) -> tuple[str | None, Any]:
-        """The choice for `tool_choice_processors` (None, a mode or a function name), and its echo."""
+    def _tool_choice(self, request: ResponsesRequest, names: list[str]) -> tuple[str, list[str] | None, Any]:
+        """The turn grammar's tool choice (a mode or a function name), the tools it may call (None: all
+        offered; `allowed_tools` narrows them), and the choice's echo."""
         choice = request.tool_choice
         if choice is None:
-            return None, "auto"
+            return "auto", None, "auto"
         if isinstance(choice, ResponsesToolChoice):
+            if choice.type == "allowed_tools":
+                return self._allowed_tools(choice, names)
             if choice.type != "function" or not choice.name:
                 raise bad_request(
-                    f"tool_choice of type {choice.type!r} is not supported; use auto, none, required or "
-                    "{'type': 'function', 'name': ...}",
+                    f"tool_choice of type {choice.type!r} is not supported; use auto, none, required, "
+                    "{'type': 'function', 'name': ...} or {'type': 'allowed_tools', ...}",
                     param="tool_choice",
                 )
             if choice.name not in names:
                 raise bad_request(
                     f"tool_choice names {choice.name!r}, which is not among the tools", param="tool_choice"
                 )
-            return choice.name, {"type": "function", "name": choice.name}
+            return choice.name, None, {"type": "function", "name": choice.name}
         if choice == "required" and not names:
             raise bad_request("tool_choice 'required' needs at least one tool", param="tool_choice")
-        return choice, choice
+        return choice, None, choice
+
+    @staticmethod
+    def _allowed_tools(choice: ResponsesToolChoice, names: list[str]) -> tuple[str, list[str], Any]:
+        """`{"type": "allowed_tools", "mode": "auto" | "required", "tools": [{"type": "function", "name":
+        ...}]}`: the model may call only the tools listed (all stay in the prompt, which keeps the prompt
+        cache warm as the list changes), and must call one when the mode is `required`."""
+        if choice.mode is None:
+            raise bad_request("allowed_tools needs a mode: auto or required", param="tool_choice.mode")
+        if not choice.tools:
+            raise bad_request("allowed_tools needs at least one tool", param="tool_choice.tools")
+        allowed = []
+        for i, tool in enumerate(choice.tools):
+            name = tool.get("name")
+            if tool.get("type", "function") != "function" or not isinstance(name, str):
+                raise bad_request(
+                    "allowed_tools lists function tools by name: {'type': 'function', 'name': ...}",
+                    param=f"tool_choice.tools[{i}]",
+                )
+            if name not in names:
+                raise bad_request(
+                    f"allowed_tools names {name!r}, which is not among the tools",
+                    param=f"tool_choice.tools[{i}].name",
+                )
+            allowed.append(name)
+        echo = {"type": "allowed_tools", "mode": choice.mode, "tools": choice.tools}
+        return choice.mode, allowed, echo
 
     def _resolve(self, items: list[ResponsesInputItem]) -> list[ResponsesInputItem]:
         out = []
@@ -812,12 +843,35 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
     engine_stops = False
 
+    def _grammar(
+        self, request: ResponsesRequest, tools: list[Tool], choice: str, allowed: list[str] | None
+    ) -> Grammar | None:
+        """The turn's grammar: the answer held to `text.format` or `structured_outputs`, the tool choice
+        and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
+        fmt = request.text.format if request.text is not None else None
+        answer, field = final_format(
+            fmt.type if fmt is not None else "text",
+            fmt.json_schema if fmt is not None else None,
+            fmt.strict if fmt is not None else None,
+            request,
+            "text.format",
+        )
+        return self.turn_constraint(
+            answer,
+            tools,
+            choice,
+            allowed=allowed,
+            budget=request.thinking_token_budget,
+            field=field,
+            tool_field="tools[{i}].parameters",
+        )
+
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
         stops = stop_strings(request.stop)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
-        choice, choice_echo = self._tool_choice(request, names)
+        choice, allowed, choice_echo = self._tool_choice(request, names)
         messages, input_items = self.conversation(request)
         builtin = self.builtin.parse(request.tools or [], input_items)
         offered = tools if request.tool_choice != "none" else None
@@ -825,22 +879,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         shown = (
             HarmonyResponseFormat(fmt.name, fmt.json_schema, fmt.description)
             if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None
-            else None
+            else requested_schema(request)
         )
         effort = request.reasoning.effort if request.reasoning else None
         prompt = self.render(messages, offered, effort, shown, self.builtin.namespaces(builtin))
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
-        grammar = (
-            None
-            if fmt is None
-            else self.turn_constraint(
-                fmt.type,
-                fmt.json_schema,
-                bool(fmt.strict) if fmt.type == "json_schema" else True,
-                tools,
-                choice or "auto",
-            )
-        )
+        # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
+        grammar = self._grammar(request, offered or [], choice, allowed)
         try:
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
@@ -849,8 +894,6 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             request,
             max_tokens,
             stop_token_ids=sorted(tok.STOP_TOKENS_FOR_ASSISTANT_ACTIONS),
-            # With a grammar the whole turn, the tool choice included, is enforced by it.
-            processors=[] if grammar is not None else tool_choice_processors(self.encoding, choice, names),
             logprobs=_logprobs(request),
             top_k=max(request.top_k or 0, 0),
             min_p=request.min_p or 0.0,

@@ -71,3 +71,8 @@ class ServerSettings(BaseModel):
     # Built-in tool calls one response may run before it ends as incomplete (reason "max_tool_calls"); a
     # request's `max_tool_calls` may lower it.
     max_builtin_tool_calls: int = Field(default=20, ge=1)
+    # The most tokens a turn's reasoning may take when a request names no `thinking_token_budget` (None: no
+    # bound); past it the grammar closes the analysis and opens the answer.
+    thinking_token_budget: int | None = Field(default=None, ge=0)
+    # Seconds a request's grammar may take to compile before the request is refused with a 400.
+    grammar_compile_timeout: float = Field(default=2.0, gt=0)

@@ -51,7 +51,11 @@ def _post(served: Served, path: str, body: dict[str, Any]) -> httpx.Response:
     ("path", "body", "param"),
     [
         ("/v1/chat/completions", {"messages": USER, "some_future_field": 1}, "some_future_field"),
-        ("/v1/chat/completions", {"messages": USER, "guided_json": {}}, "guided_json"),
+        (
+            "/v1/chat/completions",
+            {"messages": USER, "guided_decoding_backend": "x"},
+            "guided_decoding_backend",
+        ),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "Hi", "colour": "red"}]},

@@ -16,12 +16,17 @@ from engine.constraint import (
     GrammarConstraint,
     apply_token_masks,
     apply_token_masks_reference,
+    forbidden_by_shifts,
+    forbidden_by_table,
     grammar_problem,
 )
 from engine.request import Grammar
 from harmony import encoding as tok
 from harmony.grammar import (
+    ChoiceFormat,
     GrammarError,
+    LarkFormat,
+    RegexFormat,
     ResponseFormat,
     ToolSpec,
     grammar_tokenizer,
@@ -61,7 +66,7 @@ def lltok(enc: tiktoken.Encoding) -> llguidance.LLTokenizer:
 def walk(enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, grammar: str, text: str) -> tuple[bool, str]:
     """Feed `text` (harmony, special tokens by name) token by token, checking each is allowed first: (all
     allowed and the turn complete, the first refused token's text or '')."""
-    constraint = GrammarConstraint(lltok, grammar)
+    constraint = GrammarConstraint(Grammar(grammar, lltok))
     mask = np.zeros(constraint.words, dtype=np.int32)
     for token in enc.encode(text, allowed_special="all"):
         constraint.fill(mask)
@@ -174,7 +179,7 @@ def test_required_refuses_a_final_answer_and_named_refuses_the_other_tool(
 def test_nothing_to_constrain_gives_no_grammar_and_bad_choices_are_refused() -> None:
     assert turn_grammar() is None
     assert turn_grammar(tools=[SEARCH]) is None  # auto, nothing strict: the model's own choice, unconstrained
-    assert turn_grammar(tools=[WEATHER], tool_choice="none") is None
+    assert turn_grammar(tools=[WEATHER], tool_choice="none") is not None  # the tools shown but refused
     assert turn_grammar(tools=[WEATHER]) is not None  # a strict tool: its arguments are enforced if called
     with pytest.raises(GrammarError, match="not among the tools"):
         turn_grammar(tools=[WEATHER], tool_choice="nope")
@@ -193,6 +198,115 @@ def test_a_strict_schema_with_a_keyword_llguidance_cannot_enforce_is_an_error(
     assert grammar_problem(Grammar(lenient, lltok)) is None
 
 
+def allowed_after(enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, grammar: str, text: str) -> set[int]:
+    """The tokens `grammar` allows after `text` (which it must accept)."""
+    constraint = GrammarConstraint(Grammar(grammar, lltok))
+    for token in enc.encode(text, allowed_special="all"):
+        constraint.advance(token)
+    assert constraint.error is None, constraint.error
+    mask = np.zeros(constraint.words, dtype=np.int32)
+    constraint.fill(mask)
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[: enc.n_vocab]
+    return set(np.flatnonzero(bits).tolist())
+
+
+def test_a_reasoning_budget_closes_the_analysis_and_the_turn_goes_on_to_its_end(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer
+) -> None:
+    words = " one two three"
+    assert len(enc.encode_ordinary(words)) == 3
+    opened = "<|channel|>analysis<|message|>"
+    budgeted = turn_grammar(reasoning_budget=3)
+    assert budgeted is not None
+    # Within the budget the reasoning is free; at it, only `<|end|>` may follow.
+    assert len(allowed_after(enc, lltok, budgeted, opened + " one two")) > 190_000
+    assert allowed_after(enc, lltok, budgeted, opened + words) == {tok.END}
+    # Then the answer: a second analysis message would spend more than the budget.
+    after = opened + words + "<|end|><|start|>assistant<|channel|>"
+    assert walk(enc, lltok, budgeted, after + "final<|message|>Yes.<|return|>") == (True, "")
+    assert not walk(enc, lltok, budgeted, after + "analysis<|message|>")[0]
+    # A forced call follows the closed analysis; the budget never bounds the call's arguments.
+    forced = turn_grammar(tools=[WEATHER], tool_choice="required", reasoning_budget=3)
+    assert forced is not None
+    call = (
+        opened + words + "<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather"
+        '<|message|>{"city": "a very long city name indeed, longer than three tokens"}<|call|>'
+    )
+    assert walk(enc, lltok, forced, call) == (True, "")
+    # 0: no reasoning at all.
+    none = turn_grammar(reasoning_budget=0)
+    assert none is not None
+    assert walk(enc, lltok, none, "<|channel|>final<|message|>Hi<|return|>") == (True, "")
+    assert not walk(enc, lltok, none, opened)[0]
+    with pytest.raises(GrammarError, match="negative"):
+        turn_grammar(reasoning_budget=-1)
+
+
+@pytest.mark.parametrize(
+    ("answer", "good", "bad"),
+    [
+        (ChoiceFormat(("red", "green", 'say "hi"')), 'say "hi"', "blue"),
+        (RegexFormat(r"\d{3}-[a-z]+/x"), "123-abc/x", "12-abc/x"),
+        (LarkFormat('start: item ("," item)*\nitem: "a" | "b"'), "a,b,a", "a,c"),
+    ],
+    ids=["choice", "regex", "lark"],
+)
+def test_the_final_answer_follows_a_choice_a_regex_or_a_lark_grammar(
+    enc: tiktoken.Encoding,
+    lltok: llguidance.LLTokenizer,
+    answer: ChoiceFormat | RegexFormat | LarkFormat,
+    good: str,
+    bad: str,
+) -> None:
+    grammar = turn_grammar(response_format=answer)
+    assert grammar is not None
+    assert grammar_problem(Grammar(grammar, lltok)) is None
+    thought = "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant"
+    assert walk(enc, lltok, grammar, f"{thought}<|channel|>final<|message|>{good}<|return|>") == (True, "")
+    assert not walk(enc, lltok, grammar, f"<|channel|>final<|message|>{bad}<|return|>")[0]
+
+
+def test_a_malformed_regex_or_grammar_does_not_compile(lltok: llguidance.LLTokenizer) -> None:
+    for answer in (RegexFormat("[a-z"), LarkFormat('start: "a'), LarkFormat("start: undefined")):
+        problem = grammar_problem(Grammar(turn_grammar(response_format=answer) or "", lltok))
+        assert problem is not None, answer
+
+
+def test_without_a_format_the_final_answer_is_free_text_and_tool_choices_hold(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer
+) -> None:
+    strict_auto = turn_grammar(tools=[WEATHER, SEARCH])
+    assert strict_auto is not None
+    assert walk(enc, lltok, strict_auto, "<|channel|>final<|message|>Any text {at all<|return|>") == (
+        True,
+        "",
+    )
+    none = turn_grammar(tools=[WEATHER, SEARCH], tool_choice="none")
+    assert none is not None
+    assert walk(enc, lltok, none, "<|channel|>final<|message|>Fine.<|return|>") == (True, "")
+    assert not walk(enc, lltok, none, '<|channel|>commentary to=functions.search<|message|>{"q": "x"}')[0]
+    # allowed_tools: only the listed tools may be called, freely (auto) or necessarily (required).
+    narrowed = turn_grammar(tools=[WEATHER, SEARCH], allowed=["search"])
+    assert narrowed is not None
+    assert walk(enc, lltok, narrowed, "<|channel|>final<|message|>Fine.<|return|>") == (True, "")
+    assert not walk(
+        enc, lltok, narrowed, f"<|channel|>commentary to=functions.get_weather<|message|>{CALL_ARGS}"
+    )[0]
+    must = turn_grammar(tools=[WEATHER, SEARCH], tool_choice="required", allowed=["search"])
+    assert must is not None
+    assert not walk(enc, lltok, must, "<|channel|>final<|message|>Fine.<|return|>")[0]
+    assert walk(
+        enc, lltok, must, '<|channel|>commentary to=functions.search<|message|>{"q": "x"}<|call|>'
+    ) == (
+        True,
+        "",
+    )
+    with pytest.raises(GrammarError, match="not among the tools"):
+        turn_grammar(tools=[WEATHER], allowed=["nope"])
+    with pytest.raises(GrammarError, match="at least one tool it may call"):
+        turn_grammar(tools=[WEATHER, SEARCH], tool_choice="search", allowed=["get_weather"])
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_walks_under_the_mask_end_in_valid_turns(
     enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, seed: int
@@ -208,7 +322,7 @@ def test_random_walks_under_the_mask_end_in_valid_turns(
         else turn_grammar(response_format=ResponseFormat(ORDER))
     )
     assert grammar is not None
-    constraint = GrammarConstraint(lltok, grammar)
+    constraint = GrammarConstraint(Grammar(grammar, lltok))
     mask = np.zeros(constraint.words, dtype=np.int32)
     # A short path into the answer, then free choices: reasoning walks would take too long to end by chance.
     start = (
@@ -251,3 +365,14 @@ def test_batched_mask_application_equals_its_twin() -> None:
     apply_token_masks(logits, torch.tensor([1, 3]), torch.from_numpy(masks))
     assert torch.equal(logits, expected)
     assert torch.isinf(logits[1]).sum() > 10
+    # Every row constrained (filled in place), and the two unpackings (host table, device shifts) agree.
+    every = rng.integers(-(2**31), 2**31, size=(4, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
+    whole = torch.randn(4, vocab)
+    whole_expected = whole.clone()
+    apply_token_masks_reference(whole_expected, [0, 1, 2, 3], every)
+    apply_token_masks(whole, torch.arange(4), torch.from_numpy(every))
+    assert torch.equal(whole, whole_expected)
+    as_tensor = torch.from_numpy(every)
+    assert torch.equal(
+        forbidden_by_table(as_tensor, vocab), forbidden_by_shifts(as_tensor, vocab, torch.device("cpu"))
+    )

@@ -1,0 +1,173 @@
+"""Constrained decoding's cost, in one run on the tiny model: decode step time at batch 64 with every row
+constrained against none, the time to fill and apply the masks per step, and the compile time of a new
+schema's turn grammar (median over a corpus of 30) against a cache hit.
+
+    .venv/bin/python benchmarks/grammar_bench.py [--threads N] [--device cpu|cuda] [--steps N]
+
+The constrained rows run a JSON grammar from their first token (a reasoning budget of 0): an array of at least
+64 strings, so that no row finishes inside the measured steps and every step masks all 64 rows, mostly inside
+bounded strings (the costlier masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import engine.sampler as sampler_module  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.constraint import Grammar, GrammarConstraint, compile_within, grammar_problem  # noqa: E402
+from engine.core import EngineCore  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
+from harmony import encoding as tok  # noqa: E402
+from harmony.encoding import load_harmony_encoding  # noqa: E402
+from harmony.grammar import ResponseFormat, grammar_tokenizer, turn_grammar  # noqa: E402
+from model.config import PRESETS  # noqa: E402
+from model.gpt_oss import GptOss  # noqa: E402
+from model.make_checkpoint import write_checkpoint  # noqa: E402
+from tests.api.schema_corpus import CORPUS  # noqa: E402
+
+BATCH = 64
+PROMPT = list(range(100, 116))
+LONG = {
+    "type": "object",
+    "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 64}},
+    "required": ["items"],
+    "additionalProperties": False,
+}
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def checkpoint() -> Path:
+    path = ROOT / ".cache" / "bench" / "tiny-seed0"
+    if not (path / ".done").is_file():
+        write_checkpoint(PRESETS["tiny"], path, layout="hf", seed=0)
+        (path / ".done").write_text("ok\n")
+    return path
+
+
+def timed(fn: Callable[..., Any], record: list[float], device: torch.device) -> Callable[..., Any]:
+    def wrapper(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        result = fn(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record.append(time.perf_counter() - start)
+        return result
+
+    return wrapper
+
+
+def decode_steps(model: GptOss, grammar: Grammar | None, steps: int, device: torch.device) -> list[float]:
+    """Seconds per decode step with BATCH rows running, each adding one token."""
+    engine = EngineCore(model, EngineConfig(max_num_seqs=BATCH, max_model_len=1024, block_size=16))
+    for i in range(BATCH):
+        params = SamplingParams(
+            max_tokens=steps + 8,
+            temperature=1.0,
+            seed=i,
+            stop_token_ids=[tok.RETURN, tok.CALL],
+            grammar=grammar,
+        )
+        engine.add_request(f"r{i}", PROMPT, params)
+    times: list[float] = []
+    while engine.has_unfinished():
+        decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running)
+        full = len(engine.scheduler.running) == BATCH
+        start = time.perf_counter()
+        outputs = engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if decoding and full and len(outputs) == BATCH:
+            times.append(time.perf_counter() - start)
+        assert all(o.error is None for o in outputs), [o.error for o in outputs if o.error]
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=24)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    enc = load_harmony_encoding()
+    started = time.perf_counter()
+    lltok = grammar_tokenizer(enc)
+    out(f"grammar tokenizer built in {time.perf_counter() - started:.2f} s (once per process)")
+
+    # Compile: a new schema's whole-turn grammar, then the same one again (a cache hit) and a request's copy.
+    fresh, hits, copies = [], [], []
+    for schema in CORPUS:
+        grammar = Grammar(turn_grammar(response_format=ResponseFormat(schema)) or "", lltok)
+        start = time.perf_counter()
+        assert compile_within(grammar, 10.0) is None
+        fresh.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert grammar_problem(grammar) is None
+        hits.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        GrammarConstraint(grammar)
+        copies.append(time.perf_counter() - start)
+    ms = 1e3
+    out(
+        f"compile per new schema ({len(CORPUS)} schemas): p50 {statistics.median(fresh) * ms:.2f} ms, "
+        f"max {max(fresh) * ms:.2f} ms (target p50 <= 5 ms)"
+    )
+    out(
+        f"cache hit: {statistics.median(hits) * 1e6:.1f} us; a request's matcher copied from it: "
+        f"{statistics.median(copies) * ms:.3f} ms"
+    )
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = GptOss.from_checkpoint(checkpoint(), device=args.device, dtype=dtype, progress=False)
+    grammar = Grammar(turn_grammar(response_format=ResponseFormat(LONG), reasoning_budget=0) or "", lltok)
+    mask_times: list[float] = []
+    fill_times: list[float] = []
+    original, original_fill = sampler_module._constrain, GrammarConstraint.fill
+    sampler_module._constrain = timed(original, mask_times, device)
+    GrammarConstraint.fill = timed(original_fill, fill_times, torch.device("cpu"))  # type: ignore[method-assign]
+    try:
+        decode_steps(model, None, 4, device)  # warm-up
+        plain = decode_steps(model, None, args.steps, device)
+        constrained = decode_steps(model, grammar, args.steps, device)
+    finally:
+        sampler_module._constrain = original
+        GrammarConstraint.fill = original_fill  # type: ignore[method-assign]
+    base, masked = statistics.median(plain), statistics.median(constrained)
+    out(
+        f"decode step at batch {BATCH} ({args.device}, {args.threads} threads, "
+        f"{len(plain)} and {len(constrained)} steps): none constrained {base * ms:.2f} ms, "
+        f"all constrained {masked * ms:.2f} ms, "
+        f"ratio {masked / base:.3f} (target <= 1.05)"
+    )
+    out(
+        f"masks per step (fill {BATCH} rows on the host + apply on the logits' device): "
+        f"p50 {statistics.median(mask_times) * ms:.2f} ms, max {max(mask_times) * ms:.2f} ms; "
+        f"of which filling "
+        f"one row: p50 {statistics.median(fill_times) * 1e6:.0f} us, p99 "
+        f"{sorted(fill_times)[int(len(fill_times) * 0.99)] * 1e6:.0f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
