@@ -227,8 +227,10 @@ def _dequantized_linear(
 
 
 # experts_fused: an expert with more tokens than this is dequantized and multiplied by oneDNN instead, where
-# the dequantization, paid once, costs less than the fused kernel's float32 products for every token.
-FUSED_MAX_ROWS = 128
+# the dequantization, paid once, costs less than the fused kernel's float32 products for every token. At
+# gpt-oss widths on a 2-core AVX-512 CPU the two crossed near 512 rows in bf16 and 1024 in float32; the
+# fused kernel was 1.6-2.9x faster at 256 (benchmarks/README.md).
+FUSED_MAX_ROWS = 256
 
 
 def _fused_linear(
