@@ -3,7 +3,7 @@ fused MXFP4 kernel (model/kernels/cpu_mxfp4.py), in one run on the same machine 
 
     python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 8] [--threads N]
                                    [--impls grouped,fused] [--dtypes bfloat16,float32]
-    python benchmarks/cpu_bench.py --kernels [--repeats 7]
+    python benchmarks/cpu_bench.py [--kernels] [--matrix-tokens 64,256,512,1024] [--repeats 7]
 
 The default (quick) mode writes once, under .cache/model_bench/, the random 20b-shaped checkpoint slice that
 benchmarks/model_bench.py uses (hidden 2880, 32 experts, top-4, the real vocabulary, `--layers` layers), then
@@ -13,7 +13,9 @@ step and the median of `--decode-steps`), and peak RSS; then the fused path's ra
 
 `--kernels` times one MoE layer's experts alone (no checkpoint): batch 1 (one token, 4 experts) and a
 `--prompt`-token prefill, each implementation and dtype, the minimum of `--repeats` runs (the machine may be
-shared: other load only ever adds time).
+shared: other load only ever adds time). `--matrix-tokens` adds one expert's first matrix (5760 x 2880) at
+those token counts, dequantized then multiplied (oneDNN) against fused: where the two cross is the fused
+path's token limit per expert (`FUSED_MAX_ROWS` in model/kernels/experts.py).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from model_bench import checkpoint_dir, proc_status  # noqa: E402
 
 from model.config import PRESETS  # noqa: E402
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss, MLPBlock  # noqa: E402
-from model.kernels import Kernels, cpu_mxfp4  # noqa: E402
+from model.kernels import Kernels, cpu_mxfp4, prepacked  # noqa: E402
 from model.kernels.experts import Experts, experts_fused, experts_grouped  # noqa: E402
+from model.kernels.mxfp4 import dequantize  # noqa: E402
 
 logger = logging.getLogger("cpu_bench")
 
@@ -92,6 +95,27 @@ def bench_kernels(args: argparse.Namespace) -> None:
     logger.info("threads %d, min of %d\n%s", torch.get_num_threads(), args.repeats, "\n".join(lines))
 
 
+def bench_matrix(args: argparse.Namespace) -> None:
+    """One expert's first matrix (5760 x 2880, random MXFP4) at each of `--matrix-tokens` token counts."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 2 * PRESETS["20b"].intermediate_size, PRESETS["20b"].hidden_size
+    blocks = torch.randint(0, 256, (rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 128, (rows, cols // 32), generator=g, dtype=torch.uint8)
+    cpu_mxfp4.available()
+    lines = [f"{'one expert matrix 5760 x 2880':34}{'dequantize (ms)':>16}{'fused (ms)':>12}"]
+    for dtype_name, dtype in DTYPES.items():
+        bias = torch.randn(rows, generator=g).to(dtype)
+        for tokens in map(int, args.matrix_tokens.split(",")):
+            x = torch.randn(tokens, cols, generator=g).to(dtype)
+            old = best(
+                lambda x=x, d=dtype, b=bias: prepacked.linear(x, dequantize(blocks, scales, d), b),
+                args.repeats,
+            )
+            new = best(lambda x=x, b=bias: cpu_mxfp4.mxfp4_linear(x, blocks, scales, b), args.repeats)
+            lines.append(f"{f'{dtype_name}, {tokens} tokens':34}{1e3 * old:16.1f}{1e3 * new:12.1f}")
+    logger.info("threads %d, min of %d\n%s", torch.get_num_threads(), args.repeats, "\n".join(lines))
+
+
 def worker(args: argparse.Namespace) -> None:
     """One implementation and dtype on the checkpoint slice; prints its figures as one JSON line."""
     impl, dtype_name = args.worker.split(":")
@@ -132,13 +156,17 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--kernels", action="store_true", help="time one layer's experts alone")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--matrix-tokens", default="", help="time one matrix at these token counts")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
-        if args.kernels:
-            bench_kernels(args)
+        if args.kernels or args.matrix_tokens:
+            if args.kernels:
+                bench_kernels(args)
+            if args.matrix_tokens:
+                bench_matrix(args)
             return
         if args.worker:
             worker(args)

@@ -228,9 +228,9 @@ def _dequantized_linear(
 
 # experts_fused: an expert with more tokens than this is dequantized and multiplied by oneDNN instead, where
 # the dequantization, paid once, costs less than the fused kernel's float32 products for every token. At
-# gpt-oss widths on a 2-core AVX-512 CPU the two crossed near 512 rows in bf16 and 1024 in float32; the
-# fused kernel was 1.6-2.9x faster at 256 (benchmarks/README.md).
-FUSED_MAX_ROWS = 256
+# gpt-oss widths on a 2-core AVX-512 CPU the two crossed between 64 and 256 rows in bf16 and near 256 in
+# float32 (`benchmarks/cpu_bench.py --matrix-tokens`, benchmarks/README.md).
+FUSED_MAX_ROWS = 128
 
 
 def _fused_linear(
