@@ -90,8 +90,14 @@ static const TileFn TILES[TILE_MAX] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<
 // x [M, K] float32, blocks [N, K/32, 16] and scales [N, K/32] uint8, bias [N] float32 or empty: x . W^T + bias
 // as [M, N] float32.
 torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias) {
+    // Python threads (the server's event loop) run meanwhile, as they do beside torch's own ops.
+    pybind11::gil_scoped_release no_gil;
     const int64_t M = x.size(0), N = blocks.size(0), G = blocks.size(1);
     TORCH_CHECK(x.size(1) == G * 32, "inputs and weights disagree on K");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+    TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "MXFP4 must be uint8");
+    TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous() && bias.is_contiguous(), "inputs not contiguous");
+    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.numel() == N), "bad bias");
     // Evens then odds per block, so the decoded low and high nibbles meet contiguous inputs; block-major, so
     // the tokens of a tile read one contiguous run per block.
     auto xp = x.reshape({M, G, 16, 2}).permute({1, 0, 3, 2}).contiguous();

@@ -11,11 +11,13 @@ the even elements of a block (low nibbles) and the odd ones (high nibbles) are c
 interleave per block. The source is ``cpu_mxfp4.cpp`` beside this file; without AVX-512 it compiles a
 scalar loop.
 
-Why a C++ extension (``torch.utils.cpp_extension.load_inline``): measured on a 20b-shaped layer
-(``benchmarks/cpu_bench.py --kernels``, figures in benchmarks/README.md) it beats both the dequantize path and
-what torch ops restructured can do, and no maintained library does MXFP4 on the CPU from torch. It needs a C++
-compiler and ninja at run time (built once, cached under torch's extensions directory); where either is
-missing or the build fails, :func:`available` logs a warning and the model keeps the dequantize path.
+Why a C++ extension (``torch.utils.cpp_extension.load_inline``): the decode has to stay in registers, a table
+permute per 16 codes feeding the FMAs, and torch ops cannot express that without writing the decoded values
+out (which is what the dequantize path does); ``torch.compile`` would need the same compiler at run time
+without that control. Measured against the dequantize path on a 20b-shaped layer
+(``benchmarks/cpu_bench.py``, figures in benchmarks/README.md). It needs a C++ compiler and ninja at run time
+(built once, cached under torch's extensions directory); where either is missing or the build fails,
+:func:`available` logs a warning and the model keeps the dequantize path.
 
 :func:`mxfp4_linear_reference` is the plain twin: :func:`model.kernels.mxfp4.dequantize_reference` then
 ``F.linear`` in float32, compared with it in tests.

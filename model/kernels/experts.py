@@ -10,7 +10,7 @@ token's experts ``indices [T, k]`` and their routing weights ``[T, k]``, and ret
 * :func:`experts_fused` — the CPU path where the fused MXFP4 kernel builds (:mod:`model.kernels.cpu_mxfp4`):
   grouped as :func:`experts_grouped`, each expert's matmuls straight from its packed bytes.
 
-All three run on a CPU, so all are tested against the reference there.
+All of them run on a CPU, so all are tested against the reference there.
 """
 
 from __future__ import annotations
