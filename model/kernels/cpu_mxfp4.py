@@ -81,7 +81,8 @@ def available() -> bool:
             _failed = True
             logger.warning(
                 "no %s found: the CPU experts fall back to dequantizing each active expert per step (several "
-                "times slower at decode); install a C++ compiler and ninja for the fused MXFP4 kernel",
+                "times slower at decode); install a C++ compiler and ninja (Debian/Ubuntu: apt install g++ "
+                "ninja-build) for the fused MXFP4 kernel",
                 " or ".join(missing),
             )
             return False
