@@ -2,6 +2,7 @@
 
 * :mod:`model.kernels.attention` — store into the KV cache and attend, with sinks and a sliding window.
 * :mod:`model.kernels.experts` — the MoE experts and their MXFP4 weight storage.
+* :mod:`model.kernels.cpu_mxfp4` — the CPU experts' fused MXFP4 matmul (C++, built at first use).
 * :mod:`model.kernels.mxfp4` — MXFP4 (de)quantization.
 * :mod:`model.kernels.prepacked` — the oneDNN prepacked linear for bf16 weights on the CPU.
 * :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — decode steps on a GPU in Triton
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.kernels import cpu_mxfp4
 from model.kernels.attention import (
     HAS_CPU_FLASH_LSE,
     Attention,
@@ -25,7 +27,7 @@ from model.kernels.attention import (
     sdpa_sink_as_key,
     sdpa_sink_from_lse,
 )
-from model.kernels.experts import Experts, experts_batched, experts_grouped, experts_reference
+from model.kernels.experts import Experts, experts_batched, experts_fused, experts_grouped, experts_reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +39,14 @@ class Kernels:
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> Kernels:
-        """The fast paths for `device`. The CPU: experts grouped by expert (no padding) and the sinks from the
-        fused kernel's log-sum-exp (no copy of the keys); elsewhere: experts in batched matmuls (few
-        launches) and the sinks as an extra key (any fused kernel)."""
+        """The fast paths for `device`. The CPU: experts grouped by expert (no padding), multiplied from their
+        packed bytes by the fused MXFP4 kernel where it builds (else dequantized per step, with a warning:
+        :func:`model.kernels.cpu_mxfp4.available`), and the sinks from the fused attention kernel's
+        log-sum-exp (no copy of the keys); elsewhere: experts in batched matmuls (few launches) and the sinks
+        as an extra key (any fused kernel)."""
         if torch.device(device).type == "cpu":
             sdpa = sdpa_sink_from_lse if HAS_CPU_FLASH_LSE else sdpa_sink_as_key
-            return cls(TorchAttention(sdpa), experts_grouped)
+            return cls(TorchAttention(sdpa), experts_fused if cpu_mxfp4.available() else experts_grouped)
         return cls(TorchAttention(sdpa_sink_as_key), experts_batched)
 
     @classmethod

@@ -7,8 +7,10 @@ token's experts ``indices [T, k]`` and their routing weights ``[T, k]``, and ret
 * :func:`experts_reference` — token by token, expert by expert, reference dequantization: the spec.
 * :func:`experts_grouped` — the CPU path: each active expert dequantized once and applied to all its tokens.
 * :func:`experts_batched` — the GPU path: a fixed number of launches, the active experts in batched matmuls.
+* :func:`experts_fused` — the CPU path where the fused MXFP4 kernel builds (:mod:`model.kernels.cpu_mxfp4`):
+  grouped as :func:`experts_grouped`, each expert's matmuls straight from its packed bytes.
 
-All three run on a CPU, so all are tested against the reference there.
+All of them run on a CPU, so all are tested against the reference there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from model.kernels import prepacked
+from model.kernels import cpu_mxfp4, prepacked
 from model.kernels.mxfp4 import dequantize, dequantize_reference
 from model.kernels.mxfp4 import quantize as quantize_mxfp4
 
@@ -181,7 +183,11 @@ def _groups(spans: list[tuple[int, int, int]], rows: int) -> list[list[tuple[int
 
 
 def experts_grouped(
-    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    mlp: ExpertWeights,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    linear: Callable[[torch.Tensor, MXFP4Weight, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Grouped by expert, for CPUs: each active expert is dequantized once and applied to all its tokens.
 
@@ -191,8 +197,10 @@ def experts_grouped(
     all pairs; the loop itself is only the two matmuls of each active expert, not the fifteen-odd small ops
     of an expert's whole work (``benchmarks/moe_bench.py`` times it against :func:`experts_batched`). Each
     token's terms are added in the order of its experts (the pairs are sorted stably), as the reference
-    adds them.
+    adds them. `linear(x, weight, e, bias, out)` computes one expert's matmul into `out`; by default the
+    expert is dequantized (:meth:`MXFP4Weight.expert`) and run through :func:`model.kernels.prepacked.linear`.
     """
+    linear = _dequantized_linear if linear is None else linear
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=mlp.mlp1_bias.shape[0]).tolist()
@@ -204,14 +212,45 @@ def experts_grouped(
     for group in _groups(_spans(counts), rows_per_group):
         start, end = group[0][1], group[-1][2]
         for e, lo, hi in group:
-            w, b = mlp.mlp1_weight.expert(e, t.dtype), mlp.mlp1_bias[e]
-            prepacked.linear(x[lo:hi], w, b, out=h[lo:hi])
+            linear(x[lo:hi], mlp.mlp1_weight, e, mlp.mlp1_bias[e], h[lo:hi])
         a = swiglu(h[start:end], mlp.swiglu_alpha, mlp.swiglu_limit)
         for e, lo, hi in group:
-            w, b = mlp.mlp2_weight.expert(e, t.dtype), mlp.mlp2_bias[e]
-            prepacked.linear(a[lo - start : hi - start], w, b, out=y[lo:hi])
+            linear(a[lo - start : hi - start], mlp.mlp2_weight, e, mlp.mlp2_bias[e], y[lo:hi])
     y *= weights.flatten()[order, None]
     return torch.zeros_like(t).index_add_(0, token_of, y)
+
+
+def _dequantized_linear(
+    x: torch.Tensor, weight: MXFP4Weight, e: int, bias: torch.Tensor, out: torch.Tensor
+) -> None:
+    prepacked.linear(x, weight.expert(e, x.dtype), bias, out=out)
+
+
+# experts_fused: an expert with more tokens than this is dequantized and multiplied by oneDNN instead, where
+# the dequantization, paid once, costs less than the fused kernel's float32 products for every token. At
+# gpt-oss widths on a 2-core AVX-512 CPU the two crossed between 64 and 256 rows in bf16 and near 256 in
+# float32 (`benchmarks/cpu_bench.py --matrix-tokens`, benchmarks/README.md).
+FUSED_MAX_ROWS = 128
+
+
+def _fused_linear(
+    x: torch.Tensor, weight: MXFP4Weight, e: int, bias: torch.Tensor, out: torch.Tensor
+) -> None:
+    if weight.dense is not None or x.shape[0] > FUSED_MAX_ROWS:
+        _dequantized_linear(x, weight, e, bias, out)
+    else:
+        out.copy_(cpu_mxfp4.mxfp4_linear(x, weight.blocks[e], weight.scales[e], bias))
+
+
+def experts_fused(
+    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """:func:`experts_grouped` with each packed expert multiplied straight from its MXFP4 bytes by the fused
+    CPU kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear`), never dequantized: at decode the
+    dequantization was most of the step. Dense experts (:attr:`ExpertMode.DEQUANTIZED`, a fine-tune's) and
+    experts with more than :data:`FUSED_MAX_ROWS` tokens take the dequantize path. Needs
+    :func:`model.kernels.cpu_mxfp4.available` (:meth:`model.kernels.Kernels.for_device` checks it)."""
+    return experts_grouped(mlp, t, indices, weights, linear=_fused_linear)
 
 
 EXPERTS_PER_CALL = 32  # experts dequantized together by experts_batched

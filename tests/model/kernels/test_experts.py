@@ -9,16 +9,25 @@ import pytest
 import torch
 
 from model.gpt_oss import GptOss, MLPBlock
-from model.kernels import Kernels
+from model.kernels import Kernels, cpu_mxfp4
 from model.kernels import experts as ex
-from model.kernels.experts import Experts, experts_batched, experts_grouped, experts_reference, swiglu
+from model.kernels.experts import (
+    Experts,
+    experts_batched,
+    experts_fused,
+    experts_grouped,
+    experts_reference,
+    swiglu,
+)
 
 FAST: dict[str, Experts] = {"grouped": experts_grouped, "batched": experts_batched}
 
 
 @pytest.fixture(scope="module", params=["packed", "dequantized"])
 def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBlock:
-    model = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, expert_mode=request.param, progress=False)
+    model = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, expert_mode=request.param, progress=False
+    )
     return model.block[1].mlp
 
 
@@ -57,6 +66,21 @@ def test_batched_equal_reference(
     torch.testing.assert_close(experts_batched(mlp, t, indices, weights), expected)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 13, 300])
+@pytest.mark.parametrize("max_rows", [128, 20])
+def test_fused_equal_reference(
+    mlp: MLPBlock, num_tokens: int, max_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path on the fused MXFP4 kernel: with the default cut-over, and with experts of more than 20
+    rows dequantized instead (so 300 tokens mix both ways within one call). Dense experts (the dequantized
+    mode) always take the dequantize path."""
+    assert cpu_mxfp4.available()
+    monkeypatch.setattr(ex, "FUSED_MAX_ROWS", max_rows)
+    t, indices, weights = routed(mlp, num_tokens, 6)
+    expected = experts_reference(mlp, t, indices, weights)
+    torch.testing.assert_close(experts_fused(mlp, t, indices, weights), expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", list(FAST))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,7 +96,8 @@ def test_on_cuda_equal_reference(checkpoints: dict[str, Path], impl: str, dtype:
 
 
 def test_each_device_gets_its_experts_path() -> None:
-    assert Kernels.for_device("cpu").experts is experts_grouped
+    expected_cpu = experts_fused if cpu_mxfp4.available() else experts_grouped
+    assert Kernels.for_device("cpu").experts is expected_cpu
     assert Kernels.for_device("cuda").experts is experts_batched
 
 

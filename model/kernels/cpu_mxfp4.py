@@ -1,0 +1,123 @@
+"""The CPU MoE on packed MXFP4 experts: a fused dequantize-and-multiply kernel, compiled at first use.
+
+:func:`model.kernels.experts.experts_grouped` dequantizes each active expert's whole matrix to the model's
+dtype and then multiplies; at decode (one token per expert) that conversion costs far more than the product,
+and writes and reads again a matrix four times the size of the packed bytes. :func:`mxfp4_linear` instead
+reads each weight's packed bytes once: per 32-value block it widens the 16 bytes to 32 nibble codes, looks
+them up in the 16-entry e2m1 table (one AVX-512 register, one permute per 16 codes), multiplies by the block's
+power of two (so each weight equals the dequantized one exactly) and accumulates in float32, for a tile of up
+to :data:`TILE` tokens per decoded block, threaded over output rows. The inputs are laid out once per call so
+the even elements of a block (low nibbles) and the odd ones (high nibbles) are contiguous, which spares an
+interleave per block. The source is ``cpu_mxfp4.cpp`` beside this file; without AVX-512 it compiles a
+scalar loop.
+
+Why a C++ extension (``torch.utils.cpp_extension.load_inline``): the decode has to stay in registers, a table
+permute per 16 codes feeding the FMAs, and torch ops cannot express that without writing the decoded values
+out (which is what the dequantize path does); ``torch.compile`` would need the same compiler at run time
+without that control. Measured against the dequantize path on a 20b-shaped layer
+(``benchmarks/cpu_bench.py``, figures in benchmarks/README.md). It needs a C++ compiler and ninja at run time
+(built once, cached under torch's extensions directory); where either is missing or the build fails,
+:func:`available` logs a warning and the model keeps the dequantize path.
+
+:func:`mxfp4_linear_reference` is the plain twin: :func:`model.kernels.mxfp4.dequantize_reference` then
+``F.linear`` in float32, compared with it in tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, FP4_VALUES, SCALE_BIAS, dequantize_reference
+
+logger = logging.getLogger(__name__)
+
+TILE = 8  # tokens sharing one decode of a weight block (8 float32 accumulators of 16 lanes stay in registers)
+
+_SOURCE = Path(__file__).with_name("cpu_mxfp4.cpp")
+
+_lock = threading.Lock()
+_module: object | None = None
+_failed = False
+
+
+def _source() -> str:
+    return (
+        _SOURCE.read_text()
+        .replace("FP4_VALUES", ", ".join(f"{v!r}f" for v in FP4_VALUES))
+        .replace("SCALE_BIAS", str(SCALE_BIAS))
+        .replace("TILE_MAX", str(TILE))
+    )
+
+
+def _build() -> object:
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        name="gpt_oss_cpu_mxfp4",
+        cpp_sources=[_source()],
+        functions=["mxfp4_linear"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def available() -> bool:
+    """Whether the fused kernel is built (building it on the first call, once per process: a second when
+    torch's extension cache has it, about a minute otherwise). False, with a warning naming the cause, where
+    no C++ compiler or ninja is found or the build fails; callers then keep the dequantize path."""
+    global _module, _failed
+    with _lock:
+        if _module is not None or _failed:
+            return _module is not None
+        missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+        if missing:
+            _failed = True
+            logger.warning(
+                "no %s found: the CPU experts fall back to dequantizing each active expert per step (several "
+                "times slower at decode); install a C++ compiler and ninja (Debian/Ubuntu: apt install g++ "
+                "ninja-build) for the fused MXFP4 kernel",
+                " or ".join(missing),
+            )
+            return False
+        try:
+            logger.info("building the fused CPU MXFP4 kernel (cached after the first build)")
+            _module = _build()
+        except Exception as error:  # a compiler that fails for any reason leaves the slower, working path
+            _failed = True
+            logger.warning(
+                "the fused CPU MXFP4 kernel did not build (%s): the CPU experts fall back to dequantizing "
+                "each active expert per step",
+                str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__,
+            )
+            return False
+        return True
+
+
+def mxfp4_linear(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for `x [M, K]` on the CPU and `W [N, K]` given as MXFP4 `blocks [N, K/32, 16]` and
+    `scales [N, K/32]`, accumulated in float32 and returned in `x`'s dtype. Requires :func:`available`."""
+    if _module is None:
+        raise RuntimeError("the fused CPU MXFP4 kernel is not built: call available() first")
+    if blocks.shape[-1] != BYTES_PER_BLOCK or x.shape[-1] != blocks.shape[-2] * BLOCK_SIZE:
+        raise ValueError(f"x {tuple(x.shape)} does not match MXFP4 blocks {tuple(blocks.shape)}")
+    empty = x.new_empty(0, dtype=torch.float32)
+    b = empty if bias is None else bias.float().contiguous()
+    out = _module.mxfp4_linear(x.float().contiguous(), blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
+    return out.to(x.dtype)
+
+
+def mxfp4_linear_reference(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain twin of :func:`mxfp4_linear`: the reference dequantization, then ``F.linear`` in float32."""
+    weight = dequantize_reference(blocks, scales, torch.float32)
+    return F.linear(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)

@@ -1,0 +1,119 @@
+"""The fused CPU MXFP4 matmul against its twin (reference dequantization, then a matmul), its use by the CPU
+experts, and the fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from model.kernels import Kernels, cpu_mxfp4
+from model.kernels.cpu_mxfp4 import TILE, mxfp4_linear, mxfp4_linear_reference
+from model.kernels.experts import experts_fused, experts_grouped
+from model.kernels.mxfp4 import dequantize_reference
+
+# Each shape's rows cycle through these scales (a row keeps one: so that the bound below, relative to the
+# row's own magnitude, checks the tiny and the huge rows too) after a run of rows with random mixed scales.
+# 0 makes weights down to 2^-128 (float32 subnormals); 252 up to 6·2^125, the largest whose products stay
+# finite in float32 (255 is NaN by the spec).
+EXTREME_SCALES = (0, 1, 2, 126, 127, 128, 250, 251, 252)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert cpu_mxfp4.available(), "this machine has a compiler: the fused kernel must build"
+
+
+def weights(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(110, 140, (rows, cols // 32), generator=g, dtype=torch.uint8)
+    fixed = rows // 2
+    for r in range(fixed, rows):
+        scales[r] = EXTREME_SCALES[r % len(EXTREME_SCALES)]
+    bias = torch.randn(rows, generator=g)
+    return blocks, scales, bias
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "tokens"),
+    [(18, 32, 1), (40, 64, 2), (27, 96, TILE), (64, 128, TILE + 5), (45, 2880, 3), (20, 320, 3 * TILE + 1)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_float64_product(rows: int, cols: int, tokens: int, dtype: torch.dtype) -> None:
+    """Against the exact product in float64 of the reference-dequantized weights: float32 accumulation of
+    `cols` terms may be off by about cols·2^-24 of the sum of the terms' magnitudes (plus one float32
+    subnormal step per term), and a bf16 result by its rounding on top. Token counts cover one tile, a
+    partial tile and several."""
+    blocks, scales, bias = weights(rows, cols, seed=rows + cols)
+    g = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, cols, generator=g) * 2.0**-10).to(dtype)
+    w = dequantize_reference(blocks, scales, torch.float32).double()
+    exact = x.double() @ w.T + bias.to(dtype).double()
+    bound = cols * 2.0**-23 * (x.double().abs() @ w.abs().T + bias.double().abs()) + cols * 2.0**-149
+    if dtype == torch.bfloat16:
+        bound += 2.0**-8 * exact.abs() + 2.0**-133
+    got = mxfp4_linear(x, blocks, scales, bias.to(dtype))
+    assert got.dtype == dtype
+    assert got.shape == (tokens, rows)
+    assert torch.isfinite(got).all()
+    error = (got.double() - exact).abs()
+    assert (error <= bound).all(), f"worst excess {(error - bound).max().item()}"
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 19])
+def test_fused_equals_its_twin(tokens: int) -> None:
+    """Against :func:`mxfp4_linear_reference` on weights of ordinary scales, with and without a bias, to
+    float32's precision of a sum in another order (relative to the largest output: cancellation leaves some
+    outputs far smaller than their terms)."""
+    blocks, scales, bias = weights(96, 256, seed=7)
+    blocks, scales, bias = blocks[:48], scales[:48], bias[:48]  # the random mixed scales only
+    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(1))
+    for b in (bias, None):
+        expected = mxfp4_linear_reference(x, blocks, scales, b)
+        atol = 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(mxfp4_linear(x, blocks, scales, b), expected, rtol=1e-5, atol=atol)
+
+
+def test_fused_decodes_low_nibble_first_and_scales_per_block() -> None:
+    """One weight row with two blocks: byte 0x71 is +0.5 (element 0) then +6 (element 1); the second block
+    scaled by 2^3. Picking inputs one-hot reads single weights back."""
+    blocks = torch.zeros(1, 2, 16, dtype=torch.uint8)
+    blocks[0, 0, 0], blocks[0, 1, 15] = 0x71, 0xA0  # 0xA0: element 30 is +0, element 31 is -1
+    scales = torch.tensor([[127, 130]], dtype=torch.uint8)
+    x = torch.eye(64)[[0, 1, 62, 63, 2]]
+    assert mxfp4_linear(x, blocks, scales).flatten().tolist() == [0.5, 6.0, 0.0, -8.0, 0.0]
+
+
+def test_bad_shapes_are_refused() -> None:
+    blocks, scales, _ = weights(4, 64, seed=0)
+    with pytest.raises(ValueError, match="does not match"):
+        mxfp4_linear(torch.zeros(1, 32), blocks, scales)
+
+
+def test_cpu_experts_use_the_fused_kernel() -> None:
+    assert Kernels.for_device("cpu").experts is experts_fused
+
+
+@pytest.mark.parametrize("cause", ["no compiler", "build fails"])
+def test_without_the_kernel_the_cpu_keeps_the_dequantize_path(
+    cause: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cpu_mxfp4, "_module", None)
+    monkeypatch.setattr(cpu_mxfp4, "_failed", False)
+    if cause == "no compiler":
+        monkeypatch.setattr(cpu_mxfp4.shutil, "which", lambda tool: None)
+    else:
+
+        def broken() -> object:
+            raise RuntimeError("Error building extension\nc++: fatal error: killed")
+
+        monkeypatch.setattr(cpu_mxfp4, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger=cpu_mxfp4.__name__):
+        assert Kernels.for_device("cpu").experts is experts_grouped
+    assert "fall back to dequantizing" in caplog.text
+    assert ("no c++ or ninja found" if cause == "no compiler" else "c++: fatal error: killed") in caplog.text
+    assert not cpu_mxfp4.available()  # decided once per process
+    with pytest.raises(RuntimeError, match="not built"):
+        mxfp4_linear(torch.zeros(1, 32), *weights(2, 32, seed=0)[:2])
