@@ -4,6 +4,7 @@ against a logit bias pushing the other way, and a turn that ends is valid."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import jsonschema
 import numpy as np
@@ -119,7 +120,8 @@ def test_a_compile_past_its_time_budget_is_refused_and_remembered_once_done() ->
     from engine.constraint import compile_within, grammar_problem
 
     lltok = grammar_tokenizer(load_harmony_encoding())
-    schema = {"type": "object", "properties": {"fresh": {"type": "integer", "minimum": 17}}}
+    # A name no other test uses: a grammar compiled before in this process would be remembered, and cost nothing.
+    schema = {"type": "object", "properties": {f"p{uuid.uuid4().hex}": {"type": "integer", "minimum": 17}}}
     grammar = Grammar(turn_grammar(response_format=ResponseFormat(schema)) or "", lltok)
     assert compile_within(grammar, 1e-6) == "compiling the grammar took longer than 1e-06 s"
     assert compile_within(grammar, 30.0) is None
