@@ -211,7 +211,29 @@ const settings = {
   maxTokens: byId("max-tokens"),
   system: byId("system"),
   apiKey: byId("api-key"),
+  python: byId("tool-python"),
+  search: byId("tool-search"),
 };
+
+// The built-in tools the server runs (its /health says which): a tool it cannot run cannot be ticked.
+async function loadTools() {
+  let tools = {};
+  try {
+    const response = await fetch("/health");
+    if (response.ok) tools = (await response.json()).builtin_tools || {};
+  } catch {
+    // no answer: both stay off
+  }
+  for (const [box, tool] of [
+    [settings.python, tools.python],
+    [settings.search, tools.browser],
+  ]) {
+    const available = Boolean(tool && tool.available);
+    box.disabled = !available;
+    if (!available) box.checked = false;
+    box.closest("label").title = available ? "" : (tool && tool.reason) || "not enabled on this server";
+  }
+}
 
 function headers() {
   const result = { "Content-Type": "application/json" };
@@ -333,6 +355,17 @@ function requestBody(prompt) {
   if (Number.isFinite(temperature)) body.temperature = temperature;
   const maxTokens = Number.parseInt(settings.maxTokens.value, 10);
   if (Number.isFinite(maxTokens) && maxTokens > 0) body.max_output_tokens = maxTokens;
+  const tools = [];
+  const include = [];
+  if (settings.python.checked) {
+    tools.push({ type: "code_interpreter", container: { type: "auto" } });
+    include.push("code_interpreter_call.outputs");
+  }
+  if (settings.search.checked) {
+    tools.push({ type: "web_search" });
+    include.push("web_search_call.action.sources");
+  }
+  if (tools.length) Object.assign(body, { tools, include });
   return body;
 }
 
@@ -406,18 +439,38 @@ function outputItem(item) {
   const element = node("div", "tool");
   const title = node("div", "tool-title");
   const detail = node("pre", "tool-detail");
-  element.append(title, detail);
+  const output = node("pre", "tool-output");
+  output.hidden = true;
+  element.append(title, detail, output);
   const view = { element, text: "", item };
   view.update = () => {
     const current = view.item;
-    const name =
-      current.type === "function_call" ? `function call: ${current.name}` : current.type.replace(/_/g, " ");
-    title.textContent = `${name} · ${current.status || "in_progress"}`;
-    const action =
-      current.type === "function_call" ? view.text : current.action || current.code || current.query || "";
+    title.textContent = `${toolName(current)} · ${current.status || "in_progress"}`;
+    let action = current.action || current.query || "";
+    if (current.type === "function_call") action = view.text;
+    else if (current.type === "code_interpreter_call") action = current.code || view.text;
+    else if (current.type === "web_search_call" && current.action) action = searchAction(current.action);
     detail.textContent = typeof action === "string" ? action : JSON.stringify(action, null, 2);
+    const logs = (current.outputs || []).map((out) => out.logs || out.url || "").join("\n");
+    output.textContent = logs;
+    output.hidden = !logs;
   };
   return view;
+}
+
+function toolName(item) {
+  if (item.type === "function_call") return `function call: ${item.name}`;
+  if (item.type === "code_interpreter_call") return "python";
+  if (item.type === "web_search_call") return "web search";
+  return item.type.replace(/_/g, " ");
+}
+
+// A browser action as a line: what was searched, opened or looked for.
+function searchAction(action) {
+  if (action.type === "search") return `search: ${action.query || ""}`;
+  if (action.type === "open_page") return `open: ${action.url || ""}`;
+  if (action.type === "find_in_page") return `find: ${action.pattern || ""}${action.url ? ` in ${action.url}` : ""}`;
+  return JSON.stringify(action);
 }
 
 function stats(usage, timing) {
@@ -499,9 +552,20 @@ async function send(prompt) {
           changed(view);
           break;
         }
+        case "response.code_interpreter_call.interpreting":
+        case "response.web_search_call.searching": {
+          // A built-in tool is running: its card says so until its item is done.
+          const view = views.get(event.output_index);
+          if (view && view.item) {
+            view.item.status = event.type.endsWith("interpreting") ? "interpreting" : "searching";
+            changed(view);
+          }
+          break;
+        }
         case "response.reasoning_text.delta":
         case "response.output_text.delta":
         case "response.function_call_arguments.delta":
+        case "response.code_interpreter_call_code.delta":
           if (event.type === "response.output_text.delta") {
             for (const view of views.values()) {
               if (view.element.tagName === "DETAILS" && !view.touched) view.element.open = false;
@@ -592,4 +656,5 @@ settings.apiKey.addEventListener("change", () => {
   loadModels();
 });
 loadModels();
+loadTools();
 byId("prompt").focus();

@@ -50,6 +50,9 @@ class Script:
 
     text: str = "<|channel|>final<|message|>ok<|return|>"
     seconds_per_token: float = 0.0
+    # A response that runs built-in tools is one engine request per step: step i says steps[i] (the last one
+    # repeats), in place of `text`.
+    steps: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -65,7 +68,12 @@ class PageServer:
     no_cors_url: str
 
     def say(self, text: str, seconds_per_token: float = 0.0) -> None:
-        self.script.text = text
+        self.say_steps([text], seconds_per_token)
+
+    def say_steps(self, steps: list[str], seconds_per_token: float = 0.0) -> None:
+        """What each step of a built-in tool loop says (the processors hook's index is the step)."""
+        self.script.text = steps[0]
+        self.script.steps = list(steps)
         self.script.seconds_per_token = seconds_per_token
 
     def idle(self, timeout: float = 30.0) -> bool:
@@ -92,7 +100,8 @@ def _hook(encoding: tiktoken.Encoding, script: Script) -> ProcessorsHook:
     """The page sends no test fields: every request says the current script."""
 
     def hook(extra: dict[str, Any], index: int) -> list[LogitsProcessor]:
-        tokens = encoding.encode(script.text, allowed_special="all")
+        text = script.steps[min(index, len(script.steps) - 1)] if script.steps else script.text
+        tokens = encoding.encode(text, allowed_special="all")
         return [_slow_force(tokens, script.seconds_per_token)]
 
     return ProcessorsHook(frozenset(), hook)

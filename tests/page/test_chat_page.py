@@ -227,6 +227,35 @@ def test_a_function_call_shows_as_it_is_made(page: Page, page_server: PageServer
     assert len(arguments) >= 3, arguments  # the arguments appeared as they were generated
 
 
+def test_a_python_call_shows_its_code_and_output(page: Page, page_server: PageServer) -> None:
+    """With the python tool ticked, the request enables it, and the call's card shows the code as the model
+    writes it, then the sandbox's output, before the answer that follows it."""
+    page_server.say_steps(
+        [
+            "<|channel|>analysis<|message|>Compute it.<|end|><|start|>assistant to=python<|channel|>analysis"
+            "<|message|>print(6 * 7)<|call|>",
+            "<|channel|>final<|message|>It is 42.<|return|>",
+        ],
+        seconds_per_token=0.03,
+    )
+    page.click("#settings summary")
+    # This server runs python but has no browser backend: /health says so, and the page follows it.
+    page.wait_for_function("() => !document.querySelector('#tool-python').disabled")
+    assert page.is_disabled("#tool-search")
+    page.check("#tool-python")
+    with page.expect_request("**/v1/responses") as sent:
+        send(page, "What is 6 * 7?")
+    body = json.loads(sent.value.post_data or "{}")
+    assert body["tools"] == [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    status = wait_done(page, 1)
+    assert "failed" not in status, status
+    tool = page.locator(".turn .tool")
+    assert tool.locator(".tool-title").inner_text() == "python · completed"
+    assert tool.locator(".tool-detail").inner_text() == "print(6 * 7)"
+    assert tool.locator(".tool-output").inner_text().strip() == "42"
+    assert page.locator(".turn .answer").inner_text() == "It is 42."
+
+
 XSS_ANSWER = (
     'Look: <img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> '
     "[click me](javascript:window.pwned=3) [data](data:text/html;base64,PHNjcmlwdD4=) "
