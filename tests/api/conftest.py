@@ -8,6 +8,7 @@ makes the request's own logits processor raise once it has N tokens: that reques
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -21,6 +22,7 @@ import tiktoken
 import torch
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -105,6 +107,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp, log_level: str = "warning", timeout: float = 60.0) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port, on a thread of the test process: its base URL, once
+    the server has started (and stopped when the block ends)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
@@ -118,18 +138,5 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )
     settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield Served(base, engine, encoding, app)
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as base:
+        yield Served(base, engine, encoding, app)

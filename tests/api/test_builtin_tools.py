@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ import openai_harmony as oh
 import pydantic
 import pytest
 import torch
-import uvicorn
 from openai.types.responses import Response, ResponseStreamEvent
 
 from engine.config import EngineConfig
@@ -35,7 +33,7 @@ from server.builtin_tools import BuiltinTools, python_namespace, settings_proble
 from server.errors import APIError
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _free_port, _hook
+from tests.api.conftest import MODEL, Served, _hook, serve_in_thread
 from tools.python_sandbox import Limits
 
 PYTHON_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
@@ -84,21 +82,8 @@ def tooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         max_builtin_tool_calls=4,
     )
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield Served(base, engine, encoding, app)
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as base:
+        yield Served(base, engine, encoding, app)
 
 
 def client_for(served: Served) -> openai.OpenAI:

@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -25,7 +24,7 @@ from model.lora import read_adapter, write_random_adapter
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.api.conftest import _free_port, _hook
+from tests.api.conftest import _hook, serve_in_thread
 from tests.engine.conftest import greedy_reference
 
 BASE = "gpt-oss-lora-test"
@@ -67,21 +66,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraServer]:
         engine.load_lora(name, read_adapter(paths[name], model.config), str(paths[name]))
     settings = ServerSettings(served_model_name=BASE, conversation_date="2026-11-27", api_key=KEY)
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
-    port = _free_port()
-    uvi = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvi.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield LoraServer(url, engine, paths)
-    uvi.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield LoraServer(url, engine, paths)
 
 
 @pytest.fixture(scope="module")

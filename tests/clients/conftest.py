@@ -17,16 +17,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
-import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.config import EngineConfig
@@ -37,7 +33,7 @@ from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _free_port, _hook
+from tests.api.conftest import MODEL, Served, _hook, serve_in_thread
 
 # LiteLLM fetches its model price list from the internet at import unless told to use the copy it ships: offline
 # that costs three retries (about ten seconds) per process.
@@ -172,21 +168,8 @@ def _scripted_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scri
     settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
     scripted = ScriptedModel(app)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(scripted, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield ScriptedServer(Served(base, engine, encoding, app), scripted, model)
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(scripted) as base:
+        yield ScriptedServer(Served(base, engine, encoding, app), scripted, model)
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ import httpx
 import pytest
 import tiktoken
 import torch
-import uvicorn
 from fastapi import FastAPI
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
@@ -38,7 +37,7 @@ from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.serving import ProcessorsHook
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, _free_port
+from tests.api.conftest import MODEL, serve_in_thread
 
 KEY = "page-test-key"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -107,16 +106,6 @@ def _hook(encoding: tiktoken.Encoding, script: Script) -> ProcessorsHook:
     return ProcessorsHook(frozenset(), hook)
 
 
-def _serve(app: FastAPI, port: int) -> uvicorn.Server:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the test server did not start"
-    return server
-
-
 class _BlankPage(http.server.BaseHTTPRequestHandler):
     """Any path: an empty HTML page, the other origin's document for the cross-origin calls."""
 
@@ -151,19 +140,9 @@ def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageServer
         served_model_name=MODEL, conversation_date="2026-11-27", api_key=KEY, cors_origins=[other_origin]
     )
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding, script))
-    port, no_cors_port = _free_port(), _free_port()
-    server = _serve(app, port)
-    no_cors = _serve(create_app(None, ServerSettings(served_model_name=MODEL, api_key=KEY)), no_cors_port)
-    yield PageServer(
-        f"http://127.0.0.1:{port}",
-        engine,
-        encoding,
-        app,
-        script,
-        other_origin,
-        f"http://127.0.0.1:{no_cors_port}",
-    )
-    server.should_exit = no_cors.should_exit = True
+    no_cors_app = create_app(None, ServerSettings(served_model_name=MODEL, api_key=KEY))
+    with serve_in_thread(app) as base, serve_in_thread(no_cors_app) as no_cors:
+        yield PageServer(base, engine, encoding, app, script, other_origin, no_cors)
     static.shutdown()
 
 

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -34,7 +32,7 @@ from model.gpt_oss import GptOss
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _free_port, _hook, wait_until_idle
+from tests.api.conftest import MODEL, Served, _free_port, _hook, serve_in_thread, wait_until_idle
 from tests.conftest import SUMMARY_KEY
 
 __all__ = ["MODEL", "Served", "wait_until_idle"]
@@ -83,17 +81,9 @@ def serve(
     app = create_app(
         core, server_settings, encoding=encoding, processors_hook=_hook(encoding) if hook else None
     )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(base, 60)
-    try:
+    with serve_in_thread(app, log_level="error") as base:
+        wait_healthy(base, 60)
         yield Served(base, core, encoding, app)
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def wait_healthy(base: str, timeout: float, headers: dict[str, str] | None = None) -> None:
