@@ -370,13 +370,23 @@ def test_a_malformed_output_constraint_is_a_400_naming_its_field(
     assert response.json()["error"]["param"] == param
 
 
+def _slow_schema() -> dict[str, Any]:
+    """A schema no test compiled before, whose grammar takes tens of milliseconds to compile."""
+    tag = uuid.uuid4().hex
+    properties = {
+        f"p{tag}_{i}": {"type": "string", "pattern": f"^[a-z]{{1,{i % 7 + 9}}}[0-9]+x{i}$"} for i in range(1000)
+    }
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
 def test_a_grammar_past_its_compile_budget_is_a_400_and_the_server_goes_on(
     client: openai.OpenAI, served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(served.app.state.server.settings, "grammar_compile_timeout", 1e-6)
-    # A name no other test uses, in this process or any: a compiled grammar is remembered, and a remembered
-    # one costs no time at all.
-    fresh = {"type": "object", "properties": {f"p{uuid.uuid4().hex}": {"type": "integer", "minimum": 3}}}
+    # Names no other test uses (a compiled grammar is remembered, and a remembered one costs no time at all),
+    # and enough of them that the compile takes tens of milliseconds: far past the budget, whatever the
+    # scheduler does with the threads.
+    fresh = _slow_schema()
     body = {
         "model": MODEL,
         "messages": USER,

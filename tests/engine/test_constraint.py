@@ -120,8 +120,12 @@ def test_a_compile_past_its_time_budget_is_refused_and_remembered_once_done() ->
     from engine.constraint import compile_within, grammar_problem
 
     lltok = grammar_tokenizer(load_harmony_encoding())
-    # A name no other test uses: a grammar compiled before in this process would be remembered, and cost nothing.
-    schema = {"type": "object", "properties": {f"p{uuid.uuid4().hex}": {"type": "integer", "minimum": 17}}}
+    # Names no other test uses (a grammar compiled before in this process is remembered, and costs nothing), and
+    # enough of them that the compile takes tens of milliseconds: far past the budget, whatever the scheduler
+    # does with the threads.
+    tag = uuid.uuid4().hex
+    properties = {f"p{tag}_{i}": {"type": "string", "pattern": f"^[a-z]+[0-9]+x{i}$"} for i in range(1000)}
+    schema = {"type": "object", "properties": properties, "required": list(properties)}
     grammar = Grammar(turn_grammar(response_format=ResponseFormat(schema)) or "", lltok)
     assert compile_within(grammar, 1e-6) == "compiling the grammar took longer than 1e-06 s"
     assert compile_within(grammar, 30.0) is None
