@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -125,17 +126,23 @@ def serve_in_thread(app: ASGIApp, log_level: str = "warning", timeout: float = 6
         thread.join(15)
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
-    path = write_checkpoint(config, tmp_path_factory.mktemp("api-model"), layout="hf", seed=11)
+def tiny_engine(directory: Path, seed: int = 11, **config: Any) -> tuple[EngineCore, tiktoken.Encoding]:
+    """An engine on a tiny random checkpoint written to `directory` (the model the served tests use), with
+    the harmony encoding; `config` overrides the engine's settings."""
+    model_config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
+    path = write_checkpoint(model_config, directory, layout="hf", seed=seed)
     model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
     encoding = load_harmony_encoding()
-    engine = EngineCore(
-        model,
-        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
-        token_bytes=encoding.decode_single_token_bytes,
+    engine_config = EngineConfig(
+        **{"block_size": 16, "kv_cache_memory": 64 << 20, "max_model_len": 4096, **config}
     )
+    engine = EngineCore(model, engine_config, token_bytes=encoding.decode_single_token_bytes)
+    return engine, encoding
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    engine, encoding = tiny_engine(tmp_path_factory.mktemp("api-model"))
     settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
     with serve_in_thread(app) as base:

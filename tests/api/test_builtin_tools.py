@@ -5,7 +5,6 @@ sandbox, the browser over a local corpus the test writes) and the turn goes on t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,24 +15,18 @@ import openai
 import openai_harmony as oh
 import pydantic
 import pytest
-import torch
 from openai.types.responses import Response, ResponseStreamEvent
 
-from engine.config import EngineConfig
-from engine.core import EngineCore
 from harmony import encoding as tok
 from harmony.encoding import load_harmony_encoding
 from harmony.messages import Message, Role
 from harmony.render import Renderer
-from model.config import PRESETS
-from model.gpt_oss import GptOss
-from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.builtin_tools import BuiltinTools, python_namespace, settings_problem, tool_message
 from server.errors import APIError
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _hook, serve_in_thread
+from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engine
 from tools.python_sandbox import Limits
 
 PYTHON_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
@@ -64,15 +57,7 @@ def tooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     corpus = tmp_path_factory.mktemp("corpus")
     (corpus / "borrowing.html").write_text(RUST_PAGE)
     (corpus / "lifetimes.html").write_text(LIFETIMES_PAGE)
-    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
-    path = write_checkpoint(config, tmp_path_factory.mktemp("tools-model"), layout="hf", seed=11)
-    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
-    encoding = load_harmony_encoding()
-    engine = EngineCore(
-        model,
-        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=8192),
-        token_bytes=encoding.decode_single_token_bytes,
-    )
+    engine, encoding = tiny_engine(tmp_path_factory.mktemp("tools-model"), max_model_len=8192)
     settings = ServerSettings(
         served_model_name=MODEL,
         conversation_date="2026-11-27",

@@ -22,18 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.config import EngineConfig
-from engine.core import EngineCore
-from harmony.encoding import O200K_PATTERN, VOCAB_FILE_NAME, load_harmony_encoding
-from model.config import PRESETS
+from harmony.encoding import O200K_PATTERN, VOCAB_FILE_NAME
 from model.gpt_oss import GptOss
-from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _hook, serve_in_thread
+from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engine
 
 # LiteLLM fetches its model price list from the internet at import unless told to use the copy it ships: offline
 # that costs three retries (about ten seconds) per process.
@@ -155,21 +150,13 @@ class ScriptedServer:
 
 @pytest.fixture(scope="session")
 def _scripted_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScriptedServer]:
-    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
-    path = write_checkpoint(config, tmp_path_factory.mktemp("clients-model"), layout="hf", seed=11)
-    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
-    encoding = load_harmony_encoding()
-    engine = EngineCore(
-        model,
-        # Room for agent frameworks' instructions and tool schemas, and guidellm's synthetic prompts.
-        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
-        token_bytes=encoding.decode_single_token_bytes,
-    )
+    # Room for agent frameworks' instructions and tool schemas, and guidellm's synthetic prompts.
+    engine, encoding = tiny_engine(tmp_path_factory.mktemp("clients-model"), max_model_len=4096)
     settings = ServerSettings(served_model_name=MODEL, conversation_date="2026-11-27")
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
     scripted = ScriptedModel(app)
     with serve_in_thread(scripted) as base:
-        yield ScriptedServer(Served(base, engine, encoding, app), scripted, model)
+        yield ScriptedServer(Served(base, engine, encoding, app), scripted, engine.runner.model)
 
 
 @pytest.fixture

@@ -27,17 +27,12 @@ import torch
 from fastapi import FastAPI
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
-from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.request import LogitsProcessor
-from harmony.encoding import load_harmony_encoding
-from model.config import PRESETS
-from model.gpt_oss import GptOss
-from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.serving import ProcessorsHook
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, serve_in_thread
+from tests.api.conftest import MODEL, serve_in_thread, tiny_engine
 
 KEY = "page-test-key"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -123,15 +118,7 @@ class _BlankPage(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageServer]:
-    config = dataclasses.replace(PRESETS["tiny"], sliding_window=16)
-    path = write_checkpoint(config, tmp_path_factory.mktemp("page-model"), layout="hf", seed=5)
-    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
-    encoding = load_harmony_encoding()
-    engine = EngineCore(
-        model,
-        EngineConfig(block_size=16, kv_cache_memory=64 << 20, max_model_len=4096),
-        token_bytes=encoding.decode_single_token_bytes,
-    )
+    engine, encoding = tiny_engine(tmp_path_factory.mktemp("page-model"), seed=5)
     static = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BlankPage)
     threading.Thread(target=static.serve_forever, daemon=True).start()
     other_origin = f"http://127.0.0.1:{static.server_address[1]}"
