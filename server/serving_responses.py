@@ -1135,12 +1135,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             room = min(room, request.max_output_tokens - run.choice.tokens)
         if room < 1:
             return None
-        processors = params.logits_processors
+        # Responses sets no processors of its own: only the hook's, made for this step of the loop.
         hook = self.processors_hook
-        if hook is not None:
-            extra = request.model_extra or {}
-            first = hook.make(extra, 0)
-            processors = [*processors[: len(processors) - len(first)], *hook.make(extra, step)]
+        processors = hook.make(request.model_extra or {}, step) if hook is not None else []
         return dataclasses.replace(params, max_tokens=room, logits_processors=processors)
 
     def _deltas(self, run: Run, output: RequestOutput) -> list[tuple[Delta, list[dict[str, Any]]]]:
