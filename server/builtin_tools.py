@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+
+from harmony import encoding as tok
 from harmony.messages import (
     Author,
     Message,
@@ -35,11 +38,14 @@ from harmony.messages import (
     browser_tool_namespace,
     python_tool_namespace,
 )
+from harmony.parser import StreamParser
+from harmony.render import Renderer
 from server.errors import bad_request
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
+from server.web_search import chat_options, responses_options
 from tools.browser.backends import PageFetcher, SearchBackend
-from tools.browser.browser import Browser
+from tools.browser.browser import Browser, SearchOptions
 from tools.browser.page import TokenCounter
 from tools.python_sandbox import (
     Limits,
@@ -89,6 +95,8 @@ class BuiltinRequest:
     chain_container: str | None = None
     # What the request's `tools` echo in the response, in the order given.
     echo: tuple[dict[str, Any], ...] = ()
+    # The web search options (allowed domains, location, context size) the browser honours.
+    search: SearchOptions = dataclasses.field(default_factory=SearchOptions)
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -190,17 +198,17 @@ class BuiltinTools:
         is the stored conversation the request continues, whose last container python keeps using."""
         python = browser = False
         container: str | None = None
+        search = SearchOptions()
         echo: list[dict[str, Any]] = []
         for i, tool in enumerate(tools):
             if tool.type in WEB_SEARCH_TYPES:
-                if self.backend is None or self.fetcher is None:
-                    raise bad_request(
-                        f"tools of type {tool.type!r} are not available: this server has no browser "
-                        "backend (start it with --browser-backend)",
-                        param=f"tools[{i}].type",
-                    )
+                self._check_browser(f"tools of type {tool.type!r} are", f"tools[{i}].type")
+                if browser:
+                    raise bad_request("give at most one web_search tool", param=f"tools[{i}].type")
+                fields = tool.model_extra or {}
+                search = responses_options(fields, f"tools[{i}]", offline=self.offline)
                 browser = True
-                echo.append({"type": tool.type, **(tool.model_extra or {})})
+                echo.append({"type": tool.type, **fields})
             elif tool.type == CODE_INTERPRETER_TYPE:
                 self._check_sandbox()
                 if self.pool is None:
@@ -232,7 +240,25 @@ class BuiltinTools:
         if python and container is None:
             calls = [item for item in chain if item.get("type") == "code_interpreter_call"]
             chain_container = calls[-1].get("container_id") if calls else None
-        return BuiltinRequest(python, browser, container, chain_container, tuple(echo))
+        return BuiltinRequest(python, browser, container, chain_container, tuple(echo), search)
+
+    def parse_chat(self, web_search_options: Any) -> BuiltinRequest:
+        """The browser for a chat request that gave `web_search_options` (a 400 naming the field where this
+        server has no browser, or an option it cannot honour)."""
+        self._check_browser("web_search_options is", "web_search_options")
+        return BuiltinRequest(browser=True, search=chat_options(web_search_options))
+
+    @property
+    def offline(self) -> bool:
+        """Whether the browser's backend never reaches the web (a local corpus)."""
+        return self.settings.browser_backend == "local"
+
+    def _check_browser(self, what: str, param: str) -> None:
+        if self.backend is None or self.fetcher is None:
+            raise bad_request(
+                f"{what} not available: this server has no browser backend (start it with --browser-backend)",
+                param=param,
+            )
 
     def namespaces(self, request: BuiltinRequest) -> dict[str, ToolNamespaceConfig]:
         """The system message's tool namespaces for `request`."""
@@ -258,9 +284,11 @@ class BuiltinTools:
             assert self.fetcher is not None
             previous = self._browsers.get(previous_response_id or "")
             browser = (
-                previous.fork()
+                previous.fork(request.search)
                 if previous is not None
-                else Browser(self.backend, self.fetcher, count_tokens=self.count_tokens)
+                else Browser(
+                    self.backend, self.fetcher, count_tokens=self.count_tokens, options=request.search
+                )
             )
         return ResponseTools(self, request, container if request.python else None, browser, sources)
 
@@ -373,6 +401,34 @@ def tool_message(recipient: str, channel: str | None, text: str) -> Message:
     """The tool's answer as harmony renders it: from the tool (`python`, `browser.search`) to the assistant,
     on the channel of the call (analysis, as the model calls its built-in tools)."""
     return Message(Author(Role.TOOL, recipient), [TextContent(text)], channel or "analysis", "assistant")
+
+
+def builtin_call(
+    encoding: tiktoken.Encoding, generated: list[int], tools: ResponseTools | None
+) -> Message | None:
+    """The built-in tool call an engine request ended on (`<|call|>` closing a message to `python` or
+    `browser.*` that the request enabled), or None. `generated` is what the request produced, after the
+    prompt's `<|start|>assistant`."""
+    if tools is None or not generated or generated[-1] != tok.CALL:
+        return None
+    parser = StreamParser(encoding, Role.ASSISTANT)
+    for token in generated:
+        parser.process(token)
+    parsed = parser.parsed
+    if not parsed or parsed[-1].end_token != tok.CALL:
+        return None
+    message = parsed[-1].message
+    return message if tools.handles(message.recipient) else None
+
+
+def continuation_tokens(
+    renderer: Renderer, encoding: tiktoken.Encoding, call: Message, text: str
+) -> list[int]:
+    """What follows a built-in call in the prompt: the tool's message (`text`) as harmony renders it, then the
+    next assistant message's start."""
+    assert call.recipient is not None
+    message = tool_message(call.recipient, call.channel, text)
+    return [*renderer.render_message(message), tok.START, *encoding.encode_ordinary("assistant")]
 
 
 def settings_problem(settings: ServerSettings) -> str | None:

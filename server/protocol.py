@@ -341,6 +341,8 @@ class ChatCompletionRequest(ChoicesRequest, TurnConstraints):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # Enables the browser, which the server runs inside the completion (`server.web_search` reads it).
+    web_search_options: Any = None
     # Deprecated: read as `tools` and `tool_choice`; the answer then says `function_call` as OpenAI's did.
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | NamedToolChoiceFunction | None = None
@@ -364,11 +366,10 @@ class ChatCompletionRequest(ChoicesRequest, TurnConstraints):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     # Refused unless they ask for what the server does anyway: gpt-oss reads and writes text only, has no
-    # built-in web search (yet), no predicted outputs, no verbosity setting and no moderation.
+    # predicted outputs, no verbosity setting and no moderation.
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
-    web_search_options: Any = None
     verbosity: str | None = None
     moderation: Any = None
 
@@ -377,9 +378,6 @@ class ChatCompletionRequest(ChoicesRequest, TurnConstraints):
         _refuse_unless(lambda v: v == ["text"], f"{_TEXT_ONLY}; only the modality 'text' is supported")
     )
     _prediction = field_validator("prediction")(_refuse_unless(_never, "predicted outputs are not supported"))
-    _web_search = field_validator("web_search_options")(
-        _refuse_unless(_never, "web search is not supported by this server")
-    )
     _verbosity = field_validator("verbosity")(
         _refuse_unless(
             lambda v: v == "medium", "gpt-oss has no verbosity setting; only 'medium' is supported"

@@ -49,8 +49,9 @@ from server.builtin_tools import (
     Citations,
     ResponseTools,
     ToolResult,
+    builtin_call,
+    continuation_tokens,
     make_builtin_tools,
-    tool_message,
 )
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import Delta, DeltaKind
@@ -1078,15 +1079,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     # -- the built-in tool loop -----------------------------------------------------------------------------
 
     def _builtin_call(self, run: Run, generated: list[int]) -> Message | None:
-        """The built-in tool call the engine request ended on (`<|call|>` closing a message to `python` or
-        `browser.*` that the request enabled), or None."""
-        if run.tools is None or run.builder.builtin is None or not generated or generated[-1] != tok.CALL:
+        """The built-in tool call the engine request ended on, or None."""
+        if run.builder.builtin is None:
             return None
-        parsed = run.choice.parser.parser.parsed
-        if not parsed or parsed[-1].end_token != tok.CALL:
-            return None
-        message = parsed[-1].message
-        return message if run.tools.handles(message.recipient) else None
+        return builtin_call(self.encoding, generated, run.tools)
 
     def _begin_builtin(self, run: Run, call: Message) -> list[dict[str, Any]] | None:
         """The events before the call runs, or None when the response may run no more tool calls (it then
@@ -1118,13 +1114,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
 
     def _tool_tokens(self, call: Message, result: ToolResult) -> list[int]:
         """The tool's message as harmony renders it, then the next assistant message's start."""
-        assert call.recipient is not None
-        message = tool_message(call.recipient, call.channel, result.text)
-        return [
-            *self.renderer.render_message(message),
-            tok.START,
-            *self.encoding.encode_ordinary("assistant"),
-        ]
+        return continuation_tokens(self.renderer, self.encoding, call, result.text)
 
     def _step_params(self, run: Run, prompt: list[int], step: int) -> SamplingParams | None:
         """The next engine request's parameters: the output budget left (None when none is), and the test

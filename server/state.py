@@ -64,9 +64,10 @@ class ServerState:
             self.workers,
             self.processors_hook,
         )
-        self.services = Services(
-            bridge, ChatService(*shared), CompletionService(*shared), ResponsesService(*shared)
-        )
+        responses = ResponsesService(*shared)
+        # One set of built-in tools (python sessions, the browser backend) serves both APIs.
+        chat = ChatService(*shared, builtin=responses.builtin)
+        self.services = Services(bridge, chat, CompletionService(*shared), responses)
 
     def ready(self) -> Services:
         """The services, or a 503 `model_loading` while no engine is attached."""

@@ -15,6 +15,8 @@ import openai
 import openai_harmony as oh
 import pydantic
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat.chat_completion_message import Annotation as ChatAnnotation
 from openai.types.responses import Response, ResponseStreamEvent
 
 from harmony import encoding as tok
@@ -459,3 +461,129 @@ def test_a_background_response_runs_its_tools_too(tooled: Served) -> None:
     assert response.status == "completed"
     assert response.output[0].outputs[0].logs.strip() == "42"
     assert response.output_text == "42."
+
+
+# -- Chat Completions: web_search_options ------------------------------------------------------------------
+
+
+def chat(served: Served, scripts: list[str], **fields: Any) -> Any:
+    fields.setdefault("messages", [{"role": "user", "content": "How do references borrow?"}])
+    fields.setdefault("web_search_options", {})
+    extra = {"test_force": scripts, **fields.pop("extra_body", {})}
+    return client_for(served).chat.completions.create(model=MODEL, extra_body=extra, **fields)
+
+
+CHAT_BROWSE = [
+    "<|channel|>analysis<|message|>Let me search.<|end|><|start|>assistant"
+    + call("browser.search", '{"query": "borrowing references"}'),
+    call("browser.open", '{"id": 0}'),
+    final("A reference borrows a value【1†L2】, not【9†L1】."),
+]
+CITED = "A reference borrows a value ([corpus.local](https://corpus.local/borrowing.html)) , not【9†L1】."
+
+
+def test_chat_web_search_runs_the_browser_and_cites(tooled: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts: list[list[int]] = []
+    add_request = tooled.engine.add_request
+
+    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
+        prompts.append(list(prompt))
+        add_request(request_id, prompt, params)
+
+    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    completion = chat(tooled, CHAT_BROWSE)
+    checked_completion = ChatCompletion.model_validate(completion.model_dump())
+    choice = checked_completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.content == CITED
+    (annotation,) = choice.message.annotations
+    assert annotation.type == "url_citation"
+    cited = annotation.url_citation
+    assert cited.url == "https://corpus.local/borrowing.html"
+    assert cited.title == "References and Borrowing"
+    assert (
+        CITED[cited.start_index : cited.end_index] == "([corpus.local](https://corpus.local/borrowing.html))"
+    )
+    # The reasoning of every step, the calls included (written on the analysis channel).
+    reasoning = completion.choices[0].message.model_extra["reasoning"]
+    assert reasoning.startswith("Let me search.")
+    assert '{"query": "borrowing references"}' in reasoning
+    assert '{"id": 0}' in reasoning
+    # Three engine requests, each extending the one before by the call and the page; all count as input.
+    assert len(prompts) == 3
+    assert prompts[1][: len(prompts[0])] == prompts[0]
+    assert prompts[2][: len(prompts[1])] == prompts[1]
+    tail = tooled.encoding.decode(prompts[1][len(prompts[0]) :])
+    assert (
+        "<|start|>browser.search to=assistant<|channel|>analysis<|message|>[0] borrowing references" in tail
+    )
+    assert completion.usage.prompt_tokens == sum(len(p) for p in prompts)
+    # The system message declared the browser, as harmony writes it.
+    assert "namespace browser {" in tooled.encoding.decode(prompts[0])
+
+
+def test_chat_web_search_streams_reasoning_text_and_annotations(tooled: Served) -> None:
+    stream = chat(tooled, CHAT_BROWSE, stream=True, stream_options={"include_usage": True})
+    chunks = [ChatCompletionChunk.model_validate(c.model_dump()) for c in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    text = "".join(d.content or "" for d in deltas)
+    assert text == CITED
+    reasoning = "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas)
+    assert reasoning.startswith("Let me search.")
+    assert '{"id": 0}' in reasoning
+    annotations = [a for d in deltas for a in (d.model_extra or {}).get("annotations") or []]
+    assert len(annotations) == 1
+    parsed = ChatAnnotation.model_validate(annotations[0])
+    start, end = parsed.url_citation.start_index, parsed.url_citation.end_index
+    assert text[start:end] == "([corpus.local](https://corpus.local/borrowing.html))"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens > 0
+
+
+def test_chat_web_search_cap_and_disabled_tools(tooled: Served) -> None:
+    # A loop that never answers ends at the server's cap (4 here) with finish_reason "length".
+    runaway = chat(tooled, [call("browser.search", '{"query": "lifetimes"}')])
+    assert runaway.choices[0].finish_reason == "length"
+    # A call to python, which web_search_options does not enable, is never run: it stays reasoning.
+    pool = tooled.app.state.server.services.responses.builtin.pool
+    sessions = len(pool)
+    refused = chat(tooled, [call("python", "open('/mnt/data/pwned', 'w')"), final("never")])
+    assert refused.choices[0].message.content == ""
+    assert refused.choices[0].message.model_extra["reasoning"] == "open('/mnt/data/pwned', 'w')"
+    assert len(pool) == sessions
+
+
+def test_chat_web_search_options_are_checked(tooled: Served, served: Served) -> None:
+    cases = [
+        ({"search_context_size": "huge"}, "web_search_options.search_context_size"),
+        ({"user_location": {"type": "exact"}}, "web_search_options.user_location.type"),
+        (
+            {"user_location": {"type": "approximate", "approximate": {"country": "Britain"}}},
+            "web_search_options.user_location.approximate.country",
+        ),
+        (
+            {"user_location": {"type": "approximate", "approximate": {"timezone": "Mars/Olympus"}}},
+            "web_search_options.user_location.approximate.timezone",
+        ),
+        ({"filters": {}}, "web_search_options.filters"),
+    ]
+    for options, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(tooled, [final("x")], web_search_options=options)
+        assert caught.value.body["param"] == param, options
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(tooled, [final("x")], n=2)
+    assert caught.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(served, [final("x")])
+    assert caught.value.body["param"] == "web_search_options"
+    located = {
+        "search_context_size": "low",
+        "user_location": {
+            "type": "approximate",
+            "approximate": {"country": "gb", "timezone": "Europe/London"},
+        },
+    }
+    assert chat(tooled, [final("fine")], web_search_options=located).choices[0].message.content == "fine"

@@ -24,6 +24,17 @@ class SearchHit:
 
 
 @dataclass(frozen=True, slots=True)
+class UserLocation:
+    """Where the user roughly is, as a request gives it (OpenAI's `user_location`): for the backends that
+    can localize results (see `SearchBackend.uses_location`)."""
+
+    country: str | None = None  # ISO 3166-1 alpha-2, upper case: "GB"
+    region: str | None = None
+    city: str | None = None
+    timezone: str | None = None  # IANA: "Europe/London"
+
+
+@dataclass(frozen=True, slots=True)
 class FetchedPage:
     """A fetched document, already capped in size: its final URL (after redirects), media type and text."""
 
@@ -39,6 +50,17 @@ class SearchBackend(Protocol):
     async def search(self, query: str, topn: int) -> list[SearchHit]:
         """At most `topn` hits, best first. Raises BrowserError when the search cannot be done."""
         ...
+
+
+class LocatedSearch(Protocol):
+    """A backend that can localize its results: it sets `uses_location = True` and takes the request's
+    location (the browser then calls `search(query, topn, location=...)`; other backends never get one)."""
+
+    uses_location: bool
+
+    async def search(
+        self, query: str, topn: int, *, location: UserLocation | None = None
+    ) -> list[SearchHit]: ...
 
 
 class PageFetcher(Protocol):

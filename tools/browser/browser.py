@@ -19,10 +19,10 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
-from tools.browser.backends import BrowserError, FetchedPage, PageFetcher, SearchBackend
+from tools.browser.backends import BrowserError, FetchedPage, PageFetcher, SearchBackend, UserLocation
 from tools.browser.page import (
     LINK_MARKER,
     VIEW_TOKENS,
@@ -45,6 +45,34 @@ _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # `【{cursor}†L{a}】` or `【{cursor}†L{a}-L{b}】`, as the browser's tool description teaches the model.
 CITATION = re.compile(r"【(\d+)†L(\d+)(?:-L(\d+))?】")
 _SPACES = re.compile(r"\s+")
+
+
+ContextSize = Literal["low", "medium", "high"]
+# What OpenAI's `search_context_size` buys here: (results a search shows when the model asks for no number,
+# most results a search shows, tokens of a page's view). "medium" is the reference's behaviour, which the
+# model was trained on (10 results by default, a window of about 1024 tokens).
+CONTEXT_SIZES: dict[str, tuple[int, int, int]] = {
+    "low": (5, 5, VIEW_TOKENS // 2),
+    "medium": (10, MAX_SEARCH_RESULTS, VIEW_TOKENS),
+    "high": (MAX_SEARCH_RESULTS, MAX_SEARCH_RESULTS, VIEW_TOKENS * 2),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOptions:
+    """What one request asks of its browser (OpenAI's web search options): the domains it may search and
+    open (empty: all; a domain allows its subdomains), the user's location for backends that localize, and
+    how much context searches and pages take."""
+
+    allowed_domains: tuple[str, ...] = ()
+    location: UserLocation | None = None
+    context_size: ContextSize = "medium"
+
+    def allows(self, url: str) -> bool:
+        if not self.allowed_domains:
+            return True
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+        return any(host == domain or host.endswith("." + domain) for domain in self.allowed_domains)
 
 
 class ToolUsageError(BrowserError):
@@ -86,30 +114,36 @@ class Browser:
         fetcher: PageFetcher,
         *,
         count_tokens: TokenCounter,
-        view_tokens: int = VIEW_TOKENS,
+        view_tokens: int | None = None,
         max_opens: int = 10,
+        options: SearchOptions = SearchOptions(),
     ) -> None:
         """`count_tokens` counts tokens the way the model's tokenizer does: the default view is as many lines
-        as fit in `view_tokens`. `max_opens` caps the pages fetched in this response chain."""
+        as fit in `view_tokens` (by default, what `options.context_size` gives). `max_opens` caps the pages
+        fetched in this response chain."""
         self.backend = backend
         self.fetcher = fetcher
         self.count_tokens = count_tokens
-        self.view_tokens = view_tokens
+        self.options = options
+        self.default_results, self.max_results, sized_view = CONTEXT_SIZES[options.context_size]
+        self.view_tokens = sized_view if view_tokens is None else view_tokens
         self.max_opens = max_opens
         self.pages: list[PageContents] = []  # cursor -> page shown
         self.opens = 0
         self._fetched: dict[str, PageContents] = {}  # url -> page, so following a link twice fetches once
 
-    def fork(self) -> Browser:
+    def fork(self, options: SearchOptions | None = None) -> Browser:
         """A browser for a response that continues this one's chain: the same pages under the same cursors,
         but its own from now on (another continuation of the same response never sees its pages), with a
-        fresh open budget."""
+        fresh open budget, and the continuing request's `options` (None: these)."""
+        options = self.options if options is None else options
         other = Browser(
             self.backend,
             self.fetcher,
             count_tokens=self.count_tokens,
-            view_tokens=self.view_tokens,
+            view_tokens=None if options != self.options else self.view_tokens,
             max_opens=self.max_opens,
+            options=options,
         )
         other.pages = list(self.pages)
         other._fetched = dict(self._fetched)
@@ -129,7 +163,7 @@ class Browser:
             if not isinstance(args, dict):
                 raise ValueError("the arguments must be a JSON object")
             if name == "search":
-                return await self.search(_str(args, "query"), _int(args, "topn", 10))
+                return await self.search(_str(args, "query"), _int(args, "topn", self.default_results))
             if name == "open":
                 target = args.get("id", -1)
                 if not isinstance(target, str):
@@ -145,11 +179,19 @@ class Browser:
             return BrowserResult(str(exc), ok=False)
 
     async def search(self, query: str, topn: int = 10) -> BrowserResult:
-        topn = max(1, min(topn, MAX_SEARCH_RESULTS))
+        topn = max(1, min(topn, self.max_results))
+        # With allowed domains, hits elsewhere are dropped here whatever the backend did with them: ask for
+        # the most it gives, so that the filter leaves some.
+        asked = MAX_SEARCH_RESULTS if self.options.allowed_domains else topn
+        location = self.options.location
         try:
-            hits = await self.backend.search(query, topn)
+            if location is not None and getattr(self.backend, "uses_location", False):
+                hits = await self.backend.search(query, asked, location=location)  # type: ignore[call-arg]
+            else:
+                hits = await self.backend.search(query, asked)
         except BrowserError as exc:
             return BrowserResult(f"Error searching for `{query}`: {exc}", ok=False)
+        hits = [hit for hit in hits if self.options.allows(hit.url)]
         # As the reference: hits become a small HTML list, read like any page (the layout the model saw).
         items = "".join(
             f'<li><a href="{html.escape(hit.url)}">{html.escape(hit.title)}</a> {html.escape(hit.snippet)}'
@@ -174,6 +216,8 @@ class Browser:
                 current = self._page(cursor)
                 if id < 0:
                     page = current
+                    if page.kind is PageKind.PAGE:
+                        self._check_allowed(page.url)  # a page an earlier turn opened under other filters
                 elif id not in current.links:
                     raise ToolUsageError(f"Invalid link id `{id}`.")
                 elif current.kind is PageKind.FIND and current.source is not None:
@@ -183,6 +227,7 @@ class Browser:
                         loc = max(0, current.link_lines[id] - FIND_CONTEXT_LINES)
                 else:
                     url = current.links[id]
+                    self._check_allowed(url)
                     page = self._fetched.get(url) or await self._fetch(url)
         except ToolUsageError as exc:
             return BrowserResult(str(exc), ok=False)
@@ -298,13 +343,20 @@ class Browser:
             )
         return self.pages[cursor]
 
+    def _check_allowed(self, url: str) -> None:
+        if not self.options.allows(url):
+            domains = ", ".join(self.options.allowed_domains)
+            raise ToolUsageError(f"`{url}` is outside the domains this search may use: {domains}.")
+
     async def _fetch(self, url: str) -> PageContents:
+        self._check_allowed(url)
         if self.opens >= self.max_opens:
             raise ToolUsageError(
                 f"Page limit reached: at most {self.max_opens} pages can be opened per response."
             )
         self.opens += 1
         fetched = await self.fetcher.fetch(url)
+        self._check_allowed(fetched.url)  # where its redirects led
         page = await asyncio.to_thread(_to_page, fetched)
         self._fetched[url] = page
         self._fetched[page.url] = page
