@@ -28,6 +28,7 @@ from server.builtin_tools import BuiltinTools, python_namespace, settings_proble
 from server.errors import APIError
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
+from server.web_search import responses_options
 from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engine
 from tools.python_sandbox import Limits
 
@@ -587,3 +588,52 @@ def test_chat_web_search_options_are_checked(tooled: Served, served: Served) -> 
         },
     }
     assert chat(tooled, [final("fine")], web_search_options=located).choices[0].message.content == "fine"
+
+
+def test_web_search_filters_and_options_are_honoured(tooled: Served) -> None:
+    scripts = [
+        call("browser.search", '{"query": "borrowing references"}'),
+        call("browser.open", '{"id": "https://corpus.local/lifetimes.html"}'),
+        final("Nothing."),
+    ]
+    elsewhere = {"type": "web_search", "filters": {"allowed_domains": ["https://Example.org/"]}}
+    response = create(tooled, scripts, tools=[elsewhere], include=["web_search_call.action.sources"])
+    checked(response)
+    search, opened = response.output[:2]
+    assert search.action.sources == []  # every corpus page is on corpus.local, which is not allowed
+    assert opened.status == "failed"
+    assert response.tools[0].filters.allowed_domains == ["https://Example.org/"]  # echoed as given
+    allowed = {
+        "type": "web_search",
+        "filters": {"allowed_domains": ["corpus.local"]},
+        "search_context_size": "low",
+        "user_location": {"type": "approximate", "country": "GB", "timezone": "Europe/London"},
+        "external_web_access": False,  # the local corpus never reaches the web anyway
+    }
+    response = create(tooled, scripts, tools=[allowed], include=["web_search_call.action.sources"])
+    assert response.output[0].action.sources[0].url == "https://corpus.local/borrowing.html"
+    assert response.output[1].status == "completed"
+
+
+def test_web_search_options_it_cannot_honour_are_refused(tooled: Served) -> None:
+    cases = [
+        ({"filters": {"allowed_domains": ["not a domain"]}}, "tools[0].filters.allowed_domains[0]"),
+        ({"filters": {"allowed_domains": "corpus.local"}}, "tools[0].filters.allowed_domains"),
+        ({"filters": {"blocked_domains": ["x.com"]}}, "tools[0].filters.blocked_domains"),
+        ({"search_context_size": "max"}, "tools[0].search_context_size"),
+        ({"user_location": {"type": "approximate", "country": "GBR"}}, "tools[0].user_location.country"),
+        ({"user_location": {"type": "approximate", "street": "x"}}, "tools[0].user_location.street"),
+        ({"external_web_access": "no"}, "tools[0].external_web_access"),
+        ({"return_images": True}, "tools[0].return_images"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(tooled, [final("x")], tools=[{"type": "web_search", **fields}])
+        assert caught.value.body["param"] == param, fields
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(tooled, [final("x")], tools=[{"type": "web_search"}, {"type": "web_search_preview"}])
+    assert caught.value.body["param"] == "tools[1].type"
+    # Cache-only search is what an offline corpus does anyway; a web backend cannot promise it.
+    with pytest.raises(APIError) as refused:
+        responses_options({"external_web_access": False}, "tools[0]", offline=False)
+    assert refused.value.param == "tools[0].external_web_access"

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from tests.tools.test_browser_fetch import allowing, loopback_server, reply
-from tools.browser.browser import Browser, BrowserResult, UrlCitation
+from tools.browser.backends import FetchedPage, SearchHit, UserLocation
+from tools.browser.browser import Browser, BrowserResult, SearchOptions, UrlCitation
 from tools.browser.fetch import SafeFetcher
 from tools.browser.local_corpus import LocalCorpus, corpus_url
 from tools.browser.searxng import SearxngBackend
@@ -251,3 +252,76 @@ def test_searxng_results_open_through_the_guarded_fetcher() -> None:
     assert opened.text.startswith(f"[1] Home ({site.url('/')})")
     assert "welcome home" in opened.text
     assert allowed.source == "web"
+
+
+class FakeWeb:
+    """A search backend and fetcher over a few pages on several domains, recording what it was asked (and,
+    located, the location it got)."""
+
+    name = "web"
+
+    def __init__(self, *, uses_location: bool = False, redirects: dict[str, str] | None = None) -> None:
+        self.uses_location = uses_location
+        self.redirects = redirects or {}
+        self.pages = {
+            f"https://{host}/{i}": f"<title>{host} {i}</title><p>text about ferries on {host}</p>"
+            for host in ("docs.example.org", "example.org", "evil.example.net")
+            for i in range(10)
+        }
+        self.asked: list[tuple[str, int, UserLocation | None]] = []
+        self.fetched: list[str] = []
+
+    async def search(self, query: str, topn: int, location: UserLocation | None = None) -> list[SearchHit]:
+        self.asked.append((query, topn, location))
+        return [SearchHit(url, url, "ferries") for url in list(self.pages)[::-1][:topn]]
+
+    async def fetch(self, url: str) -> FetchedPage:
+        self.fetched.append(url)
+        final = self.redirects.get(url, url)
+        return FetchedPage(final, "text/html", self.pages[final])
+
+
+def test_allowed_domains_filter_results_and_every_page_opened() -> None:
+    web = FakeWeb(redirects={"https://example.org/1": "https://evil.example.net/1"})
+    options = SearchOptions(allowed_domains=("example.org",))
+    browser = Browser(web, web, count_tokens=chars, options=options)
+    found = run(browser.search("ferries", topn=5))
+    # The backend was asked for all it gives, and only the allowed domain and its subdomains are shown.
+    assert web.asked[0][1] == 20
+    assert "evil.example.net" not in found.text
+    assert found.text.count("†docs.example.org】") + found.text.count("†example.org】") == 5
+    refused = run(browser.open("https://evil.example.net/3"))
+    assert not refused.ok
+    assert refused.text == (
+        "`https://evil.example.net/3` is outside the domains this search may use: example.org."
+    )
+    assert web.fetched == []  # refused before any fetch
+    # A redirect out of the allowed domains is refused too (the fetcher followed it; nothing is shown).
+    assert not run(browser.open("https://example.org/1")).ok
+    assert run(browser.open("https://docs.example.org/2")).ok
+    # A page an earlier turn opened, outside a later request's filters, cannot be opened or scrolled.
+    run(browser.open("https://example.org/4"))
+    later = browser.fork(SearchOptions(allowed_domains=("docs.example.org",)))
+    assert not run(later.open(loc=1)).ok
+    assert run(later.open(loc=1, cursor=1)).ok
+
+
+def test_context_size_sets_the_results_and_the_page_window() -> None:
+    web = FakeWeb()
+    low = Browser(web, web, count_tokens=chars, options=SearchOptions(context_size="low"))
+    high = Browser(web, web, count_tokens=chars, options=SearchOptions(context_size="high"))
+    medium = Browser(web, web, count_tokens=chars)
+    for browser in (low, medium, high):
+        run(browser.call("search", '{"query": "ferries"}'))
+        run(browser.call("search", '{"query": "ferries", "topn": 50}'))
+    assert [topn for _, topn, _ in web.asked] == [5, 5, 10, 20, 20, 20]
+    assert (low.view_tokens, medium.view_tokens, high.view_tokens) == (512, 1024, 2048)
+
+
+def test_the_location_goes_only_to_backends_that_localize() -> None:
+    where = UserLocation(country="GB", city="London")
+    located, plain = FakeWeb(uses_location=True), FakeWeb()
+    for web in (located, plain):
+        run(Browser(web, web, count_tokens=chars, options=SearchOptions(location=where)).search("ferries"))
+    assert located.asked[0][2] == where
+    assert plain.asked[0][2] is None
