@@ -397,6 +397,34 @@ class ResponseTools:
         return pages[index].url
 
 
+@dataclass(frozen=True, slots=True)
+class ToolExchange:
+    """A built-in call the model made and the tool's answer, as the model read them: what a later turn's
+    prompt shows again in their place (an API item keeps neither the call's exact arguments nor a page's
+    text)."""
+
+    recipient: str  # "python", "browser.search"
+    arguments: str  # the call's text: the code, or the JSON arguments
+    text: str  # the tool message's text
+    channel: str | None = "analysis"
+    content_type: str | None = None
+
+    @classmethod
+    def of(cls, call: Message, text: str) -> ToolExchange:
+        assert call.recipient is not None
+        return cls(call.recipient, call.text, text, call.channel, call.content_type)
+
+    def messages(self) -> list[Message]:
+        call = Message.from_role(
+            Role.ASSISTANT,
+            self.arguments,
+            channel=self.channel,
+            recipient=self.recipient,
+            content_type=self.content_type,
+        )
+        return [call, tool_message(self.recipient, self.channel, self.text)]
+
+
 def tool_message(recipient: str, channel: str | None, text: str) -> Message:
     """The tool's answer as harmony renders it: from the tool (`python`, `browser.search`) to the assistant,
     on the channel of the call (analysis, as the model calls its built-in tools)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -62,7 +62,7 @@ def system_message(
 
 
 def to_harmony(
-    messages: list[ChatMessage],
+    messages: Sequence[ChatMessage | Message],
     tools: list[Tool] | None,
     *,
     effort: str | None,
@@ -74,8 +74,13 @@ def to_harmony(
     """The harmony conversation for a chat request (raises a 400 `APIError` for an inconsistent history).
     A `response_format` goes into the developer message's `# Response Formats`, where harmony tells the
     model the shape its answer must take; `builtin_tools` (the server-run browser and python namespaces)
-    into the system message."""
-    instructions = [m.text() for m in messages if m.role in ("system", "developer") and m.text()]
+    into the system message. A harmony `Message` in `messages` is taken as it is (a built-in tool's call or
+    answer that an earlier turn of a Responses chain had)."""
+    instructions = [
+        m.text()
+        for m in messages
+        if isinstance(m, ChatMessage) and m.role in ("system", "developer") and m.text()
+    ]
     out = [system_message(effort, date_setting, default_effort, builtin_tools)]
     namespace = None
     if tools:
@@ -95,6 +100,9 @@ def to_harmony(
 
     call_names: dict[str, str] = {}
     for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(m)
+            continue
         if m.role in ("system", "developer"):
             continue
         if m.role == "user":

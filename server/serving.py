@@ -18,7 +18,7 @@ import functools
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -41,8 +41,8 @@ from harmony.grammar import (
     schema_grammar,
     turn_grammar,
 )
+from harmony.messages import Message, ToolNamespaceConfig
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
-from harmony.messages import ToolNamespaceConfig
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
 from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
@@ -379,7 +379,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
 
     def render(
         self,
-        messages: list[ChatMessage],
+        messages: Sequence[ChatMessage | Message],
         tools: list[Tool] | None,
         effort: str | None,
         response_format: HarmonyResponseFormat | None = None,
@@ -548,10 +548,13 @@ def logprob_json(encoding: tiktoken.Encoding, lp: TokenLogprob) -> dict[str, Any
     return entry
 
 
-def conversation_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:
+def conversation_chars(messages: Sequence[ChatMessage | Message], tools: list[Tool] | None) -> int:
     """The characters of a conversation's text (rendering and tokenizing take time in proportion)."""
     total = 0
     for message in messages:
+        if isinstance(message, Message):
+            total += len(message.text) + len(message.recipient or "")
+            continue
         total += len(message.text()) + len(message.reasoning or "") + len(message.reasoning_content or "")
         total += len(message.name or "") + len(message.tool_call_id or "")
         for call in message.tool_calls or []:

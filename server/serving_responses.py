@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from server.builtin_tools import (
     BuiltinRequest,
     Citations,
     ResponseTools,
+    ToolExchange,
     ToolResult,
     builtin_call,
     continuation_tokens,
@@ -102,6 +103,9 @@ class StoredResponse:
     response: dict[str, Any]
     # The conversation the response answered: its chain's input items, then its own request's input.
     input_items: list[dict[str, Any]]
+    # By item id, the built-in tool calls of its conversation and output as the model read them (for the
+    # prompts of the responses that continue it).
+    exchanges: dict[str, ToolExchange] = field(default_factory=dict)
 
 
 class ResponseStore:
@@ -134,6 +138,15 @@ class ResponseStore:
     def delete(self, response_id: str) -> bool:
         with self._lock:
             return self._entries.pop(response_id, None) is not None
+
+    def exchange(self, item_id: str) -> ToolExchange | None:
+        """The built-in call and answer behind a stored `code_interpreter_call` or `web_search_call` item."""
+        with self._lock:
+            for stored in reversed(self._entries.values()):
+                found = stored.exchanges.get(item_id)
+                if found is not None:
+                    return found
+        return None
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         """An item of a stored response's output or input, by its id (for `item_reference`)."""
@@ -170,12 +183,21 @@ def _required(item: ResponsesInputItem, name: str, where: str) -> str:
     return value
 
 
-def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) -> list[ChatMessage]:
+def items_to_messages(
+    items: list[ResponsesInputItem],
+    *,
+    first_own: int = 0,
+    exchanges: Mapping[str, ToolExchange] | None = None,
+) -> list[ChatMessage | Message]:
     """The chat messages for Responses input items (item_references already resolved).
 
-    Items before `first_own` came from a stored chain; an error in them names `previous_response_id`.
+    Items before `first_own` came from a stored chain; an error in them names `previous_response_id`. A
+    built-in tool's item becomes the harmony call and tool message the model read (`exchanges`, by item id;
+    or, for a `code_interpreter_call` a client sends back with its outputs, its code and logs), so that the
+    prompt is the one harmony renders for the whole conversation; one whose text is not known (a
+    `web_search_call` from elsewhere: its item holds no page) is left out, call and answer together.
     """
-    messages: list[ChatMessage] = []
+    messages: list[ChatMessage | Message] = []
     calls: set[str] = set()
     for i, item in enumerate(items):
         where = f"input[{i - first_own}]" if i >= first_own else "previous_response_id"
@@ -199,7 +221,7 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
             )
             last = messages[-1] if messages else None
             if (
-                last is not None
+                isinstance(last, ChatMessage)
                 and last.role == "assistant"
                 and (last.content is not None or last.tool_calls)
             ):
@@ -210,8 +232,10 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
                 messages.append(ChatMessage(role="assistant", tool_calls=[call]))
         elif item.type in ("code_interpreter_call", "web_search_call"):
             # The server's own tool traffic of an earlier turn: analysis-channel messages, which harmony drops
-            # from a later turn's prompt once a final answer follows them (as the gpt-oss reference does).
-            continue
+            # from a later turn's prompt when they come before the conversation's first final answer.
+            exchange = (exchanges or {}).get(item.id or "") or _sent_exchange(item)
+            if exchange is not None:
+                messages.extend(exchange.messages())
         elif item.type == "function_call_output":
             call_id = _required(item, "call_id", where)
             if call_id not in calls:
@@ -223,6 +247,19 @@ def items_to_messages(items: list[ResponsesInputItem], *, first_own: int = 0) ->
         else:
             raise bad_request(f"input items of type {item.type!r} are not supported", param=f"{where}.type")
     return messages
+
+
+def _sent_exchange(item: ResponsesInputItem) -> ToolExchange | None:
+    """A `code_interpreter_call` item as a client sends it back: its code, and the logs of its outputs (what
+    the model read, when the response had `include: ["code_interpreter_call.outputs"]`)."""
+    extra = item.model_extra or {}
+    code, outputs = extra.get("code"), extra.get("outputs")
+    if item.type != "code_interpreter_call" or not isinstance(code, str) or not isinstance(outputs, list):
+        return None
+    logs = [o.get("logs") for o in outputs if isinstance(o, dict) and o.get("type") == "logs"]
+    if not logs or not all(isinstance(text, str) for text in logs):
+        return None
+    return ToolExchange("python", code, "".join(logs))
 
 
 # -- stored input items --------------------------------------------------------------------------------------
@@ -279,6 +316,8 @@ class PreparedResponse:
     stops: list[str]
     # The built-in tools the server runs for this response (python, browser), if any.
     builtin: BuiltinRequest = field(default_factory=BuiltinRequest)
+    # The built-in calls of its conversation, as the model read them (by item id), stored with it.
+    exchanges: dict[str, ToolExchange] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -639,6 +678,8 @@ class Run:
     # not for its token budget.
     input_tokens: int = 0
     incomplete_reason: str | None = None
+    # By item id, the built-in calls it ran as the model read them (stored with it).
+    exchanges: dict[str, ToolExchange] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -813,9 +854,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             out.append(item)
         return out
 
-    def conversation(self, request: ResponsesRequest) -> tuple[list[ChatMessage], list[dict[str, Any]]]:
-        """The chat messages to render, and the input items to store with the response."""
+    def conversation(
+        self, request: ResponsesRequest
+    ) -> tuple[list[ChatMessage | Message], list[dict[str, Any]], dict[str, ToolExchange]]:
+        """The chat messages to render, the input items to store with the response, and the built-in tool
+        calls among them as the model read them (by item id)."""
         chain: list[dict[str, Any]] = []
+        exchanges: dict[str, ToolExchange] = {}
         if request.previous_response_id is not None:
             previous = self.store.get(request.previous_response_id)
             if previous is None:
@@ -830,16 +875,23 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                     param="previous_response_id",
                 )
             chain = [*previous.input_items, *previous.response["output"]]
+            exchanges = dict(previous.exchanges)
         if isinstance(request.input, str):
             own = [ResponsesInputItem(type="message", role="user", content=request.input)]
         else:
             own = self._resolve(request.input)
+        for item in own:
+            # Items a client sends back from a stored response: the store knows what the model read.
+            if item.type in ("code_interpreter_call", "web_search_call") and item.id:
+                found = self.store.exchange(item.id)
+                if found is not None:
+                    exchanges[item.id] = found
         items = [ResponsesInputItem.model_validate(item) for item in chain] + own
-        messages = items_to_messages(items, first_own=len(chain))
+        messages = items_to_messages(items, first_own=len(chain), exchanges=exchanges)
         if request.instructions:
             messages.insert(0, ChatMessage(role="developer", content=request.instructions))
         stored = chain + [stored_item(item) for item in own]
-        return messages, stored
+        return messages, stored, exchanges
 
     # Stop strings end the answer the client sees, not the raw output (see `ChoiceOutput`).
     engine_stops = False
@@ -873,7 +925,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         tools = self._tools(request)
         names = [t.function.name for t in tools]
         choice, allowed, choice_echo = self._tool_choice(request, names)
-        messages, input_items = self.conversation(request)
+        messages, input_items, exchanges = self.conversation(request)
         builtin = self.builtin.parse(request.tools or [], input_items)
         offered = tools if request.tool_choice != "none" else None
         fmt = request.text.format if request.text is not None else None
@@ -923,7 +975,17 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         ) or self.settings.default_reasoning_effort
         shown_names = frozenset(names if offered else [])
         prepared = PreparedResponse(
-            request, prompt, params, input_items, tool_dicts, choice_echo, effort, shown_names, stops, builtin
+            request,
+            prompt,
+            params,
+            input_items,
+            tool_dicts,
+            choice_echo,
+            effort,
+            shown_names,
+            stops,
+            builtin,
+            exchanges,
         )
         return prepared, [(prompt, params)]
 
@@ -1050,6 +1112,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                     for event in begun:
                         yield event
                     result = await self._run_builtin(run, call)
+                    assert run.builder.builtin is not None
+                    run.exchanges[run.builder.builtin.item["id"]] = ToolExchange.of(call, result.text)
                     for event in run.builder.end_builtin(
                         result, OUTPUTS_INCLUDE in (prepared.request.include or [])
                     ):
@@ -1173,7 +1237,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         elif status == "completed":
             response["completed_at"] = int(time.time())
         if run.prepared.request.store:
-            self.store.put(StoredResponse(copy.deepcopy(response), run.prepared.input_items))
+            exchanges = {**run.prepared.exchanges, **run.exchanges}
+            self.store.put(StoredResponse(copy.deepcopy(response), run.prepared.input_items, exchanges))
             if run.tools is not None:
                 self.builtin.remember(run.id, run.tools)
         self.live.pop(run.id, None)

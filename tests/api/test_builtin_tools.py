@@ -24,7 +24,13 @@ from harmony.encoding import load_harmony_encoding
 from harmony.messages import Message, Role
 from harmony.render import Renderer
 from server.app import create_app
-from server.builtin_tools import BuiltinTools, python_namespace, settings_problem, tool_message
+from server.builtin_tools import (
+    BuiltinRequest,
+    BuiltinTools,
+    python_namespace,
+    settings_problem,
+    tool_message,
+)
 from server.errors import APIError
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
@@ -637,3 +643,156 @@ def test_web_search_options_it_cannot_honour_are_refused(tooled: Served) -> None
     with pytest.raises(APIError) as refused:
         responses_options({"external_web_access": False}, "tools[0]", offline=False)
     assert refused.value.param == "tools[0].external_web_access"
+
+
+# -- earlier turns' tool calls in later prompts ------------------------------------------------------------
+
+
+def official_prompt(served: Served, turns: list[Any]) -> list[int]:
+    """openai-harmony's prompt for a conversation with both built-in tools declared (as the server declares
+    them), `turns` its messages after the system message."""
+    service = served.app.state.server.services.responses
+    namespaces = service.builtin.namespaces(BuiltinRequest(python=True, browser=True))
+    python = oh.ToolNamespaceConfig(name="python", description=namespaces["python"].description, tools=[])
+    system = (
+        oh.SystemContent.new()
+        .with_conversation_start_date("2026-11-27")
+        .with_browser_tool()
+        .with_tools(python)
+    )
+    conversation = oh.Conversation.from_messages(
+        [oh.Message.from_role_and_content(oh.Role.SYSTEM, system), *turns]
+    )
+    official = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    return official.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+
+
+def user(text: str) -> Any:
+    return oh.Message.from_role_and_content(oh.Role.USER, text)
+
+
+def answer(text: str) -> Any:
+    return oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel("final")
+
+
+def official_call(recipient: str, arguments: str, result: str) -> list[Any]:
+    sent = oh.Message.from_role_and_content(oh.Role.ASSISTANT, arguments)
+    read = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, recipient), result)
+    return [
+        sent.with_channel("analysis").with_recipient(recipient),
+        read.with_channel("analysis").with_recipient("assistant"),
+    ]
+
+
+BOTH_TOOLS = [{"type": "web_search"}, PYTHON_TOOL]
+
+
+def test_a_chain_of_three_turns_shows_earlier_tool_calls_as_harmony_renders_them(
+    tooled: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turn 1 searches, turn 2 runs python, turn 3 refers to both: its prompt is openai-harmony's rendering of
+    the whole conversation, the calls and what the tools answered included (harmony itself drops turn 1's,
+    which precede the first final answer)."""
+    first = create(
+        tooled,
+        [call("browser.search", '{"query": "lifetimes"}'), final("Found it.")],
+        input="Find lifetimes",
+        tools=BOTH_TOOLS,
+    )
+    second = create(
+        tooled,
+        [call("python", "print(6 * 7)"), final("42.")],
+        input="Compute",
+        tools=BOTH_TOOLS,
+        previous_response_id=first.id,
+    )
+    prompts: list[list[int]] = []
+    add_request = tooled.engine.add_request
+
+    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
+        prompts.append(list(prompt))
+        add_request(request_id, prompt, params)
+
+    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    third = create(tooled, [final("Both.")], input="Both?", tools=BOTH_TOOLS, previous_response_id=second.id)
+    assert third.output_text == "Both."
+    page = "[0] lifetimes\n"  # the search page's first line, as the model read it
+    expected = official_prompt(
+        tooled,
+        [
+            user("Find lifetimes"),
+            *official_call("browser.search", '{"query": "lifetimes"}', page),
+            answer("Found it."),
+            user("Compute"),
+            *official_call("python", "print(6 * 7)", "42\n"),
+            answer("42."),
+            user("Both?"),
+        ],
+    )
+    assert prompts[0] == expected
+    assert "42\n<|end|>" in tooled.encoding.decode(prompts[0])
+
+
+def test_tool_items_a_client_sends_back_are_shown_as_the_model_read_them(
+    tooled: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    searched = create(
+        tooled,
+        [call("browser.search", '{"query": "lifetimes"}'), final("Found.")],
+        input="Find",
+        tools=BOTH_TOOLS,
+        store=True,
+    )
+    computed = create(
+        tooled,
+        [call("python", "print(6 * 7)"), final("42.")],
+        input="Compute",
+        tools=BOTH_TOOLS,
+        include=OUTPUTS,
+        store=False,
+    )
+    page_text = tooled.app.state.server.services.responses.store.exchange(searched.output[0].id).text
+    assert page_text.startswith("[0] lifetimes\n**viewing lines")
+    stranger = {"type": "web_search_call", "id": "ws_elsewhere", "status": "completed",
+                "action": {"type": "search", "query": "x"}}  # fmt: skip
+    history = [
+        # A first answer: harmony keeps every later call in the prompt (it drops those before the first).
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Compute"},
+        *[item.model_dump(exclude_none=True) for item in computed.output],
+        {"role": "user", "content": "Find"},
+        stranger,
+        *[item.model_dump(exclude_none=True) for item in searched.output],
+        {"role": "user", "content": "Both?"},
+    ]
+    prompts: list[list[int]] = []
+    add_request = tooled.engine.add_request
+
+    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
+        prompts.append(list(prompt))
+        add_request(request_id, prompt, params)
+
+    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    create(tooled, [final("Both.")], input=history, tools=BOTH_TOOLS, store=False)
+    # The python call comes back from its item (code and logs); the search from the store, which knows the
+    # page; a search from elsewhere, whose page nobody knows, is left out with its answer.
+    expected = official_prompt(
+        tooled,
+        [
+            user("Hi"),
+            answer("Hello."),
+            user("Compute"),
+            *official_call("python", "print(6 * 7)", "42\n"),
+            answer("42."),
+            user("Find"),
+            *official_call("browser.search", '{"query": "lifetimes"}', page_text),
+            answer("Found."),
+            user("Both?"),
+        ],
+    )
+    assert prompts[0] == expected
+    shown = tooled.encoding.decode(prompts[0])
+    assert "print(6 * 7)<|call|><|start|>python to=assistant" in shown
+    assert "【0†Lifetimes†corpus.local】" in shown  # the search page, from the store
+    assert "ws_elsewhere" not in shown

@@ -1052,7 +1052,7 @@ def test_an_assistant_message_before_a_call_is_replayed_as_commentary(
     ]
     service = served.app.state.server.services.responses
     request = ResponsesRequest(model=MODEL, input=items, tools=[WEATHER_TOOL])
-    messages, _ = service.conversation(request)
+    messages, _, _ = service.conversation(request)
     prompt = served.encoding.decode(service.render(messages, service._tools(request), None))
     assert "<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>" in prompt
     assert "<|channel|>final<|message|>Let me check." not in prompt
@@ -1089,7 +1089,7 @@ def test_an_assistant_message_before_a_call_is_replayed_as_commentary(
     assert response.usage.input_tokens_details.cached_tokens >= response.usage.input_tokens - 16
     # A message that is not followed by a call is still a final answer.
     answered = ResponsesRequest(model=MODEL, input=[*items[:2], {"role": "user", "content": "And?"}])
-    messages, _ = service.conversation(answered)
+    messages, _, _ = service.conversation(answered)
     assert "<|channel|>final<|message|>Let me check.<|end|>" in served.encoding.decode(
         service.render(messages, None, None)
     )
