@@ -177,6 +177,12 @@ class BuiltinTools:
             else:
                 logger.info("python sandbox probe: uid and root directory %s", seen)
 
+    def probe_at_start(self) -> None:
+        """At the server's start (before it serves): run the sandbox's probe now rather than at the first
+        python request, so that the log and `/health` say from the first moment whether python runs, and
+        with which limits. Test apps skip it (each probe starts a sandbox)."""
+        self._check_sandbox()
+
     def describe(self) -> dict[str, Any]:
         """What `/health` says of the built-in tools: whether each runs, and the python limits in force."""
         python: dict[str, Any] = {"available": self.pool is not None}

@@ -197,8 +197,9 @@ class CliSettings(BaseSettings):
     )
     python_sandbox: Literal["bwrap", "off"] = Field(
         "bwrap",
-        description="the Responses code_interpreter tool: model code runs in a bubblewrap sandbox (no "
-        "network, uid nobody, size-capped /mnt/data), or the tool is refused (off)",
+        description="the Responses code_interpreter tool: on by default where bubblewrap runs (probed at "
+        "start; a request still has to ask for the tool), model code in a sandbox with no network, uid "
+        "nobody, a size-capped /mnt/data; off: the tool is refused",
     )
     python_timeout: float = Field(
         30.0, gt=0, description="seconds one python cell may run (the model is told)"
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(2) from error
     app = create_app(engine, settings)
+    # The python tool is on by default wherever bubblewrap runs here: find out now, not at the first request.
+    app.state.server.ready().responses.builtin.probe_at_start()
     logger.info("serving %s on http://%s:%d/v1", settings.served_model_name, args.host, args.port)
     # uvicorn restores the handlers it found and re-raises the signal once it has shut down; with this one in
     # place a SIGTERM ends the process with status 0, not as killed by the signal.

@@ -467,6 +467,23 @@ def test_a_sandbox_that_cannot_run_refuses_python_saying_why() -> None:
     assert tools.describe()["python"]["available"] is False
 
 
+def test_the_start_probe_tells_health_before_any_request() -> None:
+    """python is on by default where bubblewrap runs: the server probes at start, so a host where it cannot
+    run says so in /health (and the log) before anyone asks for it."""
+    working = BuiltinTools(ServerSettings(), lambda text: len(text))
+    working.probe_at_start()
+    assert working.describe()["python"]["available"] is True
+    broken = BuiltinTools(ServerSettings(), lambda text: len(text))
+    assert broken.pool is not None
+    broken.pool.sandbox.bwrap = "/bin/false"
+    broken.probe_at_start()
+    assert broken.describe()["python"]["available"] is False
+    assert "the sandbox cannot run here" in broken.describe()["python"]["reason"]
+    off = BuiltinTools(ServerSettings(python_sandbox="off"), lambda text: len(text))
+    off.probe_at_start()
+    assert off.describe()["python"] == {"available": False, "reason": "disabled by --python-sandbox off"}
+
+
 def test_a_background_response_runs_its_tools_too(tooled: Served) -> None:
     started = create(tooled, [call("python", "print(6 * 7)"), final("42.")], background=True, include=OUTPUTS)
     client = client_for(tooled)
