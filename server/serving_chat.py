@@ -149,10 +149,14 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         with self.in_api_terms(request):
             return await self.workers.run(self._prompt, request)
 
-    def _prompt(self, request: ChatCompletionRequest) -> list[int]:
+    def _prompt(self, request: ChatCompletionRequest, builtin: BuiltinRequest | None = None) -> list[int]:
+        """`builtin`: what `_builtin` made of the request's `web_search_options`, if the caller has it."""
         tools = request.tools if request.tool_choice != "none" else None
-        builtin = self._builtin(request)
-        namespaces = self.builtin.namespaces(builtin) if builtin is not None and self.builtin else None
+        builtin = builtin or self._builtin(request)
+        namespaces = None
+        if builtin is not None:
+            assert self.builtin is not None
+            namespaces = self.builtin.namespaces(builtin)
         return self.render(
             request.messages, tools, request.reasoning_effort, _harmony_format(request), namespaces
         )
@@ -219,7 +223,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             )
 
         builtin = self._builtin(request)
-        prompt = self._prompt(request)
+        prompt = self._prompt(request, builtin)
         max_tokens = output_budget(
             len(prompt), request.max_completion_tokens or request.max_tokens, self.max_model_len
         )
@@ -552,12 +556,12 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
                 continue  # the rest of a choice that reached a stop string, until its abort takes effect
             if isinstance(output, ToolRan):
                 for delta, annotations in self._cite(state, self._step_ended(state)):
-                    yield chunk(index, self._delta_for(delta, prepared, annotations, state))
+                    yield chunk(index, self._delta_for(delta, prepared, annotations))
                 continue
             logprobs_before = len(state.logprobs)
             consumed = len(state.token_ids)
             chunks = [
-                chunk(index, self._delta_for(delta, prepared, annotations, state))
+                chunk(index, self._delta_for(delta, prepared, annotations))
                 for delta, annotations in self._cite(state, self._consume(state, output, prepared))
             ]
             if prepared.logprobs and len(state.logprobs) > logprobs_before:
@@ -578,9 +582,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             yield {**head, "choices": [], "usage": self._usage(prepared.prompt, states)}
 
     @staticmethod
-    def _delta_for(
-        delta: Delta, prepared: Prepared, annotations: list[dict[str, Any]], state: ChoiceState
-    ) -> dict[str, Any]:
+    def _delta_for(delta: Delta, prepared: Prepared, annotations: list[dict[str, Any]]) -> dict[str, Any]:
         """A delta as this request's chunks carry it: a tool call as the deprecated `function_call` when
         the request gave `functions`; the answer's text with the `annotations` it brings (as OpenAI streams
         them, on the delta: indices into the whole message's content)."""
