@@ -432,11 +432,11 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             prompt = prompt + generated + tail
             produced += len(generated)
             step += 1
-            state.step_prompt_tokens += len(prompt)
             room = min(self.max_model_len - len(prompt), budget - produced)
             if room < 1:
                 yield RequestOutput(rid, [], finish_reason=FinishReason.LENGTH)
                 return
+            state.step_prompt_tokens += len(prompt)
             hook = self.processors_hook
             processors = hook.make(request.model_extra or {}, step) if hook is not None else []
             params = dataclasses.replace(params, max_tokens=room, logits_processors=processors)

@@ -895,3 +895,28 @@ def test_two_users_never_see_each_others_pages(tooled: Served) -> None:
         tooled, [call("browser.open", '{"cursor": 0, "id": 0}'), final("ok")], tools=[{"type": "web_search"}]
     )
     assert alone.output[0].status == "failed"
+
+
+def test_chat_web_search_output_budget_spans_the_steps(
+    tooled: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`max_tokens` bounds the whole completion, tool steps included: spent by the first call, the turn ends
+    after its tool ran, as "length"."""
+    backend = tooled.app.state.server.services.responses.builtin.backend
+    searched: list[str] = []
+    search = backend.search
+
+    async def recorded(query: str, topn: int) -> Any:
+        searched.append(query)
+        return await search(query, topn)
+
+    monkeypatch.setattr(backend, "search", recorded)
+    first = call("browser.search", '{"query": "lifetimes"}')
+    spent = len(tooled.encoding.encode(first, allowed_special="all"))
+    completion = chat(tooled, [first, final("never")], max_tokens=spent)
+    assert searched == ["lifetimes"]
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == spent
+    # Only the one engine request ran: only its prompt counts, as for a completion that answers at once.
+    assert completion.usage.prompt_tokens == chat(tooled, [final("x")]).usage.prompt_tokens
+    assert completion.choices[0].message.content == ""
