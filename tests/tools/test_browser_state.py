@@ -303,6 +303,7 @@ def test_allowed_domains_filter_results_and_every_page_opened() -> None:
     run(browser.open("https://example.org/4"))
     later = browser.fork(SearchOptions(allowed_domains=("docs.example.org",)))
     assert not run(later.open(loc=1)).ok
+    assert not run(later.find("ferries")).ok
     assert run(later.open(loc=1, cursor=1)).ok
 
 

@@ -26,7 +26,7 @@ class SearchHit:
 @dataclass(frozen=True, slots=True)
 class UserLocation:
     """Where the user roughly is, as a request gives it (OpenAI's `user_location`): for the backends that
-    can localize results (see `SearchBackend.uses_location`)."""
+    can localize results (see `LocatedSearch`)."""
 
     country: str | None = None  # ISO 3166-1 alpha-2, upper case: "GB"
     region: str | None = None

@@ -19,10 +19,17 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import quote, urlsplit
 
-from tools.browser.backends import BrowserError, FetchedPage, PageFetcher, SearchBackend, UserLocation
+from tools.browser.backends import (
+    BrowserError,
+    FetchedPage,
+    LocatedSearch,
+    PageFetcher,
+    SearchBackend,
+    UserLocation,
+)
 from tools.browser.page import (
     LINK_MARKER,
     VIEW_TOKENS,
@@ -186,7 +193,7 @@ class Browser:
         location = self.options.location
         try:
             if location is not None and getattr(self.backend, "uses_location", False):
-                hits = await self.backend.search(query, asked, location=location)  # type: ignore[call-arg]
+                hits = await cast(LocatedSearch, self.backend).search(query, asked, location=location)
             else:
                 hits = await self.backend.search(query, asked)
         except BrowserError as exc:
@@ -216,8 +223,6 @@ class Browser:
                 current = self._page(cursor)
                 if id < 0:
                     page = current
-                    if page.kind is PageKind.PAGE:
-                        self._check_allowed(page.url)  # a page an earlier turn opened under other filters
                 elif id not in current.links:
                     raise ToolUsageError(f"Invalid link id `{id}`.")
                 elif current.kind is PageKind.FIND and current.source is not None:
@@ -227,8 +232,10 @@ class Browser:
                         loc = max(0, current.link_lines[id] - FIND_CONTEXT_LINES)
                 else:
                     url = current.links[id]
-                    self._check_allowed(url)
                     page = self._fetched.get(url) or await self._fetch(url)
+            if page.kind is PageKind.PAGE:
+                # Also a page shown before (cached, or opened by an earlier turn under other filters).
+                self._check_allowed(page.url)
         except ToolUsageError as exc:
             return BrowserResult(str(exc), ok=False)
         except BrowserError as exc:
@@ -242,6 +249,8 @@ class Browser:
             return BrowserResult(str(exc), ok=False)
         if page.kind is not PageKind.PAGE:
             return BrowserResult("Cannot run `find` on search results page or find results page", ok=False)
+        if not self.options.allows(page.url):
+            return BrowserResult(self._outside(page.url), ok=False)
         needle = _SPACES.sub(" ", pattern.lower()).strip()
         if not needle:
             return BrowserResult("The `find` pattern must not be empty.", ok=False)
@@ -345,8 +354,12 @@ class Browser:
 
     def _check_allowed(self, url: str) -> None:
         if not self.options.allows(url):
-            domains = ", ".join(self.options.allowed_domains)
-            raise ToolUsageError(f"`{url}` is outside the domains this search may use: {domains}.")
+            raise ToolUsageError(self._outside(url))
+
+    def _outside(self, url: str) -> str:
+        return (
+            f"`{url}` is outside the domains this search may use: {', '.join(self.options.allowed_domains)}."
+        )
 
     async def _fetch(self, url: str) -> PageContents:
         self._check_allowed(url)
