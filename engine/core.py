@@ -88,7 +88,9 @@ class EngineCore:
         self.vocab_size = model.config.vocab_size
         self.token_bytes = token_bytes
         if self.config.max_loras:  # before the runner sizes the KV cache from what memory is left
-            model.enable_lora(self.config.max_loras, self.config.max_lora_rank)
+            model.enable_lora(
+                self.config.max_loras, self.config.max_lora_rank, experts=self.config.lora_experts
+            )
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         full_tokens = self.runner.blocks.num_full * self.config.block_size
         if full_tokens < self.max_model_len:

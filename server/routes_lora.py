@@ -61,7 +61,7 @@ async def load_adapter(services: Services, name: str, path: str) -> None:
         raise bad_request("this server keeps no room for LoRA adapters (start it with --max-loras)")
     try:
         updates = await asyncio.to_thread(read_adapter, path, core.model.config)
-        check_unmerged(updates, core.config.max_lora_rank)
+        check_unmerged(updates, core.config.max_lora_rank, core.config.lora_experts)
     except AdapterError as error:
         raise bad_request(f"the adapter at {path!r} cannot be served: {error}", param="lora_path") from error
 

@@ -14,7 +14,15 @@ from transformers import GptOssForCausalLM, Mxfp4Config
 
 from model.batch import AttentionMetadata
 from model.gpt_oss import GptOss
-from model.lora import AdapterError, lora_delta, lora_delta_reference, read_adapter
+from model.kernels import Kernels
+from model.kernels.experts import experts_batched
+from model.lora import (
+    AdapterError,
+    expert_lora_delta_reference,
+    lora_delta,
+    lora_delta_reference,
+    read_adapter,
+)
 from tests.model.test_oracles import prompt
 
 logger = logging.getLogger(__name__)
@@ -188,7 +196,99 @@ def test_per_request_adapters_refuse_what_the_stacks_cannot_hold(
 ) -> None:
     served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
     served.enable_lora(max_loras=1, max_rank=4)
-    with pytest.raises(AdapterError, match="targets the experts"):
+    with pytest.raises(AdapterError, match="no room for adapters on the experts"):
         served.set_lora(1, read_adapter(adapters["experts"], served.config))
     with pytest.raises(AdapterError, match="rank 8 is above the largest served, 4"):
         served.set_lora(1, read_adapter(adapters["attention_qv"], served.config))
+    roomy = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    roomy.enable_lora(max_loras=1, max_rank=2, experts=True)
+    with pytest.raises(AdapterError, match="rank 4 is above the largest served, 2"):
+        roomy.set_lora(1, read_adapter(adapters["experts"], roomy.config))
+
+
+def test_stacks_too_large_for_memory_are_refused_before_allocating(checkpoints: dict[str, Path]) -> None:
+    served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    with pytest.raises(ValueError, match="lower --max-loras or --max-lora-rank"):
+        served.enable_lora(max_loras=100_000, max_rank=100_000, experts=True)
+    assert served.block[0].attn.qkv_lora is None
+
+
+def test_the_experts_batched_lora_delta_equals_the_per_pair_loop() -> None:
+    """:func:`lora_delta` with a leading expert axis (the batched experts' use) and expert by expert (the
+    grouped experts') against the per-(token, expert) twin."""
+    generator = torch.Generator().manual_seed(6)
+    experts, slots, rank, inp, out, width = 5, 3, 4, 24, 40, 7
+    a = torch.randn(experts, slots, rank, inp, generator=generator)
+    b = torch.randn(experts, out, slots, rank, generator=generator)
+    column_slot = torch.arange(1, slots + 1).repeat_interleave(rank)
+    ids = torch.tensor([4, 0, 2])
+    x = torch.randn(len(ids), width, inp, generator=generator)
+    rows = torch.randint(0, slots + 1, (len(ids), width), generator=generator)
+    batched = lora_delta(x, a[ids], b[ids], column_slot, rows)
+    pair_experts = ids[:, None].expand(-1, width).flatten()
+    expected = expert_lora_delta_reference(x.flatten(0, 1), a, b, pair_experts, rows.flatten())
+    torch.testing.assert_close(batched.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
+    one = lora_delta(x[1], a[0], b[0], column_slot, rows[1])
+    torch.testing.assert_close(one, expected[width : 2 * width], rtol=1e-5, atol=1e-5)
+    assert expected[rows.flatten() == 0].abs().max() == 0
+
+
+@pytest.fixture(scope="module")
+def peft_logits(checkpoints: dict[str, Path], adapters: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """transformers + peft's logits of the prompt `prompt(33)` for each adapter, and for the base (None)."""
+    ids = prompt(33)
+    out = {"base": _base(checkpoints["hf"])(input_ids=ids[None]).logits[0]}
+    for name in adapters:
+        peft_model = PeftModel.from_pretrained(_base(checkpoints["hf"]), str(adapters[name])).eval()
+        out[name] = peft_model(input_ids=ids[None]).logits[0]
+    return out
+
+
+@pytest.mark.parametrize("expert_mode", ["packed", "dequantized"])
+@pytest.mark.parametrize("experts", ["cpu", "batched"])
+def test_per_request_expert_adapters_give_peft_s_logits(
+    checkpoints: dict[str, Path],
+    adapters: dict[str, Path],
+    peft_logits: dict[str, torch.Tensor],
+    expert_mode: str,
+    experts: str,
+) -> None:
+    """Unmerged adapters on the experts (alone, and with attention and rsLoRA), each in its slot, every token
+    on it: PEFT's logits, on packed experts (the CPU's fused kernel where it builds) and dense ones, through
+    the CPU's grouped path and the GPU's batched one."""
+    served = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, expert_mode=expert_mode, progress=False
+    )
+    if experts == "batched":
+        served.use_kernels(Kernels(served.block[0].attn.attention, experts_batched))
+    served.enable_lora(max_loras=2, max_rank=4, experts=True)
+    served.set_lora(1, read_adapter(adapters["experts"], served.config))
+    served.set_lora(2, read_adapter(adapters["everything"], served.config))
+    ids = prompt(33)
+    meta = AttentionMetadata.build([len(ids)])
+    for slot, name in ((1, "experts"), (2, "everything")):
+        got = served(ids, meta, lora=torch.full((len(ids),), slot))
+        expected = peft_logits[name]
+        scale = expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= 1e-3 * scale, name
+        assert (peft_logits["base"] - expected).abs().max().item() > 1e-2 * scale
+
+
+def test_base_attention_and_expert_adapters_in_one_batch_each_give_peft_s_logits(
+    checkpoints: dict[str, Path], adapters: dict[str, Path], peft_logits: dict[str, torch.Tensor]
+) -> None:
+    """One forward of four sequences: the base, an attention adapter, an experts adapter and one on both, so
+    experts see rows of every kind at once: each sequence's logits are PEFT's for its adapter alone."""
+    served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    served.enable_lora(max_loras=3, max_rank=4, experts=True)
+    for slot, name in ((1, "attention"), (2, "experts"), (3, "everything")):
+        served.set_lora(slot, read_adapter(adapters[name], served.config))
+    ids = prompt(33)
+    names = ["base", "experts", "attention", "everything"]
+    slots = [0, 2, 1, 3]
+    meta = AttentionMetadata.build([len(ids)] * len(names))
+    per_token = torch.cat([torch.full((len(ids),), s) for s in slots])
+    batched = served(ids.repeat(len(names)), meta, lora=per_token).split(len(ids))
+    for name, got in zip(names, batched, strict=True):
+        expected = peft_logits[name]
+        assert (got - expected).abs().max().item() <= 1e-3 * expected.abs().max().item(), name
