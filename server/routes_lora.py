@@ -75,13 +75,10 @@ async def load_adapter(services: Services, name: str, path: str) -> None:
 
 
 async def unload_adapter(services: Services, name: str) -> None:
-    """Unload the adapter `name`: a 404 if none is loaded, a 400 while requests run with it."""
-
-    def remove(engine: EngineCore) -> None:
-        engine.unload_lora(name)
-
+    """Unload the adapter `name`: a 404 if none is loaded, a 400 while requests run with it (admitted ones
+    included: `AsyncEngine.unload_lora`)."""
     try:
-        await services.engine.call(remove)
+        await services.engine.unload_lora(name)
     except LoraNotFound as error:
         raise not_found(str(error), param=error.field) from error
     except LoraRefused as error:

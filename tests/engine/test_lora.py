@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.core import EngineCore
-from engine.request import LoraNotFound, LoraRefused, RequestOutput, RequestRejected, SamplingParams
+from engine.request import LoraNotFound, LoraRefused, RequestOutput, SamplingParams
 from model.gpt_oss import GptOss
 from model.lora import AdapterError, read_adapter, write_random_adapter
 from model.make_checkpoint import write_checkpoint
@@ -161,7 +161,7 @@ def test_an_adapter_in_use_is_not_unloaded_and_an_unloaded_one_is_not_served(pat
     engine.unload_lora("a")
     with pytest.raises(LoraNotFound):
         engine.unload_lora("a")
-    with pytest.raises(RequestRejected, match="not loaded") as refused:
+    with pytest.raises(LoraNotFound, match="not loaded") as refused:
         engine.add_request("late", [5, 6, 7], SamplingParams(lora_id=old_id))
     assert refused.value.field == "lora_id"
     # Loaded again under the same name it gets a new id, so stale requests never reach the new weights.
