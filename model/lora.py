@@ -116,13 +116,47 @@ def read_adapter(path: str | Path, config: ModelConfig) -> list[Update]:
         if layer >= config.num_hidden_layers:
             raise AdapterError(f"{key}: layer {layer}, but the model has {config.num_hidden_layers}")
         pairs.setdefault((layer, module), {})[side] = tensor
-    updates = []
+    if not pairs:
+        raise AdapterError(f"{root / 'adapter_model.safetensors'}: holds no LoRA weights")
+    updates, targeted = [], set()
     for (layer, module), pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
         a, b = pair["A"], pair["B"]
-        updates.append(_update(config, layer, module, a, b, rank, scaling))
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must be floating point")
+        # A served adapter's weights meet every row of the batch in the stacked products (masked to zero for
+        # rows of other adapters, and 0 · inf is NaN): a non-finite one would spoil other requests.
+        if not (a.float().isfinite().all() and (b.float() * scaling).isfinite().all()):
+            raise AdapterError(f"layer {layer} {module}: lora_A or lora_B holds inf or NaN")
+        update = _update(config, layer, module, a, b, rank, scaling)
+        updates.append(update)
+        if update.on_experts:
+            targeted.add("gate_up_proj" if update.name.endswith("mlp1_weight") else "down_proj")
+        else:
+            targeted.add(module.rsplit(".", 1)[-1])
+    _check_targets(settings, targeted, root)
     return updates
+
+
+# What adapter_config.json may target that this model serves (its other names are refused by their weights).
+_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _check_targets(settings: dict, targeted: set[str], root: Path) -> None:
+    """Refuse an adapter whose config names a target (`target_modules`, `target_parameters`, when lists)
+    that none of its weights adapt (`targeted`): tensors went missing from the file."""
+    for field in ("target_modules", "target_parameters"):
+        targets = settings.get(field)
+        if not isinstance(targets, list):
+            continue  # a regular expression, "all-linear" or absent: nothing to hold the weights to
+        for target in targets:
+            leaf = str(target).rsplit(".", 1)[-1]
+            if leaf in _TARGETS and leaf not in targeted:
+                raise AdapterError(
+                    f"{root / 'adapter_config.json'}: {field} names {target!r}, but "
+                    f"adapter_model.safetensors holds no {leaf} weights"
+                )
 
 
 def _update(
@@ -295,7 +329,8 @@ def lora_delta(
     the same; the waste (every row goes through every slot's A) is `S·R` columns, small beside the
     projection's own `out`."""
     shrunk = x @ a.flatten(-3, -2).mT
-    shrunk = shrunk * (slots[..., None] == column_slot)
+    # `where`, not a product with the mask: another slot's column that overflowed stays out (0 · inf is NaN).
+    shrunk = torch.where(slots[..., None] == column_slot, shrunk, 0)
     return shrunk @ b.flatten(-2, -1).mT
 
 

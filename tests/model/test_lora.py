@@ -142,6 +142,23 @@ def test_bad_adapters_are_named(
 
     with pytest.raises(AdapterError, match="qkv_fused: adapting this module is not supported"):
         load(broken(edit_tensors=other_model))
+
+    def drop_v(tensors: dict) -> None:
+        for key in [k for k in tensors if ".v_proj." in k]:
+            del tensors[key]
+
+    with pytest.raises(AdapterError, match=r"target_modules names 'v_proj', but .* holds no v_proj weights"):
+        load(broken(edit_tensors=drop_v))
+    with pytest.raises(AdapterError, match="holds no LoRA weights"):
+        load(broken(edit_tensors=lambda tensors: tensors.clear()))
+
+    def poisoned(tensors: dict) -> None:
+        key = next(k for k in tensors if k.endswith("o_proj.lora_B.weight"))
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+
+    with pytest.raises(AdapterError, match="o_proj: lora_A or lora_B holds inf or NaN"):
+        load(broken(edit_tensors=poisoned))
     with pytest.raises(AdapterError, match=r"adapter_config\.json"):
         load(tmp_path / "missing")
 
@@ -158,6 +175,11 @@ def test_the_batched_lora_delta_equals_the_per_row_loop() -> None:
     expected = lora_delta_reference(x, a, b, rows)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert got[[0, 4, 8]].abs().max() == 0  # slot 0: no adapter, no update
+    # A slot whose product overflows leaves the other slots' rows alone (masked out, not multiplied by 0).
+    a[2] = 1e38  # slot 3
+    spoiled = lora_delta(x, a, b, column_slot, rows)
+    keep = rows != 3
+    torch.testing.assert_close(spoiled[keep], expected[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_per_request_adapters_in_one_batch_give_each_row_its_merged_model(
