@@ -214,7 +214,7 @@ def check_unmerged(updates: list[Update], max_rank: int, experts: bool) -> None:
             raise AdapterError(
                 f"{update.name.rsplit('.', 1)[0]}: the adapter targets the experts (gate_up_proj / "
                 "down_proj), and this server keeps no room for adapters on the experts (start it with "
-                "--lora-experts, or merge the adapter with --merge-lora)"
+                "--lora-experts true, or merge the adapter with --merge-lora)"
             )
         if update.rank > max_rank:
             raise AdapterError(

@@ -300,6 +300,16 @@ def test_the_command_line_serves_lora_adapters(
     assert settings.served_model_name == "base"
     assert engine.config.max_loras == 2
     assert engine.config.max_lora_rank == 16
+    assert not engine.config.lora_experts  # attention adapters only: no room kept on the experts
+    engine, _ = build(parse_args([*model, "--lora", f"x={server.paths['x']}"]))
+    assert engine.config.lora_experts  # an adapter on the experts makes room for itself
+    assert engine.model.block[0].mlp.mlp1_lora is not None
+    with pytest.raises(ValueError, match="lower --max-loras or --max-lora-rank"):
+        build(
+            parse_args(
+                [*model, "--max-loras", "100000", "--max-lora-rank", "100000", "--lora-experts", "true"]
+            )
+        )
     for bad, why in [
         (["--lora", "a"], "is not NAME=PATH"),
         (["--lora", f"a={server.paths['base']}"], "lora: a: "),
