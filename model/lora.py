@@ -21,9 +21,9 @@ tests.
 
 The experts' parameters are adapted the same way, expert by expert (:class:`ExpertLoraStack`: every slot's
 pair for each expert). PEFT adds its update to the parameter itself (``W + scaling · B_e A_e`` for expert
-`e`), so for a token routed to `e` the update enters the expert's matmul output: ``mlp1``'s before its bias
-is even relevant (a sum) and before the clamped SwiGLU, over the same interleaved gate/up rows, and
-``mlp2``'s before the routing weight. The MoE implementations (:mod:`model.kernels.experts`) add
+`e`, bias untouched), so a token routed to `e` gets ``scaling · B_e A_e x`` added to that expert's matmul
+output: ``mlp1``'s before the clamped SwiGLU (its rows interleave gate and up as the weight's do), ``mlp2``'s
+before the routing weight. The MoE implementations (:mod:`model.kernels.experts`) add
 :func:`lora_delta` of each expert's rows next to that expert's matmul, outside any kernel;
 :func:`expert_lora_delta_reference` is the per-(token, expert) twin.
 """
@@ -311,10 +311,19 @@ class ExpertLoraStack(nn.Module):
         self.b[:, :, slot - 1, :rank] = (update.b.float() * update.scaling).to(self.b)
         self.filled.add(slot)
 
-    def delta(self, experts: int | torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The updates of rows `x` routed to `experts`: one expert (`x [P, in]`, `slots [P]`) or a batch of
-        them (a tensor of `C` ids, `x [C, W, in]`, `slots [C, W]`; padding rows take slot 0)."""
+    def delta(self, experts: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The updates of the rows `x [C, W, in]` of `C` experts (their ids), each row on its slot
+        (`slots [C, W]`; padding rows take slot 0): :func:`lora_delta` in two batched matmuls."""
         return lora_delta(x, self.a[experts], self.b[experts], self.column_slot, slots)
+
+    def add_delta(self, out: torch.Tensor, expert: int, x: torch.Tensor, other: torch.Tensor) -> None:
+        """Add the updates of one expert's rows `x [P, in]` to `out [P, out]` in place: :func:`lora_delta`
+        in three ops, for a caller that loops over experts (the CPU's) and so pays per op. `other [P, S·R]`
+        is True where a column belongs to another slot than the row's (``slots[:, None] !=
+        column_slot``), computed once for all of a step's pairs."""
+        shrunk = x @ self.a[expert].flatten(0, 1).T
+        shrunk.masked_fill_(other, 0)  # a fill, not a product: an overflow in another slot stays out
+        out.addmm_(shrunk, self.b[expert].flatten(1, 2).T)
 
 
 def lora_delta(

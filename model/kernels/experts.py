@@ -233,8 +233,8 @@ def experts_grouped(
     token's terms are added in the order of its experts (the pairs are sorted stably), as the reference
     adds them. `linear(x, weight, e, bias, out)` computes one expert's matmul into `out`; by default the
     expert is dequantized (:meth:`MXFP4Weight.expert`) and run through :func:`model.kernels.prepacked.linear`.
-    An expert some of whose rows run with an adapter on it gets :func:`model.lora.lora_delta` of its rows
-    added after each `linear`.
+    An expert some of whose rows run with an adapter on it gets its rows' low-rank updates added after each
+    `linear` (:meth:`model.lora.ExpertLoraStack.add_delta`).
     """
     linear = _dequantized_linear if linear is None else linear
     flat = indices.flatten()
@@ -248,21 +248,22 @@ def experts_grouped(
     up, down = _used(mlp.mlp1_lora, lora), _used(mlp.mlp2_lora, lora)
     slots = lora[token_of] if lora is not None else None
     adapted_up, adapted_down = (_adapted(s, slots, flat[order], num_experts) for s in (up, down))
+    other = None  # per pair, the stacks' columns of other slots than its own (both stacks have one layout)
+    if slots is not None and (stack := up or down) is not None:
+        other = slots[:, None] != stack.column_slot
     rows_per_group = max(1, MOE_GROUP_BYTES // (h.shape[1] * h.element_size()))
     for group in _groups(_spans(counts), rows_per_group):
         start, end = group[0][1], group[-1][2]
         for e, lo, hi in group:
             linear(x[lo:hi], mlp.mlp1_weight, e, mlp.mlp1_bias[e], h[lo:hi])
-            if up is not None and adapted_up[e]:
-                assert slots is not None
-                h[lo:hi] += up.delta(e, x[lo:hi], slots[lo:hi])
+            if up is not None and other is not None and adapted_up[e]:
+                up.add_delta(h[lo:hi], e, x[lo:hi], other[lo:hi])
         a = swiglu(h[start:end], mlp.swiglu_alpha, mlp.swiglu_limit)
         for e, lo, hi in group:
             rows = a[lo - start : hi - start]
             linear(rows, mlp.mlp2_weight, e, mlp.mlp2_bias[e], y[lo:hi])
-            if down is not None and adapted_down[e]:
-                assert slots is not None
-                y[lo:hi] += down.delta(e, rows, slots[lo:hi])
+            if down is not None and other is not None and adapted_down[e]:
+                down.add_delta(y[lo:hi], e, rows, other[lo:hi])
     y *= weights.flatten()[order, None]
     return torch.zeros_like(t).index_add_(0, token_of, y)
 
@@ -364,17 +365,17 @@ def experts_batched(
         h = torch.baddbmm(
             mlp.mlp1_bias[ids].unsqueeze(1), x, mlp.mlp1_weight.experts(chunk, t.dtype).transpose(1, 2)
         )
-        if up is not None or down is not None:
-            assert lora is not None
-            slots = torch.zeros(len(chunk), width, dtype=lora.dtype, device=t.device)
+        slots = None  # each padded row's adapter slot, when an adapter changes these experts
+        if lora is not None and (up is not None or down is not None):
+            slots = lora.new_zeros(len(chunk), width)
             slots[g, rows] = lora[tok]
-        if up is not None:
+        if up is not None and slots is not None:
             h += up.delta(ids, x, slots)
         a = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
         y = torch.baddbmm(
             mlp.mlp2_bias[ids].unsqueeze(1), a, mlp.mlp2_weight.experts(chunk, t.dtype).transpose(1, 2)
         )
-        if down is not None:
+        if down is not None and slots is not None:
             y += down.delta(ids, a, slots)
         out.index_add_(0, tok, y[g, rows] * w[:, None])
     return out

@@ -18,6 +18,7 @@ from model.kernels import Kernels
 from model.kernels.experts import experts_batched
 from model.lora import (
     AdapterError,
+    ExpertLoraStack,
     expert_lora_delta_reference,
     lora_delta,
     lora_delta_reference,
@@ -250,8 +251,14 @@ def test_the_experts_batched_lora_delta_equals_the_per_pair_loop() -> None:
     pair_experts = ids[:, None].expand(-1, width).flatten()
     expected = expert_lora_delta_reference(x.flatten(0, 1), a, b, pair_experts, rows.flatten())
     torch.testing.assert_close(batched.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
-    one = lora_delta(x[1], a[0], b[0], column_slot, rows[1])
-    torch.testing.assert_close(one, expected[width : 2 * width], rtol=1e-5, atol=1e-5)
+    stack = ExpertLoraStack(experts, slots, rank, inp, out, dtype=torch.float32)
+    stack.a.copy_(a)
+    stack.b.copy_(b)
+    torch.testing.assert_close(stack.delta(ids, x, rows), batched)
+    start = torch.randn(width, out, generator=generator)
+    added = start.clone()  # expert 0's rows (ids[1]), added in place as the grouped experts do
+    stack.add_delta(added, 0, x[1], rows[1][:, None] != stack.column_slot)
+    torch.testing.assert_close(added, start + expected[width : 2 * width], rtol=1e-5, atol=1e-5)
     assert expected[rows.flatten() == 0].abs().max() == 0
 
 
