@@ -2,15 +2,17 @@
 batch with a third of its rows on one adapter and a third on another.
 
     python benchmarks/lora_bench.py [--preset tiny,small] [--device cpu|cuda] [--batch 16] [--steps 30]
-                                    [--ranks 8,32] [--threads N] [--rounds 3]
+                                    [--ranks 8,32] [--targets attention,experts] [--threads N] [--rounds 3]
 
-For each preset and rank: one model with random weights (`model.testing.random_model`, prepacked on the CPU as
-`GptOss.from_checkpoint` does), an engine with room for two adapters of that rank, and two random attention
-adapters (q, k, v and o) loaded. A batch of `--batch` requests (32-token random prompts, greedy) is admitted
-and prefilled; then `--steps` decode steps (one token per request each) are timed. Base and mixed batches
-run in turn `--rounds` times (after one untimed warm-up) and the median step of each is reported.
-The base batch's forward takes no LoRA path at all; the mixed one runs the two stacked low-rank products per
-attention projection for every row. The ratio is mixed / base: the cost of serving adapters in the batch.
+For each preset, target and rank: one model with random weights (`model.testing.random_model`, packed MXFP4
+experts, prepacked on the CPU as `GptOss.from_checkpoint` does), an engine with room for two adapters of that
+rank, and two random adapters loaded: on the attention projections (q, k, v and o) for `attention`, on the
+experts' gate_up_proj and down_proj for `experts` (the engine then keeps room on the experts too). A batch of
+`--batch` requests (32-token random prompts, greedy) is admitted and prefilled; then `--steps` decode steps
+(one token per request each) are timed. Base and mixed batches run in turn `--rounds` times (after one untimed
+warm-up) and the median step of each is reported. The base batch's forward takes no LoRA path at all; the
+mixed one runs the two stacked low-rank products per attention projection for every row, or per active
+expert for its rows. The ratio is mixed / base: the cost of serving adapters in the batch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from model.lora import read_adapter, write_random_adapter  # noqa: E402
 from model.testing import random_model  # noqa: E402
 
 PROMPT_LEN = 32
+
+# write_random_adapter's arguments for each --targets entry.
+ADAPTED: dict[str, dict[str, tuple[str, ...]]] = {
+    "attention": {"modules": ("q_proj", "k_proj", "v_proj", "o_proj"), "experts": ()},
+    "experts": {"modules": (), "experts": ("gate_up_proj", "down_proj")},
+}
 
 
 def out(line: str = "") -> None:
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--ranks", default="8,32")
+    parser.add_argument("--targets", default="attention,experts", help="what the adapters adapt")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--rounds", type=int, default=3, help="base and mixed batches run in turn, this often"
@@ -88,31 +97,38 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out(f"device {device}, {dtype}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
     out(f"batch {args.batch}, {args.rounds} x {args.steps} decode steps timed (median), prompts {PROMPT_LEN}")
-    out(f"{'preset':8} {'rank':>4} {'base ms':>9} {'mixed ms':>9} {'ratio':>6}")
+    out(f"{'preset':8} {'targets':9} {'rank':>4} {'base ms':>9} {'mixed ms':>9} {'ratio':>6}")
     with torch.inference_mode(), tempfile.TemporaryDirectory() as scratch:
         for preset in args.preset.split(","):
             config = CONFIGS[preset]
-            for rank in (int(r) for r in args.ranks.split(",")):
-                model = random_model(config, device=device, dtype=dtype)
-                model.prepack_weights()
-                engine = EngineCore(
-                    model,
-                    EngineConfig(
-                        max_model_len=256, kv_cache_memory=256 << 20, max_loras=2, max_lora_rank=rank
-                    ),
-                )
-                for name in ("a", "b"):
-                    path = write_random_adapter(config, Path(scratch) / f"{preset}-{rank}-{name}", rank=rank)
-                    engine.load_lora(name, read_adapter(path, config), str(path))
-                ids = [None, engine.loras["a"].lora_id, engine.loras["b"].lora_id]
-                mix = [ids[i % 3] for i in range(args.batch)]
-                decode_steps(engine, mix, 2, seed=0)  # warm-up: first-use allocations of both paths
-                times: dict[str, list[float]] = {"base": [], "mixed": []}
-                for r in range(args.rounds):  # in turn, so that a burst of load on the machine hits both
-                    times["base"] += decode_steps(engine, [None] * args.batch, args.steps, seed=2 * r + 1)
-                    times["mixed"] += decode_steps(engine, mix, args.steps, seed=2 * r + 2)
-                base, mixed = (statistics.median(times[k]) for k in ("base", "mixed"))
-                out(f"{preset:8} {rank:>4} {base:>9.2f} {mixed:>9.2f} {mixed / base:>6.2f}")
+            for targets in args.targets.split(","):
+                adapted = ADAPTED[targets]
+                for rank in (int(r) for r in args.ranks.split(",")):
+                    model = random_model(config, device=device, dtype=dtype)
+                    model.prepack_weights()
+                    engine = EngineCore(
+                        model,
+                        EngineConfig(
+                            max_model_len=256,
+                            kv_cache_memory=256 << 20,
+                            max_loras=2,
+                            max_lora_rank=rank,
+                            lora_experts=bool(adapted["experts"]),
+                        ),
+                    )
+                    for seed, name in enumerate(("a", "b")):
+                        where = Path(scratch) / f"{preset}-{targets}-{rank}-{name}"
+                        path = write_random_adapter(config, where, rank=rank, seed=seed, **adapted)
+                        engine.load_lora(name, read_adapter(path, config), str(path))
+                    ids = [None, engine.loras["a"].lora_id, engine.loras["b"].lora_id]
+                    mix = [ids[i % 3] for i in range(args.batch)]
+                    decode_steps(engine, mix, 2, seed=0)  # warm-up: first-use allocations of both paths
+                    times: dict[str, list[float]] = {"base": [], "mixed": []}
+                    for r in range(args.rounds):  # in turn, so that a burst of load on the machine hits both
+                        times["base"] += decode_steps(engine, [None] * args.batch, args.steps, seed=2 * r + 1)
+                        times["mixed"] += decode_steps(engine, mix, args.steps, seed=2 * r + 2)
+                    base, mixed = (statistics.median(times[k]) for k in ("base", "mixed"))
+                    out(f"{preset:8} {targets:9} {rank:>4} {base:>9.2f} {mixed:>9.2f} {mixed / base:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ class EngineConfig:
     # keeps no room for them) and the highest rank they may have (the width of the model's adapter stacks).
     max_loras: int = 0
     max_lora_rank: int = 16
+    # Whether the adapters may also target the experts (PEFT's target_parameters): their stacks take about
+    # fifteen times the attention's memory, so they are kept only when asked for.
+    lora_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:

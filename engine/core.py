@@ -88,7 +88,9 @@ class EngineCore:
         self.vocab_size = model.config.vocab_size
         self.token_bytes = token_bytes
         if self.config.max_loras:  # before the runner sizes the KV cache from what memory is left
-            model.enable_lora(self.config.max_loras, self.config.max_lora_rank)
+            model.enable_lora(
+                self.config.max_loras, self.config.max_lora_rank, experts=self.config.lora_experts
+            )
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         full_tokens = self.runner.blocks.num_full * self.config.block_size
         if full_tokens < self.max_model_len:
@@ -155,8 +157,14 @@ class EngineCore:
         check_params_for_vocab(params, self.vocab_size)
         if params.grammar is not None and (problem := grammar_problem(params.grammar)) is not None:
             raise RequestRejected(f"the output constraint cannot be enforced: {problem}", "grammar")
-        if params.lora_id is not None and self._lora_by_id(params.lora_id) is None:
-            raise RequestRejected(f"the LoRA adapter {params.lora_id} is not loaded", "lora_id")
+        if params.lora_id is not None:
+            self.check_lora(params.lora_id)
+
+    def check_lora(self, lora_id: int) -> None:
+        """`LoraNotFound` (field ``lora_id``) unless the adapter `lora_id` is loaded: one unloaded since a
+        request named it. Safe from any thread (one read of the mapping, which is replaced, never edited)."""
+        if self._lora_by_id(lora_id) is None:
+            raise LoraNotFound(f"the LoRA adapter {lora_id} is not loaded", "lora_id")
 
     def _lora_by_id(self, lora_id: int) -> LoraAdapter | None:
         return next((a for a in self.loras.values() if a.lora_id == lora_id), None)

@@ -32,10 +32,39 @@ from model.config import ModelConfig
 from model.kernels import Kernels, prepacked
 from model.kernels.attention import Attention
 from model.kernels.experts import ExpertMode, Experts, MXFP4Weight
-from model.lora import LoraStack, Update, check_unmerged, part_rows, read_adapter
+from model.lora import ExpertLoraStack, LoraStack, Update, check_unmerged, part_rows, read_adapter
 from model.weights import open_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+def lora_stack_nbytes(
+    config: ModelConfig, max_loras: int, max_rank: int, *, experts: bool, dtype: torch.dtype
+) -> int:
+    """Bytes the per-request adapter stacks of :meth:`GptOss.enable_lora` take."""
+    c = config
+    qkv = 3 * max_rank * (c.hidden_size + c.qkv_size)  # q, k and v each get max_rank columns
+    out = max_rank * (c.q_size + c.hidden_size)
+    per_layer = qkv + out
+    if experts:
+        h, i = c.hidden_size, c.intermediate_size
+        per_layer += c.num_experts * max_rank * ((h + 2 * i) + (i + h))
+    element = torch.empty(0, dtype=dtype).element_size()
+    return max_loras * per_layer * c.num_hidden_layers * element
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (CUDA: the driver's count; the CPU: Linux's MemAvailable); None: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 class Linear(nn.Linear):
@@ -179,16 +208,19 @@ class MLPBlock(nn.Module):
         self.mlp2_weight = MXFP4Weight(e, h, i, device)
         self.mlp2_bias = nn.Parameter(torch.zeros(e, h, device=device))
         self.experts = experts
+        # Per-request LoRA adapters of the experts (GptOss.enable_lora with experts); None: none served.
+        self.mlp1_lora: ExpertLoraStack | None = None
+        self.mlp2_lora: ExpertLoraStack | None = None
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: a softmax over the selected router logits only."""
         top = torch.topk(self.gate(t), k=self.top_k, dim=-1, sorted=True)
         return top.indices, torch.softmax(top.values.float(), dim=-1).to(t.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         t = self.norm(x)
         indices, weights = self.route(t)
-        return x + self.experts(self, t, indices, weights)
+        return x + self.experts(self, t, indices, weights, lora)
 
 
 class TransformerBlock(nn.Module):
@@ -212,7 +244,7 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None,
         lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.mlp(self.attn(x, cos_sin, meta, cache, lora))
+        return self.mlp(self.attn(x, cos_sin, meta, cache, lora), lora)
 
 
 class GptOss(nn.Module):
@@ -393,12 +425,25 @@ class GptOss(nn.Module):
             merged = weight.data[rows].float() + delta.to(weight.device)
             weight.data[rows] = merged.to(weight.dtype)
 
-    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+    def enable_lora(self, max_loras: int, max_rank: int, *, experts: bool = False) -> None:
         """Make room for `max_loras` per-request adapters of rank up to `max_rank`, in slots 1 .. max_loras
-        (:meth:`set_lora`), on every block's ``qkv`` and ``out``; a forward's `lora` picks each token's."""
+        (:meth:`set_lora`), on every block's ``qkv`` and ``out``, and with `experts` on its experts' ``mlp1``
+        and ``mlp2`` too; a forward's `lora` picks each token's.
+
+        Raises ValueError, before allocating anything, when the stacks would not fit in the device's free
+        memory (they grow with `max_loras` × `max_rank`, the experts' about fifteen times the attention's)."""
         assert max_loras > 0
         assert max_rank > 0
-        self.max_loras, self.max_lora_rank = max_loras, max_rank
+        needed = lora_stack_nbytes(self.config, max_loras, max_rank, experts=experts, dtype=self.dtype)
+        free = free_memory(self.device)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"the LoRA adapter stacks for {max_loras} adapters of rank up to {max_rank}"
+                f"{' on attention and experts' if experts else ''} need {needed / 2**30:.1f} GiB, and the "
+                f"{self.device.type} has {free / 2**30:.1f} GiB free: lower --max-loras or --max-lora-rank"
+                f"{' (or leave out --lora-experts)' if experts else ''}"
+            )
+        self.max_loras, self.max_lora_rank, self.lora_experts = max_loras, max_rank, experts
         c, dtype, device = self.config, self.dtype, self.device
         for block in self.block:
             attn = block.attn
@@ -407,16 +452,31 @@ class GptOss(nn.Module):
                 max_loras, max_rank, c.hidden_size, qkv_parts, dtype=dtype, device=device
             )
             attn.out_lora = LoraStack(max_loras, max_rank, c.q_size, out_parts, dtype=dtype, device=device)
+            if experts:
+                e, h, i = c.num_experts, c.hidden_size, c.intermediate_size
+                block.mlp.mlp1_lora = ExpertLoraStack(
+                    e, max_loras, max_rank, h, 2 * i, dtype=dtype, device=device
+                )
+                block.mlp.mlp2_lora = ExpertLoraStack(
+                    e, max_loras, max_rank, i, h, dtype=dtype, device=device
+                )
 
     def set_lora(self, slot: int, updates: list[Update]) -> None:
         """Serve the adapter `updates` (:func:`model.lora.read_adapter`) in `slot`, replacing what it held.
 
-        Raises :class:`model.lora.AdapterError` for an adapter the stacks cannot hold (experts, too high a
-        rank) before anything changes."""
+        Raises :class:`model.lora.AdapterError` for an adapter the stacks cannot hold (too high a rank, the
+        experts without room for them) before anything changes."""
         assert 1 <= slot <= self.max_loras, f"slot {slot} of {self.max_loras}"
-        check_unmerged(updates, self.max_lora_rank)
+        check_unmerged(updates, self.max_lora_rank, self.lora_experts)
         self.clear_lora(slot)
         for update in updates:
+            if update.on_experts:  # block.N.mlp.mlp1_weight or mlp2_weight
+                mlp_name, _, weight = update.name.rpartition(".")
+                mlp = self.get_submodule(mlp_name)
+                experts = mlp.mlp1_lora if weight == "mlp1_weight" else mlp.mlp2_lora
+                assert experts is not None, "checked by check_unmerged"
+                experts.install(slot, update)
+                continue
             prefix, _, name = update.name.partition(".attn.")
             attn = self.get_submodule(prefix).attn
             stack = attn.qkv_lora if name == "qkv.weight" else attn.out_lora
@@ -429,6 +489,9 @@ class GptOss(nn.Module):
             for stack in (block.attn.qkv_lora, block.attn.out_lora):
                 assert stack is not None, "per-request adapters need enable_lora"
                 stack.clear(slot)
+            for experts in (block.mlp.mlp1_lora, block.mlp.mlp2_lora):
+                if experts is not None:
+                    experts.clear(slot)
 
     def use_kernels(self, kernels: Kernels) -> None:
         """Compute with other implementations from now on, on the same weights (benchmarks compare paths)."""

@@ -13,12 +13,19 @@ are plain modules. The experts are targeted as parameters (PEFT's ``target_param
 :func:`read_adapter` returns the updates by the model's own parameter names and orientation (``[out, in]``,
 the q, k and v rows of the fused ``qkv``), and :meth:`model.gpt_oss.GptOss.merge_lora` adds them.
 
-**Per-request adapters.** Unmerged, the attention adapters of several requests run in one batch: each adapted
+**Per-request adapters.** Unmerged, the adapters of several requests run in one batch: each adapted
 projection keeps every loaded adapter's pair in one :class:`LoraStack` (slot 0 is "no adapter" and holds
 nothing), and a forward takes each token's slot. :func:`lora_delta` computes all rows' updates with two
 dense matmuls whatever the mix of slots; :func:`lora_delta_reference`, a per-row loop, is its twin in the
-tests. The experts' adapters are not applied this way (they would have to run inside the experts kernels,
-between ``mlp1`` and the SwiGLU): an adapter that targets them can only be merged.
+tests.
+
+The experts' parameters are adapted the same way, expert by expert (:class:`ExpertLoraStack`: every slot's
+pair for each expert). PEFT adds its update to the parameter itself (``W + scaling · B_e A_e`` for expert
+`e`, bias untouched), so a token routed to `e` gets ``scaling · B_e A_e x`` added to that expert's matmul
+output: ``mlp1``'s before the clamped SwiGLU (its rows interleave gate and up as the weight's do), ``mlp2``'s
+before the routing weight. The MoE implementations (:mod:`model.kernels.experts`) add
+:func:`lora_delta` of each expert's rows next to that expert's matmul, outside any kernel;
+:func:`expert_lora_delta_reference` is the per-(token, expert) twin.
 """
 
 from __future__ import annotations
@@ -51,6 +58,14 @@ class Update:
     b: torch.Tensor
     scaling: float
     rows: slice | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-2]
+
+    @property
+    def on_experts(self) -> bool:
+        return self.a.dim() == 3
 
     def delta(self) -> torch.Tensor:
         """The dense update, `[out, in]` (or `[E, out, in]`), in float32."""
@@ -101,13 +116,47 @@ def read_adapter(path: str | Path, config: ModelConfig) -> list[Update]:
         if layer >= config.num_hidden_layers:
             raise AdapterError(f"{key}: layer {layer}, but the model has {config.num_hidden_layers}")
         pairs.setdefault((layer, module), {})[side] = tensor
-    updates = []
+    if not pairs:
+        raise AdapterError(f"{root / 'adapter_model.safetensors'}: holds no LoRA weights")
+    updates, targeted = [], set()
     for (layer, module), pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
         a, b = pair["A"], pair["B"]
-        updates.append(_update(config, layer, module, a, b, rank, scaling))
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must be floating point")
+        # A served adapter's weights meet every row of the batch in the stacked products (masked to zero for
+        # rows of other adapters, and 0 · inf is NaN): a non-finite one would spoil other requests.
+        if not (a.float().isfinite().all() and (b.float() * scaling).isfinite().all()):
+            raise AdapterError(f"layer {layer} {module}: lora_A or lora_B holds inf or NaN")
+        update = _update(config, layer, module, a, b, rank, scaling)
+        updates.append(update)
+        if update.on_experts:
+            targeted.add("gate_up_proj" if update.name.endswith("mlp1_weight") else "down_proj")
+        else:
+            targeted.add(module.rsplit(".", 1)[-1])
+    _check_targets(settings, targeted, root)
     return updates
+
+
+# What adapter_config.json may target that this model serves (its other names are refused by their weights).
+_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _check_targets(settings: dict, targeted: set[str], root: Path) -> None:
+    """Refuse an adapter whose config names a target (`target_modules`, `target_parameters`, when lists)
+    that none of its weights adapt (`targeted`): tensors went missing from the file."""
+    for field in ("target_modules", "target_parameters"):
+        targets = settings.get(field)
+        if not isinstance(targets, list):
+            continue  # a regular expression, "all-linear" or absent: nothing to hold the weights to
+        for target in targets:
+            leaf = str(target).rsplit(".", 1)[-1]
+            if leaf in _TARGETS and leaf not in targeted:
+                raise AdapterError(
+                    f"{root / 'adapter_config.json'}: {field} names {target!r}, but "
+                    f"adapter_model.safetensors holds no {leaf} weights"
+                )
 
 
 def _update(
@@ -157,19 +206,19 @@ def part_rows(config: ModelConfig, name: str) -> list[slice]:
     return [slice(0, config.hidden_size)]
 
 
-def check_unmerged(updates: list[Update], max_rank: int) -> None:
-    """Refuse an adapter that per-request serving cannot apply: one on the experts, or of a rank above
-    `max_rank` (the stacks' width)."""
+def check_unmerged(updates: list[Update], max_rank: int, experts: bool) -> None:
+    """Refuse an adapter that per-request serving cannot apply: one of a rank above `max_rank` (the stacks'
+    width), or one on the experts where the model keeps no room for them (`experts` False)."""
     for update in updates:
-        if update.a.dim() == 3:
+        if update.on_experts and not experts:
             raise AdapterError(
                 f"{update.name.rsplit('.', 1)[0]}: the adapter targets the experts (gate_up_proj / "
-                "down_proj), which only a merged adapter can change (--merge-lora); per-request adapters "
-                "cover the attention projections"
+                "down_proj), and this server keeps no room for adapters on the experts (start it with "
+                "--lora-experts true, or merge the adapter with --merge-lora)"
             )
-        if update.a.shape[0] > max_rank:
+        if update.rank > max_rank:
             raise AdapterError(
-                f"rank {update.a.shape[0]} is above the largest served, {max_rank} (--max-lora-rank)"
+                f"rank {update.rank} is above the largest served, {max_rank} (--max-lora-rank)"
             )
 
 
@@ -222,19 +271,76 @@ class LoraStack(nn.Module):
         return lora_delta(x, self.a, self.b, self.column_slot, slots)
 
 
+class ExpertLoraStack(nn.Module):
+    """The adapters of one experts parameter (``mlp1`` or ``mlp2`` of a block), every loaded one side by
+    side for each expert: `a [E, S, R, in]` and `b [E, out, S, R]` (the scaling folded into `b`), slot `s`
+    at index ``s - 1``, so that expert `e`'s pair ``(a[e], b[e])`` is a :class:`LoraStack`'s. `filled` (on
+    the host) names the slots holding an update here, so the experts skip a block no row adapts."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_slots: int,
+        max_rank: int,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.max_rank = max_rank
+        self.filled: set[int] = set()
+        shape_a = (num_experts, num_slots, max_rank, in_features)
+        shape_b = (num_experts, out_features, num_slots, max_rank)
+        self.register_buffer("a", torch.zeros(shape_a, dtype=dtype, device=device), False)
+        self.register_buffer("b", torch.zeros(shape_b, dtype=dtype, device=device), False)
+        slots = torch.arange(1, num_slots + 1, device=device).repeat_interleave(max_rank)
+        self.register_buffer("column_slot", slots, False)
+
+    def clear(self, slot: int) -> None:
+        self.a[:, slot - 1].zero_()
+        self.b[:, :, slot - 1].zero_()
+        self.filled.discard(slot)
+
+    def install(self, slot: int, update: Update) -> None:
+        """Put an experts update (`a [E, r, in]`, `b [E, out, r]`) into `slot`."""
+        rank = update.rank
+        assert rank <= self.max_rank, "checked by check_unmerged"
+        self.a[:, slot - 1, :rank] = update.a.to(self.a)
+        self.b[:, :, slot - 1, :rank] = (update.b.float() * update.scaling).to(self.b)
+        self.filled.add(slot)
+
+    def delta(self, experts: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The updates of the rows `x [C, W, in]` of `C` experts (their ids), each row on its slot
+        (`slots [C, W]`; padding rows take slot 0): :func:`lora_delta` in two batched matmuls."""
+        return lora_delta(x, self.a[experts], self.b[experts], self.column_slot, slots)
+
+    def add_delta(self, out: torch.Tensor, expert: int, x: torch.Tensor, other: torch.Tensor) -> None:
+        """Add the updates of one expert's rows `x [P, in]` to `out [P, out]` in place: :func:`lora_delta`
+        in three ops, for a caller that loops over experts (the CPU's) and so pays per op. `other [P, S·R]`
+        is True where a column belongs to another slot than the row's (``slots[:, None] !=
+        column_slot``), computed once for all of a step's pairs."""
+        shrunk = x @ self.a[expert].flatten(0, 1).T
+        shrunk.masked_fill_(other, 0)  # a fill, not a product: an overflow in another slot stays out
+        out.addmm_(shrunk, self.b[expert].flatten(1, 2).T)
+
+
 def lora_delta(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, column_slot: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
     """Every row's low-rank update `[T, out]` at once: `x [T, in]` through all adapters' A (one matmul to
     `[T, S·R]`), each row's columns of other slots zeroed (a row of slot 0 keeps none), then all B (one
-    matmul).
+    matmul). With leading batch dimensions (`x [C, T, in]`, `a [C, S, R, in]`, `b [C, out, S, R]`,
+    `slots [C, T]`) the same for each of `C` pairs of stacks, in two batched matmuls (the experts').
 
     Two dense products of static shape, with no gather and no grouping by slot, so a batch of any mix costs
     the same; the waste (every row goes through every slot's A) is `S·R` columns, small beside the
     projection's own `out`."""
-    shrunk = x @ a.flatten(0, 1).T
-    shrunk = shrunk * (slots[:, None] == column_slot[None, :])
-    return shrunk @ b.flatten(1, 2).T
+    shrunk = x @ a.flatten(-3, -2).mT
+    # `where`, not a product with the mask: another slot's column that overflowed stays out (0 · inf is NaN).
+    shrunk = torch.where(slots[..., None] == column_slot, shrunk, 0)
+    return shrunk @ b.flatten(-2, -1).mT
 
 
 def lora_delta_reference(
@@ -248,30 +354,65 @@ def lora_delta_reference(
     return out
 
 
+def expert_lora_delta_reference(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """The twin of the experts' use of :func:`lora_delta`: pair by pair (`x [P, in]`, each pair's expert and
+    slot), ``B_e @ (A_e @ x)`` of its own slot's adapter (nothing for slot 0), from an
+    :class:`ExpertLoraStack`'s `a` and `b`."""
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+    for row, (expert, slot) in enumerate(zip(experts.tolist(), slots.tolist(), strict=True)):
+        if slot:
+            out[row] = b[expert, :, slot - 1] @ (a[expert, slot - 1] @ x[row])
+    return out
+
+
 def write_random_adapter(
     config: ModelConfig,
     directory: str | Path,
     *,
     rank: int,
     modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    experts: tuple[str, ...] = (),
     alpha: float = 16.0,
     seed: int = 0,
 ) -> Path:
-    """A random attention adapter for a model of `config`, in PEFT's format, for tests and benchmarks (PEFT
-    itself starts B at zero, a no-op; these change the model)."""
+    """A random adapter for a model of `config`, in PEFT's format, for tests and benchmarks (PEFT itself
+    starts B at zero, a no-op; these change the model): on the attention `modules`, and on the experts'
+    parameters named in `experts` (``gate_up_proj``, ``down_proj``), laid out as PEFT's ``target_parameters``
+    saves them (A ``[E·r, in]``, B ``[out, r·E]``; the first of two nested wrappers under ``base_layer``)."""
     generator = torch.Generator().manual_seed(seed)
-    h, q, kv = config.hidden_size, config.q_size, config.kv_size
+    h, q, kv, i, e = (
+        config.hidden_size,
+        config.q_size,
+        config.kv_size,
+        config.intermediate_size,
+        config.num_experts,
+    )
     shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+    expert_shapes = {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}
     tensors = {}
+
+    def pair(key: str, out: int, inp: int, width: int) -> None:
+        tensors[f"{key}.lora_A.weight"] = torch.randn(width, inp, generator=generator) / math.sqrt(inp)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(out, width, generator=generator) * 0.1
+
     for layer in range(config.num_hidden_layers):
+        prefix = f"base_model.model.model.layers.{layer}"
         for module in modules:
-            out, inp = shapes[module]
-            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=generator) / math.sqrt(inp)
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.1
+            pair(f"{prefix}.self_attn.{module}", *shapes[module], rank)
+        for n, parameter in enumerate(experts):
+            nested = ".base_layer" if n == 0 and len(experts) == 2 else ""
+            pair(f"{prefix}.mlp.experts{nested}", *expert_shapes[parameter], rank * e)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules)}
+    settings = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(modules),
+        "target_parameters": [f"mlp.experts.{parameter}" for parameter in experts],
+    }
     (root / "adapter_config.json").write_text(json.dumps(settings))
     save_file(tensors, str(root / "adapter_model.safetensors"))
     return root

@@ -7,6 +7,11 @@ disconnect cancels its task) aborts its request in the engine, which frees its b
 The bound on requests in flight is kept by admission: `admit` checks the bound and takes the slots in one go
 on the event loop (no await in between, so concurrent requests cannot all pass the check before any is
 counted), and the `Admission` gives them back when its response ends, whether or not it ever started.
+
+An admission also holds the LoRA adapters its requests run with, so that none is unloaded between the
+admission and the engine thread's taking the request (the engine itself only sees requests it has taken):
+`admit` checks and holds, and `unload_lora` checks and unloads, each under one lock, so either the
+request finds its adapter gone (`LoraNotFound`, a 404) or the unload finds it held (`LoraRefused`, a 400).
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import asyncio
 import itertools
 import logging
 import sys
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from engine.core import EngineCore
-from engine.request import RequestOutput, SamplingParams
+from engine.request import LoraRefused, RequestOutput, SamplingParams
 from engine.thread import EngineThread
 
 logger = logging.getLogger(__name__)
@@ -64,17 +71,18 @@ class _Cut:
 
 
 class Admission:
-    """Slots of the in-flight bound held by one HTTP response (one per choice) for one client; `release` is
-    idempotent."""
+    """Slots of the in-flight bound held by one HTTP response (one per choice) for one client, and the LoRA
+    adapters its requests run with (by id, one hold per request); `release` is idempotent."""
 
-    def __init__(self, engine: AsyncEngine, slots: int, client: str) -> None:
+    def __init__(self, engine: AsyncEngine, slots: int, client: str, loras: list[int]) -> None:
         self._engine = engine
         self._slots = slots
         self._client = client
+        self._loras = loras
 
     def release(self) -> None:
         if self._slots:
-            self._engine._give_back(self._client, self._slots)
+            self._engine._give_back(self._client, self._slots, self._loras)
             self._slots = 0
 
 
@@ -105,14 +113,29 @@ class AsyncEngine:
         self._held: dict[str, int] = {}
         # The output queue of every request being generated, by id: what `cut_all` reaches.
         self._queues: dict[str, asyncio.Queue[RequestOutput | _Cut]] = {}
+        # The admitted requests of each LoRA adapter id. Read by the engine thread (`unload_lora`), so every
+        # access, and the adapter check that goes with a hold, is under the lock.
+        self._lora_holds: Counter[int] = Counter()
+        self._lora_lock = threading.Lock()
 
     def admit(self, requests: list[tuple[list[int], SamplingParams]], client: str = "") -> Admission:
         """Before a response starts, for all of its engine requests: `RequestRejected` for one that can never
-        run, `QueueFull` when they do not fit under the bound or `client`'s share of it; else their slots,
-        taken now."""
+        run (`LoraNotFound` for an adapter unloaded since the request named it), `QueueFull` when they do not
+        fit under the bound or `client`'s share of it; else their slots and adapters, taken now."""
         for prompt_token_ids, params in requests:
             self.engine.check(prompt_token_ids, params)
         count = len(requests)
+        self._check_bound(count, client)
+        loras = [p.lora_id for _, p in requests if p.lora_id is not None]
+        with self._lora_lock:  # checked again where no unload can come between the check and the hold
+            for lora_id in set(loras):
+                self.engine.check_lora(lora_id)
+            self._lora_holds.update(loras)
+        self.in_flight += count
+        self._held[client] = self._held.get(client, 0) + count
+        return Admission(self, count, client, loras)
+
+    def _check_bound(self, count: int, client: str) -> None:
         if self.max_in_flight is not None and self.in_flight + count > self.max_in_flight:
             raise QueueFull(f"{self.in_flight} requests are already in flight; retry shortly")
         held = self._held.get(client, 0)
@@ -122,11 +145,13 @@ class AsyncEngine:
                 f"this client already has {held} requests in flight, and one client may have {share}; "
                 "retry shortly"
             )
-        self.in_flight += count
-        self._held[client] = held + count
-        return Admission(self, count, client)
 
-    def _give_back(self, client: str, slots: int) -> None:
+    def _give_back(self, client: str, slots: int, loras: list[int]) -> None:
+        with self._lora_lock:
+            self._lora_holds.subtract(loras)
+            for lora_id in loras:
+                if not self._lora_holds[lora_id]:
+                    del self._lora_holds[lora_id]  # ids are never reused: no entry lingers
         self.in_flight -= slots
         left = self._held[client] - slots
         if left:
@@ -204,6 +229,24 @@ class AsyncEngine:
         """End a request being generated at the engine's next step: its consumer has all it wants (the answer
         reached a stop string). Its `generate` then yields a last output that says `abort`."""
         self._thread.abort(request_id)
+
+    async def unload_lora(self, name: str) -> None:
+        """Unload the adapter `name` on the engine thread: `LoraNotFound` if none is loaded, `LoraRefused`
+        while admitted requests hold it (running, or not yet taken by the engine)."""
+
+        def unload(engine: EngineCore) -> None:
+            with self._lora_lock:
+                adapter = engine.loras.get(name)
+                held = 0 if adapter is None else self._lora_holds[adapter.lora_id]
+                if held:
+                    raise LoraRefused(
+                        f"{held} requests are running with the LoRA adapter {name!r}; unload it once they "
+                        "end",
+                        "lora_name",
+                    )
+                engine.unload_lora(name)
+
+        await self.call(unload)
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
         """`fn(engine)` run on the engine thread between two steps (loading or unloading a LoRA adapter), its

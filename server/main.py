@@ -119,6 +119,12 @@ class CliSettings(BaseSettings):
         ge=1,
         description="highest LoRA rank served per request (default: 16, or the --lora adapters' highest)",
     )
+    lora_experts: bool = Field(
+        False,
+        description="keep room for per-request adapters on the experts (PEFT target_parameters "
+        "gate_up_proj / down_proj) as well as on attention: about fifteen times the attention adapters' "
+        "memory (on by default when a --lora adapter targets the experts)",
+    )
     kernels: Literal["torch", "triton"] = Field(
         "torch",
         description="on cuda, decode steps through torch ops, or through the Triton kernels (paged attention "
@@ -303,7 +309,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         lora=args.merge_lora,
     )
     adapters = read_adapters(args.lora, model)
-    ranks = [u.a.shape[0] for _, _, updates in adapters for u in updates]
+    ranks = [u.rank for _, _, updates in adapters for u in updates]
+    on_experts = any(u.on_experts for _, _, updates in adapters for u in updates)
     encoding = load_harmony_encoding()
     kv_bytes = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     engine = EngineCore(
@@ -315,6 +322,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
             kv_cache_memory=kv_bytes,
             max_loras=len(adapters) if args.max_loras is None else args.max_loras,
             max_lora_rank=args.max_lora_rank or max([16, *ranks]),
+            lora_experts=args.lora_experts or on_experts,
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )

@@ -61,7 +61,7 @@ async def load_adapter(services: Services, name: str, path: str) -> None:
         raise bad_request("this server keeps no room for LoRA adapters (start it with --max-loras)")
     try:
         updates = await asyncio.to_thread(read_adapter, path, core.model.config)
-        check_unmerged(updates, core.config.max_lora_rank)
+        check_unmerged(updates, core.config.max_lora_rank, core.config.lora_experts)
     except AdapterError as error:
         raise bad_request(f"the adapter at {path!r} cannot be served: {error}", param="lora_path") from error
 
@@ -75,13 +75,10 @@ async def load_adapter(services: Services, name: str, path: str) -> None:
 
 
 async def unload_adapter(services: Services, name: str) -> None:
-    """Unload the adapter `name`: a 404 if none is loaded, a 400 while requests run with it."""
-
-    def remove(engine: EngineCore) -> None:
-        engine.unload_lora(name)
-
+    """Unload the adapter `name`: a 404 if none is loaded, a 400 while requests run with it (admitted ones
+    included: `AsyncEngine.unload_lora`)."""
     try:
-        await services.engine.call(remove)
+        await services.engine.unload_lora(name)
     except LoraNotFound as error:
         raise not_found(str(error), param=error.field) from error
     except LoraRefused as error:

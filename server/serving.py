@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import tiktoken
 
 from engine.constraint import Grammar, compile_within
-from engine.request import LogitsProcessor, RequestError, SamplingParams, TokenLogprob
+from engine.request import LogitsProcessor, LoraNotFound, RequestError, SamplingParams, TokenLogprob
 from harmony.grammar import (
     ChoiceFormat,
     FinalFormat,
@@ -45,7 +45,7 @@ from harmony.messages import Message, ToolNamespaceConfig
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from harmony.render import Renderer
 from server.async_engine import Admission, AsyncEngine
-from server.errors import ContextLengthExceeded, ParamNames, not_found, request_error
+from server.errors import APIError, ContextLengthExceeded, ParamNames, not_found, request_error
 from server.harmony_chat import ChatOutput, ChatOutputParser, Delta, DeltaKind, to_harmony
 from server.protocol import ChatMessage, ChoicesRequest, GenerationRequest, Tool, TurnConstraints
 from server.settings import ServerSettings
@@ -321,20 +321,28 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
             for _, params in requests:
                 params.lora_id = lora_id
             # On the event loop, with no await between the check and the count (see `AsyncEngine.admit`).
-            return prepared, self.engine.admit(requests, client=CLIENT.get())
+            try:
+                return prepared, self.engine.admit(requests, client=CLIENT.get())
+            except LoraNotFound:  # unloaded while the request was rendered: as if it had never been there
+                raise self.model_not_found(request.model) from None
 
     def lora_id(self, model: str) -> int | None:
         """The LoRA adapter a request's `model` names (None: the base model), else a 404 naming what is
         served."""
         if model == self.settings.served_model_name:
             return None
-        # One read: the engine thread replaces the mapping, never edits it.
-        adapters = self.engine.engine.loras
-        adapter = adapters.get(model)
+        adapter = self.engine.engine.loras.get(model)
         if adapter is None:
-            served = ", ".join(repr(name) for name in [self.settings.served_model_name, *adapters])
-            raise not_found(f"the model {model!r} does not exist; this server serves {served}", param="model")
+            raise self.model_not_found(model)
         return adapter.lora_id
+
+    def model_not_found(self, model: str) -> APIError:
+        """The 404 for a `model` that is neither the base model nor a loaded adapter, naming those."""
+        # One read: the engine thread replaces the mapping, never edits it.
+        served = ", ".join(
+            repr(name) for name in [self.settings.served_model_name, *self.engine.engine.loras]
+        )
+        return not_found(f"the model {model!r} does not exist; this server serves {served}", param="model")
 
     def sequences(self, request: RequestT) -> int:
         """How many engine requests `request` becomes: its choices (completions: prompts x choices)."""
@@ -361,7 +369,7 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         try:
             yield
         except RequestError as error:
-            # The adapter a request runs with comes from its `model` (an adapter unloaded meanwhile).
+            # The adapter a request runs with comes from its `model`.
             names = {"lora_id": "model", **self.param_names(request)}
             raise request_error(error, names) from error
 

@@ -11,6 +11,11 @@ token's experts ``indices [T, k]`` and their routing weights ``[T, k]``, and ret
   grouped as :func:`experts_grouped`, each expert's matmuls straight from its packed bytes.
 
 All of them run on a CPU, so all are tested against the reference there.
+
+Each also takes `lora`, every token's per-request adapter slot (:mod:`model.lora`; None: no token's adapter
+changes these experts), and adds the block's :class:`~model.lora.ExpertLoraStack` updates of each routed
+(token, expert) pair to the expert's matmul outputs, beside the matmul (never inside a kernel): ``mlp1``'s
+before the SwiGLU, ``mlp2``'s before the routing weight, as PEFT adds its update to the weight.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from model.kernels import cpu_mxfp4, prepacked
 from model.kernels.mxfp4 import dequantize, dequantize_reference
 from model.kernels.mxfp4 import quantize as quantize_mxfp4
+from model.lora import ExpertLoraStack, expert_lora_delta_reference
 
 
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -133,25 +139,52 @@ class ExpertWeights(Protocol):
     mlp2_bias: torch.Tensor  # [E, H]
     swiglu_alpha: float
     swiglu_limit: float
+    # Per-request adapters of mlp1 and mlp2 (GptOss.enable_lora with experts); None when none are served.
+    mlp1_lora: ExpertLoraStack | None
+    mlp2_lora: ExpertLoraStack | None
 
 
-# The signature every implementation has: (weights, t, indices, routing weights) -> the routed sum [T, H].
-Experts = Callable[[ExpertWeights, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The signature every implementation has: (weights, t, indices, routing weights, each token's adapter slot or
+# None) -> the routed sum [T, H].
+Experts = Callable[
+    [ExpertWeights, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor
+]
+
+
+def _used(stack: ExpertLoraStack | None, lora: torch.Tensor | None) -> ExpertLoraStack | None:
+    """`stack` if some adapter fills it and the step has per-request adapters, else None (nothing to add)."""
+    return stack if lora is not None and stack is not None and stack.filled else None
 
 
 def experts_reference(
-    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    mlp: ExpertWeights,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token by token, expert by expert, reference dequantization."""
+    """Token by token, expert by expert, reference dequantization; each pair's adapter update through
+    :func:`model.lora.expert_lora_delta_reference`."""
     out = torch.zeros_like(t)
     for n in range(t.shape[0]):
         for j in range(indices.shape[1]):
             e = int(indices[n, j])
             h = mlp.mlp1_weight.expert_reference(e, t.dtype) @ t[n] + mlp.mlp1_bias[e]
+            h = h + _pair_delta_reference(_used(mlp.mlp1_lora, lora), t[n], e, lora, n)
             h = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
             y = mlp.mlp2_weight.expert_reference(e, t.dtype) @ h + mlp.mlp2_bias[e]
+            y = y + _pair_delta_reference(_used(mlp.mlp2_lora, lora), h, e, lora, n)
             out[n] += weights[n, j] * y
     return out
+
+
+def _pair_delta_reference(
+    stack: ExpertLoraStack | None, x: torch.Tensor, expert: int, lora: torch.Tensor | None, n: int
+) -> torch.Tensor | float:
+    if stack is None or lora is None:
+        return 0.0
+    one = torch.tensor([expert], device=x.device)
+    return expert_lora_delta_reference(x[None], stack.a, stack.b, one, lora[n : n + 1])[0]
 
 
 # experts_grouped: the SwiGLU runs over groups of experts whose first-matmul outputs fit in this many bytes,
@@ -187,6 +220,7 @@ def experts_grouped(
     t: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
+    lora: torch.Tensor | None = None,
     linear: Callable[[torch.Tensor, MXFP4Weight, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Grouped by expert, for CPUs: each active expert is dequantized once and applied to all its tokens.
@@ -199,25 +233,50 @@ def experts_grouped(
     token's terms are added in the order of its experts (the pairs are sorted stably), as the reference
     adds them. `linear(x, weight, e, bias, out)` computes one expert's matmul into `out`; by default the
     expert is dequantized (:meth:`MXFP4Weight.expert`) and run through :func:`model.kernels.prepacked.linear`.
+    An expert some of whose rows run with an adapter on it gets its rows' low-rank updates added after each
+    `linear` (:meth:`model.lora.ExpertLoraStack.add_delta`).
     """
     linear = _dequantized_linear if linear is None else linear
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=mlp.mlp1_bias.shape[0]).tolist()
+    num_experts = mlp.mlp1_bias.shape[0]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
     token_of = order // indices.shape[1]
     x = t[token_of]
     h = t.new_empty(flat.numel(), mlp.mlp1_bias.shape[1])
     y = t.new_empty(flat.numel(), t.shape[1])
+    up, down = _used(mlp.mlp1_lora, lora), _used(mlp.mlp2_lora, lora)
+    slots = lora[token_of] if lora is not None else None
+    adapted_up, adapted_down = (_adapted(s, slots, flat[order], num_experts) for s in (up, down))
+    other = None  # per pair, the stacks' columns of other slots than its own (both stacks have one layout)
+    if slots is not None and (stack := up or down) is not None:
+        other = slots[:, None] != stack.column_slot
     rows_per_group = max(1, MOE_GROUP_BYTES // (h.shape[1] * h.element_size()))
     for group in _groups(_spans(counts), rows_per_group):
         start, end = group[0][1], group[-1][2]
         for e, lo, hi in group:
             linear(x[lo:hi], mlp.mlp1_weight, e, mlp.mlp1_bias[e], h[lo:hi])
+            if up is not None and other is not None and adapted_up[e]:
+                up.add_delta(h[lo:hi], e, x[lo:hi], other[lo:hi])
         a = swiglu(h[start:end], mlp.swiglu_alpha, mlp.swiglu_limit)
         for e, lo, hi in group:
-            linear(a[lo - start : hi - start], mlp.mlp2_weight, e, mlp.mlp2_bias[e], y[lo:hi])
+            rows = a[lo - start : hi - start]
+            linear(rows, mlp.mlp2_weight, e, mlp.mlp2_bias[e], y[lo:hi])
+            if down is not None and other is not None and adapted_down[e]:
+                down.add_delta(y[lo:hi], e, rows, other[lo:hi])
     y *= weights.flatten()[order, None]
     return torch.zeros_like(t).index_add_(0, token_of, y)
+
+
+def _adapted(
+    stack: ExpertLoraStack | None, slots: torch.Tensor | None, experts: torch.Tensor, num_experts: int
+) -> list[int]:
+    """Per expert, how many of its pairs (`slots`, `experts`: each pair's) run with an adapter `stack`
+    holds (none when `stack` is None): experts with none skip the low-rank products."""
+    if stack is None or slots is None:
+        return [0] * num_experts
+    filled = torch.tensor(sorted(stack.filled), device=slots.device)
+    return torch.bincount(experts[torch.isin(slots, filled)], minlength=num_experts).tolist()
 
 
 def _dequantized_linear(
@@ -243,21 +302,29 @@ def _fused_linear(
 
 
 def experts_fused(
-    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    mlp: ExpertWeights,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`experts_grouped` with each packed expert multiplied straight from its MXFP4 bytes by the fused
     CPU kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear`), never dequantized: at decode the
     dequantization was most of the step. Dense experts (:attr:`ExpertMode.DEQUANTIZED`, a fine-tune's) and
     experts with more than :data:`FUSED_MAX_ROWS` tokens take the dequantize path. Needs
     :func:`model.kernels.cpu_mxfp4.available` (:meth:`model.kernels.Kernels.for_device` checks it)."""
-    return experts_grouped(mlp, t, indices, weights, linear=_fused_linear)
+    return experts_grouped(mlp, t, indices, weights, lora, linear=_fused_linear)
 
 
 EXPERTS_PER_CALL = 32  # experts dequantized together by experts_batched
 
 
 def experts_batched(
-    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    mlp: ExpertWeights,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same sums with a fixed number of kernel launches, for GPUs.
 
@@ -265,8 +332,10 @@ def experts_batched(
     a GPU takes longer to issue than the work takes to run. Here the active experts' weights are dequantized
     together and their tokens go through two batched matmuls, padded to the busiest expert's count; experts
     are taken :data:`EXPERTS_PER_CALL` at a time so the dequantized weights stay bounded (about 1.6 GB in
-    bf16 at gpt-oss widths).
+    bf16 at gpt-oss widths). Per-request adapters on the experts add two more batched matmuls to each
+    (:meth:`model.lora.ExpertLoraStack.delta` over the chunk's experts, padding rows on slot 0).
     """
+    up, down = _used(mlp.mlp1_lora, lora), _used(mlp.mlp2_lora, lora)
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)
     sorted_experts = flat[order]
@@ -296,9 +365,17 @@ def experts_batched(
         h = torch.baddbmm(
             mlp.mlp1_bias[ids].unsqueeze(1), x, mlp.mlp1_weight.experts(chunk, t.dtype).transpose(1, 2)
         )
-        h = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
+        slots = None  # each padded row's adapter slot, when an adapter changes these experts
+        if lora is not None and (up is not None or down is not None):
+            slots = lora.new_zeros(len(chunk), width)
+            slots[g, rows] = lora[tok]
+        if up is not None and slots is not None:
+            h += up.delta(ids, x, slots)
+        a = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
         y = torch.baddbmm(
-            mlp.mlp2_bias[ids].unsqueeze(1), h, mlp.mlp2_weight.experts(chunk, t.dtype).transpose(1, 2)
+            mlp.mlp2_bias[ids].unsqueeze(1), a, mlp.mlp2_weight.experts(chunk, t.dtype).transpose(1, 2)
         )
+        if down is not None and slots is not None:
+            y += down.delta(ids, a, slots)
         out.index_add_(0, tok, y[g, rows] * w[:, None])
     return out

@@ -210,12 +210,19 @@ DECODE_MAX_TOKENS = 8
 
 
 def experts_triton(
-    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    mlp: ExpertWeights,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    lora: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The experts seam's implementation for GPUs: decode steps through :func:`moe_decode` on the packed
-    MXFP4 weights, larger steps (and dequantized weights) through :func:`experts_batched`."""
-    if t.shape[0] > DECODE_MAX_TOKENS or mlp.mlp1_weight.dense is not None:
-        return experts_batched(mlp, t, indices, weights)
+    MXFP4 weights, larger steps (and dequantized weights) through :func:`experts_batched`, and so do steps
+    with per-request adapters while one on these experts is loaded (its update enters between the two
+    matmuls, which :func:`moe_decode` fuses)."""
+    adapted = lora is not None and any(s is not None and s.filled for s in (mlp.mlp1_lora, mlp.mlp2_lora))
+    if t.shape[0] > DECODE_MAX_TOKENS or mlp.mlp1_weight.dense is not None or adapted:
+        return experts_batched(mlp, t, indices, weights, lora)
     return moe_decode(
         t,
         indices,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from model.lora import read_adapter, write_random_adapter
 from model.make_checkpoint import write_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
+from server.state import Services
 from tests.api.conftest import _hook, serve_in_thread
 from tests.engine.conftest import greedy_reference
 
@@ -37,6 +38,7 @@ class LoraServer:
     url: str
     engine: EngineCore
     paths: dict[str, Path]
+    services: Services
 
     def post(self, path: str, body: dict[str, Any], key: str | None = KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -52,13 +54,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraServer]:
         "b": write_random_adapter(CONFIG, root / "b", rank=8, modules=("q_proj", "v_proj"), seed=2),
         "c": write_random_adapter(CONFIG, root / "c", rank=2, modules=("o_proj",), seed=3),
         "wide": write_random_adapter(CONFIG, root / "wide", rank=16, seed=4),
+        "x": write_random_adapter(
+            CONFIG, root / "x", rank=4, modules=("q_proj",), experts=("gate_up_proj", "down_proj"), seed=5
+        ),
     }
     model = GptOss.from_checkpoint(paths["base"], dtype=torch.float32, progress=False)
     encoding = load_harmony_encoding()
     engine = EngineCore(
         model,
         EngineConfig(
-            block_size=16, kv_cache_memory=32 << 20, max_model_len=1024, max_loras=3, max_lora_rank=8
+            block_size=16,
+            kv_cache_memory=32 << 20,
+            max_model_len=1024,
+            max_loras=3,
+            max_lora_rank=8,
+            lora_experts=True,
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )
@@ -67,7 +77,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraServer]:
     settings = ServerSettings(served_model_name=BASE, conversation_date="2026-11-27", api_key=KEY)
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
     with serve_in_thread(app) as url:
-        yield LoraServer(url, engine, paths)
+        yield LoraServer(url, engine, paths, app.state.server.ready())
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +196,97 @@ def test_an_adapter_in_use_is_not_unloaded(server: LoraServer) -> None:
     assert reloaded.status_code == 200
 
 
+def _greedy(server: LoraServer, prompt: list[int], max_tokens: int, adapter: str | None) -> list[int]:
+    merged = None if adapter is None else server.paths[adapter]
+    reference = GptOss.from_checkpoint(server.paths["base"], dtype=torch.float32, lora=merged, progress=False)
+    with torch.inference_mode():
+        return greedy_reference(reference, prompt, max_tokens)
+
+
+def test_an_adapter_on_the_experts_is_served_per_request(server: LoraServer) -> None:
+    """An adapter on q_proj and the experts' gate_up_proj and down_proj, loaded at run time: its requests get
+    its merged model's tokens, the base's theirs."""
+    loaded = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(server.paths["x"])})
+    assert loaded.status_code == 200, loaded.text
+    prompt = [200005, 1001, 2002, 3003, 4004, 5005]
+    try:
+        for model, adapter in (("x", "x"), (BASE, None)):
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": 6,
+                "temperature": 0,
+                "return_token_ids": True,
+            }
+            response = server.post("/v1/completions", body)
+            assert response.status_code == 200, response.text
+            tokens = response.json()["choices"][0]["token_ids"]
+            assert tokens == _greedy(server, prompt, 6, adapter)[: len(tokens)], model
+        assert _greedy(server, prompt, 6, "x") != _greedy(server, prompt, 6, None)
+    finally:
+        assert server.post("/v1/unload_lora_adapter", {"lora_name": "x"}).status_code == 200
+
+
+def test_an_adapter_unloaded_before_admission_is_a_404(
+    server: LoraServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter goes between the request's naming it and its admission (the unload runs while the request
+    is rendered): the request is answered as one for a model that does not exist, not failed in the engine."""
+    loaded = server.post("/v1/load_lora_adapter", {"lora_name": "r", "lora_path": str(server.paths["c"])})
+    assert loaded.status_code == 200, loaded.text
+    service = server.services.completions
+    render = service._prepare
+
+    def unload_then_render(request: Any) -> Any:  # on a render worker: the event loop serves the unload
+        unloaded = server.post("/v1/unload_lora_adapter", {"lora_name": "r"})
+        assert unloaded.status_code == 200, unloaded.text
+        return render(request)
+
+    monkeypatch.setattr(service, "_prepare", unload_then_render)
+    response = server.post("/v1/completions", {"model": "r", "prompt": "Hi", "max_tokens": 2})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("not_found_error", "model", "not_found")
+    assert error["message"].startswith("the model 'r' does not exist")
+    assert not server.engine.scheduler.requests
+
+
+def test_an_admitted_request_keeps_its_adapter_until_it_ends(
+    server: LoraServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unload that comes after the request's admission but before the engine thread takes it is refused
+    (the admission holds the adapter), and the request runs with its adapter; once it ends, the unload
+    goes through."""
+    loaded = server.post("/v1/load_lora_adapter", {"lora_name": "r", "lora_path": str(server.paths["c"])})
+    assert loaded.status_code == 200, loaded.text
+    bridge = server.services.engine
+    generate = bridge.generate
+    unloads: list[httpx.Response] = []
+
+    async def unload_then_generate(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with httpx.AsyncClient() as client:
+            unloads.append(
+                await client.post(
+                    server.url + "/v1/unload_lora_adapter",
+                    json={"lora_name": "r"},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+            )
+        async for output in generate(*args, **kwargs):
+            yield output
+
+    monkeypatch.setattr(bridge, "generate", unload_then_generate)
+    prompt = [200005, 1001, 2002, 3003]
+    body = {"model": "r", "prompt": prompt, "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+    response = server.post("/v1/completions", body)
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["token_ids"] == _greedy(server, prompt, 4, "c")
+    assert unloads[0].status_code == 400, unloads[0].text
+    assert "1 requests are running with the LoRA adapter 'r'" in unloads[0].json()["error"]["message"]
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "r"}).status_code == 200
+
+
 def test_the_command_line_serves_lora_adapters(
     server: LoraServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -199,6 +300,16 @@ def test_the_command_line_serves_lora_adapters(
     assert settings.served_model_name == "base"
     assert engine.config.max_loras == 2
     assert engine.config.max_lora_rank == 16
+    assert not engine.config.lora_experts  # attention adapters only: no room kept on the experts
+    engine, _ = build(parse_args([*model, "--lora", f"x={server.paths['x']}"]))
+    assert engine.config.lora_experts  # an adapter on the experts makes room for itself
+    assert engine.model.block[0].mlp.mlp1_lora is not None
+    with pytest.raises(ValueError, match="lower --max-loras or --max-lora-rank"):
+        build(
+            parse_args(
+                [*model, "--max-loras", "100000", "--max-lora-rank", "100000", "--lora-experts", "true"]
+            )
+        )
     for bad, why in [
         (["--lora", "a"], "is not NAME=PATH"),
         (["--lora", f"a={server.paths['base']}"], "lora: a: "),

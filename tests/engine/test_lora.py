@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.core import EngineCore
-from engine.request import LoraNotFound, LoraRefused, RequestOutput, RequestRejected, SamplingParams
+from engine.request import LoraNotFound, LoraRefused, RequestOutput, SamplingParams
 from model.gpt_oss import GptOss
 from model.lora import AdapterError, read_adapter, write_random_adapter
 from model.make_checkpoint import write_checkpoint
@@ -25,6 +25,12 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "base": write_checkpoint(WINDOW16, root / "base", layout="hf", seed=3),
         "a": write_random_adapter(WINDOW16, root / "a", rank=4, seed=1),
         "b": write_random_adapter(WINDOW16, root / "b", rank=8, modules=("q_proj", "v_proj"), seed=2),
+        "x": write_random_adapter(
+            WINDOW16, root / "x", rank=4, modules=(), experts=("gate_up_proj", "down_proj"), seed=5
+        ),
+        "down": write_random_adapter(
+            WINDOW16, root / "down", rank=2, modules=("o_proj",), experts=("down_proj",), seed=6
+        ),
     }
 
 
@@ -82,6 +88,36 @@ def test_base_and_two_adapters_in_one_batch_each_get_their_merged_model_s_tokens
     )
 
 
+def test_base_attention_and_expert_adapters_in_one_batch_each_get_their_merged_model_s_tokens(
+    paths: dict[str, Path],
+) -> None:
+    """Adapters on the experts served per request, beside the base and an attention adapter: through the
+    engine's prefill chunks and decode steps, each request's greedy tokens are those of its adapter merged."""
+    engine = make_engine(_model(paths), max_loras=3, max_lora_rank=8, lora_experts=True)
+    for name in ("a", "x", "down"):
+        engine.load_lora(name, read_adapter(paths[name], engine.model.config), str(paths[name]))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(200_000) for _ in range(rng.randint(5, 40))] for _ in range(6)]
+    loras = [None, "x", "a", "down", "x", None]
+    for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
+        engine.add_request(f"r{i}", prompt, _params(engine, lora))
+    outputs = _drain(engine)
+    references = {lora: _model(paths, lora) for lora in (None, "a", "x", "down")}
+    for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
+        assert outputs[f"r{i}"].new_token_ids == greedy_reference(references[lora], prompt, 8), (i, lora)
+    for lora in ("x", "down"):  # the expert adapters change what the model says
+        assert greedy_reference(references[lora], prompts[1], 8) != greedy_reference(
+            references[None], prompts[1], 8
+        ), lora
+
+
+def test_an_expert_adapter_needs_room_for_it(paths: dict[str, Path]) -> None:
+    engine = make_engine(_model(paths), max_loras=1, max_lora_rank=8)
+    with pytest.raises(AdapterError, match="--lora-experts"):
+        engine.load_lora("x", read_adapter(paths["x"], engine.model.config))
+    assert not engine.loras
+
+
 def test_the_prefix_cache_never_shares_blocks_between_adapters(paths: dict[str, Path]) -> None:
     engine = _engine(paths)
     prompt = list(range(1000, 1041))  # ten full blocks of 4
@@ -125,7 +161,7 @@ def test_an_adapter_in_use_is_not_unloaded_and_an_unloaded_one_is_not_served(pat
     engine.unload_lora("a")
     with pytest.raises(LoraNotFound):
         engine.unload_lora("a")
-    with pytest.raises(RequestRejected, match="not loaded") as refused:
+    with pytest.raises(LoraNotFound, match="not loaded") as refused:
         engine.add_request("late", [5, 6, 7], SamplingParams(lora_id=old_id))
     assert refused.value.field == "lora_id"
     # Loaded again under the same name it gets a new id, so stale requests never reach the new weights.

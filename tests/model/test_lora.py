@@ -14,7 +14,16 @@ from transformers import GptOssForCausalLM, Mxfp4Config
 
 from model.batch import AttentionMetadata
 from model.gpt_oss import GptOss
-from model.lora import AdapterError, lora_delta, lora_delta_reference, read_adapter
+from model.kernels import Kernels
+from model.kernels.experts import experts_batched
+from model.lora import (
+    AdapterError,
+    ExpertLoraStack,
+    expert_lora_delta_reference,
+    lora_delta,
+    lora_delta_reference,
+    read_adapter,
+)
 from tests.model.test_oracles import prompt
 
 logger = logging.getLogger(__name__)
@@ -134,6 +143,23 @@ def test_bad_adapters_are_named(
 
     with pytest.raises(AdapterError, match="qkv_fused: adapting this module is not supported"):
         load(broken(edit_tensors=other_model))
+
+    def drop_v(tensors: dict) -> None:
+        for key in [k for k in tensors if ".v_proj." in k]:
+            del tensors[key]
+
+    with pytest.raises(AdapterError, match=r"target_modules names 'v_proj', but .* holds no v_proj weights"):
+        load(broken(edit_tensors=drop_v))
+    with pytest.raises(AdapterError, match="holds no LoRA weights"):
+        load(broken(edit_tensors=lambda tensors: tensors.clear()))
+
+    def poisoned(tensors: dict) -> None:
+        key = next(k for k in tensors if k.endswith("o_proj.lora_B.weight"))
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+
+    with pytest.raises(AdapterError, match="o_proj: lora_A or lora_B holds inf or NaN"):
+        load(broken(edit_tensors=poisoned))
     with pytest.raises(AdapterError, match=r"adapter_config\.json"):
         load(tmp_path / "missing")
 
@@ -150,6 +176,11 @@ def test_the_batched_lora_delta_equals_the_per_row_loop() -> None:
     expected = lora_delta_reference(x, a, b, rows)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert got[[0, 4, 8]].abs().max() == 0  # slot 0: no adapter, no update
+    # A slot whose product overflows leaves the other slots' rows alone (masked out, not multiplied by 0).
+    a[2] = 1e38  # slot 3
+    spoiled = lora_delta(x, a, b, column_slot, rows)
+    keep = rows != 3
+    torch.testing.assert_close(spoiled[keep], expected[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_per_request_adapters_in_one_batch_give_each_row_its_merged_model(
@@ -188,7 +219,105 @@ def test_per_request_adapters_refuse_what_the_stacks_cannot_hold(
 ) -> None:
     served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
     served.enable_lora(max_loras=1, max_rank=4)
-    with pytest.raises(AdapterError, match="targets the experts"):
+    with pytest.raises(AdapterError, match="no room for adapters on the experts"):
         served.set_lora(1, read_adapter(adapters["experts"], served.config))
     with pytest.raises(AdapterError, match="rank 8 is above the largest served, 4"):
         served.set_lora(1, read_adapter(adapters["attention_qv"], served.config))
+    roomy = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    roomy.enable_lora(max_loras=1, max_rank=2, experts=True)
+    with pytest.raises(AdapterError, match="rank 4 is above the largest served, 2"):
+        roomy.set_lora(1, read_adapter(adapters["experts"], roomy.config))
+
+
+def test_stacks_too_large_for_memory_are_refused_before_allocating(checkpoints: dict[str, Path]) -> None:
+    served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    with pytest.raises(ValueError, match="lower --max-loras or --max-lora-rank"):
+        served.enable_lora(max_loras=100_000, max_rank=100_000, experts=True)
+    assert served.block[0].attn.qkv_lora is None
+
+
+def test_the_experts_batched_lora_delta_equals_the_per_pair_loop() -> None:
+    """:func:`lora_delta` with a leading expert axis (the batched experts' use) and expert by expert (the
+    grouped experts') against the per-(token, expert) twin."""
+    generator = torch.Generator().manual_seed(6)
+    experts, slots, rank, inp, out, width = 5, 3, 4, 24, 40, 7
+    a = torch.randn(experts, slots, rank, inp, generator=generator)
+    b = torch.randn(experts, out, slots, rank, generator=generator)
+    column_slot = torch.arange(1, slots + 1).repeat_interleave(rank)
+    ids = torch.tensor([4, 0, 2])
+    x = torch.randn(len(ids), width, inp, generator=generator)
+    rows = torch.randint(0, slots + 1, (len(ids), width), generator=generator)
+    batched = lora_delta(x, a[ids], b[ids], column_slot, rows)
+    pair_experts = ids[:, None].expand(-1, width).flatten()
+    expected = expert_lora_delta_reference(x.flatten(0, 1), a, b, pair_experts, rows.flatten())
+    torch.testing.assert_close(batched.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
+    stack = ExpertLoraStack(experts, slots, rank, inp, out, dtype=torch.float32)
+    stack.a.copy_(a)
+    stack.b.copy_(b)
+    torch.testing.assert_close(stack.delta(ids, x, rows), batched)
+    start = torch.randn(width, out, generator=generator)
+    added = start.clone()  # expert 0's rows (ids[1]), added in place as the grouped experts do
+    stack.add_delta(added, 0, x[1], rows[1][:, None] != stack.column_slot)
+    torch.testing.assert_close(added, start + expected[width : 2 * width], rtol=1e-5, atol=1e-5)
+    assert expected[rows.flatten() == 0].abs().max() == 0
+
+
+@pytest.fixture(scope="module")
+def peft_logits(checkpoints: dict[str, Path], adapters: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """transformers + peft's logits of the prompt `prompt(33)` for each adapter, and for the base (None)."""
+    ids = prompt(33)
+    out = {"base": _base(checkpoints["hf"])(input_ids=ids[None]).logits[0]}
+    for name in adapters:
+        peft_model = PeftModel.from_pretrained(_base(checkpoints["hf"]), str(adapters[name])).eval()
+        out[name] = peft_model(input_ids=ids[None]).logits[0]
+    return out
+
+
+@pytest.mark.parametrize("expert_mode", ["packed", "dequantized"])
+@pytest.mark.parametrize("experts", ["cpu", "batched"])
+def test_per_request_expert_adapters_give_peft_s_logits(
+    checkpoints: dict[str, Path],
+    adapters: dict[str, Path],
+    peft_logits: dict[str, torch.Tensor],
+    expert_mode: str,
+    experts: str,
+) -> None:
+    """Unmerged adapters on the experts (alone, and with attention and rsLoRA), each in its slot, every token
+    on it: PEFT's logits, on packed experts (the CPU's fused kernel where it builds) and dense ones, through
+    the CPU's grouped path and the GPU's batched one."""
+    served = GptOss.from_checkpoint(
+        checkpoints["hf"], dtype=torch.float32, expert_mode=expert_mode, progress=False
+    )
+    if experts == "batched":
+        served.use_kernels(Kernels(served.block[0].attn.attention, experts_batched))
+    served.enable_lora(max_loras=2, max_rank=4, experts=True)
+    served.set_lora(1, read_adapter(adapters["experts"], served.config))
+    served.set_lora(2, read_adapter(adapters["everything"], served.config))
+    ids = prompt(33)
+    meta = AttentionMetadata.build([len(ids)])
+    for slot, name in ((1, "experts"), (2, "everything")):
+        got = served(ids, meta, lora=torch.full((len(ids),), slot))
+        expected = peft_logits[name]
+        scale = expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= 1e-3 * scale, name
+        assert (peft_logits["base"] - expected).abs().max().item() > 1e-2 * scale
+
+
+def test_base_attention_and_expert_adapters_in_one_batch_each_give_peft_s_logits(
+    checkpoints: dict[str, Path], adapters: dict[str, Path], peft_logits: dict[str, torch.Tensor]
+) -> None:
+    """One forward of four sequences: the base, an attention adapter, an experts adapter and one on both, so
+    experts see rows of every kind at once: each sequence's logits are PEFT's for its adapter alone."""
+    served = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    served.enable_lora(max_loras=3, max_rank=4, experts=True)
+    for slot, name in ((1, "attention"), (2, "experts"), (3, "everything")):
+        served.set_lora(slot, read_adapter(adapters[name], served.config))
+    ids = prompt(33)
+    names = ["base", "experts", "attention", "everything"]
+    slots = [0, 2, 1, 3]
+    meta = AttentionMetadata.build([len(ids)] * len(names))
+    per_token = torch.cat([torch.full((len(ids),), s) for s in slots])
+    batched = served(ids.repeat(len(names)), meta, lora=per_token).split(len(ids))
+    for name, got in zip(names, batched, strict=True):
+        expected = peft_logits[name]
+        assert (got - expected).abs().max().item() <= 1e-3 * expected.abs().max().item(), name

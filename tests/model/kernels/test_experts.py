@@ -19,6 +19,7 @@ from model.kernels.experts import (
     experts_reference,
     swiglu,
 )
+from model.lora import ExpertLoraStack, Update
 
 FAST: dict[str, Experts] = {"grouped": experts_grouped, "batched": experts_batched}
 
@@ -79,6 +80,51 @@ def test_fused_equal_reference(
     t, indices, weights = routed(mlp, num_tokens, 6)
     expected = experts_reference(mlp, t, indices, weights)
     torch.testing.assert_close(experts_fused(mlp, t, indices, weights), expected)
+
+
+def _adapted(mlp: MLPBlock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give `mlp` random per-request adapters on its experts: slot 1 on both matmuls, slot 2 on mlp1 only
+    (rank 2 of the 3 held), slot 3 empty."""
+    generator = torch.Generator().manual_seed(8)
+    e, h, i = mlp.mlp1_bias.shape[0], mlp.mlp2_bias.shape[1], mlp.mlp1_bias.shape[1] // 2
+    stacks = {}
+    for name, inp, out in (("mlp1", h, 2 * i), ("mlp2", i, h)):
+        stack = ExpertLoraStack(e, 3, 3, inp, out, dtype=torch.float32)
+        for slot, rank in ((1, 3), (2, 2)):
+            if name == "mlp2" and slot == 2:
+                continue
+            a = torch.randn(e, rank, inp, generator=generator) / inp**0.5
+            b = torch.randn(e, out, rank, generator=generator)
+            stack.install(slot, Update(f"{name}_weight", a, b, 0.5))
+        stacks[name] = stack
+    monkeypatch.setattr(mlp, "mlp1_lora", stacks["mlp1"], raising=False)
+    monkeypatch.setattr(mlp, "mlp2_lora", stacks["mlp2"], raising=False)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "batched", "fused"])
+@pytest.mark.parametrize("num_tokens", [1, 13, 300])
+def test_per_request_expert_adapters_equal_reference(
+    mlp: MLPBlock, impl: str, num_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each token on its own adapter slot (none, both matmuls, mlp1 only, an empty slot): every fast path's
+    low-rank updates per (token, expert) pair equal the reference's, with small groups and chunks so that
+    experts of mixed slots are split between them."""
+    _adapted(mlp, monkeypatch)
+    monkeypatch.setattr(ex, "MOE_GROUP_BYTES", 3 * 128 * 4)
+    monkeypatch.setattr(ex, "EXPERTS_PER_CALL", 3)
+    monkeypatch.setattr(ex, "FUSED_MAX_ROWS", 20)
+    t, indices, weights = routed(mlp, num_tokens, 9)
+    lora = torch.randint(0, 4, (num_tokens,), generator=torch.Generator().manual_seed(num_tokens))
+    fast = {"grouped": experts_grouped, "batched": experts_batched, "fused": experts_fused}[impl]
+    if impl == "fused":
+        assert cpu_mxfp4.available()
+    expected = experts_reference(mlp, t, indices, weights, lora)
+    torch.testing.assert_close(fast(mlp, t, indices, weights, lora), expected)
+    base = experts_reference(mlp, t, indices, weights)
+    adapted = (lora == 1) | (lora == 2)
+    if adapted.any():
+        assert (expected[adapted] - base[adapted]).abs().amax(dim=1).min() > 1e-3
+    torch.testing.assert_close(expected[~adapted], base[~adapted])  # no adapter, or an empty slot
 
 
 @pytest.mark.gpu
