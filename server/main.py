@@ -218,6 +218,12 @@ class CliSettings(BaseSettings):
     max_builtin_tool_calls: int = Field(
         20, ge=1, description="built-in tool calls one response may run before it ends as incomplete"
     )
+    mcp_allow: str | None = Field(
+        None,
+        description="comma-separated networks (CIDR) whose MCP servers Responses mcp tools may reach, on any "
+        "port (e.g. 10.0.0.0/8 for an intranet server); default: public addresses only, ports 80 and 443",
+    )
+    mcp_timeout: float = Field(30.0, gt=0, description="seconds one MCP tool listing or call may take")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
     @field_validator("lora", mode="before")
@@ -351,6 +357,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         browser_corpus_dir=args.browser_corpus_dir,
         searxng_url=args.searxng_url,
         max_builtin_tool_calls=args.max_builtin_tool_calls,
+        mcp_allow=[n.strip() for n in args.mcp_allow.split(",") if n.strip()] if args.mcp_allow else [],
+        mcp_timeout=args.mcp_timeout,
     )
     if settings.served_model_name in engine.loras:
         _invalid(f"lora: {settings.served_model_name!r} is the base model's name")
