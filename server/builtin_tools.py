@@ -41,6 +41,7 @@ from server.settings import ServerSettings
 from tools.browser.backends import PageFetcher, SearchBackend
 from tools.browser.browser import Browser
 from tools.browser.page import TokenCounter
+from tools.browser.search_apis import API_KEYS, api_key, make_search_api
 from tools.python_sandbox import (
     Limits,
     PythonSandbox,
@@ -384,6 +385,9 @@ def settings_problem(settings: ServerSettings) -> str | None:
             return f"--browser-corpus-dir {settings.browser_corpus_dir!r} is not a directory"
     if settings.browser_backend == "searxng" and settings.searxng_url is None:
         return "--browser-backend searxng needs --searxng-url"
+    if settings.browser_backend in API_KEYS and api_key(settings.browser_backend) is None:
+        name, variable = settings.browser_backend, API_KEYS[settings.browser_backend]
+        return f"--browser-backend {name} needs its API key in the {variable} environment variable"
     return None
 
 
@@ -406,6 +410,10 @@ def make_builtin_tools(settings: ServerSettings, count_tokens: TokenCounter) -> 
 
         assert settings.searxng_url is not None
         backend, fetcher = SearxngBackend(settings.searxng_url), SafeFetcher()
+    elif settings.browser_backend in API_KEYS:
+        from tools.browser.fetch import SafeFetcher
+
+        backend, fetcher = make_search_api(settings.browser_backend), SafeFetcher()
     return BuiltinTools(settings, count_tokens, backend=backend, fetcher=fetcher)
 
 

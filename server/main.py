@@ -208,10 +208,12 @@ class CliSettings(BaseSettings):
         32, ge=1, description="python sessions (containers) kept at once; the least recently used is closed"
     )
     python_idle_seconds: float = Field(1200.0, gt=0, description="seconds an unused python session is kept")
-    browser_backend: Literal["local", "searxng"] | None = Field(
+    browser_backend: Literal["local", "searxng", "exa", "brave", "you"] | None = Field(
         None,
         description="the Responses web_search tool's backend: local (a directory of .html/.md/.txt files, "
-        "offline) or searxng (a SearXNG instance; pages fetched behind an SSRF guard); default: refused",
+        "offline), searxng (a SearXNG instance), or a search API with its key from the environment: exa "
+        "(EXA_API_KEY), brave (BRAVE_API_KEY), you (You.com, YDC_API_KEY); pages are fetched behind an SSRF "
+        "guard; default: refused",
     )
     browser_corpus_dir: str | None = Field(None, description="the local browser backend's directory")
     searxng_url: str | None = Field(None, description="the SearXNG instance's base URL (searxng backend)")

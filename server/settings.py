@@ -64,9 +64,10 @@ class ServerSettings(BaseModel):
     python_max_sessions: int = Field(default=32, ge=1)
     python_idle_seconds: float = Field(default=1200.0, gt=0)
     python_max_running: int = Field(default=8, ge=1)
-    # The browser's backend: a local corpus directory (searched and opened offline), a SearXNG instance (pages
-    # then fetched from the web behind the SSRF guard), or none (web_search refused).
-    browser_backend: Literal["local", "searxng"] | None = None
+    # The browser's backend: a local corpus directory (searched and opened offline), a SearXNG instance or a
+    # hosted search API (Exa, Brave, You.com, each with its key from the environment: `search_apis.API_KEYS`;
+    # pages then fetched from the web behind the SSRF guard), or none (web_search refused).
+    browser_backend: Literal["local", "searxng", "exa", "brave", "you"] | None = None
     browser_corpus_dir: str | None = None
     searxng_url: str | None = None
     # Remote MCP servers (Responses `{"type": "mcp"}` tools) pass the browser's SSRF guard: public addresses
