@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
 from openai.types.responses import Response, ResponseStreamEvent
 
@@ -44,12 +47,21 @@ def mcp_server() -> MCPServer:
         """Always fails."""
         raise ValueError(f"exploded: {reason}")
 
+    @server.tool()
+    async def slow() -> str:
+        """Takes its time."""
+        await asyncio.sleep(3)
+        return "finally"
+
     return server
 
 
 @pytest.fixture(scope="module")
 def mcp_url() -> Iterator[str]:
-    with serve_in_thread(mcp_server().streamable_http_app()) as base:
+    # The server's own DNS-rebinding check admits loopback and the name one test reaches it by.
+    hosts = ["127.0.0.1:*", "mcp.invalid:*"]
+    app = mcp_server().streamable_http_app(transport_security=TransportSecuritySettings(allowed_hosts=hosts))
+    with serve_in_thread(app) as base:
         yield base + "/mcp"
 
 
@@ -113,7 +125,7 @@ def test_tools_are_listed_declared_and_called(
     listed, called = response.output[0], response.output[1]
     assert listed.server_label == "calc"
     assert listed.error is None
-    assert {tool.name for tool in listed.tools} == {"add", "remember", "explode"}
+    assert {tool.name for tool in listed.tools} == {"add", "remember", "explode", "slow"}
     add = next(tool for tool in listed.tools if tool.name == "add")
     assert add.annotations["readOnlyHint"] is True
     assert called.name == "add"
@@ -391,3 +403,31 @@ def test_the_approval_rules() -> None:
     assert always.needs_approval(read)
     assert not spec(allowed_tools={"read_only": True}).allows(write)
     assert spec(allowed_tools={"read_only": True}).allows(read)
+
+
+def test_a_name_connects_to_the_address_the_guard_vetted(mcp_url: str) -> None:
+    """The URL's host is resolved by the guard (here a test resolver: no DNS), and the socket goes to that
+    address; the allowlist admits it, so the listing works under the name."""
+    port = urlsplit(mcp_url).port
+    resolved: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        resolved.append(host)
+        return ["127.0.0.1"]
+
+    loopback = (ipaddress.ip_network("127.0.0.0/8"),)
+    connector = McpConnector(McpPolicy(allowed_networks=loopback), resolver=resolver)
+    tools = asyncio.run(connector.list_tools(f"http://mcp.invalid:{port}/mcp", {}))
+    assert "add" in {tool.name for tool in tools}
+    assert set(resolved) == {"mcp.invalid"}
+
+
+def test_a_call_past_the_time_limit_is_a_504_error(mcp_url: str) -> None:
+    loopback = (ipaddress.ip_network("127.0.0.0/8"),)
+    connector = McpConnector(McpPolicy(allowed_networks=loopback, timeout_s=1.0))
+    started = time.monotonic()
+    with pytest.raises(McpFailure) as caught:
+        asyncio.run(connector.call_tool(mcp_url, {}, "slow", {}))
+    assert time.monotonic() - started < 2.5
+    assert (caught.value.kind, caught.value.code) == ("http_error", 504)
+    assert caught.value.as_item_error()["type"] == "http_error"
