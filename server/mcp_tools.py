@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,8 +261,13 @@ class McpTools:
                 if item.get("type") in ("mcp_approval_response", "mcp_call")
                 and item.get("approval_request_id")
             }
+            # Every answer is checked before any call runs: a refused request runs nothing.
+            answers = []
             for i, item in responses:
-                approved.append(await self._answer(item, i, requests, answered, servers))
+                answers.append(self._answer(item, i, requests, answered, servers))
+                answered.add(answers[-1][1])
+            for run, _ in answers:
+                approved.append(await run())
         return McpRequest(servers, tuple(approved))
 
     async def _server(self, spec: McpServerSpec, chain: list[dict[str, Any]]) -> McpServer:
@@ -322,14 +328,16 @@ class McpTools:
         }
         return McpServer(spec, kept, item)
 
-    async def _answer(
+    def _answer(
         self,
         item: ResponsesInputItem,
         index: int,
         requests: dict[Any, dict[str, Any]],
         answered: set[Any],
         servers: dict[str, McpServer],
-    ) -> ApprovedCall:
+    ) -> tuple[Callable[[], Awaitable[ApprovedCall]], str]:
+        """An `mcp_approval_response` checked (a 400 naming its field): what carries it out, and the id of
+        the request it answers."""
         extra = item.model_extra or {}
         param = f"input[{index}]"
         request_id = extra.get("approval_request_id")
@@ -358,15 +366,19 @@ class McpTools:
         call = Message(
             Author(Role.ASSISTANT), [TextContent(arguments)], "commentary", recipient, "<|constrain|>json"
         )
-        if not approve:
-            reason = extra.get("reason")
-            text = "The user did not approve this call." + (
-                f" Reason: {reason}" if isinstance(reason, str) else ""
-            )
-            return ApprovedCall(call, tool_message(recipient, "commentary", text), None)
-        item_out = mcp_call_item(label, name, arguments, request_id)
-        text = await run_call(self.connector, server, name, arguments, item_out)
-        return ApprovedCall(call, tool_message(recipient, "commentary", text), item_out)
+        reason = extra.get("reason")
+
+        async def carry_out() -> ApprovedCall:
+            if not approve:
+                text = "The user did not approve this call." + (
+                    f" Reason: {reason}" if isinstance(reason, str) else ""
+                )
+                return ApprovedCall(call, tool_message(recipient, "commentary", text), None)
+            item_out = mcp_call_item(label, name, arguments, request_id)
+            text = await run_call(self.connector, server, name, arguments, item_out)
+            return ApprovedCall(call, tool_message(recipient, "commentary", text), item_out)
+
+        return carry_out, request_id
 
 
 def _schema_problem(tool: McpTool) -> str | None:

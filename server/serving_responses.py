@@ -969,6 +969,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         """As every API's, after the request's MCP servers are listed and the calls it approves are run
         (network, so here on the event loop, before the render worker renders the prompt they go into)."""
         previous = self.store.get(request.previous_response_id or "")
+        if previous is None and request.previous_response_id is not None:
+            return await super().prepare(request)  # which says why it cannot be continued
+        # Refused fields are refused before a call the request approves is run.
+        self._check_unsupported(request)
         chain = [*previous.input_items, *previous.response["output"]] if previous is not None else []
         own = request.input if isinstance(request.input, list) else []
         ready = await self.mcp.ready(request.tools or [], chain, own)

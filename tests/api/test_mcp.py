@@ -28,6 +28,9 @@ from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engin
 from tests.api.test_builtin_tools import EVENT, checked, client_for
 from tools.mcp_client import GuardedNetwork, McpConnector, McpFailure, McpPolicy, McpTool
 
+# The notes `remember` was called with, in order (the MCP server runs on a thread of this process).
+REMEMBERED: list[str] = []
+
 
 def mcp_server() -> MCPServer:
     server = MCPServer("calc")
@@ -40,6 +43,7 @@ def mcp_server() -> MCPServer:
     @server.tool()
     def remember(note: str) -> str:
         """Store a note (changes the server's state)."""
+        REMEMBERED.append(note)
         return f"stored: {note}"
 
     @server.tool()
@@ -431,3 +435,16 @@ def test_a_call_past_the_time_limit_is_a_504_error(mcp_url: str) -> None:
     assert time.monotonic() - started < 2.5
     assert (caught.value.kind, caught.value.code) == ("http_error", 504)
     assert caught.value.as_item_error()["type"] == "http_error"
+
+
+def test_an_approval_answered_twice_in_one_request_runs_nothing(mcp_app: Served, mcp_url: str) -> None:
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    asked = create(mcp_app, [call("remember", '{"note": "twice"}')], tools)
+    approval = {"type": "mcp_approval_response", "approval_request_id": asked.output[1].id, "approve": True}
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(mcp_app, [final("x")], tools, input=[approval, approval], previous_response_id=asked.id)
+    assert caught.value.body["param"] == "input[1].approval_request_id"
+    assert "twice" not in REMEMBERED
+    with pytest.raises(openai.NotFoundError) as missing:
+        create(mcp_app, [final("x")], tools, input=[approval], previous_response_id="resp_gone")
+    assert missing.value.body["param"] == "previous_response_id"
