@@ -19,7 +19,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -87,6 +87,8 @@ class McpPolicy:
     allowed_ports: frozenset[int] = frozenset({80, 443})
     # Seconds one list or call may take, connection and handshake included.
     timeout_s: float = 30.0
+    # Bytes one HTTP answer of the server may have (the library bounds SSE events, not JSON answers).
+    max_response_bytes: int = 8 << 20
     connect_timeout_s: float = 5.0
 
 
@@ -187,14 +189,46 @@ class GuardedNetwork(httpcore2.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+class _Capped(httpx2.AsyncByteStream):
+    """A response body that fails once it has given more than `limit` bytes."""
+
+    def __init__(self, stream: httpx2.AsyncByteStream, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._stream:
+            size += len(chunk)
+            if size > self._limit:
+                raise McpFailure(
+                    "http_error", f"the MCP server's answer is larger than {self._limit} bytes", 502
+                )
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 class GuardedTransport(httpx2.AsyncHTTPTransport):
     """httpx2's own transport, its connection pool on `GuardedNetwork` (httpx2 takes no network backend as
-    an argument, so the pool it builds is replaced by one that does)."""
+    an argument, so the pool it builds is replaced by one that does), each answer's body capped."""
 
     def __init__(self, network: GuardedNetwork) -> None:
         super().__init__(trust_env=False)
         self._pool = httpcore2.AsyncConnectionPool(
             ssl_context=httpx2.create_ssl_context(trust_env=False), network_backend=network
+        )
+        self._limit = network.policy.max_response_bytes
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Capped(response.stream, self._limit),
+            extensions=response.extensions,
         )
 
 

@@ -448,3 +448,12 @@ def test_an_approval_answered_twice_in_one_request_runs_nothing(mcp_app: Served,
     with pytest.raises(openai.NotFoundError) as missing:
         create(mcp_app, [final("x")], tools, input=[approval], previous_response_id="resp_gone")
     assert missing.value.body["param"] == "previous_response_id"
+
+
+def test_an_answer_past_the_size_cap_is_an_error(mcp_url: str) -> None:
+    loopback = (ipaddress.ip_network("127.0.0.0/8"),)
+    connector = McpConnector(McpPolicy(allowed_networks=loopback, max_response_bytes=2000))
+    with pytest.raises(McpFailure) as caught:
+        asyncio.run(connector.call_tool(mcp_url, {}, "remember", {"note": "x" * 5000}))
+    assert (caught.value.kind, caught.value.code) == ("http_error", 502)
+    assert "larger than 2000 bytes" in caught.value.message
