@@ -48,9 +48,13 @@ RESERVED_LABELS = frozenset(
     {"functions", "browser", "python", "container", "assistant", "user", "system", "developer", "tool", "all"}
 )
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# A tool name that can stand in a harmony recipient and a TypeScript declaration (MCP's own naming rule).
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# A tool filter: (tool names, or None for any), (read-only hint it must have, or None for any).
+ToolFilter = tuple[frozenset[str] | None, bool | None]
 
 
-def _filter(value: Any, param: str) -> tuple[frozenset[str] | None, bool | None]:
+def _filter(value: Any, param: str) -> ToolFilter:
     """A tool filter (`{"tool_names": [...], "read_only": bool}`) as (names or None, read_only or None)."""
     if not isinstance(value, dict):
         raise bad_request("a tool filter is an object with tool_names and/or read_only", param=param)
@@ -63,7 +67,7 @@ def _filter(value: Any, param: str) -> tuple[frozenset[str] | None, bool | None]
     return (frozenset(names) if names is not None else None), read_only
 
 
-def _matches(rule: tuple[frozenset[str] | None, bool | None], tool: McpTool) -> bool:
+def _matches(rule: ToolFilter, tool: McpTool) -> bool:
     names, read_only = rule
     if names is None and read_only is None:
         return False
@@ -78,11 +82,9 @@ class McpServerSpec:
     url: str
     headers: dict[str, str]
     # `allowed_tools`: a list of names or a filter; None: every tool the server lists.
-    allowed: tuple[frozenset[str] | None, bool | None] | None
+    allowed: ToolFilter | None
     # `require_approval`: "always", "never", or the filter object's (always, never) rules.
-    approval: (
-        str | tuple[tuple[frozenset[str] | None, bool | None], tuple[frozenset[str] | None, bool | None]]
-    )
+    approval: str | tuple[ToolFilter, ToolFilter]
     param: str
     # What the response's `tools` echo (the headers left out: they may hold credentials).
     echo: dict[str, Any]
@@ -202,7 +204,7 @@ class McpTools:
             if isinstance(authorization, str) and authorization:
                 headers.setdefault("Authorization", f"Bearer {authorization}")
             allowed_raw = extra.get("allowed_tools")
-            allowed: tuple[frozenset[str] | None, bool | None] | None = None
+            allowed: ToolFilter | None = None
             if isinstance(allowed_raw, list):
                 if not all(isinstance(n, str) for n in allowed_raw):
                     raise bad_request("allowed_tools lists tool names", param=f"{param}.allowed_tools")
@@ -276,7 +278,8 @@ class McpTools:
             for item in chain
             if item.get("type") == "mcp_list_tools"
             and item.get("server_label") == spec.label
-            and not item.get("error")
+            # A listing that failed outright (no tools, an error) is no listing; one that left tools out is.
+            and (item.get("tools") or not item.get("error"))
         ]
         if listing:
             tools = [
@@ -303,7 +306,7 @@ class McpTools:
         for tool in tools:
             if not spec.allows(tool):
                 continue
-            problem = _schema_problem(tool)
+            problem = _tool_problem(tool)
             if problem is not None:
                 problems.append(f"{tool.name}: {problem}")
                 logger.warning("mcp server %r: tool %r left out: %s", spec.label, tool.name, problem)
@@ -322,9 +325,7 @@ class McpTools:
                 }
                 for t in kept.values()
             ],
-            "error": ("tools left out, their input schemas unusable: " + "; ".join(problems))
-            if problems
-            else None,
+            "error": ("tools left out, unusable: " + "; ".join(problems)) if problems else None,
         }
         return McpServer(spec, kept, item)
 
@@ -381,8 +382,10 @@ class McpTools:
         return carry_out, request_id
 
 
-def _schema_problem(tool: McpTool) -> str | None:
-    """Why a tool's input schema cannot be shown to the model, or None."""
+def _tool_problem(tool: McpTool) -> str | None:
+    """Why a tool cannot be shown to the model (its name, or its input schema), or None."""
+    if not _TOOL_NAME.match(tool.name):
+        return "the name is not 1 to 128 letters, digits, '_', '.' or '-'"
     schema = tool.input_schema
     if not isinstance(schema, dict) or schema.get("type", "object") != "object":
         return "the input schema is not a JSON object schema"

@@ -21,7 +21,7 @@ from mcp.types import ToolAnnotations
 from openai.types.responses import Response, ResponseStreamEvent
 
 from server.app import create_app
-from server.mcp_tools import McpServerSpec, McpTools, _schema_problem
+from server.mcp_tools import McpServerSpec, McpTools, _tool_problem
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
 from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engine
@@ -50,6 +50,11 @@ def mcp_server() -> MCPServer:
     def explode(reason: str) -> str:
         """Always fails."""
         raise ValueError(f"exploded: {reason}")
+
+    @server.tool(name="two words")
+    def badly_named() -> str:
+        """A name no harmony recipient can hold: left out of the listing, saying so."""
+        return "never"
 
     @server.tool()
     async def slow() -> str:
@@ -128,8 +133,10 @@ def test_tools_are_listed_declared_and_called(
     assert [item.type for item in response.output] == ["mcp_list_tools", "mcp_call", "message"]
     listed, called = response.output[0], response.output[1]
     assert listed.server_label == "calc"
-    assert listed.error is None
     assert {tool.name for tool in listed.tools} == {"add", "remember", "explode", "slow"}
+    assert listed.error == (
+        "tools left out, unusable: two words: the name is not 1 to 128 letters, digits, '_', '.' or '-'"
+    )
     add = next(tool for tool in listed.tools if tool.name == "add")
     assert add.annotations["readOnlyHint"] is True
     assert called.name == "add"
@@ -375,15 +382,15 @@ def test_the_guard_refuses_private_and_metadata_addresses_and_names_resolving_to
     asyncio.run(main())
 
 
-def test_a_tool_whose_schema_cannot_be_shown_is_said_so() -> None:
+def test_a_tool_whose_name_or_schema_cannot_be_shown_is_said_so() -> None:
     deep: dict[str, Any] = {"type": "object"}
     for _ in range(200):
         deep = {"type": "object", "properties": {"x": deep}}
-    assert _schema_problem(McpTool("deep", "", deep)) is not None
-    assert _schema_problem(McpTool("list", "", {"type": "array"})) is not None
+    assert _tool_problem(McpTool("deep", "", deep)) is not None
+    assert _tool_problem(McpTool("list", "", {"type": "array"})) is not None
+    assert _tool_problem(McpTool("new\nline", "", {"type": "object"})) is not None
     assert (
-        _schema_problem(McpTool("ok", "", {"type": "object", "properties": {"a": {"type": "string"}}}))
-        is None
+        _tool_problem(McpTool("ok", "", {"type": "object", "properties": {"a": {"type": "string"}}})) is None
     )
 
 
