@@ -319,7 +319,8 @@ def _failure(exc: Exception, url: str) -> McpFailure:
         if isinstance(leaf, httpx2.HTTPStatusError):
             status = leaf.response.status_code
             return McpFailure("http_error", f"the MCP server answered HTTP {status}", status)
-    logger.warning("mcp server %s failed: %r", url, exc)
+    # The host only: a URL's query may carry a token.
+    logger.warning("mcp server at %s failed: %r", httpx2.URL(url).host, exc)
     first = leaves[0]
     if isinstance(first, httpx2.TransportError | OSError):
         return McpFailure("http_error", f"could not connect to the MCP server ({type(first).__name__})", 502)
