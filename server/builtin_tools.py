@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tiktoken
 
@@ -47,6 +47,7 @@ from server.web_search import chat_options, responses_options
 from tools.browser.backends import PageFetcher, SearchBackend
 from tools.browser.browser import Browser, SearchOptions
 from tools.browser.page import TokenCounter
+from tools.browser.search_apis import API_KEYS, api_key, make_search_api
 from tools.python_sandbox import (
     Limits,
     PythonSandbox,
@@ -437,13 +438,20 @@ def tool_message(recipient: str, channel: str | None, text: str) -> Message:
     return Message(Author(Role.TOOL, recipient), [TextContent(text)], channel or "analysis", "assistant")
 
 
+class CallHandler(Protocol):
+    """Runs the calls to some recipients: the built-in tools, or a request's MCP servers."""
+
+    def handles(self, recipient: str | None) -> bool: ...
+
+
 def builtin_call(
-    encoding: tiktoken.Encoding, generated: list[int], tools: ResponseTools | None
+    encoding: tiktoken.Encoding, generated: list[int], *handlers: CallHandler | None
 ) -> Message | None:
-    """The built-in tool call an engine request ended on (`<|call|>` closing a message to `python` or
-    `browser.*` that the request enabled), or None. `generated` is what the request produced, after the
-    prompt's `<|start|>assistant`."""
-    if tools is None or not generated or generated[-1] != tok.CALL:
+    """The server-run tool call an engine request ended on (`<|call|>` closing a message to a recipient one
+    of `handlers` runs: `python`, `browser.*`, an MCP server's tool), or None. `generated` is what the
+    request produced, after the prompt's `<|start|>assistant`."""
+    live = [handler for handler in handlers if handler is not None]
+    if not live or not generated or generated[-1] != tok.CALL:
         return None
     parser = StreamParser(encoding, Role.ASSISTANT)
     for token in generated:
@@ -452,7 +460,7 @@ def builtin_call(
     if not parsed or parsed[-1].end_token != tok.CALL:
         return None
     message = parsed[-1].message
-    return message if tools.handles(message.recipient) else None
+    return message if any(handler.handles(message.recipient) for handler in live) else None
 
 
 def continuation_tokens(
@@ -474,6 +482,9 @@ def settings_problem(settings: ServerSettings) -> str | None:
             return f"--browser-corpus-dir {settings.browser_corpus_dir!r} is not a directory"
     if settings.browser_backend == "searxng" and settings.searxng_url is None:
         return "--browser-backend searxng needs --searxng-url"
+    if settings.browser_backend in API_KEYS and api_key(settings.browser_backend) is None:
+        name, variable = settings.browser_backend, API_KEYS[settings.browser_backend]
+        return f"--browser-backend {name} needs its API key in the {variable} environment variable"
     return None
 
 
@@ -496,6 +507,10 @@ def make_builtin_tools(settings: ServerSettings, count_tokens: TokenCounter) -> 
 
         assert settings.searxng_url is not None
         backend, fetcher = SearxngBackend(settings.searxng_url), SafeFetcher()
+    elif settings.browser_backend in API_KEYS:
+        from tools.browser.fetch import SafeFetcher
+
+        backend, fetcher = make_search_api(settings.browser_backend), SafeFetcher()
     return BuiltinTools(settings, count_tokens, backend=backend, fetcher=fetcher)
 
 

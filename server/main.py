@@ -215,16 +215,24 @@ class CliSettings(BaseSettings):
         32, ge=1, description="python sessions (containers) kept at once; the least recently used is closed"
     )
     python_idle_seconds: float = Field(1200.0, gt=0, description="seconds an unused python session is kept")
-    browser_backend: Literal["local", "searxng"] | None = Field(
+    browser_backend: Literal["local", "searxng", "exa", "brave", "you"] | None = Field(
         None,
         description="the Responses web_search tool's backend: local (a directory of .html/.md/.txt files, "
-        "offline) or searxng (a SearXNG instance; pages fetched behind an SSRF guard); default: refused",
+        "offline), searxng (a SearXNG instance), or a search API with its key from the environment: exa "
+        "(EXA_API_KEY), brave (BRAVE_API_KEY), you (You.com, YDC_API_KEY); pages are fetched behind an SSRF "
+        "guard; default: refused",
     )
     browser_corpus_dir: str | None = Field(None, description="the local browser backend's directory")
     searxng_url: str | None = Field(None, description="the SearXNG instance's base URL (searxng backend)")
     max_builtin_tool_calls: int = Field(
         20, ge=1, description="built-in tool calls one response may run before it ends as incomplete"
     )
+    mcp_allow: str | None = Field(
+        None,
+        description="comma-separated networks (CIDR) whose MCP servers Responses mcp tools may reach, on any "
+        "port (e.g. 10.0.0.0/8 for an intranet server); default: public addresses only, ports 80 and 443",
+    )
+    mcp_timeout: float = Field(30.0, gt=0, description="seconds one MCP tool listing or call may take")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="how much to log")
 
     @field_validator("lora", mode="before")
@@ -360,6 +368,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         browser_corpus_dir=args.browser_corpus_dir,
         searxng_url=args.searxng_url,
         max_builtin_tool_calls=args.max_builtin_tool_calls,
+        mcp_allow=[n.strip() for n in args.mcp_allow.split(",") if n.strip()] if args.mcp_allow else [],
+        mcp_timeout=args.mcp_timeout,
     )
     if settings.served_model_name in engine.loras:
         _invalid(f"lora: {settings.served_model_name!r} is the base model's name")

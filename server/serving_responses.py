@@ -56,6 +56,7 @@ from server.builtin_tools import (
 )
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import Delta, DeltaKind
+from server.mcp_tools import MCP_ITEM_TYPES, MCP_TYPE, McpRequest, McpResponse, McpTools, mcp_call_item
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -236,6 +237,9 @@ def items_to_messages(
             exchange = (exchanges or {}).get(item.id or "") or _sent_exchange(item)
             if exchange is not None:
                 messages.extend(exchange.messages())
+        elif item.type in MCP_ITEM_TYPES:
+            # MCP traffic: an approved call goes into the prompt where it was made (`McpTools.ready`).
+            continue
         elif item.type == "function_call_output":
             call_id = _required(item, "call_id", where)
             if call_id not in calls:
@@ -318,6 +322,8 @@ class PreparedResponse:
     builtin: BuiltinRequest = field(default_factory=BuiltinRequest)
     # The built-in calls of its conversation, as the model read them (by item id), stored with it.
     exchanges: dict[str, ToolExchange] = field(default_factory=dict)
+    # Its MCP servers and the calls it approved, if any (`server.mcp_tools`).
+    mcp: McpRequest | None = None
 
 
 @dataclass(slots=True)
@@ -344,6 +350,8 @@ class OutputBuilder:
         self.container: str | None = None
         # With the browser on, the answer's citation marks become annotations (see `_cited`).
         self.citations: Citations | None = None
+        # With MCP servers on, their calls become `mcp_call` (or `mcp_approval_request`) items.
+        self.mcp: McpResponse | None = None
         self._held_logprobs: list[dict[str, Any]] = []
 
     @property
@@ -482,7 +490,8 @@ class OutputBuilder:
             else:
                 item["content"] = [_part(item["type"], text, self.open.logprobs, self.open.annotations)]
         if self.builtin is not None and self.builtin.index >= 0:
-            out[self.builtin.index]["code"] = "".join(self.builtin.text)
+            key = "arguments" if self.builtin.item["type"] == "mcp_call" else "code"
+            out[self.builtin.index][key] = "".join(self.builtin.text)
         return out
 
     # -- built-in tool calls -------------------------------------------------------------------------------
@@ -499,15 +508,20 @@ class OutputBuilder:
             current.text.append(delta.text)
             if current.index < 0:
                 return []
+            kind = (
+                "mcp_call_arguments" if current.item["type"] == "mcp_call" else "code_interpreter_call_code"
+            )
             return [
                 {
-                    "type": "response.code_interpreter_call_code.delta",
+                    "type": f"response.{kind}.delta",
                     "item_id": current.item["id"],
                     "output_index": current.index,
                     "delta": delta.text,
                 }
             ]
         events = [*self.close_builtin("incomplete"), *self.close("completed")]
+        if self.mcp is not None and self.mcp.handles(delta.name):
+            return [*events, *self._start_mcp(delta.name)]
         if delta.name != "python":
             item = {"id": "ws_" + secrets.token_hex(12), "type": "web_search_call", "status": "in_progress"}
             self.builtin = _OpenItem(item, -1)
@@ -530,12 +544,90 @@ class OutputBuilder:
             {"type": "response.code_interpreter_call.in_progress", **base},
         ]
 
+    def _start_mcp(self, recipient: str) -> list[dict[str, Any]]:
+        """An MCP call's header: its `mcp_call` item, shown as its arguments are written; or, for a tool that
+        needs approval, nothing until the call ends (`approval_request`)."""
+        assert self.mcp is not None
+        label, name = self.mcp.split(recipient)
+        if self.mcp.needs_approval(recipient):
+            self.builtin = _OpenItem(
+                {"type": "mcp_approval_request", "server_label": label, "name": name}, -1
+            )
+            return []
+        item = mcp_call_item(label, name)
+        index = len(self.output)
+        self.output.append(item)
+        self.builtin = _OpenItem(item, index)
+        return [
+            {"type": "response.output_item.added", "output_index": index, "item": copy.deepcopy(item)},
+            {"type": "response.mcp_call.in_progress", "item_id": item["id"], "output_index": index},
+        ]
+
+    def approval_request(self) -> list[dict[str, Any]]:
+        """A call to a tool that needs approval ended: an `mcp_approval_request` item, not the call."""
+        current, self.builtin = self.builtin, None
+        assert current is not None
+        assert current.item["type"] == "mcp_approval_request"
+        item = {
+            "id": "mcpr_" + secrets.token_hex(12),
+            "type": "mcp_approval_request",
+            "server_label": current.item["server_label"],
+            "name": current.item["name"],
+            "arguments": "".join(current.text),
+        }
+        index = len(self.output)
+        self.output.append(item)
+        return [
+            {"type": "response.output_item.added", "output_index": index, "item": copy.deepcopy(item)},
+            {"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)},
+        ]
+
+    def mcp_preamble(self, request: McpRequest) -> list[dict[str, Any]]:
+        """Before the model writes: an `mcp_list_tools` item for each server listed for this request, then
+        an `mcp_call` item for each call the request approved (already run)."""
+        events: list[dict[str, Any]] = []
+        for server in request.servers.values():
+            if server.listed is None:
+                continue
+            item = copy.deepcopy(server.listed)
+            index = len(self.output)
+            self.output.append(item)
+            base = {"item_id": item["id"], "output_index": index}
+            events += [
+                {"type": "response.output_item.added", "output_index": index, "item": {**item, "tools": []}},
+                {"type": "response.mcp_list_tools.in_progress", **base},
+                {"type": "response.mcp_list_tools.completed", **base},
+                {"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)},
+            ]
+        for approved in request.approved:
+            if approved.item is None:
+                continue
+            item = copy.deepcopy(approved.item)
+            index = len(self.output)
+            self.output.append(item)
+            base = {"item_id": item["id"], "output_index": index}
+            started = {**item, "status": "in_progress", "output": None, "error": None}
+            events += [
+                {"type": "response.output_item.added", "output_index": index, "item": started},
+                {"type": "response.mcp_call.in_progress", **base},
+                {"type": "response.mcp_call_arguments.done", **base, "arguments": item["arguments"]},
+                {"type": f"response.mcp_call.{item['status']}", **base},
+                {"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)},
+            ]
+        return events
+
     def begin_builtin(self, action: dict[str, Any] | None) -> list[dict[str, Any]]:
         """The call ended (`<|call|>`) and its tool is about to run: a python call's code is done and being
-        interpreted; a browser call's item appears, searching, with `action`."""
+        interpreted; an MCP call's arguments are done; a browser call's item appears, searching, with
+        `action`."""
         current = self.builtin
         assert current is not None
         item = current.item
+        if item["type"] == "mcp_call":
+            arguments = item["arguments"] = "".join(current.text)
+            item["status"] = "calling"
+            base = {"item_id": item["id"], "output_index": current.index}
+            return [{"type": "response.mcp_call_arguments.done", **base, "arguments": arguments}]
         if item["type"] == "code_interpreter_call":
             code = item["code"] = "".join(current.text)
             item["status"] = "interpreting"
@@ -566,7 +658,9 @@ class OutputBuilder:
         item = current.item
         item["status"] = "completed" if result.ok else "failed"
         base = {"item_id": item["id"], "output_index": current.index}
-        if item["type"] == "code_interpreter_call":
+        if item["type"] == "mcp_call":  # its output and error were set as it ran (`run_call`)
+            done = {"type": f"response.mcp_call.{item['status']}", **base}
+        elif item["type"] == "code_interpreter_call":
             item["outputs"] = [{"type": "logs", "logs": result.text}] if include_outputs else None
             done = {"type": "response.code_interpreter_call.completed", **base}
         else:
@@ -582,7 +676,7 @@ class OutputBuilder:
         if current is None or current.index < 0:
             return []
         item = current.item
-        item["code"] = "".join(current.text)
+        item["arguments" if item["type"] == "mcp_call" else "code"] = "".join(current.text)
         item["status"] = status
         return [
             {"type": "response.output_item.done", "output_index": current.index, "item": copy.deepcopy(item)}
@@ -672,8 +766,9 @@ class Run:
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
-    # The built-in tools of this response, if it enabled any.
+    # The built-in tools of this response, if it enabled any, and its MCP servers.
     tools: ResponseTools | None = None
+    mcp: McpResponse | None = None
     # Prompt tokens of all its engine requests (a tool loop makes one per step), and why it is incomplete when
     # not for its token budget.
     input_tokens: int = 0
@@ -739,6 +834,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         super().__init__(engine, encoding, settings, max_model_len, workers, processors_hook)
         self.store = ResponseStore(store_size)
         self.builtin = make_builtin_tools(settings, lambda text: len(encoding.encode_ordinary(text)))
+        self.mcp = McpTools(settings)
+        # What each request being prepared needs of its MCP servers, by id() of the request: gathered on the
+        # event loop (`prepare`: network), read by `_prepare` on a render worker.
+        self._mcp_ready: dict[int, McpRequest] = {}
         # Stored responses being generated, by id; only the event loop touches it.
         self.live: dict[str, Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -765,8 +864,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     def _tools(self, request: ResponsesRequest) -> list[Tool]:
         tools = []
         for i, tool in enumerate(request.tools or []):
-            if tool.type in BUILTIN_TYPES:
-                continue  # run by the server (`server.builtin_tools`)
+            if tool.type in BUILTIN_TYPES or tool.type == MCP_TYPE:
+                continue  # run by the server (`server.builtin_tools`, `server.mcp_tools`)
             if tool.type != "function":
                 raise bad_request(
                     f"tools of type {tool.type!r} are not supported; only 'function' tools are",
@@ -919,6 +1018,25 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             tool_field="tools[{i}].parameters",
         )
 
+    async def prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, Admission]:
+        """As every API's, after the request's MCP servers are listed and the calls it approves are run
+        (network, so here on the event loop, before the render worker renders the prompt they go into)."""
+        previous = self.store.get(request.previous_response_id or "")
+        if previous is None and request.previous_response_id is not None:
+            return await super().prepare(request)  # which says why it cannot be continued
+        # Refused fields are refused before a call the request approves is run.
+        self._check_unsupported(request)
+        chain = [*previous.input_items, *previous.response["output"]] if previous is not None else []
+        own = request.input if isinstance(request.input, list) else []
+        ready = await self.mcp.ready(request.tools or [], chain, own)
+        if ready is None:
+            return await super().prepare(request)
+        self._mcp_ready[id(request)] = ready
+        try:
+            return await super().prepare(request)
+        finally:
+            del self._mcp_ready[id(request)]
+
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
         stops = stop_strings(request.stop)
@@ -935,7 +1053,11 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             else requested_schema(request)
         )
         effort = request.reasoning.effort if request.reasoning else None
-        prompt = self.render(messages, offered, effort, shown, self.builtin.namespaces(builtin))
+        mcp = self._mcp_ready.get(id(request))
+        namespaces = {**self.builtin.namespaces(builtin), **(mcp.namespaces() if mcp is not None else {})}
+        prompt = self.render(messages, offered, effort, shown, namespaces)
+        if mcp is not None and mcp.approved:
+            prompt = self._with_approved(prompt, mcp)
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
         # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
         grammar = self._grammar(request, offered or [], choice, allowed)
@@ -970,6 +1092,8 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             }
             for t in tools
         ] + [dict(echo) for echo in builtin.echo]
+        if mcp is not None:
+            tool_dicts += mcp.echo
         effort = (
             request.reasoning.effort if request.reasoning else None
         ) or self.settings.default_reasoning_effort
@@ -986,8 +1110,21 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             stops,
             builtin,
             exchanges,
+            mcp,
         )
         return prepared, [(prompt, params)]
+
+    def _with_approved(self, prompt: list[int], mcp: McpRequest) -> list[int]:
+        """The prompt with the calls the request answered and their results where the model made them: after
+        the conversation (which ends with the response that asked), before the next assistant message."""
+        tail = [tok.START, *self.encoding.encode_ordinary("assistant")]
+        assert prompt[-len(tail) :] == tail
+        body = prompt[: -len(tail)]
+        for approved in mcp.approved:
+            body += self.renderer.render_message(approved.call) + self.renderer.render_message(
+                approved.result
+            )
+        return body + tail
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -1029,14 +1166,18 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         """A new run for `prepared`, visible through GET from now on if the response is stored."""
         response = self._response(prepared, "resp_" + secrets.token_hex(12), int(time.time()))
         builtin = prepared.builtin
+        mcp = prepared.mcp
+        labels = mcp.labels if mcp is not None else frozenset()
         choice = ChoiceOutput(
             self.encoding,
             prepared.offered,
             prepared.stops,
             prepared.request.include_stop_str_in_output,
-            builtin.namespaces,
+            builtin.namespaces | labels,
         )
         run = Run(prepared, response, choice)
+        if mcp is not None:
+            run.mcp = run.builder.mcp = McpResponse(self.mcp, mcp)
         if builtin.namespaces:
             run.tools = self.builtin.start(
                 builtin,
@@ -1065,6 +1206,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             run.response["status"] = "in_progress"
             yield {"type": "response.created", "response": run.snapshot()}
             yield {"type": "response.in_progress", "response": run.snapshot()}
+            if prepared.mcp is not None:
+                for event in run.builder.mcp_preamble(prepared.mcp):
+                    yield event
             try:
                 # One engine request, then one more after each built-in tool call the server runs, its prompt
                 # the previous one extended by what the model wrote and the tool's message (the prefix cache
@@ -1106,6 +1250,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                     call = self._builtin_call(run, generated)
                     if call is None:
                         break
+                    pending = run.builder.builtin
+                    if pending is not None and pending.item["type"] == "mcp_approval_request":
+                        # Not run: the response ends asking; a request approving it goes on from here.
+                        for event in run.builder.approval_request():
+                            yield event
+                        break
                     begun = self._begin_builtin(run, call)
                     if begun is None:
                         break
@@ -1143,32 +1293,39 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     # -- the built-in tool loop -----------------------------------------------------------------------------
 
     def _builtin_call(self, run: Run, generated: list[int]) -> Message | None:
-        """The built-in tool call the engine request ended on, or None."""
+        """The built-in or MCP tool call the engine request ended on, or None."""
         if run.builder.builtin is None:
             return None
-        return builtin_call(self.encoding, generated, run.tools)
+        return builtin_call(self.encoding, generated, run.tools, run.mcp)
 
     def _begin_builtin(self, run: Run, call: Message) -> list[dict[str, Any]] | None:
         """The events before the call runs, or None when the response may run no more tool calls (it then
         ends as incomplete, the call not run)."""
-        assert run.tools is not None
         assert call.recipient is not None
         request = run.prepared.request
         limit = self.settings.max_builtin_tool_calls
         if request.max_tool_calls is not None:
             limit = min(limit, request.max_tool_calls)
-        if run.tools.calls >= limit:
+        calls = (run.tools.calls if run.tools is not None else 0) + (
+            run.mcp.calls if run.mcp is not None else 0
+        )
+        if calls >= limit:
             logger.info("response %s: built-in tool call limit (%d) reached", run.id, limit)
             run.incomplete_reason = "max_tool_calls"
             return None
         action = None
-        if call.recipient != "python":
+        if run.tools is not None and run.tools.handles(call.recipient) and call.recipient != "python":
             action = run.tools.action(call.recipient.removeprefix("browser."), call.text)
         return run.builder.begin_builtin(action)
 
     async def _run_builtin(self, run: Run, call: Message) -> ToolResult:
-        assert run.tools is not None
         assert call.recipient is not None
+        if run.mcp is not None and run.mcp.handles(call.recipient):
+            current = run.builder.builtin
+            assert current is not None
+            text = await run.mcp.run(call.recipient, call.text, current.item)
+            return ToolResult(text, current.item["status"] == "completed")
+        assert run.tools is not None
         try:
             return await run.tools.run(call.recipient, call.text)
         except (OSError, RuntimeError) as error:  # the sandbox could not start: the model reads why

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class ServerSettings(BaseModel):
@@ -63,11 +64,17 @@ class ServerSettings(BaseModel):
     python_max_sessions: int = Field(default=32, ge=1)
     python_idle_seconds: float = Field(default=1200.0, gt=0)
     python_max_running: int = Field(default=8, ge=1)
-    # The browser's backend: a local corpus directory (searched and opened offline), a SearXNG instance (pages
-    # then fetched from the web behind the SSRF guard), or none (web_search refused).
-    browser_backend: Literal["local", "searxng"] | None = None
+    # The browser's backend: a local corpus directory (searched and opened offline), a SearXNG instance or a
+    # hosted search API (Exa, Brave, You.com, each with its key from the environment: `search_apis.API_KEYS`;
+    # pages then fetched from the web behind the SSRF guard), or none (web_search refused).
+    browser_backend: Literal["local", "searxng", "exa", "brave", "you"] | None = None
     browser_corpus_dir: str | None = None
     searxng_url: str | None = None
+    # Remote MCP servers (Responses `{"type": "mcp"}` tools) pass the browser's SSRF guard: public addresses
+    # only, unless inside one of these networks (CIDR, e.g. "10.0.0.0/8" for an intranet server; any port).
+    mcp_allow: list[str] = Field(default_factory=list)
+    # Seconds one MCP list or call may take.
+    mcp_timeout: float = Field(default=30.0, gt=0)
     # Built-in tool calls one response may run before it ends as incomplete (reason "max_tool_calls"); a
     # request's `max_tool_calls` may lower it.
     max_builtin_tool_calls: int = Field(default=20, ge=1)
@@ -76,3 +83,13 @@ class ServerSettings(BaseModel):
     thinking_token_budget: int | None = Field(default=None, ge=0)
     # Seconds a request's grammar may take to compile before the request is refused with a 400.
     grammar_compile_timeout: float = Field(default=2.0, gt=0)
+
+    @field_validator("mcp_allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as error:
+                raise ValueError(f"--mcp-allow: {net!r} is not a network (e.g. 10.0.0.0/8)") from error
+        return value

@@ -36,11 +36,13 @@ class UserLocation:
 
 @dataclass(frozen=True, slots=True)
 class FetchedPage:
-    """A fetched document, already capped in size: its final URL (after redirects), media type and text."""
+    """A fetched document, already capped in size: its final URL (after redirects), media type and text (a
+    PDF's: extracted, with the title its metadata gives)."""
 
     url: str
     content_type: str  # the media type only, lower case, no parameters: "text/html"
     text: str
+    title: str | None = None
 
 
 class SearchBackend(Protocol):

@@ -395,7 +395,7 @@ class Browser:
 def _to_page(fetched: FetchedPage) -> PageContents:
     if fetched.content_type in _HTML_TYPES:
         return html_to_page(fetched.text, fetched.url)
-    return text_to_page(fetched.text, fetched.url)
+    return text_to_page(fetched.text, fetched.url, fetched.title)
 
 
 def _str(args: dict[str, Any], key: str) -> str:

@@ -16,7 +16,7 @@ The model chooses the URLs (and any page it reads can suggest some), so every fe
 * proxy variables are ignored (``trust_env=False``: a proxy would connect on our behalf to unchecked
   addresses), cookies are never kept or sent;
 * the body is streamed and capped (5 MiB), the whole fetch is bounded in time (15 s), and only text media
-  types are accepted.
+  types and PDF are accepted (a PDF's text is extracted on a worker thread, within the same time).
 
 Networks a deployment trusts (an intranet wiki, say) can be allowed in `FetchPolicy.allowed_networks`; nothing
 is allowed by default. The tests use that allowlist to reach their own loopback servers.
@@ -32,12 +32,14 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
 
 from tools.browser.backends import BrowserError, FetchedPage
+from tools.browser.pdf import PDF_TYPE, pdf_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +48,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# Text the page pipeline can read. PDFs, images and archives are not for a text browser.
+# What the page pipeline can read: text, and PDF through its text (`tools.browser.pdf`). Images and
+# archives are not for a text browser.
 TEXT_TYPES = frozenset(
-    {"text/html", "application/xhtml+xml", "text/plain", "text/markdown", "application/json"}
+    {"text/html", "application/xhtml+xml", "text/plain", "text/markdown", "application/json", PDF_TYPE}
 )
 
 # Ranges `ipaddress`'s flags do not all name, or name differently across Python versions; each is refused
@@ -284,6 +287,11 @@ class SafeFetcher:
             body += chunk
             if len(body) > policy.max_bytes:
                 raise BrowserError(f"page larger than {policy.max_bytes} bytes: {url}")
+        if media_type == PDF_TYPE:
+            # On a thread, which stops by itself at the fetch's time limit (the await is cut then too).
+            deadline = time.monotonic() + policy.total_timeout_s
+            title, text = await asyncio.to_thread(pdf_text, bytes(body), deadline)
+            return FetchedPage(url=str(url), content_type=media_type, text=text, title=title)
         return FetchedPage(url=str(url), content_type=media_type, text=_decode(bytes(body), response))
 
 
