@@ -271,12 +271,7 @@ class StreamParser:
     def process(self, token: int) -> StreamParser:
         self.tokens.append(token)
         self.deltas = []
-        if self.state is StreamState.CONTENT:
-            self._in_content(token)
-        elif self.state is StreamState.HEADER:
-            self._in_header(token)
-        else:
-            self._expecting_start(token)
+        self._step(token)
         return self
 
     def process_eos(self) -> StreamParser:
@@ -291,6 +286,14 @@ class StreamParser:
         return self
 
     # -- the state machine ----------------------------------------------------------------------------------
+
+    def _step(self, token: int) -> None:
+        if self.state is StreamState.CONTENT:
+            self._in_content(token)
+        elif self.state is StreamState.HEADER:
+            self._in_header(token)
+        else:
+            self._expecting_start(token)
 
     def _anomaly(self, what: str) -> None:
         self.anomalies += 1
@@ -466,9 +469,10 @@ class StreamParser:
         role = self._next_role or scan.role or self._default_role
         self._begin_content(Header(Author(role), channel=scan.channel), tokens[: scan.split])
         for token in tokens[scan.split :]:
-            # A header's only control tokens, `<|channel|>` and `<|constrain|>`, each extend its header part.
-            assert not _is_special(token), "a control token past a header's part"
-            self._append_content(token)
+            # Read as the message's own tokens: text goes on, while a `<|channel|>` the scan stopped short
+            # of (it found no header before reaching it: " to<|channel|>" after a known role) starts a new
+            # message.
+            self._step(token)
 
     def _header_ended(self, end_token: int | None) -> None:
         """Tolerant mode: a header ended (a stop token, `<|start|>`, a second `<|channel|>` or the end of the

@@ -547,6 +547,24 @@ def test_fuzzed_streams_never_raise_and_never_lose_text(
     _check_accounting(enc, tokens, parser, deltas)
 
 
+def test_a_channel_the_header_scan_stopped_short_of_starts_a_new_message(enc: tiktoken.Encoding) -> None:
+    """After a known role, " to" then `<|channel|>` is no header (a word before the channel that is no
+    recipient): the text is a message, and the `<|channel|>` begins the next one, whose call still parses."""
+    tokens = [316, *_encode(enc, "<|channel|>=browser.search<|channel|>commentary code<|message|>")]
+    tokens += [*enc.encode_ordinary('{"query": "news"}'), tok.CALL]
+    parser = StreamParser(enc, Role.ASSISTANT)
+    deltas = []
+    for t in tokens:
+        parser.process(t)
+        deltas.extend(text for _, text in parser.deltas)
+    parser.process_eos()
+    deltas.extend(text for _, text in parser.deltas)
+    _check_accounting(enc, tokens, parser, deltas)
+    assert parser.messages[0].text == " to"
+    assert parser.messages[-1].channel == "commentary"
+    assert parser.messages[-1].text == '{"query": "news"}'
+
+
 def test_process_returns_the_deltas_owner(enc: tiktoken.Encoding) -> None:
     """Each delta names the header of the message it went to, even when that message just closed."""
     parser = StreamParser(enc, Role.ASSISTANT)
