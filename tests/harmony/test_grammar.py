@@ -14,10 +14,10 @@ import tiktoken
 
 from engine.constraint import (
     GrammarConstraint,
+    apply_forbidden,
     apply_token_masks,
     apply_token_masks_reference,
-    forbidden_by_shifts,
-    forbidden_by_table,
+    forbidden_on_device,
     grammar_problem,
 )
 from engine.request import Grammar
@@ -358,21 +358,23 @@ def test_batched_mask_application_equals_its_twin() -> None:
 
     rng = np.random.default_rng(0)
     vocab = 100
-    logits = torch.randn(4, vocab)
-    masks = rng.integers(-(2**31), 2**31, size=(2, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
-    expected = logits.clone()
-    apply_token_masks_reference(expected, [1, 3], masks)
-    apply_token_masks(logits, torch.tensor([1, 3]), torch.from_numpy(masks))
-    assert torch.equal(logits, expected)
-    assert torch.isinf(logits[1]).sum() > 10
-    # Every row constrained (filled in place), and the two unpackings (host table, device shifts) agree.
-    every = rng.integers(-(2**31), 2**31, size=(4, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
-    whole = torch.randn(4, vocab)
-    whole_expected = whole.clone()
-    apply_token_masks_reference(whole_expected, [0, 1, 2, 3], every)
-    apply_token_masks(whole, torch.arange(4), torch.from_numpy(every))
-    assert torch.equal(whole, whole_expected)
-    as_tensor = torch.from_numpy(every)
-    assert torch.equal(
-        forbidden_by_table(as_tensor, vocab), forbidden_by_shifts(as_tensor, vocab, torch.device("cpu"))
-    )
+    words = (vocab + 31) // 32 + 1  # a mask may name tokens past the model's rows
+    # Rows that allow about half, almost all and almost none of the tokens: the host writes each the short
+    # way (the tokens it forbids, or the row closed and the tokens it allows put back).
+    half = rng.integers(-(2**31), 2**31, size=words, dtype=np.int64).astype(np.int32)
+    most = np.full(words, -1, dtype=np.int32)
+    most[1] = ~np.int32(1 << 5)
+    few = np.zeros(words, dtype=np.int32)
+    few[2] = -(2**31) | (1 << 3)  # tokens 67 and 95
+    for rows, masks in (([1, 3], np.stack([half, few])), ([0, 1, 2, 3], np.stack([most, few, half, half]))):
+        logits = torch.randn(4, vocab)
+        expected = logits.clone()
+        apply_token_masks_reference(expected, rows, masks)
+        apply_token_masks(logits, rows, masks)
+        assert torch.equal(logits, expected)
+        shifted = expected.clone()
+        forbidden = forbidden_on_device(torch.from_numpy(masks), vocab, torch.device("cpu"))
+        apply_forbidden(shifted, rows, forbidden)  # the device path, run on the host
+        assert torch.equal(shifted, expected)
+    assert torch.isinf(logits[1]).sum() == vocab - 2
+    assert torch.isinf(logits[0]).sum() == 1
