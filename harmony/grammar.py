@@ -135,6 +135,7 @@ def turn_grammar(
     tool_choice: str = "auto",
     allowed: Collection[str] | None = None,
     reasoning_budget: int | None = None,
+    closing: str | None = None,
 ) -> str | None:
     """The Lark grammar of the turn, or None when nothing is constrained.
 
@@ -142,13 +143,16 @@ def turn_grammar(
     ``"required"`` (a call to one of the tools) or a tool's name (a call to that tool). `allowed` narrows the
     tools that may be called to those named (the others stay in the prompt). Strict tools get their arguments
     enforced; the others any JSON object. `reasoning_budget`: the most tokens the analysis may take (0: no
-    analysis)."""
+    analysis). `closing`: a short sentence written into the analysis, on a line of its own, when it runs to
+    its budget, before the grammar closes it (None: the analysis is closed as it stands)."""
     tools = tools or []
     names = [tool.name for tool in tools]
     if tool_choice not in ("auto", "none", "required") and tool_choice not in names:
         raise GrammarError(f"tool_choice {tool_choice!r} is not among the tools")
     if reasoning_budget is not None and reasoning_budget < 0:
         raise GrammarError("the reasoning budget cannot be negative")
+    if closing is not None and not closing.strip():
+        raise GrammarError("the closing sentence is empty")
     unknown = sorted(set(allowed or ()) - set(names))
     if unknown:
         raise GrammarError(f"the allowed tools name {unknown[0]!r}, which is not among the tools")
@@ -181,10 +185,23 @@ def turn_grammar(
     ]
     if reasoning_budget is None:
         rules.append('analysis: <|channel|> "analysis" <|message|> FREE <|end|> <|start|> "assistant"')
-    elif reasoning_budget > 0:
+    elif reasoning_budget > 0 and closing is None:
         # A rule's `max_tokens` bounds the tokens of its text: when they are spent, only `<|end|>` may follow.
         rules.append(f"thought[max_tokens={reasoning_budget}]: FREE")
         rules.append('analysis: <|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant"')
+    elif reasoning_budget > 0:
+        # The text has two readings until one dies: `early`, which the model ends itself, and `spent`, which
+        # only the closing sentence may follow. `early` is one token shorter (llguidance refuses the end of a
+        # bounded text that another reading may still extend), so at the budget only `spent` is left and the
+        # sentence is written; a reasoning that ends sooner ends as usual.
+        ended = "<|end|>"
+        if reasoning_budget > 1:
+            rules.append(f"early[max_tokens={reasoning_budget - 1}]: FREE")
+            ended = "early <|end|>"
+        rules.append(f"spent[max_tokens={reasoning_budget}]: FREE")
+        sentence = _quoted("\n" + closing.strip())
+        rules.append(f"thought: {ended} | spent {sentence} <|end|>")
+        rules.append('analysis: <|channel|> "analysis" <|message|> thought <|start|> "assistant"')
     preambles = bool(tools) and reasoning_budget != 0
     if preambles:
         body = "FREE" if reasoning_budget is None else "aside"

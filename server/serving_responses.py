@@ -862,6 +862,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             choice,
             allowed=allowed,
             budget=request.thinking_token_budget,
+            effort=request.reasoning.effort if request.reasoning else None,
             field=field,
             tool_field="tools[{i}].parameters",
         )

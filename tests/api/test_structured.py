@@ -272,6 +272,59 @@ def test_the_reasoning_stays_within_its_budget_and_the_answer_begins(
         assert [item.type for item in response.output] == ["message"], response.output
 
 
+def test_the_budget_per_effort_and_the_closing_sentence(
+    client: openai.OpenAI, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's budget per reasoning effort applies to requests of that effort that name none (a
+    request's own wins; an effort it does not name takes the general default); a reasoning that runs to its
+    budget gets the closing sentence before the answer begins."""
+    settings = served.app.state.server.settings
+    monkeypatch.setattr(settings, "thinking_token_budget_by_effort", {"low": 0, "high": 6})
+    monkeypatch.setattr(settings, "thinking_token_budget", 3)
+    monkeypatch.setattr(settings, "thinking_budget_closing", "Enough; answering.")
+    enc = served.encoding
+
+    def turn(seed: int, effort: str | None, budget: int | None = None) -> tuple[str, str]:
+        extra: dict[str, Any] = {"return_token_ids": True}
+        if budget is not None:
+            extra["thinking_token_budget"] = budget
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=40,
+            extra_body=extra,
+            **({"reasoning_effort": effort} if effort else {}),  # type: ignore[arg-type]
+        )
+        text = enc.decode(completion.choices[0].model_extra["token_ids"])  # type: ignore[index]
+        analysis = re.match(r"<\|channel\|>analysis<\|message\|>(.*?)<\|end\|>", text, re.S)
+        return (analysis.group(1) if analysis else ""), text
+
+    closing = "\nEnough; answering."
+    reasoned = {"high": 0, "medium": 0, "own": 0}
+    for seed in range(6):
+        assert turn(seed, "low")[1].startswith("<|channel|>final"), "low: no reasoning"
+        for key, effort, budget, bound in (
+            ("high", "high", None, 6),
+            ("medium", None, None, 3),
+            ("own", "low", 2, 2),
+        ):
+            analysis, text = turn(seed, effort, budget)
+            assert "<|channel|>final<|message|>" in text, text
+            if analysis:  # the random model almost never ends its reasoning itself: it runs to the budget
+                reasoned[key] += 1
+                assert analysis.endswith(closing), (key, text)
+                # +1: encoding the decoded text again may split a token at the seam with the sentence.
+                assert len(enc.encode_ordinary(analysis[: -len(closing)])) <= bound + 1, (key, text)
+    assert all(reasoned.values()), reasoned
+    response = client.responses.create(
+        model=MODEL, input="Hi", temperature=1.0, max_output_tokens=12, reasoning={"effort": "low"}
+    )
+    assert response.usage is not None
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 def test_a_negative_budget_is_refused_naming_it(served: Served, path: str) -> None:
     body: dict[str, Any] = {"model": MODEL, "thinking_token_budget": -1}

@@ -242,6 +242,29 @@ def test_a_reasoning_budget_closes_the_analysis_and_the_turn_goes_on_to_its_end(
         turn_grammar(reasoning_budget=-1)
 
 
+@pytest.mark.parametrize("budget", [1, 3])
+def test_a_reasoning_run_to_its_budget_gets_the_closing_sentence(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, budget: int
+) -> None:
+    words = "".join([" one", " two", " three"][:budget])
+    assert len(enc.encode_ordinary(words)) == budget
+    opened = "<|channel|>analysis<|message|>"
+    grammar = turn_grammar(reasoning_budget=budget, closing="  Time to answer. ")
+    assert grammar is not None
+    # The model may end its reasoning itself before the budget...
+    assert tok.END in allowed_after(enc, lltok, grammar, opened)
+    answer = "<|end|><|start|>assistant<|channel|>final<|message|>Yes.<|return|>"
+    assert walk(enc, lltok, grammar, opened + answer) == (True, "")
+    # ...and at the budget only the sentence (on a line of its own) may follow, then the end.
+    at_budget = allowed_after(enc, lltok, grammar, opened + words)
+    assert tok.END not in at_budget
+    assert all(enc.decode([t]) in "\nTime" for t in at_budget), [enc.decode([t]) for t in at_budget]
+    assert walk(enc, lltok, grammar, opened + words + "\nTime to answer." + answer) == (True, "")
+    assert not walk(enc, lltok, grammar, opened + words + answer)[0]
+    with pytest.raises(GrammarError, match="empty"):
+        turn_grammar(reasoning_budget=budget, closing=" ")
+
+
 @pytest.mark.parametrize(
     ("answer", "good", "bad"),
     [
