@@ -34,6 +34,7 @@ from harmony.grammar import (
     FinalFormat,
     GrammarError,
     LarkFormat,
+    Recipient,
     RegexFormat,
     ResponseFormat,
     ToolSpec,
@@ -428,13 +429,16 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         allowed: list[str] | None = None,
         budget: int | None = None,
         effort: str | None = None,
+        recipients: list[Recipient] | None = None,
+        allowed_recipients: list[str] | None = None,
         field: str = "grammar",
         tool_field: str = "tools[{i}].function.parameters",
     ) -> Grammar | None:
         """The whole-turn grammar of a request (see `harmony.grammar.turn_grammar`): the final answer held to
         `answer`, the tool choice enforced, the strict tools' arguments to their schemas, the reasoning within
         `budget` tokens (None: the server's default for the request's reasoning `effort`, see
-        :meth:`reasoning_budget`). None when nothing is constrained.
+        :meth:`reasoning_budget`), the other `recipients` (built-in tools) callable as the tool choice and
+        `allowed_recipients` say. None when nothing is constrained.
 
         Compiled here, on a worker, within the server's compile budget, so that the engine's own check at
         admission finds it already known; refused naming `field` (the engine's "grammar" is the API's
@@ -460,6 +464,8 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
                 allowed=allowed,
                 reasoning_budget=self.reasoning_budget(budget, effort),
                 closing=self.settings.thinking_budget_closing,
+                recipients=recipients,
+                allowed_recipients=allowed_recipients,
             )
         except GrammarError as error:
             raise RequestError(f"the output cannot be constrained: {error}", field) from error

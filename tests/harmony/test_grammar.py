@@ -30,6 +30,7 @@ from harmony.grammar import (
     ResponseFormat,
     ToolSpec,
     grammar_tokenizer,
+    namespace_recipients,
     turn_grammar,
 )
 from harmony.messages import Role
@@ -401,3 +402,62 @@ def test_batched_mask_application_equals_its_twin() -> None:
         assert torch.equal(shifted, expected)
     assert torch.isinf(logits[1]).sum() == vocab - 2
     assert torch.isinf(logits[0]).sum() == 1
+
+
+def test_built_in_tools_are_recipients_of_the_turn(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer
+) -> None:
+    """python (free code) and the browser's functions (JSON of their schemas) are calls the turn may end in,
+    in the spellings the model writes; forcing one leaves only its calls; allowed names narrow them."""
+    from harmony.messages import browser_tool_namespace, python_tool_namespace
+
+    recipients = [
+        *namespace_recipients(python_tool_namespace()),
+        *namespace_recipients(browser_tool_namespace()),
+    ]
+    assert [r.name for r in recipients] == ["python", "browser.search", "browser.open", "browser.find"]
+    python = " to=python<|channel|>analysis<|message|>print(2 + 3)<|call|>"
+    python_channel_first = "<|channel|>analysis to=python code<|message|>x = 1\nprint(x)<|call|>"
+    search = '<|channel|>analysis to=browser.search code<|message|>{"query": "rust", "topn": 3}<|call|>'
+    search_json = ' to=browser.search<|channel|>commentary <|constrain|>json<|message|>{"query": "x"}<|call|>'
+    reasoned = "<|channel|>analysis<|message|>Let me compute.<|end|><|start|>assistant"
+    answer = "<|channel|>final<|message|>Five.<|return|>"
+    call = '<|channel|>commentary to=functions.get_weather<|message|>{"city": "Oslo"}<|call|>'
+
+    # With a response format (so a grammar is built), the built-in calls stay open alongside the answer.
+    formatted = turn_grammar(response_format=ResponseFormat(ORDER), recipients=recipients)
+    assert formatted is not None
+    for turn in (python, python_channel_first, search, search_json, reasoned + python):
+        assert walk(enc, lltok, formatted, turn) == (True, ""), turn
+    assert not walk(
+        enc, lltok, formatted, '<|channel|>analysis to=browser.search<|message|>{"topn": 3}<|call|>'
+    )[0]
+    assert not walk(enc, lltok, formatted, " to=browser.delete<|channel|>analysis<|message|>{}<|call|>")[0]
+
+    # A tool choice forcing python: reasoning first, then only python's call.
+    forced = turn_grammar(
+        tools=[WEATHER],
+        tool_choice="required",
+        allowed=[],
+        recipients=recipients,
+        allowed_recipients=["python"],
+    )
+    assert forced is not None
+    assert walk(enc, lltok, forced, reasoned + python) == (True, "")
+    for refused in (answer, call, search):
+        assert not walk(enc, lltok, forced, refused)[0], refused
+    # Forcing the browser by its namespace allows its three functions and nothing else.
+    browsing = turn_grammar(recipients=recipients, tool_choice="required", allowed_recipients=["browser"])
+    assert browsing is not None
+    assert walk(enc, lltok, browsing, search) == (True, "")
+    assert not walk(enc, lltok, browsing, python)[0]
+    # 'none' calls nothing; an unknown allowed name is refused.
+    only_answer = turn_grammar(
+        recipients=recipients, tool_choice="none", response_format=ResponseFormat(ORDER)
+    )
+    assert only_answer is not None
+    assert not walk(enc, lltok, only_answer, python)[0]
+    with pytest.raises(GrammarError, match="'shell'"):
+        turn_grammar(recipients=recipients, tool_choice="required", allowed_recipients=["shell"])
+    # Nothing to constrain: no grammar at all.
+    assert turn_grammar(recipients=recipients) is None
