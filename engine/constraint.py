@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -193,9 +193,9 @@ def apply_token_masks_reference(logits: torch.Tensor, rows: list[int], masks: np
                 logits[row, token] = float("-inf")
 
 
-def fill_masks_reference(constraints: list[GrammarConstraint], masks: np.ndarray) -> list[str | None]:
-    """Twin of the worker's batched fill: one matcher at a time into its row of `masks`; per row, why its
-    constraint failed, or None."""
+def fill_one_by_one(constraints: list[GrammarConstraint], masks: np.ndarray) -> list[str | None]:
+    """The worker's fallback when the batched fill raises: one matcher at a time into its row of `masks`, so
+    that one matcher's failure fails its own row only; per row, why its constraint failed, or None."""
     errors: list[str | None] = []
     for r, constraint in enumerate(constraints):
         try:
@@ -227,7 +227,7 @@ class StepMasks:
     masker: TokenMasker
     # Seconds the worker spent filling (and unpacking), and the engine thread waiting for it and applying.
     worker_seconds: float = 0.0
-    exposed_seconds: float = field(default=0.0)
+    exposed_seconds: float = 0.0
 
     def apply(self, logits: torch.Tensor, errors: list[str | None]) -> None:
         """Wait for the masks and set every logit a row's grammar forbids to -inf, in place; a row whose
@@ -307,7 +307,7 @@ class TokenMasker:
             errors = [c.error for c in constraints]
         except Exception:  # one matcher's failure must not fail the others: fill them one by one
             logger.exception("filling %d masks as a batch failed; filling them one by one", len(constraints))
-            errors = fill_masks_reference(constraints, masks)
+            errors = fill_one_by_one(constraints, masks)
         for r, error in enumerate(errors):
             if error is not None:
                 masks[r] = -1  # the row fails; a full mask leaves its logits as they are

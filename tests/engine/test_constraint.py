@@ -9,8 +9,9 @@ import uuid
 import jsonschema
 import numpy as np
 import pytest
+import torch
 
-from engine.constraint import Grammar, GrammarConstraint
+from engine.constraint import Grammar, GrammarConstraint, TokenMasker, apply_token_masks_reference
 from engine.core import EngineCore
 from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
@@ -243,3 +244,41 @@ def test_a_grammar_that_fails_fails_its_request_alone(tiny_model: GptOss) -> Non
     assert "output constraint failed" in errors["broken"]
     assert errors["fine"] is None
     assert counts["fine"] == 12
+
+
+def test_the_masker_applies_what_each_matcher_allows_and_falls_back_row_by_row() -> None:
+    """The worker's batched fill, and its fallback one matcher at a time when the batch raises, give the
+    logits each row's own mask; rows without a grammar are untouched, a matcher in error fails its row."""
+    enc = load_harmony_encoding()
+    lltok = grammar_tokenizer(enc)
+    grammar = Grammar(turn_grammar(response_format=ResponseFormat(SCHEMA)) or "", lltok)
+    vocab = enc.n_vocab - 1  # the model's rows may be fewer than the mask's bits
+    constraints = [GrammarConstraint(grammar) for _ in range(3)]
+    for token in enc.encode("<|channel|>final<|message|>", allowed_special="all"):
+        constraints[1].advance(token)
+    constraints[2].advance(tok.RETURN)  # refused at the start: this matcher is in error
+    source = torch.randn(5, vocab, generator=torch.Generator().manual_seed(3))
+    want = source.clone()
+    for row, constraint in ((0, constraints[0]), (2, constraints[1])):
+        mask = np.zeros((1, constraint.words), dtype=np.int32)
+        constraint.fill(mask[0])
+        apply_token_masks_reference(want, [row], mask)
+
+    class Broken:
+        def unsafe_compute_mask_ptr(self, *args: object) -> None:
+            raise RuntimeError("the batch fails")
+
+    for broken in (False, True):
+        masker = TokenMasker(torch.device("cpu"), vocab)
+        if broken:
+            masker._executor = Broken()  # type: ignore[assignment]
+        logits = source.clone()
+        errors: list[str | None] = [None] * 5
+        masks = masker.start([constraints[0], None, constraints[1], constraints[2], None])
+        assert masks is not None
+        masks.apply(logits, errors)
+        assert torch.equal(logits[:3], want[:3]), broken
+        assert torch.equal(logits[4], source[4])
+        assert errors[:3] == [None, None, None]
+        assert errors[3] is not None
+        assert "output constraint failed" in errors[3]
