@@ -241,9 +241,10 @@ def turn_grammar(
         rules.append('analysis: <|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant"')
     elif reasoning_budget > 0:
         # The text has two readings until one dies: `early`, which the model ends itself, and `spent`, which
-        # only the closing sentence may follow. `early` is one token shorter (llguidance refuses the end of a
-        # bounded text that another reading may still extend), so at the budget only `spent` is left and the
-        # sentence is written; a reasoning that ends sooner ends as usual.
+        # only the closing sentence may follow. With both bounded by the budget the model could still end at
+        # it without the sentence, so `early` is bounded one token shorter: at the budget only `spent` is
+        # left and the sentence is written. (As llguidance reads two bounded texts side by side, `early` may
+        # end up to two tokens short of the budget, so a reasoning one token short goes on by one.)
         ended = "<|end|>"
         if reasoning_budget > 1:
             rules.append(f"early[max_tokens={reasoning_budget - 1}]: FREE")
