@@ -49,7 +49,6 @@ from server.builtin_tools import (
     OUTPUTS_INCLUDE,
     PYTHON,
     SOURCES_INCLUDE,
-    WEB_SEARCH_TYPES,
     BuiltinRequest,
     Citations,
     ResponseTools,
@@ -295,11 +294,7 @@ def _builtin_namespace(tool_type: str) -> str:
 
 def _enabled_builtins(request: ResponsesRequest) -> set[str]:
     """The namespaces of the built-in tools `request` enables."""
-    return {
-        _builtin_namespace(tool.type)
-        for tool in request.tools or []
-        if tool.type == CODE_INTERPRETER_TYPE or tool.type in WEB_SEARCH_TYPES
-    }
+    return {_builtin_namespace(tool.type) for tool in request.tools or [] if tool.type in BUILTIN_TYPES}
 
 
 @dataclass(slots=True)
