@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.constraint import TokenMasker
 from engine.paged_kv import PagedKVCache, StepKV, StepShape, bytes_per_block, group_step, plan_group
 from engine.request import TokenLogprob
 from engine.sampler import Sampler, score_tokens
@@ -99,6 +100,7 @@ class ModelRunner:
             device=model.device,
         )
         self.sampler = Sampler()
+        self.masker = TokenMasker(self.device, model.config.vocab_size)
         logger.info(
             "KV cache: %d full-attention and %d sliding-window blocks of %d tokens (%.0f MiB), context %d",
             self.blocks.num_full,
@@ -246,23 +248,30 @@ class ModelRunner:
             self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
         scoring = self.prompt_scoring(plan)
         prompt_logprobs: list[list[TokenLogprob]] = []
-        if scoring is None:
-            logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits, lora)
-        else:
-            hidden = self.model.hidden(token_ids, meta, step_kv, lora)
-            logits = self.model.logits(hidden[logits_indices], self._logits)
-            prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
-        if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
-            return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
         requests = [scheduled[i].request for i in sample_rows]
-        sampled = self.sampler.sample(
-            logits,
-            [r.params for r in requests],
-            [r.output_token_ids for r in requests],
-            [r.generator for r in requests],
-            [r.constraint for r in requests],
-            [r.prompt_token_ids for r in requests],
-        )
+        # The grammars' masks are computed on the masker's thread while the model runs; whatever happens,
+        # the worker is done with the matchers before the scheduler advances them.
+        masks = self.masker.start([r.constraint for r in requests])
+        try:
+            if scoring is None:
+                logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits, lora)
+            else:
+                hidden = self.model.hidden(token_ids, meta, step_kv, lora)
+                logits = self.model.logits(hidden[logits_indices], self._logits)
+                prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
+            if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
+                return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
+            sampled = self.sampler.sample(
+                logits,
+                [r.params for r in requests],
+                [r.output_token_ids for r in requests],
+                [r.generator for r in requests],
+                masks,
+                [r.prompt_token_ids for r in requests],
+            )
+        finally:
+            if masks is not None:
+                masks.wait()
         for row, token, logprob, error in zip(
             sample_rows, sampled.token_ids, sampled.logprobs, sampled.errors, strict=True
         ):

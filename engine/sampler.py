@@ -53,10 +53,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from engine.constraint import GrammarConstraint, apply_token_masks
+from engine.constraint import StepMasks
 from engine.request import SamplingParams, SamplingParamsError, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -355,29 +354,6 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return probs
 
 
-def _constrain(
-    x: torch.Tensor, constraints: list[GrammarConstraint | None], errors: list[str | None]
-) -> torch.Tensor:
-    """`x` with every token its row's grammar forbids set to -inf (rows without a grammar untouched). The
-    masks are filled on the host, one row per constrained request, and applied in one operation."""
-    rows = [i for i, c in enumerate(constraints) if c is not None and errors[i] is None]
-    if not rows:
-        return x
-    first = constraints[rows[0]]
-    assert first is not None
-    masks = np.zeros((len(rows), first.words), dtype=np.int32)
-    for r, i in enumerate(rows):
-        constraint = constraints[i]
-        assert constraint is not None
-        try:
-            constraint.fill(masks[r])
-        except Exception as error:  # the request's own grammar: it fails alone
-            errors[i] = f"the output constraint failed: {type(error).__name__}: {error}"
-            masks[r] = -1
-    apply_token_masks(x, torch.tensor(rows, device=x.device), torch.from_numpy(masks))
-    return x
-
-
 class Sampler:
     """Turns a step's logits into tokens. Holds only the generator that rows without their own share."""
 
@@ -392,13 +368,14 @@ class Sampler:
         params: list[SamplingParams],
         output_token_ids: list[list[int]],
         generators: list[torch.Generator | None],
-        constraints: list[GrammarConstraint | None] | None = None,
+        masks: StepMasks | None = None,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> SamplerOutput:
         """Sample one token per row of ``logits`` ([B, V], float32 or any float dtype, which is upcast).
 
-        A row with a constraint (its request's grammar) samples only among the tokens the grammar allows
-        next: its mask is applied after the processors, bias and penalties, before any filter.
+        A row with a grammar (``masks``, begun by the runner before the forward) samples only among the
+        tokens its grammar allows next: its mask is applied after the processors, bias and penalties, before
+        any filter, in place (on ``logits`` itself unless a row reads the raw logits for its logprobs).
 
         ``params[i]``, ``output_token_ids[i]`` (the request's output so far, for penalties and processors),
         ``generators[i]`` (the request's own generator, required when it has a seed) and
@@ -414,8 +391,10 @@ class Sampler:
 
         errors: list[str | None] = [None] * len(params)
         x = process_logits(logits, params, output_token_ids, errors, prompt_token_ids)
-        if constraints is not None and any(c is not None for c in constraints):
-            x = _constrain(x if x is not logits else x.clone(), constraints, errors)
+        if masks is not None:
+            if x is logits and any(p.logprobs is not None for p in params):
+                x = logits.clone()
+            masks.apply(x, errors)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         # Drawn before anything can fail, so that a retry row by row reuses the same draws: the rows that did
         # not fail get the tokens the batch would have given them, and no generator advances twice.

@@ -177,6 +177,19 @@ class CliSettings(BaseSettings):
         description="the most tokens a turn's reasoning may take when a request names no "
         "thinking_token_budget; past it the answer is forced to begin (0: no reasoning; default: no bound)",
     )
+    thinking_token_budget_by_effort: str | None = Field(
+        None,
+        description="the same per reasoning effort, EFFORT=N separated by commas (low=256,medium=1024,"
+        "high=4096): a request of an effort named here (its own, or medium) takes that budget, the others "
+        "--thinking-token-budget's",
+    )
+    thinking_budget_closing: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="a short sentence written into the reasoning, on a line of its own, when it runs to its "
+        "budget, before the answer begins (default: none, the reasoning is closed as it stands)",
+    )
     grammar_compile_timeout: float = Field(
         2.0, gt=0, description="seconds a request's grammar (a schema, regex or Lark) may take to compile"
     )
@@ -277,6 +290,24 @@ def _invalid(problem: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def effort_budgets(spec: str | None) -> dict[str, int]:
+    """--thinking-token-budget-by-effort's EFFORT=N list as a mapping; a malformed one stops the start."""
+    budgets: dict[str, int] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        effort, _, number = (part.strip() for part in item.partition("="))
+        if effort not in ("low", "medium", "high") or not (number.isascii() and number.isdigit()):
+            _invalid(
+                f"thinking-token-budget-by-effort: {item.strip()!r} is not EFFORT=N with EFFORT low, "
+                "medium or high and N a whole number"
+            )
+        if effort in budgets:
+            _invalid(f"thinking-token-budget-by-effort: {effort} is given twice")
+        budgets[effort] = int(number)
+    return budgets
+
+
 def read_adapters(specs: list[str], model: GptOss) -> list[tuple[str, str, list[Update]]]:
     """The --lora adapters (`NAME=PATH` each), read and checked against the model: a bad one stops."""
     adapters = []
@@ -351,6 +382,8 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
         max_prompt_chars=args.max_prompt_chars,
         render_workers=args.render_workers,
         thinking_token_budget=args.thinking_token_budget,
+        thinking_token_budget_by_effort=effort_budgets(args.thinking_token_budget_by_effort),
+        thinking_budget_closing=args.thinking_budget_closing,
         grammar_compile_timeout=args.grammar_compile_timeout,
         request_read_timeout=args.request_read_timeout,
         max_sequences_per_request=args.max_sequences_per_request,

@@ -34,6 +34,7 @@ from harmony.grammar import (
     FinalFormat,
     GrammarError,
     LarkFormat,
+    Recipient,
     RegexFormat,
     ResponseFormat,
     ToolSpec,
@@ -417,6 +418,16 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         except ValueError as error:
             raise RequestError(f"the conversation cannot be rendered: {error}", "prompt") from error
 
+    def reasoning_budget(self, requested: int | None, effort: str | None) -> int | None:
+        """The reasoning budget of a request that asked for `requested` (None: none) with reasoning `effort`
+        (None: the server's default effort): the request's own, else the server's for that effort, else the
+        server's for all (None: no bound)."""
+        if requested is not None:
+            return requested
+        by_effort = self.settings.thinking_token_budget_by_effort
+        level = effort or self.settings.default_reasoning_effort
+        return by_effort.get(level, self.settings.thinking_token_budget)
+
     def turn_constraint(
         self,
         answer: FinalFormat | None,
@@ -425,12 +436,17 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         *,
         allowed: list[str] | None = None,
         budget: int | None = None,
+        effort: str | None = None,
+        recipients: list[Recipient] | None = None,
+        allowed_recipients: list[str] | None = None,
         field: str = "grammar",
         tool_field: str = "tools[{i}].function.parameters",
     ) -> Grammar | None:
         """The whole-turn grammar of a request (see `harmony.grammar.turn_grammar`): the final answer held to
         `answer`, the tool choice enforced, the strict tools' arguments to their schemas, the reasoning within
-        `budget` tokens (None: the server's default). None when nothing is constrained.
+        `budget` tokens (None: the server's default for the request's reasoning `effort`, see
+        :meth:`reasoning_budget`), the other `recipients` (built-in tools) callable as the tool choice and
+        `allowed_recipients` say. None when nothing is constrained.
 
         Compiled here, on a worker, within the server's compile budget, so that the engine's own check at
         admission finds it already known; refused naming `field` (the engine's "grammar" is the API's
@@ -454,7 +470,10 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
                 tools=specs,
                 tool_choice=tool_choice,
                 allowed=allowed,
-                reasoning_budget=self.settings.thinking_token_budget if budget is None else budget,
+                reasoning_budget=self.reasoning_budget(budget, effort),
+                closing=self.settings.thinking_budget_closing,
+                recipients=recipients,
+                allowed_recipients=allowed_recipients,
             )
         except GrammarError as error:
             raise RequestError(f"the output cannot be constrained: {error}", field) from error

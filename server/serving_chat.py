@@ -193,6 +193,7 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
             [] if tool_choice == "none" else request.tools or [],
             tool_choice,
             budget=request.thinking_token_budget,
+            effort=request.reasoning_effort,
             field=field,
             tool_field="functions[{i}].parameters"
             if request.functions is not None

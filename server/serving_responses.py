@@ -38,12 +38,16 @@ from sse_starlette import EventSourceResponse
 from engine.constraint import Grammar
 from engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 from harmony import encoding as tok
+from harmony.grammar import Recipient, namespace_recipients
 from harmony.messages import Message
 from harmony.messages import ResponseFormat as HarmonyResponseFormat
 from server.async_engine import Admission, AsyncEngine, EngineFailure
 from server.builtin_tools import (
+    BROWSER,
     BUILTIN_TYPES,
+    CODE_INTERPRETER_TYPE,
     OUTPUTS_INCLUDE,
+    PYTHON,
     SOURCES_INCLUDE,
     BuiltinRequest,
     Citations,
@@ -304,6 +308,37 @@ def _stored_part(part: ResponsesContentPart, kind: str) -> dict[str, Any]:
 # -- the service ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _ToolChoice:
+    """A request's tool choice as the turn grammar takes it: a mode or a function's name, the functions and
+    the built-in tools (by namespace) it may call (None: every one offered), and its echo."""
+
+    choice: str
+    allowed: list[str] | None
+    allowed_builtin: list[str] | None
+    echo: Any
+
+    @property
+    def relaxed(self) -> _ToolChoice:
+        """The choice for the turn's engine requests after a built-in call: a call was made, so nothing is
+        forced any more (what allowed_tools allows stays allowed)."""
+        if self.choice != "required":
+            return self
+        if isinstance(self.echo, dict) and self.echo.get("type") == "allowed_tools":
+            return dataclasses.replace(self, choice="auto")
+        return _ToolChoice("auto", None, None, self.echo)
+
+
+def _builtin_namespace(tool_type: str) -> str:
+    """The harmony namespace of a built-in tool type: python for code_interpreter, browser for web search."""
+    return PYTHON if tool_type == CODE_INTERPRETER_TYPE else BROWSER
+
+
+def _enabled_builtins(request: ResponsesRequest) -> set[str]:
+    """The namespaces of the built-in tools `request` enables."""
+    return {_builtin_namespace(tool.type) for tool in request.tools or [] if tool.type in BUILTIN_TYPES}
+
+
 @dataclass(slots=True)
 class PreparedResponse:
     request: ResponsesRequest
@@ -324,6 +359,8 @@ class PreparedResponse:
     exchanges: dict[str, ToolExchange] = field(default_factory=dict)
     # Its MCP servers and the calls it approved, if any (`server.mcp_tools`).
     mcp: McpRequest | None = None
+    # The grammar of the turn's engine requests after a built-in call (a forced choice is met by then).
+    after_builtin: Grammar | None = None
 
 
 @dataclass(slots=True)
@@ -886,45 +923,69 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             tools.append(Tool(function=definition))
         return tools
 
-    def _tool_choice(self, request: ResponsesRequest, names: list[str]) -> tuple[str, list[str] | None, Any]:
-        """The turn grammar's tool choice (a mode or a function name), the tools it may call (None: all
-        offered; `allowed_tools` narrows them), and the choice's echo."""
+    def _tool_choice(self, request: ResponsesRequest, names: list[str]) -> _ToolChoice:
+        """The turn grammar's tool choice for `request`, whose function tools are `names`."""
         choice = request.tool_choice
         if choice is None:
-            return "auto", None, "auto"
+            return _ToolChoice("auto", None, None, "auto")
         if isinstance(choice, ResponsesToolChoice):
             if choice.type == "allowed_tools":
-                return self._allowed_tools(choice, names)
+                return self._allowed_tools(request, choice, names)
+            if choice.type in BUILTIN_TYPES:
+                # A built-in tool forced: the model may reason first, then must call it (and nothing else).
+                namespace = _builtin_namespace(choice.type)
+                if namespace not in _enabled_builtins(request):
+                    raise bad_request(
+                        f"tool_choice names {choice.type!r}, which is not among the tools",
+                        param="tool_choice",
+                    )
+                return _ToolChoice("required", [], [namespace], {"type": choice.type})
             if choice.type != "function" or not choice.name:
                 raise bad_request(
                     f"tool_choice of type {choice.type!r} is not supported; use auto, none, required, "
-                    "{'type': 'function', 'name': ...} or {'type': 'allowed_tools', ...}",
+                    "{'type': 'function', 'name': ...}, {'type': 'code_interpreter'}, {'type': 'web_search'} "
+                    "or {'type': 'allowed_tools', ...}",
                     param="tool_choice",
                 )
             if choice.name not in names:
                 raise bad_request(
                     f"tool_choice names {choice.name!r}, which is not among the tools", param="tool_choice"
                 )
-            return choice.name, None, {"type": "function", "name": choice.name}
-        if choice == "required" and not names:
+            return _ToolChoice(choice.name, None, None, {"type": "function", "name": choice.name})
+        if choice == "required" and not names and not _enabled_builtins(request):
             raise bad_request("tool_choice 'required' needs at least one tool", param="tool_choice")
-        return choice, None, choice
+        return _ToolChoice(choice, None, None, choice)
 
     @staticmethod
-    def _allowed_tools(choice: ResponsesToolChoice, names: list[str]) -> tuple[str, list[str], Any]:
+    def _allowed_tools(
+        request: ResponsesRequest, choice: ResponsesToolChoice, names: list[str]
+    ) -> _ToolChoice:
         """`{"type": "allowed_tools", "mode": "auto" | "required", "tools": [{"type": "function", "name":
-        ...}]}`: the model may call only the tools listed (all stay in the prompt, which keeps the prompt
-        cache warm as the list changes), and must call one when the mode is `required`."""
+        ...}, {"type": "code_interpreter"}, ...]}`: the model may call only the tools listed (all stay in the
+        prompt, which keeps the prompt cache warm as the list changes), and must call one when the mode is
+        `required`."""
         if choice.mode is None:
             raise bad_request("allowed_tools needs a mode: auto or required", param="tool_choice.mode")
         if not choice.tools:
             raise bad_request("allowed_tools needs at least one tool", param="tool_choice.tools")
-        allowed = []
+        allowed: list[str] = []
+        builtin: list[str] = []
         for i, tool in enumerate(choice.tools):
+            kind = tool.get("type", "function")
+            if kind in BUILTIN_TYPES:
+                namespace = _builtin_namespace(kind)
+                if namespace not in _enabled_builtins(request):
+                    raise bad_request(
+                        f"allowed_tools names {kind!r}, which is not among the tools",
+                        param=f"tool_choice.tools[{i}].type",
+                    )
+                builtin.append(namespace)
+                continue
             name = tool.get("name")
-            if tool.get("type", "function") != "function" or not isinstance(name, str):
+            if kind != "function" or not isinstance(name, str):
                 raise bad_request(
-                    "allowed_tools lists function tools by name: {'type': 'function', 'name': ...}",
+                    "allowed_tools lists function tools by name ({'type': 'function', 'name': ...}) and "
+                    "built-in tools by type ({'type': 'code_interpreter'}, {'type': 'web_search'})",
                     param=f"tool_choice.tools[{i}]",
                 )
             if name not in names:
@@ -934,7 +995,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 )
             allowed.append(name)
         echo = {"type": "allowed_tools", "mode": choice.mode, "tools": choice.tools}
-        return choice.mode, allowed, echo
+        return _ToolChoice(choice.mode, allowed, builtin, echo)
 
     def _resolve(self, items: list[ResponsesInputItem]) -> list[ResponsesInputItem]:
         out = []
@@ -996,10 +1057,11 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
     engine_stops = False
 
     def _grammar(
-        self, request: ResponsesRequest, tools: list[Tool], choice: str, allowed: list[str] | None
+        self, request: ResponsesRequest, tools: list[Tool], choice: _ToolChoice, recipients: list[Recipient]
     ) -> Grammar | None:
         """The turn's grammar: the answer held to `text.format` or `structured_outputs`, the tool choice
-        and strict tools enforced, the reasoning within its budget (None: nothing to constrain)."""
+        and strict tools enforced, the built-in tools' `recipients` callable as the choice allows, the
+        reasoning within its budget (None: nothing to constrain)."""
         fmt = request.text.format if request.text is not None else None
         answer, field = final_format(
             fmt.type if fmt is not None else "text",
@@ -1011,9 +1073,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         return self.turn_constraint(
             answer,
             tools,
-            choice,
-            allowed=allowed,
+            choice.choice,
+            allowed=choice.allowed,
+            recipients=recipients,
+            allowed_recipients=choice.allowed_builtin,
             budget=request.thinking_token_budget,
+            effort=request.reasoning.effort if request.reasoning else None,
             field=field,
             tool_field="tools[{i}].parameters",
         )
@@ -1042,7 +1107,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         stops = stop_strings(request.stop)
         tools = self._tools(request)
         names = [t.function.name for t in tools]
-        choice, allowed, choice_echo = self._tool_choice(request, names)
+        choice = self._tool_choice(request, names)
         messages, input_items, exchanges = self.conversation(request)
         builtin = self.builtin.parse(request.tools or [], input_items)
         offered = tools if request.tool_choice != "none" else None
@@ -1060,7 +1125,13 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             prompt = self._with_approved(prompt, mcp)
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
         # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
-        grammar = self._grammar(request, offered or [], choice, allowed)
+        recipients = [r for namespace in namespaces.values() for r in namespace_recipients(namespace)]
+        grammar = self._grammar(request, offered or [], choice, recipients)
+        # After a built-in call the turn goes on in a new engine request, with nothing forced any more.
+        relaxed = choice.relaxed
+        after_builtin = (
+            grammar if relaxed == choice else self._grammar(request, offered or [], relaxed, recipients)
+        )
         try:
             logit_bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
         except ValueError as error:
@@ -1104,13 +1175,14 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             params,
             input_items,
             tool_dicts,
-            choice_echo,
+            choice.echo,
             effort,
             shown_names,
             stops,
             builtin,
             exchanges,
             mcp,
+            after_builtin,
         )
         return prepared, [(prompt, params)]
 
@@ -1349,7 +1421,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         # Responses sets no processors of its own: only the hook's, made for this step of the loop.
         hook = self.processors_hook
         processors = hook.make(request.model_extra or {}, step) if hook is not None else []
-        return dataclasses.replace(params, max_tokens=room, logits_processors=processors)
+        return dataclasses.replace(
+            params, max_tokens=room, logits_processors=processors, grammar=run.prepared.after_builtin
+        )
 
     def _deltas(self, run: Run, output: RequestOutput) -> list[tuple[Delta, list[dict[str, Any]]]]:
         """A step's deltas, each with the logprobs of the answer tokens that produced it (a token's goes with

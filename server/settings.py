@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
+
+Effort = Literal["low", "medium", "high"]
 
 
 class ServerSettings(BaseModel):
@@ -81,6 +83,12 @@ class ServerSettings(BaseModel):
     # The most tokens a turn's reasoning may take when a request names no `thinking_token_budget` (None: no
     # bound); past it the grammar closes the analysis and opens the answer.
     thinking_token_budget: int | None = Field(default=None, ge=0)
+    # The same per reasoning effort (the request's, or default_reasoning_effort): an effort named here takes
+    # its budget from here, the others from thinking_token_budget.
+    thinking_token_budget_by_effort: dict[Effort, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    # A short sentence written into the analysis, on a line of its own, when it runs to its budget, before
+    # the grammar closes it (None: the analysis is closed as it stands).
+    thinking_budget_closing: str | None = Field(default=None, min_length=1, max_length=200)
     # Seconds a request's grammar may take to compile before the request is refused with a 400.
     grammar_compile_timeout: float = Field(default=2.0, gt=0)
 

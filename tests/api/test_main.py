@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.main import DEMO_NOTE, CliSettings, build, demo_checkpoint, parse_args
+from server.main import DEMO_NOTE, CliSettings, build, demo_checkpoint, effort_budgets, parse_args
 
 FIELDS = sorted(CliSettings.model_fields)
 
@@ -86,13 +86,28 @@ def test_demo_checkpoint_is_built_once_and_served_with_its_note(tmp_path: Path) 
     assert demo_checkpoint(tmp_path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
-    engine, settings = build(parse_args([*args, "--ignore-unknown-fields", "true"]))
+    reasoning = [
+        "--thinking-token-budget-by-effort",
+        "low=0, high=4096",
+        "--thinking-budget-closing",
+        "Done.",
+    ]
+    engine, settings = build(parse_args([*args, "--ignore-unknown-fields", "true", *reasoning]))
     assert settings.ignore_unknown_fields
+    assert settings.thinking_token_budget_by_effort == {"low": 0, "high": 4096}
+    assert settings.thinking_budget_closing == "Done."
     assert settings.served_model_name == "gpt-oss-demo"
     assert settings.model_note == DEMO_NOTE
     assert engine.max_model_len == 256
     assert engine.token_bytes is not None
     assert engine.model.block[0].mlp.mlp1_weight.dense is None  # packed by default
+
+
+@pytest.mark.parametrize("spec", ["low", "fast=1", "low=-1", "low=1,low=2", "high=lots"])
+def test_a_malformed_budget_per_effort_stops_the_start(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        effort_budgets(spec)
+    assert "thinking-token-budget-by-effort" in capsys.readouterr().err
 
 
 def test_triton_kernels_need_cuda(tmp_path: Path) -> None:

@@ -272,6 +272,59 @@ def test_the_reasoning_stays_within_its_budget_and_the_answer_begins(
         assert [item.type for item in response.output] == ["message"], response.output
 
 
+def test_the_budget_per_effort_and_the_closing_sentence(
+    client: openai.OpenAI, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's budget per reasoning effort applies to requests of that effort that name none (a
+    request's own wins; an effort it does not name takes the general default); a reasoning that runs to its
+    budget gets the closing sentence before the answer begins."""
+    settings = served.app.state.server.settings
+    monkeypatch.setattr(settings, "thinking_token_budget_by_effort", {"low": 0, "high": 6})
+    monkeypatch.setattr(settings, "thinking_token_budget", 3)
+    monkeypatch.setattr(settings, "thinking_budget_closing", "Enough; answering.")
+    enc = served.encoding
+
+    def turn(seed: int, effort: str | None, budget: int | None = None) -> tuple[str, str]:
+        extra: dict[str, Any] = {"return_token_ids": True}
+        if budget is not None:
+            extra["thinking_token_budget"] = budget
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=40,
+            extra_body=extra,
+            **({"reasoning_effort": effort} if effort else {}),  # type: ignore[arg-type]
+        )
+        text = enc.decode(completion.choices[0].model_extra["token_ids"])  # type: ignore[index]
+        analysis = re.match(r"<\|channel\|>analysis<\|message\|>(.*?)<\|end\|>", text, re.S)
+        return (analysis.group(1) if analysis else ""), text
+
+    closing = "\nEnough; answering."
+    reasoned = {"high": 0, "medium": 0, "own": 0}
+    for seed in range(6):
+        assert turn(seed, "low")[1].startswith("<|channel|>final"), "low: no reasoning"
+        for key, effort, budget, bound in (
+            ("high", "high", None, 6),
+            ("medium", None, None, 3),
+            ("own", "low", 2, 2),
+        ):
+            analysis, text = turn(seed, effort, budget)
+            assert "<|channel|>final<|message|>" in text, text
+            if analysis:  # the random model almost never ends its reasoning itself: it runs to the budget
+                reasoned[key] += 1
+                assert analysis.endswith(closing), (key, text)
+                # +1: encoding the decoded text again may split a token at the seam with the sentence.
+                assert len(enc.encode_ordinary(analysis[: -len(closing)])) <= bound + 1, (key, text)
+    assert all(reasoned.values()), reasoned
+    response = client.responses.create(
+        model=MODEL, input="Hi", temperature=1.0, max_output_tokens=12, reasoning={"effort": "low"}
+    )
+    assert response.usage is not None
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 def test_a_negative_budget_is_refused_naming_it(served: Served, path: str) -> None:
     body: dict[str, Any] = {"model": MODEL, "thinking_token_budget": -1}
@@ -374,7 +427,8 @@ def _slow_schema() -> dict[str, Any]:
     """A schema no test compiled before, whose grammar takes tens of milliseconds to compile."""
     tag = uuid.uuid4().hex
     properties = {
-        f"p{tag}_{i}": {"type": "string", "pattern": f"^[a-z]{{1,{i % 7 + 9}}}[0-9]+x{i}$"} for i in range(1000)
+        f"p{tag}_{i}": {"type": "string", "pattern": f"^[a-z]{{1,{i % 7 + 9}}}[0-9]+x{i}$"}
+        for i in range(1000)
     }
     return {"type": "object", "properties": properties, "required": list(properties)}
 
@@ -528,3 +582,104 @@ def test_a_structured_outputs_schema_reaches_the_developer_message(
     prompt = served.encoding.decode(response.json()["prompt_token_ids"])
     assert "# Response Formats" in prompt
     assert '"confidence"' in prompt
+
+
+# -- the tool corpus: 30 strict function tools, both APIs, streamed and not, a call forced ------------------
+
+
+def _corpus_tool(i: int) -> dict[str, Any]:
+    return {"name": f"tool_{i}", "description": f"Tool {i}.", "parameters": CORPUS[i], "strict": True}
+
+
+def test_a_corpus_of_strict_tools_gets_valid_arguments_on_both_apis_streamed_and_not(
+    aclient: openai.AsyncOpenAI,
+) -> None:
+    """Each request offers three strict tools of the corpus and forces a call (named, or required: the model
+    picks among the three) after a reasoning budget of 4 tokens. Every call that finishes has arguments
+    that validate against its tool's schema; most finish within a small token budget."""
+    names = {f"tool_{i}": schema for i, schema in enumerate(CORPUS)}
+
+    def offered(i: int) -> list[dict[str, Any]]:
+        return [_corpus_tool((i + k) % len(CORPUS)) for k in range(3)]
+
+    async def chat(i: int, seed: int, stream: bool, named: bool) -> tuple[bool, str, str]:
+        kwargs: dict[str, Any] = {
+            "model": MODEL,
+            "messages": USER,
+            "temperature": 1.0,
+            "seed": seed,
+            "max_tokens": 128,
+            "tools": [{"type": "function", "function": tool} for tool in offered(i)],
+            "tool_choice": {"type": "function", "function": {"name": f"tool_{i}"}} if named else "required",
+            "extra_body": {"thinking_token_budget": 4},
+        }
+        expected = "stop" if named else "tool_calls"
+        if not stream:
+            choice = (await aclient.chat.completions.create(**kwargs)).choices[0]
+            (call,) = choice.message.tool_calls or []
+            # A named choice finishes with "stop", as OpenAI's does; a required one with "tool_calls".
+            assert choice.finish_reason in ("length", expected)
+            return choice.finish_reason != "length", call.function.name, call.function.arguments
+        name, arguments, finish = "", "", ""
+        async for chunk in await aclient.chat.completions.create(stream=True, **kwargs):
+            for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                name += (delta.function.name or "") if delta.function else ""
+                arguments += (delta.function.arguments or "") if delta.function else ""
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
+        assert finish in ("length", expected)
+        return finish != "length", name, arguments
+
+    async def responses(i: int, seed: int, stream: bool, named: bool) -> tuple[bool, str, str]:
+        kwargs: dict[str, Any] = {
+            "model": MODEL,
+            "input": "Hi",
+            "temperature": 1.0,
+            "max_output_tokens": 128,
+            "tools": [{"type": "function", **tool} for tool in offered(i)],
+            "tool_choice": {"type": "function", "name": f"tool_{i}"} if named else "required",
+            "extra_body": {"seed": seed, "thinking_token_budget": 4},
+        }
+        streamed_arguments = None
+        if not stream:
+            response = await aclient.responses.create(**kwargs)
+        else:
+            streamed_arguments = ""
+            async for event in await aclient.responses.create(stream=True, **kwargs):
+                if event.type == "response.function_call_arguments.delta":
+                    streamed_arguments += event.delta
+                if event.type in ("response.completed", "response.incomplete"):
+                    response = event.response
+        (call,) = [item for item in response.output if item.type == "function_call"]
+        if streamed_arguments is not None:
+            assert streamed_arguments == call.arguments  # the deltas add up to the arguments
+        return response.status == "completed", call.name, call.arguments
+
+    gate = asyncio.Semaphore(16)
+
+    async def one(i: int, k: int) -> tuple[str, bool, str, str]:
+        api = (chat, responses)[k % 2]
+        stream, named = k // 2 % 2 == 1, (i + k) % 3 != 0  # each API and way meets both choices
+        async with gate:
+            done, name, arguments = await api(i, i * 4 + k, stream, named)
+        how = f"tool_{i} {api.__name__}{' streamed' if stream else ''}{' named' if named else ' required'}"
+        if named:
+            assert name == f"tool_{i}", how
+        else:
+            assert name in [tool["name"] for tool in offered(i)], how
+        return how, done, name, arguments
+
+    async def run() -> list[tuple[str, bool, str, str]]:
+        return await asyncio.gather(*(one(i, k) for i in range(len(CORPUS)) for k in range(4)))
+
+    results = asyncio.run(run())
+    finished = 0
+    for how, done, name, arguments in results:
+        if done:
+            finished += 1
+            try:
+                jsonschema.validate(json.loads(arguments), names[name])
+            except (ValueError, jsonschema.ValidationError) as error:
+                raise AssertionError(f"{how}: {name}({arguments!r}): {error}") from error
+    unfinished = [f"{how}: {arguments[-40:]!r}" for how, done, _, arguments in results if not done]
+    assert finished >= len(results) * 0.8, f"{finished} of {len(results)} finished; not: {unfinished}"

@@ -9,8 +9,10 @@ import uuid
 import jsonschema
 import numpy as np
 import pytest
+import torch
 
-from engine.constraint import Grammar, GrammarConstraint
+from engine.constraint import Grammar, GrammarConstraint, TokenMasker, apply_token_masks_reference
+from engine.core import EngineCore
 from engine.request import FinishReason, SamplingParams
 from harmony import encoding as tok
 from harmony.encoding import load_harmony_encoding
@@ -157,3 +159,126 @@ def test_constrained_and_free_requests_in_one_batch_each_get_what_they_get_alone
     together = run(list(range(len(prompts))))
     for i in range(len(prompts)):
         assert together[i] == run([i])[i], i
+
+
+def _run_tokens(
+    engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]
+) -> dict[str, list[int]]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens[out.request_id].extend(out.new_token_ids)
+    return tokens
+
+
+def test_masks_hold_through_chunked_prefill_and_preemption(tiny_model: GptOss) -> None:
+    """The masks are computed while the model runs, for the rows that sample in that step: a request whose
+    prompt is chunked, or that is preempted and recomputed, keeps its grammar's state and samples what it
+    samples alone, with its raw logprobs (the masked logits are a copy then)."""
+    enc = load_harmony_encoding()
+    lltok = grammar_tokenizer(enc)
+    text = turn_grammar(response_format=ResponseFormat(SCHEMA), reasoning_budget=4)
+    assert text is not None
+    grammar = Grammar(text, lltok)
+    rng = np.random.default_rng(5)
+    requests = {
+        f"r{i}": (
+            rng.integers(100, 200_000, size=int(rng.integers(20, 40))).tolist(),
+            SamplingParams(
+                temperature=1.0,
+                seed=i,
+                max_tokens=20,
+                stop_token_ids=[tok.RETURN, tok.CALL],
+                logprobs=2 if i == 1 else None,
+                grammar=grammar if i % 4 != 3 else None,
+            ),
+        )
+        for i in range(8)
+    }
+    # Room for about three requests at a time and a small token budget: chunked prompts, preemptions.
+    engine = make_engine(
+        tiny_model,
+        num_kv_blocks=40,
+        max_model_len=160,
+        max_num_batched_tokens=24,
+        enable_prefix_caching=False,
+    )
+    together = _run_tokens(engine, requests)
+    assert engine.stats().num_preemptions > 0
+    for rid, (prompt, params) in requests.items():
+        alone = _run_tokens(make_engine(tiny_model), {rid: (prompt, params)})
+        assert together[rid] == alone[rid], rid
+        if params.grammar is not None:
+            check = GrammarConstraint(grammar)
+            mask = np.zeros(check.words, dtype=np.int32)
+            for token in together[rid]:
+                check.fill(mask)
+                assert (int(mask[token // 32]) >> (token % 32)) & 1, (rid, enc.decode(together[rid]))
+                check.advance(token)
+
+
+def test_a_grammar_that_fails_fails_its_request_alone(tiny_model: GptOss) -> None:
+    """A matcher in error (here pushed there by hand) ends its own request with the error; the other
+    constrained request in the step goes on to its end."""
+    lltok = grammar_tokenizer(load_harmony_encoding())
+    grammar = Grammar(turn_grammar(response_format=ResponseFormat(SCHEMA)) or "", lltok)
+    engine = make_engine(tiny_model)
+    for rid in ("broken", "fine"):
+        params = SamplingParams(temperature=1.0, seed=1, max_tokens=12, grammar=grammar)
+        engine.add_request(rid, [1, 2, 3, 4], params)
+    engine.step()
+    broken = engine.scheduler.requests["broken"].constraint
+    assert broken is not None
+    broken.matcher.consume_token(tok.RETURN)  # not allowed here: the matcher is in error from now on
+    errors: dict[str, str | None] = {}
+    counts = {"broken": 1, "fine": 1}
+    while engine.has_unfinished():
+        for out in engine.step():
+            counts[out.request_id] += len(out.new_token_ids)
+            if out.finished:
+                errors[out.request_id] = out.error
+    assert errors["broken"] is not None
+    assert "output constraint failed" in errors["broken"]
+    assert errors["fine"] is None
+    assert counts["fine"] == 12
+
+
+def test_the_masker_applies_what_each_matcher_allows_and_falls_back_row_by_row() -> None:
+    """The worker's batched fill, and its fallback one matcher at a time when the batch raises, give the
+    logits each row's own mask; rows without a grammar are untouched, a matcher in error fails its row."""
+    enc = load_harmony_encoding()
+    lltok = grammar_tokenizer(enc)
+    grammar = Grammar(turn_grammar(response_format=ResponseFormat(SCHEMA)) or "", lltok)
+    vocab = enc.n_vocab - 1  # the model's rows may be fewer than the mask's bits
+    constraints = [GrammarConstraint(grammar) for _ in range(3)]
+    for token in enc.encode("<|channel|>final<|message|>", allowed_special="all"):
+        constraints[1].advance(token)
+    constraints[2].advance(tok.RETURN)  # refused at the start: this matcher is in error
+    source = torch.randn(5, vocab, generator=torch.Generator().manual_seed(3))
+    want = source.clone()
+    for row, constraint in ((0, constraints[0]), (2, constraints[1])):
+        mask = np.zeros((1, constraint.words), dtype=np.int32)
+        constraint.fill(mask[0])
+        apply_token_masks_reference(want, [row], mask)
+
+    class Broken:
+        def unsafe_compute_mask_ptr(self, *args: object) -> None:
+            raise RuntimeError("the batch fails")
+
+    for broken in (False, True):
+        masker = TokenMasker(torch.device("cpu"), vocab)
+        if broken:
+            masker._executor = Broken()  # type: ignore[assignment]
+        logits = source.clone()
+        errors: list[str | None] = [None] * 5
+        masks = masker.start([constraints[0], None, constraints[1], constraints[2], None])
+        assert masks is not None
+        masks.apply(logits, errors)
+        assert torch.equal(logits[:3], want[:3]), broken
+        assert torch.equal(logits[4], source[4])
+        assert errors[:3] == [None, None, None]
+        assert errors[3] is not None
+        assert "output constraint failed" in errors[3]

@@ -14,10 +14,10 @@ import tiktoken
 
 from engine.constraint import (
     GrammarConstraint,
+    apply_forbidden,
     apply_token_masks,
     apply_token_masks_reference,
-    forbidden_by_shifts,
-    forbidden_by_table,
+    forbidden_on_device,
     grammar_problem,
 )
 from engine.request import Grammar
@@ -30,6 +30,7 @@ from harmony.grammar import (
     ResponseFormat,
     ToolSpec,
     grammar_tokenizer,
+    namespace_recipients,
     turn_grammar,
 )
 from harmony.messages import Role
@@ -242,6 +243,29 @@ def test_a_reasoning_budget_closes_the_analysis_and_the_turn_goes_on_to_its_end(
         turn_grammar(reasoning_budget=-1)
 
 
+@pytest.mark.parametrize("budget", [1, 3])
+def test_a_reasoning_run_to_its_budget_gets_the_closing_sentence(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer, budget: int
+) -> None:
+    words = "".join([" one", " two", " three"][:budget])
+    assert len(enc.encode_ordinary(words)) == budget
+    opened = "<|channel|>analysis<|message|>"
+    grammar = turn_grammar(reasoning_budget=budget, closing="  Time to answer. ")
+    assert grammar is not None
+    # The model may end its reasoning itself before the budget...
+    assert tok.END in allowed_after(enc, lltok, grammar, opened)
+    answer = "<|end|><|start|>assistant<|channel|>final<|message|>Yes.<|return|>"
+    assert walk(enc, lltok, grammar, opened + answer) == (True, "")
+    # ...and at the budget only the sentence (on a line of its own) may follow, then the end.
+    at_budget = allowed_after(enc, lltok, grammar, opened + words)
+    assert tok.END not in at_budget
+    assert all(enc.decode([t]) in "\nTime" for t in at_budget), [enc.decode([t]) for t in at_budget]
+    assert walk(enc, lltok, grammar, opened + words + "\nTime to answer." + answer) == (True, "")
+    assert not walk(enc, lltok, grammar, opened + words + answer)[0]
+    with pytest.raises(GrammarError, match="empty"):
+        turn_grammar(reasoning_budget=budget, closing=" ")
+
+
 @pytest.mark.parametrize(
     ("answer", "good", "bad"),
     [
@@ -358,21 +382,82 @@ def test_batched_mask_application_equals_its_twin() -> None:
 
     rng = np.random.default_rng(0)
     vocab = 100
-    logits = torch.randn(4, vocab)
-    masks = rng.integers(-(2**31), 2**31, size=(2, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
-    expected = logits.clone()
-    apply_token_masks_reference(expected, [1, 3], masks)
-    apply_token_masks(logits, torch.tensor([1, 3]), torch.from_numpy(masks))
-    assert torch.equal(logits, expected)
-    assert torch.isinf(logits[1]).sum() > 10
-    # Every row constrained (filled in place), and the two unpackings (host table, device shifts) agree.
-    every = rng.integers(-(2**31), 2**31, size=(4, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
-    whole = torch.randn(4, vocab)
-    whole_expected = whole.clone()
-    apply_token_masks_reference(whole_expected, [0, 1, 2, 3], every)
-    apply_token_masks(whole, torch.arange(4), torch.from_numpy(every))
-    assert torch.equal(whole, whole_expected)
-    as_tensor = torch.from_numpy(every)
-    assert torch.equal(
-        forbidden_by_table(as_tensor, vocab), forbidden_by_shifts(as_tensor, vocab, torch.device("cpu"))
+    words = (vocab + 31) // 32 + 1  # a mask may name tokens past the model's rows
+    # Rows that allow about half, almost all and almost none of the tokens: the host writes each the short
+    # way (the tokens it forbids, or the row closed and the tokens it allows put back).
+    half = rng.integers(-(2**31), 2**31, size=words, dtype=np.int64).astype(np.int32)
+    most = np.full(words, -1, dtype=np.int32)
+    most[1] = ~np.int32(1 << 5)
+    few = np.zeros(words, dtype=np.int32)
+    few[2] = -(2**31) | (1 << 3)  # tokens 67 and 95
+    for rows, masks in (([1, 3], np.stack([half, few])), ([0, 1, 2, 3], np.stack([most, few, half, half]))):
+        logits = torch.randn(4, vocab)
+        expected = logits.clone()
+        apply_token_masks_reference(expected, rows, masks)
+        apply_token_masks(logits, rows, masks)
+        assert torch.equal(logits, expected)
+        shifted = expected.clone()
+        forbidden = forbidden_on_device(torch.from_numpy(masks), vocab, torch.device("cpu"))
+        apply_forbidden(shifted, rows, forbidden)  # the device path, run on the host
+        assert torch.equal(shifted, expected)
+    assert torch.isinf(logits[1]).sum() == vocab - 2
+    assert torch.isinf(logits[0]).sum() == 1
+
+
+def test_built_in_tools_are_recipients_of_the_turn(
+    enc: tiktoken.Encoding, lltok: llguidance.LLTokenizer
+) -> None:
+    """python (free code) and the browser's functions (JSON of their schemas) are calls the turn may end in,
+    in the spellings the model writes; forcing one leaves only its calls; allowed names narrow them."""
+    from harmony.messages import browser_tool_namespace, python_tool_namespace
+
+    recipients = [
+        *namespace_recipients(python_tool_namespace()),
+        *namespace_recipients(browser_tool_namespace()),
+    ]
+    assert [r.name for r in recipients] == ["python", "browser.search", "browser.open", "browser.find"]
+    python = " to=python<|channel|>analysis<|message|>print(2 + 3)<|call|>"
+    python_channel_first = "<|channel|>analysis to=python code<|message|>x = 1\nprint(x)<|call|>"
+    search = '<|channel|>analysis to=browser.search code<|message|>{"query": "rust", "topn": 3}<|call|>'
+    search_json = ' to=browser.search<|channel|>commentary <|constrain|>json<|message|>{"query": "x"}<|call|>'
+    reasoned = "<|channel|>analysis<|message|>Let me compute.<|end|><|start|>assistant"
+    answer = "<|channel|>final<|message|>Five.<|return|>"
+    call = '<|channel|>commentary to=functions.get_weather<|message|>{"city": "Oslo"}<|call|>'
+
+    # With a response format (so a grammar is built), the built-in calls stay open alongside the answer.
+    formatted = turn_grammar(response_format=ResponseFormat(ORDER), recipients=recipients)
+    assert formatted is not None
+    for turn in (python, python_channel_first, search, search_json, reasoned + python):
+        assert walk(enc, lltok, formatted, turn) == (True, ""), turn
+    assert not walk(
+        enc, lltok, formatted, '<|channel|>analysis to=browser.search<|message|>{"topn": 3}<|call|>'
+    )[0]
+    assert not walk(enc, lltok, formatted, " to=browser.delete<|channel|>analysis<|message|>{}<|call|>")[0]
+
+    # A tool choice forcing python: reasoning first, then only python's call.
+    forced = turn_grammar(
+        tools=[WEATHER],
+        tool_choice="required",
+        allowed=[],
+        recipients=recipients,
+        allowed_recipients=["python"],
     )
+    assert forced is not None
+    assert walk(enc, lltok, forced, reasoned + python) == (True, "")
+    for refused in (answer, call, search):
+        assert not walk(enc, lltok, forced, refused)[0], refused
+    # Forcing the browser by its namespace allows its three functions and nothing else.
+    browsing = turn_grammar(recipients=recipients, tool_choice="required", allowed_recipients=["browser"])
+    assert browsing is not None
+    assert walk(enc, lltok, browsing, search) == (True, "")
+    assert not walk(enc, lltok, browsing, python)[0]
+    # 'none' calls nothing; an unknown allowed name is refused.
+    only_answer = turn_grammar(
+        recipients=recipients, tool_choice="none", response_format=ResponseFormat(ORDER)
+    )
+    assert only_answer is not None
+    assert not walk(enc, lltok, only_answer, python)[0]
+    with pytest.raises(GrammarError, match="'shell'"):
+        turn_grammar(recipients=recipients, tool_choice="required", allowed_recipients=["shell"])
+    # Nothing to constrain: no grammar at all.
+    assert turn_grammar(recipients=recipients) is None
