@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import openai
+import openai_harmony as oh
 import pytest
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
@@ -464,3 +465,182 @@ def test_an_answer_past_the_size_cap_is_an_error(mcp_url: str) -> None:
         asyncio.run(connector.call_tool(mcp_url, {}, "remember", {"note": "x" * 5000}))
     assert (caught.value.kind, caught.value.code) == ("http_error", 502)
     assert "larger than 2000 bytes" in caught.value.message
+
+
+# -- earlier turns' MCP calls in later prompts -------------------------------------------------------------
+
+
+def official_prompt(listed: Any, turns: list[Any]) -> list[int]:
+    """openai-harmony's prompt for a conversation with the `calc` server's listed tools declared as a
+    namespace (as the server declares them), `turns` its messages after the system message."""
+    tools = [oh.ToolDescription.new(t.name, t.description, parameters=t.input_schema) for t in listed.tools]
+    system = (
+        oh.SystemContent.new()
+        .with_conversation_start_date("2026-11-27")
+        .with_tools(oh.ToolNamespaceConfig(name="calc", description=None, tools=tools))
+    )
+    conversation = oh.Conversation.from_messages(
+        [oh.Message.from_role_and_content(oh.Role.SYSTEM, system), *turns]
+    )
+    official = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    return official.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+
+
+def official_call(tool: str, arguments: str, result: str) -> list[Any]:
+    """An MCP call and the tool's answer as harmony renders them: both on the commentary channel."""
+    recipient = f"calc.{tool}"
+    sent = oh.Message.from_role_and_content(oh.Role.ASSISTANT, arguments)
+    read = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, recipient), result)
+    return [
+        sent.with_channel("commentary").with_recipient(recipient).with_content_type("<|constrain|>json"),
+        read.with_channel("commentary").with_recipient("assistant"),
+    ]
+
+
+def user(text: str) -> Any:
+    return oh.Message.from_role_and_content(oh.Role.USER, text)
+
+
+def answered(text: str) -> Any:
+    return oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel("final")
+
+
+def test_a_chain_shows_earlier_mcp_calls_and_approved_ones_once_as_harmony_renders_them(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turn 1 calls a tool that needs no approval; turn 2 asks for one that does, turn 3 approves it, and
+    turn 4's prompt is openai-harmony's rendering of the whole conversation: each call and its answer once,
+    where it was made (turn 3's prompt already ended with the approved call)."""
+    tools = [mcp_tool(mcp_url, require_approval={"never": {"read_only": True}})]
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    first = checked(create(mcp_app, [call("add", '{"a": 2, "b": 3}'), final("It is 5.")], tools))
+    listed = first.output[0]
+    asked = checked(
+        create(
+            mcp_app,
+            [call("remember", '{"note": "milk"}')],
+            tools,
+            input="Remember milk",
+            previous_response_id=first.id,
+        )
+    )
+    assert [item.type for item in asked.output] == ["mcp_approval_request"]
+    approval = {"type": "mcp_approval_response", "approval_request_id": asked.output[0].id, "approve": True}
+    approved = checked(
+        create(mcp_app, [final("Noted.")], tools, input=[approval], previous_response_id=asked.id)
+    )
+    assert [item.type for item in approved.output] == ["mcp_call", "message"]
+    last = checked(create(mcp_app, [final("Both.")], tools, input="And?", previous_response_id=approved.id))
+    assert last.output_text == "Both."
+    added = [user("add 2 and 3"), *official_call("add", '{"a": 2, "b": 3}', "5"), answered("It is 5.")]
+    remembered = [user("Remember milk"), *official_call("remember", '{"note": "milk"}', "stored: milk")]
+    assert prompts[-2] == official_prompt(listed, [*added, *remembered])
+    assert prompts[-1] == official_prompt(listed, [*added, *remembered, answered("Noted."), user("And?")])
+    shown = mcp_app.encoding.decode(prompts[-1])
+    assert shown.count('{"note": "milk"}<|call|>') == 1
+    assert shown.count("stored: milk") == 1
+    assert REMEMBERED.count("milk") == 1
+
+
+def test_a_refused_call_is_shown_once_in_later_turns(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    asked = checked(create(mcp_app, [call("remember", '{"note": "eggs"}')], tools, input="Remember eggs"))
+    listed = asked.output[0]
+    refusal = {
+        "type": "mcp_approval_response",
+        "approval_request_id": asked.output[1].id,
+        "approve": False,
+        "reason": "not today",
+    }
+    refused = checked(create(mcp_app, [final("OK.")], tools, input=[refusal], previous_response_id=asked.id))
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    checked(create(mcp_app, [final("Fine.")], tools, input="Why?", previous_response_id=refused.id))
+    told = "The user did not approve this call. Reason: not today"
+    expected = official_prompt(
+        listed,
+        [
+            user("Remember eggs"),
+            *official_call("remember", '{"note": "eggs"}', told),
+            answered("OK."),
+            user("Why?"),
+        ],
+    )
+    assert prompts[0] == expected
+    assert "eggs" not in REMEMBERED
+
+
+def test_mcp_calls_a_client_sends_back_are_shown_from_their_arguments_and_output(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tools = [mcp_tool(mcp_url)]
+    ran = checked(
+        create(
+            mcp_app,
+            [
+                call("add", '{"a": 4, "b": 5}'),
+                call("explode", '{"reason": "why"}'),
+                final("9, and a failure."),
+            ],
+            tools,
+            store=False,
+        )
+    )
+    listed, added, exploded = ran.output[0], ran.output[1], ran.output[2]
+    assert exploded.status == "failed"
+    history = [
+        {"role": "user", "content": "add 2 and 3"},
+        *[item.model_dump(exclude_none=True) for item in ran.output],
+        {"role": "user", "content": "And?"},
+    ]
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    checked(create(mcp_app, [final("Done.")], tools, input=history, store=False))
+    expected = official_prompt(
+        listed,
+        [
+            user("add 2 and 3"),
+            *official_call("add", '{"a": 4, "b": 5}', added.output),
+            *official_call("explode", '{"reason": "why"}', f"The tool failed: {exploded.output}"),
+            answered("9, and a failure."),
+            user("And?"),
+        ],
+    )
+    assert added.output == "9"
+    assert prompts[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"extra_body": {"logit_bias": {"not a token": 1}}}, "logit_bias"),
+        ({"max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"tool_choice": {"type": "function", "name": "missing"}}, "tool_choice"),
+    ],
+)
+def test_a_refused_request_runs_no_approved_call(
+    mcp_app: Served, mcp_url: str, fields: dict[str, Any], param: str
+) -> None:
+    """Every check that can refuse the request comes before the calls it approves run: the server records
+    nothing for a refused one, and the approval can still be given by a correct request."""
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    note = f"refused {param}"
+    asked = checked(create(mcp_app, [call("remember", json.dumps({"note": note}))], tools))
+    approval = {"type": "mcp_approval_response", "approval_request_id": asked.output[1].id, "approve": True}
+    body = {**fields.pop("extra_body", {}), "test_force": [final("Noted.")]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_for(mcp_app).responses.create(
+            model=MODEL,
+            tools=tools,
+            input=[approval],
+            previous_response_id=asked.id,
+            extra_body=body,
+            **fields,
+        )
+    assert caught.value.body["param"] == param
+    assert note not in REMEMBERED
+    approved = checked(
+        create(mcp_app, [final("Noted.")], tools, input=[approval], previous_response_id=asked.id)
+    )
+    assert approved.output[0].output == f"stored: {note}"
+    assert REMEMBERED.count(note) == 1
