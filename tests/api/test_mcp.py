@@ -9,6 +9,7 @@ import ipaddress
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -644,3 +645,32 @@ def test_a_refused_request_runs_no_approved_call(
     )
     assert approved.output[0].output == f"stored: {note}"
     assert REMEMBERED.count(note) == 1
+
+
+def test_an_approved_answer_that_fills_the_context_ends_the_response_incomplete(
+    tmp_path: Path, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks count the approved call but not its answer (not known until it has run): an answer that
+    leaves no room is not a refusal after the fact but a response that ends at once, as the tool loop's."""
+    engine, encoding = tiny_engine(tmp_path, max_model_len=1024)
+    settings = ServerSettings(
+        served_model_name=MODEL, conversation_date="2026-11-27", mcp_allow=["127.0.0.0/8"], mcp_timeout=10.0
+    )
+    app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
+    with serve_in_thread(app) as base:
+        served = Served(base, engine, encoding, app)
+        tools = [mcp_tool(mcp_url, require_approval="always", allowed_tools=["remember"])]
+        note = " ".join(["overflow"] * 600)
+        asked = checked(create(served, [call("remember", json.dumps({"note": note}))], tools))
+        approval = {
+            "type": "mcp_approval_response",
+            "approval_request_id": asked.output[1].id,
+            "approve": True,
+        }
+        prompts = recorded_prompts(served, monkeypatch)
+        ended = checked(create(served, [final("x")], tools, input=[approval], previous_response_id=asked.id))
+    assert prompts == []  # nothing left to generate
+    assert ended.status == "incomplete"
+    assert ended.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in ended.output] == ["mcp_call"]
+    assert ended.output[0].output == f"stored: {note}"
