@@ -14,10 +14,11 @@ refused) once every check that can refuse the request has passed (`McpTools.read
 `McpTools.carry_out` runs them), and the prompt then holds the call and its result as harmony renders them,
 so the model picks up where it stopped.
 
-Every call, the model's own and the approved ones, is kept with the response as a `ToolExchange` (by the
-`mcp_call` item's id; a refused one by its approval request's id), so a later turn's prompt shows it again
-as harmony renders the conversation: the call on the commentary channel to `<label>.<tool>`, then the tool's
-message. An `mcp_call` item a client sends back is shown from its arguments and output.
+Every call, the model's own and the answered ones, is kept with the response as a `ToolExchange` (by the
+`mcp_call` item's id; an answered one also by its approval request's id, as a refused one has no item), so a
+later turn's prompt shows it again as harmony renders the conversation: the call on the commentary channel to
+`<label>.<tool>`, then the tool's message; an answered call where its answer is, in the order the answers
+came. An `mcp_call` item a client sends back is shown from its arguments and output.
 
 A server that cannot be listed fails the request with a 424 (OpenAI's status for it); one the SSRF guard
 refuses, a 400 naming its `server_url`. A failed call is an `mcp_call` item with an `error`, and the model
@@ -131,11 +132,10 @@ class McpServer:
 @dataclass(frozen=True, slots=True)
 class ApprovedCall:
     """A call the client answered (`mcp_approval_response`), carried out: the call and the tool's message go
-    into the prompt, the `mcp_call` item (None when refused) into the output, and the exchange is kept with
-    the response under `key` (the item's id; the approval request's when refused, as no item holds it)."""
+    into the prompt, the `mcp_call` item (None when refused) into the output."""
 
     exchange: ToolExchange
-    key: str
+    request_id: str
     item: dict[str, Any] | None
 
 
@@ -400,7 +400,7 @@ class McpTools:
                 return ApprovedCall(dataclasses.replace(call, text=text), request_id, None)
             item_out = mcp_call_item(label, name, arguments, request_id)
             text = await run_call(self.connector, server, name, arguments, item_out)
-            return ApprovedCall(dataclasses.replace(call, text=text), item_out["id"], item_out)
+            return ApprovedCall(dataclasses.replace(call, text=text), request_id, item_out)
 
         return ApprovalAnswer(call, carry_out), request_id
 

@@ -209,6 +209,7 @@ def items_to_messages(
     """
     messages: list[ChatMessage | Message] = []
     calls: set[str] = set()
+    answered: set[str] = set()  # approval requests answered in the conversation
     for i, item in enumerate(items):
         where = f"input[{i - first_own}]" if i >= first_own else "previous_response_id"
 
@@ -247,16 +248,20 @@ def items_to_messages(
             if exchange is not None:
                 messages.extend(exchange.messages())
         elif item.type == "mcp_call":
-            # A call to an MCP server's tool: on the commentary channel, which harmony keeps in later turns.
-            exchange = (exchanges or {}).get(item.id or "") or sent_call(item)
+            # A call to an MCP server's tool: on the commentary channel, which harmony keeps in later turns;
+            # one the client approved is shown where its answer was given.
+            if (item.model_extra or {}).get("approval_request_id") not in answered:
+                exchange = (exchanges or {}).get(item.id or "") or sent_call(item)
+                if exchange is not None:
+                    messages.extend(exchange.messages())
+        elif item.type == "mcp_approval_response":
+            # The call an earlier turn answered (run or refused), in the order the answers came, as that
+            # turn's prompt had them. This request's own answers go in once carried out (`_with_approved`).
+            request_id = str((item.model_extra or {}).get("approval_request_id") or "")
+            answered.add(request_id)
+            exchange = (exchanges or {}).get(request_id) if i < first_own else None
             if exchange is not None:
                 messages.extend(exchange.messages())
-        elif item.type == "mcp_approval_response" and i < first_own:
-            # A refused call of an earlier turn, where its answer was given (an approved one is shown at its
-            # `mcp_call` item). This request's own answers go in once carried out (`_with_approved`).
-            refused = (exchanges or {}).get((item.model_extra or {}).get("approval_request_id") or "")
-            if refused is not None:
-                messages.extend(refused.messages())
         elif item.type in MCP_ITEM_TYPES:
             continue  # listings and approval requests: nothing the model read
         elif item.type == "function_call_output":
@@ -1080,7 +1085,10 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         exchanges = [approved.exchange for approved in mcp.approved]
         prepared.prompt = await self.workers.run(self._with_approved, prepared.conversation_prompt, exchanges)
         for approved in mcp.approved:
-            prepared.exchanges[approved.key] = approved.exchange
+            # Found by its answer in a chain, and by its item when a client sends that back alone.
+            prepared.exchanges[approved.request_id] = approved.exchange
+            if approved.item is not None:
+                prepared.exchanges[approved.item["id"]] = approved.exchange
         room = self.max_model_len - len(prepared.prompt)
         if prepared.request.max_output_tokens is not None:
             room = min(room, prepared.request.max_output_tokens)

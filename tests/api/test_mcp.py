@@ -519,9 +519,9 @@ def test_a_chain_shows_earlier_mcp_calls_and_approved_ones_once_as_harmony_rende
     asked = checked(
         create(
             mcp_app,
-            [call("remember", '{"note": "milk"}')],
+            [call("remember", '{"note": "bread"}')],
             tools,
-            input="Remember milk",
+            input="Remember bread",
             previous_response_id=first.id,
         )
     )
@@ -534,13 +534,13 @@ def test_a_chain_shows_earlier_mcp_calls_and_approved_ones_once_as_harmony_rende
     last = checked(create(mcp_app, [final("Both.")], tools, input="And?", previous_response_id=approved.id))
     assert last.output_text == "Both."
     added = [user("add 2 and 3"), *official_call("add", '{"a": 2, "b": 3}', "5"), answered("It is 5.")]
-    remembered = [user("Remember milk"), *official_call("remember", '{"note": "milk"}', "stored: milk")]
+    remembered = [user("Remember bread"), *official_call("remember", '{"note": "bread"}', "stored: bread")]
     assert prompts[-2] == official_prompt(listed, [*added, *remembered])
     assert prompts[-1] == official_prompt(listed, [*added, *remembered, answered("Noted."), user("And?")])
     shown = mcp_app.encoding.decode(prompts[-1])
-    assert shown.count('{"note": "milk"}<|call|>') == 1
-    assert shown.count("stored: milk") == 1
-    assert REMEMBERED.count("milk") == 1
+    assert shown.count('{"note": "bread"}<|call|>') == 1
+    assert shown.count("stored: bread") == 1
+    assert REMEMBERED.count("bread") == 1
 
 
 def test_a_refused_call_is_shown_once_in_later_turns(
@@ -609,6 +609,42 @@ def test_mcp_calls_a_client_sends_back_are_shown_from_their_arguments_and_output
     )
     assert added.output == "9"
     assert prompts[0] == expected
+
+
+def test_calls_answered_together_keep_their_order_in_later_turns(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two approval requests answered in one request, the first approved and the second refused: a later
+    turn shows them in that order, as the answering turn's prompt had them (not the refusal first because
+    it has no `mcp_call` item)."""
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    first = checked(create(mcp_app, [call("remember", '{"note": "A"}')], tools, input="Remember A"))
+    listed = first.output[0]
+    second = checked(
+        create(
+            mcp_app,
+            [call("remember", '{"note": "B"}')],
+            tools,
+            input="Also B",
+            previous_response_id=first.id,
+        )
+    )
+    answers = [
+        {"type": "mcp_approval_response", "approval_request_id": first.output[1].id, "approve": True},
+        {"type": "mcp_approval_response", "approval_request_id": second.output[0].id, "approve": False},
+    ]
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    done = checked(create(mcp_app, [final("Done.")], tools, input=answers, previous_response_id=second.id))
+    assert [item.type for item in done.output] == ["mcp_call", "message"]
+    checked(create(mcp_app, [final("So.")], tools, input="And?", previous_response_id=done.id))
+    conversation = [
+        user("Remember A"),
+        user("Also B"),
+        *official_call("remember", '{"note": "A"}', "stored: A"),
+        *official_call("remember", '{"note": "B"}', "The user did not approve this call."),
+    ]
+    assert prompts[0] == official_prompt(listed, conversation)
+    assert prompts[1] == official_prompt(listed, [*conversation, answered("Done."), user("And?")])
 
 
 @pytest.mark.parametrize(
