@@ -112,8 +112,8 @@ class StoredResponse:
     response: dict[str, Any]
     # The conversation the response answered: its chain's input items, then its own request's input.
     input_items: list[dict[str, Any]]
-    # By item id, the built-in tool calls of its conversation and output as the model read them (for the
-    # prompts of the responses that continue it).
+    # By item id (an answered MCP call also by its approval request's id), the built-in and MCP tool calls of
+    # its conversation and output as the model read them (for the prompts of the responses that continue it).
     exchanges: dict[str, ToolExchange] = field(default_factory=dict)
 
 
@@ -149,7 +149,8 @@ class ResponseStore:
             return self._entries.pop(response_id, None) is not None
 
     def exchange(self, item_id: str) -> ToolExchange | None:
-        """The built-in call and answer behind a stored `code_interpreter_call` or `web_search_call` item."""
+        """The call and answer behind a stored `code_interpreter_call`, `web_search_call` or `mcp_call` item
+        (or an answered MCP call's approval request)."""
         with self._lock:
             for stored in reversed(self._entries.values()):
                 found = stored.exchanges.get(item_id)
@@ -202,9 +203,9 @@ def items_to_messages(
 
     Items before `first_own` came from a stored chain; an error in them names `previous_response_id`. A
     built-in or MCP tool's item becomes the harmony call and tool message the model read (`exchanges`, by item
-    id; or, for a `code_interpreter_call` or `mcp_call` a client sends back with its outputs, its code and
-    logs or its arguments and output), so that the
-    prompt is the one harmony renders for the whole conversation; one whose text is not known (a
+    id, or for an answered MCP call by its approval request's id; or, for a `code_interpreter_call` or
+    `mcp_call` a client sends back with its outputs, its code and logs or its arguments and output), so that
+    the prompt is the one harmony renders for the whole conversation; one whose text is not known (a
     `web_search_call` from elsewhere: its item holds no page) is left out, call and answer together.
     """
     messages: list[ChatMessage | Message] = []
