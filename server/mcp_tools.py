@@ -10,8 +10,15 @@ loop runs such a call like a built-in one (`McpResponse.run`), its `mcp_call` it
 A tool that needs approval (`require_approval`: "always", the default as with OpenAI, "never", or the filter
 object) is not called: the response ends with an `mcp_approval_request` item. A request continuing it
 (`previous_response_id`) with an `mcp_approval_response` input item runs the call (or tells the model it was
-refused) before its prompt is rendered, and the prompt then holds the call and its result as harmony renders
-them, so the model picks up where it stopped.
+refused) once every check that can refuse the request has passed (`McpTools.ready` checks the answers,
+`McpTools.carry_out` runs them), and the prompt then holds the call and its result as harmony renders them,
+so the model picks up where it stopped.
+
+Every call, the model's own and the answered ones, is kept with the response as a `ToolExchange` (by the
+`mcp_call` item's id; an answered one also by its approval request's id, as a refused one has no item), so a
+later turn's prompt shows it again as harmony renders the conversation: the call on the commentary channel to
+`<label>.<tool>`, then the tool's message; an answered call where its answer is, in the order the answers
+came. An `mcp_call` item a client sends back is shown from its arguments and output.
 
 A server that cannot be listed fails the request with a 424 (OpenAI's status for it); one the SSRF guard
 refuses, a 400 naming its `server_url`. A failed call is an `mcp_call` item with an `error`, and the model
@@ -21,6 +28,7 @@ reads what went wrong.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -30,9 +38,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harmony.messages import Author, Message, Role, TextContent, ToolDescription, ToolNamespaceConfig
+from harmony.messages import ToolDescription, ToolNamespaceConfig
 from harmony.schema import json_schema_to_typescript
-from server.builtin_tools import tool_message
+from server.builtin_tools import ToolExchange
 from server.errors import APIError, bad_request
 from server.protocol import ResponsesInputItem, ResponsesTool
 from server.settings import ServerSettings
@@ -41,8 +49,11 @@ from tools.mcp_client import McpConnector, McpFailure, McpPolicy, McpTool
 logger = logging.getLogger(__name__)
 
 MCP_TYPE = "mcp"
-# The items of MCP traffic a conversation may hold; the chat messages it becomes leave them out.
-MCP_ITEM_TYPES = frozenset({"mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response"})
+# The items of MCP traffic a conversation may hold besides its calls (`mcp_call`, shown from their exchange):
+# the chat messages it becomes leave them out.
+MCP_ITEM_TYPES = frozenset({"mcp_list_tools", "mcp_approval_request", "mcp_approval_response"})
+# How the model writes a call to an MCP tool (its arguments are JSON), as an approved call is shown.
+CALL_CHANNEL, CALL_CONTENT_TYPE = "commentary", "<|constrain|>json"
 # Labels that would collide with a namespace harmony or this server already uses.
 RESERVED_LABELS = frozenset(
     {"functions", "browser", "python", "container", "assistant", "user", "system", "developer", "tool", "all"}
@@ -120,17 +131,28 @@ class McpServer:
 
 @dataclass(frozen=True, slots=True)
 class ApprovedCall:
-    """A call the client answered (`mcp_approval_response`), run before the prompt was rendered: the call
-    and the tool's message go into the prompt, the `mcp_call` item (None when refused) into the output."""
+    """A call the client answered (`mcp_approval_response`), carried out: the call and the tool's message go
+    into the prompt, the `mcp_call` item (None when refused) into the output."""
 
-    call: Message
-    result: Message
+    exchange: ToolExchange
+    request_id: str
     item: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalAnswer:
+    """An `mcp_approval_response` checked but not yet carried out: the call it answers (its answer's text
+    still empty), and what carries it out, run only once nothing can refuse the request any more."""
+
+    call: ToolExchange
+    carry_out: Callable[[], Awaitable[ApprovedCall]]
 
 
 @dataclass(frozen=True, slots=True)
 class McpRequest:
     servers: dict[str, McpServer] = field(default_factory=dict)
+    # The request's answers to approval requests, in input order: checked (`answers`), then carried out.
+    answers: tuple[ApprovalAnswer, ...] = ()
     approved: tuple[ApprovedCall, ...] = ()
 
     @property
@@ -236,8 +258,9 @@ class McpTools:
         self, tools: list[ResponsesTool], chain: list[dict[str, Any]], own: list[ResponsesInputItem]
     ) -> McpRequest | None:
         """What a request needs of its MCP servers before it is rendered (None: it names none): their tools
-        (listed now, or from the chain's listing), and the calls its `mcp_approval_response` items answer,
-        run. `chain` is the stored conversation it continues, `own` its own input items."""
+        (listed now, or from the chain's listing), and its `mcp_approval_response` items, checked but not
+        carried out (`carry_out`). `chain` is the stored conversation it continues, `own` its own input
+        items."""
         specs = self.specs(tools)
         responses = [(i, item) for i, item in enumerate(own) if item.type == "mcp_approval_response"]
         if not specs and not responses:
@@ -245,7 +268,7 @@ class McpTools:
         servers: dict[str, McpServer] = {}
         for spec in specs:
             servers[spec.label] = await self._server(spec, chain)
-        approved = []
+        answers = []
         if responses:
             if any(item.type != "mcp_approval_response" for item in own[responses[0][0] :]):
                 raise bad_request(
@@ -263,14 +286,17 @@ class McpTools:
                 if item.get("type") in ("mcp_approval_response", "mcp_call")
                 and item.get("approval_request_id")
             }
-            # Every answer is checked before any call runs: a refused request runs nothing.
-            answers = []
             for i, item in responses:
-                answers.append(self._answer(item, i, requests, answered, servers))
-                answered.add(answers[-1][1])
-            for run, _ in answers:
-                approved.append(await run())
-        return McpRequest(servers, tuple(approved))
+                answer, request_id = self._answer(item, i, requests, answered, servers)
+                answers.append(answer)
+                answered.add(request_id)
+        return McpRequest(servers, tuple(answers))
+
+    async def carry_out(self, request: McpRequest) -> McpRequest:
+        """`request` with its checked answers carried out, in order: the approved calls run (the side effects
+        of the request, so the caller runs this only once nothing can refuse it)."""
+        approved = [await answer.carry_out() for answer in request.answers]
+        return dataclasses.replace(request, approved=tuple(approved))
 
     async def _server(self, spec: McpServerSpec, chain: list[dict[str, Any]]) -> McpServer:
         listing = [
@@ -336,9 +362,9 @@ class McpTools:
         requests: dict[Any, dict[str, Any]],
         answered: set[Any],
         servers: dict[str, McpServer],
-    ) -> tuple[Callable[[], Awaitable[ApprovedCall]], str]:
-        """An `mcp_approval_response` checked (a 400 naming its field): what carries it out, and the id of
-        the request it answers."""
+    ) -> tuple[ApprovalAnswer, str]:
+        """An `mcp_approval_response` checked (a 400 naming its field), and the id of the request it
+        answers."""
         extra = item.model_extra or {}
         param = f"input[{index}]"
         request_id = extra.get("approval_request_id")
@@ -363,10 +389,7 @@ class McpTools:
                 f"the approval request is for the MCP server {label!r}, which the request's tools lack",
                 param=f"{param}.approval_request_id",
             )
-        recipient = f"{label}.{name}"
-        call = Message(
-            Author(Role.ASSISTANT), [TextContent(arguments)], "commentary", recipient, "<|constrain|>json"
-        )
+        call = ToolExchange(f"{label}.{name}", arguments, "", CALL_CHANNEL, CALL_CONTENT_TYPE)
         reason = extra.get("reason")
 
         async def carry_out() -> ApprovedCall:
@@ -374,12 +397,12 @@ class McpTools:
                 text = "The user did not approve this call." + (
                     f" Reason: {reason}" if isinstance(reason, str) else ""
                 )
-                return ApprovedCall(call, tool_message(recipient, "commentary", text), None)
+                return ApprovedCall(dataclasses.replace(call, text=text), request_id, None)
             item_out = mcp_call_item(label, name, arguments, request_id)
             text = await run_call(self.connector, server, name, arguments, item_out)
-            return ApprovedCall(call, tool_message(recipient, "commentary", text), item_out)
+            return ApprovedCall(dataclasses.replace(call, text=text), request_id, item_out)
 
-        return carry_out, request_id
+        return ApprovalAnswer(call, carry_out), request_id
 
 
 def _tool_problem(tool: McpTool) -> str | None:
@@ -394,6 +417,32 @@ def _tool_problem(tool: McpTool) -> str | None:
     except (ValueError, TypeError, RecursionError) as error:
         return str(error) or type(error).__name__
     return None
+
+
+def read_text(output: str | None, error: dict[str, Any] | None) -> str:
+    """What the model reads of a call, from its `mcp_call` item's output and error (`run_call` fills both,
+    and a later turn reads a client's item back through this same function)."""
+    if error is None:
+        return output or ""
+    if error.get("type") == "mcp_tool_execution_error":
+        return f"The tool failed: {output or ''}"
+    return f"The call failed: {error.get('message', '')}"
+
+
+def sent_call(item: ResponsesInputItem) -> ToolExchange | None:
+    """An `mcp_call` item as a client sends it back, as the model read it: its arguments, and its output or
+    error (None for one that holds neither, or lacks its server or tool: left out, as nobody knows what the
+    model read)."""
+    extra = item.model_extra or {}
+    label, error, output = extra.get("server_label"), extra.get("error"), item.output
+    if not isinstance(label, str) or not item.name or not isinstance(item.arguments, str):
+        return None
+    if error is None and not isinstance(output, str):
+        return None
+    if error is not None and not (isinstance(error, dict) and (output is None or isinstance(output, str))):
+        return None
+    text = read_text(output if isinstance(output, str) else None, error)
+    return ToolExchange(f"{label}.{item.name}", item.arguments, text, CALL_CHANNEL, CALL_CONTENT_TYPE)
 
 
 async def run_call(
@@ -424,13 +473,13 @@ async def run_call(
                 if outcome.is_error:
                     item["error"] = {"type": "mcp_tool_execution_error", "content": outcome.content}
                     item["status"] = "failed"
-                    return f"The tool failed: {outcome.text}"
-                item["status"] = "completed"
-                return outcome.text
+                else:
+                    item["status"] = "completed"
+                return read_text(item["output"], item["error"])
     assert failure is not None
     item["error"] = failure.as_item_error()
     item["status"] = "failed"
-    return f"The call failed: {failure.message}"
+    return read_text(item["output"], item["error"])
 
 
 class McpResponse:

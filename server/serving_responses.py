@@ -60,7 +60,15 @@ from server.builtin_tools import (
 )
 from server.errors import APIError, ParamNames, bad_request, engine_failure, not_found
 from server.harmony_chat import Delta, DeltaKind
-from server.mcp_tools import MCP_ITEM_TYPES, MCP_TYPE, McpRequest, McpResponse, McpTools, mcp_call_item
+from server.mcp_tools import (
+    MCP_ITEM_TYPES,
+    MCP_TYPE,
+    McpRequest,
+    McpResponse,
+    McpTools,
+    mcp_call_item,
+    sent_call,
+)
 from server.protocol import (
     ChatMessage,
     FunctionCall,
@@ -108,8 +116,8 @@ class StoredResponse:
     response: dict[str, Any]
     # The conversation the response answered: its chain's input items, then its own request's input.
     input_items: list[dict[str, Any]]
-    # By item id, the built-in tool calls of its conversation and output as the model read them (for the
-    # prompts of the responses that continue it).
+    # By item id (an answered MCP call also by its approval request's id), the built-in and MCP tool calls of
+    # its conversation and output as the model read them (for the prompts of the responses that continue it).
     exchanges: dict[str, ToolExchange] = field(default_factory=dict)
 
 
@@ -145,7 +153,8 @@ class ResponseStore:
             return self._entries.pop(response_id, None) is not None
 
     def exchange(self, item_id: str) -> ToolExchange | None:
-        """The built-in call and answer behind a stored `code_interpreter_call` or `web_search_call` item."""
+        """The call and answer behind a stored `code_interpreter_call`, `web_search_call` or `mcp_call` item
+        (or an answered MCP call's approval request)."""
         with self._lock:
             for stored in reversed(self._entries.values()):
                 found = stored.exchanges.get(item_id)
@@ -197,13 +206,15 @@ def items_to_messages(
     """The chat messages for Responses input items (item_references already resolved).
 
     Items before `first_own` came from a stored chain; an error in them names `previous_response_id`. A
-    built-in tool's item becomes the harmony call and tool message the model read (`exchanges`, by item id;
-    or, for a `code_interpreter_call` a client sends back with its outputs, its code and logs), so that the
-    prompt is the one harmony renders for the whole conversation; one whose text is not known (a
+    built-in or MCP tool's item becomes the harmony call and tool message the model read (`exchanges`, by item
+    id, or for an answered MCP call by its approval request's id; or, for a `code_interpreter_call` or
+    `mcp_call` a client sends back with its outputs, its code and logs or its arguments and output), so that
+    the prompt is the one harmony renders for the whole conversation; one whose text is not known (a
     `web_search_call` from elsewhere: its item holds no page) is left out, call and answer together.
     """
     messages: list[ChatMessage | Message] = []
     calls: set[str] = set()
+    answered: set[str] = set()  # approval requests answered in the conversation
     for i, item in enumerate(items):
         where = f"input[{i - first_own}]" if i >= first_own else "previous_response_id"
 
@@ -241,9 +252,23 @@ def items_to_messages(
             exchange = (exchanges or {}).get(item.id or "") or _sent_exchange(item)
             if exchange is not None:
                 messages.extend(exchange.messages())
+        elif item.type == "mcp_call":
+            # A call to an MCP server's tool: on the commentary channel, which harmony keeps in later turns;
+            # one the client approved is shown where its answer was given.
+            if (item.model_extra or {}).get("approval_request_id") not in answered:
+                exchange = (exchanges or {}).get(item.id or "") or sent_call(item)
+                if exchange is not None:
+                    messages.extend(exchange.messages())
+        elif item.type == "mcp_approval_response":
+            # The call an earlier turn answered (run or refused), in the order the answers came, as that
+            # turn's prompt had them. This request's own answers go in once carried out (`_with_approved`).
+            request_id = str((item.model_extra or {}).get("approval_request_id") or "")
+            answered.add(request_id)
+            exchange = (exchanges or {}).get(request_id) if i < first_own else None
+            if exchange is not None:
+                messages.extend(exchange.messages())
         elif item.type in MCP_ITEM_TYPES:
-            # MCP traffic: an approved call goes into the prompt where it was made (`McpTools.ready`).
-            continue
+            continue  # listings and approval requests: nothing the model read
         elif item.type == "function_call_output":
             call_id = _required(item, "call_id", where)
             if call_id not in calls:
@@ -361,6 +386,11 @@ class PreparedResponse:
     mcp: McpRequest | None = None
     # The grammar of the turn's engine requests after a built-in call (a forced choice is met by then).
     after_builtin: Grammar | None = None
+    # With approved calls: the prompt before them. `prompt` holds the calls without their answers until
+    # they have run (`ResponsesService.prepare`), then with them.
+    conversation_prompt: list[int] | None = None
+    # The approved calls' answers left the model no room to write: the response ends at once, incomplete.
+    no_room: bool = False
 
 
 @dataclass(slots=True)
@@ -1042,7 +1072,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             own = self._resolve(request.input)
         for item in own:
             # Items a client sends back from a stored response: the store knows what the model read.
-            if item.type in ("code_interpreter_call", "web_search_call") and item.id:
+            if item.type in ("code_interpreter_call", "web_search_call", "mcp_call") and item.id:
                 found = self.store.exchange(item.id)
                 if found is not None:
                     exchanges[item.id] = found
@@ -1084,12 +1114,14 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         )
 
     async def prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, Admission]:
-        """As every API's, after the request's MCP servers are listed and the calls it approves are run
-        (network, so here on the event loop, before the render worker renders the prompt they go into)."""
+        """As every API's, with the request's MCP servers listed first (network, so here on the event loop,
+        before the render worker declares their tools) and its approval answers checked; the calls it
+        approves run last, once every check that can refuse the request (the render's, the admission's)
+        has passed, so that a refused request has had no side effect."""
         previous = self.store.get(request.previous_response_id or "")
         if previous is None and request.previous_response_id is not None:
             return await super().prepare(request)  # which says why it cannot be continued
-        # Refused fields are refused before a call the request approves is run.
+        # Refused fields are refused before any MCP server is reached.
         self._check_unsupported(request)
         chain = [*previous.input_items, *previous.response["output"]] if previous is not None else []
         own = request.input if isinstance(request.input, list) else []
@@ -1098,9 +1130,38 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             return await super().prepare(request)
         self._mcp_ready[id(request)] = ready
         try:
-            return await super().prepare(request)
+            prepared, admission = await super().prepare(request)
         finally:
             del self._mcp_ready[id(request)]
+        if ready.answers:
+            try:
+                await self._carry_out(prepared)
+            except BaseException:  # cancelled while a call ran: the slots go back
+                admission.release()
+                raise
+        return prepared, admission
+
+    async def _carry_out(self, prepared: PreparedResponse) -> None:
+        """Run the approved calls and put their answers into the prompt (after its checks, which counted the
+        calls but not the answers: an answer that leaves no room ends the response as the tool loop does),
+        keeping each exchange with the response for the turns that continue it."""
+        assert prepared.mcp is not None
+        assert prepared.conversation_prompt is not None
+        mcp = prepared.mcp = await self.mcp.carry_out(prepared.mcp)
+        exchanges = [approved.exchange for approved in mcp.approved]
+        prepared.prompt = await self.workers.run(self._with_approved, prepared.conversation_prompt, exchanges)
+        for approved in mcp.approved:
+            # Found by its answer in a chain, and by its item when a client sends that back alone.
+            prepared.exchanges[approved.request_id] = approved.exchange
+            if approved.item is not None:
+                prepared.exchanges[approved.item["id"]] = approved.exchange
+        room = self.max_model_len - len(prepared.prompt)
+        if prepared.request.max_output_tokens is not None:
+            room = min(room, prepared.request.max_output_tokens)
+        if room < 1:
+            prepared.no_room = True
+        else:
+            prepared.params = dataclasses.replace(prepared.params, max_tokens=room)
 
     def _prepare(self, request: ResponsesRequest) -> tuple[PreparedResponse, list[EngineRequest]]:
         self._check_unsupported(request)
@@ -1121,8 +1182,11 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         mcp = self._mcp_ready.get(id(request))
         namespaces = {**self.builtin.namespaces(builtin), **(mcp.namespaces() if mcp is not None else {})}
         prompt = self.render(messages, offered, effort, shown, namespaces)
-        if mcp is not None and mcp.approved:
-            prompt = self._with_approved(prompt, mcp)
+        conversation_prompt = None
+        if mcp is not None and mcp.answers:
+            # Checked with the approved calls, not yet their answers: those come once the calls have run.
+            conversation_prompt = prompt
+            prompt = self._with_approved(prompt, [answer.call for answer in mcp.answers])
         max_tokens = output_budget(len(prompt), request.max_output_tokens, self.max_model_len)
         # With 'none' the model is shown no tools, and a call it makes anyway is not returned.
         recipients = [r for namespace in namespaces.values() for r in namespace_recipients(namespace)]
@@ -1183,19 +1247,19 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             exchanges,
             mcp,
             after_builtin,
+            conversation_prompt,
         )
         return prepared, [(prompt, params)]
 
-    def _with_approved(self, prompt: list[int], mcp: McpRequest) -> list[int]:
+    def _with_approved(self, prompt: list[int], calls: list[ToolExchange]) -> list[int]:
         """The prompt with the calls the request answered and their results where the model made them: after
         the conversation (which ends with the response that asked), before the next assistant message."""
         tail = [tok.START, *self.encoding.encode_ordinary("assistant")]
         assert prompt[-len(tail) :] == tail
         body = prompt[: -len(tail)]
-        for approved in mcp.approved:
-            body += self.renderer.render_message(approved.call) + self.renderer.render_message(
-                approved.result
-            )
+        for call in calls:
+            for message in call.messages():
+                body += self.renderer.render_message(message)
         return body + tail
 
     # -- running --------------------------------------------------------------------------------------------
@@ -1286,7 +1350,9 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                 # the previous one extended by what the model wrote and the tool's message (the prefix cache
                 # holds the rest of the turn).
                 prompt, params, step = prepared.prompt, prepared.params, 0
-                while True:
+                if prepared.no_room:
+                    finish = FinishReason.LENGTH
+                while not prepared.no_room:
                     rid = run.id if step == 0 else f"{run.id}-{step}"
                     run.input_tokens += len(prompt)
                     cached_before = run.cached

@@ -9,11 +9,13 @@ import ipaddress
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import openai
+import openai_harmony as oh
 import pytest
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
@@ -464,3 +466,247 @@ def test_an_answer_past_the_size_cap_is_an_error(mcp_url: str) -> None:
         asyncio.run(connector.call_tool(mcp_url, {}, "remember", {"note": "x" * 5000}))
     assert (caught.value.kind, caught.value.code) == ("http_error", 502)
     assert "larger than 2000 bytes" in caught.value.message
+
+
+# -- earlier turns' MCP calls in later prompts -------------------------------------------------------------
+
+
+def official_prompt(listed: Any, turns: list[Any]) -> list[int]:
+    """openai-harmony's prompt for a conversation with the `calc` server's listed tools declared as a
+    namespace (as the server declares them), `turns` its messages after the system message."""
+    tools = [oh.ToolDescription.new(t.name, t.description, parameters=t.input_schema) for t in listed.tools]
+    system = (
+        oh.SystemContent.new()
+        .with_conversation_start_date("2026-11-27")
+        .with_tools(oh.ToolNamespaceConfig(name="calc", description=None, tools=tools))
+    )
+    conversation = oh.Conversation.from_messages(
+        [oh.Message.from_role_and_content(oh.Role.SYSTEM, system), *turns]
+    )
+    official = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    return official.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+
+
+def official_call(tool: str, arguments: str, result: str) -> list[Any]:
+    """An MCP call and the tool's answer as harmony renders them: both on the commentary channel."""
+    recipient = f"calc.{tool}"
+    sent = oh.Message.from_role_and_content(oh.Role.ASSISTANT, arguments)
+    read = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, recipient), result)
+    return [
+        sent.with_channel("commentary").with_recipient(recipient).with_content_type("<|constrain|>json"),
+        read.with_channel("commentary").with_recipient("assistant"),
+    ]
+
+
+def user(text: str) -> Any:
+    return oh.Message.from_role_and_content(oh.Role.USER, text)
+
+
+def answered(text: str) -> Any:
+    return oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel("final")
+
+
+def test_a_chain_shows_earlier_mcp_calls_and_approved_ones_once_as_harmony_renders_them(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turn 1 calls a tool that needs no approval; turn 2 asks for one that does, turn 3 approves it, and
+    turn 4's prompt is openai-harmony's rendering of the whole conversation: each call and its answer once,
+    where it was made (turn 3's prompt already ended with the approved call)."""
+    tools = [mcp_tool(mcp_url, require_approval={"never": {"read_only": True}})]
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    first = checked(create(mcp_app, [call("add", '{"a": 2, "b": 3}'), final("It is 5.")], tools))
+    listed = first.output[0]
+    asked = checked(
+        create(
+            mcp_app,
+            [call("remember", '{"note": "bread"}')],
+            tools,
+            input="Remember bread",
+            previous_response_id=first.id,
+        )
+    )
+    assert [item.type for item in asked.output] == ["mcp_approval_request"]
+    approval = {"type": "mcp_approval_response", "approval_request_id": asked.output[0].id, "approve": True}
+    approved = checked(
+        create(mcp_app, [final("Noted.")], tools, input=[approval], previous_response_id=asked.id)
+    )
+    assert [item.type for item in approved.output] == ["mcp_call", "message"]
+    last = checked(create(mcp_app, [final("Both.")], tools, input="And?", previous_response_id=approved.id))
+    assert last.output_text == "Both."
+    added = [user("add 2 and 3"), *official_call("add", '{"a": 2, "b": 3}', "5"), answered("It is 5.")]
+    remembered = [user("Remember bread"), *official_call("remember", '{"note": "bread"}', "stored: bread")]
+    assert prompts[-2] == official_prompt(listed, [*added, *remembered])
+    assert prompts[-1] == official_prompt(listed, [*added, *remembered, answered("Noted."), user("And?")])
+    shown = mcp_app.encoding.decode(prompts[-1])
+    assert shown.count('{"note": "bread"}<|call|>') == 1
+    assert shown.count("stored: bread") == 1
+    assert REMEMBERED.count("bread") == 1
+
+
+def test_a_refused_call_is_shown_once_in_later_turns(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    asked = checked(create(mcp_app, [call("remember", '{"note": "eggs"}')], tools, input="Remember eggs"))
+    listed = asked.output[0]
+    refusal = {
+        "type": "mcp_approval_response",
+        "approval_request_id": asked.output[1].id,
+        "approve": False,
+        "reason": "not today",
+    }
+    refused = checked(create(mcp_app, [final("OK.")], tools, input=[refusal], previous_response_id=asked.id))
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    checked(create(mcp_app, [final("Fine.")], tools, input="Why?", previous_response_id=refused.id))
+    told = "The user did not approve this call. Reason: not today"
+    expected = official_prompt(
+        listed,
+        [
+            user("Remember eggs"),
+            *official_call("remember", '{"note": "eggs"}', told),
+            answered("OK."),
+            user("Why?"),
+        ],
+    )
+    assert prompts[0] == expected
+    assert "eggs" not in REMEMBERED
+
+
+def test_mcp_calls_a_client_sends_back_are_shown_from_their_arguments_and_output(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tools = [mcp_tool(mcp_url)]
+    ran = checked(
+        create(
+            mcp_app,
+            [
+                call("add", '{"a": 4, "b": 5}'),
+                call("explode", '{"reason": "why"}'),
+                final("9, and a failure."),
+            ],
+            tools,
+            store=False,
+        )
+    )
+    listed, added, exploded = ran.output[0], ran.output[1], ran.output[2]
+    assert exploded.status == "failed"
+    history = [
+        {"role": "user", "content": "add 2 and 3"},
+        *[item.model_dump(exclude_none=True) for item in ran.output],
+        {"role": "user", "content": "And?"},
+    ]
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    checked(create(mcp_app, [final("Done.")], tools, input=history, store=False))
+    expected = official_prompt(
+        listed,
+        [
+            user("add 2 and 3"),
+            *official_call("add", '{"a": 4, "b": 5}', added.output),
+            *official_call("explode", '{"reason": "why"}', f"The tool failed: {exploded.output}"),
+            answered("9, and a failure."),
+            user("And?"),
+        ],
+    )
+    assert added.output == "9"
+    assert prompts[0] == expected
+
+
+def test_calls_answered_together_keep_their_order_in_later_turns(
+    mcp_app: Served, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two approval requests answered in one request, the first approved and the second refused: a later
+    turn shows them in that order, as the answering turn's prompt had them (not the refusal first because
+    it has no `mcp_call` item)."""
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    first = checked(create(mcp_app, [call("remember", '{"note": "A"}')], tools, input="Remember A"))
+    listed = first.output[0]
+    second = checked(
+        create(
+            mcp_app,
+            [call("remember", '{"note": "B"}')],
+            tools,
+            input="Also B",
+            previous_response_id=first.id,
+        )
+    )
+    answers = [
+        {"type": "mcp_approval_response", "approval_request_id": first.output[1].id, "approve": True},
+        {"type": "mcp_approval_response", "approval_request_id": second.output[0].id, "approve": False},
+    ]
+    prompts = recorded_prompts(mcp_app, monkeypatch)
+    done = checked(create(mcp_app, [final("Done.")], tools, input=answers, previous_response_id=second.id))
+    assert [item.type for item in done.output] == ["mcp_call", "message"]
+    checked(create(mcp_app, [final("So.")], tools, input="And?", previous_response_id=done.id))
+    conversation = [
+        user("Remember A"),
+        user("Also B"),
+        *official_call("remember", '{"note": "A"}', "stored: A"),
+        *official_call("remember", '{"note": "B"}', "The user did not approve this call."),
+    ]
+    assert prompts[0] == official_prompt(listed, conversation)
+    assert prompts[1] == official_prompt(listed, [*conversation, answered("Done."), user("And?")])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"extra_body": {"logit_bias": {"not a token": 1}}}, "logit_bias"),
+        ({"max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"tool_choice": {"type": "function", "name": "missing"}}, "tool_choice"),
+    ],
+)
+def test_a_refused_request_runs_no_approved_call(
+    mcp_app: Served, mcp_url: str, fields: dict[str, Any], param: str
+) -> None:
+    """Every check that can refuse the request comes before the calls it approves run: the server records
+    nothing for a refused one, and the approval can still be given by a correct request."""
+    tools = [mcp_tool(mcp_url, require_approval="always")]
+    note = f"refused {param}"
+    asked = checked(create(mcp_app, [call("remember", json.dumps({"note": note}))], tools))
+    approval = {"type": "mcp_approval_response", "approval_request_id": asked.output[1].id, "approve": True}
+    body = {**fields.pop("extra_body", {}), "test_force": [final("Noted.")]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_for(mcp_app).responses.create(
+            model=MODEL,
+            tools=tools,
+            input=[approval],
+            previous_response_id=asked.id,
+            extra_body=body,
+            **fields,
+        )
+    assert caught.value.body["param"] == param
+    assert note not in REMEMBERED
+    approved = checked(
+        create(mcp_app, [final("Noted.")], tools, input=[approval], previous_response_id=asked.id)
+    )
+    assert approved.output[0].output == f"stored: {note}"
+    assert REMEMBERED.count(note) == 1
+
+
+def test_an_approved_answer_that_fills_the_context_ends_the_response_incomplete(
+    tmp_path: Path, mcp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks count the approved call but not its answer (not known until it has run): an answer that
+    leaves no room is not a refusal after the fact but a response that ends at once, as the tool loop's."""
+    engine, encoding = tiny_engine(tmp_path, max_model_len=1024)
+    settings = ServerSettings(
+        served_model_name=MODEL, conversation_date="2026-11-27", mcp_allow=["127.0.0.0/8"], mcp_timeout=10.0
+    )
+    app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
+    with serve_in_thread(app) as base:
+        served = Served(base, engine, encoding, app)
+        tools = [mcp_tool(mcp_url, require_approval="always", allowed_tools=["remember"])]
+        note = " ".join(["overflow"] * 600)
+        asked = checked(create(served, [call("remember", json.dumps({"note": note}))], tools))
+        approval = {
+            "type": "mcp_approval_response",
+            "approval_request_id": asked.output[1].id,
+            "approve": True,
+        }
+        prompts = recorded_prompts(served, monkeypatch)
+        ended = checked(create(served, [final("x")], tools, input=[approval], previous_response_id=asked.id))
+    assert prompts == []  # nothing left to generate
+    assert ended.status == "incomplete"
+    assert ended.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in ended.output] == ["mcp_call"]
+    assert ended.output[0].output == f"stored: {note}"
