@@ -364,6 +364,24 @@ def _enabled_builtins(request: ResponsesRequest) -> set[str]:
     return {_builtin_namespace(tool.type) for tool in request.tools or [] if tool.type in BUILTIN_TYPES}
 
 
+def _mcp_choice(request: ResponsesRequest, choice: ResponsesToolChoice) -> _ToolChoice:
+    """`{"type": "mcp", "server_label": ..., "name": ...}`: a call to that MCP server's tool (to any of its
+    tools without a name) is forced, the model reasoning first as for a built-in tool."""
+    label = (choice.model_extra or {}).get("server_label")
+    labels = {
+        (tool.model_extra or {}).get("server_label") for tool in request.tools or [] if tool.type == MCP_TYPE
+    }
+    if not isinstance(label, str) or label not in labels:
+        raise bad_request(
+            f"tool_choice names the MCP server {label!r}, which is not among the tools",
+            param="tool_choice.server_label",
+        )
+    echo: dict[str, Any] = {"type": MCP_TYPE, "server_label": label}
+    if choice.name is not None:
+        echo["name"] = choice.name
+    return _ToolChoice("required", [], [f"{label}.{choice.name}" if choice.name else label], echo)
+
+
 @dataclass(slots=True)
 class PreparedResponse:
     request: ResponsesRequest
@@ -970,11 +988,14 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                         param="tool_choice",
                     )
                 return _ToolChoice("required", [], [namespace], {"type": choice.type})
+            if choice.type == MCP_TYPE:
+                return _mcp_choice(request, choice)
             if choice.type != "function" or not choice.name:
                 raise bad_request(
                     f"tool_choice of type {choice.type!r} is not supported; use auto, none, required, "
-                    "{'type': 'function', 'name': ...}, {'type': 'code_interpreter'}, {'type': 'web_search'} "
-                    "or {'type': 'allowed_tools', ...}",
+                    "{'type': 'function', 'name': ...}, {'type': 'code_interpreter'}, "
+                    "{'type': 'web_search'}, {'type': 'mcp', 'server_label': ...} or "
+                    "{'type': 'allowed_tools', ...}",
                     param="tool_choice",
                 )
             if choice.name not in names:

@@ -710,3 +710,47 @@ def test_an_approved_answer_that_fills_the_context_ends_the_response_incomplete(
     assert ended.incomplete_details.reason == "max_output_tokens"
     assert [item.type for item in ended.output] == ["mcp_call"]
     assert ended.output[0].output == f"stored: {note}"
+
+
+def test_a_tool_choice_naming_an_mcp_server_or_tool_forces_that_call(mcp_app: Served, mcp_url: str) -> None:
+    reasoning = "<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant"
+    choice = {"type": "mcp", "server_label": "calc", "name": "add"}
+    response = checked(
+        create(
+            mcp_app,
+            [reasoning + call("add", '{"a": 2, "b": 3}'), final("It is 5.")],
+            [mcp_tool(mcp_url)],
+            tool_choice=choice,
+        )
+    )
+    assert [item.type for item in response.output] == ["mcp_list_tools", "reasoning", "mcp_call", "message"]
+    assert response.output[2].output == "5"
+    assert response.tool_choice.model_dump(exclude_none=True) == choice
+    # The choice is held by the turn's grammar: an answer without the call, or a call to another of the
+    # server's tools than the one named, cannot be sampled.
+    for script in ([final("No call.")], [call("remember", '{"note": "x"}')]):
+        with pytest.raises(openai.InternalServerError, match="no token can be sampled"):
+            create(mcp_app, script, [mcp_tool(mcp_url)], tool_choice=choice)
+    # Naming the server alone forces a call to any of its tools.
+    response = checked(
+        create(
+            mcp_app,
+            [call("remember", '{"note": "forced"}'), final("Stored.")],
+            [mcp_tool(mcp_url)],
+            tool_choice={"type": "mcp", "server_label": "calc"},
+        )
+    )
+    assert [item.type for item in response.output] == ["mcp_list_tools", "mcp_call", "message"]
+
+
+def test_a_tool_choice_naming_an_mcp_server_not_among_the_tools_is_a_400(
+    mcp_app: Served, mcp_url: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        create(
+            mcp_app,
+            [final("x")],
+            [mcp_tool(mcp_url)],
+            tool_choice={"type": "mcp", "server_label": "other"},
+        )
+    assert raised.value.body["param"] == "tool_choice.server_label"
