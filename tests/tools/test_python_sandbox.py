@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import threading
@@ -144,7 +145,9 @@ def test_the_hosts_loopback_and_network_are_unreachable(listener: int) -> None:
 
 
 def test_a_fork_bomb_hits_the_process_limit() -> None:
-    sandbox = PythonSandbox(LIMITS)
+    # The process limit must stop the bomb, not the wall clock: on a loaded machine 64 forks can take longer
+    # than the other tests' 8 s, and the cell would end as a timeout with nothing shown about the limit.
+    sandbox = PythonSandbox(dataclasses.replace(LIMITS, wall_seconds=60))
     cgroup = _Cgroup("gpt-oss-probe", LIMITS)
     has_cgroup = bool(cgroup.paths)
     cgroup.remove()
