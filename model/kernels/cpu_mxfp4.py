@@ -131,6 +131,12 @@ def available() -> bool:
         return True
 
 
+def native_bf16() -> bool:
+    """Whether the built kernel multiplies bfloat16 inputs as they are (the CPU has AVX512-BF16); False where
+    it converts them to float32 first, or is not built."""
+    return available() and _native_bf16
+
+
 def mxfp4_linear(
     x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
