@@ -177,7 +177,7 @@ constexpr bool HAS_BF16 = true;
 // Scales for which every scaled weight is a normal bfloat16 and its product with any activation of magnitude
 // at least 2^-62 is a normal float32: VDPBF16PS (like oneDNN's bfloat16 matmuls) flushes subnormal inputs and
 // products to zero, so rows with a scale outside take the float32 loop below instead. Trained checkpoints'
-// scales sit near 127, far inside.
+// scales sit near 127, far inside. (An activation itself below float32's normal range still counts as zero.)
 constexpr int SAFE_LO = 64, SAFE_HI = 252;
 constexpr int ROWS = 4;   // weight rows decoded together and multiplied against the same token tile
 constexpr int TOKENS = 6; // tokens per tile: ROWS x TOKENS accumulators, ROWS weights and one input in registers
@@ -228,7 +228,8 @@ static void dot_tile(const uint16_t* w, const uint8_t* blocks, const uint8_t* sc
     for (int64_t g = 0; g < G; ++g) {
         __m512bh wv[ROWS];
         for (int i = 0; i < ROWS; ++i)
-            wv[i] = (__m512bh)(DECODED ? _mm512_loadu_si512(w + (i * G + g) * 32) : decode_block(b[i] + g * 16, s[i][g]));
+            wv[i] = (__m512bh)(DECODED ? _mm512_loadu_si512(w + (i * G + g) * 32)
+                                       : decode_block(b[i] + g * 16, s[i][g]));
         for (int m = 0; m < MT; ++m) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + m) * K + g * 32);
             for (int i = 0; i < ROWS; ++i) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv[i], xv);
