@@ -1,15 +1,26 @@
-"""CPU benchmark: the packed-expert paths at gpt-oss-20b's widths, the dequantize-per-step path against the
-fused MXFP4 kernel (model/kernels/cpu_mxfp4.py), in one run on the same machine and threads.
+"""CPU benchmark: this server's CPU path against llama.cpp on the same 20b-shaped checkpoint, in one run on
+the same machine and threads; and the fused MXFP4 kernel (model/kernels/cpu_mxfp4.py) against
+dequantize-per-step.
 
-    python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 8] [--threads N]
-                                   [--impls grouped,fused] [--dtypes bfloat16,float32]
+    python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 16] [--threads N]
+                                   [--impls fused] [--dtypes bfloat16,float32] [--no-llama-cpp]
+                                   [--ppl-chunks 2] [--ppl-ctx 128]
     python benchmarks/cpu_bench.py [--kernels] [--matrix-tokens 64,256,512,1024] [--repeats 7]
 
 The default (quick) mode writes once, under .cache/model_bench/, the random 20b-shaped checkpoint slice that
 benchmarks/model_bench.py uses (hidden 2880, 32 experts, top-4, the real vocabulary, `--layers` layers), then
 runs each implementation and dtype in its own process (so peak RSS is that run's alone) and prints, per run:
 prefill tokens/s for one `--prompt`-token sequence, decode tokens/s at batch 1 after that prompt (the best
-step and the median of `--decode-steps`), and peak RSS; then the fused path's ratio to today's.
+step and the median of `--decode-steps`), peak RSS, and the perplexity of README.md's first `--ppl-chunks`
+chunks of `--ppl-ctx` tokens (scored as llama-perplexity scores them: the second half of each chunk).
+
+llama.cpp (unless `--no-llama-cpp`) is built once from the `llama-cpp-python` source package (it vendors
+llama.cpp; `pip download`, then cmake and ninja: llama-bench and llama-perplexity, for this CPU) and cached
+under ~/.cache/gpt-oss-server/llama-cpp/, with the checkpoint converted by llama.cpp's own
+convert_hf_to_gguf.py (its `gguf` package from the same source; the tokenizer file it reads written from this
+project's vocabulary; MXFP4 experts, bf16 the rest). llama-bench then measures prefill (`-p`) and decode
+after the prompt (`-n` at depth `-d`), weights read into memory (no mmap, so RSS counts them);
+llama-perplexity scores the same text. These tools are benchmark-only: nothing in the server needs them.
 
 `--kernels` times one MoE layer's experts alone (no checkpoint): batch 1 (one token, 4 experts) and a
 `--prompt`-token prefill, each implementation and dtype, the minimum of `--repeats` runs (the machine may be
@@ -23,9 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from model_bench import checkpoint_dir, proc_status  # noqa: E402
 
+from harmony.encoding import load_harmony_encoding, write_vocabulary  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss, MLPBlock  # noqa: E402
 from model.kernels import Kernels, cpu_mxfp4, prepacked  # noqa: E402
@@ -116,6 +134,149 @@ def bench_matrix(args: argparse.Namespace) -> None:
     logger.info("threads %d, min of %d\n%s", torch.get_num_threads(), args.repeats, "\n".join(lines))
 
 
+LLAMA_CACHE = Path.home() / ".cache" / "gpt-oss-server" / "llama-cpp"
+LLAMA_TOOLS = ("llama-bench", "llama-perplexity")
+PPL_TEXT = ROOT / "README.md"
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's source as vendored by the newest `llama-cpp-python` source package, downloaded and unpacked
+    once."""
+    LLAMA_CACHE.mkdir(parents=True, exist_ok=True)
+    archives = sorted(LLAMA_CACHE.glob("llama_cpp_python-*.tar.gz"))
+    if not archives:
+        logger.info("downloading the llama-cpp-python source package")
+        download = ["download", "--no-binary", ":all:", "--no-deps", "-d", str(LLAMA_CACHE)]
+        subprocess.run([sys.executable, "-m", "pip", *download, "llama-cpp-python"], check=True)
+        archives = sorted(LLAMA_CACHE.glob("llama_cpp_python-*.tar.gz"))
+    archive = archives[-1]
+    unpacked = LLAMA_CACHE / archive.name.removesuffix(".tar.gz")
+    if not unpacked.is_dir():
+        with tarfile.open(archive) as tar:
+            tar.extractall(LLAMA_CACHE, filter="data")
+    return unpacked / "vendor" / "llama.cpp"
+
+
+def llama_cpp_tools(source: Path) -> Path:
+    """The folder of llama-bench and llama-perplexity, built for this CPU (GGML_NATIVE) on the first run."""
+    build = source / "build"
+    bin_dir = build / "bin"
+    if all((bin_dir / tool).is_file() for tool in LLAMA_TOOLS):
+        return bin_dir
+    if shutil.which("cmake") is None:
+        raise SystemExit(
+            "building llama.cpp needs cmake (Debian/Ubuntu: apt-get install cmake), or --no-llama-cpp"
+        )
+    logger.info("building llama.cpp in %s (once; several minutes on two cores)", build)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    options = ["TESTS", "EXAMPLES", "SERVER", "APP"]  # only the tools: LLAMA_BUILD_<option>=OFF
+    configure = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
+    configure += [f"-DLLAMA_BUILD_{option}=OFF" for option in options]
+    command = ["cmake", "-S", str(source), "-B", str(build), *generator, *configure]
+    subprocess.run(command, check=True, capture_output=True)
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", *LLAMA_TOOLS], check=True)
+    return bin_dir
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """The Hugging Face tokenizer files llama.cpp's converter reads, from this project's o200k_harmony
+    vocabulary (its special tokens up to the model's vocabulary size)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    encoding = load_harmony_encoding()
+    special = {text: i for text, i in encoding._special_tokens.items() if i < vocab_size}
+    vocab_file = write_vocabulary(folder)
+    converted = TikTokenConverter(
+        vocab_file=str(vocab_file), pattern=encoding._pat_str, extra_special_tokens=special
+    ).converted()
+    converted.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,  # llama-perplexity then scores the text's own tokens, as this server does
+        "add_eos_token": False,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|return|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def llama_cpp_model(source: Path, checkpoint: Path) -> Path:
+    """The checkpoint converted to GGUF by llama.cpp's own converter (MXFP4 experts kept, bf16 the rest)."""
+    out = LLAMA_CACHE / "models" / f"{checkpoint.name}.gguf"
+    if out.is_file():
+        return out
+    staged = LLAMA_CACHE / "models" / checkpoint.name
+    staged.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        if not (staged / name).exists():
+            (staged / name).symlink_to(checkpoint / name)
+    write_tokenizer(staged, json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+    logger.info("converting %s to GGUF with llama.cpp's converter", checkpoint)
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    partial = out.with_suffix(".partial")
+    convert = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(staged), "--outtype", "bf16"]
+    subprocess.run([*convert, "--outfile", str(partial)], check=True, env=env, capture_output=True)
+    partial.replace(out)
+    return out
+
+
+def run_measured(command: list[str]) -> tuple[str, float]:
+    """`command`'s output (stdout and stderr) and its own peak RSS in GB (wait4's, not this process's)."""
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read()
+    if process.returncode:
+        raise SystemExit(f"{command[0]} failed ({process.returncode}):\n{text[-2000:]}")
+    return text, usage.ru_maxrss * 1024 / 1e9
+
+
+def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
+    """llama.cpp's prefill and decode tokens/s, peak RSS and perplexity on the same checkpoint and threads."""
+    source = llama_cpp_source()
+    tools = llama_cpp_tools(source)
+    model = llama_cpp_model(source, checkpoint)
+    common = [str(model), "-t", str(args.threads), "-lm", "none", "-r", "3", "-o", "jsonl"]
+    out: dict[str, float] = {}
+    text, prefill_rss = run_measured(
+        [str(tools / "llama-bench"), "-m", *common, "-p", str(args.prompt), "-n", "0"]
+    )
+    out["prefill_tok_s"] = json.loads(text.strip().splitlines()[-1])["avg_ts"]
+    decode = [str(tools / "llama-bench"), "-m", *common, "-p", "0", "-n", str(args.decode_steps)]
+    text, decode_rss = run_measured([*decode, "-d", str(args.prompt)])
+    out["decode_tok_s_median"] = json.loads(text.strip().splitlines()[-1])["avg_ts"]
+    out["peak_rss_gb"] = max(prefill_rss, decode_rss)
+    if not args.ppl_chunks:
+        return out
+    ppl = [str(tools / "llama-perplexity"), "-m", str(model), "-t", str(args.threads), "-f", str(PPL_TEXT)]
+    ppl += ["-c", str(args.ppl_ctx), "-b", str(args.ppl_ctx), "--chunks", str(args.ppl_chunks)]
+    text, _ = run_measured(ppl)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", text)
+    if found is None:
+        raise SystemExit(f"llama-perplexity printed no estimate:\n{text[-2000:]}")
+    out["perplexity"] = float(found.group(1))
+    return out
+
+
+def perplexity(model: GptOss, args: argparse.Namespace) -> float:
+    """The perplexity of PPL_TEXT as llama-perplexity computes it: chunks of `--ppl-ctx` tokens, each run
+    alone, the predictions of its second half scored."""
+    tokens = load_harmony_encoding().encode_ordinary(PPL_TEXT.read_text())
+    ctx, first = args.ppl_ctx, args.ppl_ctx // 2
+    nll, count = 0.0, 0
+    for chunk in range(args.ppl_chunks):
+        ids = torch.tensor(tokens[chunk * ctx : (chunk + 1) * ctx])
+        logits = model(ids, AttentionMetadata.build([ctx]), logits_indices=torch.arange(first, ctx - 1))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        nll -= logprobs.gather(1, ids[first + 1 :, None]).sum().item()
+        count += ctx - 1 - first
+    return math.exp(nll / count)
+
+
 def worker(args: argparse.Namespace) -> None:
     """One implementation and dtype on the checkpoint slice; prints its figures as one JSON line."""
     impl, dtype_name = args.worker.split(":")
@@ -143,6 +304,8 @@ def worker(args: argparse.Namespace) -> None:
     out["decode_tok_s_median"] = 1 / statistics.median(steps)
     # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak (checkpoint writing).
     out["peak_rss_gb"] = proc_status("VmHWM") / 1e9
+    if args.ppl_chunks:
+        out["perplexity"] = perplexity(model, args)
     sys.stdout.write(json.dumps(out) + "\n")
 
 
@@ -150,10 +313,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--impls", default="grouped,fused")
+    parser.add_argument("--impls", default="fused")
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
+    parser.add_argument("--ppl-chunks", type=int, default=2, help="perplexity chunks (0: none)")
+    parser.add_argument("--ppl-ctx", type=int, default=128)
     parser.add_argument("--kernels", action="store_true", help="time one layer's experts alone")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--matrix-tokens", default="", help="time one matrix at these token counts")
@@ -183,20 +349,35 @@ def main() -> None:
             results[run] = json.loads(done.stdout.strip().splitlines()[-1])
             logger.info("%s: %s", run, json.dumps(results[run]))
 
-    header = f"{'':18}{'prefill tok/s':>14}{'decode tok/s best':>19}{'median':>8}{'peak RSS GB':>13}"
+    if not args.no_llama_cpp:
+        results["llama.cpp"] = llama_cpp(args, path)
+        logger.info("llama.cpp: %s", json.dumps(results["llama.cpp"]))
+
+    header = (
+        f"{'':18}{'prefill tok/s':>14}{'decode tok/s best':>19}{'median':>8}{'peak RSS GB':>13}{'ppl':>10}"
+    )
     lines = [header]
     for run, r in results.items():
+        best_decode = f"{r['decode_tok_s_best']:19.2f}" if "decode_tok_s_best" in r else f"{'-':>19}"
         lines.append(
-            f"{run:18}{r['prefill_tok_s']:14.1f}{r['decode_tok_s_best']:19.2f}"
-            f"{r['decode_tok_s_median']:8.2f}{r['peak_rss_gb']:13.2f}"
+            f"{run:18}{r['prefill_tok_s']:14.1f}{best_decode}{r['decode_tok_s_median']:8.2f}"
+            f"{r['peak_rss_gb']:13.2f}{r.get('perplexity', math.nan):10.1f}"
         )
     for dtype_name in args.dtypes.split(","):
         new, old = results.get(f"fused:{dtype_name}"), results.get(f"grouped:{dtype_name}")
         if new and old:
             lines.append(
                 f"fused / grouped, {dtype_name}: prefill "
-                f"{new['prefill_tok_s'] / old['prefill_tok_s']:.1f}x, decode (best) "
-                f"{new['decode_tok_s_best'] / old['decode_tok_s_best']:.1f}x"
+                f"{new['prefill_tok_s'] / old['prefill_tok_s']:.2f}x, decode (best) "
+                f"{new['decode_tok_s_best'] / old['decode_tok_s_best']:.2f}x"
+            )
+    peer = results.get("llama.cpp")
+    for run, r in results.items():
+        if peer and run != "llama.cpp":
+            lines.append(
+                f"{run} / llama.cpp: prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
+                f"decode (median) {r['decode_tok_s_median'] / peer['decode_tok_s_median']:.2f}x, peak RSS "
+                f"{r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x"
             )
     logger.info("\n%s", "\n".join(lines))
 

@@ -26,7 +26,7 @@ from engine.request import LoraRefused
 from harmony.encoding import VocabularyError, load_harmony_encoding
 from model.config import PRESETS
 from model.gpt_oss import GptOss
-from model.kernels import Kernels
+from model.kernels import Kernels, cpu_mxfp4
 from model.lora import AdapterError, Update, read_adapter
 from model.make_checkpoint import write_checkpoint
 from model.weights import resolve_model
@@ -87,7 +87,9 @@ class CliSettings(BaseSettings):
         None, description="cpu or cuda (default: cuda when available)"
     )
     dtype: Literal["bfloat16", "float32"] | None = Field(
-        None, description="activation dtype (default: bfloat16 on cuda, float32 on cpu)"
+        None,
+        description="activation dtype (default: bfloat16 on cuda, and on a cpu whose fused MXFP4 kernel "
+        "multiplies bfloat16 natively (AVX512-BF16); float32 on other cpus)",
     )
     experts: Literal["packed", "dequantized"] = Field(
         "packed",
@@ -322,6 +324,27 @@ def read_adapters(specs: list[str], model: GptOss) -> list[tuple[str, str, list[
     return adapters
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """bfloat16 on CUDA. On a CPU, bfloat16 where the fused MXFP4 kernel multiplies it natively: there it
+    beat float32 at decode and prefill, the experts and the rest of the step (half the bytes per weight;
+    benchmarks/README.md, cpu_bench.py). Elsewhere float32, the kernel's native input there (bfloat16 would
+    be converted for every expert matmul)."""
+    if device == "cuda" or cpu_mxfp4.native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resident_gb() -> float:
+    """This process's resident memory now, in GB (VmRSS; 0 where /proc is not there)."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return 0.0
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return 0.0
+
+
 def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
     if args.kernels == "triton" and args.device != "cuda":
         _invalid("kernels: 'triton' needs --device cuda")
@@ -333,11 +356,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
     else:
         path = resolve_model(args.model)
         name = args.model.rstrip("/").split("/")[-1]
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype
-        else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    )
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     model = GptOss.from_checkpoint(
         path,
         device=args.device,
@@ -370,6 +389,13 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
             engine.load_lora(adapter, updates, adapter_path)
         except (AdapterError, LoraRefused) as error:
             _invalid(f"lora: {adapter}: {error}")
+    logger.info(
+        "%s in %s%s: %.2f GB resident with the weights and the KV cache",
+        args.device,
+        str(dtype).removeprefix("torch."),
+        "" if args.dtype else " (the default here)",
+        resident_gb(),
+    )
     settings = ServerSettings(
         served_model_name=args.served_model_name or name,
         model_note=note,

@@ -1,25 +1,46 @@
 // The fused MXFP4 matmul of the CPU experts. Built by model/kernels/cpu_mxfp4.py, which fills in the e2m1 table,
 // the scale bias and the token tile from its Python definitions before compiling.
+//
+// Two paths, chosen per call by the activations' dtype:
+// * bfloat16 activations on a CPU with AVX512-BF16: weights decoded to bfloat16 (exact: an e2m1 value times a
+//   power of two is a bfloat16) and multiplied by VDPBF16PS, two products per float32 lane, float32 sums.
+// * float32 activations (or no AVX512-BF16): weights decoded to float32, FMAs into float32 sums.
+// Both decode a nibble by a table lookup in one register (a 16-entry table, one permute per 16 or 32 codes) and
+// scale each block of 32 once, by its power of two; both are exact to float32's rounding of the sums.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 static float FP4[16] = {FP4_VALUES};
 static float POW2[256];
-static bool POW2_READY = [] {
-    for (int s = 0; s < 256; ++s) POW2[s] = (float)std::ldexp(1.0, s - SCALE_BIAS);
+// FP4 times 2^(s - 127) as bfloat16 bits (the top half of each float32: exact, an e2m1 value has one mantissa
+// bit), 16 values twice per scale s: the 32-word table one permute looks a block's codes up in.
+alignas(64) static uint16_t FP4_BF16[256][32];
+static bool TABLES_READY = [] {
+    for (int s = 0; s < 256; ++s) {
+        POW2[s] = (float)std::ldexp(1.0, s - SCALE_BIAS);
+        for (int i = 0; i < 32; ++i) {
+            const float v = FP4[i % 16] * POW2[s];
+            uint32_t bits;
+            std::memcpy(&bits, &v, 4);
+            FP4_BF16[s][i] = (uint16_t)(bits >> 16);
+        }
+    }
     return true;
 }();
 
-// Rows [r0, r1) of out[m0:m0+MT] = x[m0:m0+MT] . W^T (+ bias), W in MXFP4. xp [G, M, 32] holds the inputs
-// block by block, all tokens' 32 values of a block together, each as its 16 even elements then its 16 odd ones.
+// ---------------------------------------------------------------------------------------------------------
+// float32 activations. Rows [r0, r1) of out[m0:m0+MT] = x[m0:m0+MT] . W^T (+ bias). xp [G, M, 32] holds the
+// inputs block by block, all tokens' 32 values of a block together, each as its 16 even elements then its 16
+// odd ones, so the decoded low and high nibbles meet contiguous inputs.
 template <int MT>
-static void tile(const float* xp, const uint8_t* blocks, const uint8_t* scales, const float* bias, float* out,
-                 int64_t G, int64_t N, int64_t M, int64_t m0, int64_t r0, int64_t r1) {
+static void tile_f32(const float* xp, const uint8_t* blocks, const uint8_t* scales, const float* bias, float* out,
+                     int64_t G, int64_t N, int64_t M, int64_t m0, int64_t r0, int64_t r1) {
 #if defined(__AVX512F__)
     const __m512 lut = _mm512_loadu_ps(FP4);
     const __m512i low4 = _mm512_set1_epi32(0xF);
@@ -63,6 +84,45 @@ static void tile(const float* xp, const uint8_t* blocks, const uint8_t* scales, 
             out[(m0 + m) * N + r] = _mm512_reduce_add_ps(sum) + (bias ? bias[r] : 0.f);
         }
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    // Eight lanes: the table holds the eight magnitudes and the code's top bit is the sign, put in place by a
+    // shift and an xor.
+    const __m256 lut = _mm256_loadu_ps(FP4);
+    const __m256i low3 = _mm256_set1_epi32(0x7), sign = _mm256_set1_epi32(0x8);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* b = blocks + r * G * 16;
+        const uint8_t* s = scales + r * G;
+        __m256 acc[4][MT];
+        for (int q = 0; q < 4; ++q)
+            for (int m = 0; m < MT; ++m) acc[q][m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+            const __m256 scale = _mm256_set1_ps(POW2[s[g]]);
+            for (int h = 0; h < 2; ++h) {  // bytes 0-7, then 8-15
+                const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(b + g * 16 + h * 8)));
+                const __m256i lo = codes, hi = _mm256_srli_epi32(codes, 4);
+                const __m256 even = _mm256_mul_ps(
+                    _mm256_xor_ps(_mm256_permutevar8x32_ps(lut, _mm256_and_si256(lo, low3)),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(lo, sign), 28))),
+                    scale);
+                const __m256 odd = _mm256_mul_ps(
+                    _mm256_xor_ps(_mm256_permutevar8x32_ps(lut, _mm256_and_si256(hi, low3)),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(hi, sign), 28))),
+                    scale);
+                for (int m = 0; m < MT; ++m) {
+                    const float* x = xp + (g * M + m0 + m) * 32 + h * 8;
+                    acc[2 * h][m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x), acc[2 * h][m]);
+                    acc[2 * h + 1][m] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + 16), acc[2 * h + 1][m]);
+                }
+            }
+        }
+        for (int m = 0; m < MT; ++m) {
+            const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc[0][m], acc[1][m]), _mm256_add_ps(acc[2][m], acc[3][m]));
+            __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+            sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+            sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
+            out[(m0 + m) * N + r] = _mm_cvtss_f32(sum4) + (bias ? bias[r] : 0.f);
+        }
+    }
 #else
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* b = blocks + r * G * 16;
@@ -85,27 +145,15 @@ static void tile(const float* xp, const uint8_t* blocks, const uint8_t* scales, 
 
 using TileFn = void (*)(const float*, const uint8_t*, const uint8_t*, const float*, float*, int64_t, int64_t,
                         int64_t, int64_t, int64_t, int64_t);
-static const TileFn TILES[TILE_MAX] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
+static const TileFn TILES_F32[TILE_MAX] = {tile_f32<1>, tile_f32<2>, tile_f32<3>, tile_f32<4>,
+                                           tile_f32<5>, tile_f32<6>, tile_f32<7>, tile_f32<8>};
 
-// x [M, K] float32, blocks [N, K/32, 16] and scales [N, K/32] uint8, bias [N] float32 or empty: x . W^T + bias
-// as [M, N] float32.
-torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias) {
-    // Python threads (the server's event loop) run meanwhile, as they do beside torch's own ops.
-    pybind11::gil_scoped_release no_gil;
-    const int64_t M = x.size(0), N = blocks.size(0), G = blocks.size(1);
-    TORCH_CHECK(x.size(1) == G * 32, "inputs and weights disagree on K");
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
-    TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "MXFP4 must be uint8");
-    TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous() && bias.is_contiguous(), "inputs not contiguous");
-    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.numel() == N), "bad bias");
-    // Evens then odds per block, so the decoded low and high nibbles meet contiguous inputs; block-major, so
-    // the tokens of a tile read one contiguous run per block.
+static torch::Tensor linear_f32(const torch::Tensor& x, const uint8_t* bptr, const uint8_t* sptr,
+                                const float* biasptr, int64_t N, int64_t G) {
+    const int64_t M = x.size(0);
     auto xp = x.reshape({M, G, 16, 2}).permute({1, 0, 3, 2}).contiguous();
     auto out = torch::empty({M, N}, x.options());
     const float* xptr = xp.data_ptr<float>();
-    const uint8_t* bptr = blocks.data_ptr<uint8_t>();
-    const uint8_t* sptr = scales.data_ptr<uint8_t>();
-    const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
     float* optr = out.data_ptr<float>();
     // About 64 KB of packed weights per task, reused by every token tile while it sits in the cache.
     const int64_t grain = std::max<int64_t>(1, 65536 / (G * 17));
@@ -114,9 +162,174 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
             const int64_t r1 = std::min(end, r0 + grain);
             for (int64_t m0 = 0; m0 < M; m0 += TILE_MAX) {
                 const int64_t mt = std::min<int64_t>(TILE_MAX, M - m0);
-                TILES[mt - 1](xptr, bptr, sptr, biasptr, optr, G, N, M, m0, r0, r1);
+                TILES_F32[mt - 1](xptr, bptr, sptr, biasptr, optr, G, N, M, m0, r0, r1);
             }
         }
     });
     return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bfloat16 activations.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool HAS_BF16 = true;
+
+// Scales for which every scaled weight is a normal bfloat16 and its product with any activation of magnitude
+// at least 2^-62 is a normal float32: VDPBF16PS (like oneDNN's bfloat16 matmuls) flushes subnormal inputs and
+// products to zero, so rows with a scale outside take the float32 loop below instead. Trained checkpoints'
+// scales sit near 127, far inside. (An activation itself below float32's normal range still counts as zero.)
+constexpr int SAFE_LO = 64, SAFE_HI = 252;
+constexpr int ROWS = 4;   // weight rows decoded together and multiplied against the same token tile
+constexpr int TOKENS = 6; // tokens per tile: ROWS x TOKENS accumulators, ROWS weights and one input in registers
+
+// One block's 32 weights as bfloat16, in the elements' own order: the 16 bytes widened to 16 dwords give 32
+// words each holding one nibble (low nibble first), which index the block's scaled table (one permute).
+static inline __m512i decode_block(const uint8_t* b, uint8_t s) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b));
+    // 0xF8 = A | (B & C): the low nibble in the low word, the high nibble (shifted) in the high word.
+    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)),
+                                                  _mm512_slli_epi32(bytes, 12), _mm512_set1_epi32(0xF0000), 0xF8);
+    return _mm512_permutexvar_epi16(idx, _mm512_load_si512(FP4_BF16[s]));
+}
+
+// Rows [r0, r0 + ROWS) of the packed weights decoded into w [ROWS, G, 32]; rows past r1 (the last group) are
+// zeros.
+static void decode_rows(const uint8_t* blocks, const uint8_t* scales, int64_t G, int64_t r0, int64_t r1,
+                        uint16_t* w) {
+    for (int i = 0; i < ROWS; ++i) {
+        uint16_t* wr = w + i * G * 32;
+        if (r0 + i >= r1) {
+            std::memset(wr, 0, G * 32 * sizeof(uint16_t));
+            continue;
+        }
+        const uint8_t* b = blocks + (r0 + i) * G * 16;
+        const uint8_t* s = scales + (r0 + i) * G;
+        for (int64_t g = 0; g < G; ++g) _mm512_storeu_si512(wr + g * 32, decode_block(b + g * 16, s[g]));
+    }
+}
+
+// out[m0:m0+MT, r0:r0+ROWS] (clipped to r1) and bfloat16 inputs x [M, K], the weights read from w (decoded by
+// decode_rows, for tiles that share them) or, without DECODED, decoded in registers from the packed rows
+// (a decode step's few tokens: nothing to share, so no round trip through memory).
+template <int MT, bool DECODED>
+static void dot_tile(const uint16_t* w, const uint8_t* blocks, const uint8_t* scales, const uint16_t* x,
+                     const float* bias, float* out, int64_t G, int64_t N, int64_t m0, int64_t r0, int64_t r1) {
+    const int64_t K = G * 32;
+    const uint8_t* b[ROWS];
+    const uint8_t* s[ROWS];
+    for (int i = 0; i < ROWS; ++i) {  // past the last row: read the last row again, its results dropped
+        const int64_t r = std::min(r0 + i, r1 - 1);
+        b[i] = blocks + r * G * 16;
+        s[i] = scales + r * G;
+    }
+    __m512 acc[ROWS][MT];
+    for (int i = 0; i < ROWS; ++i)
+        for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m512bh wv[ROWS];
+        for (int i = 0; i < ROWS; ++i)
+            wv[i] = (__m512bh)(DECODED ? _mm512_loadu_si512(w + (i * G + g) * 32)
+                                       : decode_block(b[i] + g * 16, s[i][g]));
+        for (int m = 0; m < MT; ++m) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + m) * K + g * 32);
+            for (int i = 0; i < ROWS; ++i) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv[i], xv);
+        }
+    }
+    for (int i = 0; i < ROWS && r0 + i < r1; ++i)
+        for (int m = 0; m < MT; ++m)
+            out[(m0 + m) * N + r0 + i] = _mm512_reduce_add_ps(acc[i][m]) + (bias ? bias[r0 + i] : 0.f);
+}
+
+using DotFn = void (*)(const uint16_t*, const uint8_t*, const uint8_t*, const uint16_t*, const float*, float*, int64_t,
+                      int64_t, int64_t, int64_t, int64_t);
+constexpr int DIRECT_MAX = 3;  // up to this many tokens, decode in registers (no decoded rows in memory)
+static const DotFn DOTS[TOKENS] = {dot_tile<1, true>, dot_tile<2, true>, dot_tile<3, true>,
+                                   dot_tile<4, true>, dot_tile<5, true>, dot_tile<6, true>};
+static const DotFn DIRECT[DIRECT_MAX] = {dot_tile<1, false>, dot_tile<2, false>, dot_tile<3, false>};
+
+static float bf16_to_float(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// A row with a scale outside [SAFE_LO, SAFE_HI]: plain float32, as the reference computes it.
+static void row_exact(const uint8_t* b, const uint8_t* s, const uint16_t* x, const float* bias, float* out,
+                      int64_t G, int64_t N, int64_t M, int64_t r) {
+    for (int64_t m = 0; m < M; ++m) {
+        const uint16_t* xm = x + m * G * 32;
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g)
+            for (int j = 0; j < 16; ++j) {
+                const uint8_t byte = b[g * 16 + j];
+                acc = std::fma(FP4[byte & 0xF] * POW2[s[g]], bf16_to_float(xm[g * 32 + 2 * j]), acc);
+                acc = std::fma(FP4[byte >> 4] * POW2[s[g]], bf16_to_float(xm[g * 32 + 2 * j + 1]), acc);
+            }
+        out[m * N + r] = acc + (bias ? bias[r] : 0.f);
+    }
+}
+
+static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, const uint8_t* sptr,
+                                 const float* biasptr, int64_t N, int64_t G) {
+    const int64_t M = x.size(0);
+    auto out = torch::empty({M, N}, x.options().dtype(at::kFloat));
+    const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    float* optr = out.data_ptr<float>();
+    const int64_t groups = (N + ROWS - 1) / ROWS;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        // One group's decoded rows (23 KB at gpt-oss widths) stay in L1 while every token tile reads them.
+        std::vector<uint16_t> w(M > DIRECT_MAX ? ROWS * G * 32 : 0);
+        for (int64_t grp = begin; grp < end; ++grp) {
+            const int64_t r0 = grp * ROWS, r1 = std::min(N, r0 + ROWS);
+            bool safe = true;
+            for (int64_t i = r0 * G; i < r1 * G && safe; ++i) safe = sptr[i] >= SAFE_LO && sptr[i] <= SAFE_HI;
+            if (!safe) {
+                for (int64_t r = r0; r < r1; ++r)
+                    row_exact(bptr + r * G * 16, sptr + r * G, xptr, biasptr, optr, G, N, M, r);
+                continue;
+            }
+            if (M <= DIRECT_MAX) {
+                DIRECT[M - 1](nullptr, bptr, sptr, xptr, biasptr, optr, G, N, 0, r0, r1);
+                continue;
+            }
+            decode_rows(bptr, sptr, G, r0, r1, w.data());
+            for (int64_t m0 = 0; m0 < M; m0 += TOKENS) {
+                const int64_t mt = std::min<int64_t>(TOKENS, M - m0);
+                DOTS[mt - 1](w.data(), bptr, sptr, xptr, biasptr, optr, G, N, m0, r0, r1);
+            }
+        }
+    });
+    return out;
+}
+#else
+constexpr bool HAS_BF16 = false;
+
+static torch::Tensor linear_bf16(const torch::Tensor&, const uint8_t*, const uint8_t*, const float*, int64_t,
+                                 int64_t) {
+    TORCH_CHECK(false, "this build has no bfloat16 path: pass float32 inputs");
+}
+#endif
+
+// Whether bfloat16 inputs are multiplied as they are (else the caller converts them to float32).
+bool native_bf16() { return HAS_BF16; }
+
+// x [M, K] float32 (or bfloat16 where native_bf16()), blocks [N, K/32, 16] and scales [N, K/32] uint8, bias [N]
+// float32 or empty: x . W^T + bias as [M, N] float32.
+torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias) {
+    // Python threads (the server's event loop) run meanwhile, as they do beside torch's own ops.
+    pybind11::gil_scoped_release no_gil;
+    const int64_t N = blocks.size(0), G = blocks.size(1);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == G * 32, "inputs and weights disagree on K");
+    TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "x must be contiguous float32 or bfloat16");
+    TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "MXFP4 must be uint8");
+    TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous() && bias.is_contiguous(), "inputs not contiguous");
+    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.numel() == N), "bad bias");
+    const uint8_t* bptr = blocks.data_ptr<uint8_t>();
+    const uint8_t* sptr = scales.data_ptr<uint8_t>();
+    const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    if (x.size(0) == 0) return torch::empty({0, N}, x.options().dtype(at::kFloat));
+    if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, bptr, sptr, biasptr, N, G);
+    return linear_f32(x, bptr, sptr, biasptr, N, G);
 }

@@ -3,13 +3,24 @@
 :func:`model.kernels.experts.experts_grouped` dequantizes each active expert's whole matrix to the model's
 dtype and then multiplies; at decode (one token per expert) that conversion costs far more than the product,
 and writes and reads again a matrix four times the size of the packed bytes. :func:`mxfp4_linear` instead
-reads each weight's packed bytes once: per 32-value block it widens the 16 bytes to 32 nibble codes, looks
-them up in the 16-entry e2m1 table (one AVX-512 register, one permute per 16 codes), multiplies by the block's
-power of two (so each weight equals the dequantized one exactly) and accumulates in float32, for a tile of up
-to :data:`TILE` tokens per decoded block, threaded over output rows. The inputs are laid out once per call so
-the even elements of a block (low nibbles) and the odd ones (high nibbles) are contiguous, which spares an
-interleave per block. The source is ``cpu_mxfp4.cpp`` beside this file; without AVX-512 it compiles a
-scalar loop.
+reads each weight's packed bytes once, decoding a nibble by a lookup in a 16-entry table held in one register
+and scaling each block of 32 by its power of two once (so each weight equals the dequantized one exactly),
+threaded over output rows. Two paths, by the inputs' dtype:
+
+* bfloat16 inputs, where the CPU has AVX512-BF16: one permute decodes a block's 32 codes straight to
+  bfloat16 through a table already scaled by the block's power of two, and VDPBF16PS multiplies 32 weights by
+  32 inputs into 16 float32 sums. Four weight rows are multiplied together against each input load. A decode
+  step's few tokens use the weights straight from registers; more tokens (prefill) decode four rows once into
+  a small buffer that stays in L1 and run tiles of six tokens over it, so the decode is shared by every token.
+  VDPBF16PS flushes subnormal products to zero (as oneDNN's bfloat16 matmuls do), so a row with a scale so
+  small or large that its products could leave float32's normal range takes a plain float32 loop.
+* float32 inputs (or no AVX512-BF16, bfloat16 converted first): 16 codes per permute (AVX-512), or 8 with
+  the sign bit put in by an xor (AVX2), FMAs into float32 sums for a tile of up to :data:`TILE` tokens per
+  decoded block; the inputs laid out once per call so a block's even elements (low nibbles) and odd ones
+  (high nibbles) are contiguous. Without either instruction set it compiles a scalar loop.
+
+The source is ``cpu_mxfp4.cpp`` beside this file; which of these it compiles is decided by the compiler's
+``-march=native``, so the build's name carries a digest of the targeted features (:func:`_target_key`).
 
 Why a C++ extension (``torch.utils.cpp_extension.load_inline``): the decode has to stay in registers, a table
 permute per 16 codes feeding the FMAs, and torch ops cannot express that without writing the decoded values
@@ -25,8 +36,10 @@ without that control. Measured against the dequantize path on a 20b-shaped layer
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -44,6 +57,7 @@ _SOURCE = Path(__file__).with_name("cpu_mxfp4.cpp")
 _lock = threading.Lock()
 _module: object | None = None
 _failed = False
+_native_bf16 = False  # the build multiplies bfloat16 inputs as they are (AVX512-BF16)
 
 
 def _source() -> str:
@@ -55,14 +69,30 @@ def _source() -> str:
     )
 
 
+FLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+def _target_key(flags: tuple[str, ...]) -> str:
+    """A digest of what `flags` make the compiler target on this machine: its predefined macros (``__AVX2__``,
+    ``__AVX512BF16__``, ...), which decide the code built. -march=native builds for this CPU only, and torch
+    caches extensions by name in one directory, so the name carries this digest: a cache shared by machines
+    with other CPUs (a mounted home, a copied image) then holds one build per CPU, never one CPU's build
+    loaded on another (where it would die of an illegal instruction)."""
+    done = subprocess.run(
+        ["c++", *flags, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True, check=True
+    )
+    macros = sorted(line for line in done.stdout.splitlines() if "__" in line)
+    return hashlib.sha256("\n".join([*flags, *macros]).encode()).hexdigest()[:16]
+
+
 def _build() -> object:
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="gpt_oss_cpu_mxfp4",
+        name=f"gpt_oss_cpu_mxfp4_{_target_key(FLAGS)}",
         cpp_sources=[_source()],
-        functions=["mxfp4_linear"],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        functions=["mxfp4_linear", "native_bf16"],
+        extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -72,7 +102,7 @@ def available() -> bool:
     """Whether the fused kernel is built (building it on the first call, once per process: a second when
     torch's extension cache has it, about a minute otherwise). False, with a warning naming the cause, where
     no C++ compiler or ninja is found or the build fails; callers then keep the dequantize path."""
-    global _module, _failed
+    global _module, _failed, _native_bf16
     with _lock:
         if _module is not None or _failed:
             return _module is not None
@@ -89,6 +119,7 @@ def available() -> bool:
         try:
             logger.info("building the fused CPU MXFP4 kernel (cached after the first build)")
             _module = _build()
+            _native_bf16 = bool(_module.native_bf16())  # type: ignore[attr-defined]
         except Exception as error:  # a compiler that fails for any reason leaves the slower, working path
             _failed = True
             logger.warning(
@@ -98,6 +129,12 @@ def available() -> bool:
             )
             return False
         return True
+
+
+def native_bf16() -> bool:
+    """Whether the built kernel multiplies bfloat16 inputs as they are (the CPU has AVX512-BF16); False where
+    it converts them to float32 first, or is not built."""
+    return available() and _native_bf16
 
 
 def mxfp4_linear(
@@ -111,7 +148,9 @@ def mxfp4_linear(
         raise ValueError(f"x {tuple(x.shape)} does not match MXFP4 blocks {tuple(blocks.shape)}")
     empty = x.new_empty(0, dtype=torch.float32)
     b = empty if bias is None else bias.float().contiguous()
-    out = _module.mxfp4_linear(x.float().contiguous(), blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
+    native = x.dtype == torch.bfloat16 and _native_bf16
+    inputs = (x if native else x.float()).contiguous()
+    out = _module.mxfp4_linear(inputs, blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
     return out.to(x.dtype)
 
 

@@ -286,16 +286,19 @@ def _dequantized_linear(
 
 
 # experts_fused: an expert with more tokens than this is dequantized and multiplied by oneDNN instead, where
-# the dequantization, paid once, costs less than the fused kernel's float32 products for every token. At
-# gpt-oss widths on a 2-core AVX-512 CPU the two crossed between 64 and 256 rows in bf16 and near 256 in
-# float32 (`benchmarks/cpu_bench.py --matrix-tokens`, benchmarks/README.md).
-FUSED_MAX_ROWS = 128
+# the dequantization, paid once, costs less than the fused kernel's products for every token. At gpt-oss
+# widths on a 2-core AVX-512 CPU (`benchmarks/cpu_bench.py --matrix-tokens`, benchmarks/README.md) the
+# float32 kernel and the dequantize path crossed between 512 and 2048 tokens; the bfloat16 kernel
+# (VDPBF16PS, AVX512-BF16) was still ahead at 2048.
+FUSED_MAX_ROWS = 512
+FUSED_MAX_ROWS_BF16 = 1024  # bfloat16 inputs where the kernel multiplies them natively
 
 
 def _fused_linear(
     x: torch.Tensor, weight: MXFP4Weight, e: int, bias: torch.Tensor, out: torch.Tensor
 ) -> None:
-    if weight.dense is not None or x.shape[0] > FUSED_MAX_ROWS:
+    native = x.dtype == torch.bfloat16 and cpu_mxfp4.native_bf16()
+    if weight.dense is not None or x.shape[0] > (FUSED_MAX_ROWS_BF16 if native else FUSED_MAX_ROWS):
         _dequantized_linear(x, weight, e, bias, out)
     else:
         out.copy_(cpu_mxfp4.mxfp4_linear(x, weight.blocks[e], weight.scales[e], bias))
@@ -311,7 +314,8 @@ def experts_fused(
     """:func:`experts_grouped` with each packed expert multiplied straight from its MXFP4 bytes by the fused
     CPU kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear`), never dequantized: at decode the
     dequantization was most of the step. Dense experts (:attr:`ExpertMode.DEQUANTIZED`, a fine-tune's) and
-    experts with more than :data:`FUSED_MAX_ROWS` tokens take the dequantize path. Needs
+    experts with more than :data:`FUSED_MAX_ROWS` tokens (:data:`FUSED_MAX_ROWS_BF16` for native bfloat16)
+    take the dequantize path. Needs
     :func:`model.kernels.cpu_mxfp4.available` (:meth:`model.kernels.Kernels.for_device` checks it)."""
     return experts_grouped(mlp, t, indices, weights, lora, linear=_fused_linear)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from model.kernels import cpu_mxfp4
+from model.kernels.prepacked import plain as plain_weight
 from server.main import DEMO_NOTE, CliSettings, build, demo_checkpoint, effort_budgets, parse_args
 
 FIELDS = sorted(CliSettings.model_fields)
@@ -117,6 +121,27 @@ def test_triton_kernels_need_cuda(tmp_path: Path) -> None:
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_cpu_default_dtype_follows_the_kernel_and_is_stated(
+    native: bool,
+    expected: torch.dtype,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """bfloat16 where the fused kernel multiplies it natively, float32 elsewhere; the start-up log says which
+    and how much memory the loaded server holds."""
+    monkeypatch.setattr(cpu_mxfp4, "native_bf16", lambda: native)
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
+    with caplog.at_level(logging.INFO, logger="gpt_oss_server"):
+        engine, _ = build(parse_args(args))
+    assert engine.model.dtype == expected
+    name = str(expected).removeprefix("torch.")
+    assert re.search(rf"cpu in {name} \(the default here\): \d+\.\d\d GB resident", caplog.text)
+    engine, _ = build(parse_args([*args, "--dtype", "float32"]))
+    assert engine.model.dtype == torch.float32
+
+
 def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:
     args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
     engine, _ = build(parse_args([*args, "--experts", "dequantized"]))
@@ -154,8 +179,8 @@ def test_a_fine_tune_and_a_merged_adapter_load_from_the_command_line(tmp_path: P
     merged, _ = build(parse_args([*base, "--merge-lora", str(tmp_path / "adapter")]))
     unmerged, _ = build(parse_args(base))
 
-    # float32 on the CPU: plain weights, never prepacked.
-    first_qkv = [engine.model.block[0].attn.qkv.weight for engine in (merged, unmerged)]
+    # bfloat16 weights on a CPU with AVX512-BF16 are prepacked for oneDNN: compared as plain matrices.
+    first_qkv = [plain_weight(engine.model.block[0].attn.qkv.weight) for engine in (merged, unmerged)]
     assert not torch.equal(*first_qkv)
 
 

@@ -76,6 +76,33 @@ def test_fused_equals_its_twin(tokens: int) -> None:
         torch.testing.assert_close(mxfp4_linear(x, blocks, scales, b), expected, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 13])
+@pytest.mark.parametrize("rows", [4, 21])
+def test_fused_bfloat16_equals_its_twin(tokens: int, rows: int) -> None:
+    """bfloat16 inputs on ordinary scales, where AVX512-BF16 multiplies them as they are: the tokens few enough
+    to decode in registers and the tiles over decoded rows, a last group of rows partly past the matrix.
+    Both sides round a float32 sum to bfloat16, so they may differ by that rounding (relative to the largest
+    output, as above)."""
+    blocks, scales, bias = weights(2 * rows, 320, seed=rows)
+    blocks, scales, bias = blocks[:rows], scales[:rows], bias[:rows]
+    x = torch.randn(tokens, 320, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    for b in (bias.bfloat16(), None):
+        expected = mxfp4_linear_reference(x, blocks, scales, b).float()
+        got = mxfp4_linear(x, blocks, scales, b)
+        assert got.dtype == torch.bfloat16
+        atol = 2.0**-7 * expected.abs().max().item()
+        torch.testing.assert_close(got.float(), expected, rtol=2.0**-7, atol=atol)
+
+
+def test_builds_are_keyed_by_what_they_target() -> None:
+    """The extension's name carries the compiler's target macros: flags (or a CPU) that change the code built
+    change the name, so a shared extensions cache never hands one CPU's build to another."""
+    native = cpu_mxfp4._target_key(cpu_mxfp4.FLAGS)
+    assert native == cpu_mxfp4._target_key(cpu_mxfp4.FLAGS)
+    assert native != cpu_mxfp4._target_key(("-O3", "-march=x86-64", "-fopenmp"))
+    assert native != cpu_mxfp4._target_key(("-O3", "-march=x86-64-v3", "-fopenmp"))
+
+
 def test_fused_decodes_low_nibble_first_and_scales_per_block() -> None:
     """One weight row with two blocks: byte 0x71 is +0.5 (element 0) then +6 (element 1); the second block
     scaled by 2^3. Picking inputs one-hot reads single weights back."""

@@ -127,6 +127,22 @@ def test_per_request_expert_adapters_equal_reference(
     torch.testing.assert_close(expected[~adapted], base[~adapted])  # no adapter, or an empty slot
 
 
+@pytest.mark.parametrize("num_tokens", [1, 13, 300])
+def test_fused_bfloat16_equal_reference(
+    checkpoints: dict[str, Path], num_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bfloat16 model's experts, where the kernel multiplies bfloat16 natively (its own token limit, here
+    20, so 300 tokens mix both ways), against the reference within bfloat16's rounding of the activations."""
+    assert cpu_mxfp4.available()
+    monkeypatch.setattr(ex, "FUSED_MAX_ROWS", 20)
+    monkeypatch.setattr(ex, "FUSED_MAX_ROWS_BF16", 20)
+    mlp = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.bfloat16, progress=False).block[1].mlp
+    t, indices, weights = routed(mlp, num_tokens, 7, torch.bfloat16)
+    expected = experts_reference(mlp, t, indices, weights).float()
+    got = experts_fused(mlp, t, indices, weights).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", list(FAST))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
