@@ -235,8 +235,8 @@ class Bench:
         saved = [t.clone() for t in (*cache.k, *cache.v)]
         for name, kernels in self.kernel_sets().items():
             model.use_kernels(kernels)
-            token_ids, meta, step_kv, _, rows, _ = engine.runner.prepare(plan)
-            logits[name] = model(token_ids, meta, step_kv, rows)
+            inputs = engine.runner.prepare(plan)
+            logits[name] = model(inputs.token_ids, inputs.meta, inputs.step_kv, inputs.logits_indices)
             for t, old in zip((*cache.k, *cache.v), saved, strict=True):
                 t.copy_(old)
         model.use_kernels(self.kernel_sets()["torch"])
