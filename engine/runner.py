@@ -29,6 +29,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device_sampler import DeviceSampler, SamplingPlan, supports
+from engine.graphs import DecodeGraphs
 from engine.paged_kv import PagedKVCache, StepKV, StepShape, bytes_per_block, group_step, plan_group
 from engine.request import TokenLogprob
 from engine.sampler import _NO_TOKEN, Sampler, score_tokens
@@ -111,11 +112,13 @@ class ModelRunner:
         self.device = model.device
         budget = None if config.num_kv_blocks is not None else self._kv_budget()
         self.blocks = kv_blocks(model, config, budget)
+        # With decode graphs, one more block per group past those the KV manager hands out: padded rows'.
+        scratch = int(config.cuda_graphs)
         self.cache = PagedKVCache(
             model.config,
             block_size=config.block_size,
-            num_full_blocks=self.blocks.num_full,
-            num_sliding_blocks=self.blocks.num_sliding,
+            num_full_blocks=self.blocks.num_full + scratch,
+            num_sliding_blocks=self.blocks.num_sliding + scratch,
             dtype=model.dtype,
             device=model.device,
         )
@@ -144,6 +147,28 @@ class ModelRunner:
         # The logits of every step are written here (see GptOss.forward): rows for the most sampling
         # requests of a step so far, grown on demand.
         self._logits = torch.empty(0, model.config.vocab_size, dtype=torch.float32, device=self.device)
+        self.graphs = self._decode_graphs() if config.cuda_graphs else None
+
+    def _decode_graphs(self) -> DecodeGraphs:
+        from model.kernels.triton_attention import TritonAttention
+        from model.kernels.triton_moe import DECODE_MAX_TOKENS
+
+        if not all(isinstance(block.attn.attention, TritonAttention) for block in self.model.block):
+            raise ValueError("decode graphs need the Triton kernels (Kernels.triton(), --kernels triton)")
+        scratch = {}
+        if self.has_full:
+            scratch[False] = self.blocks.num_full
+        if self.has_sliding:
+            scratch[True] = self.blocks.num_sliding
+        return DecodeGraphs(
+            self.model,
+            self.cache,
+            # Larger batches take the MoE's batched matmuls, which sync: they run eagerly.
+            max_num_seqs=min(self.config.max_num_seqs, DECODE_MAX_TOKENS),
+            max_model_len=self.max_model_len,
+            scratch=scratch,
+            capture=self.device.type == "cuda",
+        )
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_memory is not None:
@@ -292,25 +317,30 @@ class ModelRunner:
         scheduled = plan.scheduled
         scoring = self.prompt_scoring(plan)
         sampling = self._sampling_plan(plan) if scoring is None else None
-        inputs = self.prepare(plan, sampling.arrays if sampling is not None else None)
-        sample_rows = inputs.sample_rows
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
         out_errors: list[str | None] = [None] * len(scheduled)
-        if self._logits.shape[0] < len(sample_rows):
-            self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
         prompt_logprobs: list[list[TokenLogprob]] = []
-        model_inputs = (inputs.token_ids, inputs.meta, inputs.step_kv)
-        if scoring is None:
-            logits = self.model(*model_inputs, inputs.logits_indices, self._logits, inputs.lora)
+        if scoring is None and self.graphs is not None and self.graphs.applies(plan):
+            logits = self.graphs.run(plan)
+            sample_rows = list(range(len(scheduled)))
+            sampling_arrays = self.upload(sampling.arrays) if sampling is not None else []
         else:
-            hidden = self.model.hidden(*model_inputs, inputs.lora)
-            logits = self.model.logits(hidden[inputs.logits_indices], self._logits)
-            prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
+            inputs = self.prepare(plan, sampling.arrays if sampling is not None else None)
+            sample_rows, sampling_arrays = inputs.sample_rows, inputs.extra
+            if self._logits.shape[0] < len(sample_rows):
+                self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
+            model_inputs = (inputs.token_ids, inputs.meta, inputs.step_kv)
+            if scoring is None:
+                logits = self.model(*model_inputs, inputs.logits_indices, self._logits, inputs.lora)
+            else:
+                hidden = self.model.hidden(*model_inputs, inputs.lora)
+                logits = self.model.logits(hidden[inputs.logits_indices], self._logits)
+                prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
         if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
             return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
         if sampling is not None:
-            ids = self.read_back(DeviceSampler.sample(logits, sampling, inputs.extra))
+            ids = self.read_back(DeviceSampler.sample(logits, sampling, sampling_arrays))
             for row, token in zip(sample_rows, ids, strict=True):
                 out_tokens[row] = token if token >= 0 else None
                 out_errors[row] = None if token >= 0 else _NO_TOKEN

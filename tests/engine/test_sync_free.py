@@ -139,10 +139,11 @@ def _add_requests(engine: EngineCore) -> None:
     )
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
 def test_a_decode_step_makes_one_copy_back_and_no_other_sync(
-    triton_model: GptOss, monkeypatch: pytest.MonkeyPatch
+    triton_model: GptOss, monkeypatch: pytest.MonkeyPatch, graphs: bool
 ) -> None:
-    engine = make_engine(triton_model, device_sampling=True)
+    engine = make_engine(triton_model, device_sampling=True, cuda_graphs=graphs)
     _add_requests(engine)
     engine.step()  # the prompts
     assert all(len(r.output_token_ids) == 1 for r in engine.scheduler.requests.values())
@@ -152,6 +153,7 @@ def test_a_decode_step_makes_one_copy_back_and_no_other_sync(
     assert recorder.syncs == []
     assert read == [(3,)]
     assert len(outputs) == 3
+    assert engine.runner.graphs is None or engine.runner.graphs.logits.data_ptr() != 0
 
 
 def test_the_recorder_sees_the_syncs_of_the_host_sampler(
@@ -185,3 +187,63 @@ def test_device_sampling_gives_the_host_samplers_greedy_tokens(tiny_model: GptOs
         outputs.append(tokens)
     assert outputs[0] == outputs[1]
     assert all(len(t) == 6 for t in outputs[0].values())
+
+
+# -- the decode graphs' buffers, run eagerly on the CPU ----------------------------------------------------
+
+
+def _run(engine: EngineCore, prompts: list[list[int]], params: list[SamplingParams]) -> dict[str, list[int]]:
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(f"r{i}", prompt, p)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+def test_the_graph_buffers_give_the_ordinary_steps_tokens(triton_model: GptOss) -> None:
+    """Three requests whose batch shrinks as they end (buckets 4, 2, 1: padded rows in each), prompts past
+    the 16-token window and across blocks, greedy and seeded: the same tokens as the ordinary step."""
+    prompts = [[(11 * i + 5 * j) % 900 + 1 for j in range(n)] for i, n in enumerate((5, 14, 29))]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=2),
+        SamplingParams(temperature=0.9, top_k=50, seed=11, max_tokens=4),
+        SamplingParams(temperature=0.0, max_tokens=7),
+    ]
+    eager = _run(make_engine(triton_model, device_sampling=True), prompts, params)
+    engine = make_engine(triton_model, device_sampling=True, cuda_graphs=True)
+    graphed = _run(engine, prompts, params)
+    assert graphed == eager
+    assert [len(graphed[f"r{i}"]) for i in range(3)] == [2, 4, 7]
+    assert engine.runner.graphs is not None
+    assert engine.runner.graphs.buckets[:4] == [1, 2, 4, 8]
+
+
+def test_the_graph_buffers_compute_the_ordinary_steps_logits(triton_model: GptOss) -> None:
+    """One decode step of three rows (padded to four) through the buffers and through the ordinary inputs,
+    on the same cache: the same logits for the real rows, and the padded row wrote only the scratch block."""
+    engine = make_engine(triton_model, device_sampling=True, cuda_graphs=True)
+    for i, n in enumerate((3, 18, 9)):
+        engine.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(temperature=0.0, max_tokens=4))
+    engine.step()
+    runner = engine.runner
+    assert runner.graphs is not None
+    plan = engine.scheduler.schedule()
+    assert runner.graphs.applies(plan)
+    before = [t.clone() for t in (*runner.cache.k, *runner.cache.v)]
+    static = runner.graphs.run(plan).clone()
+    inputs = runner.prepare(plan)
+    ordinary = runner.model(inputs.token_ids, inputs.meta, inputs.step_kv, inputs.logits_indices)
+    assert static.shape == ordinary.shape == (3, triton_model.config.vocab_size)
+    assert torch.allclose(static, ordinary, rtol=1e-5, atol=1e-5)
+    bs = runner.block_size
+    for layer, (old, new) in enumerate(zip(before, (*runner.cache.k, *runner.cache.v), strict=True)):
+        changed = (old != new).flatten(1).any(1).nonzero().flatten() // bs
+        sliding = triton_model.config.layer_sliding[layer % len(runner.cache.k)]
+        scratch = runner.blocks.num_sliding if sliding else runner.blocks.num_full
+        table = plan.sliding_tables if sliding else plan.full_tables
+        assert table is not None
+        real = {int(table[item.row, item.request.num_computed_tokens // bs]) for item in plan.scheduled}
+        assert set(changed.tolist()) <= real | {scratch}
+        assert scratch in set(changed.tolist())
