@@ -13,14 +13,17 @@ under its own share of the time budget (a section that fails or runs out prints 
    `moe_reference`, of the decode attention against `decode_attention_reference` (short and long contexts,
    full and windowed), and of one decode step's logits of the whole model, Triton kernels against the torch
    kernels on the same weights and cache (and whether the greedy tokens agree);
-3. **kernels**: the decode MoE at 1 and 8 tokens (GB/s of the experts' bytes it must read) against
-   `experts_batched`, and the decode attention at 1k and 32k tokens of context against the torch path;
-4. **decode**: the engine's decode step at batch 1, 8 and 64 with each kernel set: tokens/s and the share of
-   the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the experts the batch
-   routes to, the KV cache);
-5. **prefill**: time to the first token of a 2048-token prompt;
-6. **launches**: kernel launches and host synchronisations per decode step at batch 1, counted by the
-   profiler, for each kernel set.
+3. **graphs**: the same requests through the eager Triton step and through the decode graphs (one CUDA
+   graph per batch-size bucket): whether every request gets the same tokens, greedy and seeded;
+4. **kernels**: the decode MoE at 1, 8 and 64 tokens (GB/s of the experts' bytes it must read) against
+   `experts_batched`, the decode attention at 1k and 32k tokens of context against the torch path, the
+   unembedding's GB/s, and the device sampler against the host sampler;
+5. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
+   and the share of the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the
+   experts the batch routes to, the KV cache);
+6. **prefill**: time to the first token of a 2048-token prompt;
+7. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
+   counted by the profiler, on each path.
 
 Prints a summary table last and writes every figure to `DIR/gpu_bench.json`. `--device cpu --preset tiny`
 runs the same sections on a CPU (the kernels under Triton's interpreter), to check the script itself.
@@ -136,6 +139,17 @@ class Bench:
         torch_kernels = Kernels.for_device(self.device)
         return {"torch": torch_kernels, "triton": Kernels.triton()}
 
+    def paths(self) -> dict[str, tuple[Kernels, dict[str, Any]]]:
+        """The decode paths compared, each a kernel set and engine settings: the torch kernels with the host
+        sampler (the step before this work), the Triton kernels with the device sampler (no sync but the
+        sampled ids), and the same through the decode graphs' buffers (captured as CUDA graphs on a GPU)."""
+        sets = self.kernel_sets()
+        return {
+            "torch": (sets["torch"], {"device_sampling": False}),
+            "triton": (sets["triton"], {"device_sampling": True}),
+            "graphs": (sets["triton"], {"device_sampling": True, "cuda_graphs": True}),
+        }
+
     def get_model(self) -> GptOss:
         if self.model is None:
             started = time.perf_counter()
@@ -235,8 +249,8 @@ class Bench:
         saved = [t.clone() for t in (*cache.k, *cache.v)]
         for name, kernels in self.kernel_sets().items():
             model.use_kernels(kernels)
-            token_ids, meta, step_kv, _, rows, _ = engine.runner.prepare(plan)
-            logits[name] = model(token_ids, meta, step_kv, rows)
+            inputs = engine.runner.prepare(plan)
+            logits[name] = model(inputs.token_ids, inputs.meta, inputs.step_kv, inputs.logits_indices)
             for t, old in zip((*cache.k, *cache.v), saved, strict=True):
                 t.copy_(old)
         model.use_kernels(self.kernel_sets()["torch"])
@@ -258,7 +272,7 @@ class Bench:
         )
         per_expert //= self.config.num_experts
         repeats = 50 if not self.small else 2
-        for tokens in (1, 8):
+        for tokens in (1, 8, 64) if not self.small else (1, 8):
             t = torch.randn(tokens, self.config.hidden_size, device=self.device, dtype=model.dtype)
             indices, weights = mlp.route(t)
             unique = len(set(indices.flatten().tolist()))
@@ -297,9 +311,95 @@ class Bench:
                     f"{triton_s * 1e6:.0f} us ({gbs:.0f} GB/s) vs torch {torch_s * 1e6:.0f} us",
                 )
 
+        # The unembedding of the rows that sample: 31% of a batch-1 step's bytes, so it must stream its weight
+        # at the copy bandwidth.
+        weight = model.unembedding.weight
+        for rows in (1, 64):
+            x = torch.randn(rows, self.config.hidden_size, device=self.device, dtype=model.dtype)
+            seconds = timed(lambda x=x: model.logits(x), self.device, repeats)
+            gbs = weight.nbytes / seconds / 1e9
+            self.note(
+                f"unembedding_{rows}rows",
+                {"us": seconds * 1e6, "gbs": gbs},
+                f"{seconds * 1e6:.0f} us ({gbs:.0f} GB/s)",
+            )
+        self.sampler()
+
+    def sampler(self) -> None:
+        """The device sampler against the host sampler on the same logits: greedy rows and top-p rows with
+        seeds, at 1 and 64 rows of the real vocabulary (each call ends with its ids on the host)."""
+        from engine.device_sampler import DeviceSampler
+        from engine.sampler import Sampler, make_generator
+
+        vocab = self.config.vocab_size
+        repeats = 20 if not self.small else 1
+        for rows in (1, 64) if not self.small else (1, 4):
+            logits = torch.randn(rows, vocab, device=self.device) * 3
+            for kind, params in (
+                ("greedy", SamplingParams(temperature=0.0)),
+                ("top_p", SamplingParams(temperature=0.8, top_p=0.95, seed=1)),
+            ):
+                batch = [params] * rows
+                outputs: list[list[int]] = [[] for _ in range(rows)]
+                device_sampler = DeviceSampler(seed=1)
+                generators = [make_generator(1, self.device) if params.seed is not None else None] * rows
+
+                def on_device(batch=batch, outputs=outputs, ds=device_sampler, logits=logits) -> list[int]:
+                    plan = ds.plan(batch, outputs, outputs, vocab)
+                    arrays = [torch.from_numpy(a).to(self.device, non_blocking=True) for a in plan.arrays]
+                    return DeviceSampler.sample(logits, plan, arrays).tolist()
+
+                def on_host(batch=batch, outputs=outputs, generators=generators, logits=logits) -> object:
+                    return Sampler().sample(logits, batch, outputs, generators).token_ids
+
+                device_s = timed(on_device, self.device, repeats)
+                host_s = timed(on_host, self.device, repeats)
+                self.note(
+                    f"sampler_{kind}_{rows}rows",
+                    {"device_us": device_s * 1e6, "host_us": host_s * 1e6},
+                    f"device {device_s * 1e6:.0f} us vs host {host_s * 1e6:.0f} us",
+                )
+
+    # -- graphs ---------------------------------------------------------------------------------------------
+
+    def graphs(self) -> None:
+        """The decode graphs against the eager Triton step on the same requests: the same tokens (greedy and
+        seeded), then the time of each."""
+        model = self.get_model()
+        model.use_kernels(Kernels.triton())
+        batches = (1, 8, 64) if not self.small else (1, 3)
+        steps = 16 if not self.small else 3
+        for batch in batches:
+            tokens = {}
+            for name, settings in (("eager", {}), ("graphs", {"cuda_graphs": True})):
+                engine = self.engine(model, device_sampling=True, **settings)
+                for s in range(batch):
+                    prompt = [(s * 97 + i * 5) % 50_000 for i in range(24 + 7 * s)]
+                    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=steps)
+                    greedy = SamplingParams(temperature=0.0, max_tokens=steps)
+                    engine.add_request(f"g{s}", prompt, seeded if s % 2 else greedy)
+                out: dict[str, list[int]] = {}
+                sync(self.device)
+                started = time.perf_counter()
+                while engine.has_unfinished():
+                    for o in engine.step():
+                        out.setdefault(o.request_id, []).extend(o.new_token_ids)
+                sync(self.device)
+                tokens[name] = (out, time.perf_counter() - started)
+            (eager, eager_s), (graphed, graphs_s) = tokens["eager"], tokens["graphs"]
+            same = sum(eager[r] == graphed.get(r) for r in eager)
+            self.note(
+                f"graphs_check_b{batch}",
+                {"same_requests": same, "requests": len(eager), "eager_s": eager_s, "graphs_s": graphs_s},
+                f"{same}/{len(eager)} requests the same tokens"
+                + ("" if same == len(eager) else " (DIFFER)")
+                + f"; whole run eager {eager_s:.2f} s, graphs {graphs_s:.2f} s (captures included)",
+            )
+        model.use_kernels(self.kernel_sets()["torch"])
+
     # -- 4, 5 -----------------------------------------------------------------------------------------------
 
-    def engine(self, model: GptOss, max_num_seqs: int = 64) -> EngineCore:
+    def engine(self, model: GptOss, max_num_seqs: int = 64, **settings: Any) -> EngineCore:
         memory = (4 << 30) if not self.small else (64 << 20)
         return EngineCore(
             model,
@@ -308,6 +408,7 @@ class Bench:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=2048,
                 kv_cache_memory=memory,
+                **settings,
             ),
         )
 
@@ -341,10 +442,10 @@ class Bench:
         batches = (1, 8, 64) if not self.small else (1, 4)
         steps = 20 if not self.small else 2
         prompt_len = 128 if not self.small else 16
-        for name, kernels in self.kernel_sets().items():
+        for name, (kernels, settings) in self.paths().items():
             model.use_kernels(kernels)
             for batch in batches:
-                engine = self.engine(model)
+                engine = self.engine(model, **settings)
                 for s in range(batch):
                     prompt = [(s * 131 + i * 7) % 50_000 for i in range(prompt_len)]
                     engine.add_request(f"d{s}", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 8))
@@ -352,7 +453,7 @@ class Bench:
                     r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.requests.values()
                 ):
                     engine.step()
-                engine.step()  # the first decode-only step compiles what it needs
+                engine.step()  # the first decode-only step compiles (and captures) what it needs
                 sync(self.device)
                 started = time.perf_counter()
                 for _ in range(steps):
@@ -392,14 +493,14 @@ class Bench:
 
         model = self.get_model()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        for name, kernels in self.kernel_sets().items():
+        for name, (kernels, settings) in self.paths().items():
             model.use_kernels(kernels)
-            engine = self.engine(model)
+            engine = self.engine(model, **settings)
             engine.add_request("l", list(range(1, 65)), SamplingParams(temperature=0.0, max_tokens=16))
-            for _ in range(3):
+            for _ in range(3 if not self.small else 2):
                 engine.step()
             sync(self.device)
-            steps = 3
+            steps = 3 if not self.small else 1
             with profile(activities=activities) as prof:
                 for _ in range(steps):
                     engine.step()
@@ -408,8 +509,15 @@ class Bench:
             launches = sum(n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx") for n in names)
             syncs = sum("Synchronize" in n for n in names)
             copies = sum(n.startswith("cudaMemcpy") for n in names)
+            graph_launches = sum(n == "cudaGraphLaunch" for n in names)
             ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
-            per_step = {"launches": launches, "syncs": syncs, "memcpys": copies, "top_level_ops": ops}
+            per_step = {
+                "launches": launches,
+                "graph_launches": graph_launches,
+                "syncs": syncs,
+                "memcpys": copies,
+                "top_level_ops": ops,
+            }
             per_step = {k: n / steps for k, n in per_step.items()}
             self.note(
                 f"launches_{name}",
@@ -455,9 +563,17 @@ def step_ms_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms/step"
 
 
-SECTIONS = ("machine", "check", "kernels", "decode", "prefill", "launches")
+SECTIONS = ("machine", "check", "graphs", "kernels", "decode", "prefill", "launches")
 # Each section's share of the budget.
-SHARES = {"machine": 0.05, "check": 0.2, "kernels": 0.2, "decode": 0.35, "prefill": 0.1, "launches": 0.1}
+SHARES = {
+    "machine": 0.05,
+    "check": 0.15,
+    "graphs": 0.1,
+    "kernels": 0.15,
+    "decode": 0.35,
+    "prefill": 0.1,
+    "launches": 0.1,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -474,7 +590,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for section in args.sections.split(","):
             left = args.budget - (time.perf_counter() - started)
-            limit = int(min(left, max(10, SHARES[section] * args.budget * 1.5)))
+            # On a CPU (a check of the script, the kernels interpreted) a section may take what is left.
+            share = SHARES[section] * args.budget * 1.5 if args.device != "cpu" else left
+            limit = int(min(left, max(10, share)))
             if limit <= 5:
                 bench.note(f"{section}_skipped", "no time left", "no time left")
                 continue

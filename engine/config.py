@@ -23,6 +23,13 @@ class EngineConfig:
     # Whether the adapters may also target the experts (PEFT's target_parameters): their stacks take about
     # fifteen times the attention's memory, so they are kept only when asked for.
     lora_experts: bool = False
+    # Sampling on the device without host syncs (engine.device_sampler) for steps whose requests it serves;
+    # None: on CUDA only. The CPU keeps the host sampler (the same tokens as ever for a seed).
+    device_sampling: bool | None = None
+    # Decode steps through persistent fixed-shape buffers (engine.graphs), replayed as one CUDA graph per
+    # batch-size bucket on CUDA and run eagerly elsewhere; needs the Triton kernels. Off until checked on a
+    # GPU.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:

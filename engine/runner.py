@@ -8,6 +8,11 @@ Every scheduled request contributes its next `num_new_tokens` tokens to one flat
 computed tokens reach the end of their known tokens this step (a decode, or the last chunk of a prompt)
 get a logits row and a sampled token; the others (prompt chunks still in progress) only fill the cache.
 
+Sampling: on CUDA (or where `EngineConfig.device_sampling` says) a step whose requests the device sampler
+serves (:func:`engine.device_sampler.supports`) samples on the device: its settings travel in the step's one
+host-to-device copy and the sampled ids come back in one device-to-host copy, the step's only sync. Other
+steps (logits processors, grammars, logprobs, prompt logprobs) and the CPU take the host sampler.
+
 A request that asks for prompt logprobs also gets the logits of the prompt positions it runs, in the same
 forward (no second pass): position p's logits score prompt token p + 1, so a chunk's last position scores
 the next chunk's first token. Those rows are unembedded `PROMPT_LOGPROB_ROWS` at a time, so a 2048-token
@@ -24,9 +29,11 @@ import torch
 
 from engine.config import EngineConfig
 from engine.constraint import TokenMasker
+from engine.device_sampler import DeviceSampler, SamplingPlan, supports
+from engine.graphs import DecodeGraphs
 from engine.paged_kv import PagedKVCache, StepKV, StepShape, bytes_per_block, group_step, plan_group
 from engine.request import TokenLogprob
-from engine.sampler import Sampler, score_tokens
+from engine.sampler import _NO_TOKEN, Sampler, score_tokens
 from engine.scheduler import RunnerOutput, SchedulerOutput
 from model.gpt_oss import AttentionMetadata, GptOss
 
@@ -47,6 +54,21 @@ class PromptScoring:
     targets: list[int]
     num_top: list[int]
     owners: list[int]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """The forward's inputs on the device: token ids, attention metadata, the cache view, the scheduled
+    requests that sample (their indices in the plan) and the logits rows they sample from, each token's LoRA
+    slot (None when no request has an adapter), and the extra arrays the caller sent along (the sampler's)."""
+
+    token_ids: torch.Tensor
+    meta: AttentionMetadata
+    step_kv: StepKV
+    sample_rows: list[int]
+    logits_indices: torch.Tensor
+    lora: torch.Tensor | None
+    extra: list[torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -91,16 +113,25 @@ class ModelRunner:
         self.device = model.device
         budget = None if config.num_kv_blocks is not None else self._kv_budget()
         self.blocks = kv_blocks(model, config, budget)
+        # With decode graphs, one more block per group past those the KV manager hands out: padded rows'.
+        scratch = int(config.cuda_graphs)
         self.cache = PagedKVCache(
             model.config,
             block_size=config.block_size,
-            num_full_blocks=self.blocks.num_full,
-            num_sliding_blocks=self.blocks.num_sliding,
+            num_full_blocks=self.blocks.num_full + scratch,
+            num_sliding_blocks=self.blocks.num_sliding + scratch,
             dtype=model.dtype,
             device=model.device,
         )
         self.sampler = Sampler()
         self.masker = TokenMasker(self.device, model.config.vocab_size)
+        self.device_sampler = DeviceSampler()
+        self.device_sampling = (
+            config.device_sampling if config.device_sampling is not None else self.device.type == "cuda"
+        )
+        # Pinned host memory the uploads go through on CUDA (grown on demand), and the event of its last copy.
+        self._stage = torch.empty(0, dtype=torch.int64)
+        self._stage_done: torch.cuda.Event | None = None
         logger.info(
             "KV cache: %d full-attention and %d sliding-window blocks of %d tokens (%.0f MiB), context %d",
             self.blocks.num_full,
@@ -118,6 +149,28 @@ class ModelRunner:
         # The logits of every step are written here (see GptOss.forward): rows for the most sampling
         # requests of a step so far, grown on demand.
         self._logits = torch.empty(0, model.config.vocab_size, dtype=torch.float32, device=self.device)
+        self.graphs = self._decode_graphs() if config.cuda_graphs else None
+
+    def _decode_graphs(self) -> DecodeGraphs:
+        from model.kernels.triton_attention import TritonAttention
+        from model.kernels.triton_moe import DECODE_MAX_TOKENS
+
+        if not all(isinstance(block.attn.attention, TritonAttention) for block in self.model.block):
+            raise ValueError("decode graphs need the Triton kernels (Kernels.triton(), --kernels triton)")
+        scratch = {}
+        if self.has_full:
+            scratch[False] = self.blocks.num_full
+        if self.has_sliding:
+            scratch[True] = self.blocks.num_sliding
+        return DecodeGraphs(
+            self.model,
+            self.cache,
+            # Larger batches take the MoE's batched matmuls, which sync: they run eagerly.
+            max_num_seqs=min(self.config.max_num_seqs, DECODE_MAX_TOKENS),
+            max_model_len=self.max_model_len,
+            scratch=scratch,
+            capture=self.device.type == "cuda",
+        )
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_memory is not None:
@@ -138,15 +191,11 @@ class ModelRunner:
         self.model(torch.zeros(n, dtype=torch.int64, device=self.device), meta)
         torch.cuda.synchronize(self.device)
 
-    def prepare(
-        self, plan: SchedulerOutput
-    ) -> tuple[torch.Tensor, AttentionMetadata, StepKV, list[int], torch.Tensor, torch.Tensor | None]:
-        """Inputs of the forward: token ids, attention metadata, the cache view, the scheduled requests that
-        sample (their indices in `plan.scheduled`), the logits rows they sample from, and each token's LoRA
-        adapter slot (None when no request has an adapter: the base model's forward, unchanged).
+    def prepare(self, plan: SchedulerOutput, extra: list[np.ndarray] | None = None) -> StepInputs:
+        """The forward's inputs (:class:`StepInputs`), with `extra` int64 arrays sent along in the same copy.
 
         Per request only a few list operations; the per-token and per-block indices come from numpy operations
-        over the plan's block-table arrays, and reach the device as a few host-to-device copies."""
+        over the plan's block-table arrays, and reach the device in one host-to-device copy."""
         scheduled = plan.scheduled
         tokens: list[int] = []
         query_lens, context_lens, rows, sample_rows, lora_slots = [], [], [], [], []
@@ -184,8 +233,12 @@ class ModelRunner:
         with_lora = any(lora_slots)
         if with_lora:
             pieces.append(np.repeat(lora_slots, query_lens))
-        packed = torch.from_numpy(np.concatenate(pieces, dtype=np.int64)).to(self.device, non_blocking=True)
-        parts = packed.split([len(piece) for piece in pieces])
+        extra = extra or []
+        parts = self.upload(pieces + extra)
+        if extra:
+            extra_parts, parts = parts[len(pieces) :], parts[: len(pieces)]
+        else:
+            extra_parts = []
         token_ids, positions_t, seq_index_t, query_offset_t, logits_indices, context_t = parts[:6]
         width = max(plan.blocks.shape[1] for plan in plans) * bs
         if self._offsets.shape[0] < width:
@@ -198,7 +251,26 @@ class ModelRunner:
         sliding = groups[-1] if self.has_sliding else None
         meta = AttentionMetadata(query_lens, context_lens, positions_t, seq_index_t, query_offset_t)
         lora = parts[-1] if with_lora else None
-        return token_ids, meta, StepKV(self.cache, full, sliding), sample_rows, logits_indices, lora
+        step_kv = StepKV(self.cache, full, sliding)
+        return StepInputs(token_ids, meta, step_kv, sample_rows, logits_indices, lora, list(extra_parts))
+
+    def upload(self, pieces: list[np.ndarray]) -> list[torch.Tensor]:
+        """int64 arrays on the device, as views of one host-to-device copy. On CUDA the copy goes through
+        pinned memory, so it is queued without waiting (from pageable memory the host would wait for it);
+        the staging buffer is reused once its previous copy is done."""
+        packed = np.concatenate(pieces, dtype=np.int64) if pieces else np.zeros(0, dtype=np.int64)
+        if self.device.type != "cuda":
+            return list(torch.from_numpy(packed).to(self.device).split([len(p) for p in pieces]))
+        if self._stage_done is not None:
+            self._stage_done.synchronize()
+        if self._stage.numel() < packed.size:
+            self._stage = torch.empty(2 * packed.size, dtype=torch.int64).pin_memory()
+        stage = self._stage[: packed.size]
+        stage.numpy()[:] = packed
+        on_device = stage.to(self.device, non_blocking=True)
+        self._stage_done = torch.cuda.Event()
+        self._stage_done.record()
+        return list(on_device.split([len(p) for p in pieces]))
 
     @staticmethod
     def prompt_scoring(plan: SchedulerOutput) -> PromptScoring | None:
@@ -237,29 +309,50 @@ class ModelRunner:
                 out[owner].append(token)
         return out
 
+    @staticmethod
+    def read_back(token_ids: torch.Tensor) -> list[int]:
+        """The sampled ids on the host: a device step's one device-to-host copy, and its one sync."""
+        return token_ids.tolist()
+
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         scheduled = plan.scheduled
-        token_ids, meta, step_kv, sample_rows, logits_indices, lora = self.prepare(plan)
+        scoring = self.prompt_scoring(plan)
+        sampling = self._sampling_plan(plan) if scoring is None else None
         out_tokens: list[int | None] = [None] * len(scheduled)
         out_logprobs: list[TokenLogprob | None] = [None] * len(scheduled)
         out_errors: list[str | None] = [None] * len(scheduled)
-        if self._logits.shape[0] < len(sample_rows):
-            self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
-        scoring = self.prompt_scoring(plan)
         prompt_logprobs: list[list[TokenLogprob]] = []
+        graphed = scoring is None and self.graphs is not None and self.graphs.applies(plan)
+        inputs = None if graphed else self.prepare(plan, sampling.arrays if sampling is not None else None)
+        sample_rows = list(range(len(scheduled))) if inputs is None else inputs.sample_rows
         requests = [scheduled[i].request for i in sample_rows]
         # The grammars' masks are computed on the masker's thread while the model runs; whatever happens,
         # the worker is done with the matchers before the scheduler advances them.
         masks = self.masker.start([r.constraint for r in requests])
         try:
-            if scoring is None:
-                logits = self.model(token_ids, meta, step_kv, logits_indices, self._logits, lora)
+            if inputs is None:
+                assert self.graphs is not None
+                logits = self.graphs.run(plan)
+                sampling_arrays = self.upload(sampling.arrays) if sampling is not None else []
             else:
-                hidden = self.model.hidden(token_ids, meta, step_kv, lora)
-                logits = self.model.logits(hidden[logits_indices], self._logits)
-                prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
+                sampling_arrays = inputs.extra
+                if self._logits.shape[0] < len(sample_rows):
+                    self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
+                model_inputs = (inputs.token_ids, inputs.meta, inputs.step_kv)
+                if scoring is None:
+                    logits = self.model(*model_inputs, inputs.logits_indices, self._logits, inputs.lora)
+                else:
+                    hidden = self.model.hidden(*model_inputs, inputs.lora)
+                    logits = self.model.logits(hidden[inputs.logits_indices], self._logits)
+                    prompt_logprobs = self._score_prompts(hidden, scoring, len(scheduled))
             if not sample_rows:  # only prompt chunks: the forward filled the cache, nothing to sample
+                return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
+            if sampling is not None:  # no grammar among these rows (the device sampler serves none)
+                ids = self.read_back(DeviceSampler.sample(logits, sampling, sampling_arrays))
+                for row, token in zip(sample_rows, ids, strict=True):
+                    out_tokens[row] = token if token >= 0 else None
+                    out_errors[row] = None if token >= 0 else _NO_TOKEN
                 return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
             sampled = self.sampler.sample(
                 logits,
@@ -279,3 +372,22 @@ class ModelRunner:
             out_logprobs[row] = logprob
             out_errors[row] = error
         return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
+
+    def _sampling_plan(self, plan: SchedulerOutput) -> SamplingPlan | None:
+        """The device sampler's plan for this step's sampling requests, or None for the host sampler: device
+        sampling off, no request samples, or one asks for what only the host sampler does."""
+        if not self.device_sampling:
+            return None
+        requests = [
+            item.request
+            for item in plan.scheduled
+            if item.request.num_computed_tokens + item.num_new_tokens == item.request.num_tokens
+        ]
+        if not requests or not all(supports(r.params, r.constraint) for r in requests):
+            return None
+        return self.device_sampler.plan(
+            [r.params for r in requests],
+            [r.output_token_ids for r in requests],
+            [r.prompt_token_ids for r in requests],
+            self.model.config.vocab_size,
+        )

@@ -284,59 +284,93 @@ def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
     return chunk.squeeze(1) * width + values.argmax(dim=-1)
 
 
-def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Step 5's distributions for rows that sample (temperature > 0): float32 ``[n, V]`` probabilities."""
-    assert all(not p.greedy for p in params), "greedy rows take the argmax and are never filtered"
-    device = logits.device
-    vocab = logits.shape[1]
-    # Passes over [n, V] are what this costs on the CPU: each step below runs only when some row needs it.
-    x = logits
-    if any(p.temperature != 1.0 for p in params):
-        x = logits / _host_column([p.temperature for p in params], torch.float32, device)
-    keep: torch.Tensor | None = None
+@dataclass(slots=True)
+class FilterSettings:
+    """Step 5's per-row settings as ``[n, 1]`` columns on the logits' device, with what the host knows of them
+    (which filters some row uses, the largest k), so that no decision waits for the device. A column is None
+    when no row uses its filter."""
 
-    top_k_on = [0 < p.top_k < vocab for p in params]
-    top_p_on = [p.top_p < 1.0 for p in params]
-    if any(top_k_on) or any(top_p_on):
-        # Both become a logit threshold applied to the unsorted row. Top-p needs the whole row sorted; top-k
-        # alone needs only its first k, and topk is much cheaper than a sort of a 200k vocabulary.
-        max_k = max(p.top_k for p, on in zip(params, top_k_on, strict=True) if on) if any(top_k_on) else 0
-        if any(top_p_on) or max_k > _MAX_TOPK_WITHOUT_SORT:
-            sorted_x = x.sort(dim=-1, descending=True).values
-        else:
-            sorted_x = x.topk(max_k, dim=-1).values
-        k = _host_column(
-            [p.top_k if on else 1 for p, on in zip(params, top_k_on, strict=True)], torch.int64, device
-        )
-        on = _host_column(top_k_on, torch.bool, device)
-        kth = torch.where(on, sorted_x.gather(1, k - 1), -math.inf)
-        if any(top_k_on):
-            keep = x >= kth
-        if any(top_p_on):
-            sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
-            sorted_p = sorted_x.softmax(dim=-1)
-            # The mass ranked before each token, shifted rather than `cumsum - p` so it never decreases.
-            before = torch.cat((torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(dim=-1)[:, :-1]), dim=1)
+    temperature: torch.Tensor | None  # float32; None when every row has temperature 1
+    top_k: torch.Tensor | None  # int64 k, 1 where a row has no top-k
+    top_k_on: torch.Tensor | None  # bool
+    max_k: int  # the largest k of a row with top-k (0: none)
+    top_p: torch.Tensor | None  # float32, inf where a row has no top-p
+    min_p: torch.Tensor | None  # float32
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> FilterSettings:
+        """The columns of `params`' rows, each a host-to-device copy (on the CPU, none)."""
+        top_k_on = [0 < p.top_k < vocab for p in params]
+        any_top_k, any_top_p = any(top_k_on), any(p.top_p < 1.0 for p in params)
+        max_k = max(p.top_k for p, on in zip(params, top_k_on, strict=True) if on) if any_top_k else 0
+        sort = any_top_k or any_top_p
+        return cls(
+            _host_column([p.temperature for p in params], torch.float32, device)
+            if any(p.temperature != 1.0 for p in params)
+            else None,
+            _host_column(
+                [p.top_k if on else 1 for p, on in zip(params, top_k_on, strict=True)], torch.int64, device
+            )
+            if sort
+            else None,
+            _host_column(top_k_on, torch.bool, device) if sort else None,
+            max_k,
             # top_p = 1 is "off": a float cumsum may reach 1.0 before the tail and must not cut it.
-            top_p = _host_column(
+            _host_column(
                 [max(p.top_p, _MIN_TOP_P) if p.top_p < 1.0 else math.inf for p in params],
                 torch.float32,
                 device,
             )
+            if any_top_p
+            else None,
+            _host_column([p.min_p for p in params], torch.float32, device)
+            if any(p.min_p > 0.0 for p in params)
+            else None,
+        )
+
+
+def filtered_logits(logits: torch.Tensor, s: FilterSettings) -> torch.Tensor:
+    """Step 5's filters for rows that sample (temperature > 0): the temperature-scaled logits ``[n, V]`` with
+    every token a filter drops set to -inf. Their softmax is the distribution the row samples from."""
+    # Passes over [n, V] are what this costs on the CPU: each step below runs only when some row needs it.
+    x = logits if s.temperature is None else logits / s.temperature
+    keep: torch.Tensor | None = None
+    if s.top_k is not None:
+        assert s.top_k_on is not None
+        # Both become a logit threshold applied to the unsorted row. Top-p needs the whole row sorted; top-k
+        # alone needs only its first k, and topk is much cheaper than a sort of a 200k vocabulary.
+        if s.top_p is not None or s.max_k > _MAX_TOPK_WITHOUT_SORT:
+            sorted_x = x.sort(dim=-1, descending=True).values
+        else:
+            sorted_x = x.topk(s.max_k, dim=-1).values
+        kth = torch.where(s.top_k_on, sorted_x.gather(1, s.top_k - 1), -math.inf)
+        if s.max_k:
+            keep = x >= kth
+        if s.top_p is not None:
+            sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
+            sorted_p = sorted_x.softmax(dim=-1)
+            # The mass ranked before each token, shifted rather than `cumsum - p` so it never decreases.
+            before = torch.cat((torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(dim=-1)[:, :-1]), dim=1)
             # At least the first token (its `before` is 0 < top_p), and for a NaN row too: `last` is an index.
-            last = ((before < top_p).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+            last = ((before < s.top_p).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
             # If the survivors' mass rounds below top_p the prefix runs into the -inf tail; kth still holds.
             reached = x >= sorted_x.gather(1, last)
             keep = reached if keep is None else keep & reached
 
-    if any(p.min_p > 0.0 for p in params):
-        min_p = _host_column([p.min_p for p in params], torch.float32, device)
+    if s.min_p is not None:
         ratio = torch.exp(x - x.max(dim=-1, keepdim=True).values)  # p / p_max
-        keep = ratio >= min_p if keep is None else keep & (ratio >= min_p)
+        keep = ratio >= s.min_p if keep is None else keep & (ratio >= s.min_p)
 
     if keep is not None:
         x = x.masked_fill(~keep, -math.inf)
-    return x.softmax(dim=-1)
+    return x
+
+
+def _filter_random_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Step 5's distributions for rows that sample (temperature > 0): float32 ``[n, V]`` probabilities."""
+    assert all(not p.greedy for p in params), "greedy rows take the argmax and are never filtered"
+    settings = FilterSettings.from_params(params, logits.shape[1], logits.device)
+    return filtered_logits(logits, settings).softmax(dim=-1)
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -132,6 +132,11 @@ class CliSettings(BaseSettings):
         description="on cuda, decode steps through torch ops, or through the Triton kernels (paged attention "
         "read through the block tables, the MoE on MXFP4 decoded in registers)",
     )
+    cuda_graphs: Literal["on", "off"] = Field(
+        "off",
+        description="on cuda with --kernels triton, decode steps replayed as one CUDA graph per batch size "
+        "(padded to a bucket) from persistent input buffers: far fewer launches per step",
+    )
     max_model_len: int = Field(8192, ge=2, description="longest prompt plus output, in tokens")
     max_num_seqs: int = Field(64, ge=1, description="most requests decoded together")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens computed in one engine step")
@@ -348,6 +353,8 @@ def resident_gb() -> float:
 def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
     if args.kernels == "triton" and args.device != "cuda":
         _invalid("kernels: 'triton' needs --device cuda")
+    if args.cuda_graphs == "on" and args.kernels != "triton":
+        _invalid("cuda_graphs: 'on' needs --kernels triton (and --device cuda)")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     note = None
     if args.model is None:
@@ -381,6 +388,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
             max_loras=len(adapters) if args.max_loras is None else args.max_loras,
             max_lora_rank=args.max_lora_rank or max([16, *ranks]),
             lora_experts=args.lora_experts or on_experts,
+            cuda_graphs=args.cuda_graphs == "on",
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )

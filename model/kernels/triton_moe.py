@@ -204,9 +204,12 @@ def moe_decode(
     return out
 
 
-# Above this many tokens a step is a prompt's: the batched matmuls, which read each active expert once for all
-# its tokens, beat reading it once per token.
-DECODE_MAX_TOKENS = 8
+# Up to this many tokens (a decode batch) the kernels above run: no host sync, so the step can be captured in
+# a CUDA graph. Past a few tokens they read an expert once per token routed to it where the batched matmuls
+# read it once, but those sync and dequantize every active expert to memory (about 1.3 GB of traffic per 4
+# experts at gpt-oss widths), so the kernels should still read fewer bytes at 64 tokens; gpu_bench times both
+# at 1, 8 and 64. Longer steps are prompts' and take the batched matmuls (until a grouped kernel does).
+DECODE_MAX_TOKENS = 64
 
 
 def experts_triton(

@@ -142,6 +142,13 @@ def test_the_cpu_default_dtype_follows_the_kernel_and_is_stated(
     assert engine.model.dtype == torch.float32
 
 
+def test_cuda_graphs_need_the_triton_kernels(tmp_path: Path) -> None:
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--cuda-graphs", "on"]
+    with pytest.raises(SystemExit) as exit_info:
+        build(parse_args(args))
+    assert exit_info.value.code == 2
+
+
 def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:
     args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
     engine, _ = build(parse_args([*args, "--experts", "dequantized"]))
