@@ -31,9 +31,7 @@ def _module_name(path: Path) -> str:
 def _imports() -> dict[str, set[str]]:
     """Each project module and the project modules it imports: a `from x import y` counts `x.y` when that is a
     module, else `x`. A package a module sits in is not counted: Python runs it first whatever is imported."""
-    modules = {
-        _module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")
-    }
+    modules = {_module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         edges: set[str] = set()
@@ -63,7 +61,8 @@ def test_every_package_imports_only_the_layers_below_it() -> None:
         f"{module} -> {target}"
         for module, targets in graph.items()
         for target in targets
-        if (package := module.split(".")[0]) != (other := target.split(".")[0]) and other not in ALLOWED[package]
+        if (package := module.split(".")[0]) != (other := target.split(".")[0])
+        and other not in ALLOWED[package]
     )
     assert upward == []
 

@@ -91,7 +91,9 @@ def test_fast_attention_in_bfloat16(impl: str, case: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_attention_stores_and_attends_as_the_reference(case: str, window: int, dtype: torch.dtype) -> None:
+def test_cuda_attention_stores_and_attends_as_the_reference(
+    case: str, window: int, dtype: torch.dtype
+) -> None:
     check_twin(Kernels.for_device("cuda").attention, case, window, True, dtype, device="cuda")
 
 

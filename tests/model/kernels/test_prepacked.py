@@ -91,7 +91,9 @@ def test_prepacked_bf16_model_equals_plain_bf16_model(checkpoints: dict[str, Pat
     checkpoint loaded with plain weights (the reference)."""
     path = checkpoints["hf"]
     fast = GptOss.from_checkpoint(path, dtype=torch.bfloat16, expert_mode=experts, progress=False)
-    plain = GptOss.from_checkpoint(path, dtype=torch.bfloat16, expert_mode=experts, prepack=False, progress=False)
+    plain = GptOss.from_checkpoint(
+        path, dtype=torch.bfloat16, expert_mode=experts, prepack=False, progress=False
+    )
     assert fast.unembedding.weight.is_mkldnn
     assert fast.block[0].attn.qkv.weight.is_mkldnn
     assert not plain.unembedding.weight.is_mkldnn
