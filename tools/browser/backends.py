@@ -7,8 +7,14 @@ guarded fetcher then opens, while a local corpus does both. The browser owns eve
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+# The highlighting tags some search services put in their results' text.
+_TAG = re.compile(r"<[^>]*>")
 
 
 class BrowserError(Exception):
@@ -69,3 +75,37 @@ class PageFetcher(Protocol):
     async def fetch(self, url: str) -> FetchedPage:
         """The document at `url`. Raises BrowserError when it cannot (or may not) be fetched."""
         ...
+
+
+def search_hits(
+    results: Any, topn: int, snippet: Callable[[dict[str, Any]], str], published: str
+) -> list[SearchHit]:
+    """A search service's JSON results as hits: the http(s) ones only (engines also return magnet: and other
+    links the browser could not open), the first of each URL, at most `topn`; `snippet(result)` picks a
+    result's text and `published` names its date field."""
+    hits: list[SearchHit] = []
+    seen: set[str] = set()
+    for result in results if isinstance(results, list) else []:
+        if not isinstance(result, dict):
+            continue
+        url = result.get("url")
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or url in seen:
+            continue
+        seen.add(url)
+        date = result.get(published)
+        hits.append(
+            SearchHit(
+                url=url,
+                title=plain_text(result.get("title")) or url,
+                snippet=snippet(result),
+                published=date if isinstance(date, str) else None,
+            )
+        )
+        if len(hits) >= topn:
+            break
+    return hits
+
+
+def plain_text(value: Any) -> str:
+    """A result field's text without the highlighting tags some services put in it ("" if not text)."""
+    return _TAG.sub("", value) if isinstance(value, str) else ""

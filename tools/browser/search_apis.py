@@ -20,19 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
-from tools.browser.backends import BrowserError, SearchHit
+from tools.browser.backends import BrowserError, SearchHit, plain_text, search_hits
 
 logger = logging.getLogger(__name__)
 
 # A results page is some tens of KiB; anything far bigger is not a search answer.
 MAX_RESPONSE_BYTES = 2 << 20
-_TAG = re.compile(r"<[^>]*>")
 
 # The environment variable each backend reads its key from.
 API_KEYS = {"exa": "EXA_API_KEY", "brave": "BRAVE_API_KEY", "you": "YDC_API_KEY"}
@@ -90,35 +87,6 @@ class _ApiBackend:
             raise BrowserError("search failed: the search service's answer was not JSON") from exc
 
 
-def _text(value: Any) -> str:
-    return _TAG.sub("", value) if isinstance(value, str) else ""
-
-
-def _hits(results: Any, topn: int, snippet: Any, published: str) -> list[SearchHit]:
-    """The http(s) results, first of each URL, at most `topn`; `snippet(result)` picks a result's text."""
-    hits: list[SearchHit] = []
-    seen: set[str] = set()
-    for result in results if isinstance(results, list) else []:
-        if not isinstance(result, dict):
-            continue
-        url = result.get("url")
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or url in seen:
-            continue
-        seen.add(url)
-        date = result.get(published)
-        hits.append(
-            SearchHit(
-                url=url,
-                title=_text(result.get("title")) or url,
-                snippet=snippet(result),
-                published=date if isinstance(date, str) else None,
-            )
-        )
-        if len(hits) >= topn:
-            break
-    return hits
-
-
 class ExaBackend(_ApiBackend):
     provider = "exa"
 
@@ -132,10 +100,10 @@ class ExaBackend(_ApiBackend):
         def snippet(result: dict[str, Any]) -> str:
             highlights = result.get("highlights")
             if isinstance(highlights, list) and highlights:
-                return " … ".join(_text(h) for h in highlights)
-            return _text(result.get("summary")) or _text(result.get("text"))[:500]
+                return " … ".join(plain_text(h) for h in highlights)
+            return plain_text(result.get("summary")) or plain_text(result.get("text"))[:500]
 
-        return _hits(
+        return search_hits(
             answer.get("results") if isinstance(answer, dict) else None, topn, snippet, "publishedDate"
         )
 
@@ -153,7 +121,7 @@ class BraveBackend(_ApiBackend):
         )
         web = answer.get("web") if isinstance(answer, dict) else None
         results = web.get("results") if isinstance(web, dict) else None
-        return _hits(results, topn, lambda result: _text(result.get("description")), "page_age")
+        return search_hits(results, topn, lambda result: plain_text(result.get("description")), "page_age")
 
 
 class YouBackend(_ApiBackend):
@@ -175,10 +143,10 @@ class YouBackend(_ApiBackend):
         def snippet(result: dict[str, Any]) -> str:
             snippets = result.get("snippets")
             if isinstance(snippets, list) and snippets:
-                return " … ".join(_text(s) for s in snippets)
-            return _text(result.get("description"))
+                return " … ".join(plain_text(s) for s in snippets)
+            return plain_text(result.get("description"))
 
-        return _hits(results, topn, snippet, "page_age")
+        return search_hits(results, topn, snippet, "page_age")
 
 
 def make_search_api(backend: str) -> ExaBackend | BraveBackend | YouBackend:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-from urllib.parse import urlsplit
 
 import httpx
 
-from tools.browser.backends import BrowserError, SearchHit
+from tools.browser.backends import BrowserError, SearchHit, plain_text, search_hits
 
 logger = logging.getLogger(__name__)
 
@@ -64,25 +63,4 @@ class SearxngBackend:
             results = json.loads(body).get("results", [])
         except (ValueError, AttributeError) as exc:
             raise BrowserError("search failed: the search service's answer was not JSON") from exc
-        hits: list[SearchHit] = []
-        seen: set[str] = set()
-        for result in results if isinstance(results, list) else []:
-            if not isinstance(result, dict):
-                continue
-            url = result.get("url")
-            # Only web pages the browser could open; engines sometimes return magnet: or other links.
-            if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or url in seen:
-                continue
-            seen.add(url)
-            published = result.get("publishedDate")
-            hits.append(
-                SearchHit(
-                    url=url,
-                    title=str(result.get("title") or url),
-                    snippet=str(result.get("content") or ""),
-                    published=published if isinstance(published, str) else None,
-                )
-            )
-            if len(hits) >= topn:
-                break
-        return hits
+        return search_hits(results, topn, lambda result: plain_text(result.get("content")), "publishedDate")
