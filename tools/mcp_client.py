@@ -15,7 +15,6 @@ requests, so no connection or server session is shared between users.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import socket
@@ -30,7 +29,14 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tools.browser.backends import BrowserError
-from tools.browser.fetch import IPAddress, IPNetwork, denial_reason, parse_ip_literal
+from tools.browser.fetch import (
+    IPAddress,
+    IPNetwork,
+    Refused,
+    Unresolvable,
+    parse_ip_literal,
+    vetted_addresses,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,33 +134,23 @@ class GuardedNetwork(httpcore2.AsyncNetworkBackend):
     async def vetted(self, host: str, port: int) -> list[IPAddress]:
         """The addresses `host` may be reached at on `port`; McpFailure("refused") if any is not allowed."""
         try:
-            literal = parse_ip_literal(host)
-        except BrowserError as exc:
+            addresses = await vetted_addresses(
+                host, port, self._resolve, self.policy.allowed_networks, "mcp connection"
+            )
+        except Unresolvable as exc:
+            raise McpFailure("http_error", f"could not resolve {host!r}", 502) from exc
+        except Refused as exc:
+            raise McpFailure(
+                "refused",
+                f"refused: {host!r} is not a public address ({exc.reason}); a deployment can allow its "
+                "network with --mcp-allow",
+            ) from exc
+        except BrowserError as exc:  # not an address the guard can read
             raise McpFailure("refused", str(exc)) from exc
-        if literal is not None:
-            addresses = [literal]
-        else:
-            try:
-                answers = await self._resolve(host, port)
-            except OSError as exc:
-                raise McpFailure("http_error", f"could not resolve {host!r}", 502) from exc
-            addresses = [ipaddress.ip_address(answer.split("%", 1)[0]) for answer in answers]
-        if not addresses:
-            raise McpFailure("http_error", f"could not resolve {host!r}", 502)
-        for address in addresses:
-            if any(address in network for network in self.policy.allowed_networks):
-                continue
-            reason = denial_reason(address)
-            if reason is not None:
-                # One bad address refuses the host: which one a connection would use is not ours to predict.
-                logger.warning("mcp connection refused: %s resolves to %s (%s)", host, address, reason)
-                raise McpFailure(
-                    "refused",
-                    f"refused: {host!r} is not a public address ({reason}); a deployment can allow its "
-                    "network with --mcp-allow",
-                )
-            if port not in self.policy.allowed_ports:
-                raise McpFailure("refused", f"refused: port {port} of a public address is not allowed")
+        if port not in self.policy.allowed_ports and not all(
+            any(address in network for network in self.policy.allowed_networks) for address in addresses
+        ):
+            raise McpFailure("refused", f"refused: port {port} of a public address is not allowed")
         return addresses
 
     async def connect_tcp(

@@ -33,7 +33,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import httpx
@@ -102,6 +102,47 @@ class FetchPolicy:
     max_redirects: int = 5
     content_types: frozenset[str] = field(default=TEXT_TYPES)
     user_agent: str = "gpt-oss-server-browser/0.1"
+
+
+class Unresolvable(BrowserError):
+    """The host has no address."""
+
+
+class Refused(BrowserError):
+    """The host resolves to an address the guard refuses."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"refused: `{host}` is not a public address ({reason})")
+        self.reason = reason
+
+
+async def vetted_addresses(
+    host: str, port: int, resolve: Resolver, allowed: Iterable[IPNetwork], who: str
+) -> list[IPAddress]:
+    """The addresses `host` may be reached at: every one it resolves to must be public or in `allowed`.
+    Fail closed: one bad address among good ones refuses the whole host (`Refused`, logged as `who`'s),
+    since which one a client would use is not ours to predict. Scope ids (fe80::1%eth0) are dropped: the
+    address alone decides."""
+    literal = parse_ip_literal(host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        try:
+            answers = await resolve(host, port)
+        except OSError as exc:
+            raise Unresolvable(f"could not resolve `{host}`") from exc
+        addresses = [ipaddress.ip_address(answer.split("%", 1)[0]) for answer in answers]
+    if not addresses:
+        raise Unresolvable(f"could not resolve `{host}`")
+    networks = list(allowed)
+    for address in addresses:
+        if any(address in network for network in networks):
+            continue
+        reason = denial_reason(address)
+        if reason is not None:
+            logger.warning("%s refused: %s resolves to %s (%s)", who, host, address, reason)
+            raise Refused(host, reason)
+    return addresses
 
 
 def denial_reason(ip: IPAddress) -> str | None:
@@ -226,28 +267,9 @@ class SafeFetcher:
         return parsed.copy_with(fragment=None)
 
     async def _vetted_addresses(self, host: str, port: int) -> list[IPAddress]:
-        literal = parse_ip_literal(host)
-        if literal is not None:
-            addresses = [literal]
-        else:
-            try:
-                answers = await self._resolve(host, port)
-            except OSError as exc:
-                raise BrowserError(f"could not resolve `{host}`") from exc
-            # Scope ids (fe80::1%eth0) are dropped: the address alone decides.
-            addresses = [ipaddress.ip_address(answer.split("%", 1)[0]) for answer in answers]
-        if not addresses:
-            raise BrowserError(f"could not resolve `{host}`")
-        for address in addresses:
-            if any(address in network for network in self.policy.allowed_networks):
-                continue
-            reason = denial_reason(address)
-            if reason is not None:
-                # Fail closed: one bad address among good ones refuses the whole host, since which one a
-                # client would use is not ours to predict.
-                logger.warning("browser fetch refused: %s resolves to %s (%s)", host, address, reason)
-                raise BrowserError(f"refused: `{host}` is not a public address ({reason})")
-        return addresses
+        return await vetted_addresses(
+            host, port, self._resolve, self.policy.allowed_networks, "browser fetch"
+        )
 
     async def _send(self, client: httpx.AsyncClient, url: httpx.URL) -> httpx.Response:
         host = url.raw_host.decode("ascii")
