@@ -99,6 +99,12 @@ class Metrics:
         self.generation_tokens = Counter(
             "gpt_oss_generation_tokens", "Output tokens generated.", registry=self.registry
         )
+        self.parse_anomalies = Counter(
+            "gpt_oss_harmony_parse_anomalies",
+            "Malformed harmony in the model's output that the parser read past (a header read as text, a "
+            "stray control token...): rare from the published models, a sign of trouble in a fine-tune.",
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine))
 
     def observe_request(

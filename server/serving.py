@@ -202,9 +202,12 @@ class ChoiceOutput:
         stops: list[str],
         include_stop: bool,
         builtins: Collection[str] = (),
+        on_anomalies: Callable[[int], None] | None = None,
     ) -> None:
         self.encoding = encoding
         self.parser = ChatOutputParser(encoding, tools, builtins)
+        # Told how much malformed harmony each engine request's output held (the server's metrics).
+        self.on_anomalies = on_anomalies
         self.trimmer = StopTrimmer(stops, include_stop)
         self.tokens = 0
         # Reasoning tokens and anomalies of the engine requests before the current one (a tool loop's).
@@ -248,6 +251,7 @@ class ChoiceOutput:
             self._ended = True
             # Completes the counts (reasoning tokens, anomalies); the text it flushes is past the stop.
             self.parser.finish()
+            self._report()
         return deltas
 
     def finish(self) -> list[Delta]:
@@ -256,8 +260,14 @@ class ChoiceOutput:
             return []
         self._ended = True
         deltas = self._trim(self.parser.finish())
+        self._report()
         tail = self.trimmer.flush()
         return [*deltas, Delta(DeltaKind.CONTENT, tail)] if tail else deltas
+
+    def _report(self) -> None:
+        anomalies = self.parser.output.anomalies
+        if anomalies and self.on_anomalies is not None:
+            self.on_anomalies(anomalies)
 
     def _trim(self, deltas: list[Delta]) -> list[Delta]:
         out: list[Delta] = []
@@ -292,8 +302,12 @@ class Serving(ABC, Generic[RequestT, PreparedT]):
         max_model_len: int,
         workers: Workers,
         processors_hook: ProcessorsHook | None = None,
+        *,
+        on_anomalies: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
+        # Counts malformed harmony in the outputs (the server's metrics), where the API parses harmony.
+        self.on_anomalies = on_anomalies
         self.workers = workers
         self.encoding = encoding
         self.renderer = Renderer(encoding)

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,8 +123,12 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         workers: Workers,
         processors_hook: ProcessorsHook | None = None,
         builtin: BuiltinTools | None = None,
+        *,
+        on_anomalies: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(engine, encoding, settings, max_model_len, workers, processors_hook)
+        super().__init__(
+            engine, encoding, settings, max_model_len, workers, processors_hook, on_anomalies=on_anomalies
+        )
         # The server's built-in tools, shared with Responses (None: web_search_options is refused).
         self.builtin = builtin
 
@@ -344,7 +348,13 @@ class ChatService(Serving[ChatCompletionRequest, Prepared]):
         return added
 
     def _choice(self, prepared: Prepared, completion_id: str, index: int) -> ChoiceState:
-        output = ChoiceOutput(self.encoding, prepared.tools, prepared.stops, prepared.include_stop)
+        output = ChoiceOutput(
+            self.encoding,
+            prepared.tools,
+            prepared.stops,
+            prepared.include_stop,
+            on_anomalies=self.on_anomalies,
+        )
         state = ChoiceState(index, _request_id(completion_id, index), output)
         if prepared.builtin is not None:
             assert self.builtin is not None

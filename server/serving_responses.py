@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -915,8 +915,12 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
         workers: Workers,
         processors_hook: ProcessorsHook | None = None,
         store_size: int = DEFAULT_STORE_SIZE,
+        *,
+        on_anomalies: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(engine, encoding, settings, max_model_len, workers, processors_hook)
+        super().__init__(
+            engine, encoding, settings, max_model_len, workers, processors_hook, on_anomalies=on_anomalies
+        )
         self.store = ResponseStore(store_size)
         self.builtin = make_builtin_tools(settings, lambda text: len(encoding.encode_ordinary(text)))
         self.mcp = McpTools(settings)
@@ -1331,6 +1335,7 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
             prepared.stops,
             prepared.request.include_stop_str_in_output,
             builtin.namespaces | labels,
+            on_anomalies=self.on_anomalies,
         )
         run = Run(prepared, response, choice)
         if mcp is not None:

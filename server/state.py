@@ -64,9 +64,10 @@ class ServerState:
             self.workers,
             self.processors_hook,
         )
-        responses = ResponsesService(*shared)
+        anomalies = self.metrics.parse_anomalies.inc
+        responses = ResponsesService(*shared, on_anomalies=anomalies)
         # One set of built-in tools (python sessions, the browser backend) serves both APIs.
-        chat = ChatService(*shared, builtin=responses.builtin)
+        chat = ChatService(*shared, builtin=responses.builtin, on_anomalies=anomalies)
         self.services = Services(bridge, chat, CompletionService(*shared), responses)
 
     def ready(self) -> Services:

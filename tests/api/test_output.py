@@ -5,6 +5,7 @@ not offered, and output with no harmony structure streamed at once."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -345,3 +346,29 @@ def test_a_content_type_after_the_channel_is_no_recipient(client: openai.OpenAI)
             .message
         )
         assert (message.content, message.tool_calls) == ('{"a": 1}', None)
+
+
+def _anomalies(served: Served) -> float:
+    text = httpx.get(served.base_url + "/metrics", timeout=10).text
+    match = re.search(r"^gpt_oss_harmony_parse_anomalies_total (\S+)$", text, re.MULTILINE)
+    assert match, "the parse anomaly counter is not in /metrics"
+    return float(match.group(1))
+
+
+def test_malformed_harmony_in_an_output_is_counted_in_metrics(client: openai.OpenAI, served: Served) -> None:
+    """A call to a tool nobody offered is dropped from the answer and counted, on both APIs; a well-formed
+    turn counts nothing."""
+    script = (
+        "<|channel|>commentary to=functions.delete_everything <|constrain|>json<|message|>{}<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Done.<|return|>"
+    )
+    before = _anomalies(served)
+    client.chat.completions.create(model=MODEL, messages=USER, extra_body={"test_force": script})
+    after_chat = _anomalies(served)
+    assert after_chat >= before + 1
+    client.responses.create(model=MODEL, input="Hi", extra_body={"test_force": script})
+    after_responses = _anomalies(served)
+    assert after_responses >= after_chat + 1
+    clean = "<|channel|>final<|message|>Done.<|return|>"
+    client.chat.completions.create(model=MODEL, messages=USER, extra_body={"test_force": clean})
+    assert _anomalies(served) == after_responses
