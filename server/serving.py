@@ -677,9 +677,21 @@ def requested_answer(request: TurnConstraints) -> tuple[FinalFormat, str] | None
     return (RegexFormat(value) if kind == "regex" else LarkFormat(value)), field
 
 
+# Bounds on a request's stop strings: each delta of the answer is matched against every one of them (and a
+# tail as long as the longest is held back), so an unbounded list would let one request make every delta of
+# its stream cost as much as it likes. Generous for every client seen (OpenAI takes 4, lm-eval a handful).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+
+
 def stop_strings(stop: str | list[str] | None) -> list[str]:
-    """A request's `stop` as a list; `RequestError` for an empty one (it would match everywhere)."""
+    """A request's `stop` as a list; `RequestError` for an empty one (it would match everywhere), more than
+    `MAX_STOP_STRINGS` or one longer than `MAX_STOP_CHARS`."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
         raise RequestError("stop sequences must not be empty", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(stops)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise RequestError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long", "stop")
     return stops

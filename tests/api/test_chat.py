@@ -766,3 +766,24 @@ def test_repetition_penalty_is_accepted(served: Served) -> None:
     penalized = _chat(served, **body, repetition_penalty=0.05).json()
     assert penalized["usage"]["completion_tokens"] >= 1
     assert penalized["choices"][0] != plain["choices"][0]
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [([f"s{i}" for i in range(65)], "at most 64 stop sequences"), (["x" * 1025], "at most 1024 characters")],
+)
+def test_stop_sequences_are_bounded(client: openai.OpenAI, stop: list[str], message: str) -> None:
+    """Every delta is matched against every stop string: a list without bounds would let one request make its
+    stream as slow as it likes. Past the bounds, a 400 naming `stop`, on each API that takes stop strings."""
+    with pytest.raises(openai.BadRequestError, match=message) as chat:
+        client.chat.completions.create(model=MODEL, messages=USER, stop=stop)
+    assert chat.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError, match=message) as completion:
+        client.completions.create(model=MODEL, prompt="Hi", stop=stop)
+    assert completion.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError, match=message) as response:
+        client.responses.create(model=MODEL, input="Hi", extra_body={"stop": stop})
+    assert response.value.body["param"] == "stop"
+    at_the_bounds = [s[:1024] for s in stop[:64]]
+    answer = client.chat.completions.create(model=MODEL, messages=USER, stop=at_the_bounds, max_tokens=2)
+    assert answer.choices[0].finish_reason in ("stop", "length")
