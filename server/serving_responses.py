@@ -364,22 +364,31 @@ def _enabled_builtins(request: ResponsesRequest) -> set[str]:
     return {_builtin_namespace(tool.type) for tool in request.tools or [] if tool.type in BUILTIN_TYPES}
 
 
-def _mcp_choice(request: ResponsesRequest, choice: ResponsesToolChoice) -> _ToolChoice:
-    """`{"type": "mcp", "server_label": ..., "name": ...}`: a call to that MCP server's tool (to any of its
-    tools without a name) is forced, the model reasoning first as for a built-in tool."""
-    label = (choice.model_extra or {}).get("server_label")
+def _mcp_target(request: ResponsesRequest, label: Any, name: Any, param: str) -> str:
+    """The recipient a tool choice naming an MCP server (`label`) and maybe one of its tools (`name`) allows:
+    the server's namespace, or that tool. A 400 at `param` when no mcp tool of the request has the label."""
     labels = {
         (tool.model_extra or {}).get("server_label") for tool in request.tools or [] if tool.type == MCP_TYPE
     }
     if not isinstance(label, str) or label not in labels:
         raise bad_request(
             f"tool_choice names the MCP server {label!r}, which is not among the tools",
-            param="tool_choice.server_label",
+            param=f"{param}.server_label",
         )
+    if name is not None and not isinstance(name, str):
+        raise bad_request("an MCP tool's name must be a string", param=f"{param}.name")
+    return f"{label}.{name}" if name else label
+
+
+def _mcp_choice(request: ResponsesRequest, choice: ResponsesToolChoice) -> _ToolChoice:
+    """`{"type": "mcp", "server_label": ..., "name": ...}`: a call to that MCP server's tool (to any of its
+    tools without a name) is forced, the model reasoning first as for a built-in tool."""
+    label = (choice.model_extra or {}).get("server_label")
+    target = _mcp_target(request, label, choice.name, "tool_choice")
     echo: dict[str, Any] = {"type": MCP_TYPE, "server_label": label}
     if choice.name is not None:
         echo["name"] = choice.name
-    return _ToolChoice("required", [], [f"{label}.{choice.name}" if choice.name else label], echo)
+    return _ToolChoice("required", [], [target], echo)
 
 
 @dataclass(slots=True)
@@ -1036,11 +1045,16 @@ class ResponsesService(Serving[ResponsesRequest, PreparedResponse]):
                     )
                 builtin.append(namespace)
                 continue
+            if kind == MCP_TYPE:
+                param = f"tool_choice.tools[{i}]"
+                builtin.append(_mcp_target(request, tool.get("server_label"), tool.get("name"), param))
+                continue
             name = tool.get("name")
             if kind != "function" or not isinstance(name, str):
                 raise bad_request(
-                    "allowed_tools lists function tools by name ({'type': 'function', 'name': ...}) and "
-                    "built-in tools by type ({'type': 'code_interpreter'}, {'type': 'web_search'})",
+                    "allowed_tools lists function tools by name ({'type': 'function', 'name': ...}), "
+                    "built-in tools by type ({'type': 'code_interpreter'}, {'type': 'web_search'}) and MCP "
+                    "servers by label ({'type': 'mcp', 'server_label': ..., 'name': ...})",
                     param=f"tool_choice.tools[{i}]",
                 )
             if name not in names:

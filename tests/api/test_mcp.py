@@ -754,3 +754,24 @@ def test_a_tool_choice_naming_an_mcp_server_not_among_the_tools_is_a_400(
             tool_choice={"type": "mcp", "server_label": "other"},
         )
     assert raised.value.body["param"] == "tool_choice.server_label"
+
+
+def test_allowed_tools_may_list_an_mcp_server_or_tool(mcp_app: Served, mcp_url: str) -> None:
+    choice = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "mcp", "server_label": "calc", "name": "add"}],
+    }
+    response = checked(
+        create(
+            mcp_app, [call("add", '{"a": 1, "b": 1}'), final("2.")], [mcp_tool(mcp_url)], tool_choice=choice
+        )
+    )
+    assert [item.type for item in response.output] == ["mcp_list_tools", "mcp_call", "message"]
+    for script in ([final("No call.")], [call("remember", '{"note": "x"}')]):
+        with pytest.raises(openai.InternalServerError, match="no token can be sampled"):
+            create(mcp_app, script, [mcp_tool(mcp_url)], tool_choice=choice)
+    unknown = {**choice, "tools": [{"type": "mcp", "server_label": "nope"}]}
+    with pytest.raises(openai.BadRequestError) as raised:
+        create(mcp_app, [final("x")], [mcp_tool(mcp_url)], tool_choice=unknown)
+    assert raised.value.body["param"] == "tool_choice.tools[0].server_label"
