@@ -147,3 +147,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     app = create_app(engine, settings, encoding=encoding, processors_hook=_hook(encoding))
     with serve_in_thread(app) as base:
         yield Served(base, engine, encoding, app)
+
+
+def recorded_prompts(served: Served, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Every prompt the served engine is given from now on (this test's), in order: the engine still runs them."""
+    prompts: list[list[int]] = []
+    add_request = served.engine.add_request
+
+    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
+        prompts.append(list(prompt))
+        add_request(request_id, prompt, params)
+
+    monkeypatch.setattr(served.engine, "add_request", recorded)
+    return prompts

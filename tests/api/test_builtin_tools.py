@@ -37,7 +37,7 @@ from server.errors import APIError
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
 from server.web_search import responses_options
-from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engine
+from tests.api.conftest import MODEL, Served, _hook, recorded_prompts, serve_in_thread, tiny_engine
 from tools.python_sandbox import Limits
 
 PYTHON_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
@@ -118,14 +118,7 @@ def checked_events(events: list[ResponseStreamEvent]) -> None:
 def test_python_runs_in_the_sandbox_and_the_turn_goes_on(
     tooled: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prompts: list[list[int]] = []
-    add_request = tooled.engine.add_request
-
-    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
-        prompts.append(list(prompt))
-        add_request(request_id, prompt, params)
-
-    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    prompts = recorded_prompts(tooled, monkeypatch)
     # A question no earlier request asked, long enough that only the tool loop's own prefix can be cached.
     question = "What is 2 + 3? " + " ".join(f"word{i}" for i in range(150))
     response = create(
@@ -518,14 +511,7 @@ CITED = "A reference borrows a value ([corpus.local](https://corpus.local/borrow
 
 
 def test_chat_web_search_runs_the_browser_and_cites(tooled: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    prompts: list[list[int]] = []
-    add_request = tooled.engine.add_request
-
-    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
-        prompts.append(list(prompt))
-        add_request(request_id, prompt, params)
-
-    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    prompts = recorded_prompts(tooled, monkeypatch)
     completion = chat(tooled, CHAT_BROWSE)
     checked_completion = ChatCompletion.model_validate(completion.model_dump())
     choice = checked_completion.choices[0]
@@ -734,14 +720,7 @@ def test_a_chain_of_three_turns_shows_earlier_tool_calls_as_harmony_renders_them
         tools=BOTH_TOOLS,
         previous_response_id=first.id,
     )
-    prompts: list[list[int]] = []
-    add_request = tooled.engine.add_request
-
-    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
-        prompts.append(list(prompt))
-        add_request(request_id, prompt, params)
-
-    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    prompts = recorded_prompts(tooled, monkeypatch)
     third = create(tooled, [final("Both.")], input="Both?", tools=BOTH_TOOLS, previous_response_id=second.id)
     assert third.output_text == "Both."
     page = "[0] lifetimes\n"  # the search page's first line, as the model read it
@@ -794,14 +773,7 @@ def test_tool_items_a_client_sends_back_are_shown_as_the_model_read_them(
         *[item.model_dump(exclude_none=True) for item in searched.output],
         {"role": "user", "content": "Both?"},
     ]
-    prompts: list[list[int]] = []
-    add_request = tooled.engine.add_request
-
-    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
-        prompts.append(list(prompt))
-        add_request(request_id, prompt, params)
-
-    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    prompts = recorded_prompts(tooled, monkeypatch)
     create(tooled, [final("Both.")], input=history, tools=BOTH_TOOLS, store=False)
     # The python call comes back from its item (code and logs); the search from the store, which knows the
     # page; a search from elsewhere, whose page nobody knows, is left out with its answer.
@@ -830,14 +802,7 @@ def test_page_text_cannot_forge_a_tool_call(tooled: Served, monkeypatch: pytest.
     """A page's text reaches the model as plain text, never as harmony's special tokens: it cannot end the
     tool's message or start a call. And the python call it asks for is not run when only the browser is on,
     through either API."""
-    prompts: list[list[int]] = []
-    add_request = tooled.engine.add_request
-
-    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
-        prompts.append(list(prompt))
-        add_request(request_id, prompt, params)
-
-    monkeypatch.setattr(tooled.engine, "add_request", recorded)
+    prompts = recorded_prompts(tooled, monkeypatch)
     pool = tooled.app.state.server.services.responses.builtin.pool
     sessions = len(pool)
     scripts = [

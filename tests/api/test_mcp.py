@@ -26,7 +26,7 @@ from server.app import create_app
 from server.mcp_tools import McpServerSpec, McpTools, _tool_problem
 from server.protocol import ResponsesTool
 from server.settings import ServerSettings
-from tests.api.conftest import MODEL, Served, _hook, serve_in_thread, tiny_engine
+from tests.api.conftest import MODEL, Served, _hook, recorded_prompts, serve_in_thread, tiny_engine
 from tests.api.test_builtin_tools import EVENT, checked, client_for
 from tools.mcp_client import GuardedNetwork, McpConnector, McpFailure, McpPolicy, McpTool
 
@@ -110,18 +110,6 @@ def create(served: Served, scripts: list[str], tools: list[dict[str, Any]], **fi
     return client_for(served).responses.create(
         model=MODEL, tools=tools, extra_body={"test_force": scripts}, **fields
     )
-
-
-def recorded_prompts(served: Served, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-    prompts: list[list[int]] = []
-    add_request = served.engine.add_request
-
-    def recorded(request_id: str, prompt: list[int], params: Any) -> None:
-        prompts.append(list(prompt))
-        add_request(request_id, prompt, params)
-
-    monkeypatch.setattr(served.engine, "add_request", recorded)
-    return prompts
 
 
 def test_tools_are_listed_declared_and_called(
