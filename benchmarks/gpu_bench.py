@@ -9,20 +9,22 @@ under its own share of the time budget (a section that fails or runs out prints 
 
 1. **machine**: the GPU, torch and Triton, and the measured device-to-device copy bandwidth (bytes read plus
    written), the ceiling every figure below is set against;
-2. **check**: on fresh random inputs at the preset's widths, ‖out − ref‖ / ‖ref‖ of the MoE kernels against
+2. **memory**: the KV pool the engine sizes at load beside the weights, as the server does (the 120b's
+   promise: at least 100k tokens on one 80 GB card);
+3. **check**: on fresh random inputs at the preset's widths, ‖out − ref‖ / ‖ref‖ of the MoE kernels against
    `moe_reference`, of the decode attention against `decode_attention_reference` (short and long contexts,
    full and windowed), and of one decode step's logits of the whole model, Triton kernels against the torch
    kernels on the same weights and cache (and whether the greedy tokens agree);
-3. **graphs**: the same requests through the eager Triton step and through the decode graphs (one CUDA
+4. **graphs**: the same requests through the eager Triton step and through the decode graphs (one CUDA
    graph per batch-size bucket): whether every request gets the same tokens, greedy and seeded;
-4. **kernels**: the decode MoE at 1, 8 and 64 tokens (GB/s of the experts' bytes it must read) against
+5. **kernels**: the decode MoE at 1, 8 and 64 tokens (GB/s of the experts' bytes it must read) against
    `experts_batched`, the decode attention at 1k and 32k tokens of context against the torch path, the
    unembedding's GB/s, and the device sampler against the host sampler;
-5. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
+6. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
    and the share of the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the
    experts the batch routes to, the KV cache);
-6. **prefill**: time to the first token of a 2048-token prompt;
-7. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
+7. **prefill**: time to the first token of a 2048-token prompt;
+8. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
    counted by the profiler, on each path.
 
 Prints a summary table last and writes every figure to `DIR/gpu_bench.json`. `--device cpu --preset tiny`
@@ -32,6 +34,7 @@ runs the same sections on a CPU (the kernels under Triton's interpreter), to che
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -160,7 +163,7 @@ class Bench:
             self.note("model_build_s", time.perf_counter() - started)
         return self.model
 
-    # -- 1 --------------------------------------------------------------------------------------------------
+    # -- machine ---------------------------------------------------------------------------------------------
 
     def machine(self) -> None:
         self.note("torch", torch.__version__)
@@ -179,7 +182,7 @@ class Bench:
         self.bandwidth = 2 * n / seconds
         self.note("copy_bandwidth_gbs", self.bandwidth / 1e9, f"{self.bandwidth / 1e9:.0f} GB/s")
 
-    # -- 2 --------------------------------------------------------------------------------------------------
+    # -- check -----------------------------------------------------------------------------------------------
 
     def check(self) -> None:
         from model.kernels.triton_attention import decode_attention, decode_attention_reference
@@ -258,7 +261,7 @@ class Bench:
         agree = bool((logits["triton"].argmax(-1) == logits["torch"].argmax(-1)).all())
         self.note("check_model_step", err, f"{err:.1e}, greedy tokens {'agree' if agree else 'DIFFER'}")
 
-    # -- 3 --------------------------------------------------------------------------------------------------
+    # -- kernels ---------------------------------------------------------------------------------------------
 
     def kernels(self) -> None:
         from model.kernels.triton_attention import TritonAttention
@@ -360,7 +363,7 @@ class Bench:
                     f"device {device_s * 1e6:.0f} us vs host {host_s * 1e6:.0f} us",
                 )
 
-    # -- graphs ---------------------------------------------------------------------------------------------
+    # -- graphs ----------------------------------------------------------------------------------------------
 
     def graphs(self) -> None:
         """The decode graphs against the eager Triton step on the same requests: the same tokens (greedy and
@@ -397,7 +400,7 @@ class Bench:
             )
         model.use_kernels(self.kernel_sets()["torch"])
 
-    # -- 4, 5 -----------------------------------------------------------------------------------------------
+    # -- decode ----------------------------------------------------------------------------------------------
 
     def engine(self, model: GptOss, max_num_seqs: int = 64, **settings: Any) -> EngineCore:
         memory = (4 << 30) if not self.small else (64 << 20)
@@ -486,7 +489,39 @@ class Bench:
             ttft = time.perf_counter() - started
         self.note(f"ttft_{length}", ttft * 1e3, f"{ttft * 1e3:.1f} ms")
 
-    # -- 6 --------------------------------------------------------------------------------------------------
+    # -- memory ----------------------------------------------------------------------------------------------
+
+    def memory(self) -> None:
+        """What serving the preset leaves for the KV cache: the engine sized as the server sizes it at load
+        (free memory after a warm-up forward, less `gpu_memory_utilization`'s reserve; the server's default
+        context and batch), reported as the full-attention tokens the pool holds. The promise for the 120b on
+        one 80 GB card is at least 100k tokens beside packed experts."""
+        model = self.get_model()
+        engine = EngineCore(model, EngineConfig(max_num_seqs=64 if not self.small else 4))
+        blocks, block_size = engine.runner.blocks, engine.runner.block_size
+        tokens = blocks.num_full * block_size
+        if self.device.type == "cuda":
+            allocated = torch.cuda.memory_allocated(self.device) / 1e9
+            total = torch.cuda.get_device_properties(self.device).total_memory / 1e9
+            self.note("memory_allocated_gb", allocated, f"{allocated:.1f} of {total:.1f} GB allocated")
+        self.note(
+            "kv_pool",
+            {
+                "full_blocks": blocks.num_full,
+                "sliding_blocks": blocks.num_sliding,
+                "block_size": block_size,
+                "full_tokens": tokens,
+                "cache_gb": engine.runner.cache.nbytes / 1e9,
+            },
+            f"{tokens:,} tokens of full-attention KV ({engine.runner.cache.nbytes / 1e9:.1f} GB), weights "
+            f"{model.weight_nbytes() / 1e9:.1f} GB, " + (">= 100k" if tokens >= 100_000 else "UNDER 100k"),
+        )
+        del engine
+        gc.collect()  # the pool must be gone before the next section sizes its own
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- launches --------------------------------------------------------------------------------------------
 
     def launches(self) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -563,10 +598,11 @@ def step_ms_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms/step"
 
 
-SECTIONS = ("machine", "check", "graphs", "kernels", "decode", "prefill", "launches")
+SECTIONS = ("machine", "memory", "check", "graphs", "kernels", "decode", "prefill", "launches")
 # Each section's share of the budget.
 SHARES = {
     "machine": 0.05,
+    "memory": 0.05,
     "check": 0.15,
     "graphs": 0.1,
     "kernels": 0.15,
