@@ -20,7 +20,8 @@ threaded over output rows. Two paths, by the inputs' dtype:
   (high nibbles) are contiguous. Without either instruction set it compiles a scalar loop.
 
 The source is ``cpu_mxfp4.cpp`` beside this file; which of these it compiles is decided by the compiler's
-``-march=native``, so the build's name carries a digest of the targeted features (:func:`_target_key`).
+``-march=native``, so the build's name carries a digest of the targeted features and of the source
+(:func:`_build_name`).
 
 Why a C++ extension (``torch.utils.cpp_extension.load_inline``): the decode has to stay in registers, a table
 permute per 16 codes feeding the FMAs, and torch ops cannot express that without writing the decoded values
@@ -85,12 +86,21 @@ def _target_key(flags: tuple[str, ...]) -> str:
     return hashlib.sha256("\n".join([*flags, *macros]).encode()).hexdigest()[:16]
 
 
+def _build_name(source: str, flags: tuple[str, ...]) -> str:
+    """The extension's name in torch's cache: the CPU target's digest and the source's. With the source in
+    the name, checkouts of different versions sharing one cache (two worktrees, an upgrade beside an older
+    install) each keep their own build, instead of rebuilding one directory in turn, racing when they run at
+    once."""
+    return f"gpt_oss_cpu_mxfp4_{_target_key(flags)}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
 def _build() -> object:
     from torch.utils.cpp_extension import load_inline
 
+    source = _source()
     return load_inline(
-        name=f"gpt_oss_cpu_mxfp4_{_target_key(FLAGS)}",
-        cpp_sources=[_source()],
+        name=_build_name(source, FLAGS),
+        cpp_sources=[source],
         functions=["mxfp4_linear", "native_bf16"],
         extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],

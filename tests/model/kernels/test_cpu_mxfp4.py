@@ -103,6 +103,16 @@ def test_builds_are_keyed_by_what_they_target() -> None:
     assert native != cpu_mxfp4._target_key(("-O3", "-march=x86-64-v3", "-fopenmp"))
 
 
+def test_builds_are_keyed_by_their_source() -> None:
+    """Two versions of the kernel's source get two names: checkouts sharing torch's extension cache keep
+    their own builds instead of rebuilding one directory in turn."""
+    source = cpu_mxfp4._source()
+    name = cpu_mxfp4._build_name(source, cpu_mxfp4.FLAGS)
+    assert name == cpu_mxfp4._build_name(source, cpu_mxfp4.FLAGS)
+    assert name != cpu_mxfp4._build_name(source + "\n// another version\n", cpu_mxfp4.FLAGS)
+    assert name.startswith("gpt_oss_cpu_mxfp4_" + cpu_mxfp4._target_key(cpu_mxfp4.FLAGS))
+
+
 def test_fused_decodes_low_nibble_first_and_scales_per_block() -> None:
     """One weight row with two blocks: byte 0x71 is +0.5 (element 0) then +6 (element 1); the second block
     scaled by 2^3. Picking inputs one-hot reads single weights back."""
