@@ -515,7 +515,7 @@ def moe_grouped(
 # 32 experts: 256 expert reads where 32 would do, less what L2 catches of the repeats) in 2 launches; the
 # grouped GEMM reads each active expert once per block of its pairs, but its routing costs about a dozen small
 # torch launches and its padded blocks are mostly empty at a few pairs per expert. By bytes alone the grouped
-# GEMM wins from about 16 tokens on; the launches push that up. Until gpu_bench's "moe_crossover" section
+# GEMM wins from about 16 tokens on; the launches push that up. Until gpu_bench's "grouped" section
 # times both at 8, 16, 32 and 64 tokens on the real widths (the smallest count where `moe_grouped` beats
 # `moe_decode`, printed as `moe_grouped_from`), decode stays on the GEMV kernels, the path the decode graphs
 # were checked with: lower this to that count, if it is below 64, once it is measured.
