@@ -15,6 +15,7 @@ import triton.language as tl
 import triton.runtime.interpreter as interpreter
 
 from model.gpt_oss import GptOss, MLPBlock
+from model.kernels import triton_moe
 from model.kernels.experts import experts_batched, experts_reference
 from model.kernels.mxfp4 import dequantize_reference, quantize
 from model.kernels.triton_moe import (
@@ -141,16 +142,26 @@ def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBloc
 
 @pytest.mark.parametrize("num_tokens", [1, 5, DECODE_MAX_TOKENS + 1])
 def test_at_the_seam_decodes_take_the_gemv_and_prompts_the_grouped_kernels(
-    mlp: MLPBlock, num_tokens: int
+    mlp: MLPBlock, num_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Triton experts on the model's own MoE block against the reference: decode-sized steps on packed
     weights through the GEMV kernels, larger steps through the grouped GEMM, dequantized weights through the
     batched matmuls."""
+    taken: list[str] = []
+    for name in ("moe_decode", "moe_grouped", "experts_batched"):
+        run = getattr(triton_moe, name)
+        monkeypatch.setattr(
+            triton_moe, name, lambda *args, name=name, run=run: taken.append(name) or run(*args)
+        )
     t = torch.randn(num_tokens, mlp.mlp2_bias.shape[1], generator=torch.Generator().manual_seed(num_tokens))
     t = t.to(DEVICE)
     indices, weights = mlp.route(t)
     expected = experts_reference(mlp, t, indices, weights)
     torch.testing.assert_close(experts_triton(mlp, t, indices, weights), expected, rtol=1e-5, atol=1e-4)
+    if mlp.mlp1_weight.dense is not None:
+        assert taken == ["experts_batched"]
+    else:
+        assert taken == ["moe_decode" if num_tokens <= DECODE_MAX_TOKENS else "moe_grouped"]
 
 
 # -- the grouped GEMM ------------------------------------------------------------------------------------------
