@@ -283,6 +283,7 @@ def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
         (40, 8, 4, 32, 64, "random", 16),  # experts over several blocks, the last partly filled
         (37, 8, 4, 64, 32, "one", 16),  # all 37 tokens on the same 4 experts: 3 blocks each
         (70, 16, 4, 64, 96, "random", None),  # past the decode bound; a masked column tile (96 of 128)
+        (24, 8, 4, 160, 32, "random", None),  # two K steps of 64 bytes, the second masked (16 of 64)
     ],
 )
 def test_grouped_moe_matches_the_reference(
