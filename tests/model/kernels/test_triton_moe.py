@@ -357,3 +357,27 @@ def test_bfloat16_dots_are_wrong_unpatched_in_the_interpreter() -> None:
         assert error < 2**-6
     else:
         assert not error < 2**-6
+
+
+def test_a_prompt_past_the_decode_bound_through_the_whole_model(
+    checkpoints: dict[str, Path], model_fp32: GptOss, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model built with the Triton kernels reads a prompt longer than a decode batch: every layer's experts
+    through the grouped GEMM, the logits of every position those of the model on the CPU's kernels."""
+    from model.batch import AttentionMetadata
+    from model.kernels import Kernels
+
+    grouped = triton_moe.moe_grouped
+    calls: list[int] = []
+    monkeypatch.setattr(triton_moe, "moe_grouped", lambda *args: calls.append(1) or grouped(*args))
+    model = GptOss.from_checkpoint(
+        checkpoints["hf"], device=DEVICE, dtype=torch.float32, kernels=Kernels.triton(), progress=False
+    )
+    length = DECODE_MAX_TOKENS + 6
+    prompt = torch.randint(0, 200_000, (length,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([length])
+        got = model(prompt.to(DEVICE), meta, None, torch.arange(length, device=DEVICE))
+        expected = model_fp32(prompt, AttentionMetadata.build([length]), None, torch.arange(length))
+    assert len(calls) == model.config.num_hidden_layers
+    _close(got.cpu(), expected, FLOAT32_TOLERANCE)
