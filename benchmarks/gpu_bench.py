@@ -608,10 +608,9 @@ class Bench:
         for name, kernels in self.kernel_sets().items():
             model.use_kernels(kernels)
             engine = self.engine(model)
-            for attempt in range(2):  # the first compiles
-                engine.add_request(
-                    f"p{attempt}", [(i * 13) % 50_000 for i in range(length)], SamplingParams(max_tokens=1)
-                )
+            for attempt in range(2):  # the first compiles; each its own prompt, or the prefix cache serves it
+                prompt = [(i * 13 + attempt * 7_919) % 50_000 for i in range(length)]
+                engine.add_request(f"p{attempt}", prompt, SamplingParams(max_tokens=1))
                 sync(self.device)
                 started = time.perf_counter()
                 while engine.has_unfinished():
