@@ -20,11 +20,17 @@ under its own share of the time budget (a section that fails or runs out prints 
 5. **kernels**: the decode MoE at 1, 8 and 64 tokens (GB/s of the experts' bytes it must read) against
    `experts_batched`, the decode attention at 1k and 32k tokens of context against the torch path, the
    unembedding's GB/s, and the device sampler against the host sampler;
-6. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
+6. **grouped**: the grouped-GEMM MoE of prompts and large batches: ‖out − ref‖ / ‖ref‖ against `moe_reference`
+   at the preset's widths (random routing, and every token on the same experts), then at 512 and 2048 tokens
+   on layer 0 its time, GB/s (routed experts' bytes) and TFLOP/s against `experts_batched` (and their
+   difference), its time at tile heights 16, 32 and 64, and at 8 to 64 tokens its time against the decode
+   GEMV kernels (`moe_grouped_from`: where it starts to win, the evidence for `DECODE_MAX_TOKENS`);
+7. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
    and the share of the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the
    experts the batch routes to, the KV cache);
-7. **prefill**: time to the first token of a 2048-token prompt;
-8. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
+8. **prefill**: time to the first token of a 2048-token prompt, torch kernels and Triton kernels (the
+   prompt's experts through the grouped GEMM);
+9. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
    counted by the profiler, on each path.
 
 Prints a summary table last and writes every figure to `DIR/gpu_bench.json`. `--device cpu --preset tiny`
@@ -328,6 +334,130 @@ class Bench:
             )
         self.sampler()
 
+    # -- grouped ------------------------------------------------------------------------------------------
+
+    def grouped(self) -> None:
+        """The grouped-GEMM MoE of prompts and large batches (`moe_grouped`): its numerics against the twin at
+        the preset's widths, then its time against `experts_batched` (the path it replaces) on layer 0 of the
+        model, the tile height, and the token count from which it beats the decode GEMV kernels."""
+        from model.kernels.triton_moe import (
+            DECODE_MAX_TOKENS,
+            grouped_block_m,
+            moe_decode,
+            moe_grouped,
+            moe_reference,
+        )
+
+        c = self.config
+        dev = self.device
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        g = torch.Generator(device="cpu").manual_seed(12)
+        hidden, inter, top_k = c.hidden_size, c.intermediate_size, c.experts_per_token
+        use = min(c.num_experts, 8)  # enough experts for uneven blocks; the twin's loop stays short
+
+        def experts_of(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            blocks = torch.randint(0, 256, (use, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+            centre = 127 + round(math.log2(1 / math.sqrt(cols)))
+            scales = (centre + torch.randint(-1, 2, (use, rows, cols // 32), generator=g)).to(torch.uint8)
+            return blocks.to(dev), scales.to(dev), (0.1 * torch.randn(use, rows, generator=g)).to(dev, dtype)
+
+        mlp1, mlp2 = experts_of(2 * inter, hidden), experts_of(hidden, inter)
+        tokens = DECODE_MAX_TOKENS + 15  # past the decode bound, blocks partly filled
+        for kind in ("random", "one"):  # "one": every token on the same experts, several blocks each
+            t = torch.randn(tokens, hidden, generator=g).to(dev, dtype)
+            if kind == "random":
+                ids = torch.stack([torch.randperm(use, generator=g)[:top_k] for _ in range(tokens)])
+            else:
+                ids = torch.arange(top_k).repeat(tokens, 1)
+            ids = ids.int().to(dev)
+            weights = torch.softmax(torch.randn(tokens, top_k, generator=g), -1).to(dev, dtype)
+            got = moe_grouped(t, ids, weights, mlp1, mlp2, c.swiglu_alpha, c.swiglu_limit)
+            ref = moe_reference(t.float(), ids, weights.float(), mlp1, mlp2, c.swiglu_alpha, c.swiglu_limit)
+            err = rel_error(got, ref)
+            self.note(f"grouped_check_{tokens}tok_{kind}", err, f"{err:.1e} vs moe_reference")
+
+        model = self.get_model()
+        mlp = model.block[0].mlp
+        packed = (mlp.mlp1_weight.blocks, mlp.mlp1_weight.scales, mlp.mlp1_bias)
+        packed2 = (mlp.mlp2_weight.blocks, mlp.mlp2_weight.scales, mlp.mlp2_bias)
+        alpha, limit = mlp.swiglu_alpha, mlp.swiglu_limit
+        per_expert = (
+            sum(x.nbytes for w in (mlp.mlp1_weight, mlp.mlp2_weight) for x in (w.blocks, w.scales))
+            // c.num_experts
+        )
+        repeats = 20 if not self.small else 1
+        sizes = (512, 2048) if not self.small else (DECODE_MAX_TOKENS + 1, 2 * DECODE_MAX_TOKENS)
+        for tokens in sizes:
+            t = torch.randn(tokens, hidden, device=dev, dtype=model.dtype)
+            indices, weights = mlp.route(t)
+            err = rel_error(
+                moe_grouped(t, indices, weights, packed, packed2, alpha, limit),
+                experts_batched(mlp, t, indices, weights),
+            )
+            grouped_s = timed(
+                lambda t=t, i=indices, w=weights: moe_grouped(t, i, w, packed, packed2, alpha, limit),
+                dev,
+                repeats,
+            )
+            batched_s = timed(lambda t=t, i=indices, w=weights: experts_batched(mlp, t, i, w), dev, repeats)
+            unique = len(set(indices.flatten().tolist()))
+            gbs = unique * per_expert / grouped_s / 1e9
+            tflops = 6 * tokens * top_k * hidden * inter / grouped_s / 1e12
+            self.note(
+                f"grouped_{tokens}tok",
+                {
+                    "grouped_us": grouped_s * 1e6,
+                    "batched_us": batched_s * 1e6,
+                    "gbs": gbs,
+                    "tflops": tflops,
+                    "error_vs_batched": err,
+                },
+                f"{grouped_s * 1e6:.0f} us ({gbs:.0f} GB/s, {tflops:.1f} TFLOP/s) vs batched"
+                f" {batched_s * 1e6:.0f} us ({batched_s / grouped_s:.1f}x); rel diff {err:.1e}",
+            )
+            if tokens == sizes[-1]:  # the tile height, at the largest size (the default picks by the share)
+                heights = {}
+                for block_m in (16, 32, 64):
+                    heights[block_m] = 1e6 * timed(
+                        lambda t=t, i=indices, w=weights, b=block_m: moe_grouped(
+                            t, i, w, packed, packed2, alpha, limit, block_m=b
+                        ),
+                        dev,
+                        repeats,
+                    )
+                chosen = grouped_block_m(tokens * top_k, c.num_experts)
+                self.note(
+                    f"grouped_block_m_{tokens}tok",
+                    {**heights, "default": chosen},
+                    ", ".join(f"{b}: {us:.0f} us" for b, us in heights.items()) + f" (default {chosen})",
+                )
+
+        # Decode batches: the GEMV kernels against the grouped GEMM, to set DECODE_MAX_TOKENS from.
+        times = {}
+        for tokens in (8, 16, 32, 64) if not self.small else (8, 16):
+            t = torch.randn(tokens, hidden, device=dev, dtype=model.dtype)
+            indices, weights = mlp.route(t)
+            gemv_s = timed(
+                lambda t=t, i=indices, w=weights: moe_decode(t, i, w, packed, packed2, alpha, limit),
+                dev,
+                repeats,
+            )
+            grouped_s = timed(
+                lambda t=t, i=indices, w=weights: moe_grouped(t, i, w, packed, packed2, alpha, limit),
+                dev,
+                repeats,
+            )
+            times[tokens] = {"gemv_us": gemv_s * 1e6, "grouped_us": grouped_s * 1e6}
+        wins = [n for n, t in times.items() if t["grouped_us"] < t["gemv_us"]]
+        self.note(
+            "moe_grouped_from",
+            {"tokens": wins[0] if wins else None, "times": times},
+            "; ".join(
+                f"{n}: gemv {t['gemv_us']:.0f} / grouped {t['grouped_us']:.0f} us" for n, t in times.items()
+            )
+            + f" -> grouped wins from {wins[0] if wins else 'none of these'}",
+        )
+
     def sampler(self) -> None:
         """The device sampler against the host sampler on the same logits: greedy rows and top-p rows with
         seeds, at 1 and 64 rows of the real vocabulary (each call ends with its ids on the host)."""
@@ -474,20 +604,24 @@ class Bench:
         model.use_kernels(self.kernel_sets()["torch"])
 
     def prefill(self) -> None:
+        """Time to the first token of one prompt on each kernel set: the Triton set runs the prompt's experts
+        through the grouped GEMM, the torch set through the batched matmuls."""
         model = self.get_model()
         length = 2048 if not self.small else 128
-        engine = self.engine(model)
-        for attempt in range(2):  # the first compiles
-            engine.add_request(
-                f"p{attempt}", [(i * 13) % 50_000 for i in range(length)], SamplingParams(max_tokens=1)
-            )
-            sync(self.device)
-            started = time.perf_counter()
-            while engine.has_unfinished():
-                engine.step()
-            sync(self.device)
-            ttft = time.perf_counter() - started
-        self.note(f"ttft_{length}", ttft * 1e3, f"{ttft * 1e3:.1f} ms")
+        for name, kernels in self.kernel_sets().items():
+            model.use_kernels(kernels)
+            engine = self.engine(model)
+            for attempt in range(2):  # the first compiles; each its own prompt, or the prefix cache serves it
+                prompt = [(i * 13 + attempt * 7_919) % 50_000 for i in range(length)]
+                engine.add_request(f"p{attempt}", prompt, SamplingParams(max_tokens=1))
+                sync(self.device)
+                started = time.perf_counter()
+                while engine.has_unfinished():
+                    engine.step()
+                sync(self.device)
+                ttft = time.perf_counter() - started
+            self.note(f"ttft_{length}_{name}", ttft * 1e3, f"{ttft * 1e3:.1f} ms")
+        model.use_kernels(self.kernel_sets()["torch"])
 
     # -- memory ----------------------------------------------------------------------------------------------
 
@@ -598,7 +732,7 @@ def step_ms_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms/step"
 
 
-SECTIONS = ("machine", "memory", "check", "graphs", "kernels", "decode", "prefill", "launches")
+SECTIONS = ("machine", "memory", "check", "graphs", "kernels", "grouped", "decode", "prefill", "launches")
 # Each section's share of the budget.
 SHARES = {
     "machine": 0.05,
@@ -606,6 +740,7 @@ SHARES = {
     "check": 0.15,
     "graphs": 0.1,
     "kernels": 0.15,
+    "grouped": 0.1,
     "decode": 0.35,
     "prefill": 0.1,
     "launches": 0.1,

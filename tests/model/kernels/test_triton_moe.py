@@ -1,24 +1,34 @@
-"""The Triton decode MoE against its plain twin, and its MXFP4 decoding against the format's reference."""
+"""The Triton MoE (decode GEMV and grouped GEMM) against its plain twin, its device routing against a plain
+sort, and its MXFP4 decoding against the format's reference."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.interpreter as interpreter
 
 from model.gpt_oss import GptOss, MLPBlock
-from model.kernels.experts import experts_reference
+from model.kernels import triton_moe
+from model.kernels.experts import experts_batched, experts_reference
 from model.kernels.mxfp4 import dequantize_reference, quantize
 from model.kernels.triton_moe import (
     DECODE_MAX_TOKENS,
     _mxfp4_rows_dot,
     experts_triton,
+    grouped_capacity,
+    moe_align,
     moe_decode,
+    moe_grouped,
     moe_reference,
 )
+from tests.engine.test_sync_free import SyncRecorder
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALPHA, LIMIT = 1.702, 7.0
@@ -131,13 +141,243 @@ def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBloc
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, DECODE_MAX_TOKENS + 1])
-def test_at_the_seam_decodes_take_the_kernels_and_prompts_the_batched_path(
-    mlp: MLPBlock, num_tokens: int
+def test_at_the_seam_decodes_take_the_gemv_and_prompts_the_grouped_kernels(
+    mlp: MLPBlock, num_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Triton experts on the model's own MoE block against the reference: decode-sized steps on packed
-    weights through the kernels, larger steps and dequantized weights through the batched matmuls."""
+    weights through the GEMV kernels, larger steps through the grouped GEMM, dequantized weights through the
+    batched matmuls."""
+    taken: list[str] = []
+    for name in ("moe_decode", "moe_grouped", "experts_batched"):
+        run = getattr(triton_moe, name)
+        monkeypatch.setattr(
+            triton_moe, name, lambda *args, name=name, run=run: taken.append(name) or run(*args)
+        )
     t = torch.randn(num_tokens, mlp.mlp2_bias.shape[1], generator=torch.Generator().manual_seed(num_tokens))
     t = t.to(DEVICE)
     indices, weights = mlp.route(t)
     expected = experts_reference(mlp, t, indices, weights)
     torch.testing.assert_close(experts_triton(mlp, t, indices, weights), expected, rtol=1e-5, atol=1e-4)
+    if mlp.mlp1_weight.dense is not None:
+        assert taken == ["experts_batched"]
+    else:
+        assert taken == ["moe_decode" if num_tokens <= DECODE_MAX_TOKENS else "moe_grouped"]
+
+
+# -- the grouped GEMM ------------------------------------------------------------------------------------------
+
+
+def _align_twin(indices: torch.Tensor, num_experts: int, block_m: int) -> tuple[list[int], list[int]]:
+    """The sorted pairs and block map of :func:`moe_align`, built by a plain loop over the experts."""
+    flat = indices.flatten().tolist()
+    pairs = len(flat)
+    rows: list[int] = []
+    owners: list[int] = []
+    for e in range(num_experts):
+        mine = [p for p, expert in enumerate(flat) if expert == e]
+        padded = -(-len(mine) // block_m) * block_m
+        rows += mine + [pairs] * (padded - len(mine))
+        owners += [e] * (padded // block_m)
+    capacity = grouped_capacity(pairs, num_experts, block_m)
+    return rows + [pairs] * (capacity - len(rows)), owners + [-1] * (capacity // block_m - len(owners))
+
+
+def _routing(tokens: int, experts: int, top_k: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """`[tokens, top_k]` distinct experts per token: `random`; `skewed`, drawn from the first half of the
+    experts only (the rest get no pair); `one`, every token on the same top_k experts in the same order (all
+    the batch's pairs on a few experts, each of them a multiple-block run)."""
+    if kind == "one":
+        return torch.arange(top_k).flip(0).repeat(tokens, 1)
+    pool = experts if kind == "random" else experts // 2
+    return torch.stack([torch.randperm(pool, generator=generator)[:top_k] for _ in range(tokens)])
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m", "kind"),
+    [(1, 4, 2, 16, "random"), (13, 8, 4, 16, "skewed"), (40, 8, 4, 32, "random"), (70, 32, 4, 16, "one")],
+)
+def test_routing_sorts_pairs_by_expert_into_padded_blocks(
+    tokens: int, experts: int, top_k: int, block_m: int, kind: str
+) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    indices = _routing(tokens, experts, top_k, kind, generator).to(torch.int32)
+    sorted_pairs, block_expert = moe_align(indices.to(DEVICE), experts, block_m)
+    rows, owners = _align_twin(indices, experts, block_m)
+    assert sorted_pairs.dtype == block_expert.dtype == torch.int32
+    assert sorted_pairs.cpu().tolist() == rows
+    assert block_expert.cpu().tolist() == owners
+
+
+def test_routing_makes_no_host_sync() -> None:
+    """The routing and the three launches of the grouped path read nothing back to the host; the recorder
+    sees the batched matmuls' syncs on the same inputs (else this would prove nothing). The interpreter's
+    launches, host copies of every argument here, are not recorded: on a GPU they are launches."""
+    generator = torch.Generator().manual_seed(3)
+    mlp1 = _experts(8, 2 * 32, 32, generator)
+    mlp2 = _experts(8, 32, 32, generator)
+    t = torch.randn(20, 32, generator=generator).to(DEVICE)
+    indices = _routing(20, 8, 4, "random", generator).to(torch.int32).to(DEVICE)
+    weights = torch.softmax(torch.randn(20, 4, generator=generator), -1).to(DEVICE)
+    recorder = SyncRecorder()
+    launch = interpreter.GridExecutor.__call__
+
+    def paused_launch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with recorder.pause():
+            return launch(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interpreter.GridExecutor, "__call__", paused_launch)
+        with recorder.recording():
+            moe_grouped(t, indices, weights, mlp1, mlp2, ALPHA, LIMIT)
+        assert recorder.syncs == []
+        block = _Experts(mlp1, mlp2)
+        with recorder.recording():
+            experts_batched(block, t, indices, weights)  # type: ignore[arg-type]
+        assert "tolist" in recorder.syncs
+
+
+class _Experts:
+    """Just what :func:`experts_batched` reads of an MoE block, around raw packed experts."""
+
+    def __init__(self, mlp1: tuple[torch.Tensor, ...], mlp2: tuple[torch.Tensor, ...]) -> None:
+        from model.kernels.experts import MXFP4Weight
+
+        self.mlp1_weight = MXFP4Weight(0, 0, 0)
+        self.mlp1_weight.blocks, self.mlp1_weight.scales = mlp1[0], mlp1[1]
+        self.mlp2_weight = MXFP4Weight(0, 0, 0)
+        self.mlp2_weight.blocks, self.mlp2_weight.scales = mlp2[0], mlp2[1]
+        self.mlp1_bias, self.mlp2_bias = mlp1[2], mlp2[2]
+        self.swiglu_alpha, self.swiglu_limit = ALPHA, LIMIT
+        self.mlp1_lora = self.mlp2_lora = None
+
+
+def _grouped_case(
+    tokens: int, experts: int, top_k: int, hidden: int, inter: int, kind: str, seed: int, scale: float = 1.0
+) -> tuple[Any, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    mlp1 = _experts(experts, 2 * inter, hidden, generator)
+    mlp2 = _experts(experts, hidden, inter, generator)
+    t = (torch.randn(tokens, hidden, generator=generator) * scale).to(DEVICE)
+    ids = _routing(tokens, experts, top_k, kind, generator).to(torch.int32).to(DEVICE)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(DEVICE)
+    return t, ids, weights, mlp1, mlp2
+
+
+# Float32 activations take float32 dots at IEEE precision: the kernels and the twin differ only in the order
+# of their float32 sums (the twin's matmul over the dequantized rows, the kernels' even and odd halves and K
+# steps), each off by a few ulps of the largest terms. 1e-5 of the output's largest value is ~100 ulps at
+# these widths, and a wrong pair, expert, column or slot is off by the order of the output itself.
+FLOAT32_TOLERANCE = 1e-5
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    atol = tolerance * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "kind", "block_m"),
+    [
+        (1, 4, 2, 64, 32, "random", None),  # one block per expert, 15 of its 16 rows padding
+        (13, 8, 4, 64, 32, "skewed", None),  # half the experts without a pair
+        (40, 8, 4, 32, 64, "random", 16),  # experts over several blocks, the last partly filled
+        (37, 8, 4, 64, 32, "one", 16),  # all 37 tokens on the same 4 experts: 3 blocks each
+        (70, 16, 4, 64, 96, "random", None),  # past the decode bound; a masked column tile (96 of 128)
+        (24, 8, 4, 160, 32, "random", None),  # two K steps of 64 bytes, the second masked (16 of 64)
+    ],
+)
+def test_grouped_moe_matches_the_reference(
+    tokens: int, experts: int, top_k: int, hidden: int, inter: int, kind: str, block_m: int | None
+) -> None:
+    t, ids, weights, mlp1, mlp2 = _grouped_case(tokens, experts, top_k, hidden, inter, kind, seed=tokens)
+    got = moe_grouped(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT, block_m=block_m)
+    expected = moe_reference(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT)
+    assert got.dtype == t.dtype
+    _close(got, expected, FLOAT32_TOLERANCE)
+
+
+def test_grouped_swiglu_clamps_large_gates_and_ups() -> None:
+    t, ids, weights, mlp1, mlp2 = _grouped_case(20, 8, 4, 32, 32, "random", seed=5, scale=20.0)
+    got = moe_grouped(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT)
+    expected = moe_reference(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT)
+    unclamped = moe_reference(t, ids, weights, mlp1, mlp2, ALPHA, float("inf"))
+    assert not torch.allclose(expected, unclamped)
+    _close(got, expected, FLOAT32_TOLERANCE)
+
+
+@pytest.fixture
+def bfloat16_dots() -> Iterator[None]:
+    """Triton 3.6's interpreter multiplies bfloat16 dot operands as their raw 16-bit integers; a GPU
+    multiplies the values. Widen them to float32 first (exact: bfloat16 is float32's upper half), so the
+    kernels under test stay the GPU's code. Nothing to patch where the kernels are compiled."""
+    if torch.cuda.is_available():
+        yield
+        return
+    builder = interpreter.InterpreterBuilder
+    create_dot = builder.create_dot
+
+    def widened(handle: Any) -> Any:
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def dot(self: Any, a: Any, b: Any, d: Any, *args: Any) -> Any:
+        return create_dot(self, widened(a), widened(b), d, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builder, "create_dot", dot)
+        yield
+
+
+@pytest.mark.usefixtures("bfloat16_dots")
+@pytest.mark.parametrize(("tokens", "kind"), [(9, "random"), (33, "one")])
+def test_grouped_moe_in_bfloat16(tokens: int, kind: str) -> None:
+    """bfloat16 activations, as a GPU model runs: bfloat16 dots of exactly decoded weights, float32 sums,
+    the SwiGLU's output and the result each rounded once to bfloat16. Each rounding is within 2^-8 of its
+    value (the interpreter truncates, a GPU rounds to nearest: 2^-9), and the first one's errors enter the
+    second GEMM's sum: measured 0.008 of the largest output under the interpreter. 2^-6 of it allows both
+    and still fails a wrong row, expert or weight by far."""
+    t, ids, weights, mlp1, mlp2 = _grouped_case(tokens, 8, 4, 64, 32, kind, seed=tokens)
+    t, weights = t.to(torch.bfloat16), weights.to(torch.bfloat16)
+    got = moe_grouped(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT)
+    expected = moe_reference(t.float(), ids, weights.float(), mlp1, mlp2, ALPHA, LIMIT)
+    assert got.dtype == torch.bfloat16
+    _close(got, expected, 2**-6)
+
+
+def test_bfloat16_dots_are_wrong_unpatched_in_the_interpreter() -> None:
+    """Why :func:`bfloat16_dots` exists: without it the interpreter's bfloat16 dot is far off, so the test
+    above would fail for the interpreter's sake rather than the kernel's (on a GPU the same call is right)."""
+    t, ids, weights, mlp1, mlp2 = _grouped_case(9, 8, 4, 64, 32, "random", seed=9)
+    got = moe_grouped(t.to(torch.bfloat16), ids, weights, mlp1, mlp2, ALPHA, LIMIT).float()
+    expected = moe_reference(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT)
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    if torch.cuda.is_available():
+        assert error < 2**-6
+    else:
+        assert not error < 2**-6
+
+
+def test_a_prompt_past_the_decode_bound_through_the_whole_model(
+    checkpoints: dict[str, Path], model_fp32: GptOss, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model built with the Triton kernels reads a prompt longer than a decode batch: every layer's experts
+    through the grouped GEMM, the logits of every position those of the model on the CPU's kernels."""
+    from model.batch import AttentionMetadata
+    from model.kernels import Kernels
+
+    grouped = triton_moe.moe_grouped
+    calls: list[int] = []
+    monkeypatch.setattr(triton_moe, "moe_grouped", lambda *args: calls.append(1) or grouped(*args))
+    model = GptOss.from_checkpoint(
+        checkpoints["hf"], device=DEVICE, dtype=torch.float32, kernels=Kernels.triton(), progress=False
+    )
+    length = DECODE_MAX_TOKENS + 6
+    prompt = torch.randint(0, 200_000, (length,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([length])
+        got = model(prompt.to(DEVICE), meta, None, torch.arange(length, device=DEVICE))
+        expected = model_fp32(prompt, AttentionMetadata.build([length]), None, torch.arange(length))
+    assert len(calls) == model.config.num_hidden_layers
+    _close(got.cpu(), expected, FLOAT32_TOLERANCE)
