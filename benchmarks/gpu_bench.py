@@ -18,16 +18,16 @@ under its own share of the time budget (a section that fails or runs out prints 
 4. **kernels**: the decode MoE at 1, 8 and 64 tokens (GB/s of the experts' bytes it must read) against
    `experts_batched`, the decode attention at 1k and 32k tokens of context against the torch path, the
    unembedding's GB/s, and the device sampler against the host sampler;
-   **fused**: the fused decode-layer kernels (norm + QKV + RoPE, out projection + residual, norm + router)
-   against their twins and the unfused ops, timed against those ops at 1 and 64 rows (GB/s of their
-   weights), and the engine's decode step at batch 1 and 64 with and without them (eager, and graphs), with
-   the kernel launches of a batch-1 step;
 5. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
    and the share of the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the
    experts the batch routes to, the KV cache);
 6. **prefill**: time to the first token of a 2048-token prompt;
 7. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
-   counted by the profiler, on each path.
+   counted by the profiler, on each path;
+8. **fused** (last; alone with `--sections fused`, about a minute on a GPU): the fused decode-layer kernels
+   (norm + QKV + RoPE, out projection + residual, norm + router) against their twins and the unfused ops,
+   timed against those ops at 1 and 64 rows (GB/s of their weights), and the engine's decode step at batch
+   1 and 64 with and without them (eager, and graphs), with the kernel launches of a batch-1 step.
 
 Prints a summary table last and writes every figure to `DIR/gpu_bench.json`. `--device cpu --preset tiny`
 runs the same sections on a CPU (the kernels under Triton's interpreter), to check the script itself.
@@ -485,7 +485,7 @@ class Bench:
             {"eager": {}} if self.device.type != "cuda" else {"eager": {}, "graphs": {"cuda_graphs": True}}
         )
         batches = (1, 64) if not self.small else (1, 4)
-        steps = 10 if not self.small else 1
+        steps = 8 if not self.small else 1
         prompt_len = 128 if not self.small else 16
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         for mode, settings in modes.items():
@@ -737,17 +737,17 @@ def step_ms_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms/step"
 
 
-SECTIONS = ("machine", "check", "graphs", "kernels", "fused", "decode", "prefill", "launches")
+SECTIONS = ("machine", "check", "graphs", "kernels", "decode", "prefill", "launches", "fused")
 # Each section's share of the budget.
 SHARES = {
     "machine": 0.05,
     "check": 0.15,
     "graphs": 0.1,
     "kernels": 0.15,
-    "fused": 0.1,
     "decode": 0.35,
     "prefill": 0.1,
     "launches": 0.1,
+    "fused": 0.15,  # last: the sections before it keep their time; `--sections fused` runs it alone
 }
 
 

@@ -124,7 +124,7 @@ def _norm_qkv_rope(
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
-    HALF: tl.constexpr = D // 2
+    HALF = D // 2
     # Pair p is row j of head h's first half and its partner j + D/2: p = h * D/2 + j.
     pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pair_mask = pairs < (HQ + 2 * KVH) * HALF
@@ -261,7 +261,12 @@ def _route(
     token = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + token * H
     t_row = t_ptr + token * H
-    inverse_rms = tl.sum(_inverse_rms(x_row, H, 1, eps, H, 1, BLOCK_K), axis=0)
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
+        squares += x * x
+    inverse_rms = tl.rsqrt(tl.sum(squares, axis=0) / H + eps)
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < E
     logits = tl.zeros([BLOCK_E], dtype=tl.float32)
@@ -273,7 +278,9 @@ def _route(
         t = ((x * inverse_rms) * scale).to(t_ptr.dtype.element_ty)
         tl.store(t_row + cols, t, mask=col_mask)
         w = tl.load(
-            w_ptr + experts[:, None] * H + cols[None, :], mask=expert_mask[:, None] & col_mask[None, :]
+            w_ptr + experts[:, None] * H + cols[None, :],
+            mask=expert_mask[:, None] & col_mask[None, :],
+            other=0.0,
         )
         logits += tl.sum(w.to(tl.float32) * t.to(tl.float32)[None, :], axis=1)
     logits += tl.load(b_ptr + experts, mask=expert_mask, other=0.0).to(tl.float32)
