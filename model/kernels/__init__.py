@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 
 class FusedLayers(Protocol):
-    """Fused replacements of a block's small ops for the steps they apply to (few rows: decode steps). A
-    block asks :meth:`applies` first and otherwise runs its own forward, the spec the fused path matches."""
+    """Fused replacements of a block's small ops for the steps they apply to (few rows: decode steps, short
+    prompt chunks). A block asks :meth:`applies` first and otherwise runs its own forward, the spec the
+    fused path matches."""
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether a step of activations `x` runs fused on the block's `weight`."""

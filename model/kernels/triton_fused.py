@@ -36,8 +36,8 @@ from model.batch import AttentionMetadata, KVCache
 if TYPE_CHECKING:
     from model.gpt_oss import AttentionBlock, MLPBlock
 
-# Rows a step may have for the fused kernels: the decode graphs' largest default bucket. Past it a step is a
-# prompt's, whose projections are matrix products the torch path does better.
+# Rows a step may have for the fused kernels: the decode graphs' largest default bucket (a short prompt chunk
+# runs them too). Past it a step is a prompt's, whose projections are matrix products cuBLAS does better.
 MAX_TOKENS = 64
 # Elements of a broadcast multiply-add tile ([rows, weight rows, columns]) held in registers at once.
 _FMA_TILE = 8192
