@@ -31,7 +31,11 @@ under its own share of the time budget (a section that fails or runs out prints 
 8. **prefill**: time to the first token of a 2048-token prompt, torch kernels and Triton kernels (the
    prompt's experts through the grouped GEMM);
 9. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
-   counted by the profiler, on each path.
+   counted by the profiler, on each path;
+10. **fused** (last; alone with `--sections fused`, about a minute on a GPU): the fused decode-layer kernels
+   (norm + QKV + RoPE, out projection + residual, norm + router) against their twins and the unfused ops,
+   timed against those ops at 1 and 64 rows (GB/s of their weights), and the engine's decode step at batch
+   1 and 64 with and without them (eager, and graphs), with the kernel launches of a batch-1 step.
 
 Prints a summary table last and writes every figure to `DIR/gpu_bench.json`. `--device cpu --preset tiny`
 runs the same sections on a CPU (the kernels under Triton's interpreter), to check the script itself.
@@ -334,7 +338,7 @@ class Bench:
             )
         self.sampler()
 
-    # -- grouped ------------------------------------------------------------------------------------------
+    # -- grouped ---------------------------------------------------------------------------------------------
 
     def grouped(self) -> None:
         """The grouped-GEMM MoE of prompts and large batches (`moe_grouped`): its numerics against the twin at
@@ -492,6 +496,176 @@ class Bench:
                     {"device_us": device_s * 1e6, "host_us": host_s * 1e6},
                     f"device {device_s * 1e6:.0f} us vs host {host_s * 1e6:.0f} us",
                 )
+
+    # -- fused -----------------------------------------------------------------------------------------------
+
+    def fused(self) -> None:
+        """The fused decode-layer kernels (:mod:`model.kernels.triton_fused`) on layer 0's weights: each
+        against its plain twin and against the model's own unfused ops, then timed against those ops at 1 and
+        64 rows (GB/s of the weights each must read); then the engine's decode step with and without them
+        (eager Triton, and the decode graphs on a GPU), and the kernel launches of a batch-1 step of each."""
+        from model.gpt_oss import RotaryEmbedding
+        from model.kernels import triton_fused as tf
+
+        model = self.get_model()
+        attn, mlp = model.block[0].attn, model.block[0].mlp
+        c = self.config
+        g = torch.Generator(device="cpu").manual_seed(13)
+        repeats = 50 if not self.small else 2
+        for rows in (1, 64):
+            x = (2 * torch.randn(rows, c.hidden_size, generator=g)).to(self.device, model.dtype)
+            positions = torch.randint(0, 4096, (rows,), generator=g).to(self.device)
+            cos, sin = model.rope.cos_sin(positions)
+            a = torch.randn(rows, c.q_size, generator=g).to(self.device, model.dtype)
+
+            def qkv_fused(x=x, cos=cos, sin=sin) -> tuple[torch.Tensor, ...]:
+                return tf.norm_qkv_rope(
+                    x,
+                    attn.norm.scale,
+                    attn.norm.eps,
+                    attn.qkv.weight,
+                    attn.qkv.bias,
+                    cos,
+                    sin,
+                    attn.heads,
+                    attn.kv_heads,
+                )
+
+            def qkv_twin(x=x, cos=cos, sin=sin) -> tuple[torch.Tensor, ...]:
+                return tf.norm_qkv_rope_reference(
+                    x,
+                    attn.norm.scale,
+                    attn.norm.eps,
+                    attn.qkv.weight,
+                    attn.qkv.bias,
+                    cos,
+                    sin,
+                    attn.heads,
+                    attn.kv_heads,
+                )
+
+            def qkv_ops(x=x, cos=cos, sin=sin) -> tuple[torch.Tensor, ...]:
+                q, k, v = attn.qkv(attn.norm(x)).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+                return (
+                    RotaryEmbedding.rotate(q.unflatten(-1, (attn.heads, -1)), cos, sin),
+                    RotaryEmbedding.rotate(k.unflatten(-1, (attn.kv_heads, -1)), cos, sin),
+                    v.unflatten(-1, (attn.kv_heads, -1)),
+                )
+
+            def out_fused(a=a, x=x) -> torch.Tensor:
+                return tf.out_residual(a, attn.out.weight, attn.out.bias, x)
+
+            def out_twin(a=a, x=x) -> torch.Tensor:
+                return tf.out_residual_reference(a, attn.out.weight, attn.out.bias, x)
+
+            def out_ops(a=a, x=x) -> torch.Tensor:
+                return x + attn.out(a)
+
+            def route_fused(x=x) -> tuple[torch.Tensor, ...]:
+                return tf.route(x, mlp.norm.scale, mlp.norm.eps, mlp.gate.weight, mlp.gate.bias, mlp.top_k)
+
+            def route_twin(x=x) -> tuple[torch.Tensor, ...]:
+                return tf.route_reference(
+                    x, mlp.norm.scale, mlp.norm.eps, mlp.gate.weight, mlp.gate.bias, mlp.top_k
+                )
+
+            def route_ops(x=x) -> tuple[torch.Tensor, ...]:
+                t = mlp.norm(x)
+                return (t, *mlp.route(t))
+
+            cases = {
+                "qkv": (qkv_fused, qkv_twin, qkv_ops, attn.qkv.weight.nbytes),
+                "out": (out_fused, out_twin, out_ops, attn.out.weight.nbytes),
+                "router": (route_fused, route_twin, route_ops, mlp.gate.weight.nbytes),
+            }
+            for name, (fused, twin, ops, weight_bytes) in cases.items():
+                got, reference, plain = fused(), twin(), ops()
+                got, reference, plain = (r if isinstance(r, tuple) else (r,) for r in (got, reference, plain))
+                if name == "router":  # (t, ids, weights): the ids compared as agreement, the rest as values
+                    same_ids = float((got[1] == plain[1]).all(-1).float().mean())
+                    twin_err = max(rel_error(got[i], reference[i]) for i in (0, 2))
+                    plain_err = max(rel_error(got[i], plain[i]) for i in (0, 2))
+                    extra = f", top-k as the ops' for {100 * same_ids:.0f}% of rows"
+                else:
+                    twin_err = max(rel_error(o, r) for o, r in zip(got, reference, strict=True))
+                    plain_err = max(rel_error(o, r) for o, r in zip(got, plain, strict=True))
+                    extra = ""
+                fused_s = timed(fused, self.device, repeats)
+                ops_s = timed(ops, self.device, repeats)
+                gbs = weight_bytes / fused_s / 1e9
+                self.note(
+                    f"fused_{name}_{rows}rows",
+                    {
+                        "err_twin": twin_err,
+                        "err_ops": plain_err,
+                        "fused_us": fused_s * 1e6,
+                        "ops_us": ops_s * 1e6,
+                        "gbs": gbs,
+                        "ops_gbs": weight_bytes / ops_s / 1e9,
+                    },
+                    f"{fused_s * 1e6:.0f} us ({gbs:.0f} GB/s) vs ops {ops_s * 1e6:.0f} us; "
+                    f"err {twin_err:.1e} vs twin, {plain_err:.1e} vs ops{extra}",
+                )
+        self.fused_steps()
+
+    def fused_steps(self) -> None:
+        """The engine's decode step on the Triton path with and without the fused layers."""
+        from torch.profiler import ProfilerActivity, profile
+
+        model = self.get_model()
+        variants = {"fused": Kernels.triton(), "unfused": Kernels.triton(fused=False)}
+        modes = (
+            {"eager": {}} if self.device.type != "cuda" else {"eager": {}, "graphs": {"cuda_graphs": True}}
+        )
+        batches = (1, 64) if not self.small else (1, 4)
+        steps = 8 if not self.small else 1
+        prompt_len = 128 if not self.small else 16
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        for mode, settings in modes.items():
+            for batch in batches:
+                times = {}
+                for name, kernels in variants.items():
+                    model.use_kernels(kernels)
+                    engine = self.engine(model, device_sampling=True, **settings)
+                    for s in range(batch):
+                        prompt = [(s * 131 + i * 7) % 50_000 for i in range(prompt_len)]
+                        engine.add_request(
+                            f"f{s}", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 8)
+                        )
+                    while any(
+                        r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.requests.values()
+                    ):
+                        engine.step()
+                    engine.step()  # the first decode-only step compiles (and captures) what it needs
+                    sync(self.device)
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        engine.step()
+                    sync(self.device)
+                    times[name] = (time.perf_counter() - started) / steps
+                    if mode == "eager" and batch == 1:
+                        with profile(activities=activities) as prof:
+                            engine.step()
+                            sync(self.device)
+                        names = [e.name for e in prof.events()]
+                        launches = sum(
+                            n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx") for n in names
+                        )
+                        ops = sum(
+                            1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+                        )
+                        self.note(
+                            f"fused_launches_{name}",
+                            {"launches": launches, "top_level_ops": ops},
+                            f"{launches} kernel launches, {ops} top-level aten ops per batch-1 step",
+                        )
+                self.note(
+                    f"fused_step_{mode}_b{batch}",
+                    {f"{name}_ms": t * 1e3 for name, t in times.items()},
+                    f"fused {step_ms_text(times['fused'])} vs unfused {step_ms_text(times['unfused'])} "
+                    f"({times['unfused'] / times['fused']:.2f}x)",
+                )
+        model.use_kernels(self.kernel_sets()["torch"])
 
     # -- graphs ----------------------------------------------------------------------------------------------
 
@@ -732,7 +906,18 @@ def step_ms_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms/step"
 
 
-SECTIONS = ("machine", "memory", "check", "graphs", "kernels", "grouped", "decode", "prefill", "launches")
+SECTIONS = (
+    "machine",
+    "memory",
+    "check",
+    "graphs",
+    "kernels",
+    "grouped",
+    "decode",
+    "prefill",
+    "launches",
+    "fused",
+)
 # Each section's share of the budget.
 SHARES = {
     "machine": 0.05,
@@ -744,6 +929,7 @@ SHARES = {
     "decode": 0.35,
     "prefill": 0.1,
     "launches": 0.1,
+    "fused": 0.15,  # last: the sections before it keep their time; `--sections fused` runs it alone
 }
 
 

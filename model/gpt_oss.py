@@ -7,9 +7,11 @@ so loading is a rename-free assignment.
 A forward runs the flattened tokens of several sequences, described by an
 :class:`~model.batch.AttentionMetadata`, against a KV cache (:class:`~model.batch.KVCache`; see
 :mod:`model.batch`). The model is built with its compute injected: an attention implementation that stores
-the new keys and values into the cache and attends, and an experts implementation
-(:mod:`model.kernels`). :meth:`GptOss.from_checkpoint` picks the fast paths for the device;
-:data:`model.kernels.REFERENCE` builds the same model on the plain reference twins, for tests.
+the new keys and values into the cache and attends, an experts implementation and, optionally, fused layers
+that a block runs instead of its own small ops on the steps they take (few rows: decode steps on a GPU)
+(:mod:`model.kernels`); the blocks' plain forwards stay the spec. :meth:`GptOss.from_checkpoint` picks the
+fast paths for the device; :data:`model.kernels.REFERENCE` builds the same model on the plain reference
+twins, for tests.
 
 On the CPU, bf16 matrices (the linears and dequantized experts) are reordered once at load into oneDNN's
 blocked layout (:mod:`model.kernels.prepacked`); every matmul goes through
@@ -29,7 +31,7 @@ from torch import nn
 
 from model.batch import AttentionMetadata, BlockTables, KVCache, LayerKV
 from model.config import ModelConfig
-from model.kernels import Kernels, prepacked
+from model.kernels import FusedLayers, Kernels, prepacked
 from model.kernels.attention import Attention
 from model.kernels.experts import ExpertMode, Experts, MXFP4Weight
 from model.lora import ExpertLoraStack, LoraStack, Update, check_unmerged, part_rows, read_adapter
@@ -137,7 +139,12 @@ class AttentionBlock(nn.Module):
     config says, a sliding window; RoPE on the queries and keys."""
 
     def __init__(
-        self, config: ModelConfig, layer: int, attention: Attention, device: torch.device | str | None = None
+        self,
+        config: ModelConfig,
+        layer: int,
+        attention: Attention,
+        device: torch.device | str | None = None,
+        fused: FusedLayers | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -153,6 +160,7 @@ class AttentionBlock(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, device=device))
         self.out = Linear(config.q_size, config.hidden_size, device=device)
         self.attention = attention
+        self.fused = fused
         # Per-request LoRA adapters of `qkv` and `out` (GptOss.enable_lora); None when none are served.
         self.qkv_lora: LoraStack | None = None
         self.out_lora: LoraStack | None = None
@@ -165,6 +173,8 @@ class AttentionBlock(nn.Module):
         cache: KVCache | None,
         lora: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.fused is not None and lora is None and self.fused.applies(x, self.qkv.weight):
+            return self.fused.attention(self, x, cos_sin, meta, cache)  # the same, in fewer launches
         t = self.norm(x)
         qkv = self.qkv(t)
         if lora is not None:
@@ -195,7 +205,11 @@ class MLPBlock(nn.Module):
     (:mod:`model.kernels.experts`)."""
 
     def __init__(
-        self, config: ModelConfig, experts: Experts, device: torch.device | str | None = None
+        self,
+        config: ModelConfig,
+        experts: Experts,
+        device: torch.device | str | None = None,
+        fused: FusedLayers | None = None,
     ) -> None:
         super().__init__()
         e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
@@ -208,6 +222,7 @@ class MLPBlock(nn.Module):
         self.mlp2_weight = MXFP4Weight(e, h, i, device)
         self.mlp2_bias = nn.Parameter(torch.zeros(e, h, device=device))
         self.experts = experts
+        self.fused = fused
         # Per-request LoRA adapters of the experts (GptOss.enable_lora with experts); None: none served.
         self.mlp1_lora: ExpertLoraStack | None = None
         self.mlp2_lora: ExpertLoraStack | None = None
@@ -218,8 +233,11 @@ class MLPBlock(nn.Module):
         return top.indices, torch.softmax(top.values.float(), dim=-1).to(t.dtype)
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
-        t = self.norm(x)
-        indices, weights = self.route(t)
+        if self.fused is not None and self.fused.applies(x, self.gate.weight):
+            t, indices, weights = self.fused.route(self, x)  # the same, in one launch
+        else:
+            t = self.norm(x)
+            indices, weights = self.route(t)
         return x + self.experts(self, t, indices, weights, lora)
 
 
@@ -231,10 +249,11 @@ class TransformerBlock(nn.Module):
         attention: Attention,
         experts: Experts,
         device: torch.device | str | None = None,
+        fused: FusedLayers | None = None,
     ) -> None:
         super().__init__()
-        self.attn = AttentionBlock(config, layer, attention, device)
-        self.mlp = MLPBlock(config, experts, device)
+        self.attn = AttentionBlock(config, layer, attention, device, fused)
+        self.mlp = MLPBlock(config, experts, device, fused)
 
     def forward(
         self,
@@ -256,13 +275,15 @@ class GptOss(nn.Module):
         *,
         attention: Attention,
         experts: Experts,
+        fused: FusedLayers | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
         self.block = nn.ModuleList(
-            TransformerBlock(config, n, attention, experts, device) for n in range(config.num_hidden_layers)
+            TransformerBlock(config, n, attention, experts, device, fused)
+            for n in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
         self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
@@ -349,7 +370,8 @@ class GptOss(nn.Module):
         `prepack` the bf16 matrices are reordered for the CPU where :func:`model.kernels.prepacked.applies` (a
         no-op elsewhere); without it they stay plain, which is the reference the fast path is tested against.
         The code that computes with the weights comes with `kernels` (the attention and experts
-        implementations), by default the fast paths for `device` (:meth:`Kernels.for_device`).
+        implementations, and fused layers where it has them), by default the fast paths for `device`
+        (:meth:`Kernels.for_device`).
         """
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
@@ -359,7 +381,9 @@ class GptOss(nn.Module):
         reader = open_checkpoint(path)
         kernels = Kernels.for_device(device) if kernels is None else kernels
         with torch.device("meta"):
-            model = cls(reader.files.config, attention=kernels.attention, experts=kernels.experts)
+            model = cls(
+                reader.files.config, attention=kernels.attention, experts=kernels.experts, fused=kernels.fused
+            )
         model.assign_weights(reader.items(device, progress=progress), dtype=dtype, quantize=quantize)
         if lora is not None:
             model.merge_lora(read_adapter(lora, model.config), dtype=dtype, quantize=quantize)
@@ -498,6 +522,7 @@ class GptOss(nn.Module):
         for block in self.block:
             block.attn.attention = kernels.attention
             block.mlp.experts = kernels.experts
+            block.attn.fused = block.mlp.fused = kernels.fused
 
     def weight_nbytes(self) -> int:
         """Bytes the weights hold: the state dict plus dequantized experts, which live outside it."""

@@ -107,7 +107,7 @@ def random_model(
     g = torch.Generator(device=device).manual_seed(seed)
     kernels = Kernels.for_device(device) if kernels is None else kernels
     with torch.device("meta"):
-        model = GptOss(config, attention=kernels.attention, experts=kernels.experts)
+        model = GptOss(config, attention=kernels.attention, experts=kernels.experts, fused=kernels.fused)
     fp4_rms = math.sqrt(sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8)
 
     def draw(name: str, shape: torch.Size) -> torch.Tensor:

@@ -8,6 +8,8 @@
 * :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — a GPU's kernels in Triton (decode
   attention through the block tables; the MoE on MXFP4 decoded in registers, for decode and prompts), loaded
   on demand.
+* :mod:`model.kernels.triton_fused` — the rest of a decode layer in Triton, three launches (norm, QKV and
+  RoPE; output projection and residual; norm and routing), loaded on demand.
 
 :class:`Kernels` names the implementations a model runs: :meth:`Kernels.for_device` the fast paths of a
 device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twins.
@@ -16,6 +18,7 @@ device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -30,13 +33,44 @@ from model.kernels.attention import (
 )
 from model.kernels.experts import Experts, experts_batched, experts_fused, experts_grouped, experts_reference
 
+if TYPE_CHECKING:
+    from model.batch import AttentionMetadata, KVCache
+    from model.gpt_oss import AttentionBlock, MLPBlock
+
+
+class FusedLayers(Protocol):
+    """Fused replacements of a block's small ops for the steps they apply to (few rows: decode steps, short
+    prompt chunks). A block asks :meth:`applies` first and otherwise runs its own forward, the spec the
+    fused path matches."""
+
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a step of activations `x` runs fused on the block's `weight`."""
+        ...
+
+    def attention(
+        self,
+        block: AttentionBlock,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """The attention block's output (the residual stream after it), without adapters."""
+        ...
+
+    def route(self, block: MLPBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MLP block's normalized input and each token's experts and routing weights."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Kernels:
-    """The attention and experts implementations a :class:`~model.gpt_oss.GptOss` is built with."""
+    """The implementations a :class:`~model.gpt_oss.GptOss` is built with: attention, experts and, where a
+    device has them, fused layers (None: every block runs its plain forward)."""
 
     attention: Attention
     experts: Experts
+    fused: FusedLayers | None = None
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> Kernels:
@@ -51,14 +85,20 @@ class Kernels:
         return cls(TorchAttention(sdpa_sink_as_key), experts_batched)
 
     @classmethod
-    def triton(cls) -> Kernels:
+    def triton(cls, *, fused: bool = True) -> Kernels:
         """Decode attention and the packed experts of every step through the Triton kernels
-        (:mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe`), everything else through the
-        GPU's torch paths. Imported here, on demand: CPU inference never needs Triton."""
+        (:mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe`), with `fused` the rest of
+        each decode layer too (:mod:`model.kernels.triton_fused`), everything else through the GPU's torch
+        paths. Imported here, on demand: CPU inference never needs Triton."""
         from model.kernels.triton_attention import TritonAttention
+        from model.kernels.triton_fused import TritonFusedLayers
         from model.kernels.triton_moe import experts_triton
 
-        return cls(TritonAttention(TorchAttention(sdpa_sink_as_key)), experts_triton)
+        return cls(
+            TritonAttention(TorchAttention(sdpa_sink_as_key)),
+            experts_triton,
+            TritonFusedLayers() if fused else None,
+        )
 
 
 REFERENCE = Kernels(attention_reference, experts_reference)
