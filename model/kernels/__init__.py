@@ -7,6 +7,8 @@
 * :mod:`model.kernels.prepacked` — the oneDNN prepacked linear for bf16 weights on the CPU.
 * :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — decode steps on a GPU in Triton
   (paged attention through the block tables, the MoE on MXFP4 decoded in registers), loaded on demand.
+* :mod:`model.kernels.token_bitmask` — grammar masks applied to logits after the model (a C++ loop on the
+  host, built at first use; torch ops on a device), for the engine's constrained decoding.
 
 :class:`Kernels` names the implementations a model runs: :meth:`Kernels.for_device` the fast paths of a
 device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twins.

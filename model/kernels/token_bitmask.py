@@ -6,8 +6,8 @@ A mask row packs one bit per token in int32 words, llguidance's layout (bit i of
 * :func:`apply_bitmask`, logits in host memory: a compiled loop (``token_bitmask.cpp`` beside this file) that
   writes only the forbidden logits, word by word, and releases the GIL while it runs. On a CPU a step's 64
   rows of a JSON string's masks cost it a few milliseconds, where torch ops unpacking every bit and a masked
-  fill over every logit cost tens (their per-element branch mispredicts on scattered bits), and numpy work
-  turning the words into index lists held the GIL against the forward it should overlap.
+  fill over every logit cost tens (their per-element branch mispredicts on scattered bits), and numpy
+  turning the words into index lists would hold the GIL against the forward's Python parts.
 * :func:`apply_bitmask_torch`, logits on any device: each word shifted by 0..31 into a boolean mask, then one
   masked fill. The GPU route (the packed words are a small copy; the unpacking happens on the device, with
   no sync), the host's fallback where the loop is not built, and the loop's twin in tests.
