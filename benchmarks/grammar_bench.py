@@ -2,7 +2,7 @@
 constrained against none, the time to fill and apply the masks per step, and the compile time of a new
 schema's turn grammar (median over a corpus of 30) against a cache hit.
 
-    .venv/bin/python benchmarks/grammar_bench.py [--threads N] [--device cpu|cuda] [--steps N]
+    .venv/bin/python benchmarks/grammar_bench.py [--threads N] [--device cpu|cuda] [--steps N] [--rounds N]
 
 The constrained rows run a JSON grammar from their first token (a reasoning budget of 0): an array of at least
 64 strings, so that no row finishes inside the measured steps and every step masks all 64 rows, mostly inside
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,8 +66,21 @@ def checkpoint() -> Path:
     return path
 
 
-def decode_steps(model: GptOss, grammar: Grammar | None, steps: int, device: torch.device) -> list[float]:
-    """Seconds per decode step with BATCH rows running, each adding one token."""
+@dataclass
+class Steps:
+    """Per decode step: wall seconds; CPU seconds of the engine thread (the step's wall where every other
+    thread has a core of its own); and CPU seconds of the whole process (every thread: the forward, the
+    masks' worker, llguidance's and torch's pools), which a machine with no idle core cannot hide."""
+
+    wall: list[float] = field(default_factory=list)
+    engine_cpu: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def decode_steps(
+    model: GptOss, grammar: Grammar | None, steps: int, device: torch.device, into: Steps
+) -> None:
+    """Time each decode step with BATCH rows running, each adding one token, into `into`."""
     engine = EngineCore(model, EngineConfig(max_num_seqs=BATCH, max_model_len=1024, block_size=16))
     for i in range(BATCH):
         params = SamplingParams(
@@ -76,18 +91,18 @@ def decode_steps(model: GptOss, grammar: Grammar | None, steps: int, device: tor
             grammar=grammar,
         )
         engine.add_request(f"r{i}", PROMPT, params)
-    times: list[float] = []
     while engine.has_unfinished():
         decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running)
         full = len(engine.scheduler.running) == BATCH
-        start = time.perf_counter()
+        start, start_engine, start_cpu = time.perf_counter(), time.thread_time(), time.process_time()
         outputs = engine.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if decoding and full and len(outputs) == BATCH:
-            times.append(time.perf_counter() - start)
+            into.wall.append(time.perf_counter() - start)
+            into.engine_cpu.append(time.thread_time() - start_engine)
+            into.cpu.append(time.process_time() - start_cpu)
         assert all(o.error is None for o in outputs), [o.error for o in outputs if o.error]
-    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each kind, alternating (on a loaded machine both kinds then see the same load)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -145,21 +166,36 @@ def main(argv: list[str] | None = None) -> None:
 
     StepMasks.apply = recorded  # type: ignore[method-assign]
     try:
-        decode_steps(model, None, 4, device)  # warm-up
-        plain = decode_steps(model, None, args.steps, device)
-        constrained = decode_steps(model, grammar, args.steps, device)
+        decode_steps(model, None, 4, device, Steps())  # warm-up
+        plain, constrained = Steps(), Steps()
+        for _ in range(args.rounds):
+            decode_steps(model, None, args.steps, device, plain)
+            decode_steps(model, grammar, args.steps, device, constrained)
     finally:
         StepMasks.apply = original  # type: ignore[method-assign]
-    base, masked = statistics.median(plain), statistics.median(constrained)
+    base, masked = statistics.median(plain.wall), statistics.median(constrained.wall)
+    out(f"load average (1 min) after the decode steps: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     out(
         f"decode step at batch {BATCH} ({args.device}, {args.threads} threads, "
-        f"{len(plain)} and {len(constrained)} steps): none constrained {base * ms:.2f} ms, "
+        f"{len(plain.wall)} and {len(constrained.wall)} steps): none constrained {base * ms:.2f} ms, "
         f"all constrained {masked * ms:.2f} ms, "
         f"ratio {masked / base:.3f} (target <= 1.05)"
     )
+    base_engine = statistics.median(plain.engine_cpu)
+    masked_engine = statistics.median(constrained.engine_cpu)
     out(
-        f"masks per step: computed on the worker thread while the model runs (fill {BATCH} rows"
-        f"{' and unpack' if device.type == 'cpu' else ''}) p50 {statistics.median(worker) * ms:.2f} ms, "
+        f"CPU time per step, engine thread: none constrained {base_engine * ms:.2f} ms, all constrained "
+        f"{masked_engine * ms:.2f} ms, ratio {masked_engine / base_engine:.3f}"
+    )
+    base_cpu, masked_cpu = statistics.median(plain.cpu), statistics.median(constrained.cpu)
+    out(
+        f"CPU time per step, all threads: none constrained {base_cpu * ms:.2f} ms, all constrained "
+        f"{masked_cpu * ms:.2f} ms (+{(masked_cpu - base_cpu) * ms:.2f} ms: what a step pays where no core "
+        "is idle)"
+    )
+    out(
+        f"masks per step: computed on the worker thread while the model runs (fill {BATCH} rows) "
+        f"p50 {statistics.median(worker) * ms:.2f} ms, "
         f"max {max(worker) * ms:.2f} ms; on the engine thread after the forward (wait + apply) "
         f"p50 {statistics.median(exposed) * ms:.2f} ms, max {max(exposed) * ms:.2f} ms"
     )

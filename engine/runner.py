@@ -124,7 +124,7 @@ class ModelRunner:
             device=model.device,
         )
         self.sampler = Sampler()
-        self.masker = TokenMasker(self.device, model.config.vocab_size)
+        self.masker = TokenMasker(self.device)
         self.device_sampler = DeviceSampler()
         self.device_sampling = (
             config.device_sampling if config.device_sampling is not None else self.device.type == "cuda"

@@ -10,6 +10,8 @@
   on demand.
 * :mod:`model.kernels.triton_fused` — the rest of a decode layer in Triton, three launches (norm, QKV and
   RoPE; output projection and residual; norm and routing), loaded on demand.
+* :mod:`model.kernels.token_bitmask` — grammar masks applied to logits after the model (a C++ loop on the
+  host, built at first use; torch ops on a device), for the engine's constrained decoding.
 
 :class:`Kernels` names the implementations a model runs: :meth:`Kernels.for_device` the fast paths of a
 device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twins.

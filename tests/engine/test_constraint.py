@@ -262,14 +262,14 @@ def test_the_masker_applies_what_each_matcher_allows_and_falls_back_row_by_row()
     for row, constraint in ((0, constraints[0]), (2, constraints[1])):
         mask = np.zeros((1, constraint.words), dtype=np.int32)
         constraint.fill(mask[0])
-        apply_token_masks_reference(want, [row], mask)
+        apply_token_masks_reference(want[row : row + 1], mask)
 
     class Broken:
         def unsafe_compute_mask_ptr(self, *args: object) -> None:
             raise RuntimeError("the batch fails")
 
     for broken in (False, True):
-        masker = TokenMasker(torch.device("cpu"), vocab)
+        masker = TokenMasker(torch.device("cpu"))
         if broken:
             masker._executor = Broken()  # type: ignore[assignment]
         logits = source.clone()

@@ -247,3 +247,25 @@ def test_the_graph_buffers_compute_the_ordinary_steps_logits(triton_model: GptOs
         real = {int(table[item.row, item.request.num_computed_tokens // bs]) for item in plan.scheduled}
         assert set(changed.tolist()) <= real | {scratch}
         assert scratch in set(changed.tolist())
+
+
+def test_the_grammar_masks_device_route_makes_no_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits on a device take the packed words over (from pinned memory on CUDA, without waiting) and unpack
+    them there: nothing reads a value back or builds an index on the host. Taken here on the CPU with the
+    host loop out of the way."""
+    from engine.constraint import apply_token_masks
+    from model.kernels import token_bitmask
+
+    monkeypatch.setattr(token_bitmask, "available", lambda: False)
+    masks = torch.full((3, 4), -1, dtype=torch.int32)
+    masks[1] = 0
+    masks[2, 1] = ~(1 << 3)  # token 35
+    logits = torch.randn(3, 100)
+    source = logits.clone()
+    recorder = SyncRecorder()
+    with recorder.recording():
+        apply_token_masks(logits, masks)
+    assert recorder.syncs == []
+    assert torch.equal(logits[0], source[0])
+    assert torch.isinf(logits[1]).all()
+    assert torch.isinf(logits[2]).nonzero().flatten().tolist() == [35]

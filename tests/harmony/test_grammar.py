@@ -14,10 +14,8 @@ import tiktoken
 
 from engine.constraint import (
     GrammarConstraint,
-    apply_forbidden,
     apply_token_masks,
     apply_token_masks_reference,
-    forbidden_on_device,
     grammar_problem,
 )
 from engine.request import Grammar
@@ -380,26 +378,27 @@ def test_random_walks_under_the_mask_end_in_valid_turns(
 def test_batched_mask_application_equals_its_twin() -> None:
     import torch
 
+    from model.kernels.token_bitmask import apply_bitmask_torch
+
     rng = np.random.default_rng(0)
     vocab = 100
     words = (vocab + 31) // 32 + 1  # a mask may name tokens past the model's rows
-    # Rows that allow about half, almost all and almost none of the tokens: the host writes each the short
-    # way (the tokens it forbids, or the row closed and the tokens it allows put back).
+    # Rows that allow about half, almost all, almost none and all of the tokens (a row without a grammar).
     half = rng.integers(-(2**31), 2**31, size=words, dtype=np.int64).astype(np.int32)
     most = np.full(words, -1, dtype=np.int32)
     most[1] = ~np.int32(1 << 5)
     few = np.zeros(words, dtype=np.int32)
     few[2] = -(2**31) | (1 << 3)  # tokens 67 and 95
-    for rows, masks in (([1, 3], np.stack([half, few])), ([0, 1, 2, 3], np.stack([most, few, half, half]))):
+    free = np.full(words, -1, dtype=np.int32)
+    for masks in (np.stack([free, half, free, few]), np.stack([most, few, half, half])):
         logits = torch.randn(4, vocab)
         expected = logits.clone()
-        apply_token_masks_reference(expected, rows, masks)
-        apply_token_masks(logits, rows, masks)
+        apply_token_masks_reference(expected, masks)
+        apply_token_masks(logits, torch.from_numpy(masks))
         assert torch.equal(logits, expected)
-        shifted = expected.clone()
-        forbidden = forbidden_on_device(torch.from_numpy(masks), vocab, torch.device("cpu"))
-        apply_forbidden(shifted, rows, forbidden)  # the device path, run on the host
-        assert torch.equal(shifted, expected)
+        unpacked = expected.clone()
+        apply_bitmask_torch(unpacked, torch.from_numpy(masks))  # the device path, run on the host
+        assert torch.equal(unpacked, expected)
     assert torch.isinf(logits[1]).sum() == vocab - 2
     assert torch.isinf(logits[0]).sum() == 1
 
