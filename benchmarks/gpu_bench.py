@@ -758,9 +758,9 @@ SHARES = {
     "graphs": 0.1,
     "kernels": 0.15,
     "prefill_attention": 0.1,
-    "decode": 0.25,
+    "decode": 0.3,
     "prefill": 0.1,
-    "launches": 0.1,
+    "launches": 0.05,
 }
 
 

@@ -5,11 +5,12 @@
 * :mod:`model.kernels.cpu_mxfp4` — the CPU experts' fused MXFP4 matmul (C++, built at first use).
 * :mod:`model.kernels.mxfp4` — MXFP4 (de)quantization.
 * :mod:`model.kernels.prepacked` — the oneDNN prepacked linear for bf16 weights on the CPU.
-* :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — decode steps on a GPU in Triton
-  (paged attention through the block tables, the MoE on MXFP4 decoded in registers), loaded on demand.
+* :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — the GPU path in Triton (paged
+  attention through the block tables for every step, the decode MoE on MXFP4 decoded in registers), loaded
+  on demand.
 
 :class:`Kernels` names the implementations a model runs: :meth:`Kernels.for_device` the fast paths of a
-device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twins.
+device, :meth:`Kernels.triton` the Triton path, :data:`REFERENCE` the twins.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class Kernels:
 
     @classmethod
     def triton(cls) -> Kernels:
-        """Decode steps through the Triton kernels (:mod:`model.kernels.triton_attention`,
-        :mod:`model.kernels.triton_moe`), everything else through the GPU's torch paths. Imported here, on
-        demand: CPU inference never needs Triton."""
+        """The Triton kernels: attention of every step (:mod:`model.kernels.triton_attention`), the MoE of
+        decode steps (:mod:`model.kernels.triton_moe`), larger MoE steps through the GPU's torch path.
+        Imported here, on demand: CPU inference never needs Triton."""
         from model.kernels.triton_attention import TritonAttention
         from model.kernels.triton_moe import experts_triton
 

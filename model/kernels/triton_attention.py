@@ -326,7 +326,7 @@ def _varlen(
         q_ptr + row[:, None] * q_stride_t + head[:, None] * q_stride_h + dims[None, :],
         mask=row_valid[:, None],
         other=0.0,
-    )
+    ).to(k_ptr.dtype.element_ty)  # a dot's operands share a dtype
     # The sink is one more logit with no value: the running state starts from it (maximum = sink, sum =
     # exp(0) = 1); a head without one (-inf) starts empty.
     sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
@@ -445,7 +445,7 @@ def varlen_attention(
         rows,
         per_tile,
         max(16, block_n),
-        "ieee" if q.dtype == torch.float32 else "tf32",
+        "ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
     return out

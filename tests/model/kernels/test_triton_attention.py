@@ -16,6 +16,7 @@ from model.gpt_oss import ContiguousKVCache
 from model.kernels import Kernels
 from model.kernels.attention import KVView, attend_reference, attention_reference
 from model.kernels.triton_attention import (
+    TritonAttention,
     decode_attention,
     decode_attention_reference,
     store_kv,
@@ -131,7 +132,25 @@ def test_at_the_seam_every_step_stores_and_attends_as_the_reference(
     chunks after cached tokens and mixed steps (the varlen kernel): the same cache after the store, and the
     same output, as the reference. bfloat16: within the torch paths' tolerance (3e-2 at outputs of about 1:
     a few bf16 ulps, the probabilities rounded to bf16 for the second dot as on the GPU)."""
-    check_twin(Kernels.triton().attention, case, window, False, dtype, device=DEVICE.type)
+    check_twin(TritonAttention(_no_fallback), case, window, False, dtype, device=DEVICE.type)
+
+
+def _no_fallback(*args: object) -> torch.Tensor:
+    raise AssertionError("the kernels take every step of a supported shape")
+
+
+def test_shapes_the_kernels_do_not_take_go_to_the_fallback() -> None:
+    """Three query heads per KV head (not a power of two): the torch path, and its result."""
+    q, k, v, meta, kv, sinks = random_paged_case(8, [1, 5], [9, 5], 0, heads=6, kv_heads=2)
+    calls = []
+
+    def fallback(*args: object) -> torch.Tensor:
+        calls.append(args)
+        return Kernels.for_device("cpu").attention(*args)  # type: ignore[arg-type]
+
+    got = TritonAttention(fallback)(q, k, v, meta, kv, sinks, 0.25, 0)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, attention_reference(q, k, v, meta, kv, sinks, 0.25, 0), rtol=0, atol=1e-5)
 
 
 # -- the varlen kernel --------------------------------------------------------------------------------------
