@@ -648,14 +648,16 @@ def varlen_attention_reference(
     heads = q.shape[1]
     group = heads // k_cache.shape[1]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for s in range(context_lens.shape[0]):
-        first_row, end_row = int(query_starts[s]), int(query_starts[s + 1])
-        length, column_zero = int(context_lens[s]), int(starts[s]) // block_size
+    # Host lists: reading a GPU tensor's entries one by one would wait on the device each time.
+    tables, bounds = block_tables.tolist(), query_starts.tolist()
+    for s, (length, start) in enumerate(zip(context_lens.tolist(), starts.tolist(), strict=True)):
+        first_row, end_row = bounds[s], bounds[s + 1]
+        column_zero = start // block_size
         for row in range(first_row, end_row):
             position = length - (end_row - row)
             oldest = max(position - window + 1, 0) if window else 0
             slots = [
-                int(block_tables[s, p // block_size - column_zero]) * block_size + p % block_size
+                tables[s][p // block_size - column_zero] * block_size + p % block_size
                 for p in range(oldest, position + 1)
             ]
             keys, values = k_cache[slots].float(), v_cache[slots].float()
