@@ -25,14 +25,18 @@ under its own share of the time budget (a section that fails or runs out prints 
    on layer 0 its time, GB/s (routed experts' bytes) and TFLOP/s against `experts_batched` (and their
    difference), its time at tile heights 16, 32 and 64, and at 8 to 64 tokens its time against the decode
    GEMV kernels (`moe_grouped_from`: where it starts to win, the evidence for `DECODE_MAX_TOKENS`);
-7. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
+7. **prefill_attention**: the varlen attention kernel (prompts, chunks after cached tokens, and the decodes
+   beside them, in one launch) against its twin and against the torch path, then per layer against the
+   torch path on a 2048-token prompt and on 512 new tokens after 4096 cached (full and windowed), a few of
+   its tile shapes, and on decode-only batches against the split decode kernel those steps keep;
+8. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
    and the share of the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the
    experts the batch routes to, the KV cache);
-8. **prefill**: time to the first token of a 2048-token prompt, torch kernels and Triton kernels (the
-   prompt's experts through the grouped GEMM);
-9. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
+9. **prefill**: time to the first token of a 2048-token prompt, torch kernels and Triton kernels (the
+   prompt's attention through the varlen kernel, its experts through the grouped GEMM);
+10. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
    counted by the profiler, on each path;
-10. **fused** (last; alone with `--sections fused`, about a minute on a GPU): the fused decode-layer kernels
+11. **fused** (last; alone with `--sections fused`, about a minute on a GPU): the fused decode-layer kernels
    (norm + QKV + RoPE, out projection + residual, norm + router) against their twins and the unfused ops,
    timed against those ops at 1 and 64 rows (GB/s of their weights), and the engine's decode step at batch
    1 and 64 with and without them (eager, and graphs), with the kernel launches of a batch-1 step.
@@ -59,6 +63,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -704,6 +709,135 @@ class Bench:
             )
         model.use_kernels(self.kernel_sets()["torch"])
 
+    # -- prefill_attention -----------------------------------------------------------------------------------
+
+    def prefill_attention(self) -> None:
+        """The varlen attention kernel: checked against its twin and against the torch path at the preset's
+        widths, then timed per layer (store included) against the torch path on a 2k prompt and on 512 new
+        tokens after 4k cached, both attention kinds, with a few tile shapes; and on decode-only batches
+        against the split decode kernel, which is what :class:`TritonAttention` keeps for those steps."""
+        from model.kernels.triton_attention import (
+            TritonAttention,
+            decode_attention,
+            step_rows,
+            varlen_attention,
+            varlen_attention_reference,
+        )
+
+        c = self.config
+        dev = self.device
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        scale = c.head_dim**-0.5
+        torch_attention = Kernels.for_device(dev).attention
+        triton_attention = TritonAttention(torch_attention)
+        small = self.small
+
+        # Correctness: decodes, a prompt and chunks after cached tokens in one launch, against the twin
+        # (query by query: kept to a few dozen queries), and a whole prompt against the torch path.
+        q_lens, ctx_lens = ([1, 1, 40, 33], [1000, 37, 40, 300]) if not small else ([1, 9, 6], [40, 9, 21])
+        for window in (0, c.sliding_window):
+            q, k, v, meta, kv, sinks = paged_case(c, q_lens, ctx_lens, window, dev, dtype, seed=3)
+            triton_attention(q, k, v, meta, kv, sinks, scale, window)  # stores the step's keys
+            tables = kv.tables
+            query_starts, lengths = step_rows(meta)
+            args = (
+                q,
+                kv.k,
+                kv.v,
+                tables.block_index,
+                tables.key_positions[:, 0],
+                query_starts,
+                lengths,
+                sinks,
+            )
+            got = varlen_attention(*args, scale, window, tables.block_size, max(q_lens))
+            ref = varlen_attention_reference(*args, scale, window, tables.block_size)
+            err = rel_error(got, ref)
+            self.note(f"check_varlen_window{window}", err, f"{err:.1e}")
+        length = 2048 if not small else 96
+        for window in (0, c.sliding_window):
+            outs = []
+            for impl in (triton_attention, torch_attention):
+                q, k, v, meta, kv, sinks = paged_case(c, [length], [length], window, dev, dtype, seed=4)
+                outs.append(impl(q, k, v, meta, kv, sinks, scale, window))
+            err = rel_error(outs[0], outs[1])
+            self.note(f"check_varlen_vs_torch_{length}_window{window}", err, f"{err:.1e}")
+
+        # Prompt and extend, per layer: the store and the attention, each path's per-forward plan kept (it
+        # is built once per forward and kind, and shared by the layers).
+        repeats = 20 if not small else 1
+        shapes = {"prefill": ([2048], [2048]), "extend": ([512], [4608])}
+        if small:
+            shapes = {"prefill": ([64], [64]), "extend": ([16], [80])}
+        for name, (q_lens, ctx_lens) in shapes.items():
+            for window in (0, c.sliding_window):
+                q, k, v, meta, kv, sinks = paged_case(c, q_lens, ctx_lens, window, dev, dtype, seed=5)
+
+                def run(impl: Any, q=q, k=k, v=v, meta=meta, kv=kv, sinks=sinks, window=window) -> object:
+                    return impl(q, k, v, meta, kv, sinks, scale, window)
+
+                triton_s = timed(lambda run=run: run(triton_attention), dev, repeats)
+                torch_s = timed(lambda run=run: run(torch_attention), dev, repeats)
+                self.note(
+                    f"attention_{name}_{q_lens[0]}_on_{ctx_lens[0]}_window{window}",
+                    {"triton_us": triton_s * 1e6, "torch_us": torch_s * 1e6},
+                    f"triton {triton_s * 1e6:.0f} us vs torch {torch_s * 1e6:.0f} us "
+                    f"({torch_s / triton_s:.2f}x)",
+                )
+
+        # Tile shapes of the prompt's varlen launch (the default is the first).
+        q, k, v, meta, kv, sinks = paged_case(c, shapes["prefill"][0], shapes["prefill"][1], 0, dev, dtype)
+        triton_attention(q, k, v, meta, kv, sinks, scale, 0)
+        query_starts, lengths = step_rows(meta)
+        tables = kv.tables
+        timings = {}
+        for block_m, block_n, warps in ((128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 32, 4)):
+            if small and block_m != 128:
+                continue
+
+            def launch(block_m=block_m, block_n=block_n, warps=warps) -> object:
+                return varlen_attention(
+                    q, kv.k, kv.v, tables.block_index, tables.key_positions[:, 0], query_starts, lengths,
+                    sinks, scale, 0, tables.block_size, max(meta.query_lens), block_m=block_m,
+                    block_n=block_n, num_warps=warps,
+                )  # fmt: skip
+
+            timings[f"m{block_m}_n{block_n}_w{warps}"] = timed(launch, dev, repeats) * 1e6
+        best = min(timings, key=timings.__getitem__)
+        self.note(
+            "varlen_tiles_prefill",
+            timings,
+            ", ".join(f"{k} {us:.0f} us" for k, us in timings.items()) + f"; best {best}",
+        )
+
+        # Decode-only steps: the split kernel (what they take) against the varlen kernel.
+        cases = ((1, 1024), (64, 1024), (1, 32768), (8, 32768)) if not small else ((1, 64), (4, 200))
+        for batch, context in cases:
+            q, k, v, meta, kv, sinks = decode_case(c, batch, context, dev, dtype)
+            tables = kv.tables
+            starts = tables.key_positions[:, 0]
+            lens = meta.positions + 1
+            query_starts = torch.arange(batch + 1, device=dev)
+
+            def split(q=q, kv=kv, tables=tables, starts=starts, lens=lens, sinks=sinks) -> object:
+                return decode_attention(
+                    q, kv.k, kv.v, tables.block_index, starts, lens, sinks, scale, 0, tables.block_size
+                )
+
+            def varlen(q=q, kv=kv, tables=tables, starts=starts, lens=lens, qs=query_starts, sinks=sinks):
+                return varlen_attention(
+                    q, kv.k, kv.v, tables.block_index, starts, qs, lens, sinks, scale, 0, tables.block_size, 1
+                )
+
+            err = rel_error(varlen(), split())
+            split_s = timed(split, dev, repeats)
+            varlen_s = timed(varlen, dev, repeats)
+            self.note(
+                f"decode_kernels_b{batch}_ctx{context}",
+                {"split_us": split_s * 1e6, "varlen_us": varlen_s * 1e6, "rel_diff": err},
+                f"split {split_s * 1e6:.0f} us vs varlen {varlen_s * 1e6:.0f} us (diff {err:.1e})",
+            )
+
     # -- decode ----------------------------------------------------------------------------------------------
 
     def engine(self, model: GptOss, max_num_seqs: int = 64, **settings: Any) -> EngineCore:
@@ -778,8 +912,9 @@ class Bench:
         model.use_kernels(self.kernel_sets()["torch"])
 
     def prefill(self) -> None:
-        """Time to the first token of one prompt on each kernel set: the Triton set runs the prompt's experts
-        through the grouped GEMM, the torch set through the batched matmuls."""
+        """Time to the first token of one prompt on each kernel set: the Triton set runs the prompt's
+        attention through the varlen kernel and its experts through the grouped GEMM, the torch set through
+        the torch paths."""
         model = self.get_model()
         length = 2048 if not self.small else 128
         for name, kernels in self.kernel_sets().items():
@@ -902,6 +1037,53 @@ def decode_case(
     return q, k, v, meta, kv, torch.randn(heads, device=device)
 
 
+def paged_case(
+    config: ModelConfig,
+    q_lens: list[int],
+    ctx_lens: list[int],
+    window: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    block: int = 16,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, LayerKV, torch.Tensor]:
+    """One layer's step as the engine hands it: sequences adding `q_lens` tokens ending at `ctx_lens`, each
+    owning a shuffled run of a random paged cache's blocks, the step's tables built by the engine's own
+    :func:`~engine.paged_kv.plan_group` and :func:`~engine.paged_kv.group_step`."""
+    from engine.paged_kv import StepShape, group_step, plan_group
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    counts = [-(-n // block) for n in ctx_lens]
+    pool = torch.randperm(sum(counts) + 2, generator=g).numpy()
+    table = np.zeros((len(ctx_lens), max(counts)), dtype=np.int64)
+    taken = 0
+    for s, count in enumerate(counts):
+        table[s, :count] = pool[taken : taken + count]
+        taken += count
+    step = StepShape.build(list(range(len(q_lens))), q_lens, ctx_lens, block)
+    plan = plan_group(table, step, block, window)
+    offsets = torch.arange(plan.blocks.shape[1] * block, device=device)
+    tables = group_step(
+        *(torch.from_numpy(a).to(device) for a in (plan.slot_mapping, plan.blocks.reshape(-1), plan.starts)),
+        torch.tensor(ctx_lens, device=device),
+        offsets,
+        block,
+    )
+    slots = (sum(counts) + 2) * block
+    kv = LayerKV(
+        torch.randn(slots, kv_heads, dim, generator=g).to(device, dtype),
+        torch.randn(slots, kv_heads, dim, generator=g).to(device, dtype),
+        tables,
+    )
+    tokens = sum(q_lens)
+    q = torch.randn(tokens, heads, dim, generator=g).to(device, dtype)
+    k = torch.randn(tokens, kv_heads, dim, generator=g).to(device, dtype)
+    v = torch.randn(tokens, kv_heads, dim, generator=g).to(device, dtype)
+    meta = AttentionMetadata.build(q_lens, ctx_lens, device=device)
+    return q, k, v, meta, kv, torch.randn(heads, generator=g).to(device)
+
+
 def step_ms_text(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms/step"
 
@@ -913,6 +1095,7 @@ SECTIONS = (
     "graphs",
     "kernels",
     "grouped",
+    "prefill_attention",
     "decode",
     "prefill",
     "launches",
@@ -926,6 +1109,7 @@ SHARES = {
     "graphs": 0.1,
     "kernels": 0.15,
     "grouped": 0.1,
+    "prefill_attention": 0.1,
     "decode": 0.35,
     "prefill": 0.1,
     "launches": 0.1,

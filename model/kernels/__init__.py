@@ -5,16 +5,16 @@
 * :mod:`model.kernels.cpu_mxfp4` — the CPU experts' fused MXFP4 matmul (C++, built at first use).
 * :mod:`model.kernels.mxfp4` — MXFP4 (de)quantization.
 * :mod:`model.kernels.prepacked` — the oneDNN prepacked linear for bf16 weights on the CPU.
-* :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — a GPU's kernels in Triton (decode
-  attention through the block tables; the MoE on MXFP4 decoded in registers, for decode and prompts), loaded
-  on demand.
+* :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — a GPU's kernels in Triton (paged
+  attention through the block tables for every step; the MoE on MXFP4 decoded in registers, for decode and
+  prompts), loaded on demand.
 * :mod:`model.kernels.triton_fused` — the rest of a decode layer in Triton, three launches (norm, QKV and
   RoPE; output projection and residual; norm and routing), loaded on demand.
 * :mod:`model.kernels.token_bitmask` — grammar masks applied to logits after the model (a C++ loop on the
   host, built at first use; torch ops on a device), for the engine's constrained decoding.
 
 :class:`Kernels` names the implementations a model runs: :meth:`Kernels.for_device` the fast paths of a
-device, :meth:`Kernels.triton` the Triton decode path, :data:`REFERENCE` the twins.
+device, :meth:`Kernels.triton` the Triton path, :data:`REFERENCE` the twins.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Kernels:
 
     @classmethod
     def triton(cls, *, fused: bool = True) -> Kernels:
-        """Decode attention and the packed experts of every step through the Triton kernels
+        """The attention and the packed experts of every step through the Triton kernels
         (:mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe`), with `fused` the rest of
         each decode layer too (:mod:`model.kernels.triton_fused`), everything else through the GPU's torch
         paths. Imported here, on demand: CPU inference never needs Triton."""

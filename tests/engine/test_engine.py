@@ -309,11 +309,12 @@ def test_a_failing_step_aborts_its_requests_and_the_engine_goes_on(tiny_model: G
         thread.stop()
 
 
-def test_the_triton_decode_path_gives_the_tokens_of_full_recomputation(
+def test_the_triton_path_gives_the_tokens_of_full_recomputation(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """The engine on a model built with the Triton kernels (decode steps through the paged attention and MoE
-    kernels; without a GPU, under Triton's interpreter): prompts longer than the window, chunked, batched."""
+    """The engine on a model built with the Triton kernels (every step's attention through the paged kernels,
+    chunks after cached tokens and decodes beside them included, decode steps' MoE too; without a GPU,
+    under Triton's interpreter): prompts longer than the window, chunked, batched."""
     from model.kernels import Kernels
     from tests.engine.conftest import WINDOW16, write_checkpoint
 

@@ -40,10 +40,10 @@ _NO_KERNEL = {
 }
 
 # Launches per layer of a decode step (bf16, 1-64 rows) with the fused layers:
-# attention block: norm + QKV + RoPE (1), the K and V stores (2, index_copy_), the lengths (1, positions + 1),
-#   the attention's split and merge (2), out projection + residual (1);
+# attention block: norm + QKV + RoPE (1), the K/V store (1), the lengths (1, positions + 1), the attention's
+#   split and merge (2), out projection + residual (1);
 # MLP block: norm + router + top-k + softmax (1), the two MoE kernels (2), the residual add (1).
-FUSED_PER_LAYER = 11
+FUSED_PER_LAYER = 10
 
 
 class LaunchCounter:

@@ -140,19 +140,24 @@ def _add_requests(engine: EngineCore) -> None:
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
-def test_a_decode_step_makes_one_copy_back_and_no_other_sync(
+def test_every_step_makes_one_copy_back_and_no_other_sync(
     triton_model: GptOss, monkeypatch: pytest.MonkeyPatch, graphs: bool
 ) -> None:
+    """Three steps, each recorded on its own: the prompts alone, then a decode step (through the decode
+    graphs' buffers where they are on), then the decodes beside a new prompt (attention's varlen kernel,
+    whose per-sequence starts and lengths are derived on the device)."""
     engine = make_engine(triton_model, device_sampling=True, cuda_graphs=graphs)
     _add_requests(engine)
-    engine.step()  # the prompts
-    assert all(len(r.output_token_ids) == 1 for r in engine.scheduler.requests.values())
-    recorder = SyncRecorder()
-    with recorded(engine, recorder, monkeypatch) as read:
-        outputs = engine.step()
-    assert recorder.syncs == []
-    assert read == [(3,)]
-    assert len(outputs) == 3
+    for step in ("prompts", "decodes", "decodes and a prompt"):
+        if step == "decodes and a prompt":
+            engine.add_request("late", list(range(70, 90)), SamplingParams(temperature=0.0, max_tokens=4))
+        recorder = SyncRecorder()
+        with recorded(engine, recorder, monkeypatch) as read:
+            outputs = engine.step()
+        assert recorder.syncs == [], step
+        rows = 4 if step == "decodes and a prompt" else 3
+        assert read == [(rows,)], step
+        assert len(outputs) == rows, step
     assert engine.runner.graphs is None or engine.runner.graphs.logits.data_ptr() != 0
 
 
