@@ -10,12 +10,11 @@ the products average down, hence the small absolute term.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import triton.runtime.interpreter as interpreter
 
 from model.batch import AttentionMetadata
 from model.gpt_oss import ContiguousKVCache, GptOss, RotaryEmbedding
@@ -29,6 +28,7 @@ from model.kernels.triton_fused import (
     route,
     route_reference,
 )
+from tests.triton_interpreter import bf16_dots_widened
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEADS, KV_HEADS, DIM, HIDDEN, EPS = 4, 2, 32, 96, 1e-5
@@ -38,25 +38,11 @@ ROWS = [1, 3, 16, 33, MAX_TOKENS]
 
 
 @pytest.fixture(autouse=True)
-def _bf16_dot_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw 16-bit integers: widen them to
-    float32 (exact) first, as the GPU's tensor cores do, so the kernels' own code is what is tested."""
-    dot = interpreter.InterpreterBuilder.create_dot
-
-    def widened(
-        self: object, a: interpreter.TensorHandle, b: interpreter.TensorHandle, *rest: object
-    ) -> object:
-        if a.dtype.is_bf16():
-            a, b = (
-                interpreter.TensorHandle(_bf16_as_float32(t.data), interpreter.tl.float32) for t in (a, b)
-            )
-        return dot(self, a, b, *rest)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", widened)
-
-
-def _bf16_as_float32(data: np.ndarray) -> np.ndarray:
-    return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+def _bf16_dot_in_the_interpreter() -> Iterator[None]:
+    """The interpreter's bf16 dots widened to float32 (exact), as the GPU's tensor cores compute them, so the
+    kernels' own code is what is tested (:mod:`tests.triton_interpreter`)."""
+    with bf16_dots_widened():
+        yield
 
 
 def _draw(seed: int, *shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import triton
@@ -29,6 +28,7 @@ from model.kernels.triton_moe import (
     moe_reference,
 )
 from tests.engine.test_sync_free import SyncRecorder
+from tests.triton_interpreter import bf16_dots_widened
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALPHA, LIMIT = 1.702, 7.0
@@ -307,26 +307,9 @@ def test_grouped_swiglu_clamps_large_gates_and_ups() -> None:
 
 @pytest.fixture
 def bfloat16_dots() -> Iterator[None]:
-    """Triton 3.6's interpreter multiplies bfloat16 dot operands as their raw 16-bit integers; a GPU
-    multiplies the values. Widen them to float32 first (exact: bfloat16 is float32's upper half), so the
-    kernels under test stay the GPU's code. Nothing to patch where the kernels are compiled."""
-    if torch.cuda.is_available():
-        yield
-        return
-    builder = interpreter.InterpreterBuilder
-    create_dot = builder.create_dot
-
-    def widened(handle: Any) -> Any:
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        data = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def dot(self: Any, a: Any, b: Any, d: Any, *args: Any) -> Any:
-        return create_dot(self, widened(a), widened(b), d, *args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(builder, "create_dot", dot)
+    """The interpreter's bfloat16 dots widened (:func:`tests.triton_interpreter.bf16_dots_widened`) so the
+    kernels under test stay the GPU's code."""
+    with bf16_dots_widened():
         yield
 
 
