@@ -165,7 +165,8 @@ class ModelRunner:
         return DecodeGraphs(
             self.model,
             self.cache,
-            # Larger batches take the MoE's batched matmuls, which sync: they run eagerly.
+            # Batches the decode MoE kernels take; larger ones (the grouped GEMM, sync-free too) run eagerly
+            # until captured graphs of them have been checked on a GPU.
             max_num_seqs=min(self.config.max_num_seqs, DECODE_MAX_TOKENS),
             max_model_len=self.max_model_len,
             scratch=scratch,
