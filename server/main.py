@@ -137,6 +137,13 @@ class CliSettings(BaseSettings):
         description="on cuda with --kernels triton, decode steps replayed as one CUDA graph per batch size "
         "(padded to a bucket) from persistent input buffers: far fewer launches per step",
     )
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="launch each step before the host has handled the previous step's tokens (stops are "
+        "then seen a step late and the extra token dropped), so the GPU does not wait on the host; a "
+        "request with a grammar, a penalty or prompt logprobs runs in the plain order (auto: on where "
+        "sampling runs on the device, cuda; on: samples on the device on a cpu too)",
+    )
     max_model_len: int = Field(8192, ge=2, description="longest prompt plus output, in tokens")
     max_num_seqs: int = Field(64, ge=1, description="most requests decoded together")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens computed in one engine step")
@@ -389,6 +396,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
             max_lora_rank=args.max_lora_rank or max([16, *ranks]),
             lora_experts=args.lora_experts or on_experts,
             cuda_graphs=args.cuda_graphs == "on",
+            async_scheduling=None if args.async_scheduling == "auto" else args.async_scheduling == "on",
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )

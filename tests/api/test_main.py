@@ -149,6 +149,18 @@ def test_cuda_graphs_need_the_triton_kernels(tmp_path: Path) -> None:
     assert exit_info.value.code == 2
 
 
+def test_async_scheduling_setting_reaches_the_engine(tmp_path: Path) -> None:
+    """auto follows the device sampler (off on a cpu); on turns the device sampler on with it."""
+    assert parse_args([]).async_scheduling == "auto"
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
+    engine, _ = build(parse_args([*args, "--async-scheduling", "on"]))
+    assert engine.async_scheduling
+    assert engine.runner.device_sampling
+    engine, _ = build(parse_args(args))
+    assert not engine.async_scheduling
+    assert not engine.runner.device_sampling
+
+
 def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:
     args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
     engine, _ = build(parse_args([*args, "--experts", "dequantized"]))
