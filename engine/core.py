@@ -103,7 +103,9 @@ class EngineCore:
             )
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         wanted = self.config.async_scheduling
-        self.async_scheduling = self.runner.device_sampling if wanted is None else wanted
+        if wanted is None:  # where there is a device to keep busy and it samples
+            wanted = self.runner.device_sampling and self.runner.device.type == "cuda"
+        self.async_scheduling = wanted
         if self.async_scheduling and not self.runner.device_sampling:
             raise ValueError(
                 "the overlapped loop (async_scheduling) needs the device sampler (device_sampling)"
