@@ -30,6 +30,17 @@ For each preset, writes once (under .cache/bench/, never committed) a random HF-
   wall time), averaged over the decode steps (one new token per request) with 64 running requests.
 * **TTFT of a 2k-token prompt** alone on an empty engine.
 
+* **The overlapped loop, model stubbed** (`--overlap-stub`, this alone): what the overlapped loop
+  (`EngineConfig.async_scheduling`) hides of the host's part of a step, measurable on a CPU. The model's
+  forward is replaced by a stand-in for a GPU: it returns fixed logits at once and queues
+  `--device-step-ms` of simulated device work behind the work already queued; reading a step's sampled ids
+  waits until that step's work is done, as a device-to-host copy waits for its stream. Decode steps at batch 1
+  and 16 (greedy, vocabulary 1024 so that sampling on CPU tensors stays small), plain loop and overlapped
+  loop: ms/step with no device time (the host's part), then with the device time, and the share of the
+  host time the overlap hid: 1 - (overlapped - device) / host. The ideal is max(host, device) per step.
+  Times are on a virtual clock: the engine thread's CPU time plus its simulated waits (one torch thread),
+  so a loaded machine slows the figures less than it would wall time.
+
 On CUDA (`--device cuda --preset 20b-shaped`): the KV pool is sized from the free memory after a warm-up
 (`EngineConfig.kv_cache_memory=None`) and its size is printed; concurrency 1, 16 and 64; transformers is
 skipped unless `--hf` is given.
@@ -536,6 +547,149 @@ def latency_checks(name: str, model: GptOss, args: argparse.Namespace, work: Wor
     return checks
 
 
+# -- the overlapped loop with the model stubbed --------------------------------------------------------------
+
+
+class SimulatedDevice:
+    """A GPU's stream on a virtual clock: the host's time is this thread's CPU time (so other processes on a
+    loaded machine do not count) plus the time it has waited for the device; work is queued behind what is
+    queued and done `step_s` later; waiting for a point of the queue moves the clock to it."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.busy_until = 0.0
+        self.waited = 0.0
+
+    def now(self) -> float:
+        return time.thread_time() + self.waited
+
+    def enqueue(self) -> float:
+        self.busy_until = max(self.now(), self.busy_until) + self.step_s
+        return self.busy_until
+
+    def wait(self, until: float) -> None:
+        self.waited += max(0.0, until - self.now())
+
+
+def stubbed_engine(model: GptOss, device: SimulatedDevice, overlap: bool, batch: int) -> EngineCore:
+    """An engine whose model forward is `device`'s queued work (fixed logits, returned at once), and whose
+    reads of sampled ids wait for the work they depend on: all queued work in the plain loop (the read
+    follows the step's own forward), the read step's in the overlapped loop (a later step may be queued)."""
+    engine = EngineCore(
+        model,
+        EngineConfig(
+            max_num_seqs=batch,
+            kv_cache_memory=64 << 20,
+            max_model_len=512,
+            device_sampling=True,
+            async_scheduling=overlap,
+        ),
+    )
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    rows = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward(
+        token_ids: torch.Tensor,
+        meta: Any,
+        cache: Any = None,
+        indices: Any = None,
+        out: Any = None,
+        lora: Any = None,
+    ) -> torch.Tensor:
+        device.enqueue()
+        n = token_ids.shape[0] if indices is None else indices.shape[0]
+        logits = out[:n] if out is not None else torch.empty(n, vocab)
+        return logits.copy_(rows[:n])
+
+    def hidden_states(token_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        device.enqueue()
+        return torch.zeros(token_ids.shape[0], hidden)
+
+    runner = engine.runner
+    runner.model = _Stub(model, forward, hidden_states)  # type: ignore[assignment]
+    if not overlap:
+        read_back = runner.read_back
+        runner.read_back = lambda ids: (device.wait(device.busy_until), read_back(ids))[1]  # type: ignore[method-assign]
+        return engine
+    done: dict[int, float] = {}
+    launch, collect = runner.launch, runner.collect
+
+    def launched(plan: Any, previous: Any) -> Any:
+        step = launch(plan, previous)
+        done[id(step)] = device.busy_until
+        return step
+
+    def collected(step: Any) -> Any:
+        device.wait(done.pop(id(step)))
+        return collect(step)
+
+    runner.launch = launched  # type: ignore[method-assign]
+    runner.collect = collected  # type: ignore[method-assign]
+    return engine
+
+
+class _Stub:
+    """The model as the runner sees it, with forward and hidden replaced."""
+
+    def __init__(
+        self, model: GptOss, forward: Callable[..., torch.Tensor], hidden: Callable[..., torch.Tensor]
+    ) -> None:
+        self._model = model
+        self._forward = forward
+        self.hidden = hidden
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self._forward(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def stubbed_step_ms(model: GptOss, device_s: float, overlap: bool, batch: int, steps: int) -> float:
+    """Mean ms per decode-only step of `batch` requests, the model stubbed (see :func:`stubbed_engine`)."""
+    device = SimulatedDevice(device_s)
+    engine = stubbed_engine(model, device, overlap, batch)
+    for i in range(batch):
+        prompt = [(i * 37 + j * 11) % 1000 + 1 for j in range(16)]
+        engine.add_request(f"s{i}", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 16))
+    for _ in range(4):  # the prompts, and the pipeline filled
+        engine.step()
+    assert all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.requests.values())
+    started = device.now()
+    for _ in range(steps):
+        engine.step()
+    device.wait(device.busy_until)
+    return (device.now() - started) / steps * 1e3
+
+
+def overlap_stub(args: argparse.Namespace) -> None:
+    config = dataclasses.replace(PRESETS["tiny"], vocab_size=1024)
+    path = checkpoint_dir("tiny-vocab1024", config)
+    model = GptOss.from_checkpoint(path, dtype=torch.float32, progress=False)
+    device_s = args.device_step_ms / 1e3
+    steps = 60 if args.quick else 300
+    out(f"\n== the overlapped loop, model stubbed; simulated device {args.device_step_ms:.2f} ms per step")
+    heads = ("host plain", "host overl.", "plain", "overlapped", "ideal", "hidden")
+    out(f"   {'batch':>5} " + " ".join(f"{h:>12}" for h in heads))
+    for batch in (1, 16):
+        host = stubbed_step_ms(model, 0.0, False, batch, steps)
+        host_overlapped = stubbed_step_ms(model, 0.0, True, batch, steps)
+        plain = stubbed_step_ms(model, device_s, False, batch, steps)
+        overlapped = stubbed_step_ms(model, device_s, True, batch, steps)
+        ideal = max(host_overlapped, args.device_step_ms)
+        # What is left of the host's part on the critical path: the overlapped step past the device's time.
+        exposed = max(0.0, overlapped - args.device_step_ms)
+        hidden = 1 - min(exposed, host_overlapped) / host_overlapped if host_overlapped else 0.0
+        times = (host, host_overlapped, plain, overlapped, ideal)
+        out(f"   {batch:>5} " + " ".join(f"{t:>9.3f} ms" for t in times) + f" {100 * hidden:>11.0f}%")
+        tokens = (batch / plain * 1e3, batch / overlapped * 1e3)
+        out(
+            f"         decode tok/s: plain {tokens[0]:,.0f}, overlapped {tokens[1]:,.0f} "
+            f"({plain / overlapped:.2f}x)"
+        )
+    out("   load average now: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
 def machine_info(device: torch.device) -> list[str]:
     cpu = platform.processor() or "?"
     try:
@@ -603,6 +757,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="KV bytes (default: 1 GiB on the CPU, the free memory after a warm-up on CUDA)",
     )
+    parser.add_argument(
+        "--overlap-stub",
+        action="store_true",
+        help="only the overlapped loop's figures with the model stubbed and a simulated device (see above)",
+    )
+    parser.add_argument(
+        "--device-step-ms",
+        type=float,
+        default=1.45,
+        help="the simulated device's time per step for --overlap-stub (default: the GPU target at batch 1)",
+    )
     args = parser.parse_args(argv)
     args.prompt_lens = (16, 512)
     args.output_lens = (8, 64)
@@ -621,6 +786,11 @@ def main(argv: list[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.overlap_stub:
+        torch.set_num_threads(1)  # the virtual clock counts this thread's CPU time only
+        with torch.inference_mode():
+            overlap_stub(args)
+        return
     presets = (args.preset or ("tiny,small" if device.type == "cpu" else "20b-shaped")).split(",")
     for name in presets:
         if name not in CONFIGS:

@@ -15,8 +15,10 @@ under its own share of the time budget (a section that fails or runs out prints 
    `moe_reference`, of the decode attention against `decode_attention_reference` (short and long contexts,
    full and windowed), and of one decode step's logits of the whole model, Triton kernels against the torch
    kernels on the same weights and cache (and whether the greedy tokens agree);
-4. **graphs**: the same requests through the eager Triton step and through the decode graphs (one CUDA
-   graph per batch-size bucket): whether every request gets the same tokens, greedy and seeded;
+4. **graphs**: the same requests through the eager Triton step, through the decode graphs (one CUDA
+   graph per batch-size bucket), and through the graphs in the overlapped loop (each step launched before
+   the previous step's tokens are read, its tokens fed on the device): whether every request gets the same
+   tokens, greedy and seeded;
 5. **kernels**: the decode MoE at 1, 8 and 64 tokens (GB/s of the experts' bytes it must read) against
    `experts_batched`, the decode attention at 1k and 32k tokens of context against the torch path, the
    unembedding's GB/s, and the device sampler against the host sampler;
@@ -32,11 +34,13 @@ under its own share of the time budget (a section that fails or runs out prints 
 8. **decode**: the engine's decode step at batch 1, 8 and 64 on each path (:meth:`Bench.paths`): tokens/s
    and the share of the bandwidth ceiling (the bytes a step must read: every weight but the embedding, the
    experts the batch routes to, the KV cache);
-9. **prefill**: time to the first token of a 2048-token prompt, torch kernels and Triton kernels (the
+9. **overlap**: decode tokens/s at batch 1 and 16 with the overlapped loop off and on
+   (`EngineConfig.async_scheduling`), on the eager Triton step and on the graphs, in the same run;
+10. **prefill**: time to the first token of a 2048-token prompt, torch kernels and Triton kernels (the
    prompt's attention through the varlen kernel, its experts through the grouped GEMM);
-10. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
+11. **launches**: kernel launches, graph launches and host synchronisations per decode step at batch 1,
    counted by the profiler, on each path;
-11. **fused** (last; alone with `--sections fused`, about a minute on a GPU): the fused decode-layer kernels
+12. **fused** (last; alone with `--sections fused`, about a minute on a GPU): the fused decode-layer kernels
    (norm + QKV + RoPE, out projection + residual, norm + router) against their twins and the unfused ops,
    timed against those ops at 1 and 64 rows (GB/s of their weights), and the engine's decode step at batch
    1 and 64 with and without them (eager, and graphs), with the kernel launches of a batch-1 step.
@@ -162,10 +166,11 @@ class Bench:
         sampler (the step before this work), the Triton kernels with the device sampler (no sync but the
         sampled ids), and the same through the decode graphs' buffers (captured as CUDA graphs on a GPU)."""
         sets = self.kernel_sets()
+        plain = {"async_scheduling": False}  # the overlapped loop has a section of its own
         return {
             "torch": (sets["torch"], {"device_sampling": False}),
-            "triton": (sets["triton"], {"device_sampling": True}),
-            "graphs": (sets["triton"], {"device_sampling": True, "cuda_graphs": True}),
+            "triton": (sets["triton"], {"device_sampling": True, **plain}),
+            "graphs": (sets["triton"], {"device_sampling": True, "cuda_graphs": True, **plain}),
         }
 
     def get_model(self) -> GptOss:
@@ -683,7 +688,12 @@ class Bench:
         steps = 16 if not self.small else 3
         for batch in batches:
             tokens = {}
-            for name, settings in (("eager", {}), ("graphs", {"cuda_graphs": True})):
+            variants: dict[str, dict[str, Any]] = {
+                "eager": {"async_scheduling": False},
+                "graphs": {"cuda_graphs": True, "async_scheduling": False},
+                "overlap": {"cuda_graphs": True, "async_scheduling": True},
+            }
+            for name, settings in variants.items():
                 engine = self.engine(model, device_sampling=True, **settings)
                 for s in range(batch):
                     prompt = [(s * 97 + i * 5) % 50_000 for i in range(24 + 7 * s)]
@@ -699,13 +709,25 @@ class Bench:
                 sync(self.device)
                 tokens[name] = (out, time.perf_counter() - started)
             (eager, eager_s), (graphed, graphs_s) = tokens["eager"], tokens["graphs"]
+            overlapped, overlap_s = tokens["overlap"]
             same = sum(eager[r] == graphed.get(r) for r in eager)
+            same_overlapped = sum(eager[r] == overlapped.get(r) for r in eager)
             self.note(
                 f"graphs_check_b{batch}",
-                {"same_requests": same, "requests": len(eager), "eager_s": eager_s, "graphs_s": graphs_s},
+                {
+                    "same_requests": same,
+                    "same_requests_overlapped": same_overlapped,
+                    "requests": len(eager),
+                    "eager_s": eager_s,
+                    "graphs_s": graphs_s,
+                    "overlap_s": overlap_s,
+                },
                 f"{same}/{len(eager)} requests the same tokens"
                 + ("" if same == len(eager) else " (DIFFER)")
-                + f"; whole run eager {eager_s:.2f} s, graphs {graphs_s:.2f} s (captures included)",
+                + f", overlapped {same_overlapped}/{len(eager)}"
+                + ("" if same_overlapped == len(eager) else " (DIFFER)")
+                + f"; whole run eager {eager_s:.2f} s, graphs {graphs_s:.2f} s, overlapped {overlap_s:.2f} s"
+                " (captures included)",
             )
         model.use_kernels(self.kernel_sets()["torch"])
 
@@ -911,6 +933,44 @@ class Bench:
                 )
         model.use_kernels(self.kernel_sets()["torch"])
 
+    # -- overlap ---------------------------------------------------------------------------------------------
+
+    def overlap(self) -> None:
+        """Decode tokens/s with the overlapped loop off and on, at batch 1 and 16, on the eager Triton step
+        and on the graphs: the host's part of a step (scheduling, stop checks, outputs) is on the critical
+        path off, and behind the device's next step on."""
+        model = self.get_model()
+        model.use_kernels(Kernels.triton())
+        steps = 32 if not self.small else 2
+        prompt_len = 128 if not self.small else 16
+        for path, graphs in (("triton", False), ("graphs", True)):
+            for batch in (1, 16) if not self.small else (1, 2):
+                tokens_s = {}
+                for overlap in (False, True):
+                    engine = self.engine(
+                        model, device_sampling=True, cuda_graphs=graphs, async_scheduling=overlap
+                    )
+                    for s in range(batch):
+                        prompt = [(s * 131 + i * 7) % 50_000 for i in range(prompt_len)]
+                        params = SamplingParams(temperature=0.0, max_tokens=steps + 8)
+                        engine.add_request(f"o{s}", prompt, params)
+                    # The prompts, the first decode (compiles, captures), then the pipeline is full.
+                    for _ in range(3):
+                        engine.step()
+                    sync(self.device)
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        engine.step()
+                    sync(self.device)
+                    tokens_s[overlap] = batch * steps / (time.perf_counter() - started)
+                gain = tokens_s[True] / tokens_s[False]
+                self.note(
+                    f"overlap_{path}_b{batch}",
+                    {"off_tokens_s": tokens_s[False], "on_tokens_s": tokens_s[True], "gain": gain},
+                    f"off {tokens_s[False]:.0f} tok/s, on {tokens_s[True]:.0f} tok/s ({gain:.2f}x)",
+                )
+        model.use_kernels(self.kernel_sets()["torch"])
+
     def prefill(self) -> None:
         """Time to the first token of one prompt on each kernel set: the Triton set runs the prompt's
         attention through the varlen kernel and its experts through the grouped GEMM, the torch set through
@@ -1097,6 +1157,7 @@ SECTIONS = (
     "grouped",
     "prefill_attention",
     "decode",
+    "overlap",
     "prefill",
     "launches",
     "fused",
@@ -1110,9 +1171,10 @@ SHARES = {
     "kernels": 0.15,
     "grouped": 0.1,
     "prefill_attention": 0.1,
-    "decode": 0.35,
-    "prefill": 0.1,
-    "launches": 0.1,
+    "decode": 0.3,
+    "overlap": 0.1,
+    "prefill": 0.07,
+    "launches": 0.08,
     "fused": 0.15,  # last: the sections before it keep their time; `--sections fused` runs it alone
 }
 

@@ -30,6 +30,10 @@ class EngineConfig:
     # batch-size bucket on CUDA and run eagerly elsewhere; needs the Triton kernels. Off until checked on a
     # GPU.
     cuda_graphs: bool = False
+    # The overlapped loop (engine.core): the next step is launched before the host handles this one's
+    # tokens, for steps the device sampler serves; None: on CUDA where the device sampler is on (on a CPU
+    # there is no device to keep busy). On needs the device sampler (device_sampling None turns it on).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:

@@ -3,6 +3,15 @@
 :class:`EngineCore` is synchronous and single-owner: `add_request`, `abort` and `step` are called from one
 thread (:mod:`engine.thread` runs it on a thread of its own for the server). A step is schedule, execute,
 update: the scheduler decides and keeps the books, the runner computes, the scheduler applies the result.
+
+The overlapped loop (`EngineConfig.async_scheduling`) keeps a GPU busy through the host's part of a step: it
+schedules and launches step n+1 before reading step n's tokens, whose ids stay on the device and feed step
+n+1's inputs there; the host then reads step n's tokens, checks stops and limits and hands out the outputs
+while the device computes step n+1. A request that step n ends (a stop token or string, its length) is then
+detected one step late: the token step n+1 sampled for it is dropped and never reaches the client, and the
+KV it wrote is freed with the request's blocks. Only steps whose every request :func:`overlaps` run this
+way (sampled on the device, no grammar, no penalties, no prompt logprobs); while any request in flight needs
+the host between its tokens, the loop drains the step in flight and runs in the plain order.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.constraint import GrammarConstraint, grammar_problem
+from engine.device_sampler import overlaps
 from engine.kv_cache import KVCacheManager
 from engine.request import (
     LoraAdapter,
@@ -25,7 +35,7 @@ from engine.request import (
     RequestRejected,
     SamplingParams,
 )
-from engine.runner import ModelRunner
+from engine.runner import LaunchedStep, ModelRunner
 from engine.sampler import check_params_for_vocab, make_generator
 from engine.scheduler import Scheduler
 from model.gpt_oss import GptOss
@@ -92,6 +102,14 @@ class EngineCore:
                 self.config.max_loras, self.config.max_lora_rank, experts=self.config.lora_experts
             )
         self.runner = ModelRunner(model, self.config, self.max_model_len)
+        wanted = self.config.async_scheduling
+        if wanted is None:  # where there is a device to keep busy and it samples
+            wanted = self.runner.device_sampling and self.runner.device.type == "cuda"
+        self.async_scheduling = wanted
+        if self.async_scheduling and not self.runner.device_sampling:
+            raise ValueError(
+                "the overlapped loop (async_scheduling) needs the device sampler (device_sampling)"
+            )
         full_tokens = self.runner.blocks.num_full * self.config.block_size
         if full_tokens < self.max_model_len:
             # Refused rather than clamped (as vLLM does): a server that advertises a context it cannot hold
@@ -120,6 +138,8 @@ class EngineCore:
         self.loras: dict[str, LoraAdapter] = {}
         self._next_lora_id = 1
         self._aborted: list[str] = []
+        # The overlapped loop's step launched and not yet read (see the module's docstring).
+        self._in_flight: LaunchedStep | None = None
         self._step_tokens: deque[int] = deque(maxlen=100)
         self._num_failed_steps = 0
         self._num_failed_steps_in_a_row = 0
@@ -238,19 +258,38 @@ class EngineCore:
         self._aborted.append(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests in flight, or a step whose tokens are still to be read (the next step reads them)."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the step --------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_aborts()
+        previous, self._in_flight = self._in_flight, None
+        overlap = self.async_scheduling and all(
+            overlaps(r.params, r.constraint) for r in self.scheduler.requests.values()
+        )
+        if previous is not None and not overlap:
+            # Drained: the coming step needs every token on the host before it is planned.
+            outputs += self._read(previous)
+            previous = None
         plan = self.scheduler.schedule()
         if plan.scheduled:
-            outputs += self.scheduler.update(plan, self.runner.execute(plan))
+            if overlap:
+                self._in_flight = self.runner.launch(plan, previous)
+                self.scheduler.advance(plan)
+            else:
+                outputs += self.scheduler.update(plan, self.runner.execute(plan))
             self._step_tokens.append(plan.num_tokens)
             self._num_failed_steps_in_a_row = 0
+        if previous is not None:  # read while the device computes the step just launched
+            outputs += self._read(previous)
         self._stats = self._snapshot()
         return outputs
+
+    def _read(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Apply a launched step's tokens, once on the host."""
+        return self.scheduler.update(launched.plan, self.runner.collect(launched), advanced=True)
 
     def _drain_aborts(self) -> list[RequestOutput]:
         ids, self._aborted = self._aborted, []
@@ -261,6 +300,7 @@ class EngineCore:
         """End every request in flight with `abort` and `message` (after a step that raised as a whole)."""
         self._num_failed_steps += 1
         self._num_failed_steps_in_a_row += 1
+        self._in_flight = None  # its requests end here
         outputs = self.scheduler.fail_all(message)
         self._stats = self._snapshot()
         return outputs

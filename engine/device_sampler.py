@@ -122,6 +122,19 @@ def supports(params: SamplingParams, constraint: GrammarConstraint | None) -> bo
     return not params.logits_processors and constraint is None and params.logprobs is None
 
 
+def overlaps(params: SamplingParams, constraint: GrammarConstraint | None) -> bool:
+    """Whether a request's steps may run in the overlapped loop (engine.core), whose next step is planned
+    before the host knows the token just sampled: sampled here, and nothing in its plan reads its output
+    ids (the penalties count them) nor needs a pass of its own (prompt logprobs)."""
+    return (
+        supports(params, constraint)
+        and params.prompt_logprobs is None
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+    )
+
+
 def _bits(values: list[float]) -> np.ndarray:
     """Floats carried in the int64 upload: their float64 bits (read back with ``view(torch.float64)``)."""
     return np.array(values, dtype=np.float64).view(np.int64)
@@ -169,14 +182,22 @@ class DeviceSampler:
         output_token_ids: list[list[int]],
         prompt_token_ids: list[list[int]],
         vocab: int,
+        pending: list[int] | None = None,
     ) -> SamplingPlan:
-        """The arrays of one step's rows (those :func:`supports`), a few numpy operations per row."""
+        """The arrays of one step's rows (those :func:`supports`), a few numpy operations per row.
+
+        `pending`: per row, tokens it has sampled that are not in its output ids yet (the overlapped loop's
+        placeholders), counted in its output's length: a seed's counter, min_tokens. Only rows that
+        :func:`overlaps` may have some."""
         n = len(params)
+        counts = [len(out) for out in output_token_ids]
+        if pending is not None:
+            counts = [c + k for c, k in zip(counts, pending, strict=True)]
         seeds, counters = [], []
-        for p, out in zip(params, output_token_ids, strict=True):
+        for p, count in zip(params, counts, strict=True):
             if p.seed is not None:
                 seeds.append(p.seed)
-                counters.append(len(out))
+                counters.append(count)
             elif not p.greedy:
                 seeds.append(self.seed)
                 counters.append(self.draws)
@@ -194,15 +215,16 @@ class DeviceSampler:
         min_p = _bits([0.0 if p.greedy else p.min_p for p in params])
         arrays = [keys.ravel(), greedy, temperature, top_k, top_p, min_p]
 
-        process = any(_needs_processing(p, len(out)) for p, out in zip(params, output_token_ids, strict=True))
+        process = any(_needs_processing(p, count) for p, count in zip(params, counts, strict=True))
         bias_rows, bias_ids, bias_values, ban_rows, ban_ids = [], [], [], [], []
         repeat_rows, repeat_penalty, seen = [], [], []
         penalty_rows, presence, frequency, counted = [], [], [], []
-        for i, (p, out) in enumerate(zip(params, output_token_ids, strict=True)):
+        for i, (p, out, count) in enumerate(zip(params, output_token_ids, counts, strict=True)):
+            assert count == len(out) or overlaps(p, None), "the penalties read every output id"
             bias_rows += [i] * len(p.logit_bias)
             bias_ids += list(p.logit_bias)
             bias_values += list(p.logit_bias.values())
-            if len(out) < p.min_tokens:
+            if count < p.min_tokens:
                 ids = [t for t in p.stop_token_ids if 0 <= t < vocab]
                 ban_rows += [i] * len(ids)
                 ban_ids += ids

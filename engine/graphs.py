@@ -94,16 +94,19 @@ class DecodeGraphs:
         no LoRA adapter, at most the largest bucket of rows."""
         scheduled = plan.scheduled
         return 0 < len(scheduled) <= self.buckets[-1] and all(
-            item.num_new_tokens == 1
-            and item.request.num_computed_tokens + 1 == item.request.num_tokens
-            and not item.request.lora_slot
-            for item in scheduled
+            item.num_new_tokens == 1 and item.samples and not item.request.lora_slot for item in scheduled
         )
 
     @torch.inference_mode()
-    def run(self, plan: SchedulerOutput) -> torch.Tensor:
+    def run(
+        self, plan: SchedulerOutput, feed: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The step's logits ``[n, vocab]`` (a view of the persistent logits, valid until the next step), one
-        row per scheduled request in order."""
+        row per scheduled request in order.
+
+        `feed` (rows, token ids) on the device: the tokens of the rows whose token the host does not know yet
+        (the previous step sampled it, engine.core's overlapped loop), written into the buffers after the
+        host's copy; those rows' requests have a placeholder there."""
         n = len(plan.scheduled)
         bucket = next(b for b in self.buckets if b >= n)
         bs = self.block_size
@@ -113,7 +116,10 @@ class DecodeGraphs:
         positions = np.array([item.request.num_computed_tokens for item in plan.scheduled], dtype=np.int64)
         ints = self._ints_np
         ints[:, n:bucket] = 0
-        ints[0, :n] = [item.request.all_token_ids[-1] for item in plan.scheduled]
+        ints[0, :n] = [
+            0 if item.request.num_pending_tokens else item.request.all_token_ids[-1]
+            for item in plan.scheduled
+        ]
         ints[1, :n] = positions
         width = int(positions.max()) // bs + 1  # table columns any row reads
         for sliding, scratch in self.scratch.items():
@@ -125,6 +131,8 @@ class DecodeGraphs:
             tables[:n, :width] = array[rows, :width]
             tables[n:bucket, 0] = scratch
         self.ints[:, :bucket].copy_(self._host_ints[:, :bucket], non_blocking=True)
+        if feed is not None:
+            self.ints[0].index_copy_(0, *feed)
         for sliding in self.scratch:
             host = self._host_tables[sliding]
             self.tables[sliding][:bucket, :width].copy_(host[:bucket, :width], non_blocking=True)

@@ -283,6 +283,10 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    # Tokens sampled on the device whose ids the host has not read yet (the overlapped loop's placeholders,
+    # engine.core): counted by the scheduler as tokens of the request, not yet in `all_token_ids`. 0 or 1
+    # between steps.
+    num_pending_tokens: int = 0
     # Prompt tokens served from the prefix cache at first admission (reported as cached tokens).
     num_cached_tokens: int = -1
     num_preemptions: int = 0

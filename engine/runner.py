@@ -13,6 +13,11 @@ serves (:func:`engine.device_sampler.supports`) samples on the device: its setti
 host-to-device copy and the sampled ids come back in one device-to-host copy, the step's only sync. Other
 steps (logits processors, grammars, logprobs, prompt logprobs) and the CPU take the host sampler.
 
+The overlapped loop (engine.core) runs such device-sampled steps through :meth:`ModelRunner.launch`, which
+returns before the step is done: the sampled ids stay on the device, where the next launch reads the tokens
+of its placeholder rows from them, and their copy to the host is queued behind the step; :meth:`collect`
+waits for that copy alone, so the host handles a step's tokens while the device computes the next.
+
 A request that asks for prompt logprobs also gets the logits of the prompt positions it runs, in the same
 forward (no second pass): position p's logits score prompt token p + 1, so a chunk's last position scores
 the next chunk's first token. Those rows are unembedded `PROMPT_LOGPROB_ROWS` at a time, so a 2048-token
@@ -72,6 +77,25 @@ class StepInputs:
 
 
 @dataclass(slots=True)
+class LaunchedStep:
+    """A step the device runs or has run, whose sampled ids the host has not read: the plan, the
+    scheduled requests that sampled (their indices in the plan) in the order of `token_ids`, the ids on
+    the device (the next step's tokens come from them) and their copy on the host, complete once `copied`
+    is (None: it already is)."""
+
+    plan: SchedulerOutput
+    sample_rows: list[int]
+    token_ids: torch.Tensor
+    host_ids: torch.Tensor
+    copied: torch.cuda.Event | None
+
+    def index_of(self) -> dict[str, int]:
+        """Per request that sampled, its id's index in `token_ids`."""
+        scheduled = self.plan.scheduled
+        return {scheduled[row].request.request_id: k for k, row in enumerate(self.sample_rows)}
+
+
+@dataclass(slots=True)
 class KVBlocks:
     """How many blocks of each group the KV tensors hold."""
 
@@ -126,12 +150,17 @@ class ModelRunner:
         self.sampler = Sampler()
         self.masker = TokenMasker(self.device)
         self.device_sampler = DeviceSampler()
-        self.device_sampling = (
-            config.device_sampling if config.device_sampling is not None else self.device.type == "cuda"
-        )
+        if config.device_sampling is not None:
+            self.device_sampling = config.device_sampling
+        else:  # the overlapped loop needs it; otherwise the GPU's, and the CPU keeps the host sampler
+            self.device_sampling = bool(config.async_scheduling) or self.device.type == "cuda"
         # Pinned host memory the uploads go through on CUDA (grown on demand), and the event of its last copy.
         self._stage = torch.empty(0, dtype=torch.int64)
         self._stage_done: torch.cuda.Event | None = None
+        # Pinned host memory launched steps' ids are copied into, used in turn: a step's ids are read before
+        # the step after next is launched, so two suffice (allocated on CUDA's first launch).
+        self._host_ids: list[torch.Tensor] = []
+        self._launches = 0
         logger.info(
             "KV cache: %d full-attention and %d sliding-window blocks of %d tokens (%.0f MiB), context %d",
             self.blocks.num_full,
@@ -206,13 +235,14 @@ class ModelRunner:
             start = request.num_computed_tokens
             end = start + item.num_new_tokens
             if item.num_new_tokens == 1:
-                tokens.append(request.all_token_ids[start])
+                # A placeholder's token is on the device only: the caller writes it in (launch).
+                tokens.append(0 if request.num_pending_tokens else request.all_token_ids[start])
             else:
                 tokens.extend(request.all_token_ids[start:end])
             query_lens.append(item.num_new_tokens)
             context_lens.append(end)
             rows.append(item.row)
-            if end == request.num_tokens:
+            if item.samples:
                 sample_rows.append(i)
         bs = self.block_size
         step = StepShape.build(rows, query_lens, context_lens, bs)
@@ -374,16 +404,90 @@ class ModelRunner:
             out_errors[row] = error
         return RunnerOutput(out_tokens, out_logprobs, out_errors, prompt_logprobs)
 
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
+        """Queue a step whose sampling rows the device sampler serves, and its ids' copy to the host, without
+        waiting for the device. The rows with a placeholder take their token from `previous` (the step that
+        sampled it, still running, perhaps) on the device: a row that sampled nothing (-1) feeds token 0,
+        its request fails in `previous`'s update and this row's token is dropped. :meth:`collect` reads the
+        ids."""
+        scheduled = plan.scheduled
+        sampling = self._sampling_plan(plan)
+        graphed = sampling is not None and self.graphs is not None and self.graphs.applies(plan)
+        dst, src = [], []  # the placeholders' token positions here, and their tokens' indices in previous
+        index = previous.index_of() if previous is not None else {}
+        offset = 0
+        for i, item in enumerate(scheduled):
+            if item.request.num_pending_tokens:
+                assert item.num_new_tokens == 1, "a placeholder is a decode's one token"
+                dst.append(i if graphed else offset)
+                src.append(index[item.request.request_id])
+            offset += item.num_new_tokens
+        feed = [np.array(dst, dtype=np.int64), np.array(src, dtype=np.int64)]
+        arrays = (sampling.arrays if sampling is not None else []) + feed
+        if graphed:
+            assert self.graphs is not None
+            assert sampling is not None
+            uploaded = self.upload(arrays)
+            dst_t, src_t = uploaded[-2:]
+            fed = None
+            if dst:
+                assert previous is not None
+                fed = (dst_t, previous.token_ids.index_select(0, src_t).clamp_(min=0))
+            logits = self.graphs.run(plan, fed)
+            sample_rows = list(range(len(scheduled)))
+        else:
+            inputs = self.prepare(plan, arrays)
+            uploaded, sample_rows = inputs.extra, inputs.sample_rows
+            dst_t, src_t = uploaded[-2:]
+            if dst:
+                assert previous is not None
+                tokens = previous.token_ids.index_select(0, src_t).clamp_(min=0)
+                inputs.token_ids.index_copy_(0, dst_t, tokens)
+            logits = None
+            if sample_rows:
+                if self._logits.shape[0] < len(sample_rows):
+                    self._logits = self._logits.new_empty(len(sample_rows), self._logits.shape[1])
+                model_inputs = (inputs.token_ids, inputs.meta, inputs.step_kv)
+                logits = self.model(*model_inputs, inputs.logits_indices, self._logits, inputs.lora)
+            else:  # only prompt chunks: the forward fills the cache, nothing samples
+                self.model.hidden(inputs.token_ids, inputs.meta, inputs.step_kv, inputs.lora)
+        if logits is None:
+            ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        else:
+            assert sampling is not None, "the engine launches only steps the device sampler serves"
+            ids = DeviceSampler.sample(logits, sampling, uploaded[:-2])
+        if self.device.type != "cuda":
+            return LaunchedStep(plan, sample_rows, ids, ids, None)
+        if not self._host_ids:
+            size = max(self.config.max_num_seqs, 1)
+            self._host_ids = [torch.empty(size, dtype=torch.int64).pin_memory() for _ in range(2)]
+        host = self._host_ids[self._launches % 2][: ids.shape[0]]
+        self._launches += 1
+        host.copy_(ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(plan, sample_rows, ids, host, copied)
+
+    def collect(self, step: LaunchedStep) -> RunnerOutput:
+        """A launched step's result: waits for its ids' copy to the host (not for any step queued after)."""
+        n = len(step.plan.scheduled)
+        out_tokens: list[int | None] = [None] * n
+        out_errors: list[str | None] = [None] * n
+        if step.sample_rows:
+            if step.copied is not None:
+                step.copied.synchronize()
+            for row, token in zip(step.sample_rows, self.read_back(step.host_ids), strict=True):
+                out_tokens[row] = token if token >= 0 else None
+                out_errors[row] = None if token >= 0 else _NO_TOKEN
+        return RunnerOutput(out_tokens, [None] * n, out_errors)
+
     def _sampling_plan(self, plan: SchedulerOutput) -> SamplingPlan | None:
         """The device sampler's plan for this step's sampling requests, or None for the host sampler: device
         sampling off, no request samples, or one asks for what only the host sampler does."""
         if not self.device_sampling:
             return None
-        requests = [
-            item.request
-            for item in plan.scheduled
-            if item.request.num_computed_tokens + item.num_new_tokens == item.request.num_tokens
-        ]
+        requests = [item.request for item in plan.scheduled if item.samples]
         if not requests or not all(supports(r.params, r.constraint) for r in requests):
             return None
         return self.device_sampler.plan(
@@ -391,4 +495,5 @@ class ModelRunner:
             [r.output_token_ids for r in requests],
             [r.prompt_token_ids for r in requests],
             self.model.config.vocab_size,
+            [r.num_pending_tokens for r in requests],
         )

@@ -12,6 +12,13 @@ The scheduler owns the requests, the queues and the KV cache's books, and it is 
 request's counters: :meth:`Scheduler.schedule` decides, the runner computes from the plan without changing a
 request, and :meth:`Scheduler.update` applies the runner's result (new tokens, stop checks, finished
 requests). It never touches a tensor, so it is tested on a CPU with a hand-made runner result.
+
+The overlapped loop (engine.core) schedules a step before the previous step's sampled tokens are on the
+host: :meth:`Scheduler.advance` takes a launched step's work as done, giving each request that samples in it
+a placeholder (`Request.num_pending_tokens`) that counts as one of its tokens, so the next schedule gives it
+its decode; :meth:`Scheduler.update` then fills the placeholder with the token read back. A request that ends
+in that update (a stop token or string, its length) was already scheduled again: the token of that later
+step is dropped when it comes back, and the blocks it wrote into are freed with the request's, as usual.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ class ScheduledRequest:
     request: Request  # read-only for everyone but the scheduler
     num_new_tokens: int
     row: int  # the request's row in the block-table arrays
+    # Whether the step samples the request's next token: its new tokens reach the end of those it has (a
+    # decode, or a prompt's last chunk); a prompt chunk before that only fills the cache.
+    samples: bool = True
 
 
 @dataclass(slots=True)
@@ -125,7 +135,12 @@ class Scheduler:
         index = 0
         while index < len(running) and budget > 0:
             request = running[index]
-            num_new = min(len(request.all_token_ids) - request.num_computed_tokens, budget)
+            pending = request.num_pending_tokens
+            known = len(request.all_token_ids) + pending
+            if pending and known >= request.max_total_tokens:
+                index += 1  # its placeholder is its last token: the update that fills it ends the request
+                continue
+            num_new = min(known - request.num_computed_tokens, budget)
             while not allocate(request, num_new):
                 victim = running.pop()
                 self._preempt(victim)
@@ -133,7 +148,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new, rows[request.request_id]))
+                samples = request.num_computed_tokens + num_new == known
+                scheduled.append(ScheduledRequest(request, num_new, rows[request.request_id], samples))
                 budget -= num_new
                 index += 1
                 continue
@@ -146,7 +162,7 @@ class Scheduler:
             # when the prefix cache holds them.
             prefix = self.kv.find_cached_prefix(request, request.prompt_logprobs_from)
             num_new = min(request.num_tokens - prefix.num_tokens, budget)
-            assert request.num_computed_tokens == 0
+            assert request.num_computed_tokens == request.num_pending_tokens == 0
             if not self.kv.allocate_slots(request, num_new, prefix):
                 break
             self.waiting.popleft()
@@ -156,15 +172,35 @@ class Scheduler:
             request.num_computed_tokens = prefix.num_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, rows[request.request_id]))
+            samples = prefix.num_tokens + num_new == request.num_tokens
+            out.scheduled.append(ScheduledRequest(request, num_new, rows[request.request_id], samples))
             budget -= num_new
         self.num_preemptions += len(out.preempted)
         out.full_tables = self.kv.full_array.array
         out.sliding_tables = self.kv.sliding_array.array
         return out
 
-    def update(self, plan: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
-        """Apply a step's result: advance each request's counters, add its token, end the finished ones."""
+    def advance(self, plan: SchedulerOutput) -> None:
+        """Take a launched step's work as done before its result is read (the overlapped loop): each
+        request's computed tokens move past the step's, and each request that samples gets a placeholder
+        for the token the device sampled, so the next :meth:`schedule` gives it its decode. The step's
+        :meth:`update` follows, with `advanced` set."""
+        for item in plan.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                # Two for a moment: this step's, and the previous step's until its update, next.
+                request.num_pending_tokens += 1
+
+    def update(
+        self, plan: SchedulerOutput, result: RunnerOutput, *, advanced: bool = False
+    ) -> list[RequestOutput]:
+        """Apply a step's result: advance each request's counters (unless :meth:`advance` did), add its
+        token, end the finished ones.
+
+        After :meth:`advance` a request may have changed since its step was scheduled: ended (aborted, or
+        finished by the previous step's update; its token here is dropped) or preempted by the next
+        schedule (its token is kept: it was computed from its cache before the blocks were freed)."""
         if plan.scheduled:
             self.num_steps += 1
         now = time.perf_counter()
@@ -175,21 +211,31 @@ class Scheduler:
             plan.scheduled, result.token_ids, result.logprobs, errors, scored, strict=True
         ):
             request = item.request
+            if advanced:
+                if request.status is RequestStatus.FINISHED:
+                    continue  # ended while its step ran: the extra token never reaches the client
+                if item.samples:
+                    request.num_pending_tokens -= 1
             if error is not None:
                 logger.warning("request %s failed alone in the step: %s", request.request_id, error)
                 outputs.append(self._fail(request, error))
                 continue
-            request.num_computed_tokens += item.num_new_tokens
+            if not advanced:
+                request.num_computed_tokens += item.num_new_tokens
             request.prompt_logprobs += prompt_logprobs
+            # A request preempted since its step was launched holds no blocks to register.
+            holds_blocks = request.status is RequestStatus.RUNNING
             if token is None:  # a prompt chunk: only the cache was filled
-                self.kv.register_computed(request)
+                if holds_blocks:
+                    self.kv.register_computed(request)
                 continue
             request.append_output(token)
             if request.constraint is not None:
                 request.constraint.advance(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            self.kv.register_computed(request)
+            if holds_blocks:
+                self.kv.register_computed(request)
             output = RequestOutput(
                 request.request_id,
                 [token],

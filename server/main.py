@@ -129,13 +129,21 @@ class CliSettings(BaseSettings):
     )
     kernels: Literal["torch", "triton"] = Field(
         "torch",
-        description="on cuda, decode steps through torch ops, or through the Triton kernels (paged attention "
-        "read through the block tables, the MoE on MXFP4 decoded in registers)",
+        description="on cuda, steps through torch ops, or through the Triton kernels (paged attention of "
+        "every step read through the block tables, the decode MoE on MXFP4 decoded in registers)",
     )
     cuda_graphs: Literal["on", "off"] = Field(
         "off",
         description="on cuda with --kernels triton, decode steps replayed as one CUDA graph per batch size "
         "(padded to a bucket) from persistent input buffers: far fewer launches per step",
+    )
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="launch each step before the host has handled the previous step's tokens (stops are "
+        "then seen a step late and the extra token dropped), so the GPU does not wait on the host; a "
+        "request with a grammar, a penalty or prompt logprobs runs in the plain order (auto: on with "
+        "--kernels triton, whose steps make no host sync; the torch kernels' steps sync inside, so the "
+        "overlap buys little there; on: samples on the device on a cpu too)",
     )
     max_model_len: int = Field(8192, ge=2, description="longest prompt plus output, in tokens")
     max_num_seqs: int = Field(64, ge=1, description="most requests decoded together")
@@ -297,6 +305,15 @@ def _invalid(problem: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def engine_async_scheduling(args: CliSettings) -> bool | None:
+    """The engine's `async_scheduling` for --async-scheduling: auto leaves it to the engine (on where the
+    device samples, CUDA) with the Triton kernels, and off with the torch kernels, whose MoE reads its counts
+    back inside every step: the host would wait there anyway."""
+    if args.async_scheduling == "auto":
+        return None if args.kernels == "triton" else False
+    return args.async_scheduling == "on"
+
+
 def effort_budgets(spec: str | None) -> dict[str, int]:
     """--thinking-token-budget-by-effort's EFFORT=N list as a mapping; a malformed one stops the start."""
     budgets: dict[str, int] = {}
@@ -389,6 +406,7 @@ def build(args: CliSettings) -> tuple[EngineCore, ServerSettings]:
             max_lora_rank=args.max_lora_rank or max([16, *ranks]),
             lora_experts=args.lora_experts or on_experts,
             cuda_graphs=args.cuda_graphs == "on",
+            async_scheduling=engine_async_scheduling(args),
         ),
         token_bytes=encoding.decode_single_token_bytes,
     )

@@ -13,7 +13,15 @@ import torch
 
 from model.kernels import cpu_mxfp4
 from model.kernels.prepacked import plain as plain_weight
-from server.main import DEMO_NOTE, CliSettings, build, demo_checkpoint, effort_budgets, parse_args
+from server.main import (
+    DEMO_NOTE,
+    CliSettings,
+    build,
+    demo_checkpoint,
+    effort_budgets,
+    engine_async_scheduling,
+    parse_args,
+)
 
 FIELDS = sorted(CliSettings.model_fields)
 
@@ -147,6 +155,27 @@ def test_cuda_graphs_need_the_triton_kernels(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build(parse_args(args))
     assert exit_info.value.code == 2
+
+
+def test_async_scheduling_setting_reaches_the_engine(tmp_path: Path) -> None:
+    """auto is off on a cpu; on turns the device sampler on with it."""
+    assert parse_args([]).async_scheduling == "auto"
+    args = ["--cache-dir", str(tmp_path), "--device", "cpu", "--max-model-len", "256"]
+    engine, _ = build(parse_args([*args, "--async-scheduling", "on"]))
+    assert engine.async_scheduling
+    assert engine.runner.device_sampling
+    engine, _ = build(parse_args(args))
+    assert not engine.async_scheduling
+    assert not engine.runner.device_sampling
+
+
+def test_async_scheduling_auto_is_left_to_the_engine_only_with_the_triton_kernels() -> None:
+    """auto: the engine decides (on where the device samples) with the Triton kernels; off with the torch
+    kernels, whose steps sync inside; on and off as said."""
+    assert engine_async_scheduling(parse_args(["--kernels", "triton"])) is None
+    assert engine_async_scheduling(parse_args([])) is False
+    assert engine_async_scheduling(parse_args(["--async-scheduling", "on"])) is True
+    assert engine_async_scheduling(parse_args(["--kernels", "triton", "--async-scheduling", "off"])) is False
 
 
 def test_experts_setting_reaches_the_model(tmp_path: Path) -> None:

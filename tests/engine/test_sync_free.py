@@ -274,3 +274,49 @@ def test_the_grammar_masks_device_route_makes_no_sync(monkeypatch: pytest.Monkey
     assert torch.equal(logits[0], source[0])
     assert torch.isinf(logits[1]).all()
     assert torch.isinf(logits[2]).nonzero().flatten().tolist() == [35]
+
+
+_OVERLAP_PROMPTS = [[(11 * i + 5 * j) % 900 + 1 for j in range(n)] for i, n in enumerate((5, 14, 29))]
+_OVERLAP_PARAMS = [
+    SamplingParams(temperature=0.0, max_tokens=3),
+    SamplingParams(temperature=0.9, top_k=50, seed=11, max_tokens=5),
+    SamplingParams(temperature=0.0, max_tokens=5),
+]
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(triton_model: GptOss) -> dict[str, list[int]]:
+    """The overlap test's requests through the plain loop (once: the interpreter makes every step slow)."""
+    with torch.inference_mode():
+        engine = make_engine(triton_model, device_sampling=True, async_scheduling=False)
+        return _run(engine, _OVERLAP_PROMPTS, _OVERLAP_PARAMS)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
+def test_an_overlapped_step_feeds_the_device_tokens_and_syncs_only_to_read_the_step_before(
+    triton_model: GptOss, plain_tokens: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch, graphs: bool
+) -> None:
+    """In the overlapped loop a decode step is launched with its tokens read from the previous step's ids
+    on the device (no sync), and the one copy back is of that previous step's ids. Run to the end, each
+    request gets the plain loop's tokens, through the graph buffers' rows as through the ordinary inputs."""
+    prompts, params = _OVERLAP_PROMPTS, _OVERLAP_PARAMS
+    engine = make_engine(triton_model, async_scheduling=True, cuda_graphs=graphs)
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(f"r{i}", prompt, p)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(2):  # the prompts' step, launched; the first decode's, launched as the prompts' is read
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    recorder = SyncRecorder()
+    with recorded(engine, recorder, monkeypatch) as read:
+        outputs = engine.step()
+    assert recorder.syncs == []
+    assert read == [(3,)]  # the first decode's ids, read while the second decode runs
+    assert all(len(r.output_token_ids) == 2 for r in engine.scheduler.requests.values())
+    assert all(r.num_pending_tokens == 1 for r in engine.scheduler.requests.values())
+    for out in outputs:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens == plain_tokens
