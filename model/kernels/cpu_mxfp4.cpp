@@ -7,6 +7,7 @@
 // * float32 activations (or no AVX512-BF16): weights decoded to float32, FMAs into float32 sums.
 // Both decode a nibble by a table lookup in one register (a 16-entry table, one permute per 16 or 32 codes) and
 // scale each block of 32 once, by its power of two; both are exact to float32's rounding of the sums.
+// Beside them, bf16_gemv: a few bfloat16 rows times a plain row-major bfloat16 matrix (no MXFP4), at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -308,6 +309,91 @@ constexpr bool HAS_BF16 = false;
 static torch::Tensor linear_bf16(const torch::Tensor&, const uint8_t*, const uint8_t*, const float*, int64_t,
                                  int64_t) {
     TORCH_CHECK(false, "this build has no bfloat16 path: pass float32 inputs");
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// The decode GEMV on a plain row-major bfloat16 weight: out[m, r] = x[m] . w[r] (+ bias[r]) for a few rows of x.
+// Eight weight rows advance together, each 32-element load of a row multiplied by VDPBF16PS against the same
+// one or two input loads into float32 sums (16 at most, in registers), so each weight load feeds one or two
+// products; a width that is not a multiple of 32 ends with masked loads (zeros add nothing). Tiles of more
+// than two input rows were slower: the products, not the loads, then set the pace.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr int GEMV_ROWS = 8;    // weight rows per step
+constexpr int GEMV_TOKENS = 2;  // input rows per step
+
+template <int R, int MT>
+static void gemv_step(const uint16_t* x, const uint16_t* w, const float* bias, float* out, int64_t K, int64_t N,
+                      int64_t m0, int64_t r) {
+    __m512 acc[R][MT];
+    for (int i = 0; i < R; ++i)
+        for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_setzero_ps();
+    const uint16_t* wr[R];
+    for (int i = 0; i < R; ++i) wr[i] = w + (r + i) * K;
+    const uint16_t* xm[MT];
+    for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh xv[MT];
+        for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xm[m] + k);
+        for (int i = 0; i < R; ++i) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[i] + k);
+            for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+        }
+    }
+    if (k < K) {
+        const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+        __m512bh xv[MT];
+        for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, xm[m] + k);
+        for (int i = 0; i < R; ++i) {
+            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + k);
+            for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+        }
+    }
+    for (int i = 0; i < R; ++i)
+        for (int m = 0; m < MT; ++m)
+            out[(m0 + m) * N + r + i] = _mm512_reduce_add_ps(acc[i][m]) + (bias ? bias[r + i] : 0.f);
+}
+
+using GemvFn = void (*)(const uint16_t*, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+static const GemvFn GEMV_GROUP[GEMV_TOKENS] = {gemv_step<GEMV_ROWS, 1>, gemv_step<GEMV_ROWS, 2>};
+static const GemvFn GEMV_ONE[GEMV_TOKENS] = {gemv_step<1, 1>, gemv_step<1, 2>};
+
+// x [M, K] and w [N, K] contiguous bfloat16, bias [N] float32 or empty: x . w^T + bias as [M, N] float32.
+// Each group of eight weight rows (46 KB at K = 2880) runs every tile of input rows in turn, so it is read from
+// memory once and from the cache for the later tiles.
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+    pybind11::gil_scoped_release no_gil;
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "inputs and weight disagree on K");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "x and w must be bfloat16");
+    TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && bias.is_contiguous(), "inputs not contiguous");
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.numel() == N), "bad bias");
+    auto out = torch::empty({M, N}, x.options().dtype(at::kFloat));
+    if (M == 0 || N == 0) return out;
+    const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const uint16_t* wptr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    float* optr = out.data_ptr<float>();
+    const int64_t groups = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+    at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t grp = begin; grp < end; ++grp) {
+            const int64_t r0 = grp * GEMV_ROWS, r1 = std::min(N, r0 + GEMV_ROWS);
+            for (int64_t m0 = 0; m0 < M; m0 += GEMV_TOKENS) {
+                const int64_t mt = std::min<int64_t>(GEMV_TOKENS, M - m0);
+                if (r1 - r0 == GEMV_ROWS) {
+                    GEMV_GROUP[mt - 1](xptr, wptr, biasptr, optr, K, N, m0, r0);
+                } else {
+                    for (int64_t r = r0; r < r1; ++r) GEMV_ONE[mt - 1](xptr, wptr, biasptr, optr, K, N, m0, r);
+                }
+            }
+        }
+    });
+    return out;
+}
+#else
+torch::Tensor bf16_gemv(torch::Tensor, torch::Tensor, torch::Tensor) {
+    TORCH_CHECK(false, "this build has no bfloat16 GEMV (no AVX512-BF16)");
 }
 #endif
 

@@ -30,6 +30,10 @@ without that control. Measured against the dequantize path on a 20b-shaped layer
 (built once, cached under torch's extensions directory); where either is missing or the build fails,
 :func:`available` logs a warning and the model keeps the dequantize path.
 
+The same build carries :func:`bf16_gemv`, a product of a few bfloat16 rows with a plain bfloat16 matrix
+(the decode case, bound by reading the weight), which :func:`model.kernels.prepacked.linear` takes for a
+plain weight; :func:`bf16_gemv_reference` is its twin.
+
 :func:`mxfp4_linear_reference` is the plain twin: :func:`model.kernels.mxfp4.dequantize_reference` then
 ``F.linear`` in float32, compared with it in tests.
 """
@@ -91,7 +95,7 @@ def _build() -> object:
     return load_inline(
         name=f"gpt_oss_cpu_mxfp4_{_target_key(FLAGS)}",
         cpp_sources=[_source()],
-        functions=["mxfp4_linear", "native_bf16"],
+        functions=["mxfp4_linear", "native_bf16", "bf16_gemv"],
         extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -152,6 +156,44 @@ def mxfp4_linear(
     inputs = (x if native else x.float()).contiguous()
     out = _module.mxfp4_linear(inputs, blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
     return out.to(x.dtype)
+
+
+# Input rows up to which :func:`bf16_gemv` is taken on a plain weight: up to here it was faster than oneDNN on
+# the same plain weight, on the vocabulary projection and the attention projections (benchmarks/README.md).
+GEMV_MAX_ROWS = 16
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`bf16_gemv` runs ``x @ weight.T``: a plain 2-D bfloat16 `weight` and at most
+    :data:`GEMV_MAX_ROWS` rows of bfloat16 `x` on the CPU, with the kernel built for AVX512-BF16."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.dim() == 2
+        and weight.dim() == 2
+        and not weight.is_mkldnn
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and native_bf16()
+    )
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float32 `[M, N]` for bfloat16 `x [M, K]` and a plain bfloat16
+    `weight [N, K]` on the CPU: the decode case, where the product is bound by reading the weight. Eight
+    weight rows at a time share each input load (VDPBF16PS, float32 sums) and run every input row while they
+    are in the cache, so the weight is read from memory once per call. Requires :func:`native_bf16`."""
+    if _module is None or not _native_bf16:
+        raise RuntimeError("the bfloat16 GEMV is not built for this CPU: check native_bf16() first")
+    b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
+    return _module.bf16_gemv(x.contiguous(), weight.contiguous(), b)  # type: ignore[attr-defined]
+
+
+def bf16_gemv_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain twin of :func:`bf16_gemv`: ``F.linear`` in float32 on the same bfloat16 values."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
 def mxfp4_linear_reference(

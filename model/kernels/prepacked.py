@@ -15,12 +15,19 @@ The fast path applies only where :func:`applies` says so: a 2-D bfloat16 weight 
 in, enabled and able to do bf16 on this CPU. Every other weight (CUDA, float32) is returned unchanged by
 :func:`prepack` and runs ``F.linear``. float32 is left out on purpose: a prepacked float32 weight is slower
 at 1-2 rows per matmul, the usual per-expert row count at decode.
+
+A plain bf16 weight multiplied by a few rows (:func:`model.kernels.cpu_mxfp4.gemv_applies`) takes the
+hand-written GEMV :func:`model.kernels.cpu_mxfp4.bf16_gemv` instead of ``F.linear``, which is faster than
+oneDNN on that plain weight at every row count up to its limit. Against a prepacked weight it is faster at
+one or two rows and slower from three (benchmarks/README.md), so the model still prepacks every weight.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from model.kernels import cpu_mxfp4
 
 
 def applies(weight: torch.Tensor) -> bool:
@@ -65,7 +72,12 @@ def linear(
 
     With `out` (a contiguous ``[rows, out_features]`` tensor, of `x`'s dtype or wider) the result is written
     there and `out` returned: straight from the matmul for a plain weight of `out`'s dtype, through a copy
-    otherwise (a prepacked weight, or bf16 into float32)."""
+    otherwise (a prepacked weight, or bf16 into float32). A plain bf16 weight and few bf16 rows take
+    :func:`model.kernels.cpu_mxfp4.bf16_gemv`, its float32 sums rounded to bf16 (into `out` too, so that the
+    values do not depend on whether `out` is given)."""
+    if cpu_mxfp4.gemv_applies(x, weight):
+        product = cpu_mxfp4.bf16_gemv(x, weight, bias).to(x.dtype)
+        return product if out is None else out.copy_(product)
     if out is None:
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

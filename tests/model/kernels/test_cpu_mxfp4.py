@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from model.kernels import Kernels, cpu_mxfp4
+from model.kernels import Kernels, cpu_mxfp4, prepacked
 from model.kernels.cpu_mxfp4 import TILE, mxfp4_linear, mxfp4_linear_reference
 from model.kernels.experts import experts_fused, experts_grouped
 from model.kernels.mxfp4 import dequantize_reference
@@ -144,3 +144,51 @@ def test_without_the_kernel_the_cpu_keeps_the_dequantize_path(
     assert not cpu_mxfp4.available()  # decided once per process
     with pytest.raises(RuntimeError, match="not built"):
         mxfp4_linear(torch.zeros(1, 32), *weights(2, 32, seed=0)[:2])
+
+
+needs_gemv = pytest.mark.skipif(not cpu_mxfp4.native_bf16(), reason="no AVX512-BF16 on this CPU")
+
+
+@needs_gemv
+@pytest.mark.parametrize(("out_features", "in_features"), [(203, 2880), (8, 64), (21, 33), (7, 100), (1, 31)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16])
+def test_bf16_gemv_equals_its_float32_twin(out_features: int, in_features: int, tokens: int) -> None:
+    """Rows in groups of eight and a partial last group, widths a multiple of 32 and not (masked tail), odd
+    token counts (a tile of one after tiles of two). Both sides sum the same bf16 products in float32, in
+    different orders: each output within float32's rounding of a sum of `in_features` terms."""
+    g = torch.Generator().manual_seed(out_features * 100 + in_features + tokens)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    x = torch.randn(tokens, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g)
+    for b in (bias, None):
+        got = cpu_mxfp4.bf16_gemv(x, w, b)
+        assert got.dtype == torch.float32
+        assert got.shape == (tokens, out_features)
+        expected = cpu_mxfp4.bf16_gemv_reference(x, w, b)
+        bound = in_features * 2.0**-23 * (x.float().abs() @ w.float().abs().T) + 1e-6
+        assert ((got - expected).abs() <= bound).all()
+
+
+@needs_gemv
+def test_linear_takes_the_gemv_for_few_bf16_rows_on_a_plain_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    few = torch.randn(cpu_mxfp4.GEMV_MAX_ROWS, 96, generator=g).bfloat16()
+    many = torch.randn(cpu_mxfp4.GEMV_MAX_ROWS + 1, 96, generator=g).bfloat16()
+    assert cpu_mxfp4.gemv_applies(few, w)
+    assert not cpu_mxfp4.gemv_applies(many, w)
+    assert not cpu_mxfp4.gemv_applies(few.float(), w.float())
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not cpu_mxfp4.gemv_applies(few, prepacked.prepack(w))
+    # The seam: the GEMV's float32 sums rounded to bf16, returned or copied into a float32 `out`.
+    got = prepacked.linear(few, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, cpu_mxfp4.bf16_gemv(few, w).bfloat16())
+    out = torch.empty(cpu_mxfp4.GEMV_MAX_ROWS, 40)
+    assert torch.equal(prepacked.linear(few, w, out=out), cpu_mxfp4.bf16_gemv(few, w).bfloat16().float())
+    calls: list[int] = []
+    real = cpu_mxfp4.bf16_gemv
+    monkeypatch.setattr(cpu_mxfp4, "bf16_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    prepacked.linear(many, w)
+    prepacked.linear(few[:1], w)
+    assert calls == [1]
