@@ -4,7 +4,7 @@ dequantize-per-step.
 
     python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 16] [--threads N]
                                    [--impls fused] [--dtypes bfloat16,float32] [--no-llama-cpp]
-                                   [--ppl-chunks 2] [--ppl-ctx 128]
+                                   [--ppl-chunks 2] [--ppl-ctx 128] [--profile]
     python benchmarks/cpu_bench.py [--kernels] [--matrix-tokens 64,256,512,1024] [--repeats 7]
 
 The default (quick) mode writes once, under .cache/model_bench/, the random 20b-shaped checkpoint slice that
@@ -13,6 +13,7 @@ runs each implementation and dtype in its own process (so peak RSS is that run's
 prefill tokens/s for one `--prompt`-token sequence, decode tokens/s at batch 1 after that prompt (the best
 step and the median of `--decode-steps`), peak RSS, and the perplexity of README.md's first `--ppl-chunks`
 chunks of `--ppl-ctx` tokens (scored as llama-perplexity scores them: the second half of each chunk).
+`--profile` adds, per run, the top operators of one more decode step under torch.profiler.
 
 llama.cpp (unless `--no-llama-cpp`) is built once from the `llama-cpp-python` source package (it vendors
 llama.cpp; `pip download`, then cmake and ninja: llama-bench and llama-perplexity, for this CPU) and cached
@@ -277,6 +278,33 @@ def perplexity(model: GptOss, args: argparse.Namespace) -> float:
     return math.exp(nll / count)
 
 
+def profile_decode(model: GptOss, cache: ContiguousKVCache, token: torch.Tensor, length: int) -> None:
+    """One more decode step under torch.profiler: its top operators by self CPU time, on stderr (the worker's
+    stdout carries only its JSON line). The extension's kernels are no torch operators: each is wrapped in a
+    labelled range for the profile, so it is counted apart from the step's own Python."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(*args: object, **kwargs: object) -> torch.Tensor:
+            with record_function(name):
+                return fn(*args, **kwargs)
+
+        return run
+
+    meta = AttentionMetadata.build([1], [length], cache_slots=[0])
+    kernels = {name: getattr(cpu_mxfp4, name) for name in ("bf16_gemv", "mxfp4_linear")}
+    try:
+        for name, fn in kernels.items():
+            setattr(cpu_mxfp4, name, labelled(f"cpu_mxfp4.{name}", fn))
+        with profile(activities=[ProfilerActivity.CPU]) as prof, record_function("decode step"):
+            model(token, meta, cache)
+    finally:
+        for name, fn in kernels.items():
+            setattr(cpu_mxfp4, name, fn)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40)
+    sys.stderr.write(f"profile of one decode step, {torch.get_num_threads()} thread(s):\n{table}\n")
+
+
 def worker(args: argparse.Namespace) -> None:
     """One implementation and dtype on the checkpoint slice; prints its figures as one JSON line."""
     impl, dtype_name = args.worker.split(":")
@@ -302,6 +330,8 @@ def worker(args: argparse.Namespace) -> None:
         steps.append(time.perf_counter() - started)
     out["decode_tok_s_best"] = 1 / min(steps)
     out["decode_tok_s_median"] = 1 / statistics.median(steps)
+    if args.profile:
+        profile_decode(model, cache, token, args.prompt + args.decode_steps + 1)
     # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak (checkpoint writing).
     out["peak_rss_gb"] = proc_status("VmHWM") / 1e9
     if args.ppl_chunks:
@@ -323,6 +353,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="time one layer's experts alone")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--matrix-tokens", default="", help="time one matrix at these token counts")
+    parser.add_argument("--profile", action="store_true", help="print a profile of one decode step per run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -347,6 +378,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", run, *sys.argv[1:]]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             results[run] = json.loads(done.stdout.strip().splitlines()[-1])
+            if args.profile:
+                logger.info("%s:\n%s", run, done.stderr[done.stderr.find("profile of one decode step") :])
             logger.info("%s: %s", run, json.dumps(results[run]))
 
     if not args.no_llama_cpp:

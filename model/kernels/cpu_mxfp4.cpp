@@ -313,17 +313,57 @@ static torch::Tensor linear_bf16(const torch::Tensor&, const uint8_t*, const uin
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
-// The decode GEMV on a plain row-major bfloat16 weight: out[m, r] = x[m] . w[r] (+ bias[r]) for a few rows of x.
-// Eight weight rows advance together, each 32-element load of a row multiplied by VDPBF16PS against the same
-// one or two input loads into float32 sums (16 at most, in registers), so each weight load feeds one or two
-// products; a width that is not a multiple of 32 ends with masked loads (zeros add nothing). Tiles of more
-// than two input rows were slower: the products, not the loads, then set the pace.
+// The decode GEMV on a plain row-major bfloat16 weight: out[m, r] = x[m] . w[r] (+ bias[r]) for a few rows of x,
+// bound by reading the weight once. Weight rows advance in groups of 16 (92 KB at K = 2880: they stay in L2
+// while every input row runs over them); a single input row runs all 16 rows at once (16 load streams and 16
+// float32 sums in registers, the widest that keeps them all in registers with the input), a pair of input rows
+// eight rows at a time (16 sums). Each 32-element load of a weight row feeds VDPBF16PS against the same one or
+// two input loads. A width that is not a multiple of 32 ends with masked loads (zeros add nothing). Tiles of
+// more input rows were no faster: the products, not the loads, then set the pace.
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-constexpr int GEMV_ROWS = 8;    // weight rows per step
-constexpr int GEMV_TOKENS = 2;  // input rows per step
+constexpr int GEMV_GROUP_ROWS = 16;  // weight rows read from memory together
+
+// A float32 rounded to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
+static inline uint16_t bf16_bits(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Where the sums go: float32 (rounded to bfloat16's precision when round_bf16) or bfloat16.
+struct GemvOut {
+    void* data;
+    int64_t N;
+    bool bf16, round_bf16;
+    inline void store(int64_t m, int64_t r, float v) const {
+        if (bf16) {
+            static_cast<uint16_t*>(data)[m * N + r] = bf16_bits(v);
+        } else if (round_bf16) {
+            const uint32_t bits = (uint32_t)bf16_bits(v) << 16;
+            std::memcpy(static_cast<float*>(data) + m * N + r, &bits, 4);
+        } else {
+            static_cast<float*>(data)[m * N + r] = v;
+        }
+    }
+};
+
+// The bias, float32 or bfloat16 (the checkpoint's linears keep theirs in the weight's dtype), or none.
+struct GemvBias {
+    const float* f32;
+    const uint16_t* bf16;
+    inline float at(int64_t r) const {
+        if (f32) return f32[r];
+        if (!bf16) return 0.f;
+        const uint32_t bits = (uint32_t)bf16[r] << 16;
+        float v;
+        std::memcpy(&v, &bits, 4);
+        return v;
+    }
+};
 
 template <int R, int MT>
-static void gemv_step(const uint16_t* x, const uint16_t* w, const float* bias, float* out, int64_t K, int64_t N,
+static void gemv_step(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t K,
                       int64_t m0, int64_t r) {
     __m512 acc[R][MT];
     for (int i = 0; i < R; ++i)
@@ -352,47 +392,64 @@ static void gemv_step(const uint16_t* x, const uint16_t* w, const float* bias, f
     }
     for (int i = 0; i < R; ++i)
         for (int m = 0; m < MT; ++m)
-            out[(m0 + m) * N + r + i] = _mm512_reduce_add_ps(acc[i][m]) + (bias ? bias[r + i] : 0.f);
+            out.store(m0 + m, r + i, _mm512_reduce_add_ps(acc[i][m]) + bias.at(r + i));
 }
 
-using GemvFn = void (*)(const uint16_t*, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-static const GemvFn GEMV_GROUP[GEMV_TOKENS] = {gemv_step<GEMV_ROWS, 1>, gemv_step<GEMV_ROWS, 2>};
-static const GemvFn GEMV_ONE[GEMV_TOKENS] = {gemv_step<1, 1>, gemv_step<1, 2>};
+// Rows [r0, r1) of the weight, every input row: pairs of inputs, then a last single one.
+static void gemv_rows(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t M,
+                      int64_t K, int64_t r0, int64_t r1) {
+    const bool full = r1 - r0 == GEMV_GROUP_ROWS;
+    int64_t m0 = 0;
+    for (; m0 + 2 <= M; m0 += 2) {
+        if (full) {
+            gemv_step<GEMV_GROUP_ROWS / 2, 2>(x, w, bias, out, K, m0, r0);
+            gemv_step<GEMV_GROUP_ROWS / 2, 2>(x, w, bias, out, K, m0, r0 + GEMV_GROUP_ROWS / 2);
+        } else {
+            for (int64_t r = r0; r < r1; ++r) gemv_step<1, 2>(x, w, bias, out, K, m0, r);
+        }
+    }
+    if (m0 < M) {
+        if (full) {
+            gemv_step<GEMV_GROUP_ROWS, 1>(x, w, bias, out, K, m0, r0);
+        } else {
+            for (int64_t r = r0; r < r1; ++r) gemv_step<1, 1>(x, w, bias, out, K, m0, r);
+        }
+    }
+}
 
-// x [M, K] and w [N, K] contiguous bfloat16, bias [N] float32 or empty: x . w^T + bias as [M, N] float32.
-// Each group of eight weight rows (46 KB at K = 2880) runs every tile of input rows in turn, so it is read from
-// memory once and from the cache for the later tiles.
-torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+// x [M, K] and w [N, K] contiguous bfloat16, bias [N] float32 or bfloat16 or none, out [M, N] contiguous
+// float32 or bfloat16: out = x . w^T + bias, rounded to bfloat16 where out is bfloat16 or round_bf16. Threaded
+// over groups of weight rows, each thread a contiguous range (one stream through the weight).
+void bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor out,
+               bool round_bf16) {
     pybind11::gil_scoped_release no_gil;
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "inputs and weight disagree on K");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "x and w must be bfloat16");
-    TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && bias.is_contiguous(), "inputs not contiguous");
+    TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "inputs not contiguous");
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.numel() == N), "bad bias");
-    auto out = torch::empty({M, N}, x.options().dtype(at::kFloat));
-    if (M == 0 || N == 0) return out;
+    GemvBias b{nullptr, nullptr};
+    if (bias.has_value()) {
+        const torch::Tensor& t = *bias;
+        TORCH_CHECK(t.is_contiguous() && t.numel() == N, "bias: contiguous, one value per weight row");
+        TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "bias: float32 or bfloat16");
+        if (t.scalar_type() == at::kFloat) b.f32 = t.data_ptr<float>();
+        else b.bf16 = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+    }
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous(), "bad out shape");
+    TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, "out: float32 or bfloat16");
+    if (M == 0 || N == 0) return;
     const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     const uint16_t* wptr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
-    float* optr = out.data_ptr<float>();
-    const int64_t groups = (N + GEMV_ROWS - 1) / GEMV_ROWS;
-    at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t grp = begin; grp < end; ++grp) {
-            const int64_t r0 = grp * GEMV_ROWS, r1 = std::min(N, r0 + GEMV_ROWS);
-            for (int64_t m0 = 0; m0 < M; m0 += GEMV_TOKENS) {
-                const int64_t mt = std::min<int64_t>(GEMV_TOKENS, M - m0);
-                if (r1 - r0 == GEMV_ROWS) {
-                    GEMV_GROUP[mt - 1](xptr, wptr, biasptr, optr, K, N, m0, r0);
-                } else {
-                    for (int64_t r = r0; r < r1; ++r) GEMV_ONE[mt - 1](xptr, wptr, biasptr, optr, K, N, m0, r);
-                }
-            }
-        }
+    const GemvOut o{out.data_ptr(), N, out.scalar_type() == at::kBFloat16, round_bf16};
+    const int64_t groups = (N + GEMV_GROUP_ROWS - 1) / GEMV_GROUP_ROWS;
+    at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t grp = begin; grp < end; ++grp)
+            gemv_rows(xptr, wptr, b, o, M, K, grp * GEMV_GROUP_ROWS,
+                      std::min(N, (grp + 1) * GEMV_GROUP_ROWS));
     });
-    return out;
 }
 #else
-torch::Tensor bf16_gemv(torch::Tensor, torch::Tensor, torch::Tensor) {
+void bf16_gemv(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor, bool) {
     TORCH_CHECK(false, "this build has no bfloat16 GEMV (no AVX512-BF16)");
 }
 #endif

@@ -178,15 +178,29 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` in float32 `[M, N]` for bfloat16 `x [M, K]` and a plain bfloat16
-    `weight [N, K]` on the CPU: the decode case, where the product is bound by reading the weight. Eight
-    weight rows at a time share each input load (VDPBF16PS, float32 sums) and run every input row while they
-    are in the cache, so the weight is read from memory once per call. Requires :func:`native_bf16`."""
+def bf16_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    round_bf16: bool = False,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for bfloat16 `x [M, K]` and a plain bfloat16 `weight [N, K]` (`bias [N]`
+    float32 or bfloat16) on the CPU: the
+    decode case, where the product is bound by reading the weight. Sixteen weight rows at a time share each
+    input load (VDPBF16PS, float32 sums) and run every input row while they are in the cache, so the weight is
+    read from memory once per call.
+
+    Written into `out` (contiguous ``[M, N]``, float32 or bfloat16) when given, else into a new float32
+    tensor; rounded to bfloat16 where `out` is bfloat16, or with `round_bf16` (float32 holding bfloat16
+    values: what a bfloat16 matmul copied into float32 gives). Requires :func:`native_bf16`."""
     if _module is None or not _native_bf16:
         raise RuntimeError("the bfloat16 GEMV is not built for this CPU: check native_bf16() first")
-    b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
-    return _module.bf16_gemv(x.contiguous(), weight.contiguous(), b)  # type: ignore[attr-defined]
+    if out is None:
+        out = x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _module.bf16_gemv(x.contiguous(), weight.contiguous(), bias, out, round_bf16)  # type: ignore[attr-defined]
+    return out
 
 
 def bf16_gemv_reference(

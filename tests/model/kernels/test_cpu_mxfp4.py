@@ -150,23 +150,44 @@ needs_gemv = pytest.mark.skipif(not cpu_mxfp4.native_bf16(), reason="no AVX512-B
 
 
 @needs_gemv
-@pytest.mark.parametrize(("out_features", "in_features"), [(203, 2880), (8, 64), (21, 33), (7, 100), (1, 31)])
+@pytest.mark.parametrize(("out_features", "in_features"), [(203, 2880), (16, 64), (8, 64), (37, 33), (1, 31)])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16])
 def test_bf16_gemv_equals_its_float32_twin(out_features: int, in_features: int, tokens: int) -> None:
-    """Rows in groups of eight and a partial last group, widths a multiple of 32 and not (masked tail), odd
-    token counts (a tile of one after tiles of two). Both sides sum the same bf16 products in float32, in
-    different orders: each output within float32's rounding of a sum of `in_features` terms."""
+    """Rows in groups of sixteen and a partial last group, widths a multiple of 32 and not (masked tail), odd
+    token counts (a single row after pairs), a float32 and a bfloat16 bias and none. Both sides sum the same
+    bf16 products in float32, in different orders: each output within float32's rounding of a sum of
+    `in_features` terms."""
     g = torch.Generator().manual_seed(out_features * 100 + in_features + tokens)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
     x = torch.randn(tokens, in_features, generator=g).bfloat16()
     bias = torch.randn(out_features, generator=g)
-    for b in (bias, None):
+    for b in (bias, bias.bfloat16(), None):
         got = cpu_mxfp4.bf16_gemv(x, w, b)
         assert got.dtype == torch.float32
         assert got.shape == (tokens, out_features)
         expected = cpu_mxfp4.bf16_gemv_reference(x, w, b)
         bound = in_features * 2.0**-23 * (x.float().abs() @ w.float().abs().T) + 1e-6
         assert ((got - expected).abs() <= bound).all()
+        # Into given buffers: bfloat16, and float32 holding bfloat16 values; both the same rounding of `got`.
+        into = torch.full((tokens, out_features), float("nan"), dtype=torch.bfloat16)
+        assert cpu_mxfp4.bf16_gemv(x, w, b, into) is into
+        assert torch.equal(into, got.bfloat16())
+        rounded = torch.full((tokens, out_features), float("nan"))
+        cpu_mxfp4.bf16_gemv(x, w, b, rounded, round_bf16=True)
+        assert torch.equal(rounded, got.bfloat16().float())
+
+
+@needs_gemv
+def test_bf16_gemv_rounds_as_torch_does() -> None:
+    """The kernel's own float32 -> bfloat16 rounding against torch's: zero products plus a float32 bias, so
+    each sum is exactly the bias, chosen on ties (to even, both ways), just beside a tie, beyond bfloat16's
+    largest finite value, negative, and NaN."""
+    values = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 3.4e38, -2.5 - 2**-7, float("nan")])
+    x = torch.ones(1, 32, dtype=torch.bfloat16)
+    w = torch.zeros(len(values), 32, dtype=torch.bfloat16)
+    got = cpu_mxfp4.bf16_gemv(x, w, values, torch.empty(1, len(values), dtype=torch.bfloat16))[0]
+    torch.testing.assert_close(got, values.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    assert got[:2].tolist() == [1.0, 1 + 2**-6]  # the ties, to even
 
 
 @needs_gemv
@@ -180,7 +201,7 @@ def test_linear_takes_the_gemv_for_few_bf16_rows_on_a_plain_weight(monkeypatch: 
     assert not cpu_mxfp4.gemv_applies(few.float(), w.float())
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert not cpu_mxfp4.gemv_applies(few, prepacked.prepack(w))
-    # The seam: the GEMV's float32 sums rounded to bf16, returned or copied into a float32 `out`.
+    # The seam: the GEMV's float32 sums rounded to bf16, returned or written into a float32 `out`.
     got = prepacked.linear(few, w)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, cpu_mxfp4.bf16_gemv(few, w).bfloat16())
@@ -188,7 +209,9 @@ def test_linear_takes_the_gemv_for_few_bf16_rows_on_a_plain_weight(monkeypatch: 
     assert torch.equal(prepacked.linear(few, w, out=out), cpu_mxfp4.bf16_gemv(few, w).bfloat16().float())
     calls: list[int] = []
     real = cpu_mxfp4.bf16_gemv
-    monkeypatch.setattr(cpu_mxfp4, "bf16_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(
+        cpu_mxfp4, "bf16_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw)
+    )
     prepacked.linear(many, w)
     prepacked.linear(few[:1], w)
     assert calls == [1]
