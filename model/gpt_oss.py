@@ -372,6 +372,8 @@ class GptOss(nn.Module):
                     weight.prepack_dense()
                 elif weight.dense is None and expert_mode is ExpertMode.DEQUANTIZED:
                     weight.dequantize_all(dtype, prepack)
+                elif weight.dense is None and prepack:  # streamed by the fused kernel at every decode step
+                    weight.blocks = prepacked.on_huge_pages(weight.blocks)
         model.rope = RotaryEmbedding(model.config, device)
         model.eval().requires_grad_(False)
         logger.info(

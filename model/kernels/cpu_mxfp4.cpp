@@ -248,6 +248,78 @@ static const DotFn DOTS[TOKENS] = {dot_tile<1, true>, dot_tile<2, true>, dot_til
                                    dot_tile<4, true>, dot_tile<5, true>, dot_tile<6, true>};
 static const DotFn DIRECT[DIRECT_MAX] = {dot_tile<1, false>, dot_tile<2, false>, dot_tile<3, false>};
 
+// A single token (batch-1 decode), eight rows at a time, two blocks per step: their 32 bytes widened to 32
+// words at once (one VPMOVZXBW for two blocks, where decode_block spends one widening per block), each word's
+// low nibble and then its high nibble looking up a table whose first half is block A's scaled values and
+// second half block B's (bit 4 of each index picks the half). That yields A's and B's even elements, then their
+// odd ones, so the input is laid out once per call in the same order (pair_inputs). About 15% fewer cycles per
+// block than decode_block, with the same products and float32 sums (in another order). An odd last block takes
+// decode_block.
+constexpr int ROWS_ONE = 8;
+
+// x [K] into xp [K]: per pair of blocks (g, g + 1), g's 16 even elements, g+1's, g's 16 odd ones, g+1's; a lone
+// last block as it is.
+static void pair_inputs(const uint16_t* x, uint16_t* xp, int64_t G) {
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2)
+        for (int h = 0; h < 2; ++h)
+            for (int j = 0; j < 16; ++j) {
+                xp[g * 32 + h * 16 + j] = x[(g + h) * 32 + 2 * j];
+                xp[g * 32 + 32 + h * 16 + j] = x[(g + h) * 32 + 2 * j + 1];
+            }
+    if (g < G) std::memcpy(xp + g * 32, x + g * 32, 32 * sizeof(uint16_t));
+}
+
+static void dot_one(const uint8_t* blocks, const uint8_t* scales, const uint16_t* xp, const float* bias, float* out,
+                    int64_t G, int64_t r0, int64_t r1) {
+    const __m512i upper = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
+                                           0x0010001000100010LL, 0, 0, 0, 0);  // 16 in the words of block B
+    const __m512i low4 = _mm512_set1_epi16(0xF);
+    const uint8_t* b[ROWS_ONE];
+    const uint8_t* s[ROWS_ONE];
+    for (int i = 0; i < ROWS_ONE; ++i) {  // past the last row: read the last row again, its results dropped
+        const int64_t r = std::min(r0 + i, r1 - 1);
+        b[i] = blocks + r * G * 16;
+        s[i] = scales + r * G;
+    }
+    __m512 acc[ROWS_ONE];
+    for (int i = 0; i < ROWS_ONE; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+        const __m512bh even = (__m512bh)_mm512_loadu_si512(xp + g * 32);
+        const __m512bh odd = (__m512bh)_mm512_loadu_si512(xp + g * 32 + 32);
+        for (int i = 0; i < ROWS_ONE; ++i) {
+            const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(b[i] + g * 16)));
+            const __m512i table = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_load_si512(FP4_BF16[s[i][g]]),
+                                                          _mm512_load_si512(FP4_BF16[s[i][g + 1]]));
+            const __m512i lo = _mm512_ternarylogic_epi32(words, low4, upper, 0xEA);  // (words & 0xF) | upper
+            const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(words, 4), upper);
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_permutexvar_epi16(lo, table), even);
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_permutexvar_epi16(hi, table), odd);
+        }
+    }
+    if (g < G) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + g * 32);
+        for (int i = 0; i < ROWS_ONE; ++i)
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)decode_block(b[i] + g * 16, s[i][g]), xv);
+    }
+    for (int i = 0; i < ROWS_ONE && r0 + i < r1; ++i)
+        out[r0 + i] = _mm512_reduce_add_ps(acc[i]) + (bias ? bias[r0 + i] : 0.f);
+}
+
+// Whether all n scales lie in [SAFE_LO, SAFE_HI], 64 at a time: it runs before every group of rows.
+static bool scales_safe(const uint8_t* s, int64_t n) {
+    __m512i lo = _mm512_set1_epi8((char)0xFF), hi = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n; i += 64) {
+        const __mmask64 mask = n - i >= 64 ? ~0ull : (1ull << (n - i)) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, s + i);
+        lo = _mm512_min_epu8(lo, _mm512_mask_blend_epi8(mask, _mm512_set1_epi8((char)SAFE_LO), v));
+        hi = _mm512_max_epu8(hi, v);
+    }
+    return !_mm512_cmplt_epu8_mask(lo, _mm512_set1_epi8((char)SAFE_LO)) &&
+           !_mm512_cmpgt_epu8_mask(hi, _mm512_set1_epi8((char)SAFE_HI));
+}
+
 static float bf16_to_float(uint16_t v) {
     const uint32_t bits = (uint32_t)v << 16;
     float f;
@@ -277,15 +349,29 @@ static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, co
     auto out = torch::empty({M, N}, x.options().dtype(at::kFloat));
     const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     float* optr = out.data_ptr<float>();
+    if (M == 1) {
+        std::vector<uint16_t> xp(G * 32);
+        pair_inputs(xptr, xp.data(), G);
+        at::parallel_for(0, (N + ROWS_ONE - 1) / ROWS_ONE, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t grp = begin; grp < end; ++grp) {
+                const int64_t r0 = grp * ROWS_ONE, r1 = std::min(N, r0 + ROWS_ONE);
+                if (scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
+                    dot_one(bptr, sptr, xp.data(), biasptr, optr, G, r0, r1);
+                } else {
+                    for (int64_t r = r0; r < r1; ++r)
+                        row_exact(bptr + r * G * 16, sptr + r * G, xptr, biasptr, optr, G, N, M, r);
+                }
+            }
+        });
+        return out;
+    }
     const int64_t groups = (N + ROWS - 1) / ROWS;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         // One group's decoded rows (23 KB at gpt-oss widths) stay in L1 while every token tile reads them.
         std::vector<uint16_t> w(M > DIRECT_MAX ? ROWS * G * 32 : 0);
         for (int64_t grp = begin; grp < end; ++grp) {
             const int64_t r0 = grp * ROWS, r1 = std::min(N, r0 + ROWS);
-            bool safe = true;
-            for (int64_t i = r0 * G; i < r1 * G && safe; ++i) safe = sptr[i] >= SAFE_LO && sptr[i] <= SAFE_HI;
-            if (!safe) {
+            if (!scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
                 for (int64_t r = r0; r < r1; ++r)
                     row_exact(bptr + r * G * 16, sptr + r * G, xptr, biasptr, optr, G, N, M, r);
                 continue;

@@ -38,14 +38,24 @@ def weights(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize(
     ("rows", "cols", "tokens"),
-    [(18, 32, 1), (40, 64, 2), (27, 96, TILE), (64, 128, TILE + 5), (45, 2880, 3), (20, 320, 3 * TILE + 1)],
+    [
+        (18, 32, 1),
+        (21, 96, 1),
+        (45, 2880, 1),
+        (40, 64, 2),
+        (27, 96, TILE),
+        (64, 128, TILE + 5),
+        (45, 2880, 3),
+        (20, 320, 3 * TILE + 1),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_equals_float64_product(rows: int, cols: int, tokens: int, dtype: torch.dtype) -> None:
     """Against the exact product in float64 of the reference-dequantized weights: float32 accumulation of
     `cols` terms may be off by about cols·2^-24 of the sum of the terms' magnitudes (plus one float32
     subnormal step per term), and a bf16 result by its rounding on top. Token counts cover one tile, a
-    partial tile and several."""
+    partial tile and several; one token (the bf16 path's two-blocks-a-step decode) an odd and an even count of
+    blocks and a partial group of rows."""
     blocks, scales, bias = weights(rows, cols, seed=rows + cols)
     g = torch.Generator().manual_seed(tokens)
     x = (torch.randn(tokens, cols, generator=g) * 2.0**-10).to(dtype)
