@@ -421,8 +421,8 @@ def main() -> None:
         if peer and run != "llama.cpp":
             lines.append(
                 f"{run} / llama.cpp: prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
-                f"decode (median) {r['decode_tok_s_median'] / peer['decode_tok_s_median']:.2f}x, decode CPU "
-                f"time per token {peer['decode_cpu_ms'] / r['decode_cpu_ms']:.2f}x less, peak RSS "
+                f"decode (median) {r['decode_tok_s_median'] / peer['decode_tok_s_median']:.2f}x, decode by "
+                f"CPU time per token {peer['decode_cpu_ms'] / r['decode_cpu_ms']:.2f}x, peak RSS "
                 f"{r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x"
             )
     logger.info("\n%s", "\n".join(lines))
