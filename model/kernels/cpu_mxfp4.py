@@ -187,10 +187,9 @@ def bf16_gemv(
     round_bf16: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for bfloat16 `x [M, K]` and a plain bfloat16 `weight [N, K]` (`bias [N]`
-    float32 or bfloat16) on the CPU: the
-    decode case, where the product is bound by reading the weight. Sixteen weight rows at a time share each
-    input load (VDPBF16PS, float32 sums) and run every input row while they are in the cache, so the weight is
-    read from memory once per call.
+    float32 or bfloat16) on the CPU: the decode case, where the product is bound by reading the weight.
+    Sixteen weight rows at a time share each input load (VDPBF16PS, float32 sums) and run every input row
+    while they are in the cache, so the weight is read from memory once per call.
 
     Written into `out` (contiguous ``[M, N]``, float32 or bfloat16) when given, else into a new float32
     tensor; rounded to bfloat16 where `out` is bfloat16, or with `round_bf16` (float32 holding bfloat16

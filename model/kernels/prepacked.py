@@ -127,11 +127,12 @@ def linear(
     there and `out` returned: straight from the matmul for a plain weight of `out`'s dtype, through a copy
     otherwise (a prepacked weight, or bf16 into float32). A plain bf16 weight and few bf16 rows take
     :func:`model.kernels.cpu_mxfp4.bf16_gemv`, its float32 sums rounded to bf16 (into a float32 `out` too, so
-    that the values do not depend on whether `out` is given), written straight into `out`."""
+    that the values do not depend on whether `out` is given), written straight into a contiguous `out`."""
     if cpu_mxfp4.gemv_applies(x, weight):
-        if out is None:
-            out = x.new_empty(x.shape[0], weight.shape[0])
-        return cpu_mxfp4.bf16_gemv(x, weight, bias, out, round_bf16=True)
+        if out is not None and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16):
+            return cpu_mxfp4.bf16_gemv(x, weight, bias, out, round_bf16=True)
+        product = cpu_mxfp4.bf16_gemv(x, weight, bias, x.new_empty(x.shape[0], weight.shape[0]))
+        return product if out is None else out.copy_(product)
     if out is None:
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -217,6 +217,8 @@ def test_linear_takes_the_gemv_for_few_bf16_rows_on_a_plain_weight(monkeypatch: 
     assert torch.equal(got, cpu_mxfp4.bf16_gemv(few, w).bfloat16())
     out = torch.empty(cpu_mxfp4.GEMV_MAX_ROWS, 40)
     assert torch.equal(prepacked.linear(few, w, out=out), cpu_mxfp4.bf16_gemv(few, w).bfloat16().float())
+    strided = torch.empty(40, cpu_mxfp4.GEMV_MAX_ROWS).t()  # not contiguous: through a copy, same values
+    assert torch.equal(prepacked.linear(few, w, out=strided), out)
     calls: list[int] = []
     real = cpu_mxfp4.bf16_gemv
     monkeypatch.setattr(
