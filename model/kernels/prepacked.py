@@ -22,8 +22,9 @@ oneDNN on that plain weight at every row count up to its limit, and at one or tw
 the prepacked weight too: it streams the weight at about the memory's speed. So where it is built,
 :func:`for_decode` keeps the model's linears plain (the attention projections, the router, the vocabulary
 projection: read whole by every decode step, by one or two rows at batch 1), on huge pages
-(:func:`on_huge_pages`); a prefill's many rows then run oneDNN on the plain weight, which costs it a few
-percent on those matmuls (benchmarks/README.md).
+(:func:`on_huge_pages`); a prefill's many rows then run oneDNN on the plain weight, about 10% slower on
+those matmuls than on a prepacked one, and a batched decode of 4-16 rows pays up to 1.45x on them against the
+prepacked weight (benchmarks/README.md): the trade favours the single user's decode.
 """
 
 from __future__ import annotations
@@ -84,11 +85,12 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of CPU tensor `t` in memory that Linux is asked (``madvise(MADV_HUGEPAGE)``, before any page of
     it is touched) to back with 2 MB pages; `t` itself where it is smaller than one, or not on a Linux CPU.
 
-    Why: a decode step streams each large weight once, and with 4 KB pages the reads cross a page every 4 KB:
-    the hardware prefetcher stops at each boundary and each page costs a TLB miss. On 2 MB pages the bf16 GEMV
-    read the vocabulary projection about 10% faster (benchmarks/README.md). Where transparent huge pages are
-    off (``/sys/kernel/mm/transparent_hugepage/enabled`` = never) the advice does nothing and is harmless.
-    The copy sits at a 2 MB boundary inside a buffer up to 2 MB larger."""
+    Why: a decode step streams each large weight once, and with 4 KB pages it crosses a page every 4 KB (a
+    TLB miss each, and the hardware prefetcher does not cross page boundaries). On 2 MB pages the bf16 GEMV's
+    loop read the vocabulary projection 10-15% faster, the MXFP4 kernel an expert about 10%
+    (benchmarks/README.md). Where transparent huge pages are off
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` = never) the advice does nothing and is harmless. The
+    copy sits at a 2 MB boundary inside a buffer up to 2 MB larger."""
     libc = _libc()
     if t.device.type != "cpu" or t.nbytes < HUGE_PAGE or libc is None:
         return t
