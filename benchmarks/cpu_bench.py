@@ -4,23 +4,28 @@ dequantize-per-step.
 
     python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 16] [--threads N]
                                    [--impls fused] [--dtypes bfloat16,float32] [--no-llama-cpp]
-                                   [--ppl-chunks 2] [--ppl-ctx 128]
+                                   [--ppl-chunks 2] [--ppl-ctx 128] [--profile]
     python benchmarks/cpu_bench.py [--kernels] [--matrix-tokens 64,256,512,1024] [--repeats 7]
 
 The default (quick) mode writes once, under .cache/model_bench/, the random 20b-shaped checkpoint slice that
 benchmarks/model_bench.py uses (hidden 2880, 32 experts, top-4, the real vocabulary, `--layers` layers), then
 runs each implementation and dtype in its own process (so peak RSS is that run's alone) and prints, per run:
 prefill tokens/s for one `--prompt`-token sequence, decode tokens/s at batch 1 after that prompt (the best
-step and the median of `--decode-steps`), peak RSS, and the perplexity of README.md's first `--ppl-chunks`
+step and the median of `--decode-steps`; and the median CPU time of a step, which other load on a shared
+machine does not inflate), peak RSS, and the perplexity of README.md's first `--ppl-chunks`
 chunks of `--ppl-ctx` tokens (scored as llama-perplexity scores them: the second half of each chunk).
+`--profile` adds, per run, the top operators of one more decode step under torch.profiler.
 
 llama.cpp (unless `--no-llama-cpp`) is built once from the `llama-cpp-python` source package (it vendors
 llama.cpp; `pip download`, then cmake and ninja: llama-bench and llama-perplexity, for this CPU) and cached
 under ~/.cache/gpt-oss-server/llama-cpp/, with the checkpoint converted by llama.cpp's own
 convert_hf_to_gguf.py (its `gguf` package from the same source; the tokenizer file it reads written from this
 project's vocabulary; MXFP4 experts, bf16 the rest). llama-bench then measures prefill (`-p`) and decode
-after the prompt (`-n` at depth `-d`), weights read into memory (no mmap, so RSS counts them);
-llama-perplexity scores the same text. These tools are benchmark-only: nothing in the server needs them.
+after the prompt (`-n` at depth `-d`), weights read into memory (no mmap, so RSS counts them), and its CPU
+time per decoded token: the decode run's CPU time less that of the same run with one token, per token of the
+difference (both runs repeat 3 times). CPU times compare best at `--threads 1` (they add up the threads,
+and llama.cpp's spin at barriers). llama-perplexity scores the same text. These tools are benchmark-only:
+nothing in the server needs them.
 
 `--kernels` times one MoE layer's experts alone (no checkpoint): batch 1 (one token, 4 experts) and a
 `--prompt`-token prefill, each implementation and dtype, the minimum of `--repeats` runs (the machine may be
@@ -222,8 +227,9 @@ def llama_cpp_model(source: Path, checkpoint: Path) -> Path:
     return out
 
 
-def run_measured(command: list[str]) -> tuple[str, float]:
-    """`command`'s output (stdout and stderr) and its own peak RSS in GB (wait4's, not this process's)."""
+def run_measured(command: list[str]) -> tuple[str, float, float]:
+    """`command`'s output (stdout and stderr), its own peak RSS in GB (wait4's, not this process's) and the
+    CPU seconds it used (user and system)."""
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(process.pid, 0)
@@ -232,7 +238,7 @@ def run_measured(command: list[str]) -> tuple[str, float]:
         text = output.read()
     if process.returncode:
         raise SystemExit(f"{command[0]} failed ({process.returncode}):\n{text[-2000:]}")
-    return text, usage.ru_maxrss * 1024 / 1e9
+    return text, usage.ru_maxrss * 1024 / 1e9, usage.ru_utime + usage.ru_stime
 
 
 def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
@@ -242,14 +248,18 @@ def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
     model = llama_cpp_model(source, checkpoint)
     common = [str(model), "-t", str(args.threads), "-lm", "none", "-r", "3", "-o", "jsonl"]
     out: dict[str, float] = {}
-    text, prefill_rss = run_measured(
+    text, prefill_rss, _ = run_measured(
         [str(tools / "llama-bench"), "-m", *common, "-p", str(args.prompt), "-n", "0"]
     )
     out["prefill_tok_s"] = json.loads(text.strip().splitlines()[-1])["avg_ts"]
-    decode = [str(tools / "llama-bench"), "-m", *common, "-p", "0", "-n", str(args.decode_steps)]
-    text, decode_rss = run_measured([*decode, "-d", str(args.prompt)])
+    decode = [str(tools / "llama-bench"), "-m", *common, "-p", "0", "-d", str(args.prompt)]
+    text, decode_rss, decode_cpu = run_measured([*decode, "-n", str(args.decode_steps)])
     out["decode_tok_s_median"] = json.loads(text.strip().splitlines()[-1])["avg_ts"]
     out["peak_rss_gb"] = max(prefill_rss, decode_rss)
+    # CPU time per decoded token, which other load on the machine does not inflate (it only delays): the same
+    # run with one token less than `--decode-steps` differs by that many tokens in each of its 3 repetitions.
+    _, _, one_cpu = run_measured([*decode, "-n", "1"])
+    out["decode_cpu_ms"] = 1e3 * (decode_cpu - one_cpu) / (3 * (args.decode_steps - 1))
     if not args.ppl_chunks:
         return out
     ppl = [str(tools / "llama-perplexity"), "-m", str(model), "-t", str(args.threads), "-f", str(PPL_TEXT)]
@@ -277,6 +287,33 @@ def perplexity(model: GptOss, args: argparse.Namespace) -> float:
     return math.exp(nll / count)
 
 
+def profile_decode(model: GptOss, cache: ContiguousKVCache, token: torch.Tensor, length: int) -> None:
+    """One more decode step under torch.profiler: its top operators by self CPU time, on stderr (the worker's
+    stdout carries only its JSON line). The extension's kernels are no torch operators: each is wrapped in a
+    labelled range for the profile, so it is counted apart from the step's own Python."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(*args: object, **kwargs: object) -> torch.Tensor:
+            with record_function(name):
+                return fn(*args, **kwargs)
+
+        return run
+
+    meta = AttentionMetadata.build([1], [length], cache_slots=[0])
+    kernels = {name: getattr(cpu_mxfp4, name) for name in ("bf16_gemv", "mxfp4_linear")}
+    try:
+        for name, fn in kernels.items():
+            setattr(cpu_mxfp4, name, labelled(f"cpu_mxfp4.{name}", fn))
+        with profile(activities=[ProfilerActivity.CPU]) as prof, record_function("decode step"):
+            model(token, meta, cache)
+    finally:
+        for name, fn in kernels.items():
+            setattr(cpu_mxfp4, name, fn)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40)
+    sys.stderr.write(f"profile of one decode step, {torch.get_num_threads()} thread(s):\n{table}\n")
+
+
 def worker(args: argparse.Namespace) -> None:
     """One implementation and dtype on the checkpoint slice; prints its figures as one JSON line."""
     impl, dtype_name = args.worker.split(":")
@@ -294,14 +331,18 @@ def worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     token = model(prompt, meta, cache, logits_indices=torch.tensor([args.prompt - 1])).argmax(-1)
     out["prefill_tok_s"] = args.prompt / (time.perf_counter() - started)
-    steps = []
+    steps, cpu = [], []
     for n in range(args.decode_steps):
         meta = AttentionMetadata.build([1], [args.prompt + n + 1], cache_slots=[0])
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         token = model(token, meta, cache).argmax(-1)
         steps.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
     out["decode_tok_s_best"] = 1 / min(steps)
     out["decode_tok_s_median"] = 1 / statistics.median(steps)
+    out["decode_cpu_ms"] = 1e3 * statistics.median(cpu)
+    if args.profile:
+        profile_decode(model, cache, token, args.prompt + args.decode_steps + 1)
     # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak (checkpoint writing).
     out["peak_rss_gb"] = proc_status("VmHWM") / 1e9
     if args.ppl_chunks:
@@ -323,6 +364,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="time one layer's experts alone")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--matrix-tokens", default="", help="time one matrix at these token counts")
+    parser.add_argument("--profile", action="store_true", help="print a profile of one decode step per run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -347,6 +389,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", run, *sys.argv[1:]]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             results[run] = json.loads(done.stdout.strip().splitlines()[-1])
+            if args.profile:
+                logger.info("%s:\n%s", run, done.stderr[done.stderr.find("profile of one decode step") :])
             logger.info("%s: %s", run, json.dumps(results[run]))
 
     if not args.no_llama_cpp:
@@ -354,14 +398,15 @@ def main() -> None:
         logger.info("llama.cpp: %s", json.dumps(results["llama.cpp"]))
 
     header = (
-        f"{'':18}{'prefill tok/s':>14}{'decode tok/s best':>19}{'median':>8}{'peak RSS GB':>13}{'ppl':>10}"
+        f"{'':18}{'prefill tok/s':>14}{'decode tok/s best':>19}{'median':>8}{'CPU ms/token':>14}"
+        f"{'peak RSS GB':>13}{'ppl':>10}"
     )
     lines = [header]
     for run, r in results.items():
         best_decode = f"{r['decode_tok_s_best']:19.2f}" if "decode_tok_s_best" in r else f"{'-':>19}"
         lines.append(
             f"{run:18}{r['prefill_tok_s']:14.1f}{best_decode}{r['decode_tok_s_median']:8.2f}"
-            f"{r['peak_rss_gb']:13.2f}{r.get('perplexity', math.nan):10.1f}"
+            f"{r['decode_cpu_ms']:14.1f}{r['peak_rss_gb']:13.2f}{r.get('perplexity', math.nan):10.1f}"
         )
     for dtype_name in args.dtypes.split(","):
         new, old = results.get(f"fused:{dtype_name}"), results.get(f"grouped:{dtype_name}")
@@ -376,7 +421,8 @@ def main() -> None:
         if peer and run != "llama.cpp":
             lines.append(
                 f"{run} / llama.cpp: prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
-                f"decode (median) {r['decode_tok_s_median'] / peer['decode_tok_s_median']:.2f}x, peak RSS "
+                f"decode (median) {r['decode_tok_s_median'] / peer['decode_tok_s_median']:.2f}x, decode by "
+                f"CPU time per token {peer['decode_cpu_ms'] / r['decode_cpu_ms']:.2f}x, peak RSS "
                 f"{r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x"
             )
     logger.info("\n%s", "\n".join(lines))

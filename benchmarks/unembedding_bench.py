@@ -1,6 +1,7 @@
-"""The float32 vocabulary projection on the CPU in three weight layouts, same inputs, same run.
+"""The vocabulary projection on the CPU in three weight layouts, same inputs, same run.
 
     python benchmarks/unembedding_bench.py [--threads N] [--repeats N] [--hidden 64,256] [--rows 1,4,16,64]
+    python benchmarks/unembedding_bench.py --dtype bfloat16 [--hidden 2880] [--rows 1,2,4,16] ...
 
 `x [rows, hidden] @ W.T` with `W [201088, hidden]` (gpt-oss's vocabulary; hidden 64 and 256 are the engine
 benchmark's tiny and small presets), written into a preallocated float32 output as the runner does:
@@ -12,6 +13,11 @@ benchmark's tiny and small presets), written into a preallocated float32 output 
   the alternative measured and not kept (faster at a few rows, slower at one and at many).
 
 All three run through :func:`model.kernels.prepacked.linear`, as the model's projection does.
+
+With ``--dtype bfloat16`` (hidden 2880 by default, gpt-oss's): `W` plain through
+:func:`model.kernels.prepacked.linear` (the bf16 GEMV, :func:`model.kernels.cpu_mxfp4.bf16_gemv`, up to its
+row limit; what the model keeps where the CPU has AVX512-BF16), `W` plain through ``F.linear`` (oneDNN on the
+row-major weight), and `W` prepacked for oneDNN (:func:`model.kernels.prepacked.prepack`).
 
 Checks that the three agree, then prints per layout the best of `--repeats` calls in a row, over two rounds
 of the three layouts.
@@ -25,11 +31,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.kernels import prepacked  # noqa: E402
+from model.kernels import cpu_mxfp4, prepacked  # noqa: E402
 
 VOCAB = 201088
 
@@ -45,10 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--hidden", default="64,256", help="hidden sizes, comma-separated")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--hidden", help="hidden sizes, comma-separated (default 64,256; bfloat16: 2880)")
     parser.add_argument("--rows", default="1,4,16,64", help="rows (tokens projected), comma-separated")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.dtype == "bfloat16":
+        bf16(args)
+        return
+    args.hidden = args.hidden or "64,256"
     out(f"float32 vocabulary projection ({VOCAB} rows), torch {torch.__version__}, {args.threads} thread(s)")
     out(f"   {'hidden':>6}{'rows':>6}{'row-major':>12}{'column-major':>15}{'oneDNN packed':>16}")
     g = torch.Generator().manual_seed(0)
@@ -77,6 +89,37 @@ def main(argv: list[str] | None = None) -> None:
                         best[name] = min(best[name], time.perf_counter() - started)
             ms = {name: f"{1e3 * b:.2f} ms" for name, b in best.items()}
             out(f"   {hidden:>6}{rows:>6}{ms['row']:>12}{ms['column']:>15}{ms['onednn']:>16}")
+
+
+def bf16(args: argparse.Namespace) -> None:
+    """The bf16 projection: the GEMV on the plain weight, oneDNN on the plain weight, oneDNN prepacked."""
+    if not cpu_mxfp4.native_bf16():
+        raise SystemExit("this CPU has no AVX512-BF16 (or the kernel did not build): no bf16 GEMV to time")
+    out(f"bfloat16 vocabulary projection ({VOCAB} rows), torch {torch.__version__}, {args.threads} thread(s)")
+    out(f"   {'hidden':>6}{'rows':>6}{'GEMV':>12}{'oneDNN plain':>15}{'oneDNN packed':>16}")
+    g = torch.Generator().manual_seed(0)
+    for hidden in (int(h) for h in (args.hidden or "2880").split(",")):
+        weight = torch.randn(VOCAB, hidden, generator=g).bfloat16()
+        packed = prepacked.prepack(weight)
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, hidden, generator=g).bfloat16()
+            buffer = torch.empty(rows, VOCAB)
+            runs = {
+                "gemv": lambda x=x, w=weight, o=buffer: prepacked.linear(x, w, out=o),
+                "plain": lambda x=x, w=weight, o=buffer: o.copy_(F.linear(x, w)),
+                "packed": lambda x=x, w=packed, o=buffer: prepacked.linear(x, w, out=o),
+            }
+            reference = cpu_mxfp4.bf16_gemv_reference(x, weight)
+            for name, run in runs.items():
+                torch.testing.assert_close(run(), reference, rtol=2**-7, atol=1e-2, msg=name)
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path
+                for name, run in runs.items():
+                    started = time.perf_counter()
+                    run()
+                    best[name] = min(best[name], time.perf_counter() - started)
+            ms = {name: f"{1e3 * b:.1f} ms" for name, b in best.items()}
+            out(f"   {hidden:>6}{rows:>6}{ms['gemv']:>12}{ms['plain']:>15}{ms['packed']:>16}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ that a block runs instead of its own small ops on the steps they take (few rows:
 fast paths for the device; :data:`model.kernels.REFERENCE` builds the same model on the plain reference
 twins, for tests.
 
-On the CPU, bf16 matrices (the linears and dequantized experts) are reordered once at load into oneDNN's
-blocked layout (:mod:`model.kernels.prepacked`); every matmul goes through
-:func:`model.kernels.prepacked.linear`, which runs plain weights exactly as ``F.linear`` does.
+On the CPU, bf16 matrices are laid out once at load for the CPU's matmuls (:mod:`model.kernels.prepacked`):
+dequantized experts reordered into oneDNN's blocked layout; the linears likewise, or, where the bf16 GEMV is
+built (AVX512-BF16), kept plain on huge pages for it (:func:`model.kernels.prepacked.for_decode`). Every
+matmul goes through :func:`model.kernels.prepacked.linear`.
 """
 
 from __future__ import annotations
@@ -395,6 +396,8 @@ class GptOss(nn.Module):
                     weight.prepack_dense()
                 elif weight.dense is None and expert_mode is ExpertMode.DEQUANTIZED:
                     weight.dequantize_all(dtype, prepack)
+                elif weight.dense is None and prepack:  # streamed by the fused kernel at every decode step
+                    weight.blocks = prepacked.on_huge_pages(weight.blocks)
         model.rope = RotaryEmbedding(model.config, device)
         model.eval().requires_grad_(False)
         logger.info(
@@ -405,7 +408,7 @@ class GptOss(nn.Module):
             device,
             dtype,
             "plain" if model.block[0].mlp.mlp1_weight.blocks.numel() == 0 else expert_mode.value,
-            ", weights prepacked for oneDNN" if model.unembedding.weight.is_mkldnn else "",
+            ", linears prepacked for oneDNN" if model.unembedding.weight.is_mkldnn else "",
             time.perf_counter() - started,
         )
         return model
@@ -533,14 +536,15 @@ class GptOss(nn.Module):
         return held
 
     def prepack_weights(self) -> None:
-        """Reorder every :class:`Linear` weight for the CPU where :func:`model.kernels.prepacked.applies`, and
-        store a float32 unembedding on the CPU transposed (:func:`model.kernels.prepacked.column_major`).
+        """Lay out every :class:`Linear` weight for the CPU where :func:`model.kernels.prepacked.applies`
+        (:func:`model.kernels.prepacked.for_decode`), and store a float32 unembedding on the CPU transposed
+        (:func:`model.kernels.prepacked.column_major`).
 
-        A prepacked weight replaces the plain one (same bytes): its parameter holds an opaque oneDNN tensor.
+        The new weight replaces the plain one (same bytes): a prepacked one is an opaque oneDNN tensor.
         """
         for module in self.modules():
             if isinstance(module, Linear) and prepacked.applies(module.weight):
-                module.weight = nn.Parameter(prepacked.prepack(module.weight.data), requires_grad=False)
+                module.weight = nn.Parameter(prepacked.for_decode(module.weight.data), requires_grad=False)
         weight = self.unembedding.weight
         if weight.device.type == "cpu" and weight.dtype == torch.float32:
             self.unembedding.weight = nn.Parameter(prepacked.column_major(weight.data), requires_grad=False)

@@ -21,7 +21,7 @@ threaded over output rows. Two paths, by the inputs' dtype:
 
 The source is ``cpu_mxfp4.cpp`` beside this file; which of these it compiles is decided by the compiler's
 ``-march=native``, so the build's name carries a digest of the targeted features and of the source
-(:func:`_build_name`).
+(:func:`model.kernels.cpp_build.build_name`).
 
 Why a C++ extension (``torch.utils.cpp_extension.load_inline``): the decode has to stay in registers, a table
 permute per 16 codes feeding the FMAs, and torch ops cannot express that without writing the decoded values
@@ -31,22 +31,25 @@ without that control. Measured against the dequantize path on a 20b-shaped layer
 (built once, cached under torch's extensions directory); where either is missing or the build fails,
 :func:`available` logs a warning and the model keeps the dequantize path.
 
+The same build carries :func:`bf16_gemv`, a product of a few bfloat16 rows with a plain bfloat16 matrix
+(the decode case, bound by reading the weight), which :func:`model.kernels.prepacked.linear` takes for a
+plain weight; :func:`bf16_gemv_reference` is its twin.
+
 :func:`mxfp4_linear_reference` is the plain twin: :func:`model.kernels.mxfp4.dequantize_reference` then
 ``F.linear`` in float32, compared with it in tests.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from model.kernels import cpp_build
 from model.kernels.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK, FP4_VALUES, SCALE_BIAS, dequantize_reference
 
 logger = logging.getLogger(__name__)
@@ -73,35 +76,14 @@ def _source() -> str:
 FLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
-def _target_key(flags: tuple[str, ...]) -> str:
-    """A digest of what `flags` make the compiler target on this machine: its predefined macros (``__AVX2__``,
-    ``__AVX512BF16__``, ...), which decide the code built. -march=native builds for this CPU only, and torch
-    caches extensions by name in one directory, so the name carries this digest: a cache shared by machines
-    with other CPUs (a mounted home, a copied image) then holds one build per CPU, never one CPU's build
-    loaded on another (where it would die of an illegal instruction)."""
-    done = subprocess.run(
-        ["c++", *flags, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True, check=True
-    )
-    macros = sorted(line for line in done.stdout.splitlines() if "__" in line)
-    return hashlib.sha256("\n".join([*flags, *macros]).encode()).hexdigest()[:16]
-
-
-def _build_name(source: str, flags: tuple[str, ...]) -> str:
-    """The extension's name in torch's cache: the CPU target's digest and the source's. With the source in
-    the name, checkouts of different versions sharing one cache (two worktrees, an upgrade beside an older
-    install) each keep their own build, instead of rebuilding one directory in turn, racing when they run at
-    once."""
-    return f"gpt_oss_cpu_mxfp4_{_target_key(flags)}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
-
-
 def _build() -> object:
     from torch.utils.cpp_extension import load_inline
 
     source = _source()
     return load_inline(
-        name=_build_name(source, FLAGS),
+        name=cpp_build.build_name("gpt_oss_cpu_mxfp4", source, FLAGS),
         cpp_sources=[source],
-        functions=["mxfp4_linear", "native_bf16"],
+        functions=["mxfp4_linear", "native_bf16", "bf16_gemv"],
         extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -162,6 +144,57 @@ def mxfp4_linear(
     inputs = (x if native else x.float()).contiguous()
     out = _module.mxfp4_linear(inputs, blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
     return out.to(x.dtype)
+
+
+# Input rows up to which :func:`bf16_gemv` is taken on a plain weight: up to here it was faster than oneDNN on
+# the same plain weight, on the vocabulary projection and the attention projections (benchmarks/README.md).
+GEMV_MAX_ROWS = 16
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`bf16_gemv` runs ``x @ weight.T``: a plain 2-D bfloat16 `weight` and at most
+    :data:`GEMV_MAX_ROWS` rows of bfloat16 `x` on the CPU, with the kernel built for AVX512-BF16."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.dim() == 2
+        and weight.dim() == 2
+        and not weight.is_mkldnn
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and native_bf16()
+    )
+
+
+def bf16_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    round_bf16: bool = False,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for bfloat16 `x [M, K]` and a plain bfloat16 `weight [N, K]` (`bias [N]`
+    float32 or bfloat16) on the CPU: the decode case, where the product is bound by reading the weight.
+    Sixteen weight rows at a time share each input load (VDPBF16PS, float32 sums) and run every input row
+    while they are in the cache, so the weight is read from memory once per call.
+
+    Written into `out` (contiguous ``[M, N]``, float32 or bfloat16) when given, else into a new float32
+    tensor; rounded to bfloat16 where `out` is bfloat16, or with `round_bf16` (float32 holding bfloat16
+    values: what a bfloat16 matmul copied into float32 gives). Requires :func:`native_bf16`."""
+    if _module is None or not _native_bf16:
+        raise RuntimeError("the bfloat16 GEMV is not built for this CPU: check native_bf16() first")
+    if out is None:
+        out = x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _module.bf16_gemv(x.contiguous(), weight.contiguous(), bias, out, round_bf16)  # type: ignore[attr-defined]
+    return out
+
+
+def bf16_gemv_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain twin of :func:`bf16_gemv`: ``F.linear`` in float32 on the same bfloat16 values."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
 def mxfp4_linear_reference(

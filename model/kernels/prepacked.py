@@ -15,12 +15,35 @@ The fast path applies only where :func:`applies` says so: a 2-D bfloat16 weight 
 in, enabled and able to do bf16 on this CPU. Every other weight (CUDA, float32) is returned unchanged by
 :func:`prepack` and runs ``F.linear``. float32 is left out on purpose: a prepacked float32 weight is slower
 at 1-2 rows per matmul, the usual per-expert row count at decode.
+
+A plain bf16 weight multiplied by a few rows (:func:`model.kernels.cpu_mxfp4.gemv_applies`) takes the
+hand-written GEMV :func:`model.kernels.cpu_mxfp4.bf16_gemv` instead of ``F.linear``, which is faster than
+oneDNN on that plain weight at every row count up to its limit, and at one or two rows faster than oneDNN on
+the prepacked weight too: it streams the weight at about the memory's speed. So where it is built,
+:func:`for_decode` keeps the model's linears plain (the attention projections, the router, the vocabulary
+projection: read whole by every decode step, by one or two rows at batch 1), on huge pages
+(:func:`on_huge_pages`); a prefill's many rows then run oneDNN on the plain weight, about 10% slower on
+those matmuls than on a prepacked one, and a batched decode of 4-16 rows pays up to 1.45x on them against the
+prepacked weight (benchmarks/README.md): the trade favours the single user's decode.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import logging
+import sys
+
 import torch
 import torch.nn.functional as F
+
+from model.kernels import cpu_mxfp4
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
+_MADV_HUGEPAGE = 14
 
 
 def applies(weight: torch.Tensor) -> bool:
@@ -41,6 +64,45 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     if not applies(weight):
         return weight
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+
+
+def for_decode(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [out, in]` as the model keeps a linear's weight: plain on huge pages where the bf16 GEMV takes
+    it at decode (:func:`model.kernels.cpu_mxfp4.gemv_applies`), else :func:`prepack`'s."""
+    if applies(weight) and cpu_mxfp4.native_bf16():
+        return on_huge_pages(weight.contiguous())
+    return prepack(weight)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor `t` in memory that Linux is asked (``madvise(MADV_HUGEPAGE)``, before any page of
+    it is touched) to back with 2 MB pages; `t` itself where it is smaller than one, or not on a Linux CPU.
+
+    Why: a decode step streams each large weight once, and with 4 KB pages it crosses a page every 4 KB (a
+    TLB miss each, and the hardware prefetcher does not cross page boundaries). On 2 MB pages the bf16 GEMV's
+    loop read the vocabulary projection 10-15% faster, the MXFP4 kernel an expert about 10%
+    (benchmarks/README.md). Where transparent huge pages are off
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` = never) the advice does nothing and is harmless. The
+    copy sits at a 2 MB boundary inside a buffer up to 2 MB larger."""
+    libc = _libc()
+    if t.device.type != "cpu" or t.nbytes < HUGE_PAGE or libc is None:
+        return t
+    pad = HUGE_PAGE // t.element_size()
+    buffer = torch.empty(t.numel() + pad, dtype=t.dtype)
+    start = buffer.data_ptr()
+    offset = (-start) % HUGE_PAGE
+    length = t.nbytes // HUGE_PAGE * HUGE_PAGE
+    if libc.madvise(ctypes.c_void_p(start + offset), ctypes.c_size_t(length), _MADV_HUGEPAGE) != 0:
+        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
+    first = offset // t.element_size()
+    return buffer[first : first + t.numel()].view(t.shape).copy_(t)
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:
@@ -65,7 +127,14 @@ def linear(
 
     With `out` (a contiguous ``[rows, out_features]`` tensor, of `x`'s dtype or wider) the result is written
     there and `out` returned: straight from the matmul for a plain weight of `out`'s dtype, through a copy
-    otherwise (a prepacked weight, or bf16 into float32)."""
+    otherwise (a prepacked weight, or bf16 into float32). A plain bf16 weight and few bf16 rows take
+    :func:`model.kernels.cpu_mxfp4.bf16_gemv`, its float32 sums rounded to bf16 (into a float32 `out` too, so
+    that the values do not depend on whether `out` is given), written straight into a contiguous `out`."""
+    if cpu_mxfp4.gemv_applies(x, weight):
+        if out is not None and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16):
+            return cpu_mxfp4.bf16_gemv(x, weight, bias, out, round_bf16=True)
+        product = cpu_mxfp4.bf16_gemv(x, weight, bias, x.new_empty(x.shape[0], weight.shape[0]))
+        return product if out is None else out.copy_(product)
     if out is None:
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from model.kernels.cpu_mxfp4 import _target_key
+from model.kernels import cpp_build
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ _failed = False
 def _build() -> object:
     from torch.utils.cpp_extension import load_inline
 
+    source = _SOURCE.read_text()
     return load_inline(
-        name=f"gpt_oss_token_bitmask_{_target_key(FLAGS)}",
-        cpp_sources=[_SOURCE.read_text()],
+        name=cpp_build.build_name("gpt_oss_token_bitmask", source, FLAGS),
+        cpp_sources=[source],
         functions=["apply_bitmask"],
         extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],

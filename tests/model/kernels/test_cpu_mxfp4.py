@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from model.kernels import Kernels, cpu_mxfp4
+from model.kernels import Kernels, cpu_mxfp4, prepacked
 from model.kernels.cpu_mxfp4 import TILE, mxfp4_linear, mxfp4_linear_reference
 from model.kernels.experts import experts_fused, experts_grouped
 from model.kernels.mxfp4 import dequantize_reference
@@ -38,14 +38,24 @@ def weights(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize(
     ("rows", "cols", "tokens"),
-    [(18, 32, 1), (40, 64, 2), (27, 96, TILE), (64, 128, TILE + 5), (45, 2880, 3), (20, 320, 3 * TILE + 1)],
+    [
+        (18, 32, 1),
+        (21, 96, 1),
+        (45, 2880, 1),
+        (40, 64, 2),
+        (27, 96, TILE),
+        (64, 128, TILE + 5),
+        (45, 2880, 3),
+        (20, 320, 3 * TILE + 1),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_equals_float64_product(rows: int, cols: int, tokens: int, dtype: torch.dtype) -> None:
     """Against the exact product in float64 of the reference-dequantized weights: float32 accumulation of
     `cols` terms may be off by about cols·2^-24 of the sum of the terms' magnitudes (plus one float32
     subnormal step per term), and a bf16 result by its rounding on top. Token counts cover one tile, a
-    partial tile and several."""
+    partial tile and several; one token (the bf16 path's two-blocks-a-step decode) an odd and an even count of
+    blocks and a partial group of rows."""
     blocks, scales, bias = weights(rows, cols, seed=rows + cols)
     g = torch.Generator().manual_seed(tokens)
     x = (torch.randn(tokens, cols, generator=g) * 2.0**-10).to(dtype)
@@ -94,25 +104,6 @@ def test_fused_bfloat16_equals_its_twin(tokens: int, rows: int) -> None:
         torch.testing.assert_close(got.float(), expected, rtol=2.0**-7, atol=atol)
 
 
-def test_builds_are_keyed_by_what_they_target() -> None:
-    """The extension's name carries the compiler's target macros: flags (or a CPU) that change the code built
-    change the name, so a shared extensions cache never hands one CPU's build to another."""
-    native = cpu_mxfp4._target_key(cpu_mxfp4.FLAGS)
-    assert native == cpu_mxfp4._target_key(cpu_mxfp4.FLAGS)
-    assert native != cpu_mxfp4._target_key(("-O3", "-march=x86-64", "-fopenmp"))
-    assert native != cpu_mxfp4._target_key(("-O3", "-march=x86-64-v3", "-fopenmp"))
-
-
-def test_builds_are_keyed_by_their_source() -> None:
-    """Two versions of the kernel's source get two names: checkouts sharing torch's extension cache keep
-    their own builds instead of rebuilding one directory in turn."""
-    source = cpu_mxfp4._source()
-    name = cpu_mxfp4._build_name(source, cpu_mxfp4.FLAGS)
-    assert name == cpu_mxfp4._build_name(source, cpu_mxfp4.FLAGS)
-    assert name != cpu_mxfp4._build_name(source + "\n// another version\n", cpu_mxfp4.FLAGS)
-    assert name.startswith("gpt_oss_cpu_mxfp4_" + cpu_mxfp4._target_key(cpu_mxfp4.FLAGS))
-
-
 def test_fused_decodes_low_nibble_first_and_scales_per_block() -> None:
     """One weight row with two blocks: byte 0x71 is +0.5 (element 0) then +6 (element 1); the second block
     scaled by 2^3. Picking inputs one-hot reads single weights back."""
@@ -154,3 +145,76 @@ def test_without_the_kernel_the_cpu_keeps_the_dequantize_path(
     assert not cpu_mxfp4.available()  # decided once per process
     with pytest.raises(RuntimeError, match="not built"):
         mxfp4_linear(torch.zeros(1, 32), *weights(2, 32, seed=0)[:2])
+
+
+needs_gemv = pytest.mark.skipif(not cpu_mxfp4.native_bf16(), reason="no AVX512-BF16 on this CPU")
+
+
+@needs_gemv
+@pytest.mark.parametrize(("out_features", "in_features"), [(203, 2880), (16, 64), (8, 64), (37, 33), (1, 31)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16])
+def test_bf16_gemv_equals_its_float32_twin(out_features: int, in_features: int, tokens: int) -> None:
+    """Rows in groups of sixteen and a partial last group, widths a multiple of 32 and not (masked tail), odd
+    token counts (a single row after pairs), a float32 and a bfloat16 bias and none. Both sides sum the same
+    bf16 products in float32, in different orders: each output within float32's rounding of a sum of
+    `in_features` terms."""
+    g = torch.Generator().manual_seed(out_features * 100 + in_features + tokens)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    x = torch.randn(tokens, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g)
+    for b in (bias, bias.bfloat16(), None):
+        got = cpu_mxfp4.bf16_gemv(x, w, b)
+        assert got.dtype == torch.float32
+        assert got.shape == (tokens, out_features)
+        expected = cpu_mxfp4.bf16_gemv_reference(x, w, b)
+        bound = in_features * 2.0**-23 * (x.float().abs() @ w.float().abs().T) + 1e-6
+        assert ((got - expected).abs() <= bound).all()
+        # Into given buffers: bfloat16, and float32 holding bfloat16 values; both the same rounding of `got`.
+        into = torch.full((tokens, out_features), float("nan"), dtype=torch.bfloat16)
+        assert cpu_mxfp4.bf16_gemv(x, w, b, into) is into
+        assert torch.equal(into, got.bfloat16())
+        rounded = torch.full((tokens, out_features), float("nan"))
+        cpu_mxfp4.bf16_gemv(x, w, b, rounded, round_bf16=True)
+        assert torch.equal(rounded, got.bfloat16().float())
+
+
+@needs_gemv
+def test_bf16_gemv_rounds_as_torch_does() -> None:
+    """The kernel's own float32 -> bfloat16 rounding against torch's: zero products plus a float32 bias, so
+    each sum is exactly the bias, chosen on ties (to even, both ways), just beside a tie, beyond bfloat16's
+    largest finite value, negative, and NaN."""
+    values = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 3.4e38, -2.5 - 2**-7, float("nan")])
+    x = torch.ones(1, 32, dtype=torch.bfloat16)
+    w = torch.zeros(len(values), 32, dtype=torch.bfloat16)
+    got = cpu_mxfp4.bf16_gemv(x, w, values, torch.empty(1, len(values), dtype=torch.bfloat16))[0]
+    torch.testing.assert_close(got, values.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    assert got[:2].tolist() == [1.0, 1 + 2**-6]  # the ties, to even
+
+
+@needs_gemv
+def test_linear_takes_the_gemv_for_few_bf16_rows_on_a_plain_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    few = torch.randn(cpu_mxfp4.GEMV_MAX_ROWS, 96, generator=g).bfloat16()
+    many = torch.randn(cpu_mxfp4.GEMV_MAX_ROWS + 1, 96, generator=g).bfloat16()
+    assert cpu_mxfp4.gemv_applies(few, w)
+    assert not cpu_mxfp4.gemv_applies(many, w)
+    assert not cpu_mxfp4.gemv_applies(few.float(), w.float())
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not cpu_mxfp4.gemv_applies(few, prepacked.prepack(w))
+    # The seam: the GEMV's float32 sums rounded to bf16, returned or written into a float32 `out`.
+    got = prepacked.linear(few, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, cpu_mxfp4.bf16_gemv(few, w).bfloat16())
+    out = torch.empty(cpu_mxfp4.GEMV_MAX_ROWS, 40)
+    assert torch.equal(prepacked.linear(few, w, out=out), cpu_mxfp4.bf16_gemv(few, w).bfloat16().float())
+    strided = torch.empty(40, cpu_mxfp4.GEMV_MAX_ROWS).t()  # not contiguous: through a copy, same values
+    assert torch.equal(prepacked.linear(few, w, out=strided), out)
+    calls: list[int] = []
+    real = cpu_mxfp4.bf16_gemv
+    monkeypatch.setattr(
+        cpu_mxfp4, "bf16_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw)
+    )
+    prepacked.linear(many, w)
+    prepacked.linear(few[:1], w)
+    assert calls == [1]

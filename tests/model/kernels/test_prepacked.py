@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss
-from model.kernels import prepacked
+from model.kernels import cpu_mxfp4, prepacked
 from model.kernels.experts import experts_grouped, experts_reference
 
 # Whether this machine's torch can prepack bf16 weights at all: the model tests below only mean something where
@@ -30,6 +30,25 @@ def test_prepack_applies_to_bf16_cpu_weights_only(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     bf16 = w.bfloat16()
     assert prepacked.prepack(bf16) is bf16
+
+
+def test_for_decode_keeps_linears_plain_on_huge_pages_where_the_gemv_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    large = torch.randn(prepacked.HUGE_PAGE // 2 // 64 + 5, 64, generator=g).bfloat16()  # over 2 MB
+    small = torch.randn(48, 64, generator=g).bfloat16()
+    if cpu_mxfp4.native_bf16():
+        kept = prepacked.for_decode(large)
+        assert not kept.is_mkldnn
+        assert kept.data_ptr() % prepacked.HUGE_PAGE == 0
+        assert kept.data_ptr() != large.data_ptr()
+        assert torch.equal(kept, large)
+        assert prepacked.for_decode(small) is small  # under one huge page: as it is
+    monkeypatch.setattr(cpu_mxfp4, "native_bf16", lambda: False)
+    assert prepacked.for_decode(small).is_mkldnn == CAN_PREPACK
+    f32 = large.float()
+    assert prepacked.for_decode(f32) is f32
 
 
 @needs_prepack
@@ -94,8 +113,12 @@ def test_prepacked_bf16_model_equals_plain_bf16_model(checkpoints: dict[str, Pat
     plain = GptOss.from_checkpoint(
         path, dtype=torch.bfloat16, expert_mode=experts, prepack=False, progress=False
     )
-    assert fast.unembedding.weight.is_mkldnn
-    assert fast.block[0].attn.qkv.weight.is_mkldnn
+    # The linears: plain for the bf16 GEMV where it is built (the large ones on huge pages), else prepacked.
+    gemv = cpu_mxfp4.native_bf16()
+    assert fast.unembedding.weight.is_mkldnn != gemv
+    assert fast.block[0].attn.qkv.weight.is_mkldnn != gemv
+    if gemv:
+        assert fast.unembedding.weight.data_ptr() % prepacked.HUGE_PAGE == 0
     assert not plain.unembedding.weight.is_mkldnn
     mlp1 = fast.block[0].mlp.mlp1_weight
     if experts == "dequantized":
