@@ -32,7 +32,8 @@ class EngineConfig:
     cuda_graphs: bool = False
     # The overlapped loop (engine.core): the next step is launched before the host handles this one's
     # tokens, for steps the device sampler serves; None: on CUDA where the device sampler is on (on a CPU
-    # there is no device to keep busy). On needs the device sampler (device_sampling None turns it on).
+    # there is no device to keep busy; the server's --async-scheduling auto passes None only with the Triton
+    # kernels). On needs the device sampler (device_sampling None turns it on).
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
