@@ -36,8 +36,40 @@ from model.kernels.attention import (
 from model.kernels.experts import Experts, experts_batched, experts_fused, experts_grouped, experts_reference
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from model.batch import AttentionMetadata, KVCache
-    from model.gpt_oss import AttentionBlock, MLPBlock
+
+
+class NormWeights(Protocol):
+    """An RMS norm's parameters."""
+
+    scale: torch.Tensor
+    eps: float
+
+
+class AttentionWeights(Protocol):
+    """What a fused attention reads of an attention block (:class:`~model.gpt_oss.AttentionBlock` is one):
+    described here so the kernels depend on these names, not on the model file that uses the kernels."""
+
+    layer: int
+    heads: int
+    kv_heads: int
+    window: int
+    scale: float
+    norm: NormWeights
+    qkv: nn.Linear
+    out: nn.Linear
+    sinks: torch.Tensor
+    attention: Attention
+
+
+class RouterWeights(Protocol):
+    """What a fused router reads of an MLP block (:class:`~model.gpt_oss.MLPBlock` is one)."""
+
+    top_k: int
+    norm: NormWeights
+    gate: nn.Linear
 
 
 class FusedLayers(Protocol):
@@ -51,7 +83,7 @@ class FusedLayers(Protocol):
 
     def attention(
         self,
-        block: AttentionBlock,
+        block: AttentionWeights,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
@@ -60,7 +92,7 @@ class FusedLayers(Protocol):
         """The attention block's output (the residual stream after it), without adapters."""
         ...
 
-    def route(self, block: MLPBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The MLP block's normalized input and each token's experts and routing weights."""
         ...
 

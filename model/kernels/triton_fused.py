@@ -25,16 +25,12 @@ one; the model's own blocks are the spec the fused layer is compared against end
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
 
 from model.batch import AttentionMetadata, KVCache
-
-if TYPE_CHECKING:
-    from model.gpt_oss import AttentionBlock, MLPBlock
+from model.kernels import AttentionWeights, RouterWeights
 
 # Rows a step may have for the fused kernels: the decode graphs' largest default bucket (a short prompt chunk
 # runs them too). Past it a step is a prompt's, whose projections are matrix products cuBLAS does better.
@@ -527,7 +523,7 @@ class TritonFusedLayers:
 
     def attention(
         self,
-        block: AttentionBlock,
+        block: AttentionWeights,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
@@ -548,6 +544,6 @@ class TritonFusedLayers:
         t = block.attention(q, k, v, meta, kv, block.sinks, block.scale, block.window)
         return out_residual(t, block.out.weight, block.out.bias, x)
 
-    def route(self, block: MLPBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(``block.norm(x)``, then ``block.route`` of it): what the experts read."""
         return route(x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k)
