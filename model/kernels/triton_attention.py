@@ -524,7 +524,7 @@ class TritonAttention:
                 kv.v,
                 tables.block_index,
                 starts,
-                meta.positions + 1,  # one token per sequence: its position + 1 is the sequence's length
+                decode_lengths(meta),
                 sinks,
                 scale,
                 window,
@@ -571,6 +571,18 @@ class TritonAttention:
             block_n=self.block_n,
             num_warps=self.num_warps,
         )
+
+
+def decode_lengths(meta: AttentionMetadata) -> torch.Tensor:
+    """Per sequence of a decode step (one token each), its length once the step is stored: its position + 1,
+    on the device, computed by the first layer and reused by the others (one launch per forward, not per
+    layer)."""
+    cached = meta.attention_plans.get(("triton", "decode_lengths"))
+    if isinstance(cached, torch.Tensor):
+        return cached
+    lengths = meta.positions + 1
+    meta.attention_plans[("triton", "decode_lengths")] = lengths
+    return lengths
 
 
 def step_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,10 +40,11 @@ _NO_KERNEL = {
 }
 
 # Launches per layer of a decode step (bf16, 1-64 rows) with the fused layers:
-# attention block: norm + QKV + RoPE (1), the K/V store (1), the lengths (1, positions + 1), the attention's
-#   split and merge (2), out projection + residual (1);
+# attention block: norm + QKV + RoPE (1), the K/V store (1), the attention's split and merge (2), out
+#   projection + residual (1);
 # MLP block: norm + router + top-k + softmax (1), the two MoE kernels (2), the residual add (1).
-FUSED_PER_LAYER = 10
+# The first layer launches one more: the sequences' lengths (positions + 1), which the others reuse.
+FUSED_PER_LAYER = 9
 
 
 class LaunchCounter:
@@ -132,12 +133,13 @@ def test_the_fused_layers_cut_a_decode_steps_launches_per_layer(
         bf16_model.use_kernels(Kernels.triton())
     layers = len(bf16_model.block)
     line = (
-        f"decode step launches per layer: {unfused[0]} unfused -> {fused[0]} fused; whole step "
+        f"decode step launches per layer after the first: {unfused[1]} unfused -> {fused[1]} fused; whole step "
         f"({layers} layers + {fused_step} outside them): {sum(unfused) + unfused_step} -> {sum(fused) + fused_step}"
     )
     logger.info(line)
     record_property("launches", line)
-    assert fused == [FUSED_PER_LAYER] * layers
-    assert len(set(unfused)) == 1
-    assert unfused[0] >= 2 * FUSED_PER_LAYER
+    assert fused == [FUSED_PER_LAYER + 1] + [FUSED_PER_LAYER] * (layers - 1)
+    assert unfused[0] == unfused[1] + 1
+    assert len(set(unfused[1:])) == 1
+    assert unfused[1] >= 2 * FUSED_PER_LAYER
     assert fused_step == unfused_step
