@@ -248,14 +248,20 @@ static const DotFn DOTS[TOKENS] = {dot_tile<1, true>, dot_tile<2, true>, dot_til
                                    dot_tile<4, true>, dot_tile<5, true>, dot_tile<6, true>};
 static const DotFn DIRECT[DIRECT_MAX] = {dot_tile<1, false>, dot_tile<2, false>, dot_tile<3, false>};
 
-// A single token (batch-1 decode), eight rows at a time, two blocks per step: their 32 bytes widened to 32
-// words at once (one VPMOVZXBW for two blocks, where decode_block spends one widening per block), each word's
-// low nibble and then its high nibble looking up a table whose first half is block A's scaled values and
-// second half block B's (bit 4 of each index picks the half). That yields A's and B's even elements, then their
-// odd ones, so the input is laid out once per call in the same order (pair_inputs). About 15% fewer cycles per
-// block than decode_block, with the same products and float32 sums (in another order). An odd last block takes
+// A single token (batch-1 decode), two blocks per step: their 32 bytes widened to 32 words at once (one
+// VPMOVZXBW for two blocks, where decode_block spends one widening per block), each word's low nibble and then
+// its high nibble looking up a table whose first half is block A's scaled values and second half block B's
+// (bit 4 of each index picks the half). That yields A's and B's even elements, then their odd ones, so the
+// input is laid out once per call in the same order (pair_inputs). About 15% fewer cycles per block than
+// decode_block, with the same products and float32 sums (in another order). An odd last block takes
 // decode_block.
-constexpr int ROWS_ONE = 8;
+//
+// The rows are taken one after another, each read front to back: with several rows read side by side (eight
+// interleaved streams of 1,440 bytes at gpt-oss widths) one thread read its bytes at about 13 GB/s even with no
+// arithmetic, against about 30 GB/s for the same bytes in order; in order the whole kernel ran 1.7x faster
+// (benchmarks/README.md, cpu_bench). ONE_CHAINS independent sums per row hide VDPBF16PS's latency.
+constexpr int ROWS_ONE = 8;    // rows per parallel task, whose scales are checked together
+constexpr int ONE_CHAINS = 3;  // independent accumulators per row (pairs of blocks taken round robin)
 
 // x [K] into xp [K]: per pair of blocks (g, g + 1), g's 16 even elements, g+1's, g's 16 odd ones, g+1's; a lone
 // last block as it is.
@@ -270,41 +276,39 @@ static void pair_inputs(const uint16_t* x, uint16_t* xp, int64_t G) {
     if (g < G) std::memcpy(xp + g * 32, x + g * 32, 32 * sizeof(uint16_t));
 }
 
-static void dot_one(const uint8_t* blocks, const uint8_t* scales, const uint16_t* xp, const float* bias, float* out,
-                    int64_t G, int64_t r0, int64_t r1) {
+// The products of one row's blocks (g, g + 1) with the paired inputs, added into acc.
+static inline __m512 dot_pair(__m512 acc, const uint8_t* b, const uint8_t* s, const uint16_t* xp, int64_t g) {
     const __m512i upper = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
                                            0x0010001000100010LL, 0, 0, 0, 0);  // 16 in the words of block B
     const __m512i low4 = _mm512_set1_epi16(0xF);
-    const uint8_t* b[ROWS_ONE];
-    const uint8_t* s[ROWS_ONE];
-    for (int i = 0; i < ROWS_ONE; ++i) {  // past the last row: read the last row again, its results dropped
-        const int64_t r = std::min(r0 + i, r1 - 1);
-        b[i] = blocks + r * G * 16;
-        s[i] = scales + r * G;
+    const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(b + g * 16)));
+    const __m512i table = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_load_si512(FP4_BF16[s[g]]),
+                                                  _mm512_load_si512(FP4_BF16[s[g + 1]]));
+    const __m512i lo = _mm512_ternarylogic_epi32(words, low4, upper, 0xEA);  // (words & 0xF) | upper
+    const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(words, 4), upper);
+    const __m512bh even = (__m512bh)_mm512_loadu_si512(xp + g * 32);
+    const __m512bh odd = (__m512bh)_mm512_loadu_si512(xp + g * 32 + 32);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_permutexvar_epi16(lo, table), even);
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_permutexvar_epi16(hi, table), odd);
+}
+
+static void dot_one(const uint8_t* blocks, const uint8_t* scales, const uint16_t* xp, const float* bias, float* out,
+                    int64_t G, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* b = blocks + r * G * 16;
+        const uint8_t* s = scales + r * G;
+        __m512 acc[ONE_CHAINS];
+        for (int c = 0; c < ONE_CHAINS; ++c) acc[c] = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; g + 2 * ONE_CHAINS <= G; g += 2 * ONE_CHAINS)
+            for (int c = 0; c < ONE_CHAINS; ++c) acc[c] = dot_pair(acc[c], b, s, xp, g + 2 * c);
+        for (; g + 2 <= G; g += 2) acc[0] = dot_pair(acc[0], b, s, xp, g);
+        if (g < G)
+            acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)decode_block(b + g * 16, s[g]),
+                                      (__m512bh)_mm512_loadu_si512(xp + g * 32));
+        for (int c = 1; c < ONE_CHAINS; ++c) acc[0] = _mm512_add_ps(acc[0], acc[c]);
+        out[r] = _mm512_reduce_add_ps(acc[0]) + (bias ? bias[r] : 0.f);
     }
-    __m512 acc[ROWS_ONE];
-    for (int i = 0; i < ROWS_ONE; ++i) acc[i] = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-        const __m512bh even = (__m512bh)_mm512_loadu_si512(xp + g * 32);
-        const __m512bh odd = (__m512bh)_mm512_loadu_si512(xp + g * 32 + 32);
-        for (int i = 0; i < ROWS_ONE; ++i) {
-            const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(b[i] + g * 16)));
-            const __m512i table = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_load_si512(FP4_BF16[s[i][g]]),
-                                                          _mm512_load_si512(FP4_BF16[s[i][g + 1]]));
-            const __m512i lo = _mm512_ternarylogic_epi32(words, low4, upper, 0xEA);  // (words & 0xF) | upper
-            const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(words, 4), upper);
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_permutexvar_epi16(lo, table), even);
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_permutexvar_epi16(hi, table), odd);
-        }
-    }
-    if (g < G) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + g * 32);
-        for (int i = 0; i < ROWS_ONE; ++i)
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)decode_block(b[i] + g * 16, s[i][g]), xv);
-    }
-    for (int i = 0; i < ROWS_ONE && r0 + i < r1; ++i)
-        out[r0 + i] = _mm512_reduce_add_ps(acc[i]) + (bias ? bias[r0 + i] : 0.f);
 }
 
 // Whether all n scales lie in [SAFE_LO, SAFE_HI], 64 at a time: it runs before every group of rows.
