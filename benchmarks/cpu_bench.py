@@ -214,9 +214,11 @@ def llama_cpp_model(source: Path, checkpoint: Path) -> Path:
         return out
     staged = LLAMA_CACHE / "models" / checkpoint.name
     staged.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        if not (staged / name).exists():
-            (staged / name).symlink_to(checkpoint / name)
+    # The config and every shard, with the index that names them where the checkpoint has several (the whole
+    # 20b is over one shard's bound).
+    for source_file in [*checkpoint.glob("*.safetensors"), *checkpoint.glob("*.json")]:
+        if not (staged / source_file.name).exists():
+            (staged / source_file.name).symlink_to(source_file)
     write_tokenizer(staged, json.loads((checkpoint / "config.json").read_text())["vocab_size"])
     logger.info("converting %s to GGUF with llama.cpp's converter", checkpoint)
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
@@ -264,7 +266,7 @@ def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
         return out
     ppl = [str(tools / "llama-perplexity"), "-m", str(model), "-t", str(args.threads), "-f", str(PPL_TEXT)]
     ppl += ["-c", str(args.ppl_ctx), "-b", str(args.ppl_ctx), "--chunks", str(args.ppl_chunks)]
-    text, _ = run_measured(ppl)
+    text, _, _ = run_measured(ppl)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", text)
     if found is None:
         raise SystemExit(f"llama-perplexity printed no estimate:\n{text[-2000:]}")
