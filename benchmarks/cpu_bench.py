@@ -303,7 +303,7 @@ def profile_decode(model: GptOss, cache: ContiguousKVCache, token: torch.Tensor,
         return run
 
     meta = AttentionMetadata.build([1], [length], cache_slots=[0])
-    kernels = {name: getattr(cpu_mxfp4, name) for name in ("bf16_gemv", "mxfp4_linear")}
+    kernels = {name: getattr(cpu_mxfp4, name) for name in ("bf16_gemv", "mxfp4_linear", "mxfp4_experts_one")}
     try:
         for name, fn in kernels.items():
             setattr(cpu_mxfp4, name, labelled(f"cpu_mxfp4.{name}", fn))

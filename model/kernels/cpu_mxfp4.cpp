@@ -347,6 +347,18 @@ static void row_exact(const uint8_t* b, const uint8_t* s, const uint16_t* x, con
     }
 }
 
+// Rows [r0, r0 + ROWS_ONE) (clipped to N) of one token's product: x its input row, xp the same paired
+// (pair_inputs). Rows whose scales are out of the safe range take the float32 loop.
+static void one_token_rows(const uint8_t* bptr, const uint8_t* sptr, const uint16_t* xp, const uint16_t* x,
+                           const float* bias, float* out, int64_t G, int64_t N, int64_t r0) {
+    const int64_t r1 = std::min(N, r0 + ROWS_ONE);
+    if (scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
+        dot_one(bptr, sptr, xp, bias, out, G, r0, r1);
+    } else {
+        for (int64_t r = r0; r < r1; ++r) row_exact(bptr + r * G * 16, sptr + r * G, x, bias, out, G, N, 1, r);
+    }
+}
+
 static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, const uint8_t* sptr,
                                  const float* biasptr, int64_t N, int64_t G) {
     const int64_t M = x.size(0);
@@ -357,15 +369,8 @@ static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, co
         std::vector<uint16_t> xp(G * 32);
         pair_inputs(xptr, xp.data(), G);
         at::parallel_for(0, (N + ROWS_ONE - 1) / ROWS_ONE, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t grp = begin; grp < end; ++grp) {
-                const int64_t r0 = grp * ROWS_ONE, r1 = std::min(N, r0 + ROWS_ONE);
-                if (scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
-                    dot_one(bptr, sptr, xp.data(), biasptr, optr, G, r0, r1);
-                } else {
-                    for (int64_t r = r0; r < r1; ++r)
-                        row_exact(bptr + r * G * 16, sptr + r * G, xptr, biasptr, optr, G, N, M, r);
-                }
-            }
+            for (int64_t grp = begin; grp < end; ++grp)
+                one_token_rows(bptr, sptr, xp.data(), xptr, biasptr, optr, G, N, grp * ROWS_ONE);
         });
         return out;
     }
@@ -566,3 +571,50 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
     if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, bptr, sptr, biasptr, N, G);
     return linear_f32(x, bptr, sptr, biasptr, N, G);
 }
+
+// One token through several experts' matrices at once (a batch-1 decode step's top-k experts): pair p multiplies
+// input row x[p] (x[0] for every pair where x has one row) by expert experts[p]'s matrix into out[p], with bias
+// [P, N] float32 (each pair's row) or empty. blocks [E, N, K/32, 16] and scales [E, N, K/32] are a layer's
+// stacked experts. One parallel loop over every pair's rows, where one call per expert paid a call and a barrier
+// each. Needs native_bf16().
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+torch::Tensor mxfp4_experts_one(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
+                                torch::Tensor experts) {
+    pybind11::gil_scoped_release no_gil;
+    TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16 && scales.dim() == 3, "blocks [E, N, G, 16], scales [E, N, G]");
+    const int64_t E = blocks.size(0), N = blocks.size(1), G = blocks.size(2), P = experts.numel();
+    TORCH_CHECK(scales.size(0) == E && scales.size(1) == N && scales.size(2) == G, "scales disagree with blocks");
+    TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "MXFP4 must be uint8");
+    TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous(), "blocks and scales must be contiguous");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == G * 32 && (x.size(0) == 1 || x.size(0) == P), "x: [1 or P, K]");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bfloat16");
+    TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 1 && experts.is_contiguous(), "experts: int64 [P]");
+    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                                      bias.dim() == 2 && bias.size(0) == P && bias.size(1) == N), "bias: float32 [P, N]");
+    const int64_t* eptr = experts.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) TORCH_CHECK(eptr[p] >= 0 && eptr[p] < E, "expert id out of range");
+    auto out = torch::empty({P, N}, x.options().dtype(at::kFloat));
+    if (P == 0 || N == 0) return out;
+    const int64_t rows = x.size(0), K = G * 32;
+    const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    std::vector<uint16_t> xp(rows * K);
+    for (int64_t m = 0; m < rows; ++m) pair_inputs(xptr + m * K, xp.data() + m * K, G);
+    const uint8_t* bptr = blocks.data_ptr<uint8_t>();
+    const uint8_t* sptr = scales.data_ptr<uint8_t>();
+    const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    float* optr = out.data_ptr<float>();
+    const int64_t groups = (N + ROWS_ONE - 1) / ROWS_ONE;
+    at::parallel_for(0, P * groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t p = task / groups, e = eptr[p], m = rows == 1 ? 0 : p;
+            one_token_rows(bptr + e * N * G * 16, sptr + e * N * G, xp.data() + m * K, xptr + m * K,
+                           biasptr ? biasptr + p * N : nullptr, optr + p * N, G, N, (task % groups) * ROWS_ONE);
+        }
+    });
+    return out;
+}
+#else
+torch::Tensor mxfp4_experts_one(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
+    TORCH_CHECK(false, "this build has no bfloat16 path");
+}
+#endif

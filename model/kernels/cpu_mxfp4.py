@@ -85,7 +85,7 @@ def _build() -> object:
     return load_inline(
         name=cpp_build.build_name("gpt_oss_cpu_mxfp4", source, FLAGS),
         cpp_sources=[source],
-        functions=["mxfp4_linear", "native_bf16", "bf16_gemv"],
+        functions=["mxfp4_linear", "mxfp4_experts_one", "native_bf16", "bf16_gemv"],
         extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -145,6 +145,27 @@ def mxfp4_linear(
     native = x.dtype == torch.bfloat16 and _native_bf16
     inputs = (x if native else x.float()).contiguous()
     out = _module.mxfp4_linear(inputs, blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
+    return out.to(x.dtype)
+
+
+def mxfp4_experts_one(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    experts: torch.Tensor,
+) -> torch.Tensor:
+    """One token through several experts at once: row p of the result is ``x[p] @ W[experts[p]].T + bias[p]``
+    (``x[0]`` for every p where `x` has one row), `W` a layer's stacked experts as MXFP4 `blocks [E, N, K/32,
+    16]` and `scales [E, N, K/32]`, `bias [P, N]` each pair's bias row. Equal, row for row, to
+    :func:`mxfp4_linear` of each expert alone, in one parallel loop instead of one per expert. bfloat16 `x`
+    only; requires :func:`native_bf16`."""
+    if not native_bf16():
+        raise RuntimeError("mxfp4_experts_one needs the kernel built with AVX512-BF16 (native_bf16())")
+    b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
+    out = _module.mxfp4_experts_one(  # type: ignore[attr-defined]
+        x.contiguous(), blocks.contiguous(), scales.contiguous(), b, experts.contiguous()
+    )
     return out.to(x.dtype)
 
 

@@ -315,9 +315,36 @@ def experts_fused(
     CPU kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear`), never dequantized: at decode the
     dequantization was most of the step. Dense experts (:attr:`ExpertMode.DEQUANTIZED`, a fine-tune's) and
     experts with more than :data:`FUSED_MAX_ROWS` tokens (:data:`FUSED_MAX_ROWS_BF16` for native bfloat16)
-    take the dequantize path. Needs
+    take the dequantize path. A single token without adapters (a batch-1 decode step) takes its k experts in
+    one kernel call per matrix (:func:`_experts_one_token`), the same sums. Needs
     :func:`model.kernels.cpu_mxfp4.available` (:meth:`model.kernels.Kernels.for_device` checks it)."""
+    if (
+        t.shape[0] == 1
+        and lora is None
+        and t.dtype == torch.bfloat16
+        and mlp.mlp1_weight.dense is None
+        and mlp.mlp2_weight.dense is None
+        and cpu_mxfp4.native_bf16()
+    ):
+        return _experts_one_token(mlp, t, indices, weights)
     return experts_grouped(mlp, t, indices, weights, lora, linear=_fused_linear)
+
+
+def _experts_one_token(
+    mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """:func:`experts_grouped` with :func:`_fused_linear` for one token `t [1, H]`, equal to it bit for bit
+    (the same kernel rows, SwiGLU, weighting and sum in the experts' order), in two kernel calls
+    (:func:`model.kernels.cpu_mxfp4.mxfp4_experts_one`) instead of two per expert and the grouping around
+    them: at batch 1 those calls and their small ops were a large part of a layer's time besides the bytes."""
+    ids, order = indices[0].sort()
+    up = mlp.mlp1_weight
+    h = cpu_mxfp4.mxfp4_experts_one(t, up.blocks, up.scales, mlp.mlp1_bias[ids], ids)
+    a = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
+    down = mlp.mlp2_weight
+    y = cpu_mxfp4.mxfp4_experts_one(a, down.blocks, down.scales, mlp.mlp2_bias[ids], ids)
+    y *= weights[0, order, None]
+    return torch.zeros_like(t).index_add_(0, torch.zeros_like(ids), y)
 
 
 EXPERTS_PER_CALL = 32  # experts dequantized together by experts_batched

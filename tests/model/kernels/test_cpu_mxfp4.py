@@ -120,6 +120,42 @@ def test_bad_shapes_are_refused() -> None:
         mxfp4_linear(torch.zeros(1, 32), blocks, scales)
 
 
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_experts_one_equals_each_expert_alone(shared_input: bool) -> None:
+    """One token through several experts in one call (batch-1 decode): each pair's row equals
+    :func:`mxfp4_linear` on that expert alone, bit for bit, with the input shared by every pair (the first
+    matrix) or one per pair (the second), experts repeated and out of order, rows of extreme scales (the
+    float32 loop) and a last partial group of rows; with and without biases."""
+    if not cpu_mxfp4.native_bf16():
+        pytest.fail("this machine has AVX512-BF16: the kernel's native bfloat16 path must build")
+    experts, rows, cols = 5, 21, 320
+    stacked = [weights(rows, cols, seed=e) for e in range(experts)]
+    blocks = torch.stack([b for b, _, _ in stacked])
+    scales = torch.stack([s for _, s, _ in stacked])
+    biases = torch.stack([b for _, _, b in stacked])
+    ids = torch.tensor([3, 0, 4, 3])
+    x = torch.randn(
+        1 if shared_input else len(ids), cols, generator=torch.Generator().manual_seed(2)
+    ).bfloat16()
+    for bias in (biases[ids], None):
+        got = cpu_mxfp4.mxfp4_experts_one(x, blocks, scales, bias, ids)
+        assert got.dtype == torch.bfloat16
+        assert got.shape == (len(ids), rows)
+        for p, e in enumerate(ids.tolist()):
+            alone = mxfp4_linear(
+                x[0 if shared_input else p][None], blocks[e], scales[e], None if bias is None else biases[e]
+            )
+            assert torch.equal(got[p], alone[0])
+
+
+def test_experts_one_refuses_an_expert_out_of_range() -> None:
+    blocks, scales, _ = weights(8, 64, seed=1)
+    with pytest.raises(RuntimeError, match="expert id out of range"):
+        cpu_mxfp4.mxfp4_experts_one(
+            torch.zeros(1, 64).bfloat16(), blocks[None], scales[None], None, torch.tensor([1])
+        )
+
+
 def test_cpu_experts_use_the_fused_kernel() -> None:
     assert Kernels.for_device("cpu").experts is experts_fused
 
