@@ -29,14 +29,16 @@ nothing in the server needs them.
 
 `--kernels` times one MoE layer's experts alone (no checkpoint): batch 1 (one token, 4 experts) and a
 `--prompt`-token prefill, each implementation and dtype, the minimum of `--repeats` runs (the machine may be
-shared: other load only ever adds time). `--matrix-tokens` adds one expert's first matrix (5760 x 2880) at
-those token counts, dequantized then multiplied (oneDNN) against fused: where the two cross is the fused
-path's token limit per expert (`FUSED_MAX_ROWS` in model/kernels/experts.py).
+shared: other load only ever adds time); at one token also the fused kernel called once per expert and matrix
+(the grouped path), against the fused path's one call per matrix. `--matrix-tokens` adds one expert's first
+matrix (5760 x 2880) at those token counts, dequantized then multiplied (oneDNN) against fused: where the two
+cross is the fused path's token limit per expert (`FUSED_MAX_ROWS` in model/kernels/experts.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -64,7 +66,7 @@ from harmony.encoding import load_harmony_encoding, write_vocabulary  # noqa: E4
 from model.config import PRESETS  # noqa: E402
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss, MLPBlock  # noqa: E402
 from model.kernels import Kernels, cpu_mxfp4, prepacked  # noqa: E402
-from model.kernels.experts import Experts, experts_fused, experts_grouped  # noqa: E402
+from model.kernels.experts import Experts, _fused_linear, experts_fused, experts_grouped  # noqa: E402
 from model.kernels.mxfp4 import dequantize  # noqa: E402
 
 logger = logging.getLogger("cpu_bench")
@@ -98,7 +100,11 @@ def bench_kernels(args: argparse.Namespace) -> None:
         weight.blocks.copy_(torch.randint(0, 256, weight.blocks.shape, generator=g, dtype=torch.uint8))
         weight.scales.copy_(torch.randint(118, 128, weight.scales.shape, generator=g, dtype=torch.uint8))
     cpu_mxfp4.available()
-    lines = [f"{'experts of one 20b layer':34}{'dequantize (ms)':>16}{'fused (ms)':>12}{'speed-up':>10}"]
+    # At one token the fused path takes all k experts in one kernel call per matrix; "per expert" is the same
+    # kernel called once per expert and matrix through the grouped path, what a decode step ran before.
+    per_expert = functools.partial(experts_grouped, linear=_fused_linear)
+    head = f"{'experts of one 20b layer':34}{'dequantize (ms)':>16}{'per expert (ms)':>16}{'fused (ms)':>12}"
+    lines = [f"{head}{'speed-up':>10}"]
     for dtype_name, dtype in DTYPES.items():
         mlp.mlp1_bias.data = torch.randn(mlp.mlp1_bias.shape, generator=g).to(dtype) * 0.1
         mlp.mlp2_bias.data = torch.randn(mlp.mlp2_bias.shape, generator=g).to(dtype) * 0.1
@@ -111,10 +117,12 @@ def bench_kernels(args: argparse.Namespace) -> None:
                 name: 1e3 * best(lambda f=fn, a=(mlp, t, indices, weights): f(*a), args.repeats)
                 for name, fn in IMPLS.items()
             }
+            one = "-"
+            if tokens == 1:
+                one = f"{1e3 * best(lambda a=(mlp, t, indices, weights): per_expert(*a), args.repeats):.2f}"
             label = f"{dtype_name}, {tokens} token{'s' if tokens > 1 else ''}"
-            lines.append(
-                f"{label:34}{ms['grouped']:16.1f}{ms['fused']:12.1f}{ms['grouped'] / ms['fused']:9.1f}x"
-            )
+            speed_up = ms["grouped"] / ms["fused"]
+            lines.append(f"{label:34}{ms['grouped']:16.1f}{one:>16}{ms['fused']:12.2f}{speed_up:9.1f}x")
     logger.info("threads %d, min of %d\n%s", torch.get_num_threads(), args.repeats, "\n".join(lines))
 
 

@@ -581,16 +581,19 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 torch::Tensor mxfp4_experts_one(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
                                 torch::Tensor experts) {
     pybind11::gil_scoped_release no_gil;
-    TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16 && scales.dim() == 3, "blocks [E, N, G, 16], scales [E, N, G]");
+    TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16 && scales.dim() == 3,
+                "blocks [E, N, G, 16], scales [E, N, G]");
     const int64_t E = blocks.size(0), N = blocks.size(1), G = blocks.size(2), P = experts.numel();
     TORCH_CHECK(scales.size(0) == E && scales.size(1) == N && scales.size(2) == G, "scales disagree with blocks");
     TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "MXFP4 must be uint8");
     TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous(), "blocks and scales must be contiguous");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == G * 32 && (x.size(0) == 1 || x.size(0) == P), "x: [1 or P, K]");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bfloat16");
-    TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 1 && experts.is_contiguous(), "experts: int64 [P]");
-    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                                      bias.dim() == 2 && bias.size(0) == P && bias.size(1) == N), "bias: float32 [P, N]");
+    TORCH_CHECK(experts.scalar_type() == at::kLong && experts.dim() == 1 && experts.is_contiguous(),
+                "experts: int64 [P]");
+    TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 2 &&
+                                      bias.size(0) == P && bias.size(1) == N),
+                "bias: float32 [P, N]");
     const int64_t* eptr = experts.data_ptr<int64_t>();
     for (int64_t p = 0; p < P; ++p) TORCH_CHECK(eptr[p] >= 0 && eptr[p] < E, "expert id out of range");
     auto out = torch::empty({P, N}, x.options().dtype(at::kFloat));

@@ -12,8 +12,8 @@ threaded over output rows. Two paths, by the inputs' dtype:
   32 inputs into 16 float32 sums. A single token (batch-1 decode) takes the weight rows one after another,
   each read front to back, which one thread streams far faster than rows read side by side; otherwise four
   weight rows are multiplied together against each input load. A decode step's few tokens use the weights
-  straight from registers; more tokens (prefill) decode four rows once into
-  a small buffer that stays in L1 and run tiles of six tokens over it, so the decode is shared by every token.
+  straight from registers; more tokens (prefill) decode four rows once into a small buffer that stays in L1
+  and run tiles of six tokens over it, so the decode is shared by every token.
   VDPBF16PS flushes subnormal products to zero (as oneDNN's bfloat16 matmuls do), so a row with a scale so
   small or large that its products could leave float32's normal range takes a plain float32 loop.
 * float32 inputs (or no AVX512-BF16, bfloat16 converted first): 16 codes per permute (AVX-512), or 8 with
