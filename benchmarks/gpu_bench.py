@@ -515,6 +515,7 @@ class Bench:
         64 rows (GB/s of the weights each must read); then the engine's decode step with and without them
         (eager Triton, and the decode graphs on a GPU), and the kernel launches of a batch-1 step of each."""
         from model.gpt_oss import RotaryEmbedding
+        from model.kernels import fused_reference as ref
         from model.kernels import triton_fused as tf
 
         model = self.get_model()
@@ -542,7 +543,7 @@ class Bench:
                 )
 
             def qkv_twin(x=x, cos=cos, sin=sin) -> tuple[torch.Tensor, ...]:
-                return tf.norm_qkv_rope_reference(
+                return ref.norm_qkv_rope_reference(
                     x,
                     attn.norm.scale,
                     attn.norm.eps,
@@ -566,7 +567,7 @@ class Bench:
                 return tf.out_residual(a, attn.out.weight, attn.out.bias, x)
 
             def out_twin(a=a, x=x) -> torch.Tensor:
-                return tf.out_residual_reference(a, attn.out.weight, attn.out.bias, x)
+                return ref.out_residual_reference(a, attn.out.weight, attn.out.bias, x)
 
             def out_ops(a=a, x=x) -> torch.Tensor:
                 return x + attn.out(a)
@@ -575,7 +576,7 @@ class Bench:
                 return tf.route(x, mlp.norm.scale, mlp.norm.eps, mlp.gate.weight, mlp.gate.bias, mlp.top_k)
 
             def route_twin(x=x) -> tuple[torch.Tensor, ...]:
-                return tf.route_reference(
+                return ref.route_reference(
                     x, mlp.norm.scale, mlp.norm.eps, mlp.gate.weight, mlp.gate.bias, mlp.top_k
                 )
 

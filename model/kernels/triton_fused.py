@@ -17,9 +17,9 @@ the normalized activations and the router's logits are rounded to the activation
 rounds them (the experts and the top-k see the same values), every other result is rounded once, at its
 store.
 
-Twins: :func:`norm_qkv_rope_reference`, :func:`out_residual_reference`, :func:`route_reference`, the same
-math in plain torch, compared in tests under the Triton interpreter on a CPU and on a GPU where there is
-one; the model's own blocks are the spec the fused layer is compared against end to end.
+Twins: :mod:`model.kernels.fused_reference`, the same math in plain torch (shared with the CPU's fused
+layer), compared in tests under the Triton interpreter on a CPU and on a GPU where there is one; the model's
+own blocks are the spec the fused layer is compared against end to end.
 :class:`TritonFusedLayers` is the :class:`~model.kernels.Kernels` seam's implementation.
 """
 
@@ -447,63 +447,6 @@ def route(
         block_k,
     )
     return t, indices, weights
-
-
-# -- the plain twins -----------------------------------------------------------------------------------------
-
-
-def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """The RMSNorm of :class:`model.gpt_oss.RMSNorm`, rounded to `x`'s dtype."""
-    t = x.float()
-    return (t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + eps) * scale).to(x.dtype)
-
-
-def norm_qkv_rope_reference(
-    x: torch.Tensor,
-    norm_scale: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    heads: int,
-    kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain twin of :func:`norm_qkv_rope`: float32 products of the rounded norm, one rounding at the end."""
-    qkv = _rms_norm(x, norm_scale, eps).float() @ weight.float().T + bias.float()
-    dim = weight.shape[0] // (heads + 2 * kv_heads)
-    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-
-    def rotate(t: torch.Tensor, n: int) -> torch.Tensor:
-        t1, t2 = t.unflatten(-1, (n, dim)).chunk(2, dim=-1)
-        c, s = cos[:, None, :], sin[:, None, :]
-        return torch.cat((t1 * c - t2 * s, t2 * c + t1 * s), dim=-1).to(x.dtype)
-
-    return rotate(q, heads), rotate(k, kv_heads), v.unflatten(-1, (kv_heads, dim)).to(x.dtype)
-
-
-def out_residual_reference(
-    a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
-    """Plain twin of :func:`out_residual`, in float32, rounded once."""
-    return (x.float() + a.float() @ weight.float().T + bias.float()).to(x.dtype)
-
-
-def route_reference(
-    x: torch.Tensor,
-    norm_scale: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    top_k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain twin of :func:`route`: float32 logits of the rounded norm, rounded to `x`'s dtype, top-k (ties
-    to the lowest expert: a stable sort), softmax over the k."""
-    t = _rms_norm(x, norm_scale, eps)
-    logits = (t.float() @ weight.float().T + bias.float()).to(x.dtype).float()
-    values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
-    values, indices = values[:, :top_k], indices[:, :top_k]
-    return t, indices, torch.softmax(values, dim=-1).to(x.dtype)
 
 
 # -- the seam ------------------------------------------------------------------------------------------------

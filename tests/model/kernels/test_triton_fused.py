@@ -19,15 +19,8 @@ import torch
 from model.batch import AttentionMetadata
 from model.gpt_oss import ContiguousKVCache, GptOss, RotaryEmbedding
 from model.kernels import Kernels
-from model.kernels.triton_fused import (
-    MAX_TOKENS,
-    norm_qkv_rope,
-    norm_qkv_rope_reference,
-    out_residual,
-    out_residual_reference,
-    route,
-    route_reference,
-)
+from model.kernels.fused_reference import norm_qkv_rope_reference, out_residual_reference, route_reference
+from model.kernels.triton_fused import MAX_TOKENS, norm_qkv_rope, out_residual, route
 from tests.triton_interpreter import bf16_dots_widened
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
