@@ -3,7 +3,7 @@ the same machine and threads; and the fused MXFP4 kernel (model/kernels/cpu_mxfp
 dequantize-per-step.
 
     python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 16] [--threads N]
-                                   [--impls fused] [--dtypes bfloat16,float32] [--no-llama-cpp]
+                                   [--impls fused,unfused] [--dtypes bfloat16,float32] [--no-llama-cpp]
                                    [--ppl-chunks 2] [--ppl-ctx 128] [--profile]
     python benchmarks/cpu_bench.py [--kernels] [--matrix-tokens 64,256,512,1024] [--repeats 7]
 
@@ -14,7 +14,9 @@ prefill tokens/s for one `--prompt`-token sequence, decode tokens/s at batch 1 a
 step and the median of `--decode-steps`; and the median CPU time of a step, which other load on a shared
 machine does not inflate), peak RSS, and the perplexity of README.md's first `--ppl-chunks`
 chunks of `--ppl-ctx` tokens (scored as llama-perplexity scores them: the second half of each chunk).
-`--profile` adds, per run, the top operators of one more decode step under torch.profiler.
+`--profile` adds, per run, the top operators of one more decode step under torch.profiler. `--impls` names the
+runs: fused (the CPU's default path), unfused (the same kernels with each block's small operators and the
+attention in torch, no fused decode layer: its baseline) and grouped (experts dequantized per step).
 
 llama.cpp (unless `--no-llama-cpp`) is built once from the `llama-cpp-python` source package (it vendors
 llama.cpp; `pip download`, then cmake and ninja: llama-bench and llama-perplexity, for this CPU) and cached
@@ -30,9 +32,9 @@ nothing in the server needs them.
 `--kernels` times one MoE layer's experts alone (no checkpoint): batch 1 (one token, 4 experts) and a
 `--prompt`-token prefill, each implementation and dtype, the minimum of `--repeats` runs (the machine may be
 shared: other load only ever adds time); at one token also the fused kernel called once per expert and matrix
-(the grouped path), against the fused path's one call per matrix. `--matrix-tokens` adds one expert's first
-matrix (5760 x 2880) at those token counts, dequantized then multiplied (oneDNN) against fused: where the two
-cross is the fused path's token limit per expert (`FUSED_MAX_ROWS` in model/kernels/experts.py).
+(the grouped path), against the fused path's one call for the token's experts. `--matrix-tokens` adds one
+expert's first matrix (5760 x 2880) at those token counts, dequantized then multiplied (oneDNN) against fused:
+where the two cross is the fused path's token limit per expert (`FUSED_MAX_ROWS` in model/kernels/experts.py).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ from model_bench import checkpoint_dir, proc_status  # noqa: E402
 from harmony.encoding import load_harmony_encoding, write_vocabulary  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss, MLPBlock  # noqa: E402
-from model.kernels import Kernels, cpu_mxfp4, prepacked  # noqa: E402
+from model.kernels import Kernels, cpu_fused, cpu_mxfp4, prepacked  # noqa: E402
+from model.kernels.attention import TorchAttention, sdpa_sink_from_lse  # noqa: E402
 from model.kernels.experts import Experts, _fused_linear, experts_fused, experts_grouped  # noqa: E402
 from model.kernels.mxfp4 import dequantize  # noqa: E402
 
@@ -76,10 +79,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def kernels_for(impl: str) -> Kernels:
-    """The CPU's fast paths with the experts implementation `impl`."""
-    if impl == "fused" and not cpu_mxfp4.available():
+    """The CPU's fast paths with the experts implementation `impl`; "unfused" is "fused" with each block's
+    small operators and the attention in torch (no fused decode layer: model/kernels/cpu_fused.py), the
+    baseline the fused layer is measured against."""
+    if impl in ("fused", "unfused") and not cpu_mxfp4.available():
         raise SystemExit("the fused kernel did not build here (see the warning above)")
-    return Kernels(Kernels.for_device("cpu").attention, IMPLS[impl])
+    if impl == "unfused":
+        return Kernels(TorchAttention(sdpa_sink_from_lse), experts_fused)
+    default = Kernels.for_device("cpu")
+    return Kernels(default.attention, IMPLS[impl], default.fused)
 
 
 def best(fn: Callable[[], object], repeats: int) -> float:
@@ -100,8 +108,8 @@ def bench_kernels(args: argparse.Namespace) -> None:
         weight.blocks.copy_(torch.randint(0, 256, weight.blocks.shape, generator=g, dtype=torch.uint8))
         weight.scales.copy_(torch.randint(118, 128, weight.scales.shape, generator=g, dtype=torch.uint8))
     cpu_mxfp4.available()
-    # At one token the fused path takes all k experts in one kernel call per matrix; "per expert" is the same
-    # kernel called once per expert and matrix through the grouped path, what a decode step ran before.
+    # At one token the fused path takes all k experts, their SwiGLU and sum in one call; "per expert" is the
+    # same kernel called once per expert and matrix through the grouped path.
     per_expert = functools.partial(experts_grouped, linear=_fused_linear)
     head = f"{'experts of one 20b layer':34}{'dequantize (ms)':>16}{'per expert (ms)':>16}{'fused (ms)':>12}"
     lines = [f"{head}{'speed-up':>10}"]
@@ -311,15 +319,19 @@ def profile_decode(model: GptOss, cache: ContiguousKVCache, token: torch.Tensor,
         return run
 
     meta = AttentionMetadata.build([1], [length], cache_slots=[0])
-    kernels = {name: getattr(cpu_mxfp4, name) for name in ("bf16_gemv", "mxfp4_linear", "mxfp4_experts_one")}
+    modules = {
+        cpu_mxfp4: ("bf16_gemv", "mxfp4_linear", "mxfp4_experts_one", "experts_one_token"),
+        cpu_fused: ("norm_qkv_rope", "paged_attention", "out_residual", "route"),
+    }
+    kernels = [(module, name, getattr(module, name)) for module, names in modules.items() for name in names]
     try:
-        for name, fn in kernels.items():
-            setattr(cpu_mxfp4, name, labelled(f"cpu_mxfp4.{name}", fn))
+        for module, name, fn in kernels:
+            setattr(module, name, labelled(f"{module.__name__.rpartition('.')[2]}.{name}", fn))
         with profile(activities=[ProfilerActivity.CPU]) as prof, record_function("decode step"):
             model(token, meta, cache)
     finally:
-        for name, fn in kernels.items():
-            setattr(cpu_mxfp4, name, fn)
+        for module, name, fn in kernels:
+            setattr(module, name, fn)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40)
     sys.stderr.write(f"profile of one decode step, {torch.get_num_threads()} thread(s):\n{table}\n")
 
@@ -419,13 +431,16 @@ def main() -> None:
             f"{r['decode_cpu_ms']:14.1f}{r['peak_rss_gb']:13.2f}{r.get('perplexity', math.nan):10.1f}"
         )
     for dtype_name in args.dtypes.split(","):
-        new, old = results.get(f"fused:{dtype_name}"), results.get(f"grouped:{dtype_name}")
-        if new and old:
-            lines.append(
-                f"fused / grouped, {dtype_name}: prefill "
-                f"{new['prefill_tok_s'] / old['prefill_tok_s']:.2f}x, decode (best) "
-                f"{new['decode_tok_s_best'] / old['decode_tok_s_best']:.2f}x"
-            )
+        new = results.get(f"fused:{dtype_name}")
+        for base in ("grouped", "unfused"):
+            old = results.get(f"{base}:{dtype_name}")
+            if new and old:
+                lines.append(
+                    f"fused / {base}, {dtype_name}: prefill "
+                    f"{new['prefill_tok_s'] / old['prefill_tok_s']:.2f}x, decode (best) "
+                    f"{new['decode_tok_s_best'] / old['decode_tok_s_best']:.2f}x, decode (median) "
+                    f"{new['decode_tok_s_median'] / old['decode_tok_s_median']:.2f}x"
+                )
     peer = results.get("llama.cpp")
     for run, r in results.items():
         if peer and run != "llama.cpp":

@@ -2,7 +2,10 @@
 
 * :mod:`model.kernels.attention` — store into the KV cache and attend, with sinks and a sliding window.
 * :mod:`model.kernels.experts` — the MoE experts and their MXFP4 weight storage.
-* :mod:`model.kernels.cpu_mxfp4` — the CPU experts' fused MXFP4 matmul (C++, built at first use).
+* :mod:`model.kernels.cpu_mxfp4` — the CPU experts' fused MXFP4 matmul and the bf16 GEMV (C++, built at
+  first use).
+* :mod:`model.kernels.cpu_fused` — the rest of a CPU decode layer in a few calls of the same build, and the
+  paged attention of its decode steps.
 * :mod:`model.kernels.mxfp4` — MXFP4 (de)quantization.
 * :mod:`model.kernels.prepacked` — the oneDNN prepacked linear for bf16 weights on the CPU.
 * :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — a GPU's kernels in Triton (paged
@@ -10,6 +13,7 @@
   prompts), loaded on demand.
 * :mod:`model.kernels.triton_fused` — the rest of a decode layer in Triton, three launches (norm, QKV and
   RoPE; output projection and residual; norm and routing), loaded on demand.
+* :mod:`model.kernels.fused_reference` — the fused layers' plain twins.
 * :mod:`model.kernels.token_bitmask` — grammar masks applied to logits after the model (a C++ loop on the
   host, built at first use; torch ops on a device), for the engine's constrained decoding.
 
@@ -33,6 +37,7 @@ from model.kernels.attention import (
     sdpa_sink_as_key,
     sdpa_sink_from_lse,
 )
+from model.kernels.cpu_fused import CpuAttention, CpuFusedLayers
 from model.kernels.experts import Experts, experts_batched, experts_fused, experts_grouped, experts_reference
 
 if TYPE_CHECKING:
@@ -111,11 +116,15 @@ class Kernels:
         """The fast paths for `device`. The CPU: experts grouped by expert (no padding), multiplied from their
         packed bytes by the fused MXFP4 kernel where it builds (else dequantized per step, with a warning:
         :func:`model.kernels.cpu_mxfp4.available`), and the sinks from the fused attention kernel's
-        log-sum-exp (no copy of the keys); elsewhere: experts in batched matmuls (few launches) and the sinks
-        as an extra key (any fused kernel)."""
+        log-sum-exp (no copy of the keys); where the kernels are built for AVX512-BF16, bfloat16 decode steps
+        also take the fused decode layer and the paged attention of :mod:`model.kernels.cpu_fused`.
+        Elsewhere: experts in batched matmuls (few launches) and the sinks as an extra key (any fused
+        kernel)."""
         if torch.device(device).type == "cpu":
-            sdpa = sdpa_sink_from_lse if HAS_CPU_FLASH_LSE else sdpa_sink_as_key
-            return cls(TorchAttention(sdpa), experts_fused if cpu_mxfp4.available() else experts_grouped)
+            attention = TorchAttention(sdpa_sink_from_lse if HAS_CPU_FLASH_LSE else sdpa_sink_as_key)
+            if cpu_mxfp4.native_bf16():
+                return cls(CpuAttention(attention), experts_fused, CpuFusedLayers())
+            return cls(attention, experts_fused if cpu_mxfp4.available() else experts_grouped)
         return cls(TorchAttention(sdpa_sink_as_key), experts_batched)
 
     @classmethod

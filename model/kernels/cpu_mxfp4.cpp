@@ -512,9 +512,31 @@ static void gemv_rows(const uint16_t* x, const uint16_t* w, const GemvBias& bias
     }
 }
 
+// out = x . w^T + bias for x [M, K] and w [N, K] bfloat16, threaded over groups of weight rows, each thread a
+// contiguous range (one stream through the weight).
+static void gemv(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t M,
+                 int64_t K, int64_t N) {
+    const int64_t groups = (N + GEMV_GROUP_ROWS - 1) / GEMV_GROUP_ROWS;
+    at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t grp = begin; grp < end; ++grp)
+            gemv_rows(x, w, bias, out, M, K, grp * GEMV_GROUP_ROWS, std::min(N, (grp + 1) * GEMV_GROUP_ROWS));
+    });
+}
+
+// The bias of a linear as GemvBias reads it: float32, bfloat16 or none.
+static GemvBias gemv_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
+    GemvBias b{nullptr, nullptr};
+    if (!bias.has_value()) return b;
+    const torch::Tensor& t = *bias;
+    TORCH_CHECK(t.is_contiguous() && t.numel() == N, "bias: contiguous, one value per weight row");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "bias: float32 or bfloat16");
+    if (t.scalar_type() == at::kFloat) b.f32 = t.data_ptr<float>();
+    else b.bf16 = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+    return b;
+}
+
 // x [M, K] and w [N, K] contiguous bfloat16, bias [N] float32 or bfloat16 or none, out [M, N] contiguous
-// float32 or bfloat16: out = x . w^T + bias, rounded to bfloat16 where out is bfloat16 or round_bf16. Threaded
-// over groups of weight rows, each thread a contiguous range (one stream through the weight).
+// float32 or bfloat16: out = x . w^T + bias, rounded to bfloat16 where out is bfloat16 or round_bf16.
 void bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor out,
                bool round_bf16) {
     pybind11::gil_scoped_release no_gil;
@@ -522,26 +544,13 @@ void bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bi
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "x and w must be bfloat16");
     TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "inputs not contiguous");
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-    GemvBias b{nullptr, nullptr};
-    if (bias.has_value()) {
-        const torch::Tensor& t = *bias;
-        TORCH_CHECK(t.is_contiguous() && t.numel() == N, "bias: contiguous, one value per weight row");
-        TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "bias: float32 or bfloat16");
-        if (t.scalar_type() == at::kFloat) b.f32 = t.data_ptr<float>();
-        else b.bf16 = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-    }
+    const GemvBias b = gemv_bias(bias, N);
     TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous(), "bad out shape");
     TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, "out: float32 or bfloat16");
     if (M == 0 || N == 0) return;
     const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     const uint16_t* wptr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    const GemvOut o{out.data_ptr(), N, out.scalar_type() == at::kBFloat16, round_bf16};
-    const int64_t groups = (N + GEMV_GROUP_ROWS - 1) / GEMV_GROUP_ROWS;
-    at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-        for (int64_t grp = begin; grp < end; ++grp)
-            gemv_rows(xptr, wptr, b, o, M, K, grp * GEMV_GROUP_ROWS,
-                      std::min(N, (grp + 1) * GEMV_GROUP_ROWS));
-    });
+    gemv(xptr, wptr, b, GemvOut{out.data_ptr(), N, out.scalar_type() == at::kBFloat16, round_bf16}, M, K, N);
 }
 #else
 void bf16_gemv(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor, bool) {
@@ -578,6 +587,22 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 // stacked experts. One parallel loop over every pair's rows, where one call per expert paid a call and a barrier
 // each. Needs native_bf16().
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// The loop of mxfp4_experts_one on raw pointers: x [rows, G * 32] (rows 1 or P), bias [P, N] or null, out [P, N].
+static void experts_one(const uint16_t* x, int64_t rows, const uint8_t* blocks, const uint8_t* scales,
+                        const float* bias, const int64_t* experts, int64_t P, int64_t N, int64_t G, float* out) {
+    const int64_t K = G * 32;
+    std::vector<uint16_t> xp(rows * K);
+    for (int64_t m = 0; m < rows; ++m) pair_inputs(x + m * K, xp.data() + m * K, G);
+    const int64_t groups = (N + ROWS_ONE - 1) / ROWS_ONE;
+    at::parallel_for(0, P * groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t p = task / groups, e = experts[p], m = rows == 1 ? 0 : p;
+            one_token_rows(blocks + e * N * G * 16, scales + e * N * G, xp.data() + m * K, x + m * K,
+                           bias ? bias + p * N : nullptr, out + p * N, G, N, (task % groups) * ROWS_ONE);
+        }
+    });
+}
+
 torch::Tensor mxfp4_experts_one(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
                                 torch::Tensor experts) {
     pybind11::gil_scoped_release no_gil;
@@ -598,22 +623,9 @@ torch::Tensor mxfp4_experts_one(torch::Tensor x, torch::Tensor blocks, torch::Te
     for (int64_t p = 0; p < P; ++p) TORCH_CHECK(eptr[p] >= 0 && eptr[p] < E, "expert id out of range");
     auto out = torch::empty({P, N}, x.options().dtype(at::kFloat));
     if (P == 0 || N == 0) return out;
-    const int64_t rows = x.size(0), K = G * 32;
-    const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    std::vector<uint16_t> xp(rows * K);
-    for (int64_t m = 0; m < rows; ++m) pair_inputs(xptr + m * K, xp.data() + m * K, G);
-    const uint8_t* bptr = blocks.data_ptr<uint8_t>();
-    const uint8_t* sptr = scales.data_ptr<uint8_t>();
-    const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
-    float* optr = out.data_ptr<float>();
-    const int64_t groups = (N + ROWS_ONE - 1) / ROWS_ONE;
-    at::parallel_for(0, P * groups, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-            const int64_t p = task / groups, e = eptr[p], m = rows == 1 ? 0 : p;
-            one_token_rows(bptr + e * N * G * 16, sptr + e * N * G, xp.data() + m * K, xptr + m * K,
-                           biasptr ? biasptr + p * N : nullptr, optr + p * N, G, N, (task % groups) * ROWS_ONE);
-        }
-    });
+    experts_one(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), blocks.data_ptr<uint8_t>(),
+                scales.data_ptr<uint8_t>(), bias.numel() ? bias.data_ptr<float>() : nullptr, eptr, P, N, G,
+                out.data_ptr<float>());
     return out;
 }
 #else

@@ -35,7 +35,9 @@ without that control. Measured against the dequantize path on a 20b-shaped layer
 
 The same build carries :func:`bf16_gemv`, a product of a few bfloat16 rows with a plain bfloat16 matrix
 (the decode case, bound by reading the weight), which :func:`model.kernels.prepacked.linear` takes for a
-plain weight; :func:`bf16_gemv_reference` is its twin.
+plain weight; :func:`bf16_gemv_reference` is its twin. It also compiles ``cpu_decode.cpp``, the rest of a
+bfloat16 decode layer that :mod:`model.kernels.cpu_fused` wraps, and :func:`experts_one_token`, a batch-1
+step's experts whole.
 
 :func:`mxfp4_linear_reference` is the plain twin: :func:`model.kernels.mxfp4.dequantize_reference` then
 ``F.linear`` in float32, compared with it in tests.
@@ -59,6 +61,9 @@ logger = logging.getLogger(__name__)
 TILE = 8  # tokens sharing one decode of a weight block (8 float32 accumulators of 16 lanes stay in registers)
 
 _SOURCE = Path(__file__).with_name("cpu_mxfp4.cpp")
+# The rest of a decode layer (model.kernels.cpu_fused), compiled after _SOURCE in the same extension: it calls
+# the GEMV and the experts' rows defined there.
+_DECODE_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 
 _lock = threading.Lock()
 _module: object | None = None
@@ -67,15 +72,18 @@ _native_bf16 = False  # the build multiplies bfloat16 inputs as they are (AVX512
 
 
 def _source() -> str:
-    return (
+    kernels = (
         _SOURCE.read_text()
         .replace("FP4_VALUES", ", ".join(f"{v!r}f" for v in FP4_VALUES))
         .replace("SCALE_BIAS", str(SCALE_BIAS))
         .replace("TILE_MAX", str(TILE))
     )
+    return kernels + "\n" + _DECODE_SOURCE.read_text()
 
 
-FLAGS = ("-O3", "-march=native", "-fopenmp")
+# -ffp-contract=off: a product and a sum written apart stay apart (no fused multiply-add where the source has
+# none), so the scalar float32 steps round as the torch operators they stand in for do.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 
 
 def _build() -> object:
@@ -85,7 +93,17 @@ def _build() -> object:
     return load_inline(
         name=cpp_build.build_name("gpt_oss_cpu_mxfp4", source, FLAGS),
         cpp_sources=[source],
-        functions=["mxfp4_linear", "mxfp4_experts_one", "native_bf16", "bf16_gemv"],
+        functions=[
+            "mxfp4_linear",
+            "mxfp4_experts_one",
+            "native_bf16",
+            "bf16_gemv",
+            "norm_qkv_rope",
+            "paged_attention",
+            "out_residual",
+            "norm_route",
+            "experts_one_token",
+        ],
         extra_cflags=list(FLAGS),
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -123,6 +141,14 @@ def available() -> bool:
             )
             return False
         return True
+
+
+def module() -> object:
+    """The built extension, for the modules that wrap its other functions (:mod:`model.kernels.cpu_fused`).
+    Requires :func:`available`."""
+    if _module is None:
+        raise RuntimeError("the CPU kernels are not built: call available() first")
+    return _module
 
 
 def native_bf16() -> bool:
@@ -167,6 +193,28 @@ def mxfp4_experts_one(
         x.contiguous(), blocks.contiguous(), scales.contiguous(), b, experts.contiguous()
     )
     return out.to(x.dtype)
+
+
+def experts_one_token(
+    t: torch.Tensor,
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """One token `t [1, H]` through its experts `indices [1, k]` weighted by `weights [1, k]`, in one call:
+    ``sum_j weights[j] · mlp2(swiglu(mlp1(t)))`` of expert ``indices[j]``, bfloat16 `[1, H]`. `up` and `down`
+    are a layer's stacked MXFP4 experts and their biases, ``(blocks, scales, bias [E, N])``. Bit for bit
+    :func:`mxfp4_experts_one` per matrix with the SwiGLU, weighting and sum of
+    :func:`model.kernels.experts.experts_grouped` around them: the experts in ascending order, each step
+    rounded to bfloat16 where those round. Requires :func:`native_bf16`."""
+    if not native_bf16():
+        raise RuntimeError("experts_one_token needs the kernel built with AVX512-BF16 (native_bf16())")
+    return _module.experts_one_token(  # type: ignore[attr-defined]
+        t.contiguous(), *up, *down, indices.contiguous(), weights.contiguous(), alpha, limit
+    )
 
 
 # Input rows up to which :func:`bf16_gemv` is taken on a plain weight: up to here it was faster than oneDNN on

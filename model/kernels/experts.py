@@ -333,18 +333,20 @@ def experts_fused(
 def _experts_one_token(
     mlp: ExpertWeights, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`experts_grouped` with :func:`_fused_linear` for one token `t [1, H]`, equal to it bit for bit
-    (the same kernel rows, SwiGLU, weighting and sum in the experts' order), in two kernel calls
-    (:func:`model.kernels.cpu_mxfp4.mxfp4_experts_one`) instead of two per expert and the grouping around
-    them: at batch 1 those calls and their small ops were a large part of a layer's time besides the bytes."""
-    ids, order = indices[0].sort()
-    up = mlp.mlp1_weight
-    h = cpu_mxfp4.mxfp4_experts_one(t, up.blocks, up.scales, mlp.mlp1_bias[ids], ids)
-    a = swiglu(h, mlp.swiglu_alpha, mlp.swiglu_limit)
-    down = mlp.mlp2_weight
-    y = cpu_mxfp4.mxfp4_experts_one(a, down.blocks, down.scales, mlp.mlp2_bias[ids], ids)
-    y *= weights[0, order, None]
-    return torch.zeros_like(t).index_add_(0, torch.zeros_like(ids), y)
+    """:func:`experts_grouped` with :func:`_fused_linear` for one token `t [1, H]`, equal to it bit for
+    bit, in one call (:func:`model.kernels.cpu_mxfp4.experts_one_token`) instead of two kernel calls per
+    expert and the grouping, SwiGLU and sum around them: at batch 1 those were a large part of a layer's
+    time besides the bytes."""
+    up, down = mlp.mlp1_weight, mlp.mlp2_weight
+    return cpu_mxfp4.experts_one_token(
+        t,
+        (up.blocks, up.scales, mlp.mlp1_bias),
+        (down.blocks, down.scales, mlp.mlp2_bias),
+        indices,
+        weights,
+        mlp.swiglu_alpha,
+        mlp.swiglu_limit,
+    )
 
 
 EXPERTS_PER_CALL = 32  # experts dequantized together by experts_batched
