@@ -158,6 +158,109 @@ static void attend_group(const uint16_t* q, const uint16_t* kc, const uint16_t* 
     }
 }
 
+// attend_group for a group of G query heads (G dividing 16) of D dimensions (32, 64 or 128), with the work laid
+// out for the vector unit: two heads share each VDPBF16PS (their queries side by side, 16 of the key's
+// dimensions broadcast to both halves), so a key's G logits take one horizontal reduction per pair of heads
+// instead of one per head; the logits are kept key-major (G to a key) so that the softmax runs on whole vectors
+// of 16 / G keys at once; and the values are converted once per key and group of heads. The same sums as
+// attend_group, in another order. logits: scratch for G * n floats.
+template <int D, int G>
+static void attend_group_fast(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int64_t kv_heads,
+                              int64_t kvh, const int64_t* slots, int64_t n, const float* sinks, float scale,
+                              float* logits, uint16_t* out) {
+    static_assert(D % 32 == 0 && D <= 128 && G % 2 == 0 && 16 % G == 0, "head_dim or group unsupported");
+    constexpr int C = D / 16, P = G / 2;
+    __m512i qp[P][C];  // heads 2j and 2j + 1, dimensions 16c to 16c + 15, side by side
+    for (int j = 0; j < P; ++j)
+        for (int c = 0; c < C; ++c)
+            qp[j][c] = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(q + (2 * j) * D + 16 * c))),
+                _mm256_loadu_si256((const __m256i*)(q + (2 * j + 1) * D + 16 * c)), 1);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint16_t* key = kc + (slots[i] * kv_heads + kvh) * D;
+        __m512i kb[C];
+        for (int c = 0; c < C; ++c) kb[c] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(key + 16 * c)));
+        for (int j = 0; j < P; ++j) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < C; ++c) acc = _mm512_dpbf16_ps(acc, (__m512bh)qp[j][c], (__m512bh)kb[c]);
+            // Each half's 8 lanes to one sum, in every lane of the half: lane 0 holds head 2j's, lane 8 head 2j+1's.
+            acc = _mm512_add_ps(acc, _mm512_shuffle_f32x4(acc, acc, 0xB1));
+            acc = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));
+            acc = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0xB1));
+            logits[i * G + 2 * j] = _mm512_cvtss_f32(acc) * scale;
+            logits[i * G + 2 * j + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(acc, 2)) * scale;
+        }
+    }
+    // The softmax per head over the key-major logits, 16 / G keys per vector; lane l belongs to head l % G.
+    const int64_t total = n * G;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < total; i += 16) {
+        const __mmask16 mask = total - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (total - i)) - 1);
+        top = _mm512_mask_max_ps(top, mask, top, _mm512_maskz_loadu_ps(mask, logits + i));
+    }
+    alignas(64) float lanes[16], m[G], denom[G];
+    _mm512_store_ps(lanes, top);
+    for (int g = 0; g < G; ++g) {
+        m[g] = sinks[g];
+        for (int l = g; l < 16; l += G) m[g] = std::max(m[g], lanes[l]);
+    }
+    for (int l = 0; l < 16; ++l) lanes[l] = m[l % G];
+    const __m512 m_v = _mm512_load_ps(lanes);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < total; i += 16) {
+        const __mmask16 mask = total - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (total - i)) - 1);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, logits + i), m_v));
+        _mm512_mask_storeu_ps(logits + i, mask, e);
+        sum = _mm512_mask_add_ps(sum, mask, sum, e);
+    }
+    _mm512_store_ps(lanes, sum);
+    for (int g = 0; g < G; ++g) {
+        float total_g = 0.f;
+        for (int l = g; l < 16; l += G) total_g += lanes[l];
+        denom[g] = 1.f / (total_g + std::exp(sinks[g] - m[g]));
+    }
+    // The values weighted by the probabilities, HG heads at a time (their sums in 16 registers at most).
+    constexpr int V = D / 16, HG = G < 256 / D ? G : 256 / D;
+    for (int h0 = 0; h0 < G; h0 += HG) {
+        __m512 acc[HG][V];
+        for (int h = 0; h < HG; ++h)
+            for (int c = 0; c < V; ++c) acc[h][c] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; ++i) {
+            const uint16_t* value = vc + (slots[i] * kv_heads + kvh) * D;
+            __m512 vf[V];
+            for (int c = 0; c < V; ++c) vf[c] = load_bf16x16(value + c * 16);
+            for (int h = 0; h < HG; ++h) {
+                const __m512 p = _mm512_set1_ps(logits[i * G + h0 + h]);
+                for (int c = 0; c < V; ++c) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
+            }
+        }
+        for (int h = 0; h < HG; ++h)
+            for (int c = 0; c < V; ++c)
+                _mm256_storeu_si256(
+                    (__m256i*)(out + (h0 + h) * D + c * 16),
+                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[h][c], _mm512_set1_ps(denom[h0 + h]))));
+    }
+}
+
+using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, int64_t, int64_t, const int64_t*,
+                          int64_t, const float*, float, float*, uint16_t*);
+
+// The attend_group_fast for (D, G), or null where it has none.
+static AttendFn attend_fast_for(int64_t D, int64_t G) {
+#define ATTEND_FAST_FOR(d)                                         \
+    if (D == d) {                                                  \
+        if (G == 2) return attend_group_fast<d, 2>;                \
+        if (G == 4) return attend_group_fast<d, 4>;                \
+        if (G == 8) return attend_group_fast<d, 8>;                \
+        if (G == 16) return attend_group_fast<d, 16>;              \
+    }
+    ATTEND_FAST_FOR(32)
+    ATTEND_FAST_FOR(64)
+    ATTEND_FAST_FOR(128)
+#undef ATTEND_FAST_FOR
+    return nullptr;
+}
+
 // The model's attention seam over a paged cache (model/kernels/attention.py has its twin): q [T, heads, D] and
 // the new k, v [T, kv_heads, D] (rows may be strided), k_cache and v_cache [slots, kv_heads, D] bfloat16,
 // slot_mapping [T] (where each new key and value go), block_index [S, W] and key_positions [S, W * block_size]
@@ -214,6 +317,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
     uint16_t* optr = bf16_ptr_mut(out);
     const uint16_t* qptr = bf16_ptr(q);
     const int64_t G = heads / kv_heads, q_stride = q.stride(0);
+    const AttendFn fast = attend_fast_for(D, G);
     at::parallel_for(0, T * kv_heads, 1, [&](int64_t begin, int64_t end) {
         std::vector<int64_t> seen;
         std::vector<float> logits, group_sinks(G);
@@ -228,8 +332,13 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
             const int64_t n = (int64_t)seen.size();
             logits.resize(G * std::max<int64_t>(n, 1));
             for (int64_t g = 0; g < G; ++g) group_sinks[g] = sink.at(kvh * G + g);
-            attend_group(qptr + t * q_stride + kvh * G * D, kc, vc, kv_heads, kvh, D, seen.data(), n,
-                         group_sinks.data(), (float)scale, G, logits.data(), optr + t * heads * D + kvh * G * D);
+            const uint16_t* qg = qptr + t * q_stride + kvh * G * D;
+            uint16_t* og = optr + t * heads * D + kvh * G * D;
+            if (fast != nullptr)
+                fast(qg, kc, vc, kv_heads, kvh, seen.data(), n, group_sinks.data(), (float)scale, logits.data(), og);
+            else
+                attend_group(qg, kc, vc, kv_heads, kvh, D, seen.data(), n, group_sinks.data(), (float)scale, G,
+                             logits.data(), og);
         }
     });
     return out;

@@ -114,10 +114,15 @@ def test_more_rows_than_the_gemv_takes_are_refused() -> None:
 
 
 def _paged_step(
-    query_lens: list[int], context_lens: list[int], block_size: int, seed: int
+    query_lens: list[int],
+    context_lens: list[int],
+    block_size: int,
+    seed: int,
+    shape: tuple[int, int, int] = (HEADS, KV_HEADS, DIM),
 ) -> tuple[AttentionMetadata, LayerKV, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A cache of shuffled blocks already holding every sequence's earlier keys and values, the tables of a
-    step adding `query_lens` tokens, and the step's new q, k, v."""
+    step adding `query_lens` tokens, and the step's new q, k, v; `shape` is (heads, kv_heads, head_dim)."""
+    heads, kv_heads, dim = shape
     g = torch.Generator().manual_seed(seed)
     meta = AttentionMetadata.build(query_lens, context_lens)
     per_seq = [-(-c // block_size) for c in context_lens]
@@ -140,34 +145,41 @@ def _paged_step(
     )
     slots = num_blocks * block_size
     kv = LayerKV(
-        torch.randn(slots, KV_HEADS, DIM, generator=g).bfloat16(),
-        torch.randn(slots, KV_HEADS, DIM, generator=g).bfloat16(),
+        torch.randn(slots, kv_heads, dim, generator=g).bfloat16(),
+        torch.randn(slots, kv_heads, dim, generator=g).bfloat16(),
         BlockTables(slot_mapping, block_index, key_positions, block_size),
     )
     tokens = sum(query_lens)
-    q, k, v = (torch.randn(tokens, h, DIM, generator=g).bfloat16() for h in (HEADS, KV_HEADS, KV_HEADS))
+    q, k, v = (torch.randn(tokens, h, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
     return meta, kv, q, k, v
 
 
+# (heads, kv_heads, head_dim): query heads per key head 4, 8 (gpt-oss), 2 and 16 at each head_dim the vector
+# path takes; 3, which takes the plain loop.
+SHAPES = [(8, 2, 64), (16, 2, 64), (4, 2, 32), (32, 2, 128), (6, 2, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("window", [0, 16])
 @pytest.mark.parametrize(
     ("query_lens", "context_lens"),
     [([1], [1]), ([1], [40]), ([1, 1, 1], [3, 70, 17]), ([1, 5, 1], [33, 5, 50]), ([MAX_TOKENS], [80])],
 )
 def test_paged_attention_matches_the_reference(
-    query_lens: list[int], context_lens: list[int], window: int
+    query_lens: list[int], context_lens: list[int], window: int, shape: tuple[int, int, int]
 ) -> None:
     """Decodes, a chunk after cached tokens and a fresh prompt in one step, over blocks in shuffled order: the
     same stored slots as the reference's store, and its attention with sinks and the window."""
-    meta, kv, q, k, v = _paged_step(query_lens, context_lens, 4, seed=len(query_lens) + window)
-    sinks = torch.linspace(-2, 2, HEADS)
-    scale = DIM**-0.5
+    meta, kv, q, k, v = _paged_step(query_lens, context_lens, 4, seed=len(query_lens) + window, shape=shape)
+    heads, _, dim = shape
+    sinks = torch.linspace(-2, 2, heads)
+    scale = dim**-0.5
     expected_kv = LayerKV(kv.k.clone(), kv.v.clone(), kv.tables)
     expected = attention_reference(q, k, v, meta, expected_kv, sinks, scale, window)
     got = paged_attention(q, k, v, meta, kv, sinks, scale, window)
     assert torch.equal(kv.k, expected_kv.k)
     assert torch.equal(kv.v, expected_kv.v)
-    assert got.shape == (sum(query_lens), HEADS * DIM)
+    assert got.shape == (sum(query_lens), heads * dim)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-2)
 
