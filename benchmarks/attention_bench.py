@@ -2,6 +2,7 @@
 CUDA runs), on the same inputs in the same run.
 
     python benchmarks/attention_bench.py [--threads N] [--repeats N]
+    python benchmarks/attention_bench.py --paged [--threads N] [--repeats N]
 
 Each case calls :meth:`model.kernels.attention.TorchAttention.attend` (what every layer runs once its keys
 are gathered: decodes batched in one call, each prompt chunk in its own) with one way of adding the sinks,
@@ -11,6 +12,13 @@ attention and a 128-token window. Both results are compared before timing (they 
 check each against the reference). The calls and masks (`attention_plan`) are built once per metadata, as in
 a forward's first layer of each kind; the two timed columns reuse them, as the other layers do, and the last
 column times the lse way with the plan built in the call, as in the first layer.
+
+`--paged` times a bfloat16 decode step's attention over the paged cache instead, at gpt-oss widths (64
+query heads of 64 on 8 key heads) and 16-token blocks in shuffled order, for 1 and 4 decodes at several
+contexts, full attention and a 128-token window: the fused CPU call the decode layer takes
+(:func:`model.kernels.cpu_fused.paged_attention`: store, then attend where the blocks lie) against the torch
+path it replaces (:class:`~model.kernels.attention.TorchAttention`: store, gather, attend), best of
+`--repeats`, each result checked against the other first.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from model.kernels import cpu_fused, cpu_mxfp4  # noqa: E402
 from model.kernels.attention import TorchAttention, sdpa_sink_as_key, sdpa_sink_from_lse  # noqa: E402
-from model.testing import random_attention_case  # noqa: E402
+from model.testing import random_attention_case, random_paged_case  # noqa: E402
 
 logger = logging.getLogger("attention_bench")
 
@@ -50,13 +59,55 @@ def best_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
     return 1e3 * best
 
 
+def paged(args: argparse.Namespace) -> None:
+    """The decode step's attention over the paged cache: the fused CPU call against the torch path."""
+    if not cpu_mxfp4.native_bf16():
+        raise SystemExit("the fused decode layer needs the CPU kernels built with AVX512-BF16")
+    torch_path = TorchAttention(sdpa_sink_from_lse)
+    out(f"paged decode attention, bf16, 64/8 heads of 64, {args.threads} thread(s), best of {args.repeats}")
+    out(f"   {'decodes':>8}{'keys':>7}{'window':>8}{'fused':>12}{'torch':>12}{'ratio':>8}")
+    for decodes in (1, 4):
+        for context in (145, 1024, 4096):
+            for window in (0, 128):
+                q, k, v, meta, kv, sinks = random_paged_case(
+                    2,
+                    [1] * decodes,
+                    [context] * decodes,
+                    window,
+                    block_size=16,
+                    heads=64,
+                    kv_heads=8,
+                    dim=64,
+                    shuffle=True,
+                )
+                q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+                kv = dataclasses.replace(kv, k=kv.k.bfloat16(), v=kv.v.bfloat16())
+                step = (q, k, v, meta, kv, sinks, 0.125, window)
+                calls = {
+                    "fused": functools.partial(cpu_fused.paged_attention, *step),
+                    "torch": functools.partial(torch_path, *step),
+                }
+                fused, plain = calls["fused"]().float(), calls["torch"]().float()
+                torch.testing.assert_close(fused, plain, rtol=0, atol=3e-2)
+                times = {name: best_ms(call, args.repeats) for name, call in calls.items()}
+                out(
+                    f"   {decodes:>8}{context:>7}{window:>8}{times['fused']:>9.3f} ms"
+                    f"{times['torch']:>9.3f} ms{times['torch'] / times['fused']:>7.1f}x"
+                )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per implementation and round")
+    parser.add_argument("--paged", action="store_true", help="the bf16 decode attention over the paged cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.paged:
+        with torch.inference_mode():
+            paged(args)
+        return
     rng = random.Random(0)
     contexts = [rng.randint(200, 600) for _ in range(64)]
     cases = [
