@@ -264,3 +264,17 @@ def test_a_bfloat16_model_decodes_with_the_fused_layer_as_without(
     expected = _decode_logits(model, ids, prompts, steps)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0.03 * e.abs().max().item())
+
+
+def test_a_short_prompt_without_a_cache_takes_the_fused_projections_and_the_torch_attention(
+    every_expert: Path,
+) -> None:
+    """No cache (a whole-sequence scoring call): the fused norm, projections and routing with the torch
+    attention over the step's own tokens, the plain blocks' logits within bfloat16's rounding."""
+    model = GptOss.from_checkpoint(every_expert, dtype=torch.bfloat16, progress=False)
+    ids = torch.randint(1, 1000, (MAX_TOKENS,), generator=torch.Generator().manual_seed(6))
+    meta = AttentionMetadata.build([MAX_TOKENS])
+    got = model(ids, meta, None).float()
+    model.use_kernels(Kernels(TorchAttention(sdpa_sink_from_lse), experts_fused))
+    expected = model(ids, AttentionMetadata.build([MAX_TOKENS]), None).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.03 * expected.abs().max().item())
