@@ -13,18 +13,24 @@ head's learned sink is one extra logit in the softmax denominator whose probabil
   whole blocks into a padded copy, and a few padded fused calls (:func:`attention_plan`) with the sinks
   added by :func:`sdpa_sink_from_lse` (the CPU) or :func:`sdpa_sink_as_key` (elsewhere). The copy lives
   here only: a paged kernel reads the blocks through the tables where they lie.
+
+:func:`fused_attention` is a fused layer's attention block around this seam, shared by the CPU's and the
+GPU's fused layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from model.batch import AttentionMetadata, LayerKV
+from model.batch import AttentionMetadata, KVCache, LayerKV
+
+if TYPE_CHECKING:
+    from model.kernels import AttentionWeights
 
 
 class Attention(Protocol):
@@ -56,6 +62,31 @@ class KVView:
     keys: torch.Tensor  # [S, L, kv_heads, head_dim]
     values: torch.Tensor  # [S, L, kv_heads, head_dim]
     positions: torch.Tensor  # [S, L] int64
+
+
+# -- a fused layer's attention block around this seam --
+
+
+def fused_attention(
+    block: AttentionWeights,
+    x: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    cache: KVCache | None,
+    norm_qkv_rope: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    out_residual: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """:meth:`model.kernels.FusedLayers.attention` around this seam: a fused layer's `norm_qkv_rope` (``(x,
+    norm scale, eps, qkv weight, qkv bias, cos, sin, heads, kv_heads) -> (q, k, v)``), the block's own
+    attention (store into its layer of the cache, attend), then the layer's `out_residual` (``(a, out
+    weight, out bias, x) -> x + out(a)``)."""
+    norm = block.norm
+    q, k, v = norm_qkv_rope(
+        x, norm.scale, norm.eps, block.qkv.weight, block.qkv.bias, *cos_sin, block.heads, block.kv_heads
+    )
+    kv = None if cache is None else cache.layer(block.layer, block.window, meta)
+    t = block.attention(q, k, v, meta, kv, block.sinks, block.scale, block.window)
+    return out_residual(t, block.out.weight, block.out.bias, x)
 
 
 # -- the reference --

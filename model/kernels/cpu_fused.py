@@ -31,7 +31,7 @@ import torch
 
 from model.batch import AttentionMetadata, KVCache, LayerKV
 from model.kernels import cpu_mxfp4
-from model.kernels.attention import Attention
+from model.kernels.attention import Attention, fused_attention
 from model.kernels.cpu_mxfp4 import GEMV_MAX_ROWS
 
 if TYPE_CHECKING:
@@ -206,19 +206,7 @@ class CpuFusedLayers:
         cache: KVCache | None,
     ) -> torch.Tensor:
         """``block(x, cos_sin, meta, cache)`` without adapters: the residual stream after the attention."""
-        q, k, v = norm_qkv_rope(
-            x,
-            block.norm.scale,
-            block.norm.eps,
-            block.qkv.weight,
-            block.qkv.bias,
-            *cos_sin,
-            block.heads,
-            block.kv_heads,
-        )
-        kv = None if cache is None else cache.layer(block.layer, block.window, meta)
-        t = block.attention(q, k, v, meta, kv, block.sinks, block.scale, block.window)
-        return out_residual(t, block.out.weight, block.out.bias, x)
+        return fused_attention(block, x, cos_sin, meta, cache, norm_qkv_rope, out_residual)
 
     def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(``block.norm(x)``, then ``block.route`` of it): what the experts read."""

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from model.batch import AttentionMetadata, KVCache
 from model.kernels import AttentionWeights, RouterWeights
+from model.kernels.attention import fused_attention
 
 # Rows a step may have for the fused kernels: the decode graphs' largest default bucket (a short prompt chunk
 # runs them too). Past it a step is a prompt's, whose projections are matrix products cuBLAS does better.
@@ -473,19 +474,7 @@ class TritonFusedLayers:
         cache: KVCache | None,
     ) -> torch.Tensor:
         """``block(x, cos_sin, meta, cache)`` without adapters: the residual stream after the attention."""
-        q, k, v = norm_qkv_rope(
-            x,
-            block.norm.scale,
-            block.norm.eps,
-            block.qkv.weight,
-            block.qkv.bias,
-            *cos_sin,
-            block.heads,
-            block.kv_heads,
-        )
-        kv = None if cache is None else cache.layer(block.layer, block.window, meta)
-        t = block.attention(q, k, v, meta, kv, block.sinks, block.scale, block.window)
-        return out_residual(t, block.out.weight, block.out.bias, x)
+        return fused_attention(block, x, cos_sin, meta, cache, norm_qkv_rope, out_residual)
 
     def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(``block.norm(x)``, then ``block.route`` of it): what the experts read."""
