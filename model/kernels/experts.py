@@ -315,8 +315,8 @@ def experts_fused(
     CPU kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear`), never dequantized: at decode the
     dequantization was most of the step. Dense experts (:attr:`ExpertMode.DEQUANTIZED`, a fine-tune's) and
     experts with more than :data:`FUSED_MAX_ROWS` tokens (:data:`FUSED_MAX_ROWS_BF16` for native bfloat16)
-    take the dequantize path. A single token without adapters (a batch-1 decode step) takes its k experts in
-    one kernel call per matrix (:func:`_experts_one_token`), the same sums. Needs
+    take the dequantize path. A single token without adapters (a batch-1 decode step) takes its k experts,
+    their SwiGLU and sum in one call (:func:`_experts_one_token`), the same sums. Needs
     :func:`model.kernels.cpu_mxfp4.available` (:meth:`model.kernels.Kernels.for_device` checks it)."""
     if (
         t.shape[0] == 1
