@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import host_memory
 from model.batch import AttentionMetadata, BlockTables, KVCache, LayerKV
 from model.config import ModelConfig
 from model.kernels import FusedLayers, Kernels, prepacked
@@ -397,7 +398,8 @@ class GptOss(nn.Module):
                 elif weight.dense is None and expert_mode is ExpertMode.DEQUANTIZED:
                     weight.dequantize_all(dtype, prepack)
                 elif weight.dense is None and prepack:  # streamed by the fused kernel at every decode step
-                    weight.blocks = prepacked.on_huge_pages(weight.blocks)
+                    weight.blocks = host_memory.on_huge_pages(weight.blocks)
+                    weight.scales = host_memory.on_huge_pages(weight.scales)
         model.rope = RotaryEmbedding(model.config, device)
         model.eval().requires_grad_(False)
         logger.info(

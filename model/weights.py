@@ -17,6 +17,7 @@ naming the tensor rather than deep inside a matmul.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from model import host_memory
 from model.config import MXFP4_BLOCK, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # Bytes per element of the safetensors dtypes gpt-oss uses.
 BYTES: dict[str, int] = {"BF16": 2, "F32": 4, "F16": 2, "U8": 1}
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
 
 
 class Layout(StrEnum):
@@ -285,7 +288,7 @@ def _numel(shape: list[int]) -> int:
 
 
 class CheckpointReader:
-    """Validated access to the tensors of one checkpoint, by canonical name, memory-mapped per file."""
+    """Validated access to the tensors of one checkpoint, by canonical name."""
 
     def __init__(self, files: CheckpointFiles) -> None:
         self.files = files
@@ -293,13 +296,17 @@ class CheckpointReader:
         canonical = expected_tensors(files.config, files.dense_experts)
         specs = canonical if files.layout is Layout.ORIGINAL else hf_specs(files.config, files.dense_experts)
         self._where: dict[str, Path] = {}
+        self._entries: dict[str, dict] = {}  # name → its header entry: dtype, shape, data_offsets
+        self._data_start: dict[Path, int] = {}
         for path in files.files:
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in the index but missing")
             header, data_start = read_header(path)
             _validate_file(path, header, data_start, specs)
-            for name in header:
+            self._data_start[path] = data_start
+            for name, entry in header.items():
                 self._where[name] = path
+                self._entries[name] = entry
         for name in specs:
             if name not in self._where:
                 raise CheckpointError(f"{name}: missing from the checkpoint at {files.root}")
@@ -311,21 +318,49 @@ class CheckpointReader:
         self.nbytes = sum(p.stat().st_size for p in files.files)
 
     def _raw(self, name: str, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self._read(name)
         # safe_open memory-maps the file; only the requested tensor's bytes are read and placed on `device`.
         # It is given an explicit index ("cuda:0"), which every safetensors release parses.
-        if device.type != "cpu" and device.index is None:
+        if device.index is None:
             device = torch.device(device.type, getattr(torch, device.type).current_device())
         with safe_open(str(self._where[name]), framework="pt", device=str(device)) as f:
             return f.get_tensor(name)
 
+    def _read(self, name: str) -> torch.Tensor:
+        """Tensor `name` read from its file into memory of its own, on huge pages where it is large
+        (:func:`model.host_memory.huge_empty`: a decode step streams it).
+
+        Not a view of the file's mapping (safetensors' CPU tensors are): the kernel may drop such pages
+        under memory pressure and read them back on the next touch, so a decode step, which touches one
+        embedding row and the active experts' scales, would wait on the disk; and RSS would leave out the
+        pages never touched."""
+        path = self._where[name]
+        entry = self._entries[name]
+        tensor = host_memory.huge_empty(tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
+        start, end = entry["data_offsets"]
+        view = memoryview((ctypes.c_char * (end - start)).from_address(tensor.data_ptr())).cast("B")
+        with open(path, "rb", buffering=0) as f:
+            f.seek(self._data_start[path] + start)
+            done = 0
+            while done < len(view):
+                count = f.readinto(view[done:])
+                if not count:
+                    raise CheckpointError(f"{name} in {path.name}: file truncated while reading")
+                done += count
+        return tensor
+
     def get(self, name: str, device: torch.device) -> torch.Tensor:
-        """A canonical tensor, in its checkpoint dtype, on `device` (qkv is assembled for the HF layout)."""
+        """A canonical tensor, in its checkpoint dtype, on `device` (qkv is assembled for the HF layout); on
+        the CPU in memory of its own (:meth:`_read`)."""
         if self.layout is Layout.ORIGINAL:
             return self._raw(name, device)
         names = hf_names(name)
         parts = [self._raw(n, device) for n in names]
         if len(parts) > 1:
-            return torch.cat(parts, dim=0)
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+            out = host_memory.huge_empty(shape, parts[0].dtype) if device.type == "cpu" else None
+            return torch.cat(parts, dim=0, out=out)
         return parts[0].transpose(1, 2).contiguous() if _transposed(names[0]) else parts[0]
 
     def items(self, device: torch.device, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -22,28 +22,18 @@ oneDNN on that plain weight at every row count up to its limit, and at one or tw
 the prepacked weight too: it streams the weight at about the memory's speed. So where it is built,
 :func:`for_decode` keeps the model's linears plain (the attention projections, the router, the vocabulary
 projection: read whole by every decode step, by one or two rows at batch 1), on huge pages
-(:func:`on_huge_pages`); a prefill's many rows then run oneDNN on the plain weight, about 10% slower on
-those matmuls than on a prepacked one, and a batched decode of 4-16 rows pays up to 1.45x on them against the
-prepacked weight (benchmarks/README.md): the trade favours the single user's decode.
+(:func:`model.host_memory.on_huge_pages`); a prefill's many rows then run oneDNN on the plain weight, about
+10% slower on those matmuls than on a prepacked one, and a batched decode of 4-16 rows pays up to 1.45x on
+them against the prepacked weight (benchmarks/README.md): the trade favours the single user's decode.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import logging
-import sys
-
 import torch
 import torch.nn.functional as F
 
+from model.host_memory import on_huge_pages
 from model.kernels import cpu_mxfp4
-
-logger = logging.getLogger(__name__)
-
-HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
-_MADV_HUGEPAGE = 14
 
 
 def applies(weight: torch.Tensor) -> bool:
@@ -72,37 +62,6 @@ def for_decode(weight: torch.Tensor) -> torch.Tensor:
     if applies(weight) and cpu_mxfp4.native_bf16():
         return on_huge_pages(weight.contiguous())
     return prepack(weight)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor `t` in memory that Linux is asked (``madvise(MADV_HUGEPAGE)``, before any page of
-    it is touched) to back with 2 MB pages; `t` itself where it is smaller than one, or not on a Linux CPU.
-
-    Why: a decode step streams each large weight once, and with 4 KB pages it crosses a page every 4 KB (a
-    TLB miss each, and the hardware prefetcher does not cross page boundaries). On 2 MB pages the bf16 GEMV's
-    loop read the vocabulary projection 10-15% faster, the MXFP4 kernel an expert about 10%
-    (benchmarks/README.md). Where transparent huge pages are off
-    (``/sys/kernel/mm/transparent_hugepage/enabled`` = never) the advice does nothing and is harmless. The
-    copy sits at a 2 MB boundary inside a buffer up to 2 MB larger."""
-    libc = _libc()
-    if t.device.type != "cpu" or t.nbytes < HUGE_PAGE or libc is None:
-        return t
-    pad = HUGE_PAGE // t.element_size()
-    buffer = torch.empty(t.numel() + pad, dtype=t.dtype)
-    start = buffer.data_ptr()
-    offset = (-start) % HUGE_PAGE
-    length = t.nbytes // HUGE_PAGE * HUGE_PAGE
-    if libc.madvise(ctypes.c_void_p(start + offset), ctypes.c_size_t(length), _MADV_HUGEPAGE) != 0:
-        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-    first = offset // t.element_size()
-    return buffer[first : first + t.numel()].view(t.shape).copy_(t)
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:

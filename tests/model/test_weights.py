@@ -211,3 +211,32 @@ def test_neither_directory_nor_hub_id_is_refused(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):
         resolve_model(bad)
+
+
+def file_mappings(paths: list[Path]) -> list[tuple[int, int]]:
+    """The address ranges where this process maps any of `paths` (from /proc/self/maps)."""
+    names = {str(p.resolve()) for p in paths}
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names:
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_cpu_weights_own_their_memory(checkpoints: dict[str, Path], layout: str) -> None:
+    """No weight of a CPU model is a view of the checkpoint's mapping: the kernel could drop such pages under
+    memory pressure, and a decode step would then wait on the disk for one embedding row or expert's scales."""
+    model = GptOss.from_checkpoint(checkpoints[layout], dtype=torch.bfloat16, progress=False)
+    files = sorted(checkpoints[layout].rglob("*.safetensors"))
+    tensors = [t for t in model.state_dict().values() if not t.is_mkldnn and t.numel()]
+    for block in model.block:
+        tensors += [block.mlp.mlp1_weight.blocks, block.mlp.mlp1_weight.scales]
+        tensors += [block.mlp.mlp2_weight.blocks, block.mlp.mlp2_weight.scales]
+    mapped = file_mappings(files)  # while the model lives: a view would keep its file mapped
+    assert tensors
+    for tensor in tensors:
+        address = tensor.data_ptr()
+        assert not any(start <= address < end for start, end in mapped)

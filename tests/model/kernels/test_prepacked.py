@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.gpt_oss import AttentionMetadata, ContiguousKVCache, GptOss
+from model.host_memory import HUGE_PAGE, is_on_huge_pages
 from model.kernels import cpu_mxfp4, prepacked
 from model.kernels.experts import experts_grouped, experts_reference
 
@@ -36,14 +37,15 @@ def test_for_decode_keeps_linears_plain_on_huge_pages_where_the_gemv_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     g = torch.Generator().manual_seed(3)
-    large = torch.randn(prepacked.HUGE_PAGE // 2 // 64 + 5, 64, generator=g).bfloat16()  # over 2 MB
+    large = torch.randn(HUGE_PAGE // 2 // 64 + 5, 64, generator=g).bfloat16()  # over 2 MB
     small = torch.randn(48, 64, generator=g).bfloat16()
     if cpu_mxfp4.native_bf16():
         kept = prepacked.for_decode(large)
         assert not kept.is_mkldnn
-        assert kept.data_ptr() % prepacked.HUGE_PAGE == 0
+        assert kept.data_ptr() % HUGE_PAGE == 0
         assert kept.data_ptr() != large.data_ptr()
         assert torch.equal(kept, large)
+        assert prepacked.for_decode(kept) is kept  # on huge pages already: no second copy
         assert prepacked.for_decode(small) is small  # under one huge page: as it is
     monkeypatch.setattr(cpu_mxfp4, "native_bf16", lambda: False)
     assert prepacked.for_decode(small).is_mkldnn == CAN_PREPACK
@@ -118,7 +120,8 @@ def test_prepacked_bf16_model_equals_plain_bf16_model(checkpoints: dict[str, Pat
     assert fast.unembedding.weight.is_mkldnn != gemv
     assert fast.block[0].attn.qkv.weight.is_mkldnn != gemv
     if gemv:
-        assert fast.unembedding.weight.data_ptr() % prepacked.HUGE_PAGE == 0
+        assert fast.unembedding.weight.data_ptr() % HUGE_PAGE == 0
+        assert is_on_huge_pages(fast.unembedding.weight)
     assert not plain.unembedding.weight.is_mkldnn
     mlp1 = fast.block[0].mlp.mlp1_weight
     if experts == "dequantized":
