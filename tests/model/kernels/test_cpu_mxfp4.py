@@ -41,6 +41,9 @@ def weights(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     [
         (18, 32, 1),
         (21, 96, 1),
+        (19, 512, 1),
+        (5, 1088, 1),
+        (7, 1280, 1),
         (45, 2880, 1),
         (40, 64, 2),
         (27, 96, TILE),
@@ -55,7 +58,7 @@ def test_fused_equals_float64_product(rows: int, cols: int, tokens: int, dtype: 
     `cols` terms may be off by about cols·2^-24 of the sum of the terms' magnitudes (plus one float32
     subnormal step per term), and a bf16 result by its rounding on top. Token counts cover one tile, a
     partial tile and several; one token (the bf16 path's two-blocks-a-step decode) an odd and an even count of
-    blocks and a partial group of rows."""
+    blocks at several lengths, and a partial group of rows."""
     blocks, scales, bias = weights(rows, cols, seed=rows + cols)
     g = torch.Generator().manual_seed(tokens)
     x = (torch.randn(tokens, cols, generator=g) * 2.0**-10).to(dtype)
@@ -111,7 +114,11 @@ def test_fused_decodes_low_nibble_first_and_scales_per_block() -> None:
     blocks[0, 0, 0], blocks[0, 1, 15] = 0x71, 0xA0  # 0xA0: element 30 is +0, element 31 is -1
     scales = torch.tensor([[127, 130]], dtype=torch.uint8)
     x = torch.eye(64)[[0, 1, 62, 63, 2]]
-    assert mxfp4_linear(x, blocks, scales).flatten().tolist() == [0.5, 6.0, 0.0, -8.0, 0.0]
+    expected = [0.5, 6.0, 0.0, -8.0, 0.0]
+    assert mxfp4_linear(x, blocks, scales).flatten().tolist() == expected
+    if cpu_mxfp4.native_bf16():  # one token at a time: the path that decodes two blocks a step
+        for row, value in zip(x.bfloat16(), expected, strict=True):
+            assert mxfp4_linear(row[None], blocks, scales).item() == value
 
 
 def test_bad_shapes_are_refused() -> None:
