@@ -12,8 +12,9 @@ benchmarks/model_bench.py uses (hidden 2880, 32 experts, top-4, the real vocabul
 runs each implementation and dtype in its own process (so peak RSS is that run's alone) and prints, per run:
 prefill tokens/s for one `--prompt`-token sequence, decode tokens/s at batch 1 after that prompt (the best
 step and the median of `--decode-steps`; and the median CPU time of a step, which other load on a shared
-machine does not inflate), peak RSS, and the perplexity of README.md's first `--ppl-chunks`
-chunks of `--ppl-ctx` tokens (scored as llama-perplexity scores them: the second half of each chunk).
+machine does not inflate), peak RSS (and in the JSON line how much of it is on huge pages), and the
+perplexity of README.md's first `--ppl-chunks` chunks of `--ppl-ctx` tokens (scored as llama-perplexity
+scores them: the second half of each chunk).
 `--profile` adds, per run, the top operators of one more decode step under torch.profiler. `--impls` names the
 runs: fused (the CPU's default path), unfused (the same kernels with each block's small operators and the
 attention in torch, no fused decode layer: its baseline) and grouped (experts dequantized per step).
@@ -290,6 +291,20 @@ def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
     return out
 
 
+def anon_huge_pages() -> int:
+    """Bytes of this process's memory on transparent huge pages (AnonHugePages of /proc/self/smaps_rollup; 0
+    where there is no such file): how much of the weights the kernel did back with 2 MB pages, which decode
+    streams faster (model/host_memory.py)."""
+    try:
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def perplexity(model: GptOss, args: argparse.Namespace) -> float:
     """The perplexity of PPL_TEXT as llama-perplexity computes it: chunks of `--ppl-ctx` tokens, each run
     alone, the predictions of its second half scored."""
@@ -367,6 +382,7 @@ def worker(args: argparse.Namespace) -> None:
         profile_decode(model, cache, token, args.prompt + args.decode_steps + 1)
     # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak (checkpoint writing).
     out["peak_rss_gb"] = proc_status("VmHWM") / 1e9
+    out["huge_pages_gb"] = anon_huge_pages() / 1e9
     if args.ppl_chunks:
         out["perplexity"] = perplexity(model, args)
     sys.stdout.write(json.dumps(out) + "\n")
