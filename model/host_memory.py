@@ -28,9 +28,9 @@ _MAPPINGS: weakref.WeakValueDictionary[int, mmap.mmap] = weakref.WeakValueDictio
 
 
 def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A new CPU tensor (zeros: fresh anonymous memory) that starts on a 2 MB boundary, in memory Linux is
-    asked to back with 2 MB pages; a plain ``torch.empty`` where it is smaller than one such page or the
-    platform has no such advice."""
+    """A new CPU tensor, its contents unspecified, that starts on a 2 MB boundary in memory Linux is asked to
+    back with 2 MB pages; a plain ``torch.empty`` where it is smaller than one such page or the platform has
+    no such advice."""
     numel = 1
     for size in shape:
         numel *= size

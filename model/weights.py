@@ -339,6 +339,8 @@ class CheckpointReader:
         entry = self._entries[name]
         tensor = host_memory.huge_empty(tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
         start, end = entry["data_offsets"]
+        if end == start:
+            return tensor
         view = memoryview((ctypes.c_char * (end - start)).from_address(tensor.data_ptr())).cast("B")
         with open(path, "rb", buffering=0) as f:
             f.seek(self._data_start[path] + start)
