@@ -4,7 +4,7 @@ dequantize-per-step.
 
     python benchmarks/cpu_bench.py [--layers 4] [--prompt 128] [--decode-steps 16] [--threads N]
                                    [--impls fused,unfused] [--dtypes bfloat16,float32] [--no-llama-cpp]
-                                   [--ppl-chunks 2] [--ppl-ctx 128] [--profile]
+                                   [--ppl-chunks 2] [--ppl-ctx 128] [--profile] [--rounds 1]
     python benchmarks/cpu_bench.py [--kernels] [--matrix-tokens 64,256,512,1024] [--repeats 7]
 
 The default (quick) mode writes once, under .cache/model_bench/, the random 20b-shaped checkpoint slice that
@@ -18,6 +18,11 @@ scores them: the second half of each chunk).
 `--profile` adds, per run, the top operators of one more decode step under torch.profiler. `--impls` names the
 runs: fused (the CPU's default path), unfused (the same kernels with each block's small operators and the
 attention in torch, no fused decode layer: its baseline) and grouped (experts dequantized per step).
+
+`--rounds N` runs the whole sequence (every run, then llama.cpp) N times in turn and reports each figure's
+median over the rounds, with the decode ratio of every round: the machine's memory speed drifts by a fifth
+or more over minutes, and alternating spreads that drift over both sides (the two models do not fit in
+memory together, so each round loads them again).
 
 llama.cpp (unless `--no-llama-cpp`) is built once from the `llama-cpp-python` source package (it vendors
 llama.cpp; `pip download`, then cmake and ninja: llama-bench and llama-perplexity, for this CPU) and cached
@@ -403,8 +408,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--matrix-tokens", default="", help="time one matrix at these token counts")
     parser.add_argument("--profile", action="store_true", help="print a profile of one decode step per run")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run and llama.cpp in turn")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
@@ -420,20 +428,26 @@ def main() -> None:
 
     path = checkpoint_dir(args.layers, 32)
     logger.info("checkpoint %s (%d layers of gpt-oss-20b), %d threads", path, args.layers, args.threads)
-    results: dict[str, dict[str, float]] = {}
-    for dtype_name in args.dtypes.split(","):
-        for impl in args.impls.split(","):
-            run = f"{impl}:{dtype_name}"
-            command = [sys.executable, __file__, "--worker", run, *sys.argv[1:]]
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
-            results[run] = json.loads(done.stdout.strip().splitlines()[-1])
-            if args.profile:
-                logger.info("%s:\n%s", run, done.stderr[done.stderr.find("profile of one decode step") :])
-            logger.info("%s: %s", run, json.dumps(results[run]))
-
-    if not args.no_llama_cpp:
-        results["llama.cpp"] = llama_cpp(args, path)
-        logger.info("llama.cpp: %s", json.dumps(results["llama.cpp"]))
+    rounds: list[dict[str, dict[str, float]]] = []
+    for number in range(args.rounds):
+        results: dict[str, dict[str, float]] = {}
+        for dtype_name in args.dtypes.split(","):
+            for impl in args.impls.split(","):
+                run = f"{impl}:{dtype_name}"
+                command = [sys.executable, __file__, "--worker", run, *sys.argv[1:]]
+                done = subprocess.run(command, check=True, capture_output=True, text=True)
+                results[run] = json.loads(done.stdout.strip().splitlines()[-1])
+                if args.profile:
+                    logger.info("%s:\n%s", run, done.stderr[done.stderr.find("profile of one decode step") :])
+                logger.info("round %d, %s: %s", number + 1, run, json.dumps(results[run]))
+        if not args.no_llama_cpp:
+            results["llama.cpp"] = llama_cpp(args, path)
+            logger.info("round %d, llama.cpp: %s", number + 1, json.dumps(results["llama.cpp"]))
+        rounds.append(results)
+    results = {
+        run: {key: statistics.median(r[run][key] for r in rounds) for key in figures}
+        for run, figures in rounds[0].items()
+    }
 
     header = (
         f"{'':18}{'prefill tok/s':>14}{'decode tok/s best':>19}{'median':>8}{'CPU ms/token':>14}"
@@ -466,6 +480,12 @@ def main() -> None:
                 f"CPU time per token {peer['decode_cpu_ms'] / r['decode_cpu_ms']:.2f}x, peak RSS "
                 f"{r['peak_rss_gb'] / peer['peak_rss_gb']:.2f}x"
             )
+            if len(rounds) > 1:
+                decode = "decode_tok_s_median"
+                ratios = [x[run][decode] / x["llama.cpp"][decode] for x in rounds]
+                lines.append(f"  decode ratio by round: {', '.join(f'{q:.2f}x' for q in ratios)}")
+    if len(rounds) > 1:
+        lines.insert(0, f"medians over {len(rounds)} rounds")
     logger.info("\n%s", "\n".join(lines))
 
 
