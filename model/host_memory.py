@@ -14,6 +14,7 @@ projection would add its size to the peak RSS of a load) and is unmapped whole w
 
 from __future__ import annotations
 
+import math
 import mmap
 import weakref
 
@@ -31,10 +32,7 @@ def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     """A new CPU tensor, its contents unspecified, that starts on a 2 MB boundary in memory Linux is asked to
     back with 2 MB pages; a plain ``torch.empty`` where it is smaller than one such page or the platform has
     no such advice."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or _ADVICE is None:
         return torch.empty(shape, dtype=dtype)
     length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # whole pages, and room to start on a boundary

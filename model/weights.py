@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 
-# Bytes per element of the safetensors dtypes gpt-oss uses.
-BYTES: dict[str, int] = {"BF16": 2, "F32": 4, "F16": 2, "U8": 1}
+# The safetensors dtypes gpt-oss uses, and their bytes per element.
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
+BYTES: dict[str, int] = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 
 class Layout(StrEnum):
