@@ -20,12 +20,17 @@ row limit; what the model keeps where the CPU has AVX512-BF16), `W` plain throug
 row-major weight), and `W` prepacked for oneDNN (:func:`model.kernels.prepacked.prepack`).
 
 Checks that the three agree, then prints per layout the best of `--repeats` calls in a row, over two rounds
-of the three layouts.
+of the three layouts. The bfloat16 weight lies on huge pages, as the model's does
+(:func:`model.host_memory.huge_empty`), and a fourth column, **read**, times a plain pass over its bytes (a
+torch sum of them as int64): the memory's speed in the same run, the bound for the GEMV at few rows. The last
+column is the median over the repeats of the read's time divided by the GEMV's in the same repeat (the
+memory's speed drifts, so the best times of the two may come from different spells).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from model.host_memory import huge_empty  # noqa: E402
 from model.kernels import cpu_mxfp4, prepacked  # noqa: E402
 
 VOCAB = 201088
@@ -92,15 +98,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bf16(args: argparse.Namespace) -> None:
-    """The bf16 projection: the GEMV on the plain weight, oneDNN on the plain weight, oneDNN prepacked."""
+    """The bf16 projection: the GEMV on the plain weight, oneDNN on the plain weight, oneDNN prepacked; and a
+    plain read of the weight's bytes."""
     if not cpu_mxfp4.native_bf16():
         raise SystemExit("this CPU has no AVX512-BF16 (or the kernel did not build): no bf16 GEMV to time")
     out(f"bfloat16 vocabulary projection ({VOCAB} rows), torch {torch.__version__}, {args.threads} thread(s)")
-    out(f"   {'hidden':>6}{'rows':>6}{'GEMV':>12}{'oneDNN plain':>15}{'oneDNN packed':>16}")
+    out(
+        f"   {'hidden':>6}{'rows':>6}{'GEMV':>12}{'oneDNN plain':>15}{'oneDNN packed':>16}{'read':>10}"
+        f"{'read / GEMV':>14}"
+    )
     g = torch.Generator().manual_seed(0)
     for hidden in (int(h) for h in (args.hidden or "2880").split(",")):
-        weight = torch.randn(VOCAB, hidden, generator=g).bfloat16()
+        weight = huge_empty((VOCAB, hidden), torch.bfloat16)
+        weight.copy_(torch.randn(VOCAB, hidden, generator=g))
         packed = prepacked.prepack(weight)
+        # The weight's bytes as int64 where they divide evenly (an exact sum: no float rounding or NaN).
+        words = weight.view(torch.int64) if weight.numel() % 4 == 0 else weight.view(torch.int16)
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, hidden, generator=g).bfloat16()
             buffer = torch.empty(rows, VOCAB)
@@ -112,14 +125,23 @@ def bf16(args: argparse.Namespace) -> None:
             reference = cpu_mxfp4.bf16_gemv_reference(x, weight)
             for name, run in runs.items():
                 torch.testing.assert_close(run(), reference, rtol=2**-7, atol=1e-2, msg=name)
-            best = dict.fromkeys(runs, float("inf"))
+            timed = {**runs, "read": lambda words=words: words.sum()}
+            best = dict.fromkeys(timed, float("inf"))
+            ratios = []
             for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path
-                for name, run in runs.items():
+                took = {}
+                for name, run in timed.items():
                     started = time.perf_counter()
                     run()
-                    best[name] = min(best[name], time.perf_counter() - started)
+                    took[name] = time.perf_counter() - started
+                    best[name] = min(best[name], took[name])
+                # The GEMV against the read of the same round: the memory's speed drifts between rounds.
+                ratios.append(took["read"] / took["gemv"])
             ms = {name: f"{1e3 * b:.1f} ms" for name, b in best.items()}
-            out(f"   {hidden:>6}{rows:>6}{ms['gemv']:>12}{ms['plain']:>15}{ms['packed']:>16}")
+            out(
+                f"   {hidden:>6}{rows:>6}{ms['gemv']:>12}{ms['plain']:>15}{ms['packed']:>16}{ms['read']:>10}"
+                f"{statistics.median(ratios):>13.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -409,14 +409,26 @@ static torch::Tensor linear_bf16(const torch::Tensor&, const uint8_t*, const uin
 
 // ---------------------------------------------------------------------------------------------------------
 // The decode GEMV on a plain row-major bfloat16 weight: out[m, r] = x[m] . w[r] (+ bias[r]) for a few rows of x,
-// bound by reading the weight once. Weight rows advance in groups of 16 (92 KB at K = 2880: they stay in L2
-// while every input row runs over them); a single input row runs all 16 rows at once (16 load streams and 16
-// float32 sums in registers, the widest that keeps them all in registers with the input), a pair of input rows
-// eight rows at a time (16 sums). Each 32-element load of a weight row feeds VDPBF16PS against the same one or
-// two input loads. A width that is not a multiple of 32 ends with masked loads (zeros add nothing). Tiles of
-// more input rows were no faster: the products, not the loads, then set the pace.
+// bound by reading the weight once. Each thread takes a contiguous range of weight rows.
+//
+// For one or two input rows (decode at batch 1 and 2) the rows are read one after another, each front to back:
+// one stream in address order, which the hardware prefetchers follow as they follow a plain read loop. Rows read
+// side by side are as many short streams (5,760 bytes each at K = 2880), which they follow poorly: with the
+// memory at its fastest, sixteen rows side by side read the unembedding at about 0.75x the speed of a read loop
+// over the same bytes and two at about 0.55x, one at a time at about 0.9x (benchmarks/README.md). Each
+// 32-element load of the row feeds VDPBF16PS against each input row's, into GEMV_CHAINS independent float32
+// sums per input row (enough to hide its latency; four were slower).
+//
+// From three input rows on, the products rather than the loads set the pace, and the weight rows advance in
+// groups of 16 (92 KB: they stay in L2 while every input row runs over them): a pair of input rows eight rows at
+// a time (16 sums), a last single input row all 16 at once, so that each weight load feeds two or one products
+// and each input load eight or sixteen. Tiles of more input rows were no faster.
+//
+// A width that is not a multiple of 32 ends with masked loads (zeros add nothing).
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-constexpr int GEMV_GROUP_ROWS = 16;  // weight rows read from memory together
+constexpr int64_t GEMV_ROW_MAX = 2;  // up to this many input rows, weight rows are read one at a time
+constexpr int GEMV_CHAINS = 2;       // float32 sums in flight per input row on a weight row read alone
+constexpr int GEMV_GROUP_ROWS = 16;  // beyond, weight rows read side by side
 
 // A float32 rounded to the nearest bfloat16 (ties to even), as bits; NaN stays NaN.
 static inline uint16_t bf16_bits(float v) {
@@ -457,6 +469,43 @@ struct GemvBias {
     }
 };
 
+// Weight row r against input rows [m0, m0 + MT), C sums per input row taking the row's 32-element pieces in
+// turn: the one-row-at-a-time path.
+template <int MT, int C>
+static void gemv_row(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t K,
+                     int64_t m0, int64_t r) {
+    __m512 acc[MT][C];
+    for (int m = 0; m < MT; ++m)
+        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    const uint16_t* wr = w + r * K;
+    const uint16_t* xm[MT];
+    for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
+    int64_t k = 0;
+    for (; k + 32 * C <= K; k += 32 * C)
+        for (int c = 0; c < C; ++c) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k + 32 * c);
+            for (int m = 0; m < MT; ++m)
+                acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_loadu_si512(xm[m] + k + 32 * c));
+        }
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
+        for (int m = 0; m < MT; ++m)
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_loadu_si512(xm[m] + k));
+    }
+    if (k < K) {
+        const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + k);
+        for (int m = 0; m < MT; ++m)
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, xm[m] + k));
+    }
+    for (int m = 0; m < MT; ++m) {
+        for (int c = 1; c < C; ++c) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][c]);
+        out.store(m0 + m, r, _mm512_reduce_add_ps(acc[m][0]) + bias.at(r));
+    }
+}
+
+// Rows [r0, r1) of the weight against every input row, the rows side by side: pairs of inputs, then a last
+// single one.
 template <int R, int MT>
 static void gemv_step(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t K,
                       int64_t m0, int64_t r) {
@@ -490,7 +539,6 @@ static void gemv_step(const uint16_t* x, const uint16_t* w, const GemvBias& bias
             out.store(m0 + m, r + i, _mm512_reduce_add_ps(acc[i][m]) + bias.at(r + i));
 }
 
-// Rows [r0, r1) of the weight, every input row: pairs of inputs, then a last single one.
 static void gemv_rows(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t M,
                       int64_t K, int64_t r0, int64_t r1) {
     const bool full = r1 - r0 == GEMV_GROUP_ROWS;
@@ -512,10 +560,19 @@ static void gemv_rows(const uint16_t* x, const uint16_t* w, const GemvBias& bias
     }
 }
 
-// out = x . w^T + bias for x [M, K] and w [N, K] bfloat16, threaded over groups of weight rows, each thread a
-// contiguous range (one stream through the weight).
+// out = x . w^T + bias for x [M, K] and w [N, K] bfloat16, threaded over the weight's rows, each thread a
+// contiguous range of them.
 static void gemv(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t M,
                  int64_t K, int64_t N) {
+    if (M <= GEMV_ROW_MAX) {
+        at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+            for (int64_t r = begin; r < end; ++r) {
+                if (M == 1) gemv_row<1, GEMV_CHAINS>(x, w, bias, out, K, 0, r);
+                else gemv_row<2, GEMV_CHAINS>(x, w, bias, out, K, 0, r);
+            }
+        });
+        return;
+    }
     const int64_t groups = (N + GEMV_GROUP_ROWS - 1) / GEMV_GROUP_ROWS;
     at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
         for (int64_t grp = begin; grp < end; ++grp)
