@@ -248,66 +248,93 @@ static const DotFn DOTS[TOKENS] = {dot_tile<1, true>, dot_tile<2, true>, dot_til
                                    dot_tile<4, true>, dot_tile<5, true>, dot_tile<6, true>};
 static const DotFn DIRECT[DIRECT_MAX] = {dot_tile<1, false>, dot_tile<2, false>, dot_tile<3, false>};
 
-// A single token (batch-1 decode), two blocks per step: their 32 bytes widened to 32 words at once (one
-// VPMOVZXBW for two blocks, where decode_block spends one widening per block), each word's low nibble and then
-// its high nibble looking up a table whose first half is block A's scaled values and second half block B's
-// (bit 4 of each index picks the half). That yields A's and B's even elements, then their odd ones, so the
-// input is laid out once per call in the same order (pair_inputs). About 15% fewer cycles per block than
-// decode_block, with the same products and float32 sums (in another order). An odd last block takes
-// decode_block.
-//
-// The rows are taken one after another, each read front to back: with several rows read side by side (eight
-// interleaved streams of 1,440 bytes at gpt-oss widths) one thread read its bytes at about 13 GB/s even with no
-// arithmetic, against about 30 GB/s for the same bytes in order; in order the whole kernel ran 1.7x faster
-// (benchmarks/README.md, cpu_bench). ONE_CHAINS independent sums per row hide VDPBF16PS's latency.
-constexpr int ROWS_ONE = 8;    // rows per parallel task, whose scales are checked together
-constexpr int ONE_CHAINS = 3;  // independent accumulators per row (pairs of blocks taken round robin)
+// A single token (batch-1 decode), four blocks per step, in three parts:
+// * Decoding without widening. The four blocks' 64 bytes are loaded as 32 words, each holding four codes (two
+//   bytes, low nibble first). VPERMW reads only an index's low five bits, so with the 16 unscaled e2m1 values
+//   twice in its table, the words as they are look up each word's first code, and shifted by 4, 8 and 12 its
+//   second, third and fourth: four permutes for 128 weights, against a widening and two permutes per 64 before.
+//   The input is laid out once per call in the same order (quad_inputs): per four blocks, the elements 4j, then
+//   4j + 1, 4j + 2 and 4j + 3 of the 128.
+// * Scales after the sums. Word j of the load belongs to block j / 8, so each float32 lane of VDPBF16PS's sums
+//   holds one block's products: four lanes per block. The products are summed unscaled (exact: an e2m1 value
+//   times a bfloat16 fits float32's mantissa), then multiplied by the blocks' powers of two in one FMA, a
+//   vector of sixteen built from sixteen scale bytes at once (each byte shifted into a float32's exponent). The
+//   per-block tables of the scaled values, two 64-byte loads per two blocks, are gone: loads, not arithmetic,
+//   had set the pace (five 64-byte loads per two blocks; now two and a half).
+// * Rows in order. The rows are taken one after another, each read front to back: with several rows read side
+//   by side (eight interleaved streams of 1,440 bytes at gpt-oss widths) one thread read its bytes at about 13
+//   GB/s even with no arithmetic, against about 30 GB/s for the same bytes in order (benchmarks/README.md).
+// One thread multiplied a row's 64 blocks in L2 about 1.25x faster than the two-block loop it replaces, and two
+// threads read 20b expert rows from memory about 1.3x faster (benchmarks/README.md). The results are the same
+// products summed in float32 in another order. The last G % 4 blocks take decode_block, in natural order.
+constexpr int ROWS_ONE = 8;  // rows per parallel task, whose scales are checked together
 
-// x [K] into xp [K]: per pair of blocks (g, g + 1), g's 16 even elements, g+1's, g's 16 odd ones, g+1's; a lone
-// last block as it is.
-static void pair_inputs(const uint16_t* x, uint16_t* xp, int64_t G) {
+// Lanes of the sixteen scales' vector (blocks g .. g + 15) for the four blocks from g + 4q on: four each.
+alignas(64) static int32_t QUAD_SCALE_LANES[4][16];
+static bool QUAD_SCALE_LANES_READY = [] {
+    for (int q = 0; q < 4; ++q)
+        for (int i = 0; i < 16; ++i) QUAD_SCALE_LANES[q][i] = 4 * q + i / 4;
+    return true;
+}();
+
+// x [K] into xq [K]: per four blocks (128 elements c), the elements c + 4j, then c + 4j + 1, c + 4j + 2 and
+// c + 4j + 3 (j = 0 .. 31); the last G % 4 blocks as they are.
+static void quad_inputs(const uint16_t* x, uint16_t* xq, int64_t G) {
     int64_t g = 0;
-    for (; g + 2 <= G; g += 2)
-        for (int h = 0; h < 2; ++h)
-            for (int j = 0; j < 16; ++j) {
-                xp[g * 32 + h * 16 + j] = x[(g + h) * 32 + 2 * j];
-                xp[g * 32 + 32 + h * 16 + j] = x[(g + h) * 32 + 2 * j + 1];
-            }
-    if (g < G) std::memcpy(xp + g * 32, x + g * 32, 32 * sizeof(uint16_t));
+    for (; g + 4 <= G; g += 4)
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 32; ++j) xq[g * 32 + i * 32 + j] = x[g * 32 + 4 * j + i];
+    if (g < G) std::memcpy(xq + g * 32, x + g * 32, (G - g) * 32 * sizeof(uint16_t));
 }
 
-// The products of one row's blocks (g, g + 1) with the paired inputs, added into acc.
-static inline __m512 dot_pair(__m512 acc, const uint8_t* b, const uint8_t* s, const uint16_t* xp, int64_t g) {
-    const __m512i upper = _mm512_set_epi64(0x0010001000100010LL, 0x0010001000100010LL, 0x0010001000100010LL,
-                                           0x0010001000100010LL, 0, 0, 0, 0);  // 16 in the words of block B
-    const __m512i low4 = _mm512_set1_epi16(0xF);
-    const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(b + g * 16)));
-    const __m512i table = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_load_si512(FP4_BF16[s[g]]),
-                                                  _mm512_load_si512(FP4_BF16[s[g + 1]]));
-    const __m512i lo = _mm512_ternarylogic_epi32(words, low4, upper, 0xEA);  // (words & 0xF) | upper
-    const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(words, 4), upper);
-    const __m512bh even = (__m512bh)_mm512_loadu_si512(xp + g * 32);
-    const __m512bh odd = (__m512bh)_mm512_loadu_si512(xp + g * 32 + 32);
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_permutexvar_epi16(lo, table), even);
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_permutexvar_epi16(hi, table), odd);
+// The unscaled products of four blocks' 64 bytes b with their inputs xq (quad_inputs' order), summed per
+// float32 lane: lanes 4i .. 4i + 3 hold block i's.
+static inline __m512 quad_sums(const uint8_t* b, const uint16_t* xq, __m512i table) {
+    const __m512i w = _mm512_loadu_si512(b);
+    __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_permutexvar_epi16(w, table),
+                                (__m512bh)_mm512_loadu_si512(xq));
+    __m512 u = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table),
+                                (__m512bh)_mm512_loadu_si512(xq + 32));
+    t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table),
+                         (__m512bh)_mm512_loadu_si512(xq + 64));
+    u = _mm512_dpbf16_ps(u, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table),
+                         (__m512bh)_mm512_loadu_si512(xq + 96));
+    return _mm512_add_ps(t, u);
 }
 
-static void dot_one(const uint8_t* blocks, const uint8_t* scales, const uint16_t* xp, const float* bias, float* out,
+// 2^(s - 127) for n (up to 16) scale bytes as float32s: each byte shifted into the exponent. Exact for the
+// scales the safe range admits.
+static inline __m512 scale_powers(const uint8_t* s, int n) {
+    const __m128i bytes = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), s);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu8_epi32(bytes), 23));
+}
+
+static void dot_one(const uint8_t* blocks, const uint8_t* scales, const uint16_t* xq, const float* bias, float* out,
                     int64_t G, int64_t r0, int64_t r1) {
+    static_assert(SCALE_BIAS == 127, "scale_powers builds 2^(s - 127)");
+    const __m512i table = _mm512_load_si512(FP4_BF16[SCALE_BIAS]);  // the unscaled values, twice
+    __m512i lanes[4];
+    for (int q = 0; q < 4; ++q) lanes[q] = _mm512_load_si512(QUAD_SCALE_LANES[q]);
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* b = blocks + r * G * 16;
         const uint8_t* s = scales + r * G;
-        __m512 acc[ONE_CHAINS];
-        for (int c = 0; c < ONE_CHAINS; ++c) acc[c] = _mm512_setzero_ps();
+        __m512 acc[4];
+        for (int q = 0; q < 4; ++q) acc[q] = _mm512_setzero_ps();
         int64_t g = 0;
-        for (; g + 2 * ONE_CHAINS <= G; g += 2 * ONE_CHAINS)
-            for (int c = 0; c < ONE_CHAINS; ++c) acc[c] = dot_pair(acc[c], b, s, xp, g + 2 * c);
-        for (; g + 2 <= G; g += 2) acc[0] = dot_pair(acc[0], b, s, xp, g);
-        if (g < G)
-            acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)decode_block(b + g * 16, s[g]),
-                                      (__m512bh)_mm512_loadu_si512(xp + g * 32));
-        for (int c = 1; c < ONE_CHAINS; ++c) acc[0] = _mm512_add_ps(acc[0], acc[c]);
-        out[r] = _mm512_reduce_add_ps(acc[0]) + (bias ? bias[r] : 0.f);
+        for (; g + 16 <= G; g += 16) {
+            const __m512 pow2 = scale_powers(s + g, 16);
+            for (int q = 0; q < 4; ++q)
+                acc[q] = _mm512_fmadd_ps(quad_sums(b + (g + 4 * q) * 16, xq + (g + 4 * q) * 32, table),
+                                         _mm512_permutexvar_ps(lanes[q], pow2), acc[q]);
+        }
+        for (; g + 4 <= G; g += 4)
+            acc[0] = _mm512_fmadd_ps(quad_sums(b + g * 16, xq + g * 32, table),
+                                     _mm512_permutexvar_ps(lanes[0], scale_powers(s + g, 4)), acc[0]);
+        for (; g < G; ++g)
+            acc[1] = _mm512_dpbf16_ps(acc[1], (__m512bh)decode_block(b + g * 16, s[g]),
+                                      (__m512bh)_mm512_loadu_si512(xq + g * 32));
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        out[r] = _mm512_reduce_add_ps(sum) + (bias ? bias[r] : 0.f);
     }
 }
 
@@ -347,13 +374,13 @@ static void row_exact(const uint8_t* b, const uint8_t* s, const uint16_t* x, con
     }
 }
 
-// Rows [r0, r0 + ROWS_ONE) (clipped to N) of one token's product: x its input row, xp the same paired
-// (pair_inputs). Rows whose scales are out of the safe range take the float32 loop.
-static void one_token_rows(const uint8_t* bptr, const uint8_t* sptr, const uint16_t* xp, const uint16_t* x,
+// Rows [r0, r0 + ROWS_ONE) (clipped to N) of one token's product: x its input row, xq the same in
+// quad_inputs' order. Rows whose scales are out of the safe range take the float32 loop.
+static void one_token_rows(const uint8_t* bptr, const uint8_t* sptr, const uint16_t* xq, const uint16_t* x,
                            const float* bias, float* out, int64_t G, int64_t N, int64_t r0) {
     const int64_t r1 = std::min(N, r0 + ROWS_ONE);
     if (scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
-        dot_one(bptr, sptr, xp, bias, out, G, r0, r1);
+        dot_one(bptr, sptr, xq, bias, out, G, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; ++r) row_exact(bptr + r * G * 16, sptr + r * G, x, bias, out, G, N, 1, r);
     }
@@ -366,11 +393,11 @@ static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, co
     const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     float* optr = out.data_ptr<float>();
     if (M == 1) {
-        std::vector<uint16_t> xp(G * 32);
-        pair_inputs(xptr, xp.data(), G);
+        std::vector<uint16_t> xq(G * 32);
+        quad_inputs(xptr, xq.data(), G);
         at::parallel_for(0, (N + ROWS_ONE - 1) / ROWS_ONE, 1, [&](int64_t begin, int64_t end) {
             for (int64_t grp = begin; grp < end; ++grp)
-                one_token_rows(bptr, sptr, xp.data(), xptr, biasptr, optr, G, N, grp * ROWS_ONE);
+                one_token_rows(bptr, sptr, xq.data(), xptr, biasptr, optr, G, N, grp * ROWS_ONE);
         });
         return out;
     }
@@ -648,13 +675,13 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
 static void experts_one(const uint16_t* x, int64_t rows, const uint8_t* blocks, const uint8_t* scales,
                         const float* bias, const int64_t* experts, int64_t P, int64_t N, int64_t G, float* out) {
     const int64_t K = G * 32;
-    std::vector<uint16_t> xp(rows * K);
-    for (int64_t m = 0; m < rows; ++m) pair_inputs(x + m * K, xp.data() + m * K, G);
+    std::vector<uint16_t> xq(rows * K);
+    for (int64_t m = 0; m < rows; ++m) quad_inputs(x + m * K, xq.data() + m * K, G);
     const int64_t groups = (N + ROWS_ONE - 1) / ROWS_ONE;
     at::parallel_for(0, P * groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
             const int64_t p = task / groups, e = experts[p], m = rows == 1 ? 0 : p;
-            one_token_rows(blocks + e * N * G * 16, scales + e * N * G, xp.data() + m * K, x + m * K,
+            one_token_rows(blocks + e * N * G * 16, scales + e * N * G, xq.data() + m * K, x + m * K,
                            bias ? bias + p * N : nullptr, out + p * N, G, N, (task % groups) * ROWS_ONE);
         }
     });

@@ -42,6 +42,8 @@ def weights(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
         (18, 32, 1),
         (21, 96, 1),
         (19, 512, 1),
+        (9, 224, 1),
+        (11, 672, 1),
         (5, 1088, 1),
         (7, 1280, 1),
         (45, 2880, 1),
@@ -57,8 +59,8 @@ def test_fused_equals_float64_product(rows: int, cols: int, tokens: int, dtype: 
     """Against the exact product in float64 of the reference-dequantized weights: float32 accumulation of
     `cols` terms may be off by about cols·2^-24 of the sum of the terms' magnitudes (plus one float32
     subnormal step per term), and a bf16 result by its rounding on top. Token counts cover one tile, a
-    partial tile and several; one token (the bf16 path's two-blocks-a-step decode) an odd and an even count of
-    blocks at several lengths, and a partial group of rows."""
+    partial tile and several; one token (the bf16 path's four-blocks-a-step decode) block counts of every
+    remainder by four, with and without whole groups of sixteen, and a partial group of rows."""
     blocks, scales, bias = weights(rows, cols, seed=rows + cols)
     g = torch.Generator().manual_seed(tokens)
     x = (torch.randn(tokens, cols, generator=g) * 2.0**-10).to(dtype)
@@ -108,15 +110,25 @@ def test_fused_bfloat16_equals_its_twin(tokens: int, rows: int) -> None:
 
 
 def test_fused_decodes_low_nibble_first_and_scales_per_block() -> None:
-    """One weight row with two blocks: byte 0x71 is +0.5 (element 0) then +6 (element 1); the second block
-    scaled by 2^3. Picking inputs one-hot reads single weights back."""
-    blocks = torch.zeros(1, 2, 16, dtype=torch.uint8)
-    blocks[0, 0, 0], blocks[0, 1, 15] = 0x71, 0xA0  # 0xA0: element 30 is +0, element 31 is -1
-    scales = torch.tensor([[127, 130]], dtype=torch.uint8)
-    x = torch.eye(64)[[0, 1, 62, 63, 2]]
-    expected = [0.5, 6.0, 0.0, -8.0, 0.0]
+    """One weight row of five blocks (four decoded together by the single-token path, then one alone), each
+    scaled on its own: byte 0x71 is +0.5 (element 0) then +6 (element 1); 0xA0 in block 1 (scaled by 2^3) is
+    +0 (element 62) then -1 (63); 0x3C in block 2 (2^-1) is -2 (78) then +1.5 (79); 0x05 in block 3 is +3
+    (112) then +0; 0x20 in block 4 (2^1) is +0 (130) then +1 (131). Picking inputs one-hot reads single
+    weights back."""
+    blocks = torch.zeros(1, 5, 16, dtype=torch.uint8)
+    blocks[0, 0, 0], blocks[0, 1, 15], blocks[0, 2, 7], blocks[0, 3, 8], blocks[0, 4, 1] = (
+        0x71,
+        0xA0,
+        0x3C,
+        0x05,
+        0x20,
+    )
+    scales = torch.tensor([[127, 130, 126, 127, 128]], dtype=torch.uint8)
+    picked = [0, 1, 62, 63, 78, 79, 112, 113, 130, 131, 2]
+    expected = [0.5, 6.0, 0.0, -8.0, -1.0, 0.75, 3.0, 0.0, 0.0, 2.0, 0.0]
+    x = torch.eye(160)[picked]
     assert mxfp4_linear(x, blocks, scales).flatten().tolist() == expected
-    if cpu_mxfp4.native_bf16():  # one token at a time: the path that decodes two blocks a step
+    if cpu_mxfp4.native_bf16():  # one token at a time: the path that decodes four blocks a step
         for row, value in zip(x.bfloat16(), expected, strict=True):
             assert mxfp4_linear(row[None], blocks, scales).item() == value
 
