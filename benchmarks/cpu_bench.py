@@ -41,6 +41,9 @@ shared: other load only ever adds time); at one token also the fused kernel call
 (the grouped path), against the fused path's one call for the token's experts. `--matrix-tokens` adds one
 expert's first matrix (5760 x 2880) at those token counts, dequantized then multiplied (oneDNN) against fused:
 where the two cross is the fused path's token limit per expert (`FUSED_MAX_ROWS` in model/kernels/experts.py).
+At one token the table also has the time to read the routed experts' bytes once (blocks and scales of both
+matrices, summed by torch: a plain pass over memory), the floor for any kernel on them, the same minimum of
+`--repeats`.
 """
 
 from __future__ import annotations
@@ -105,6 +108,15 @@ def best(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def read_experts(mlp: MLPBlock, indices: torch.Tensor) -> None:
+    """One plain pass over the routed experts' bytes (both matrices' blocks and scales): a torch sum of each
+    as int64."""
+    for weight in (mlp.mlp1_weight, mlp.mlp2_weight):
+        for expert in indices.flatten().tolist():
+            for packed in (weight.blocks[expert], weight.scales[expert]):
+                packed.reshape(-1).view(torch.int64).sum()
+
+
 def bench_kernels(args: argparse.Namespace) -> None:
     """One 20b-shaped MoE layer's experts, random MXFP4 weights of trained-like scales, random routing."""
     config = PRESETS["20b"]
@@ -118,7 +130,7 @@ def bench_kernels(args: argparse.Namespace) -> None:
     # same kernel called once per expert and matrix through the grouped path.
     per_expert = functools.partial(experts_grouped, linear=_fused_linear)
     head = f"{'experts of one 20b layer':34}{'dequantize (ms)':>16}{'per expert (ms)':>16}{'fused (ms)':>12}"
-    lines = [f"{head}{'speed-up':>10}"]
+    lines = [f"{head}{'speed-up':>10}{'read (ms)':>11}"]
     for dtype_name, dtype in DTYPES.items():
         mlp.mlp1_bias.data = torch.randn(mlp.mlp1_bias.shape, generator=g).to(dtype) * 0.1
         mlp.mlp2_bias.data = torch.randn(mlp.mlp2_bias.shape, generator=g).to(dtype) * 0.1
@@ -131,12 +143,15 @@ def bench_kernels(args: argparse.Namespace) -> None:
                 name: 1e3 * best(lambda f=fn, a=(mlp, t, indices, weights): f(*a), args.repeats)
                 for name, fn in IMPLS.items()
             }
-            one = "-"
+            one = read = "-"
             if tokens == 1:
                 one = f"{1e3 * best(lambda a=(mlp, t, indices, weights): per_expert(*a), args.repeats):.2f}"
+                read = f"{1e3 * best(lambda i=indices: read_experts(mlp, i), args.repeats):.2f}"
             label = f"{dtype_name}, {tokens} token{'s' if tokens > 1 else ''}"
             speed_up = ms["grouped"] / ms["fused"]
-            lines.append(f"{label:34}{ms['grouped']:16.1f}{one:>16}{ms['fused']:12.2f}{speed_up:9.1f}x")
+            lines.append(
+                f"{label:34}{ms['grouped']:16.1f}{one:>16}{ms['fused']:12.2f}{speed_up:9.1f}x{read:>11}"
+            )
     logger.info("threads %d, min of %d\n%s", torch.get_num_threads(), args.repeats, "\n".join(lines))
 
 
