@@ -334,7 +334,14 @@ class CheckpointReader:
         Not a view of the file's mapping (safetensors' CPU tensors are): the kernel may drop such pages
         under memory pressure and read them back on the next touch, so a decode step, which touches one
         embedding row and the active experts' scales, would wait on the disk; and RSS would leave out the
-        pages never touched."""
+        pages never touched.
+
+        The file's pages just read are then dropped from the page cache (``POSIX_FADV_DONTNEED``): the bytes
+        now live in the tensor. Kept, a checkpoint's worth of cached file pages filled the free memory and
+        scattered what was left, and the later tensors' huge pages could not be found: loading the 20b on a
+        24 GB machine left 22-77% of the unembedding and about a quarter of the experts on 4 KB pages;
+        dropped, all of them were on 2 MB pages (benchmarks/README.md). The cost is that a second load reads
+        the file from disk again."""
         path = self._where[name]
         entry = self._entries[name]
         tensor = host_memory.huge_empty(tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
@@ -350,6 +357,7 @@ class CheckpointReader:
                 if not count:
                     raise CheckpointError(f"{name} in {path.name}: file truncated while reading")
                 done += count
+            os.posix_fadvise(f.fileno(), self._data_start[path] + start, end - start, os.POSIX_FADV_DONTNEED)
         return tensor
 
     def get(self, name: str, device: torch.device) -> torch.Tensor:

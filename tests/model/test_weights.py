@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -240,3 +241,39 @@ def test_cpu_weights_own_their_memory(checkpoints: dict[str, Path], layout: str)
     for tensor in tensors:
         address = tensor.data_ptr()
         assert not any(start <= address < end for start, end in mapped)
+
+
+def tensor_ranges(path: Path) -> set[tuple[int, int]]:
+    """(offset in the file, length) of every non-empty tensor's bytes in a safetensors file."""
+    with path.open("rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+    ranges = set()
+    for name, entry in header.items():
+        start, end = entry["data_offsets"] if name != "__metadata__" else (0, 0)
+        if end > start:
+            ranges.add((8 + header_length + start, end - start))
+    return ranges
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_cpu_reads_drop_the_file_pages_they_copied(
+    checkpoints: dict[str, Path], layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading for the CPU reads every tensor of the checkpoint once and then tells the kernel to drop exactly
+    those file pages from its cache: the bytes live in the tensor, and a checkpoint's worth of cached pages
+    left no free 2 MB blocks for the later tensors' huge pages."""
+    dropped: list[tuple[str, int, int, int]] = []
+    fadvise = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        dropped.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    reader = open_checkpoint(checkpoints[layout])
+    assert sum(1 for _ in reader.items(torch.device("cpu"), progress=False))
+    files = sorted(checkpoints[layout].rglob("*.safetensors"))
+    expected = {(str(f.resolve()), offset, length) for f in files for offset, length in tensor_ranges(f)}
+    assert {advice for *_, advice in dropped} == {os.POSIX_FADV_DONTNEED}
+    assert sorted((name, offset, length) for name, offset, length, _ in dropped) == sorted(expected)
