@@ -264,8 +264,8 @@ static const DotFn DIRECT[DIRECT_MAX] = {dot_tile<1, false>, dot_tile<2, false>,
 // * Rows in order. The rows are taken one after another, each read front to back: with several rows read side
 //   by side (eight interleaved streams of 1,440 bytes at gpt-oss widths) one thread read its bytes at about 13
 //   GB/s even with no arithmetic, against about 30 GB/s for the same bytes in order (benchmarks/README.md).
-// One thread multiplied a row's 64 blocks in L2 about 1.25x faster than the two-block loop it replaces, and two
-// threads read 20b expert rows from memory about 1.3x faster (benchmarks/README.md). The results are the same
+// One thread multiplied 600 rows of 90 blocks held in L2 about 1.25x faster than the two-block loop it replaces,
+// and two threads multiplied rows read from memory about 1.3x faster (benchmarks/README.md). The results are the same
 // products summed in float32 in another order. The last G % 4 blocks take decode_block, in natural order.
 constexpr int ROWS_ONE = 8;  // rows per parallel task, whose scales are checked together
 
