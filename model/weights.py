@@ -339,7 +339,7 @@ class CheckpointReader:
         The file's pages just read are then dropped from the page cache (``POSIX_FADV_DONTNEED``): the bytes
         now live in the tensor. Kept, a checkpoint's worth of cached file pages filled the free memory and
         scattered what was left, and the later tensors' huge pages could not be found: loading the 20b on a
-        24 GB machine left 22-77% of the unembedding and about a quarter of the experts on 4 KB pages;
+        24 GB machine left 25-77% of the unembedding and about a quarter of the experts on 4 KB pages;
         dropped, all of them were on 2 MB pages (benchmarks/README.md). The cost is that a second load reads
         the file from disk again."""
         path = self._where[name]
@@ -349,15 +349,17 @@ class CheckpointReader:
         if end == start:
             return tensor
         view = memoryview((ctypes.c_char * (end - start)).from_address(tensor.data_ptr())).cast("B")
+        offset = self._data_start[path] + start
         with open(path, "rb", buffering=0) as f:
-            f.seek(self._data_start[path] + start)
+            f.seek(offset)
             done = 0
             while done < len(view):
                 count = f.readinto(view[done:])
                 if not count:
                     raise CheckpointError(f"{name} in {path.name}: file truncated while reading")
                 done += count
-            os.posix_fadvise(f.fileno(), self._data_start[path] + start, end - start, os.POSIX_FADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):  # not on macOS, whose page cache is its own affair
+                os.posix_fadvise(f.fileno(), offset, end - start, os.POSIX_FADV_DONTNEED)
         return tensor
 
     def get(self, name: str, device: torch.device) -> torch.Tensor:
