@@ -112,8 +112,8 @@ def bf16(args: argparse.Namespace) -> None:
         weight = huge_empty((VOCAB, hidden), torch.bfloat16)
         weight.copy_(torch.randn(VOCAB, hidden, generator=g))
         packed = prepacked.prepack(weight)
-        # The weight's bytes as int64 where they divide evenly (an exact sum: no float rounding or NaN).
-        words = weight.view(torch.int64) if weight.numel() % 4 == 0 else weight.view(torch.int16)
+        # The weight's bytes as int64 where a row's divide evenly (an exact sum: no float rounding or NaN).
+        words = weight.view(torch.int64) if hidden % 4 == 0 else weight.view(torch.int16)
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, hidden, generator=g).bfloat16()
             buffer = torch.empty(rows, VOCAB)

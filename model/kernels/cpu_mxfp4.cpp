@@ -496,76 +496,49 @@ struct GemvBias {
     }
 };
 
-// Weight row r against input rows [m0, m0 + MT), C sums per input row taking the row's 32-element pieces in
-// turn: the one-row-at-a-time path.
-template <int MT, int C>
-static void gemv_row(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t K,
-                     int64_t m0, int64_t r) {
-    __m512 acc[MT][C];
-    for (int m = 0; m < MT; ++m)
-        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
-    const uint16_t* wr = w + r * K;
-    const uint16_t* xm[MT];
-    for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
-    int64_t k = 0;
-    for (; k + 32 * C <= K; k += 32 * C)
-        for (int c = 0; c < C; ++c) {
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k + 32 * c);
-            for (int m = 0; m < MT; ++m)
-                acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv, (__m512bh)_mm512_loadu_si512(xm[m] + k + 32 * c));
-        }
-    for (; k + 32 <= K; k += 32) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
-        for (int m = 0; m < MT; ++m)
-            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_loadu_si512(xm[m] + k));
-    }
-    if (k < K) {
-        const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
-        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + k);
-        for (int m = 0; m < MT; ++m)
-            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, xm[m] + k));
-    }
-    for (int m = 0; m < MT; ++m) {
-        for (int c = 1; c < C; ++c) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][c]);
-        out.store(m0 + m, r, _mm512_reduce_add_ps(acc[m][0]) + bias.at(r));
-    }
-}
-
-// Rows [r0, r1) of the weight against every input row, the rows side by side: pairs of inputs, then a last
-// single one.
-template <int R, int MT>
+// Weight rows [r, r + R) against input rows [m0, m0 + MT), C independent float32 sums per pair taking the
+// rows' 32-element pieces in turn (more than one where a row is read alone: enough to hide VDPBF16PS's
+// latency). Each piece of the inputs is loaded once for the R rows, each piece of a row once for the MT inputs.
+template <int R, int MT, int C = 1>
 static void gemv_step(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t K,
                       int64_t m0, int64_t r) {
-    __m512 acc[R][MT];
+    __m512 acc[R][MT][C];
     for (int i = 0; i < R; ++i)
-        for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_setzero_ps();
+        for (int m = 0; m < MT; ++m)
+            for (int c = 0; c < C; ++c) acc[i][m][c] = _mm512_setzero_ps();
     const uint16_t* wr[R];
     for (int i = 0; i < R; ++i) wr[i] = w + (r + i) * K;
     const uint16_t* xm[MT];
     for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512bh xv[MT];
-        for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xm[m] + k);
-        for (int i = 0; i < R; ++i) {
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[i] + k);
-            for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+    for (; k + 32 * C <= K; k += 32 * C)
+        for (int c = 0; c < C; ++c) {
+            __m512bh xv[MT];
+            for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xm[m] + k + 32 * c);
+            for (int i = 0; i < R; ++i) {
+                const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[i] + k + 32 * c);
+                for (int m = 0; m < MT; ++m) acc[i][m][c] = _mm512_dpbf16_ps(acc[i][m][c], wv, xv[m]);
+            }
         }
-    }
-    if (k < K) {
-        const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+    // The pieces left over (fewer than C), the last one masked where K is not a multiple of 32.
+    for (; k < K; k += 32) {
+        const __mmask32 mask = K - k >= 32 ? ~(__mmask32)0 : (__mmask32)((1ull << (K - k)) - 1);
         __m512bh xv[MT];
         for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, xm[m] + k);
         for (int i = 0; i < R; ++i) {
             const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + k);
-            for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+            for (int m = 0; m < MT; ++m) acc[i][m][0] = _mm512_dpbf16_ps(acc[i][m][0], wv, xv[m]);
         }
     }
     for (int i = 0; i < R; ++i)
-        for (int m = 0; m < MT; ++m)
-            out.store(m0 + m, r + i, _mm512_reduce_add_ps(acc[i][m]) + bias.at(r + i));
+        for (int m = 0; m < MT; ++m) {
+            for (int c = 1; c < C; ++c) acc[i][m][0] = _mm512_add_ps(acc[i][m][0], acc[i][m][c]);
+            out.store(m0 + m, r + i, _mm512_reduce_add_ps(acc[i][m][0]) + bias.at(r + i));
+        }
 }
 
+// Rows [r0, r1) of the weight against every input row, the rows side by side: pairs of inputs, then a last
+// single one.
 static void gemv_rows(const uint16_t* x, const uint16_t* w, const GemvBias& bias, const GemvOut& out, int64_t M,
                       int64_t K, int64_t r0, int64_t r1) {
     const bool full = r1 - r0 == GEMV_GROUP_ROWS;
@@ -594,8 +567,8 @@ static void gemv(const uint16_t* x, const uint16_t* w, const GemvBias& bias, con
     if (M <= GEMV_ROW_MAX) {
         at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
             for (int64_t r = begin; r < end; ++r) {
-                if (M == 1) gemv_row<1, GEMV_CHAINS>(x, w, bias, out, K, 0, r);
-                else gemv_row<2, GEMV_CHAINS>(x, w, bias, out, K, 0, r);
+                if (M == 1) gemv_step<1, 1, GEMV_CHAINS>(x, w, bias, out, K, 0, r);
+                else gemv_step<1, 2, GEMV_CHAINS>(x, w, bias, out, K, 0, r);
             }
         });
         return;
