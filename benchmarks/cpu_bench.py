@@ -126,14 +126,21 @@ def bench_kernels(args: argparse.Namespace) -> None:
         weight.blocks.copy_(torch.randint(0, 256, weight.blocks.shape, generator=g, dtype=torch.uint8))
         weight.scales.copy_(torch.randint(118, 128, weight.scales.shape, generator=g, dtype=torch.uint8))
     cpu_mxfp4.available()
+    # The same weights in row pairs, as a bfloat16 model lays them out at load where the kernel multiplies
+    # bfloat16 natively ("pairs"); "fused" reads them in the checkpoint's layout.
+    paired = MLPBlock(config, experts_fused)
+    for weight, source in ((paired.mlp1_weight, mlp.mlp1_weight), (paired.mlp2_weight, mlp.mlp2_weight)):
+        weight.blocks, weight.scales = source.blocks.clone(), source.scales
+        weight.pair_rows()
     # At one token the fused path takes all k experts, their SwiGLU and sum in one call; "per expert" is the
     # same kernel called once per expert and matrix through the grouped path.
     per_expert = functools.partial(experts_grouped, linear=_fused_linear)
     head = f"{'experts of one 20b layer':34}{'dequantize (ms)':>16}{'per expert (ms)':>16}{'fused (ms)':>12}"
-    lines = [f"{head}{'speed-up':>10}{'read (ms)':>11}"]
+    lines = [f"{head}{'speed-up':>10}{'read (ms)':>11}{'pairs (ms)':>12}"]
     for dtype_name, dtype in DTYPES.items():
         mlp.mlp1_bias.data = torch.randn(mlp.mlp1_bias.shape, generator=g).to(dtype) * 0.1
         mlp.mlp2_bias.data = torch.randn(mlp.mlp2_bias.shape, generator=g).to(dtype) * 0.1
+        paired.mlp1_bias.data, paired.mlp2_bias.data = mlp.mlp1_bias.data, mlp.mlp2_bias.data
         for tokens in (1, args.prompt):
             t = torch.randn(tokens, config.hidden_size, generator=g).to(dtype)
             logits = torch.randn(tokens, config.num_experts, generator=g)
@@ -143,14 +150,17 @@ def bench_kernels(args: argparse.Namespace) -> None:
                 name: 1e3 * best(lambda f=fn, a=(mlp, t, indices, weights): f(*a), args.repeats)
                 for name, fn in IMPLS.items()
             }
-            one = read = "-"
+            one = read = pairs = "-"
             if tokens == 1:
                 one = f"{1e3 * best(lambda a=(mlp, t, indices, weights): per_expert(*a), args.repeats):.2f}"
                 read = f"{1e3 * best(lambda i=indices: read_experts(mlp, i), args.repeats):.2f}"
+            if dtype == torch.bfloat16 and cpu_mxfp4.native_bf16():
+                pairs_s = best(lambda a=(paired, t, indices, weights): experts_fused(*a), args.repeats)
+                pairs = f"{1e3 * pairs_s:.2f}"
             label = f"{dtype_name}, {tokens} token{'s' if tokens > 1 else ''}"
             speed_up = ms["grouped"] / ms["fused"]
             lines.append(
-                f"{label:34}{ms['grouped']:16.1f}{one:>16}{ms['fused']:12.2f}{speed_up:9.1f}x{read:>11}"
+                f"{label:34}{ms['grouped']:16.1f}{one:>16}{ms['fused']:12.2f}{speed_up:9.1f}x{read:>11}{pairs:>12}"
             )
     logger.info("threads %d, min of %d\n%s", torch.get_num_threads(), args.repeats, "\n".join(lines))
 

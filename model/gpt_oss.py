@@ -391,6 +391,7 @@ class GptOss(nn.Module):
             model.merge_lora(read_adapter(lora, model.config), dtype=dtype, quantize=quantize)
         if prepack:  # first: while the experts are still packed, a linear's transient copy costs least
             model.prepack_weights()
+        paired = prepack and kernels.reads_paired_rows(dtype)
         for block in model.block:
             for weight in (block.mlp.mlp1_weight, block.mlp.mlp2_weight):
                 if weight.dense is not None and prepack:  # a fine-tune's plain experts, kept plain
@@ -398,6 +399,8 @@ class GptOss(nn.Module):
                 elif weight.dense is None and expert_mode is ExpertMode.DEQUANTIZED:
                     weight.dequantize_all(dtype, prepack)
                 elif weight.dense is None and prepack:  # streamed by the fused kernel at every decode step
+                    if paired:
+                        weight.pair_rows(into=host_memory.huge_empty(weight.blocks.shape, torch.uint8))
                     weight.blocks = host_memory.on_huge_pages(weight.blocks)
                     weight.scales = host_memory.on_huge_pages(weight.scales)
         model.rope = RotaryEmbedding(model.config, device)
@@ -523,11 +526,15 @@ class GptOss(nn.Module):
                     experts.clear(slot)
 
     def use_kernels(self, kernels: Kernels) -> None:
-        """Compute with other implementations from now on, on the same weights (benchmarks compare paths)."""
+        """Compute with other implementations from now on, on the same weights (benchmarks compare paths);
+        experts laid out in row pairs go back to the checkpoint's layout for kernels that read no pairs."""
         for block in self.block:
             block.attn.attention = kernels.attention
             block.mlp.experts = kernels.experts
             block.attn.fused = block.mlp.fused = kernels.fused
+            if not kernels.reads_paired_rows(self.dtype):
+                block.mlp.mlp1_weight.unpair_rows()
+                block.mlp.mlp2_weight.unpair_rows()
 
     def weight_nbytes(self) -> int:
         """Bytes the weights hold: the state dict plus dequantized experts, which live outside it."""

@@ -111,6 +111,12 @@ class Kernels:
     experts: Experts
     fused: FusedLayers | None = None
 
+    def reads_paired_rows(self, dtype: torch.dtype) -> bool:
+        """Whether these kernels read a model's packed experts fastest in row pairs
+        (:meth:`~model.kernels.experts.MXFP4Weight.pair_rows`), and read nothing else: the fused CPU experts
+        on bfloat16 activations that the kernel multiplies natively."""
+        return self.experts is experts_fused and dtype == torch.bfloat16 and cpu_mxfp4.native_bf16()
+
     @classmethod
     def for_device(cls, device: torch.device | str) -> Kernels:
         """The fast paths for `device`. The CPU: experts grouped by expert (no padding), multiplied from their

@@ -403,13 +403,14 @@ std::vector<torch::Tensor> norm_route(torch::Tensor x, torch::Tensor norm_scale,
 
 // One token t [1, H] through its k experts (indices, weights [1, k]): mlp2(swiglu(mlp1(t))) per expert,
 // weighted and summed, bfloat16 [1, H]. up_* and down_* are the layer's stacked MXFP4 experts (blocks
-// [E, N, G, 16], scales [E, N, G]) and their biases [E, N]. The same values, bit for bit, as the grouped
-// path's (model/kernels/experts.py): the experts in ascending order, each matrix's sums rounded to bfloat16,
-// SwiGLU by the same torch operators, each weighted row rounded, their sum in float32 rounded once.
+// [E, N, G, 16], in the row-pair layout with up_paired / down_paired; scales [E, N, G]) and their biases
+// [E, N]. The same values, bit for bit, as the grouped path's (model/kernels/experts.py) on the same layouts:
+// the experts in ascending order, each matrix's sums rounded to bfloat16, SwiGLU by the same torch operators,
+// each weighted row rounded, their sum in float32 rounded once.
 torch::Tensor experts_one_token(torch::Tensor t, torch::Tensor up_blocks, torch::Tensor up_scales,
                                 torch::Tensor up_bias, torch::Tensor down_blocks, torch::Tensor down_scales,
                                 torch::Tensor down_bias, torch::Tensor indices, torch::Tensor weights, double alpha,
-                                double limit) {
+                                double limit, bool up_paired, bool down_paired) {
     pybind11::gil_scoped_release no_gil;
     check_bf16_rows(t, "t");
     TORCH_CHECK(t.size(0) == 1, "t: one token");
@@ -428,6 +429,7 @@ torch::Tensor experts_one_token(torch::Tensor t, torch::Tensor up_blocks, torch:
                     up_scales.size(2) == up_blocks.size(2) && down_scales.size(0) == E && down_scales.size(1) == N2 &&
                     down_scales.size(2) == down_blocks.size(2),
                 "expert matrices do not fit t");
+    TORCH_CHECK(!down_paired || N2 % 2 == 0, "paired rows: an even number of them");
     TORCH_CHECK(up_bias.dim() == 2 && up_bias.size(0) == E && up_bias.size(1) == N1 && down_bias.dim() == 2 &&
                     down_bias.size(0) == E && down_bias.size(1) == N2,
                 "biases: [E, N]");
@@ -449,7 +451,7 @@ torch::Tensor experts_one_token(torch::Tensor t, torch::Tensor up_blocks, torch:
     }
     std::vector<float> h(P * N1);
     experts_one(bf16_ptr(t), 1, up_blocks.data_ptr<uint8_t>(), up_scales.data_ptr<uint8_t>(), bias1.data(), ids.data(),
-                P, N1, up_blocks.size(2), h.data());
+                P, N1, up_blocks.size(2), h.data(), up_paired);
     // SwiGLU over the interleaved columns (gate even, up odd) of h rounded to bfloat16, each torch operator of
     // model.kernels.experts.swiglu rounding to bfloat16 in turn; the sigmoid itself is torch's, so that its
     // exponential is the very one the plain path uses.
@@ -473,7 +475,7 @@ torch::Tensor experts_one_token(torch::Tensor t, torch::Tensor up_blocks, torch:
     }
     std::vector<float> y(P * N2);
     experts_one(a.data(), P, down_blocks.data_ptr<uint8_t>(), down_scales.data_ptr<uint8_t>(), bias2.data(),
-                ids.data(), P, N2, down_blocks.size(2), y.data());
+                ids.data(), P, N2, down_blocks.size(2), y.data(), down_paired);
     auto out = torch::empty({1, H}, t.options());
     uint16_t* optr = bf16_ptr_mut(out);
     const float* yptr = y.data();
@@ -505,7 +507,8 @@ std::vector<torch::Tensor> norm_route(torch::Tensor, torch::Tensor, double, torc
     TORCH_CHECK(false, "this build has no bfloat16 decode layer (no AVX512-BF16)");
 }
 torch::Tensor experts_one_token(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                                torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, double, double) {
+                                torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, double, double, bool,
+                                bool) {
     TORCH_CHECK(false, "this build has no bfloat16 decode layer (no AVX512-BF16)");
 }
 #endif

@@ -338,6 +338,148 @@ static void dot_one(const uint8_t* blocks, const uint8_t* scales, const uint16_t
     }
 }
 
+// Row pairs: the layout a model gives its packed experts on CPUs with this path (model.kernels.mxfp4.pair_rows
+// is its twin). Rows 2p and 2p + 1 lie together in 2 x G x 16 bytes: for each segment of 16 blocks, row 2p's 256
+// bytes, then row 2p + 1's, each interleaved so that its 64-byte chunk c holds bytes 4c .. 4c + 3 of each of
+// the 16 blocks (block i at byte 4i); after the last whole segment, the G % 16 blocks left of row 2p, then of
+// row 2p + 1, as they are. What each part buys over dot_one's four blocks side by side:
+// * One scale multiply per segment. Float32 lane i of VDPBF16PS's sums over any chunk of a segment holds block
+//   i's products only, so a row's 16 sums of a segment add up unscaled and meet the 16 blocks' powers of two,
+//   in order, in one FMA, where four blocks side by side took a lane permute and an FMA per 64 bytes.
+// * One input load for both rows (for every token, up to PAIRED_MAX). The two rows of a pair take the same
+//   inputs at the same offsets and lie next to each other, so each input vector feeds both while the bytes are
+//   still read in address order, as one stream (two rows read from two places ran at a third of the speed, in
+//   scratch C). dot_one loads four 64-byte vectors of inputs for each 64 bytes of weights; held in registers,
+//   the inputs would have made it about a third faster (the same scratch).
+// * Two shifts per chunk. A word's third and fourth codes are its second byte's nibbles: the chunk loaded
+//   again one byte further on holds them in the low bits (masked, so it never reads past the chunk).
+// The inputs are laid out once per call in the same order (paired_inputs); the products are the same, summed in
+// float32 in another order. Where rows are wanted in their own order (more tokens, a row with unsafe scales),
+// unpair_rows restores it, a group of rows at a time. Timings in benchmarks/README.md.
+constexpr int SEGMENT = 16;  // blocks per interleaved segment
+
+// x [K] into xi [K]: per segment of 16 blocks (512 elements from c0), for chunk c and code k of each word, the
+// elements c0 + 32 (j / 2) + 8c + 4 (j % 2) + k (j = 0 .. 31); the blocks after the last segment in quad_inputs'
+// order.
+static void paired_inputs(const uint16_t* x, uint16_t* xi, int64_t G) {
+    const int64_t S = G / SEGMENT * SEGMENT;
+    for (int64_t g = 0; g < S; g += SEGMENT)
+        for (int c = 0; c < 4; ++c)
+            for (int k = 0; k < 4; ++k)
+                for (int j = 0; j < 32; ++j)
+                    xi[g * 32 + c * 128 + k * 32 + j] = x[(g + j / 2) * 32 + 8 * c + 4 * (j % 2) + k];
+    quad_inputs(x + S * 32, xi + S * 32, G - S);
+}
+
+// Dword j = 4b + c of the 64 natural bytes of blocks 4o .. 4o + 3 is dword 4o + b of chunk c: its index into a
+// pair of chunks (c & 1 picks the second), for each o.
+alignas(64) static int32_t UNPAIR_INDEX[4][16];
+static bool UNPAIR_INDEX_READY = [] {
+    for (int o = 0; o < 4; ++o)
+        for (int j = 0; j < 16; ++j) UNPAIR_INDEX[o][j] = (j % 4 & 1) * 16 + 4 * o + j / 4;
+    return true;
+}();
+
+// `rows` (even) rows in the paired layout at `pairs` into natural rows (rows x G x 16 bytes) at `out`.
+static void unpair_rows(const uint8_t* pairs, int64_t rows, int64_t G, uint8_t* out) {
+    const int64_t S = G / SEGMENT * SEGMENT, T = G - S;
+    const __mmask16 upper = 0xCCCC;  // dwords from chunks 2 and 3
+    for (int64_t r = 0; r < rows; r += 2) {
+        const uint8_t* pair = pairs + r * G * 16;
+        for (int h = 0; h < 2; ++h) {
+            uint8_t* row = out + (r + h) * G * 16;
+            for (int64_t g = 0; g < S; g += SEGMENT) {
+                const uint8_t* seg = pair + g * 32 + h * SEGMENT * 16;
+                __m512i chunk[4];
+                for (int c = 0; c < 4; ++c) chunk[c] = _mm512_loadu_si512(seg + c * 64);
+                for (int o = 0; o < 4; ++o) {
+                    const __m512i index = _mm512_load_si512(UNPAIR_INDEX[o]);
+                    const __m512i low = _mm512_permutex2var_epi32(chunk[0], index, chunk[1]);
+                    const __m512i high = _mm512_permutex2var_epi32(chunk[2], index, chunk[3]);
+                    _mm512_storeu_si512(row + (g + 4 * o) * 16, _mm512_mask_blend_epi32(upper, low, high));
+                }
+            }
+            std::memcpy(row + S * 16, pair + S * 32 + h * T * 16, T * 16);
+        }
+    }
+}
+
+// Rows [r0, r1) (r0 even, r1 even) of out[MT, N] = x . W^T (+ bias) on paired rows, for MT (1 .. PAIRED_MAX)
+// input rows xi [MT, K] in paired_inputs' order: both rows of a pair decoded once per chunk, for every token.
+template <int MT>
+static void dot_paired(const uint8_t* blocks, const uint8_t* scales, const uint16_t* xi, const float* bias,
+                       float* out, int64_t G, int64_t N, int64_t r0, int64_t r1) {
+    static_assert(SCALE_BIAS == 127, "scale_powers builds 2^(s - 127)");
+    constexpr int C = MT == 1 ? 2 : 1;  // chains of sums per row and token: one alone would wait on VDPBF16PS
+    const __m512i table = _mm512_load_si512(FP4_BF16[SCALE_BIAS]);  // the unscaled values, twice
+    const __m512i lanes = _mm512_load_si512(QUAD_SCALE_LANES[0]);
+    const __mmask64 chunk_only = ~0ull >> 1;  // the load one byte on stops at the chunk's last byte
+    const int64_t K = G * 32, S = G / SEGMENT * SEGMENT, T = G - S;
+    for (int64_t r = r0; r < r1; r += 2) {
+        const uint8_t* pair = blocks + r * G * 16;
+        const uint8_t* s[2] = {scales + r * G, scales + (r + 1) * G};
+        __m512 acc[2][MT];
+        for (int h = 0; h < 2; ++h)
+            for (int m = 0; m < MT; ++m) acc[h][m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < S; g += SEGMENT) {
+            __m512 t[2][MT][C];
+            for (int h = 0; h < 2; ++h)
+                for (int m = 0; m < MT; ++m)
+                    for (int i = 0; i < C; ++i) t[h][m][i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) {
+                __m512bh codes[2][4];  // both rows' chunk c, one vector per code of each word
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; ++h) {
+                    const uint8_t* p = pair + g * 32 + h * SEGMENT * 16 + c * 64;
+                    const __m512i w = _mm512_loadu_si512(p);
+                    const __m512i next = _mm512_maskz_loadu_epi8(chunk_only, p + 1);
+                    codes[h][0] = (__m512bh)_mm512_permutexvar_epi16(w, table);
+                    codes[h][1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+                    codes[h][2] = (__m512bh)_mm512_permutexvar_epi16(next, table);
+                    codes[h][3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(next, 4), table);
+                }
+                for (int m = 0; m < MT; ++m) {
+                    const uint16_t* x = xi + m * K + g * 32 + c * 128;
+                    for (int k = 0; k < 4; ++k) {
+                        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + 32 * k);
+                        for (int h = 0; h < 2; ++h) t[h][m][k % C] = _mm512_dpbf16_ps(t[h][m][k % C], codes[h][k], xv);
+                    }
+                }
+            }
+            for (int h = 0; h < 2; ++h) {
+                const __m512 pow2 = scale_powers(s[h] + g, SEGMENT);
+                for (int m = 0; m < MT; ++m) {
+                    __m512 sum = t[h][m][0];
+                    for (int i = 1; i < C; ++i) sum = _mm512_add_ps(sum, t[h][m][i]);
+                    acc[h][m] = _mm512_fmadd_ps(sum, pow2, acc[h][m]);
+                }
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* b = pair + S * 32 + h * T * 16;
+            const uint8_t* st = s[h] + S;
+            for (int m = 0; m < MT; ++m) {
+                const uint16_t* xt = xi + m * K + S * 32;
+                __m512 sum = acc[h][m], left = _mm512_setzero_ps();
+                int64_t g = 0;
+                for (; g + 4 <= T; g += 4)
+                    sum = _mm512_fmadd_ps(quad_sums(b + g * 16, xt + g * 32, table),
+                                          _mm512_permutexvar_ps(lanes, scale_powers(st + g, 4)), sum);
+                for (; g < T; ++g)
+                    left = _mm512_dpbf16_ps(left, (__m512bh)decode_block(b + g * 16, st[g]),
+                                            (__m512bh)_mm512_loadu_si512(xt + g * 32));
+                out[m * N + r + h] = _mm512_reduce_add_ps(_mm512_add_ps(sum, left)) + (bias ? bias[r + h] : 0.f);
+            }
+        }
+    }
+}
+
+using PairedFn = void (*)(const uint8_t*, const uint8_t*, const uint16_t*, const float*, float*, int64_t, int64_t,
+                          int64_t, int64_t);
+constexpr int PAIRED_MAX = 4;  // up to this many tokens, paired rows are multiplied as they lie
+static const PairedFn DOTS_PAIRED[PAIRED_MAX] = {dot_paired<1>, dot_paired<2>, dot_paired<3>, dot_paired<4>};
+
 // Whether all n scales lie in [SAFE_LO, SAFE_HI], 64 at a time: it runs before every group of rows.
 static bool scales_safe(const uint8_t* s, int64_t n) {
     __m512i lo = _mm512_set1_epi8((char)0xFF), hi = _mm512_setzero_si512();
@@ -374,52 +516,74 @@ static void row_exact(const uint8_t* b, const uint8_t* s, const uint16_t* x, con
     }
 }
 
-// Rows [r0, r0 + ROWS_ONE) (clipped to N) of one token's product: x its input row, xq the same in
-// quad_inputs' order. Rows whose scales are out of the safe range take the float32 loop.
-static void one_token_rows(const uint8_t* bptr, const uint8_t* sptr, const uint16_t* xq, const uint16_t* x,
-                           const float* bias, float* out, int64_t G, int64_t N, int64_t r0) {
+// Rows [r0, r0 + ROWS_ONE) (clipped to N) of the product with M input rows x [M, K]: one (dot_one) on rows in
+// their own order, up to PAIRED_MAX (dot_paired) on `paired` rows; xq is x in quad_inputs' or paired_inputs'
+// order. Rows whose scales are out of the safe range take the float32 loop, on their natural bytes.
+static void few_token_rows(const uint8_t* bptr, const uint8_t* sptr, const uint16_t* xq, const uint16_t* x,
+                           int64_t M, const float* bias, float* out, int64_t G, int64_t N, int64_t r0, bool paired) {
+    static_assert(ROWS_ONE % 2 == 0, "a group of rows holds whole pairs");
     const int64_t r1 = std::min(N, r0 + ROWS_ONE);
     if (scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
-        dot_one(bptr, sptr, xq, bias, out, G, r0, r1);
-    } else {
-        for (int64_t r = r0; r < r1; ++r) row_exact(bptr + r * G * 16, sptr + r * G, x, bias, out, G, N, 1, r);
+        if (paired)
+            DOTS_PAIRED[M - 1](bptr, sptr, xq, bias, out, G, N, r0, r1);
+        else
+            dot_one(bptr, sptr, xq, bias, out, G, r0, r1);
+        return;
+    }
+    std::vector<uint8_t> natural(paired ? (r1 - r0) * G * 16 : 0);
+    if (paired) unpair_rows(bptr + r0 * G * 16, r1 - r0, G, natural.data());
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = paired ? natural.data() + (r - r0) * G * 16 : bptr + r * G * 16;
+        row_exact(row, sptr + r * G, x, bias, out, G, N, M, r);
     }
 }
 
 static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, const uint8_t* sptr,
-                                 const float* biasptr, int64_t N, int64_t G) {
+                                 const float* biasptr, int64_t N, int64_t G, bool paired) {
     const int64_t M = x.size(0);
     auto out = torch::empty({M, N}, x.options().dtype(at::kFloat));
     const uint16_t* xptr = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     float* optr = out.data_ptr<float>();
-    if (M == 1) {
-        std::vector<uint16_t> xq(G * 32);
-        quad_inputs(xptr, xq.data(), G);
+    if (M == 1 || (paired && M <= PAIRED_MAX)) {
+        const int64_t K = G * 32;
+        std::vector<uint16_t> xq(M * K);
+        for (int64_t m = 0; m < M; ++m) (paired ? paired_inputs : quad_inputs)(xptr + m * K, xq.data() + m * K, G);
         at::parallel_for(0, (N + ROWS_ONE - 1) / ROWS_ONE, 1, [&](int64_t begin, int64_t end) {
             for (int64_t grp = begin; grp < end; ++grp)
-                one_token_rows(bptr, sptr, xq.data(), xptr, biasptr, optr, G, N, grp * ROWS_ONE);
+                few_token_rows(bptr, sptr, xq.data(), xptr, M, biasptr, optr, G, N, grp * ROWS_ONE, paired);
         });
         return out;
     }
+    static_assert(ROWS % 2 == 0, "a group of rows holds whole pairs");
     const int64_t groups = (N + ROWS - 1) / ROWS;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         // One group's decoded rows (23 KB at gpt-oss widths) stay in L1 while every token tile reads them.
         std::vector<uint16_t> w(M > DIRECT_MAX ? ROWS * G * 32 : 0);
+        std::vector<uint8_t> natural(paired ? ROWS * G * 16 : 0);  // paired rows put back in their own order
         for (int64_t grp = begin; grp < end; ++grp) {
             const int64_t r0 = grp * ROWS, r1 = std::min(N, r0 + ROWS);
-            if (!scales_safe(sptr + r0 * G, (r1 - r0) * G)) {
-                for (int64_t r = r0; r < r1; ++r)
-                    row_exact(bptr + r * G * 16, sptr + r * G, xptr, biasptr, optr, G, N, M, r);
+            // The group's rows, scales, biases and outputs, its first row at index 0.
+            const uint8_t* b = bptr + r0 * G * 16;
+            if (paired) {
+                unpair_rows(b, r1 - r0, G, natural.data());
+                b = natural.data();
+            }
+            const uint8_t* s = sptr + r0 * G;
+            const float* bias = biasptr ? biasptr + r0 : nullptr;
+            float* o = optr + r0;
+            const int64_t n = r1 - r0;
+            if (!scales_safe(s, n * G)) {
+                for (int64_t r = 0; r < n; ++r) row_exact(b + r * G * 16, s + r * G, xptr, bias, o, G, N, M, r);
                 continue;
             }
             if (M <= DIRECT_MAX) {
-                DIRECT[M - 1](nullptr, bptr, sptr, xptr, biasptr, optr, G, N, 0, r0, r1);
+                DIRECT[M - 1](nullptr, b, s, xptr, bias, o, G, N, 0, 0, n);
                 continue;
             }
-            decode_rows(bptr, sptr, G, r0, r1, w.data());
+            decode_rows(b, s, G, 0, n, w.data());
             for (int64_t m0 = 0; m0 < M; m0 += TOKENS) {
                 const int64_t mt = std::min<int64_t>(TOKENS, M - m0);
-                DOTS[mt - 1](w.data(), bptr, sptr, xptr, biasptr, optr, G, N, m0, r0, r1);
+                DOTS[mt - 1](w.data(), b, s, xptr, bias, o, G, N, m0, 0, n);
             }
         }
     });
@@ -429,7 +593,7 @@ static torch::Tensor linear_bf16(const torch::Tensor& x, const uint8_t* bptr, co
 constexpr bool HAS_BF16 = false;
 
 static torch::Tensor linear_bf16(const torch::Tensor&, const uint8_t*, const uint8_t*, const float*, int64_t,
-                                 int64_t) {
+                                 int64_t, bool) {
     TORCH_CHECK(false, "this build has no bfloat16 path: pass float32 inputs");
 }
 #endif
@@ -619,8 +783,10 @@ void bf16_gemv(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch
 bool native_bf16() { return HAS_BF16; }
 
 // x [M, K] float32 (or bfloat16 where native_bf16()), blocks [N, K/32, 16] and scales [N, K/32] uint8, bias [N]
-// float32 or empty: x . W^T + bias as [M, N] float32.
-torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias) {
+// float32 or empty: x . W^T + bias as [M, N] float32. With `paired` the blocks are in the row-pair layout
+// (bfloat16 x only).
+torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
+                           bool paired) {
     // Python threads (the server's event loop) run meanwhile, as they do beside torch's own ops.
     pybind11::gil_scoped_release no_gil;
     const int64_t N = blocks.size(0), G = blocks.size(1);
@@ -633,40 +799,44 @@ torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor blocks, torch::Tensor 
     const uint8_t* bptr = blocks.data_ptr<uint8_t>();
     const uint8_t* sptr = scales.data_ptr<uint8_t>();
     const float* biasptr = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    TORCH_CHECK(!paired || (HAS_BF16 && x.scalar_type() == at::kBFloat16 && N % 2 == 0),
+                "paired rows: an even number of them, bfloat16 inputs, native_bf16()");
     if (x.size(0) == 0) return torch::empty({0, N}, x.options().dtype(at::kFloat));
-    if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, bptr, sptr, biasptr, N, G);
+    if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, bptr, sptr, biasptr, N, G, paired);
     return linear_f32(x, bptr, sptr, biasptr, N, G);
 }
 
 // One token through several experts' matrices at once (a batch-1 decode step's top-k experts): pair p multiplies
 // input row x[p] (x[0] for every pair where x has one row) by expert experts[p]'s matrix into out[p], with bias
 // [P, N] float32 (each pair's row) or empty. blocks [E, N, K/32, 16] and scales [E, N, K/32] are a layer's
-// stacked experts. One parallel loop over every pair's rows, where one call per expert paid a call and a barrier
-// each. Needs native_bf16().
+// stacked experts (in the row-pair layout with `paired`). One parallel loop over every pair's rows, where one call
+// per expert paid a call and a barrier each. Needs native_bf16().
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // The loop of mxfp4_experts_one on raw pointers: x [rows, G * 32] (rows 1 or P), bias [P, N] or null, out [P, N].
 static void experts_one(const uint16_t* x, int64_t rows, const uint8_t* blocks, const uint8_t* scales,
-                        const float* bias, const int64_t* experts, int64_t P, int64_t N, int64_t G, float* out) {
+                        const float* bias, const int64_t* experts, int64_t P, int64_t N, int64_t G, float* out,
+                        bool paired) {
     const int64_t K = G * 32;
     std::vector<uint16_t> xq(rows * K);
-    for (int64_t m = 0; m < rows; ++m) quad_inputs(x + m * K, xq.data() + m * K, G);
+    for (int64_t m = 0; m < rows; ++m) (paired ? paired_inputs : quad_inputs)(x + m * K, xq.data() + m * K, G);
     const int64_t groups = (N + ROWS_ONE - 1) / ROWS_ONE;
     at::parallel_for(0, P * groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
             const int64_t p = task / groups, e = experts[p], m = rows == 1 ? 0 : p;
-            one_token_rows(blocks + e * N * G * 16, scales + e * N * G, xq.data() + m * K, x + m * K,
-                           bias ? bias + p * N : nullptr, out + p * N, G, N, (task % groups) * ROWS_ONE);
+            few_token_rows(blocks + e * N * G * 16, scales + e * N * G, xq.data() + m * K, x + m * K, 1,
+                           bias ? bias + p * N : nullptr, out + p * N, G, N, (task % groups) * ROWS_ONE, paired);
         }
     });
 }
 
 torch::Tensor mxfp4_experts_one(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
-                                torch::Tensor experts) {
+                                torch::Tensor experts, bool paired) {
     pybind11::gil_scoped_release no_gil;
     TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16 && scales.dim() == 3,
                 "blocks [E, N, G, 16], scales [E, N, G]");
     const int64_t E = blocks.size(0), N = blocks.size(1), G = blocks.size(2), P = experts.numel();
     TORCH_CHECK(scales.size(0) == E && scales.size(1) == N && scales.size(2) == G, "scales disagree with blocks");
+    TORCH_CHECK(!paired || N % 2 == 0, "paired rows: an even number of them");
     TORCH_CHECK(blocks.scalar_type() == at::kByte && scales.scalar_type() == at::kByte, "MXFP4 must be uint8");
     TORCH_CHECK(blocks.is_contiguous() && scales.is_contiguous(), "blocks and scales must be contiguous");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == G * 32 && (x.size(0) == 1 || x.size(0) == P), "x: [1 or P, K]");
@@ -682,11 +852,11 @@ torch::Tensor mxfp4_experts_one(torch::Tensor x, torch::Tensor blocks, torch::Te
     if (P == 0 || N == 0) return out;
     experts_one(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), blocks.data_ptr<uint8_t>(),
                 scales.data_ptr<uint8_t>(), bias.numel() ? bias.data_ptr<float>() : nullptr, eptr, P, N, G,
-                out.data_ptr<float>());
+                out.data_ptr<float>(), paired);
     return out;
 }
 #else
-torch::Tensor mxfp4_experts_one(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor) {
+torch::Tensor mxfp4_experts_one(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, bool) {
     TORCH_CHECK(false, "this build has no bfloat16 path");
 }
 #endif

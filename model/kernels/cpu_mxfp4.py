@@ -13,7 +13,11 @@ threaded over output rows. Two paths, by the inputs' dtype:
   each read front to back, which one thread streams far faster than rows read side by side; otherwise four
   weight rows are multiplied together against each input load. A decode step's few tokens use the weights
   straight from registers; more tokens (prefill) decode four rows once into a small buffer that stays in L1
-  and run tiles of six tokens over it, so the decode is shared by every token.
+  and run tiles of six tokens over it, so the decode is shared by every token. A bfloat16 model lays its
+  experts out at load in row pairs (:func:`model.kernels.mxfp4.pair_rows`, `paired` here): two rows' bytes
+  side by side in memory, so that a decode step reads them as one stream and loads each input once for
+  both, and interleaved so that one multiply by the scales serves 16 blocks (``cpu_mxfp4.cpp`` says how).
+  Up to four tokens are multiplied on the pairs as they lie; more put a group of rows back in order first.
   VDPBF16PS flushes subnormal products to zero (as oneDNN's bfloat16 matmuls do), so a row with a scale so
   small or large that its products could leave float32's normal range takes a plain float32 loop.
 * float32 inputs (or no AVX512-BF16, bfloat16 converted first): 16 codes per permute (AVX-512), or 8 with
@@ -158,10 +162,17 @@ def native_bf16() -> bool:
 
 
 def mxfp4_linear(
-    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    paired: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for `x [M, K]` on the CPU and `W [N, K]` given as MXFP4 `blocks [N, K/32, 16]` and
-    `scales [N, K/32]`, accumulated in float32 and returned in `x`'s dtype. Requires :func:`available`."""
+    `scales [N, K/32]`, accumulated in float32 and returned in `x`'s dtype. `paired`: the blocks are in
+    :func:`model.kernels.mxfp4.pair_rows`' layout (bfloat16 `x` and :func:`native_bf16` only). Requires
+    :func:`available`."""
     if _module is None:
         raise RuntimeError("the fused CPU MXFP4 kernel is not built: call available() first")
     if blocks.shape[-1] != BYTES_PER_BLOCK or x.shape[-1] != blocks.shape[-2] * BLOCK_SIZE:
@@ -169,8 +180,12 @@ def mxfp4_linear(
     empty = x.new_empty(0, dtype=torch.float32)
     b = empty if bias is None else bias.float().contiguous()
     native = x.dtype == torch.bfloat16 and _native_bf16
+    if paired and not native:
+        raise ValueError("row-paired MXFP4 blocks take bfloat16 inputs on a CPU with AVX512-BF16 only")
     inputs = (x if native else x.float()).contiguous()
-    out = _module.mxfp4_linear(inputs, blocks.contiguous(), scales.contiguous(), b)  # type: ignore[attr-defined]
+    out = _module.mxfp4_linear(  # type: ignore[attr-defined]
+        inputs, blocks.contiguous(), scales.contiguous(), b, paired
+    )
     return out.to(x.dtype)
 
 
@@ -180,17 +195,19 @@ def mxfp4_experts_one(
     scales: torch.Tensor,
     bias: torch.Tensor | None,
     experts: torch.Tensor,
+    *,
+    paired: bool = False,
 ) -> torch.Tensor:
     """One token through several experts at once: row p of the result is ``x[p] @ W[experts[p]].T + bias[p]``
     (``x[0]`` for every p where `x` has one row), `W` a layer's stacked experts as MXFP4 `blocks [E, N, K/32,
     16]` and `scales [E, N, K/32]`, `bias [P, N]` each pair's bias row. Equal, row for row, to
-    :func:`mxfp4_linear` of each expert alone, in one parallel loop instead of one per expert. bfloat16 `x`
-    only; requires :func:`native_bf16`."""
+    :func:`mxfp4_linear` of each expert alone (`paired` as there), in one parallel loop instead of one per
+    expert. bfloat16 `x` only; requires :func:`native_bf16`."""
     if not native_bf16():
         raise RuntimeError("mxfp4_experts_one needs the kernel built with AVX512-BF16 (native_bf16())")
     b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
     out = _module.mxfp4_experts_one(  # type: ignore[attr-defined]
-        x.contiguous(), blocks.contiguous(), scales.contiguous(), b, experts.contiguous()
+        x.contiguous(), blocks.contiguous(), scales.contiguous(), b, experts.contiguous(), paired
     )
     return out.to(x.dtype)
 
@@ -203,17 +220,29 @@ def experts_one_token(
     weights: torch.Tensor,
     alpha: float,
     limit: float,
+    *,
+    up_paired: bool = False,
+    down_paired: bool = False,
 ) -> torch.Tensor:
     """One token `t [1, H]` through its experts `indices [1, k]` weighted by `weights [1, k]`, in one call:
     ``sum_j weights[j] · mlp2(swiglu(mlp1(t)))`` of expert ``indices[j]``, bfloat16 `[1, H]`. `up` and `down`
-    are a layer's stacked MXFP4 experts and their biases, ``(blocks, scales, bias [E, N])``. Bit for bit
+    are a layer's stacked MXFP4 experts and their biases, ``(blocks, scales, bias [E, N])``, each's blocks
+    in :func:`model.kernels.mxfp4.pair_rows`' layout with `up_paired` or `down_paired`. Bit for bit
     :func:`mxfp4_experts_one` per matrix with the SwiGLU, weighting and sum of
     :func:`model.kernels.experts.experts_grouped` around them: the experts in ascending order, each step
     rounded to bfloat16 where those round. Requires :func:`native_bf16`."""
     if not native_bf16():
         raise RuntimeError("experts_one_token needs the kernel built with AVX512-BF16 (native_bf16())")
     return _module.experts_one_token(  # type: ignore[attr-defined]
-        t.contiguous(), *up, *down, indices.contiguous(), weights.contiguous(), alpha, limit
+        t.contiguous(),
+        *up,
+        *down,
+        indices.contiguous(),
+        weights.contiguous(),
+        alpha,
+        limit,
+        up_paired,
+        down_paired,
     )
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from model.kernels import cpu_mxfp4, prepacked
-from model.kernels.mxfp4 import dequantize, dequantize_reference
+from model.kernels.mxfp4 import dequantize, dequantize_reference, pair_rows, unpair_rows
 from model.kernels.mxfp4 import quantize as quantize_mxfp4
 from model.lora import ExpertLoraStack, expert_lora_delta_reference
 
@@ -47,7 +47,11 @@ class ExpertMode(StrEnum):
 
 
 class MXFP4Weight(nn.Module):
-    """The stacked expert weights of one matmul: `blocks [E, out, in/32, 16]` and `scales [E, out, in/32]`."""
+    """The stacked expert weights of one matmul: `blocks [E, out, in/32, 16]` and `scales [E, out, in/32]`.
+
+    On CPUs whose fused kernel multiplies bfloat16 natively, the model lays the blocks out in row pairs at
+    load (:meth:`pair_rows`), the layout that kernel reads fastest at decode; every other reader takes them
+    in the checkpoint's order through :meth:`natural_blocks`."""
 
     def __init__(self, experts: int, rows: int, cols: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -59,6 +63,29 @@ class MXFP4Weight(nn.Module):
         )
         # ExpertMode.DEQUANTIZED: each expert's dense `[out, in]` weight, prepacked where that applies.
         self.dense: list[torch.Tensor] | None = None
+        self.paired = False  # `blocks` in model.kernels.mxfp4.pair_rows' layout
+
+    def pair_rows(self, into: torch.Tensor | None = None) -> None:
+        """Lay the packed blocks out in row pairs (:func:`model.kernels.mxfp4.pair_rows`) for the fused CPU
+        kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear` with `paired`), into `into` (an empty tensor
+        of the blocks' shape) if given, one expert at a time so the temporaries stay one expert's size;
+        nothing for dense experts or an odd number of rows."""
+        if self.paired or self.dense is not None or not self.blocks.numel() or self.blocks.shape[1] % 2:
+            return
+        out = torch.empty_like(self.blocks) if into is None else into
+        for e in range(self.blocks.shape[0]):
+            out[e] = pair_rows(self.blocks[e])
+        self.blocks, self.paired = out, True
+
+    def unpair_rows(self) -> None:
+        """Back to the checkpoint's layout, for kernels that read it (any but the fused CPU kernel)."""
+        if self.paired:
+            self.blocks, self.paired = unpair_rows(self.blocks), False
+
+    def natural_blocks(self, index: int | torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """``blocks[index]`` (experts) in the checkpoint's layout, whichever the blocks are stored in."""
+        blocks = self.blocks[index]
+        return unpair_rows(blocks) if self.paired else blocks
 
     def dequantize_all(self, dtype: torch.dtype, prepack: bool) -> None:
         """Switch to :attr:`ExpertMode.DEQUANTIZED`: keep dense weights and drop the packed bytes.
@@ -70,7 +97,7 @@ class MXFP4Weight(nn.Module):
         self.dense = []
         scratch = None
         for e in range(self.blocks.shape[0]):
-            weight = dequantize(self.blocks[e], self.scales[e], dtype, out=scratch)
+            weight = dequantize(self.natural_blocks(e), self.scales[e], dtype, out=scratch)
             if prepack and prepacked.applies(weight):
                 self.dense.append(prepacked.prepack(weight))
                 scratch = weight
@@ -78,6 +105,7 @@ class MXFP4Weight(nn.Module):
                 self.dense.append(weight)
         self.blocks = self.blocks.new_empty(0)
         self.scales = self.scales.new_empty(0)
+        self.paired = False
 
     def load_plain(self, weight: torch.Tensor, *, quantize: bool) -> None:
         """Take plain expert weights `[E, out, in]` (a fine-tune's): kept as they are, one dense matrix per
@@ -85,11 +113,12 @@ class MXFP4Weight(nn.Module):
         checkpoints are, so a fine-tune keeps the packed model's memory."""
         if quantize:
             blocks, scales = quantize_mxfp4(weight.float())
-            self.blocks, self.scales, self.dense = blocks, scales, None
+            self.blocks, self.scales, self.dense, self.paired = blocks, scales, None, False
             return
         self.dense = list(weight.unbind(0))
         self.blocks = torch.empty(0, dtype=torch.uint8, device=weight.device)
         self.scales = torch.empty(0, dtype=torch.uint8, device=weight.device)
+        self.paired = False
 
     def add_update(self, delta: torch.Tensor, dtype: torch.dtype, *, quantize: bool) -> None:
         """Add `delta [E, out, in]` (a merged LoRA update) to every expert's weight. The sum leaves the MXFP4
@@ -99,7 +128,7 @@ class MXFP4Weight(nn.Module):
             if self.dense is not None:
                 weight = prepacked.plain(self.dense[e]).float()
             else:
-                weight = dequantize(self.blocks[e], self.scales[e], torch.float32)
+                weight = dequantize(self.natural_blocks(e), self.scales[e], torch.float32)
             summed.append(weight + update.to(weight.device))
         merged = torch.stack(summed)
         self.load_plain(merged if quantize else merged.to(dtype), quantize=quantize)
@@ -114,20 +143,20 @@ class MXFP4Weight(nn.Module):
         if self.dense is not None:
             assert self.dense[e].dtype == dtype, "dequantized experts are kept in the model's dtype"
             return self.dense[e]
-        return dequantize(self.blocks[e], self.scales[e], dtype)
+        return dequantize(self.natural_blocks(e), self.scales[e], dtype)
 
     def experts(self, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
         """The plain weights `[len(ids), out, in]` of experts `ids` in `dtype`, dequantized in one call."""
         if self.dense is not None:
             return torch.stack([prepacked.plain(self.dense[e]) for e in ids]).to(dtype)
         index = torch.tensor(ids, device=self.blocks.device)
-        return dequantize(self.blocks[index], self.scales[index], dtype)
+        return dequantize(self.natural_blocks(index), self.scales[index], dtype)
 
     def expert_reference(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert `e`'s plain weight `[out, in]` in `dtype`."""
         if self.dense is not None:
             return prepacked.plain(self.dense[e]).to(dtype)
-        return dequantize_reference(self.blocks[e], self.scales[e], dtype)
+        return dequantize_reference(self.natural_blocks(e), self.scales[e], dtype)
 
 
 class ExpertWeights(Protocol):
@@ -301,7 +330,7 @@ def _fused_linear(
     if weight.dense is not None or x.shape[0] > (FUSED_MAX_ROWS_BF16 if native else FUSED_MAX_ROWS):
         _dequantized_linear(x, weight, e, bias, out)
     else:
-        out.copy_(cpu_mxfp4.mxfp4_linear(x, weight.blocks[e], weight.scales[e], bias))
+        out.copy_(cpu_mxfp4.mxfp4_linear(x, weight.blocks[e], weight.scales[e], bias, paired=weight.paired))
 
 
 def experts_fused(
@@ -346,6 +375,8 @@ def _experts_one_token(
         weights,
         mlp.swiglu_alpha,
         mlp.swiglu_limit,
+        up_paired=up.paired,
+        down_paired=down.paired,
     )
 
 

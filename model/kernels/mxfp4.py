@@ -7,7 +7,8 @@ Checkpoint tensors are ``blocks [..., G, 16]`` (uint8) and ``scales [..., G]`` (
 
 :func:`dequantize_reference` decodes nibble by nibble, exactly as the format is specified;
 :func:`dequantize` is the fast path used at run time (one 256-entry byte table and one scale table) and
-is compared with the reference in tests.
+is compared with the reference in tests. :func:`pair_rows` lays blocks out for the CPU's single-token kernel,
+:func:`unpair_rows` back.
 """
 
 from __future__ import annotations
@@ -117,3 +118,38 @@ def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent + SCALE_BIAS).to(torch.uint8)
     return blocks, scales
+
+
+# The row-pair layout the CPU's one-token kernel reads (model/kernels/cpu_mxfp4.cpp, "Row pairs", says why):
+# blocks per interleaved segment.
+PAIR_SEGMENT = 16
+
+
+def pair_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """`blocks [..., N, G, 16]` (N even) in the row-pair layout, same shape: rows 2p and 2p + 1 together, per
+    segment of :data:`PAIR_SEGMENT` blocks row 2p's bytes then row 2p + 1's, each segment's 64-byte chunk c
+    holding bytes 4c .. 4c + 3 of each of its blocks; then the blocks after the last segment, row 2p's and row
+    2p + 1's as they are. :func:`unpair_rows` undoes it."""
+    *lead, rows, groups, width = blocks.shape
+    if rows % 2 or width != BYTES_PER_BLOCK:
+        raise ValueError(f"row pairs need an even number of rows of MXFP4 blocks, got {tuple(blocks.shape)}")
+    whole = groups // PAIR_SEGMENT * PAIR_SEGMENT
+    pairs = blocks.reshape(*lead, rows // 2, 2, groups, width)
+    segments = pairs[..., :whole, :].unflatten(-2, (-1, PAIR_SEGMENT)).unflatten(-1, (4, 4))
+    # [..., P, h, S, block i, chunk c, byte k] -> [..., P, S, h, c, i, k]
+    segments = segments.movedim(-5, -4).movedim(-2, -3).reshape(*lead, rows // 2, -1)
+    tail = pairs[..., whole:, :].reshape(*lead, rows // 2, -1)
+    return torch.cat((segments, tail), dim=-1).reshape(blocks.shape)
+
+
+def unpair_rows(paired: torch.Tensor) -> torch.Tensor:
+    """The rows of :func:`pair_rows`' layout back in their own order."""
+    *lead, rows, groups, width = paired.shape
+    whole = groups // PAIR_SEGMENT * PAIR_SEGMENT
+    flat = paired.reshape(*lead, rows // 2, 2 * groups * width)
+    cut = 2 * whole * width
+    # [..., P, S, h, c, i, k] -> [..., P, h, S, i, c, k]
+    segments = flat[..., :cut].reshape(*lead, rows // 2, whole // PAIR_SEGMENT, 2, 4, PAIR_SEGMENT, 4)
+    segments = segments.movedim(-4, -5).movedim(-2, -3).reshape(*lead, rows // 2, 2, whole * width)
+    tail = flat[..., cut:].reshape(*lead, rows // 2, 2, (groups - whole) * width)
+    return torch.cat((segments, tail), dim=-1).reshape(paired.shape)

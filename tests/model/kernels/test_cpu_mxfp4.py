@@ -11,7 +11,7 @@ import torch
 from model.kernels import Kernels, cpu_mxfp4, prepacked
 from model.kernels.cpu_mxfp4 import TILE, mxfp4_linear, mxfp4_linear_reference
 from model.kernels.experts import experts_fused, experts_grouped
-from model.kernels.mxfp4 import dequantize_reference
+from model.kernels.mxfp4 import dequantize_reference, pair_rows
 
 # Each shape's rows cycle through these scales (a row keeps one: so that the bound below, relative to the
 # row's own magnitude, checks the tiny and the huge rows too) after a run of rows with random mixed scales.
@@ -62,19 +62,60 @@ def test_fused_equals_float64_product(rows: int, cols: int, tokens: int, dtype: 
     partial tile and several; one token (the bf16 path's four-blocks-a-step decode) block counts of every
     remainder by four, with and without whole groups of sixteen, and a partial group of rows."""
     blocks, scales, bias = weights(rows, cols, seed=rows + cols)
-    g = torch.Generator().manual_seed(tokens)
-    x = (torch.randn(tokens, cols, generator=g) * 2.0**-10).to(dtype)
+    x = _inputs(tokens, cols, dtype)
+    _check_against_float64(mxfp4_linear(x, blocks, scales, bias.to(dtype)), x, blocks, scales, bias.to(dtype))
+
+
+def _inputs(tokens: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)) * 2.0**-10).to(dtype)
+
+
+def _check_against_float64(
+    got: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
+) -> None:
+    """`got` against ``x @ W.T + bias`` in float64 on the reference-dequantized weights, within the bound
+    :func:`test_fused_equals_float64_product` gives."""
+    cols = x.shape[1]
     w = dequantize_reference(blocks, scales, torch.float32).double()
-    exact = x.double() @ w.T + bias.to(dtype).double()
+    exact = x.double() @ w.T + bias.double()
     bound = cols * 2.0**-23 * (x.double().abs() @ w.abs().T + bias.double().abs()) + cols * 2.0**-149
-    if dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16:
         bound += 2.0**-8 * exact.abs() + 2.0**-133
-    got = mxfp4_linear(x, blocks, scales, bias.to(dtype))
-    assert got.dtype == dtype
-    assert got.shape == (tokens, rows)
+    assert got.dtype == x.dtype
+    assert got.shape == (x.shape[0], blocks.shape[0])
     assert torch.isfinite(got).all()
     error = (got.double() - exact).abs()
     assert (error <= bound).all(), f"worst excess {(error - bound).max().item()}"
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols"), [(18, 32), (10, 224), (20, 512), (12, 672), (8, 1088), (46, 2880), (24, 3072)]
+)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
+def test_paired_rows_equal_the_float64_product(rows: int, cols: int, tokens: int) -> None:
+    """Blocks in row pairs (:func:`pair_rows`), bfloat16 inputs: up to four tokens through the pairs' own
+    loop, with no whole segment of 16 blocks, exactly one, one and a remainder of every kind by four, and
+    several; more tokens through the rows put back in order, which gives the checkpoint layout's results bit
+    for bit; rows of extreme scales (the float32 loop) in every case, a last partial group of rows, with and
+    without a bias."""
+    if not cpu_mxfp4.native_bf16():
+        pytest.fail("this machine has AVX512-BF16: the kernel's native bfloat16 path must build")
+    blocks, scales, bias = weights(rows, cols, seed=rows + cols)
+    paired = pair_rows(blocks)
+    x = _inputs(tokens, cols, torch.bfloat16)
+    for b in (bias.bfloat16(), None):
+        got = mxfp4_linear(x, paired, scales, b, paired=True)
+        _check_against_float64(got, x, blocks, scales, torch.zeros(rows) if b is None else b)
+        if tokens > 4:
+            assert torch.equal(got, mxfp4_linear(x, blocks, scales, b))
+
+
+def test_paired_rows_are_refused_where_the_kernel_cannot_read_them() -> None:
+    blocks, scales, _ = weights(4, 64, seed=0)
+    with pytest.raises(ValueError, match="bfloat16 inputs"):
+        mxfp4_linear(torch.zeros(1, 64), pair_rows(blocks), scales, paired=True)
+    with pytest.raises(RuntimeError, match="even number"):
+        mxfp4_linear(torch.zeros(1, 64).bfloat16(), blocks[:3], scales[:3], paired=True)
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 19])
@@ -139,17 +180,19 @@ def test_bad_shapes_are_refused() -> None:
         mxfp4_linear(torch.zeros(1, 32), blocks, scales)
 
 
+@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("shared_input", [True, False])
-def test_experts_one_equals_each_expert_alone(shared_input: bool) -> None:
+def test_experts_one_equals_each_expert_alone(shared_input: bool, paired: bool) -> None:
     """One token through several experts in one call (batch-1 decode): each pair's row equals
     :func:`mxfp4_linear` on that expert alone, bit for bit, with the input shared by every pair (the first
     matrix) or one per pair (the second), experts repeated and out of order, rows of extreme scales (the
-    float32 loop) and a last partial group of rows; with and without biases."""
+    float32 loop) and a last partial group of rows; with and without biases; in the checkpoint's layout and
+    in row pairs."""
     if not cpu_mxfp4.native_bf16():
         pytest.fail("this machine has AVX512-BF16: the kernel's native bfloat16 path must build")
-    experts, rows, cols = 5, 21, 320
+    experts, rows, cols = 5, 22 if paired else 21, 544
     stacked = [weights(rows, cols, seed=e) for e in range(experts)]
-    blocks = torch.stack([b for b, _, _ in stacked])
+    blocks = torch.stack([pair_rows(b) if paired else b for b, _, _ in stacked])
     scales = torch.stack([s for _, s, _ in stacked])
     biases = torch.stack([b for _, _, b in stacked])
     ids = torch.tensor([3, 0, 4, 3])
@@ -157,12 +200,16 @@ def test_experts_one_equals_each_expert_alone(shared_input: bool) -> None:
         1 if shared_input else len(ids), cols, generator=torch.Generator().manual_seed(2)
     ).bfloat16()
     for bias in (biases[ids], None):
-        got = cpu_mxfp4.mxfp4_experts_one(x, blocks, scales, bias, ids)
+        got = cpu_mxfp4.mxfp4_experts_one(x, blocks, scales, bias, ids, paired=paired)
         assert got.dtype == torch.bfloat16
         assert got.shape == (len(ids), rows)
         for p, e in enumerate(ids.tolist()):
             alone = mxfp4_linear(
-                x[0 if shared_input else p][None], blocks[e], scales[e], None if bias is None else biases[e]
+                x[0 if shared_input else p][None],
+                blocks[e],
+                scales[e],
+                None if bias is None else biases[e],
+                paired=paired,
             )
             assert torch.equal(got[p], alone[0])
 

@@ -19,6 +19,7 @@ from model.kernels.experts import (
     experts_reference,
     swiglu,
 )
+from model.kernels.mxfp4 import pair_rows
 from model.lora import ExpertLoraStack, Update
 
 FAST: dict[str, Experts] = {"grouped": experts_grouped, "batched": experts_batched}
@@ -157,9 +158,9 @@ def test_one_token_takes_its_experts_in_one_call_with_the_grouped_paths_sums(
     calls: list[int] = []
     one = cpu_mxfp4.experts_one_token
 
-    def counted(*args: object) -> torch.Tensor:
+    def counted(*args: object, **kwargs: bool) -> torch.Tensor:
         calls.append(1)
-        return one(*args)  # type: ignore[arg-type]
+        return one(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cpu_mxfp4, "experts_one_token", counted)
     got = experts_fused(mlp, t, indices, weights)
@@ -179,6 +180,35 @@ def test_on_cuda_equal_reference(checkpoints: dict[str, Path], impl: str, dtype:
     got = FAST[impl](cuda, t.cuda(), indices.cuda(), weights.cuda()).float().cpu()
     tol = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+
+
+def test_a_bfloat16_model_keeps_its_experts_in_row_pairs_for_the_fused_kernel_only(
+    checkpoints: dict[str, Path],
+) -> None:
+    """A bfloat16 model on a CPU whose fused kernel multiplies bfloat16 natively lays its packed experts out
+    in row pairs at load; a float32 model keeps the checkpoint's layout. Every other reader sees the
+    checkpoint's layout (:meth:`MXFP4Weight.natural_blocks`), and kernels that do not read pairs get the
+    blocks back in it."""
+    if not cpu_mxfp4.native_bf16():
+        pytest.fail("this machine has AVX512-BF16: the kernel's native bfloat16 path must build")
+    plain = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.float32, progress=False)
+    model = GptOss.from_checkpoint(checkpoints["hf"], dtype=torch.bfloat16, progress=False)
+    pairs = [
+        (getattr(a.mlp, name), getattr(b.mlp, name))
+        for a, b in zip(plain.block, model.block, strict=True)
+        for name in ("mlp1_weight", "mlp2_weight")
+    ]
+    for natural, paired in pairs:
+        assert not natural.paired
+        assert paired.paired
+        assert torch.equal(paired.blocks, pair_rows(natural.blocks))
+        assert torch.equal(paired.natural_blocks(), natural.blocks)
+        assert torch.equal(paired.natural_blocks(1), natural.blocks[1])
+        assert torch.equal(paired.expert(1, torch.float32), natural.expert(1, torch.float32))
+    model.use_kernels(Kernels(model.block[0].attn.attention, experts_reference))
+    for natural, back in pairs:
+        assert not back.paired
+        assert torch.equal(back.blocks, natural.blocks)
 
 
 def test_each_device_gets_its_experts_path() -> None:

@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.kernels.mxfp4 import FP4_VALUES, dequantize, dequantize_reference, quantize
+from model.kernels.mxfp4 import (
+    FP4_VALUES,
+    PAIR_SEGMENT,
+    dequantize,
+    dequantize_reference,
+    pair_rows,
+    quantize,
+    unpair_rows,
+)
 
 
 def test_bit_layout_low_nibble_first_and_scale_bias_127() -> None:
@@ -66,3 +74,33 @@ def test_rejects_mismatched_shapes_and_dtypes() -> None:
         dequantize(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8), torch.float32)
     with pytest.raises(TypeError, match="uint8"):
         dequantize(torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, dtype=torch.uint8), torch.float32)
+
+
+@pytest.mark.parametrize("groups", [1, 7, 16, 21, 90])
+def test_row_pairs_layout_and_its_inverse(groups: int) -> None:
+    """:func:`pair_rows` places each byte where the CPU kernel's comment says, keeps the shape, and
+    :func:`unpair_rows` takes it back, with any leading dimensions (stacked experts)."""
+    g = torch.Generator().manual_seed(groups)
+    blocks = torch.randint(0, 256, (3, 6, groups, 16), generator=g, dtype=torch.uint8)
+    paired = pair_rows(blocks)
+    assert paired.shape == blocks.shape
+    assert torch.equal(unpair_rows(paired), blocks)
+    whole = groups // PAIR_SEGMENT * PAIR_SEGMENT
+    tail = groups - whole
+    flat = paired.reshape(3, 3, -1)  # per expert, per pair of rows: its bytes in order
+    for expert, pair, half in ((0, 0, 0), (1, 2, 1), (2, 1, 1)):
+        row = blocks[expert, 2 * pair + half]
+        for block in range(groups):
+            for byte in range(16):
+                if block < whole:  # segment, then row, then chunk (4 bytes of each block), then block
+                    segment, i = divmod(block, PAIR_SEGMENT)
+                    chunk, k = divmod(byte, 4)
+                    at = segment * 2 * PAIR_SEGMENT * 16 + half * PAIR_SEGMENT * 16 + chunk * 64 + 4 * i + k
+                else:  # after the segments: each row's blocks as they are
+                    at = whole * 32 + half * tail * 16 + (block - whole) * 16 + byte
+                assert flat[expert, pair, at] == row[block, byte]
+
+
+def test_row_pairs_need_an_even_number_of_rows() -> None:
+    with pytest.raises(ValueError, match="even number of rows"):
+        pair_rows(torch.zeros(3, 2, 16, dtype=torch.uint8))
