@@ -60,6 +60,7 @@ class AttentionWeights(Protocol):
     layer: int
     heads: int
     kv_heads: int
+    head_dim: int
     window: int
     scale: float
     norm: NormWeights

@@ -18,7 +18,8 @@ so released blocks (-1 in the table) are never touched. :class:`TritonAttention`
 
 The store stays a launch of its own rather than a prologue of the attention: a query tile reads the keys of
 its chunk's earlier tiles, which other programs of the same launch would be writing, and a launch has no
-ordering between its programs.
+ordering between its programs. A fused decode layer (:mod:`model.kernels.triton_fused`) stores a decode
+step's keys and values from its QKV kernel instead, and attends through :meth:`TritonAttention.decode`.
 
 Twins: :func:`decode_attention_reference` and :func:`varlen_attention_reference`, plain per-query, per-head
 softmaxes over the same cache and tables, compared in tests under the Triton interpreter on a CPU and on a GPU
@@ -503,9 +504,7 @@ class TritonAttention:
         scale: float,
         window: int,
     ) -> torch.Tensor:
-        heads, dim = q.shape[1], q.shape[2]
-        group = heads // k.shape[1]
-        if not _power_of_two(group) or not _power_of_two(dim) or dim < 16 or group > self.block_m:
+        if not self.takes(q.shape[1], k.shape[1], q.shape[2]):
             return self.fallback(q, k, v, meta, kv, sinks, scale, window)
         if kv is None:
             query_starts, lengths = step_rows(meta)
@@ -518,25 +517,46 @@ class TritonAttention:
         store_kv(k, v, kv.k, kv.v, tables.slot_mapping)
         starts = tables.key_positions[:, 0]  # the tables' first slot is a real one: its position
         if max(meta.query_lens) == 1:  # host-side lengths: no device sync to decide
-            out = decode_attention(
-                q,
-                kv.k,
-                kv.v,
-                tables.block_index,
-                starts,
-                decode_lengths(meta),
-                sinks,
-                scale,
-                window,
-                tables.block_size,
-                self.splits,
-            )
-        else:
-            query_starts, lengths = step_rows(meta)
-            out = self._varlen(
-                q, kv.k, kv.v, tables.block_index, starts, query_starts, lengths, sinks, scale, window,
-                tables.block_size, meta,
-            )  # fmt: skip
+            return self.decode(q, meta, kv, sinks, scale, window)
+        query_starts, lengths = step_rows(meta)
+        out = self._varlen(
+            q, kv.k, kv.v, tables.block_index, starts, query_starts, lengths, sinks, scale, window,
+            tables.block_size, meta,
+        )  # fmt: skip
+        return out.reshape(q.shape[0], -1)
+
+    def takes(self, heads: int, kv_heads: int, dim: int) -> bool:
+        """Whether the kernels take a layer of `heads` query heads on `kv_heads` of `dim` (else `fallback`
+        serves it)."""
+        group = heads // kv_heads
+        return _power_of_two(group) and _power_of_two(dim) and dim >= 16 and group <= self.block_m
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: LayerKV,
+        sinks: torch.Tensor,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        """The attention `[T, heads · D]` of a decode step (one query per sequence) whose keys and values
+        are already in `kv` (stored by :meth:`__call__`, or by a fused layer's QKV kernel), through
+        :func:`decode_attention`."""
+        tables = kv.tables
+        out = decode_attention(
+            q,
+            kv.k,
+            kv.v,
+            tables.block_index,
+            tables.key_positions[:, 0],  # the tables' first slot is a real one: its position
+            decode_lengths(meta),
+            sinks,
+            scale,
+            window,
+            tables.block_size,
+            self.splits,
+        )
         return out.reshape(q.shape[0], -1)
 
     def _varlen(

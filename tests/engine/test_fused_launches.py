@@ -40,11 +40,11 @@ _NO_KERNEL = {
 }
 
 # Launches per layer of a decode step (bf16, 1-64 rows) with the fused layers:
-# attention block: norm + QKV + RoPE (1), the K/V store (1), the attention's split and merge (2), out
-#   projection + residual (1);
+# attention block: norm + QKV + RoPE + the K/V store into the cache (1), the attention's split and merge
+#   (2), out projection + residual (1);
 # MLP block: norm + router + top-k + softmax (1), the two MoE kernels (2), the residual add (1).
 # The first layer launches one more: the sequences' lengths (positions + 1), which the others reuse.
-FUSED_PER_LAYER = 9
+FUSED_PER_LAYER = 8
 
 
 class LaunchCounter:
