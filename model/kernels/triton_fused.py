@@ -560,6 +560,12 @@ class TritonFusedLayers:
 
     max_tokens = MAX_TOKENS
 
+    def __init__(self) -> None:
+        # Per (device, KV heads): the decode attention's arrival counters (decode_attention's `arrivals`),
+        # one per (row, KV head) of the largest step. Each launch leaves them zero; allocated once, so a
+        # captured graph's pointer to them stays valid.
+        self._arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
+
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether a step of activations `x` runs fused on `weight` (a prepacked oneDNN weight does not)."""
         return x.shape[0] <= self.max_tokens and not weight.is_mkldnn
@@ -575,9 +581,10 @@ class TritonFusedLayers:
         """``block(x, cos_sin, meta, cache)`` without adapters: the residual stream after the attention.
 
         A decode step over a cache, on the Triton attention, stores its keys and values from the QKV kernel
-        (:func:`norm_qkv_rope_store`) and attends without a store of its own; any other step (a prompt
-        chunk, whose varlen attention stores first; no cache; another attention) goes through the attention
-        seam between the two fused kernels."""
+        (:func:`norm_qkv_rope_store`) and attends in one launch, without a store of its own and with the
+        splits' merge in the split launch (this object's arrival counters); any other step (a prompt chunk,
+        whose varlen attention stores first; no cache; another attention) goes through the attention seam
+        between the two fused kernels."""
         attention = block.attention
         if (
             cache is None
@@ -592,7 +599,11 @@ class TritonFusedLayers:
             x, norm.scale, norm.eps, block.qkv.weight, block.qkv.bias, *cos_sin, block.heads, block.kv_heads,
             kv.k, kv.v, kv.tables.slot_mapping,
         )  # fmt: skip
-        t = attention.decode(q, meta, kv, block.sinks, block.scale, block.window)
+        arrivals = self._arrivals.get((x.device, block.kv_heads))
+        if arrivals is None:
+            arrivals = torch.zeros(self.max_tokens * block.kv_heads, dtype=torch.int32, device=x.device)
+            self._arrivals[(x.device, block.kv_heads)] = arrivals
+        t = attention.decode(q, meta, kv, block.sinks, block.scale, block.window, arrivals)
         return out_residual(t, block.out.weight, block.out.bias, x)
 
     def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
