@@ -1,4 +1,6 @@
 """The rest of a decode layer in Triton, three launches: what the attention and MoE kernels do not cover.
+With the attention's one launch (its K/V store here, its merge in its split launch) and the experts' two (the
+residual added in the second), a decode layer is six launches.
 
 A decode step of a gpt-oss layer is mostly matrix-vector products over a few rows; run as the model writes
 them (:mod:`model.gpt_oss`), each RMSNorm, projection, rotation, residual add and routing step is several
@@ -32,9 +34,10 @@ import triton
 import triton.language as tl
 
 from model.batch import AttentionMetadata, KVCache
-from model.kernels import AttentionWeights, RouterWeights
+from model.kernels import AttentionWeights, MLPWeights
 from model.kernels.attention import fused_attention
 from model.kernels.triton_attention import TritonAttention
+from model.kernels.triton_moe import experts_triton, experts_triton_residual
 
 # Rows a step may have for the fused kernels: the decode graphs' largest default bucket (a short prompt chunk
 # runs them too). Past it a step is a prompt's, whose projections are matrix products cuBLAS does better.
@@ -554,9 +557,10 @@ def route(
 
 class TritonFusedLayers:
     """The fused decode layer of :meth:`Kernels.triton <model.kernels.Kernels.triton>`: an attention
-    block in two fused launches around the attention seam, an MLP block's norm and routing in one. A block
-    runs it for steps of up to :data:`MAX_TOKENS` rows on plain weights (:meth:`applies`), else its own
-    forward, the spec these are tested against."""
+    block in two fused launches around the attention (on a decode step its one launch, which stores
+    nothing), an MLP block's norm and routing in one before the experts (the Triton decode kernels add the
+    residual). A block runs it for steps of up to :data:`MAX_TOKENS` rows on plain weights
+    (:meth:`applies`), else its own forward, the spec these are tested against."""
 
     max_tokens = MAX_TOKENS
 
@@ -606,6 +610,14 @@ class TritonFusedLayers:
         t = attention.decode(q, meta, kv, block.sinks, block.scale, block.window, arrivals)
         return out_residual(t, block.out.weight, block.out.bias, x)
 
-    def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(``block.norm(x)``, then ``block.route`` of it): what the experts read."""
-        return route(x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k)
+    def mlp(self, block: MLPWeights, x: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+        """``block(x, lora)``: the norm and routing in one launch (:func:`route`), then the experts. The
+        Triton experts add the residual in their last decode kernel
+        (:func:`~model.kernels.triton_moe.experts_triton_residual`: not with adapters or dense weights);
+        any other experts are followed by the add, as the block's forward runs them."""
+        t, indices, weights = route(
+            x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k
+        )
+        if block.experts is experts_triton:
+            return experts_triton_residual(block, x, t, indices, weights, lora)
+        return x + block.experts(block, t, indices, weights, lora)

@@ -42,9 +42,9 @@ _NO_KERNEL = {
 # Launches per layer of a decode step (bf16, 1-64 rows) with the fused layers:
 # attention block: norm + QKV + RoPE + the K/V store into the cache (1), the attention's split with its
 #   merge (1), out projection + residual (1);
-# MLP block: norm + router + top-k + softmax (1), the two MoE kernels (2), the residual add (1).
+# MLP block: norm + router + top-k + softmax (1), the two MoE kernels, the second adding the residual (2).
 # The first layer launches one more: the sequences' lengths (positions + 1), which the others reuse.
-FUSED_PER_LAYER = 7
+FUSED_PER_LAYER = 6
 
 
 class LaunchCounter:

@@ -186,6 +186,26 @@ def test_more_rows_than_a_decode_step_are_refused() -> None:
         out_residual(x, torch.zeros(HIDDEN, HIDDEN, device=DEVICE), torch.zeros(HIDDEN, device=DEVICE), x)
 
 
+def test_the_fused_mlp_block_is_the_blocks_forward(checkpoints: dict[str, Path]) -> None:
+    """The MLP block through the fused layers (norm and routing in one launch, the residual in the experts'
+    last kernel) against its own forward without them, in float32: a decode step's rows, and a block whose
+    experts are another implementation (the reference), which the fused layer follows by the add."""
+    from model.kernels.experts import experts_reference
+    from model.kernels.triton_fused import TritonFusedLayers
+
+    model = GptOss.from_checkpoint(
+        checkpoints["hf"], device=DEVICE, dtype=torch.float32, kernels=Kernels.triton(), progress=False
+    )
+    mlp = model.block[1].mlp
+    x = _draw(21, 3, model.config.hidden_size, scale=2.0)
+    fused = TritonFusedLayers()
+    for experts in (mlp.experts, experts_reference):
+        mlp.experts, mlp.fused = experts, None
+        expected = mlp(x)
+        got = fused.mlp(mlp, x, None)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # -- the whole model ---------------------------------------------------------------------------------------------
 
 
