@@ -236,10 +236,9 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x, self.gate.weight):
-            t, indices, weights = self.fused.route(self, x)  # the same, in one launch
-        else:
-            t = self.norm(x)
-            indices, weights = self.route(t)
+            return self.fused.mlp(self, x, lora)  # the same, in fewer launches
+        t = self.norm(x)
+        indices, weights = self.route(t)
         return x + self.experts(self, t, indices, weights, lora)
 
 

@@ -11,8 +11,10 @@
 * :mod:`model.kernels.triton_attention`, :mod:`model.kernels.triton_moe` — a GPU's kernels in Triton (paged
   attention through the block tables for every step; the MoE on MXFP4 decoded in registers, for decode and
   prompts), loaded on demand.
-* :mod:`model.kernels.triton_fused` — the rest of a decode layer in Triton, three launches (norm, QKV and
-  RoPE; output projection and residual; norm and routing), loaded on demand.
+* :mod:`model.kernels.triton_fused` — the rest of a decode layer in Triton, three launches (norm, QKV, RoPE
+  and, on decode steps, the K/V store; output projection and residual; norm and routing) around the
+  attention's one and the experts' two (the second adding the residual): six per decode layer. Loaded on
+  demand.
 * :mod:`model.kernels.fused_reference` — the fused layers' plain twins.
 * :mod:`model.kernels.token_bitmask` — grammar masks applied to logits after the model (a C++ loop on the
   host, built at first use; torch ops on a device), for the engine's constrained decoding.
@@ -38,7 +40,14 @@ from model.kernels.attention import (
     sdpa_sink_from_lse,
 )
 from model.kernels.cpu_fused import CpuAttention, CpuFusedLayers
-from model.kernels.experts import Experts, experts_batched, experts_fused, experts_grouped, experts_reference
+from model.kernels.experts import (
+    Experts,
+    ExpertWeights,
+    experts_batched,
+    experts_fused,
+    experts_grouped,
+    experts_reference,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,6 +69,7 @@ class AttentionWeights(Protocol):
     layer: int
     heads: int
     kv_heads: int
+    head_dim: int
     window: int
     scale: float
     norm: NormWeights
@@ -75,6 +85,13 @@ class RouterWeights(Protocol):
     top_k: int
     norm: NormWeights
     gate: nn.Linear
+
+
+class MLPWeights(RouterWeights, ExpertWeights, Protocol):
+    """What a fused MLP block reads of an MLP block (:class:`~model.gpt_oss.MLPBlock` is one): the router's
+    and the experts' weights, and the experts implementation the block was built with."""
+
+    experts: Experts
 
 
 class FusedLayers(Protocol):
@@ -97,8 +114,9 @@ class FusedLayers(Protocol):
         """The attention block's output (the residual stream after it), without adapters."""
         ...
 
-    def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The MLP block's normalized input and each token's experts and routing weights."""
+    def mlp(self, block: MLPWeights, x: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+        """The MLP block's output (the residual stream after it): its norm and routing fused, its experts
+        (with `lora`, each token's adapter slot) as the block's own."""
         ...
 
 

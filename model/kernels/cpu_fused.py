@@ -9,7 +9,8 @@ Python for a few microseconds of work, which over 24 layers added up to a large 
 :mod:`model.kernels.cpu_mxfp4`, whose GEMV and expert rows it reuses):
 
 * :func:`norm_qkv_rope`, :func:`out_residual`, :func:`route`: the attention's norm, projection and rotation;
-  its output projection and residual; the MLP's norm and routing. Twins in
+  its output projection and residual; the MLP's norm and routing (the block's experts and residual add then
+  run as its forward runs them). Twins in
   :mod:`model.kernels.fused_reference`, shared with the GPU's fused layer.
 * :func:`paged_attention`: the store into the cache and the attention over the blocks where they lie, with
   sinks and the sliding window; twin :func:`model.kernels.attention.attention_reference`.
@@ -35,7 +36,7 @@ from model.kernels.attention import Attention, fused_attention
 from model.kernels.cpu_mxfp4 import GEMV_MAX_ROWS
 
 if TYPE_CHECKING:
-    from model.kernels import AttentionWeights, RouterWeights
+    from model.kernels import AttentionWeights, MLPWeights
 
 # Rows a step may have for the fused calls: as many as the GEMV takes.
 MAX_TOKENS = GEMV_MAX_ROWS
@@ -208,6 +209,10 @@ class CpuFusedLayers:
         """``block(x, cos_sin, meta, cache)`` without adapters: the residual stream after the attention."""
         return fused_attention(block, x, cos_sin, meta, cache, norm_qkv_rope, out_residual)
 
-    def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(``block.norm(x)``, then ``block.route`` of it): what the experts read."""
-        return route(x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k)
+    def mlp(self, block: MLPWeights, x: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+        """``block(x, lora)``: the norm and routing in one call (:func:`route`), then the block's experts and
+        the residual add as its forward runs them."""
+        t, indices, weights = route(
+            x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k
+        )
+        return x + block.experts(block, t, indices, weights, lora)

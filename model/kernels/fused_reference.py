@@ -41,6 +41,31 @@ def norm_qkv_rope_reference(
     return rotate(q, heads), rotate(k, kv_heads), v.unflatten(-1, (kv_heads, dim)).to(x.dtype)
 
 
+def norm_qkv_rope_store_reference(
+    x: torch.Tensor,
+    norm_scale: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Plain twin of the fused ``norm_qkv_rope_store``: :func:`norm_qkv_rope_reference`, then k and v
+    written token by token at their slots (none where the slot is negative), cast to the cache's dtype.
+    Returns q."""
+    q, k, v = norm_qkv_rope_reference(x, norm_scale, eps, weight, bias, cos, sin, heads, kv_heads)
+    for token, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            k_cache[slot] = k[token]
+            v_cache[slot] = v[token]
+    return q
+
+
 def out_residual_reference(
     a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:

@@ -6,6 +6,9 @@ gathered copy; gpt-oss's learned sinks and sliding window included.
   split): the query heads that share a KV head are processed together, so each key and value is read once
   per KV head, and a long context is split across programs whose partial softmax states :func:`_merge`
   combines. The sink enters only in the merge, as the running maximum's floor and one more term of the sum.
+  Given arrival counters, the merge runs in the split launch instead: the last split of a (sequence, KV
+  head) to finish, counted by an atomic, merges them all in split order, so the result does not depend on
+  which split that was.
 * :func:`varlen_attention`, any number of queries per sequence in one launch: decodes, prompts, and chunks
   after cached tokens (chunked prefill, prefix-cache hits). One program per (sequence, query tile, KV head),
   the tile holding the GQA group's heads of consecutive query tokens as the rows of a ``tl.dot``; causal by
@@ -18,7 +21,8 @@ so released blocks (-1 in the table) are never touched. :class:`TritonAttention`
 
 The store stays a launch of its own rather than a prologue of the attention: a query tile reads the keys of
 its chunk's earlier tiles, which other programs of the same launch would be writing, and a launch has no
-ordering between its programs.
+ordering between its programs. A fused decode layer (:mod:`model.kernels.triton_fused`) stores a decode
+step's keys and values from its QKV kernel instead, and attends through :meth:`TritonAttention.decode`.
 
 Twins: :func:`decode_attention_reference` and :func:`varlen_attention_reference`, plain per-query, per-head
 softmaxes over the same cache and tables, compared in tests under the Triton interpreter on a CPU and on a GPU
@@ -119,6 +123,9 @@ def _split(
     acc_ptr,  # [B, H, SPLITS, D] float32 partial outputs (unnormalised)
     max_ptr,  # [B, H, SPLITS] float32 running maxima
     sum_ptr,  # [B, H, SPLITS] float32 sums of exp(score - max)
+    sinks_ptr,  # [H] float32 sink logits, read when MERGE
+    out_ptr,  # [B, H, D], written when MERGE
+    arrivals_ptr,  # [B, KVH] int32 zeros, used (and left zero) when MERGE
     table_stride,
     starts_stride,
     scale,
@@ -129,6 +136,7 @@ def _split(
     GROUP: tl.constexpr,  # query heads per KV head, a power of two
     BLOCK: tl.constexpr,  # tokens per cache block
     SPLITS: tl.constexpr,
+    MERGE: tl.constexpr,  # the last split of a (sequence, KV head) to finish merges them all
 ) -> None:
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -172,6 +180,46 @@ def _split(
     tl.store(acc_ptr + state[:, None] * D + dims[None, :], acc)
     tl.store(max_ptr + state, running_max)
     tl.store(sum_ptr + state, running_sum)
+    if MERGE:
+        # Which split finishes last varies from launch to launch; the merge it runs reads every split's
+        # state from memory in split order, so the result does not: the counter only elects the merger.
+        tl.debug_barrier()  # every thread of this program has stored its part before the arrival counts
+        counter = arrivals_ptr + seq * KVH + kv_head
+        # acq_rel at GPU scope: the states stored before the other splits' arrivals are visible to the last.
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            _merge_heads(acc_ptr, max_ptr, sum_ptr, sinks_ptr, out_ptr, seq, heads, H, D, SPLITS)
+            tl.store(counter, 0)  # zero again for the next launch (a graph's replay reuses the counters)
+
+
+@triton.jit
+def _merge_heads(
+    acc_ptr,
+    max_ptr,
+    sum_ptr,
+    sinks_ptr,
+    out_ptr,
+    seq,
+    heads,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """Merge the split states of sequence `seq`'s query `heads` with their sinks into ``out [B, H, D]``.
+    The loads bypass L1 (``.cg``): the states were stored by other programs, maybe on other SMs."""
+    splits = tl.arange(0, SPLITS)
+    state = (seq * H + heads)[:, None] * SPLITS + splits[None, :]  # [heads, SPLITS]
+    maxima = tl.load(max_ptr + state, cache_modifier=".cg")
+    sums = tl.load(sum_ptr + state, cache_modifier=".cg")
+    sink = tl.load(sinks_ptr + heads).to(tl.float32)
+    # The sink is a logit too: it bounds the maximum from below, so a split that saw no key weighs exp(-inf).
+    top = tl.maximum(tl.max(maxima, axis=1), sink)
+    weights = tl.exp(maxima - top[:, None])
+    total = tl.sum(sums * weights, axis=1) + tl.exp(sink - top)
+    dims = tl.arange(0, D)
+    acc = tl.load(acc_ptr + state[:, :, None] * D + dims[None, None, :], cache_modifier=".cg")
+    out = tl.sum(acc * weights[:, :, None], axis=1) / total[:, None]
+    rows = (seq * H + heads)[:, None] * D + dims[None, :]
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -186,20 +234,8 @@ def _merge(
     SPLITS: tl.constexpr,
 ) -> None:
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS)
-    state = (seq * H + head) * SPLITS + splits
-    maxima = tl.load(max_ptr + state)
-    sums = tl.load(sum_ptr + state)
-    sink = tl.load(sinks_ptr + head).to(tl.float32)
-    # The sink is a logit too: it bounds the maximum from below, so a split that saw no key weighs exp(-inf).
-    top = tl.maximum(tl.max(maxima, axis=0), sink)
-    weights = tl.exp(maxima - top)
-    total = tl.sum(sums * weights, axis=0) + tl.exp(sink - top)
-    dims = tl.arange(0, D)
-    acc = tl.load(acc_ptr + state[:, None] * D + dims[None, :])
-    out = tl.sum(acc * weights[:, None], axis=0) / total
-    tl.store(out_ptr + (seq * H + head) * D + dims, out.to(out_ptr.dtype.element_ty))
+    head = tl.program_id(1) + tl.arange(0, 1)
+    _merge_heads(acc_ptr, max_ptr, sum_ptr, sinks_ptr, out_ptr, seq, head, H, D, SPLITS)
 
 
 def decode_attention(
@@ -214,6 +250,7 @@ def decode_attention(
     window: int,
     block_size: int,
     splits: int = 4,
+    arrivals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence, `q [B, H, D]`, over the paged cache `k_cache`/`v_cache`
     `[slots, KVH, D]` (slot = block * block_size + offset) through `block_tables [B, W]`, whose column c holds
@@ -221,7 +258,11 @@ def decode_attention(
     table from position 0, later where a window's table begins); the new token's key and value are already
     stored, and `context_lens [B]` counts them. Columns outside the query's reach are never read. `window` 0
     is full attention. Returns `[B, H, D]` in `q`'s dtype; `splits` (a power of two) programs share each
-    sequence's context."""
+    sequence's context.
+
+    The splits' states are merged by a second launch, or, given `arrivals` (int32 zeros, at least B · KVH of
+    them, left zero), in the same launch by the last split of each (sequence, KV head) to finish: the same
+    sums in the same order, one launch fewer."""
     seqs, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -230,10 +271,14 @@ def decode_attention(
             raise ValueError(f"{name} must be a power of two for the Triton decode attention, got {value}")
     if group * kv_heads != heads or splits & (splits - 1):
         raise ValueError(f"{heads} query heads on {kv_heads} KV heads, {splits} splits: not supported")
+    if arrivals is not None and (arrivals.dtype != torch.int32 or arrivals.numel() < seqs * kv_heads):
+        raise ValueError(f"arrivals: {arrivals.numel()} {arrivals.dtype}, not int32 for {seqs} x {kv_heads}")
     q = q.contiguous()
     acc = torch.empty(seqs, heads, splits, dim, dtype=torch.float32, device=q.device)
     maxima = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     sums = torch.empty_like(maxima)
+    out = torch.empty_like(q)
+    merge = arrivals is not None
     _split[(seqs, kv_heads, splits)](
         q,
         k_cache,
@@ -244,6 +289,9 @@ def decode_attention(
         acc,
         maxima,
         sums,
+        sinks,
+        out,
+        arrivals if merge else maxima,  # not read without the merge
         block_tables.stride(0),
         starts.stride(0),
         scale,
@@ -254,9 +302,10 @@ def decode_attention(
         group,
         block_size,
         splits,
+        merge,
     )
-    out = torch.empty_like(q)
-    _merge[(seqs, heads)](acc, maxima, sums, sinks, out, heads, dim, splits)
+    if not merge:
+        _merge[(seqs, heads)](acc, maxima, sums, sinks, out, heads, dim, splits)
     return out
 
 
@@ -503,9 +552,7 @@ class TritonAttention:
         scale: float,
         window: int,
     ) -> torch.Tensor:
-        heads, dim = q.shape[1], q.shape[2]
-        group = heads // k.shape[1]
-        if not _power_of_two(group) or not _power_of_two(dim) or dim < 16 or group > self.block_m:
+        if not self.takes(q.shape[1], k.shape[1], q.shape[2]):
             return self.fallback(q, k, v, meta, kv, sinks, scale, window)
         if kv is None:
             query_starts, lengths = step_rows(meta)
@@ -518,25 +565,48 @@ class TritonAttention:
         store_kv(k, v, kv.k, kv.v, tables.slot_mapping)
         starts = tables.key_positions[:, 0]  # the tables' first slot is a real one: its position
         if max(meta.query_lens) == 1:  # host-side lengths: no device sync to decide
-            out = decode_attention(
-                q,
-                kv.k,
-                kv.v,
-                tables.block_index,
-                starts,
-                decode_lengths(meta),
-                sinks,
-                scale,
-                window,
-                tables.block_size,
-                self.splits,
-            )
-        else:
-            query_starts, lengths = step_rows(meta)
-            out = self._varlen(
-                q, kv.k, kv.v, tables.block_index, starts, query_starts, lengths, sinks, scale, window,
-                tables.block_size, meta,
-            )  # fmt: skip
+            return self.decode(q, meta, kv, sinks, scale, window)
+        query_starts, lengths = step_rows(meta)
+        out = self._varlen(
+            q, kv.k, kv.v, tables.block_index, starts, query_starts, lengths, sinks, scale, window,
+            tables.block_size, meta,
+        )  # fmt: skip
+        return out.reshape(q.shape[0], -1)
+
+    def takes(self, heads: int, kv_heads: int, dim: int) -> bool:
+        """Whether the kernels take a layer of `heads` query heads on `kv_heads` of `dim` (else `fallback`
+        serves it)."""
+        group = heads // kv_heads
+        return _power_of_two(group) and _power_of_two(dim) and dim >= 16 and group <= self.block_m
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: LayerKV,
+        sinks: torch.Tensor,
+        scale: float,
+        window: int,
+        arrivals: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention `[T, heads · D]` of a decode step (one query per sequence) whose keys and values
+        are already in `kv` (stored by :meth:`__call__`, or by a fused layer's QKV kernel), through
+        :func:`decode_attention`: with `arrivals` its merge is folded into the split launch."""
+        tables = kv.tables
+        out = decode_attention(
+            q,
+            kv.k,
+            kv.v,
+            tables.block_index,
+            tables.key_positions[:, 0],  # the tables' first slot is a real one: its position
+            decode_lengths(meta),
+            sinks,
+            scale,
+            window,
+            tables.block_size,
+            self.splits,
+            arrivals,
+        )
         return out.reshape(q.shape[0], -1)
 
     def _varlen(

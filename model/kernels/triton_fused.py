@@ -1,4 +1,6 @@
 """The rest of a decode layer in Triton, three launches: what the attention and MoE kernels do not cover.
+With the attention's one launch (its K/V store here, its merge in its split launch) and the experts' two (the
+residual added in the second), a decode layer is six launches.
 
 A decode step of a gpt-oss layer is mostly matrix-vector products over a few rows; run as the model writes
 them (:mod:`model.gpt_oss`), each RMSNorm, projection, rotation, residual add and routing step is several
@@ -7,6 +9,8 @@ small kernels. Here they are fused around the weight reads:
 * :func:`norm_qkv_rope`: the attention's RMSNorm, the QKV projection with its bias, and YaRN RoPE on the
   query and key heads, writing q, k and v. A program owns pairs of rows ``(j, j + head_dim/2)`` of a head,
   the two halves gpt-oss rotates together, so the rotation is local to its registers.
+  :func:`norm_qkv_rope_store`, the same kernel for a decode step, writes k and v straight into the paged
+  cache at each token's slot, so the attention needs no store launch of its own.
 * :func:`out_residual`: the output projection, its bias and the residual add.
 * :func:`route`: the MLP's RMSNorm (whose output the experts read), the router's GEMV and bias, the top-k
   experts and the softmax over their k logits, one program per token.
@@ -30,8 +34,10 @@ import triton
 import triton.language as tl
 
 from model.batch import AttentionMetadata, KVCache
-from model.kernels import AttentionWeights, RouterWeights
+from model.kernels import AttentionWeights, MLPWeights
 from model.kernels.attention import fused_attention
+from model.kernels.triton_attention import TritonAttention
+from model.kernels.triton_moe import experts_triton, experts_triton_residual
 
 # Rows a step may have for the fused kernels: the decode graphs' largest default bucket (a short prompt chunk
 # runs them too). Past it a step is a prompt's, whose projections are matrix products cuBLAS does better.
@@ -107,8 +113,13 @@ def _norm_qkv_rope(
     cos_ptr,  # [T, D/2] float32, the concentration included
     sin_ptr,  # [T, D/2] float32
     q_ptr,  # [T, HQ, D]
-    k_ptr,  # [T, KVH, D]
-    v_ptr,  # [T, KVH, D]
+    k_ptr,  # [T, KVH, D], written unless STORE
+    v_ptr,  # [T, KVH, D], written unless STORE
+    k_cache_ptr,  # [slots, KVH, D], written when STORE
+    v_cache_ptr,  # [slots, KVH, D], written when STORE
+    slots_ptr,  # [T] int: each token's slot in the cache, < 0 for none; read when STORE
+    cache_stride_slot,
+    cache_stride_head,
     T,
     eps,
     H: tl.constexpr,
@@ -120,6 +131,7 @@ def _norm_qkv_rope(
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
+    STORE: tl.constexpr,  # k and v into the cache at their slots rather than into k_ptr and v_ptr
 ) -> None:
     HALF = D // 2
     # Pair p is row j of head h's first half and its partner j + D/2: p = h * D/2 + j.
@@ -177,22 +189,45 @@ def _norm_qkv_rope(
     r1 = tl.where(rotated, a1 * cos - a2 * sin, a1)
     r2 = tl.where(rotated, a2 * cos + a1 * sin, a2)
 
-    _store_heads(q_ptr, r1, r2, head, j, tokens, table_mask, 0, HQ, D)
-    _store_heads(k_ptr, r1, r2, head, j, tokens, table_mask, HQ, KVH, D)
-    _store_heads(v_ptr, r1, r2, head, j, tokens, table_mask, HQ + KVH, KVH, D)
+    dtype = q_ptr.dtype.element_ty
+    _store_heads(q_ptr, r1, r2, head, j, tokens * (HQ * D), D, table_mask, 0, HQ, D, dtype)
+    if STORE:
+        slot = tl.load(slots_ptr + tokens, mask=token_mask, other=-1).to(tl.int64)
+        into = slot * cache_stride_slot
+        stride = cache_stride_head
+        cache_mask = table_mask & (slot >= 0)[:, None]
+        _store_heads(k_cache_ptr, r1, r2, head, j, into, stride, cache_mask, HQ, KVH, D, dtype)
+        _store_heads(v_cache_ptr, r1, r2, head, j, into, stride, cache_mask, HQ + KVH, KVH, D, dtype)
+    else:
+        rows = tokens * (KVH * D)
+        _store_heads(k_ptr, r1, r2, head, j, rows, D, table_mask, HQ, KVH, D, dtype)
+        _store_heads(v_ptr, r1, r2, head, j, rows, D, table_mask, HQ + KVH, KVH, D, dtype)
 
 
 @triton.jit
 def _store_heads(
-    ptr, r1, r2, head, j, tokens, mask, FIRST: tl.constexpr, COUNT: tl.constexpr, D: tl.constexpr
+    ptr,
+    r1,
+    r2,
+    head,
+    j,
+    rows,  # [BLOCK_T] offset of each token's row in `ptr`
+    head_stride,
+    mask,
+    FIRST: tl.constexpr,
+    COUNT: tl.constexpr,
+    D: tl.constexpr,
+    dtype: tl.constexpr,
 ):
-    """Store the pairs of heads FIRST .. FIRST + COUNT - 1 of the projection into `ptr [T, COUNT, D]`."""
+    """Store the pairs of heads FIRST .. FIRST + COUNT - 1 of the projection into `ptr` (a token's row at
+    `rows`, its heads `head_stride` apart), rounded to `dtype` (the activations') first: a cache of
+    another dtype holds what the attention seam's store would have cast from the rounded k and v."""
     mine = (head >= FIRST) & (head < FIRST + COUNT)
-    column = tl.where(mine, head - FIRST, 0) * D + j
-    offsets = tokens[:, None] * (COUNT * D) + column[None, :]
+    column = tl.where(mine, head - FIRST, 0) * head_stride + j
+    offsets = rows[:, None] + column[None, :]
     mask = mask & mine[None, :]
-    tl.store(ptr + offsets, r1.to(ptr.dtype.element_ty), mask=mask)
-    tl.store(ptr + offsets + D // 2, r2.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offsets, r1.to(dtype).to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offsets + D // 2, r2.to(dtype).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -339,6 +374,43 @@ def norm_qkv_rope(
     """q `[T, heads, D]`, k and v `[T, kv_heads, D]` in `x`'s dtype: ``RMSNorm(x) @ weight.T + bias``, split
     and with q and k rotated by `cos`/`sin` `[T, D/2]` (half-split pairs). `x [T, H]`, T up to
     :data:`MAX_TOKENS`."""
+    tokens, dim = _check_qkv(x, weight, cos, heads, kv_heads)
+    k = torch.empty(tokens, kv_heads, dim, dtype=x.dtype, device=x.device)
+    v = torch.empty_like(k)
+    q = _launch_norm_qkv_rope(x, norm_scale, eps, weight, bias, cos, sin, heads, kv_heads, (k, v), None)
+    return q, k, v
+
+
+def norm_qkv_rope_store(
+    x: torch.Tensor,
+    norm_scale: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`norm_qkv_rope` whose k and v go straight into `k_cache`/`v_cache` ``[slots, kv_heads, D]`` at
+    ``slot_mapping [T]`` (a negative slot: not stored), rounded to `x`'s dtype and cast to the cache's, as
+    the attention seam's store writes them: one launch for both. Returns q `[T, heads, D]`."""
+    _check_qkv(x, weight, cos, heads, kv_heads)
+    if k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride() or k_cache.shape[1] != kv_heads:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}: not one layout of heads")
+    if slot_mapping.shape != (x.shape[0],):
+        raise ValueError(f"slot mapping {tuple(slot_mapping.shape)} does not fit x {tuple(x.shape)}")
+    caches = (k_cache, v_cache, slot_mapping)
+    return _launch_norm_qkv_rope(x, norm_scale, eps, weight, bias, cos, sin, heads, kv_heads, None, caches)
+
+
+def _check_qkv(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[int, int]:
+    """(rows, head_dim), or ValueError where the shapes do not fit."""
     _check_rows(x)
     tokens, hidden = x.shape
     dim = weight.shape[0] // (heads + 2 * kv_heads)
@@ -350,10 +422,35 @@ def norm_qkv_rope(
         raise ValueError(
             f"qkv weight {tuple(weight.shape)}, cos {tuple(cos.shape)} do not fit x {tuple(x.shape)}"
         )
+    return tokens, dim
+
+
+def _launch_norm_qkv_rope(
+    x: torch.Tensor,
+    norm_scale: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    kv: tuple[torch.Tensor, torch.Tensor] | None,
+    caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """q, with k and v written into `kv` or, with `caches` (k cache, v cache, slots), into the caches."""
+    tokens, hidden = x.shape
+    dim = weight.shape[0] // (heads + 2 * kv_heads)
     x = x.contiguous()
     q = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
-    k = torch.empty(tokens, kv_heads, dim, dtype=x.dtype, device=x.device)
-    v = torch.empty_like(k)
+    if caches is None:
+        assert kv is not None
+        k, v = kv
+        k_cache, v_cache, slots, strides = q, q, q, (0, 0)  # not read: STORE is off
+    else:
+        k, v = q, q  # not written: STORE is on
+        k_cache, v_cache, slots = caches
+        strides = (k_cache.stride(0), k_cache.stride(1))
     block_t, block_k, use_dot = _tiles(tokens, BLOCK_PAIRS, hidden)
     pairs = (heads + 2 * kv_heads) * dim // 2
     _norm_qkv_rope[(triton.cdiv(pairs, BLOCK_PAIRS),)](
@@ -366,6 +463,10 @@ def norm_qkv_rope(
         q,
         k,
         v,
+        k_cache,
+        v_cache,
+        slots,
+        *strides,
         tokens,
         eps,
         hidden,
@@ -377,8 +478,9 @@ def norm_qkv_rope(
         block_k,
         use_dot,
         _precision(weight.dtype),
+        caches is not None,
     )
-    return q, k, v
+    return q
 
 
 def out_residual(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -455,11 +557,18 @@ def route(
 
 class TritonFusedLayers:
     """The fused decode layer of :meth:`Kernels.triton <model.kernels.Kernels.triton>`: an attention
-    block in two fused launches around the attention seam, an MLP block's norm and routing in one. A block
-    runs it for steps of up to :data:`MAX_TOKENS` rows on plain weights (:meth:`applies`), else its own
-    forward, the spec these are tested against."""
+    block in two fused launches around the attention (on a decode step its one launch, which stores
+    nothing), an MLP block's norm and routing in one before the experts (the Triton decode kernels add the
+    residual). A block runs it for steps of up to :data:`MAX_TOKENS` rows on plain weights
+    (:meth:`applies`), else its own forward, the spec these are tested against."""
 
     max_tokens = MAX_TOKENS
+
+    def __init__(self) -> None:
+        # Per (device, KV heads): the decode attention's arrival counters (decode_attention's `arrivals`),
+        # one per (row, KV head) of the largest step. Each launch leaves them zero; allocated once, so a
+        # captured graph's pointer to them stays valid.
+        self._arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether a step of activations `x` runs fused on `weight` (a prepacked oneDNN weight does not)."""
@@ -473,9 +582,42 @@ class TritonFusedLayers:
         meta: AttentionMetadata,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        """``block(x, cos_sin, meta, cache)`` without adapters: the residual stream after the attention."""
-        return fused_attention(block, x, cos_sin, meta, cache, norm_qkv_rope, out_residual)
+        """``block(x, cos_sin, meta, cache)`` without adapters: the residual stream after the attention.
 
-    def route(self, block: RouterWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(``block.norm(x)``, then ``block.route`` of it): what the experts read."""
-        return route(x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k)
+        A decode step over a cache, on the Triton attention, stores its keys and values from the QKV kernel
+        (:func:`norm_qkv_rope_store`) and attends in one launch, without a store of its own and with the
+        splits' merge in the split launch (this object's arrival counters); any other step (a prompt chunk,
+        whose varlen attention stores first; no cache; another attention) goes through the attention seam
+        between the two fused kernels."""
+        attention = block.attention
+        if (
+            cache is None
+            or max(meta.query_lens) > 1  # host-side lengths: no device sync to decide
+            or not isinstance(attention, TritonAttention)
+            or not attention.takes(block.heads, block.kv_heads, block.head_dim)
+        ):
+            return fused_attention(block, x, cos_sin, meta, cache, norm_qkv_rope, out_residual)
+        kv = cache.layer(block.layer, block.window, meta)
+        norm = block.norm
+        q = norm_qkv_rope_store(
+            x, norm.scale, norm.eps, block.qkv.weight, block.qkv.bias, *cos_sin, block.heads, block.kv_heads,
+            kv.k, kv.v, kv.tables.slot_mapping,
+        )  # fmt: skip
+        arrivals = self._arrivals.get((x.device, block.kv_heads))
+        if arrivals is None:
+            arrivals = torch.zeros(self.max_tokens * block.kv_heads, dtype=torch.int32, device=x.device)
+            self._arrivals[(x.device, block.kv_heads)] = arrivals
+        t = attention.decode(q, meta, kv, block.sinks, block.scale, block.window, arrivals)
+        return out_residual(t, block.out.weight, block.out.bias, x)
+
+    def mlp(self, block: MLPWeights, x: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+        """``block(x, lora)``: the norm and routing in one launch (:func:`route`), then the experts. The
+        Triton experts add the residual in their last decode kernel
+        (:func:`~model.kernels.triton_moe.experts_triton_residual`: not with adapters or dense weights);
+        any other experts are followed by the add, as the block's forward runs them."""
+        t, indices, weights = route(
+            x, block.norm.scale, block.norm.eps, block.gate.weight, block.gate.bias, block.top_k
+        )
+        if block.experts is experts_triton:
+            return experts_triton_residual(block, x, t, indices, weights, lora)
+        return x + block.experts(block, t, indices, weights, lora)

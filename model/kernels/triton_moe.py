@@ -8,7 +8,8 @@ products over the active (token, expert) pairs:
   streams that expert's gate and up rows once (gpt-oss interleaves them: row 2i is gate i, row 2i+1 is up i),
   and applies the bias and the clamped SwiGLU in its epilogue;
 * :func:`_mlp2_combine`: one program per (token, block of hidden columns) runs the token's experts in slot
-  order, each with its bias and routing weight, and sums them in registers: deterministic, no atomics.
+  order, each with its bias and routing weight, and sums them in registers: deterministic, no atomics. A
+  fused decode layer has it add the residual stream too (:func:`experts_triton_residual`).
 
 A few tokens read few experts and the products are skinny, so these kernels are bound by the weight bytes and
 use no tensor cores. They read an expert once per pair routed to it, which a prompt's thousands of tokens
@@ -158,12 +159,14 @@ def _mlp2_combine(
     blocks_ptr,  # [E, H, I/32, 16] uint8
     scales_ptr,  # [E, H, I/32] uint8
     bias_ptr,  # [E, H]
+    residual_ptr,  # [T, H] residual stream, read when RESIDUAL
     out_ptr,  # [T, H], the activations' dtype
     H,
     INTER,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    RESIDUAL: tl.constexpr,  # out = residual + the experts' sum, rounded once
 ) -> None:
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,7 +181,10 @@ def _mlp2_combine(
         y = _mxfp4_rows_dot(blocks_ptr, scales_ptr, act, expert, cols, mask, H, G, BLOCK_N, BLOCK_G)
         y += tl.load(bias_ptr + expert * H + cols, mask=mask, other=0.0).to(tl.float32)
         total += weight * y
-    tl.store(out_ptr + token.to(tl.int64) * H + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+    row = token.to(tl.int64) * H + cols
+    if RESIDUAL:
+        total += tl.load(residual_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Tile sizes: BLOCK_G = 8 groups of 16 bytes reads full 128-byte lines of a weight row.
@@ -194,10 +200,12 @@ def moe_decode(
     mlp2: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     alpha: float,
     limit: float,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted sum of each token's experts: `t [T, H]`, `indices`/`weights` `[T, K]` (on the device, never
     read by the host); `mlp1`/`mlp2` are (blocks, scales, bias) of the stacked experts. Returns `[T, H]` in
-    `t`'s dtype."""
+    `t`'s dtype; with `residual [T, H]`, ``residual + the sum``, added in the second kernel before its one
+    rounding."""
     tokens, hidden = t.shape
     top_k = indices.shape[1]
     blocks1, scales1, bias1 = mlp1
@@ -213,6 +221,8 @@ def moe_decode(
     _mlp1_swiglu[(tokens * top_k, triton.cdiv(inter, BLOCK_ROWS))](
         t, ids, blocks1, scales1, bias1, act, hidden, inter, top_k, alpha, limit, BLOCK_ROWS, BLOCK_GROUPS
     )
+    if residual is not None and residual.shape != t.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not fit activations {tuple(t.shape)}")
     out = torch.empty_like(t)
     _mlp2_combine[(tokens, triton.cdiv(hidden, BLOCK_ROWS))](
         act,
@@ -221,12 +231,14 @@ def moe_decode(
         blocks2,
         scales2,
         bias2,
+        out if residual is None else residual.contiguous(),  # not read without a residual
         out,
         hidden,
         inter,
         top_k,
         BLOCK_ROWS,
         BLOCK_GROUPS,
+        residual is not None,
     )
     return out
 
@@ -534,6 +546,33 @@ def experts_triton(
     fine-tune's) take :func:`experts_batched`, and so do steps with per-request adapters while one on these
     experts is loaded (its update enters between the two matmuls, which the kernels fuse), and longer steps
     in a dtype the grouped dots do not take."""
+    kernels = _kernels(mlp, t, lora)
+    if kernels is None:
+        return experts_batched(mlp, t, indices, weights, lora)
+    run = moe_grouped if kernels == "grouped" else moe_decode
+    return run(t, indices, weights, *_packed(mlp), mlp.swiglu_alpha, mlp.swiglu_limit)
+
+
+def experts_triton_residual(
+    mlp: ExpertWeights,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x + experts_triton(mlp, t, indices, weights, lora)``: the residual stream `x` after an MoE block.
+    A step that :func:`experts_triton` runs through :func:`moe_decode` gets the add in the second kernel
+    (one launch fewer; the sum rounded once, not the experts' output and then the sum); every other step
+    adds after the experts, as the block's forward does."""
+    if _kernels(mlp, t, lora) == "decode":
+        return moe_decode(t, indices, weights, *_packed(mlp), mlp.swiglu_alpha, mlp.swiglu_limit, residual=x)
+    return x + experts_triton(mlp, t, indices, weights, lora)
+
+
+def _kernels(mlp: ExpertWeights, t: torch.Tensor, lora: torch.Tensor | None) -> str | None:
+    """Which of this module's kernels :func:`experts_triton` runs a step through: "decode", "grouped", or
+    None where :func:`experts_batched` takes it."""
     adapted = lora is not None and any(s is not None and s.filled for s in (mlp.mlp1_lora, mlp.mlp2_lora))
     grouped = t.shape[0] > DECODE_MAX_TOKENS
     if (
@@ -541,16 +580,17 @@ def experts_triton(
         or adapted
         or (grouped and t.dtype not in (torch.bfloat16, torch.float32))
     ):
-        return experts_batched(mlp, t, indices, weights, lora)
-    run = moe_grouped if grouped else moe_decode
-    return run(
-        t,
-        indices,
-        weights,
+        return None
+    return "grouped" if grouped else "decode"
+
+
+def _packed(
+    mlp: ExpertWeights,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (blocks, scales, bias) of the experts' two matrices."""
+    return (
         (mlp.mlp1_weight.blocks, mlp.mlp1_weight.scales, mlp.mlp1_bias),
         (mlp.mlp2_weight.blocks, mlp.mlp2_weight.scales, mlp.mlp2_bias),
-        mlp.swiglu_alpha,
-        mlp.swiglu_limit,
     )
 
 
@@ -562,9 +602,10 @@ def moe_reference(
     mlp2: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     alpha: float,
     limit: float,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain twin of :func:`moe_decode` and :func:`moe_grouped` in float32: dequantize each used expert,
-    then token by token."""
+    then token by token; `residual` added to the sum before the one rounding."""
     out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
     for n in range(t.shape[0]):
         x = t[n].float()
@@ -576,4 +617,6 @@ def moe_reference(
             a = gate * torch.sigmoid(alpha * gate) * (up + 1)
             y = dequantize_reference(mlp2[0][e], mlp2[1][e], torch.float32) @ a + mlp2[2][e].float()
             out[n] += float(weights[n, j]) * y
+    if residual is not None:
+        out += residual.float()
     return out.to(t.dtype)

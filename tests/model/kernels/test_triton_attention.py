@@ -83,6 +83,32 @@ def test_decode_attention_matches_the_reference(
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("window", "shifted"), [(0, False), (8, True)])
+@pytest.mark.parametrize(("lengths", "splits"), [([1], 1), ([1, 7, 37, 16], 4), ([3, 300, 5, 129], 8)])
+def test_decode_attention_with_the_merge_in_the_split_launch(
+    lengths: list[int], splits: int, window: int, shifted: bool
+) -> None:
+    """The last split of each (sequence, KV head) merges them (with splits that see no key among them):
+    the two-launch result exactly, the reference's to float32 rounding, and the counters zero again, twice
+    over the same counters (as layer after layer, or a graph's replays, use them)."""
+    q, k, v, tables, starts, lens, sinks = _case(lengths, window, shifted=shifted)
+    arrivals = torch.zeros(len(lengths) * k.shape[1] + 3, dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, tables, starts, lens, sinks, 0.25, window, BLOCK)
+    two_launches = decode_attention(*args, splits=splits)
+    for _ in range(2):
+        got = decode_attention(*args, splits=splits, arrivals=arrivals)
+        assert torch.equal(got, two_launches)
+        assert not arrivals.any()
+    torch.testing.assert_close(got, decode_attention_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_too_few_arrival_counters() -> None:
+    q, k, v, tables, starts, lens, sinks = _case([5, 9], 0)
+    arrivals = torch.zeros(3, dtype=torch.int32, device=DEVICE)  # 2 sequences x 2 KV heads need 4
+    with pytest.raises(ValueError, match="arrivals"):
+        decode_attention(q, k, v, tables, starts, lens, sinks, 0.25, 0, BLOCK, arrivals=arrivals)
+
+
 def test_more_splits_than_blocks_leave_empty_splits_harmless() -> None:
     """A 3-token context over 8 splits: most splits see no key and must weigh nothing in the merge."""
     q, k, v, tables, starts, lens, sinks = _case([3, 2], 0)

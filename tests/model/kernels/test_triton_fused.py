@@ -19,8 +19,13 @@ import torch
 from model.batch import AttentionMetadata
 from model.gpt_oss import ContiguousKVCache, GptOss, RotaryEmbedding
 from model.kernels import Kernels
-from model.kernels.fused_reference import norm_qkv_rope_reference, out_residual_reference, route_reference
-from model.kernels.triton_fused import MAX_TOKENS, norm_qkv_rope, out_residual, route
+from model.kernels.fused_reference import (
+    norm_qkv_rope_reference,
+    norm_qkv_rope_store_reference,
+    out_residual_reference,
+    route_reference,
+)
+from model.kernels.triton_fused import MAX_TOKENS, norm_qkv_rope, norm_qkv_rope_store, out_residual, route
 from tests.triton_interpreter import bf16_dots_widened
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +69,43 @@ def test_norm_qkv_rope_matches_its_twin(rows: int, dtype: torch.dtype) -> None:
         assert g.dtype == dtype, name
         assert g.is_contiguous(), name
         torch.testing.assert_close(g, e, **TOLERANCE[dtype], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+)
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_norm_qkv_rope_store_writes_k_and_v_into_their_slots(
+    rows: int, dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    """The cache a view of a wider one (its heads and slots strided), the slots shuffled, the last of a
+    longer step negative (not stored), the cache's other slots left as they were; a bf16 step into a float32 cache holds
+    the bf16 values, as the seam's store casts them."""
+    x = _draw(rows, rows, HIDDEN, scale=3.0, dtype=dtype)
+    scale = 1.0 + _draw(1, HIDDEN, scale=0.1)
+    weight = _draw(2, (HEADS + 2 * KV_HEADS) * DIM, HIDDEN, scale=HIDDEN**-0.5, dtype=dtype)
+    bias = _draw(3, weight.shape[0], scale=0.5, dtype=dtype)
+    slots = torch.randperm(2 * rows + 3, generator=torch.Generator().manual_seed(rows))[:rows].to(DEVICE)
+    slots[-1] = -1 if rows > 1 else slots[-1]
+    caches = [_draw(seed, 2 * rows + 3, KV_HEADS + 1, DIM, dtype=cache_dtype) for seed in (4, 5)]
+    got_caches = [c.clone()[:, :KV_HEADS] for c in caches]
+    expected_caches = [c.clone()[:, :KV_HEADS] for c in caches]
+    args = (x, scale, EPS, weight, bias, *_rope_tables(rows), HEADS, KV_HEADS)
+    q = norm_qkv_rope_store(*args, *got_caches, slots)
+    expected_q = norm_qkv_rope_store_reference(*args, *expected_caches, slots)
+    assert q.shape == (rows, HEADS, DIM)
+    assert q.dtype == dtype
+    torch.testing.assert_close(q, expected_q, **TOLERANCE[dtype])
+    assert torch.equal(q, norm_qkv_rope(*args)[0])
+    for got, expected in zip(got_caches, expected_caches, strict=True):
+        torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+        untouched = torch.ones(got.shape[0], dtype=torch.bool, device=DEVICE)
+        untouched[slots[slots >= 0]] = False
+        assert torch.equal(got[untouched], expected[untouched])
+    if cache_dtype != dtype:  # the stored values are the step's dtype's, widened
+        stored = got_caches[0][slots[slots >= 0]]
+        assert torch.equal(stored, stored.to(dtype).to(cache_dtype))
 
 
 def test_the_twins_are_the_models_own_ops(model_fp32: GptOss) -> None:
@@ -142,6 +184,26 @@ def test_more_rows_than_a_decode_step_are_refused() -> None:
     x = torch.zeros(MAX_TOKENS + 1, HIDDEN, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 64 rows"):
         out_residual(x, torch.zeros(HIDDEN, HIDDEN, device=DEVICE), torch.zeros(HIDDEN, device=DEVICE), x)
+
+
+def test_the_fused_mlp_block_is_the_blocks_forward(checkpoints: dict[str, Path]) -> None:
+    """The MLP block through the fused layers (norm and routing in one launch, the residual in the experts'
+    last kernel) against its own forward without them, in float32: a decode step's rows, and a block whose
+    experts are another implementation (the reference), which the fused layer follows by the add."""
+    from model.kernels.experts import experts_reference
+    from model.kernels.triton_fused import TritonFusedLayers
+
+    model = GptOss.from_checkpoint(
+        checkpoints["hf"], device=DEVICE, dtype=torch.float32, kernels=Kernels.triton(), progress=False
+    )
+    mlp = model.block[1].mlp
+    x = _draw(21, 3, model.config.hidden_size, scale=2.0)
+    fused = TritonFusedLayers()
+    for experts in (mlp.experts, experts_reference):
+        mlp.experts, mlp.fused = experts, None
+        expected = mlp(x)
+        got = fused.mlp(mlp, x, None)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 # -- the whole model ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from model.kernels.triton_moe import (
     DECODE_MAX_TOKENS,
     _mxfp4_rows_dot,
     experts_triton,
+    experts_triton_residual,
     grouped_capacity,
     moe_align,
     moe_decode,
@@ -132,6 +133,31 @@ def test_bfloat16_activations_come_back_in_bfloat16() -> None:
     torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize(("dtype", "tokens"), [(torch.float32, 1), (torch.float32, 5), (torch.bfloat16, 3)])
+def test_decode_moe_adds_the_residual_before_its_one_rounding(dtype: torch.dtype, tokens: int) -> None:
+    """The residual stream added in the second kernel: float32 as the twin to float32 rounding; bfloat16
+    within a bf16 ulp of the float32 twin on the same values (one rounding, which the interpreter
+    truncates), where adding to the rounded experts' sum would round twice."""
+    generator = torch.Generator().manual_seed(11 + tokens)
+    mlp1 = _experts(8, 2 * 64, 32, generator)
+    mlp2 = _experts(8, 32, 64, generator)
+    t = torch.randn(tokens, 32, generator=generator).to(DEVICE, dtype)
+    x = (3 * torch.randn(tokens, 32, generator=generator)).to(DEVICE, dtype)
+    ids = torch.stack([torch.randperm(8, generator=generator)[:4] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.softmax(torch.randn(tokens, 4, generator=generator), dim=-1).to(DEVICE, dtype)
+    got = moe_decode(t, ids, weights, mlp1, mlp2, ALPHA, LIMIT, residual=x)
+    assert got.dtype == dtype
+    expected = moe_reference(t.float(), ids, weights.float(), mlp1, mlp2, ALPHA, LIMIT, residual=x.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(
+            got.float(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item()
+        )
+    without = moe_reference(t.float(), ids, weights.float(), mlp1, mlp2, ALPHA, LIMIT)
+    torch.testing.assert_close(expected, without + x.float(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture(scope="module", params=["packed", "dequantized"])
 def mlp(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> MLPBlock:
     model = GptOss.from_checkpoint(
@@ -162,6 +188,32 @@ def test_at_the_seam_decodes_take_the_gemv_and_prompts_the_grouped_kernels(
         assert taken == ["experts_batched"]
     else:
         assert taken == ["moe_decode" if num_tokens <= DECODE_MAX_TOKENS else "moe_grouped"]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_the_residual_joins_the_decode_kernel_and_nothing_else(
+    mlp: MLPBlock, num_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MLP block's output from :func:`experts_triton_residual`: packed weights add the residual in the
+    decode kernel; dequantized ones (the batched matmuls) add it after, as the block's forward; with an
+    adapter loaded on the experts the same."""
+    taken: list[str] = []
+    for name in ("moe_decode", "experts_batched"):
+        run = getattr(triton_moe, name)
+
+        def recorded(*args: Any, name: str = name, run: Any = run, **kwargs: Any) -> torch.Tensor:
+            taken.append(name + ("+residual" if "residual" in kwargs else ""))
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(triton_moe, name, recorded)
+    generator = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, mlp.mlp2_bias.shape[1], generator=generator).to(DEVICE)
+    t = mlp.norm(x)
+    indices, weights = mlp.route(t)
+    got = experts_triton_residual(mlp, x, t, indices, weights)
+    expected = x + experts_reference(mlp, t, indices, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert taken == (["experts_batched"] if mlp.mlp1_weight.dense is not None else ["moe_decode+residual"])
 
 
 # -- the grouped GEMM ------------------------------------------------------------------------------------------
