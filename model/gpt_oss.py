@@ -399,7 +399,7 @@ class GptOss(nn.Module):
                     weight.dequantize_all(dtype, prepack)
                 elif weight.dense is None and prepack:  # streamed by the fused kernel at every decode step
                     if paired:
-                        weight.pair_rows(into=host_memory.huge_empty(weight.blocks.shape, torch.uint8))
+                        weight.pair_rows()
                     weight.blocks = host_memory.on_huge_pages(weight.blocks)
                     weight.scales = host_memory.on_huge_pages(weight.scales)
         model.rope = RotaryEmbedding(model.config, device)

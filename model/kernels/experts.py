@@ -65,17 +65,17 @@ class MXFP4Weight(nn.Module):
         self.dense: list[torch.Tensor] | None = None
         self.paired = False  # `blocks` in model.kernels.mxfp4.pair_rows' layout
 
-    def pair_rows(self, into: torch.Tensor | None = None) -> None:
+    def pair_rows(self) -> None:
         """Lay the packed blocks out in row pairs (:func:`model.kernels.mxfp4.pair_rows`) for the fused CPU
-        kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear` with `paired`), into `into` (an empty tensor
-        of the blocks' shape) if given, one expert at a time so the temporaries stay one expert's size;
-        nothing for dense experts or an odd number of rows."""
+        kernel (:func:`model.kernels.cpu_mxfp4.mxfp4_linear` with `paired`), in place, one expert at a time
+        through one expert's scratch (a second copy of the blocks would raise the peak of loading by that
+        much); nothing for dense experts or an odd number of rows."""
         if self.paired or self.dense is not None or not self.blocks.numel() or self.blocks.shape[1] % 2:
             return
-        out = torch.empty_like(self.blocks) if into is None else into
-        for e in range(self.blocks.shape[0]):
-            out[e] = pair_rows(self.blocks[e])
-        self.blocks, self.paired = out, True
+        scratch = torch.empty_like(self.blocks[0])
+        for expert in self.blocks:
+            expert.copy_(pair_rows(expert, out=scratch))
+        self.paired = True
 
     def unpair_rows(self) -> None:
         """Back to the checkpoint's layout, for kernels that read it (any but the fused CPU kernel)."""

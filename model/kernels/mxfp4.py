@@ -125,21 +125,28 @@ def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 PAIR_SEGMENT = 16
 
 
-def pair_rows(blocks: torch.Tensor) -> torch.Tensor:
+def pair_rows(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`blocks [..., N, G, 16]` (N even) in the row-pair layout, same shape: rows 2p and 2p + 1 together, per
     segment of :data:`PAIR_SEGMENT` blocks row 2p's bytes then row 2p + 1's, each segment's 64-byte chunk c
     holding bytes 4c .. 4c + 3 of each of its blocks; then the blocks after the last segment, row 2p's and row
-    2p + 1's as they are. :func:`unpair_rows` undoes it."""
+    2p + 1's as they are. Written into `out` (contiguous, the same shape) if given, with no temporaries.
+    :func:`unpair_rows` undoes it."""
     *lead, rows, groups, width = blocks.shape
     if rows % 2 or width != BYTES_PER_BLOCK:
         raise ValueError(f"row pairs need an even number of rows of MXFP4 blocks, got {tuple(blocks.shape)}")
+    out = torch.empty_like(blocks, memory_format=torch.contiguous_format) if out is None else out
     whole = groups // PAIR_SEGMENT * PAIR_SEGMENT
     pairs = blocks.reshape(*lead, rows // 2, 2, groups, width)
+    flat = out.view(*lead, rows // 2, 2 * groups * width)
+    cut = 2 * whole * width
     segments = pairs[..., :whole, :].unflatten(-2, (-1, PAIR_SEGMENT)).unflatten(-1, (4, 4))
     # [..., P, h, S, block i, chunk c, byte k] -> [..., P, S, h, c, i, k]
-    segments = segments.movedim(-5, -4).movedim(-2, -3).reshape(*lead, rows // 2, -1)
-    tail = pairs[..., whole:, :].reshape(*lead, rows // 2, -1)
-    return torch.cat((segments, tail), dim=-1).reshape(blocks.shape)
+    flat[..., :cut].view(*lead, rows // 2, whole // PAIR_SEGMENT, 2, 4, PAIR_SEGMENT, 4).copy_(
+        segments.movedim(-5, -4).movedim(-2, -3)
+    )
+    tail = pairs[..., whole:, :].flatten(-2)
+    flat[..., cut:].view(*lead, rows // 2, 2, (groups - whole) * width).copy_(tail)
+    return out
 
 
 def unpair_rows(paired: torch.Tensor) -> torch.Tensor:
