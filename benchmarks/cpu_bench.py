@@ -310,6 +310,7 @@ def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
     _, _, one_cpu = run_measured([*decode, "-n", "1"])
     out["decode_cpu_ms"] = 1e3 * (decode_cpu - one_cpu) / (3 * (args.decode_steps - 1))
     if not args.ppl_chunks:
+        drop_from_page_cache(model)
         return out
     ppl = [str(tools / "llama-perplexity"), "-m", str(model), "-t", str(args.threads), "-f", str(PPL_TEXT)]
     ppl += ["-c", str(args.ppl_ctx), "-b", str(args.ppl_ctx), "--chunks", str(args.ppl_chunks)]
@@ -318,7 +319,20 @@ def llama_cpp(args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:
     if found is None:
         raise SystemExit(f"llama-perplexity printed no estimate:\n{text[-2000:]}")
     out["perplexity"] = float(found.group(1))
+    drop_from_page_cache(model)
     return out
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Drop `path`'s pages from the page cache (where the platform can): llama.cpp's GGUF, read just before,
+    would otherwise hold the free 2 MB blocks our next load needs for its weights' huge pages, as the
+    server's own loading drops the checkpoint's (model/weights.py)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def anon_huge_pages() -> int:
