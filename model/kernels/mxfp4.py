@@ -136,27 +136,27 @@ def pair_rows(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
         raise ValueError(f"row pairs need an even number of rows of MXFP4 blocks, got {tuple(blocks.shape)}")
     out = torch.empty_like(blocks, memory_format=torch.contiguous_format) if out is None else out
     whole = groups // PAIR_SEGMENT * PAIR_SEGMENT
-    pairs = blocks.reshape(*lead, rows // 2, 2, groups, width)
-    flat = out.view(*lead, rows // 2, 2 * groups * width)
-    cut = 2 * whole * width
-    segments = pairs[..., :whole, :].unflatten(-2, (-1, PAIR_SEGMENT)).unflatten(-1, (4, 4))
-    # [..., P, h, S, block i, chunk c, byte k] -> [..., P, S, h, c, i, k]
-    flat[..., :cut].view(*lead, rows // 2, whole // PAIR_SEGMENT, 2, 4, PAIR_SEGMENT, 4).copy_(
-        segments.movedim(-5, -4).movedim(-2, -3)
-    )
-    tail = pairs[..., whole:, :].flatten(-2)
-    flat[..., cut:].view(*lead, rows // 2, 2, (groups - whole) * width).copy_(tail)
+    # Four bytes move together: permuted as 32-bit words, a quarter of the elements to copy.
+    words = blocks.contiguous().view(torch.int32).view(*lead, rows // 2, 2, groups, 4)
+    flat = out.view(torch.int32).view(*lead, rows // 2, 2 * groups * 4)
+    cut = 2 * whole * 4
+    # [..., P, h, S, block i, word c] -> [..., P, S, h, c, i]
+    segments = words[..., :whole, :].unflatten(-2, (-1, PAIR_SEGMENT)).movedim(-4, -3).movedim(-1, -2)
+    flat[..., :cut].view(*lead, rows // 2, whole // PAIR_SEGMENT, 2, 4, PAIR_SEGMENT).copy_(segments)
+    flat[..., cut:].view(*lead, rows // 2, 2, (groups - whole) * 4).copy_(words[..., whole:, :].flatten(-2))
     return out
 
 
 def unpair_rows(paired: torch.Tensor) -> torch.Tensor:
     """The rows of :func:`pair_rows`' layout back in their own order."""
-    *lead, rows, groups, width = paired.shape
+    *lead, rows, groups, _ = paired.shape
     whole = groups // PAIR_SEGMENT * PAIR_SEGMENT
-    flat = paired.reshape(*lead, rows // 2, 2 * groups * width)
-    cut = 2 * whole * width
-    # [..., P, S, h, c, i, k] -> [..., P, h, S, i, c, k]
-    segments = flat[..., :cut].reshape(*lead, rows // 2, whole // PAIR_SEGMENT, 2, 4, PAIR_SEGMENT, 4)
-    segments = segments.movedim(-4, -5).movedim(-2, -3).reshape(*lead, rows // 2, 2, whole * width)
-    tail = flat[..., cut:].reshape(*lead, rows // 2, 2, (groups - whole) * width)
-    return torch.cat((segments, tail), dim=-1).reshape(paired.shape)
+    flat = paired.contiguous().view(torch.int32).view(*lead, rows // 2, 2 * groups * 4)
+    out = torch.empty(paired.shape, dtype=paired.dtype, device=paired.device)
+    words = out.view(torch.int32).view(*lead, rows // 2, 2, groups, 4)
+    cut = 2 * whole * 4
+    # [..., P, S, h, c, i] -> [..., P, h, S, i, c]
+    segments = flat[..., :cut].view(*lead, rows // 2, whole // PAIR_SEGMENT, 2, 4, PAIR_SEGMENT)
+    words[..., :whole, :].unflatten(-2, (-1, PAIR_SEGMENT)).copy_(segments.movedim(-3, -4).movedim(-1, -2))
+    words[..., whole:, :].flatten(-2).copy_(flat[..., cut:].view(*lead, rows // 2, 2, (groups - whole) * 4))
+    return out
