@@ -130,7 +130,8 @@ def bench_kernels(args: argparse.Namespace) -> None:
     # bfloat16 natively ("pairs"); "fused" reads them in the checkpoint's layout.
     paired = MLPBlock(config, experts_fused)
     for weight, source in ((paired.mlp1_weight, mlp.mlp1_weight), (paired.mlp2_weight, mlp.mlp2_weight)):
-        weight.blocks, weight.scales = source.blocks.clone(), source.scales
+        weight.blocks.copy_(source.blocks)  # into the block's own buffer: no second copy of the layer
+        weight.scales = source.scales
         weight.pair_rows()
     # At one token the fused path takes all k experts, their SwiGLU and sum in one call; "per expert" is the
     # same kernel called once per expert and matrix through the grouped path.
